@@ -1,0 +1,1 @@
+//! The `streamex` command line.

@@ -1,0 +1,1 @@
+//! The pgoutput decoder and the conversion of column values to JSON.

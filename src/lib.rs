@@ -1,0 +1,26 @@
+//! streamex: a change-data-capture operator service for PostgreSQL.
+//!
+//! # Layout
+//!
+//! Data flows one way, and each step is a module:
+//!
+//! ```text
+//! replication ──► decode ──► event ──► (pubsub ──► operator ──► status) ──► ack back to replication
+//! ```
+//!
+//! - [`replication`]: the replication connection (startup, authentication, TLS), the CopyBoth
+//!   stream, standby status updates and acknowledgement, publication and slot set-up.
+//! - [`decode`]: the pgoutput decoder, the relation and type caches, and the conversion of
+//!   PostgreSQL text values to JSON exactly as `to_jsonb` gives them.
+//! - [`event`]: the typed change event every later stage works on.
+//! - [`cli`]: the `streamex` command line.
+//! - [`testing`]: a private PostgreSQL cluster for tests and demos.
+
+pub mod cli;
+pub mod decode;
+pub mod event;
+pub mod replication;
+pub mod testing;
+
+pub use event::{Event, EventType};
+pub use replication::Lsn;
