@@ -61,7 +61,7 @@ mod tests {
 
     #[test]
     fn formats_and_parses_both_halves() {
-        let lsn = Lsn(0x1_16B3_748);
+        let lsn = Lsn(0x1_016B_3748);
         assert_eq!(lsn.to_string(), "1/16B3748");
         assert_eq!("1/16B3748".parse::<Lsn>().unwrap(), lsn);
         assert_eq!("0/0".parse::<Lsn>().unwrap(), Lsn::ZERO);
