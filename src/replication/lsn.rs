@@ -13,9 +13,9 @@ impl Lsn {
     /// The invalid position `0/0`, which PostgreSQL reads as "wherever the slot is".
     pub const ZERO: Lsn = Lsn(0);
 
-    /// The position `bytes` further on, saturating at the end of the address space.
-    pub fn add(self, bytes: u64) -> Lsn {
-        Lsn(self.0.saturating_add(bytes))
+    /// How many bytes of WAL lie from `earlier` up to this position (0 if `earlier` is ahead).
+    pub fn bytes_since(self, earlier: Lsn) -> u64 {
+        self.0.saturating_sub(earlier.0)
     }
 }
 
@@ -65,10 +65,7 @@ mod tests {
         assert_eq!(lsn.to_string(), "1/16B3748");
         assert_eq!("1/16B3748".parse::<Lsn>().unwrap(), lsn);
         assert_eq!("0/0".parse::<Lsn>().unwrap(), Lsn::ZERO);
-        assert_eq!(
-            "FFFFFFFF/FFFFFFFF".parse::<Lsn>().unwrap(),
-            Lsn(u64::MAX)
-        );
+        assert_eq!("FFFFFFFF/FFFFFFFF".parse::<Lsn>().unwrap(), Lsn(u64::MAX));
     }
 
     #[test]
