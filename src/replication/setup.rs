@@ -1,0 +1,361 @@
+//! Checks and creates what streaming needs: `wal_level = logical`, a role that may replicate,
+//! the publication (first) and the logical slot (second).
+//!
+//! Everything here runs over an ordinary SQL connection and is safe to run again: what
+//! exists is checked and kept.
+
+use sqlx::PgPool;
+
+use super::Lsn;
+
+/// Which tables a publication covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublicationTables {
+    /// `FOR ALL TABLES` (needs a superuser to create).
+    All,
+    /// `FOR TABLE ...`, each `(schema, table)`.
+    Tables(Vec<(String, String)>),
+}
+
+/// A definite problem with the server, the role or the slot, with the fix in its message;
+/// or a failed query.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(
+        "wal_level is '{current}'; logical replication needs 'logical': set wal_level = logical in \
+         postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart the server"
+    )]
+    WalLevel { current: String },
+    #[error(
+        "role {role:?} lacks the REPLICATION attribute, which a replication slot needs: run \
+         ALTER ROLE \"{role}\" REPLICATION as a superuser"
+    )]
+    NotReplicationRole { role: String },
+    #[error(
+        "table {schema}.{table}, listed in the publication's tables, does not exist in database \
+         {database:?}: create it, or remove it from the configuration"
+    )]
+    TableMissing {
+        schema: String,
+        table: String,
+        database: String,
+    },
+    #[error(
+        "replication slot {slot:?} uses the output plugin {plugin:?}; streamex needs pgoutput: \
+         choose another slot name, or drop this slot with SELECT pg_drop_replication_slot('{slot}')"
+    )]
+    WrongPlugin { slot: String, plugin: String },
+    #[error(
+        "replication slot {slot:?} belongs to database {slot_database:?}, not {database:?}: \
+         choose another slot name"
+    )]
+    OtherDatabase {
+        slot: String,
+        slot_database: String,
+        database: String,
+    },
+    #[error(
+        "replication slot {slot:?} was invalidated: the WAL it still needed was removed (it fell \
+         more than max_slot_wal_keep_size behind), so the changes made since {confirmed} can no \
+         longer be read through it. Drop it with SELECT pg_drop_replication_slot('{slot}') and run \
+         `streamex setup` to create a new one, then rebuild what is derived from the changes in between"
+    )]
+    SlotInvalidated { slot: String, confirmed: String },
+    #[error(
+        "publication {publication:?} does not exist in database {database:?} (was it dropped?): \
+         run `streamex setup` to create it again. Changes made while it was missing are not \
+         published to the slot"
+    )]
+    PublicationMissing {
+        publication: String,
+        database: String,
+    },
+    #[error(
+        "replication slot {slot:?} does not exist in database {database:?} (was it dropped?): \
+         run `streamex setup` to create a new one; changes made before then cannot be read"
+    )]
+    SlotMissing { slot: String, database: String },
+    #[error("{context}: {source}")]
+    Sql {
+        context: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl SetupError {
+    /// Whether trying again later may help (a lost connection), as opposed to a state that
+    /// needs a person to fix it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SetupError::Sql { source, .. } => is_transient_sql(source),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a sqlx error is a passing one: I/O, a pool timeout, or a server SQLSTATE of class
+/// 08 (connection), 57P0x (shutdown, starting up), 53300 (too many connections), 55006 (in use)
+/// or 40001/40P01 (serialisation, deadlock).
+pub fn is_transient_sql(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "57P01" | "57P02" | "57P03" | "53300" | "55006" | "40001" | "40P01"
+                )
+        }),
+        _ => false,
+    }
+}
+
+fn sql(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SetupError {
+    let context = context.into();
+    move |source| SetupError::Sql { context, source }
+}
+
+/// `name` quoted as an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `text` quoted as an SQL string literal.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Checks that the server can do logical replication for the connected role.
+pub async fn check_server(pool: &PgPool) -> Result<(), SetupError> {
+    let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+        .fetch_one(pool)
+        .await
+        .map_err(sql("reading wal_level"))?;
+    if level != "logical" {
+        return Err(SetupError::WalLevel { current: level });
+    }
+    let (role, allowed): (String, bool) = sqlx::query_as(
+        "SELECT rolname::text, rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(sql("reading the role's attributes"))?;
+    if !allowed {
+        return Err(SetupError::NotReplicationRole { role });
+    }
+    Ok(())
+}
+
+async fn database(pool: &PgPool) -> Result<String, SetupError> {
+    sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(pool)
+        .await
+        .map_err(sql("reading the database name"))
+}
+
+/// Creates the publication when it is missing. Returns whether it was created.
+pub async fn ensure_publication(
+    pool: &PgPool,
+    name: &str,
+    tables: &PublicationTables,
+) -> Result<bool, SetupError> {
+    if let PublicationTables::Tables(list) = tables {
+        for (schema, table) in list {
+            let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+                .bind(format!("{}.{}", quote_ident(schema), quote_ident(table)))
+                .fetch_one(pool)
+                .await
+                .map_err(sql("looking up a published table"))?;
+            if found.is_none() {
+                return Err(SetupError::TableMissing {
+                    schema: schema.clone(),
+                    table: table.clone(),
+                    database: database(pool).await?,
+                });
+            }
+        }
+    }
+    if publication_exists(pool, name).await? {
+        return Ok(false);
+    }
+    let target = match tables {
+        PublicationTables::All => "ALL TABLES".to_owned(),
+        PublicationTables::Tables(list) => {
+            let names: Vec<String> = list
+                .iter()
+                .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+                .collect();
+            format!("TABLE {}", names.join(", "))
+        }
+    };
+    let statement = format!("CREATE PUBLICATION {} FOR {target}", quote_ident(name));
+    match sqlx::query(&statement).execute(pool).await {
+        Ok(_) => {
+            tracing::info!(publication = name, tables = %target, "created publication");
+            Ok(true)
+        }
+        // Another instance created it at the same moment.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42710") => Ok(false),
+        Err(e) => Err(sql(format!(
+            "creating publication {name:?} (needs CREATE on the database and ownership of the \
+             tables, or a superuser for FOR ALL TABLES)"
+        ))(e)),
+    }
+}
+
+/// Whether publication `name` exists in the connected database.
+pub async fn publication_exists(pool: &PgPool, name: &str) -> Result<bool, SetupError> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .map_err(sql("looking up the publication"))
+}
+
+/// A replication slot as `pg_replication_slots` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SlotInfo {
+    pub name: String,
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub temporary: bool,
+    /// The backend streaming from it, if any.
+    pub active_pid: Option<i32>,
+    pub restart_lsn: Option<Lsn>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Bytes of WAL the slot keeps from being removed (from its restart position).
+    pub retained_bytes: Option<i64>,
+    /// Bytes of WAL written after the slot's confirmed position: how far behind it is.
+    pub lag_bytes: Option<i64>,
+}
+
+/// Reads slot `name`, if it exists.
+pub async fn slot_info(pool: &PgPool, name: &str) -> Result<Option<SlotInfo>, SetupError> {
+    let row: Option<SlotRow> = sqlx::query_as(
+        "SELECT slot_name::text, plugin::text, database::text, temporary, active_pid,
+                restart_lsn::text, confirmed_flush_lsn::text, wal_status,
+                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
+                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+           FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await
+    .map_err(sql("reading pg_replication_slots"))?;
+    Ok(row.map(|r| SlotInfo {
+        name: r.0,
+        plugin: r.1,
+        database: r.2,
+        temporary: r.3,
+        active_pid: r.4,
+        restart_lsn: r.5.and_then(|s| s.parse().ok()),
+        confirmed_flush_lsn: r.6.and_then(|s| s.parse().ok()),
+        wal_status: r.7,
+        retained_bytes: r.8,
+        lag_bytes: r.9,
+    }))
+}
+
+type SlotRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    bool,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// Checks that slot `name` can be streamed from here: right plugin, this database, not
+/// invalidated.
+pub async fn check_slot(pool: &PgPool, slot: &SlotInfo) -> Result<(), SetupError> {
+    if slot.plugin.as_deref() != Some("pgoutput") {
+        return Err(SetupError::WrongPlugin {
+            slot: slot.name.clone(),
+            plugin: slot.plugin.clone().unwrap_or_else(|| "(physical)".into()),
+        });
+    }
+    let database = database(pool).await?;
+    if slot.database.as_deref() != Some(database.as_str()) {
+        return Err(SetupError::OtherDatabase {
+            slot: slot.name.clone(),
+            slot_database: slot.database.clone().unwrap_or_default(),
+            database,
+        });
+    }
+    if slot.wal_status.as_deref() == Some("lost") {
+        return Err(SetupError::SlotInvalidated {
+            slot: slot.name.clone(),
+            confirmed: slot
+                .confirmed_flush_lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "its last confirmed position".into()),
+        });
+    }
+    Ok(())
+}
+
+/// Creates the logical slot `name` (pgoutput) when it is missing and checks it when not.
+/// Returns the slot and whether it was created.
+pub async fn ensure_slot(pool: &PgPool, name: &str) -> Result<(SlotInfo, bool), SetupError> {
+    let mut created = false;
+    if slot_info(pool, name).await?.is_none() {
+        let result = sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(name)
+            .execute(pool)
+            .await;
+        match result {
+            Ok(_) => {
+                created = true;
+                tracing::info!(slot = name, "created replication slot");
+            }
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42710") => {}
+            Err(e) => return Err(sql(format!("creating replication slot {name:?}"))(e)),
+        }
+    }
+    let slot = slot_info(pool, name)
+        .await?
+        .ok_or_else(|| SetupError::SlotMissing {
+            slot: name.to_owned(),
+            database: String::new(),
+        })?;
+    check_slot(pool, &slot).await?;
+    Ok((slot, created))
+}
+
+/// After the server ended streaming with SQLSTATE 42704 (undefined object): says which of
+/// the publication and the slot is missing, by looking at the catalog.
+pub async fn explain_missing(pool: &PgPool, slot: &str, publication: &str) -> Option<SetupError> {
+    let database = database(pool).await.ok()?;
+    if !publication_exists(pool, publication).await.ok()? {
+        return Some(SetupError::PublicationMissing {
+            publication: publication.to_owned(),
+            database,
+        });
+    }
+    match slot_info(pool, slot).await.ok()? {
+        None => Some(SetupError::SlotMissing {
+            slot: slot.to_owned(),
+            database,
+        }),
+        Some(info) => check_slot(pool, &info).await.err(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_identifiers_and_literals() {
+        assert_eq!(quote_ident("Posts"), "\"Posts\"");
+        assert_eq!(quote_ident("a\"b c"), "\"a\"\"b c\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

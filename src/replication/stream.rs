@@ -1,0 +1,535 @@
+//! The replication stream: one task that keeps a walsender session going and hands decoded
+//! items downstream, and one that tells the server how far downstream has got.
+//!
+//! ```text
+//!            ┌──────────── reader task ────────────┐   bounded    ┌────────────┐
+//! walsender ─┤ CopyData ─► XLogData ─► Decoder ─────┼──► channel ─►│ downstream │
+//!            │           └► keepalive ─► idle ack ─┐│              └─────┬──────┘
+//!            └─────────────────────────────────────┼┘                    │ Acknowledger::ack(end_lsn)
+//!            ┌──────────── status task ────────────┼─────────────────────┘
+//! walsender ◄┤ standby status update: flush = acknowledged position, on a timer
+//!            └─────────────────────────────────────┘
+//! ```
+//!
+//! # Progress
+//!
+//! - Downstream acknowledges a commit's `end_lsn` once everything in it is durably done. The
+//!   status task sends that position as the flush position, so the slot's
+//!   `confirmed_flush_lsn` never passes what is not durably done, and never moves backwards.
+//! - When everything handed downstream is acknowledged and no transaction is open, the
+//!   position a keepalive reports (how far the walsender has read) is acknowledged too: a slot
+//!   whose tables are idle then does not hold WAL that other tables or databases write.
+//! - The status task runs on its own, so a slow downstream (a full channel) never stops status
+//!   updates: the server does not kill the connection for `wal_sender_timeout`.
+//!
+//! # Reconnecting
+//!
+//! A transient failure (connection lost, server restart, the slot still held by a dying
+//! walsender) ends the session; after a backoff a new one starts from the end of the last
+//! transaction handed downstream, so nothing is skipped and, within one process, nothing
+//! is handed down twice. A transaction cut off half way is announced with
+//! [`Decoded::Interrupted`] and comes again in full.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::conn::{ConnectOptions, Connection, CopyMessage, CopyReader, CopyWriter};
+use super::params::ConnectParams;
+use super::protocol::{ServerMessage, StatusUpdate, now_unix_micros};
+use super::setup::{self, SetupError, quote_ident, quote_literal};
+use super::{Acknowledger, Lsn, ProtocolError, ReplicationError};
+use crate::decode::{Decoded, Decoder, DecoderError};
+
+/// Session settings pinned through the startup packet, so that values are decoded under
+/// the settings the decoder expects whatever the server's defaults are.
+pub const SESSION_SETTINGS: [(&str, &str); 5] = [
+    ("DateStyle", "ISO"),
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+];
+
+/// Exponential backoff between reconnection attempts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+            multiplier: 2.0,
+        }
+    }
+}
+
+impl Backoff {
+    fn next(&self, current: Duration) -> Duration {
+        current.mul_f64(self.multiplier).min(self.max)
+    }
+}
+
+/// What to stream and how.
+#[derive(Clone, Debug)]
+pub struct StreamConfig {
+    pub params: ConnectParams,
+    pub slot: String,
+    pub publication: String,
+    /// Create a temporary slot for each session (dropped by the server when the session
+    /// ends) instead of using a permanent one. Changes made between two sessions are not seen.
+    pub temporary_slot: bool,
+    /// The longest time between two status updates; it is kept under a third of the server's
+    /// `wal_sender_timeout`.
+    pub status_interval: Duration,
+    pub reconnect: Backoff,
+    /// How many decoded items may wait in the channel before the reader waits.
+    pub capacity: usize,
+    /// On shutdown, how long to wait for downstream to finish before the last status update.
+    pub drain_timeout: Duration,
+}
+
+impl StreamConfig {
+    pub fn new(params: ConnectParams, slot: &str, publication: &str) -> Self {
+        StreamConfig {
+            params,
+            slot: slot.to_owned(),
+            publication: publication.to_owned(),
+            temporary_slot: false,
+            status_interval: Duration::from_secs(10),
+            reconnect: Backoff::default(),
+            capacity: 4096,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why streaming stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Connection(#[from] ReplicationError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error(transparent)]
+    Decode(#[from] DecoderError),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("the server ended the replication stream")]
+    ServerEnded,
+}
+
+impl StreamError {
+    /// Whether a new session may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StreamError::Connection(e) => e.is_transient(),
+            StreamError::Setup(e) => e.is_transient(),
+            StreamError::Decode(e) => e.is_transient(),
+            StreamError::Protocol(_) => false,
+            StreamError::ServerEnded => true,
+        }
+    }
+}
+
+/// A running replication stream.
+#[derive(Debug)]
+pub struct ReplicationStream {
+    /// Decoded items, in WAL order. Drop it when everything you will acknowledge is
+    /// acknowledged: on shutdown the stream waits for that before its last status update.
+    pub items: mpsc::Receiver<Decoded>,
+    /// Where to acknowledge what is durably done.
+    pub ack: Acknowledger,
+    /// The stream task: `Ok` after shutdown, `Err` on a definite failure.
+    pub task: JoinHandle<Result<(), StreamError>>,
+}
+
+/// Starts streaming. `catalog` is a pool on the same database (column types are looked up
+/// through it). Stops reading when `shutdown` is cancelled.
+pub fn spawn(
+    config: StreamConfig,
+    catalog: sqlx::PgPool,
+    ack: Acknowledger,
+    shutdown: CancellationToken,
+) -> ReplicationStream {
+    let (tx, items) = mpsc::channel(config.capacity.max(1));
+    let task = tokio::spawn(run(config, catalog, ack.clone(), shutdown, tx));
+    ReplicationStream { items, ack, task }
+}
+
+async fn run(
+    config: StreamConfig,
+    catalog: sqlx::PgPool,
+    ack: Acknowledger,
+    shutdown: CancellationToken,
+    tx: mpsc::Sender<Decoded>,
+) -> Result<(), StreamError> {
+    let mut decoder = Decoder::new(catalog.clone());
+    let mut delivered = Lsn::ZERO;
+    let mut backoff = config.reconnect.initial;
+    let mut reconnects: u64 = 0;
+    loop {
+        let started = Instant::now();
+        let mut session = Session {
+            config: &config,
+            catalog: &catalog,
+            ack: &ack,
+            shutdown: &shutdown,
+            tx: &tx,
+            decoder: &mut decoder,
+            delivered: &mut delivered,
+        };
+        let result = session.run().await;
+        if decoder.reset() && !tx.is_closed() {
+            let _ = tx.send(Decoded::Interrupted).await;
+        }
+        let error = match result {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        if !error.is_transient() {
+            return Err(explain(&catalog, &config, error).await);
+        }
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = config.reconnect.initial;
+        }
+        reconnects += 1;
+        warn!(
+            slot = %config.slot,
+            error = %error,
+            retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+            reconnects,
+            "replication session ended; reconnecting"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        backoff = config.reconnect.next(backoff);
+    }
+}
+
+/// Turns a definite server error about a missing or unusable object into the setup error
+/// that names it, by asking the catalog (SQLSTATE 42704 does not say which object).
+async fn explain(catalog: &sqlx::PgPool, config: &StreamConfig, error: StreamError) -> StreamError {
+    let code = match &error {
+        StreamError::Connection(e) => e.sqlstate(),
+        _ => None,
+    };
+    if matches!(code, Some("42704" | "55000")) {
+        if let Some(explained) =
+            setup::explain_missing(catalog, &config.slot, &config.publication).await
+        {
+            return explained.into();
+        }
+    }
+    error
+}
+
+struct Session<'a> {
+    config: &'a StreamConfig,
+    catalog: &'a sqlx::PgPool,
+    ack: &'a Acknowledger,
+    shutdown: &'a CancellationToken,
+    tx: &'a mpsc::Sender<Decoded>,
+    decoder: &'a mut Decoder,
+    /// The end of the last commit handed downstream.
+    delivered: &'a mut Lsn,
+}
+
+/// How a session's read loop ended without an error.
+enum Ended {
+    Shutdown,
+    DownstreamGone,
+}
+
+impl Session<'_> {
+    async fn run(&mut self) -> Result<(), StreamError> {
+        let config = self.config;
+        if !config.temporary_slot {
+            match setup::slot_info(self.catalog, &config.slot).await? {
+                Some(slot) => {
+                    setup::check_slot(self.catalog, &slot).await?;
+                    if let Some(confirmed) = slot.confirmed_flush_lsn {
+                        // Never report less than the slot already has.
+                        self.ack.ack(confirmed);
+                    }
+                }
+                None => {
+                    return Err(setup::explain_missing(
+                        self.catalog,
+                        &config.slot,
+                        &config.publication,
+                    )
+                    .await
+                    .map_or(StreamError::ServerEnded, StreamError::from));
+                }
+            }
+        }
+        let settings = SESSION_SETTINGS
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut conn = Connection::connect(
+            &config.params,
+            &ConnectOptions {
+                replication: true,
+                settings,
+            },
+        )
+        .await?;
+        if config.temporary_slot {
+            conn.simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                quote_ident(&config.slot)
+            ))
+            .await?;
+        }
+        let interval = status_interval(&mut conn, config.status_interval).await?;
+        let start = (*self.delivered).max(self.ack.acknowledged());
+        let command = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(&config.slot),
+            quote_literal(&quote_ident(&config.publication)),
+        );
+        let (mut reader, writer) = conn.start_copy_both(&command).await?;
+        info!(
+            slot = %config.slot,
+            publication = %config.publication,
+            start = %start,
+            "streaming started"
+        );
+
+        let received = Arc::new(AtomicU64::new(start.0));
+        let (reply_tx, reply_rx) = mpsc::channel(1);
+        let finish = CancellationToken::new();
+        let status = tokio::spawn(status_task(
+            writer,
+            self.ack.clone(),
+            received.clone(),
+            interval,
+            reply_rx,
+            finish.clone(),
+        ));
+
+        let result = self.read(&mut reader, &received, &reply_tx).await;
+        match result {
+            Ok(ended) => {
+                if let Ended::Shutdown = ended {
+                    // Let downstream finish and acknowledge what it holds.
+                    let _ =
+                        tokio::time::timeout(config.drain_timeout, self.tx.closed()).await;
+                }
+                finish.cancel();
+                let _ = status.await;
+                // Read until the server confirms the end of the stream.
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Ok(CopyMessage::Data(_)) = reader.next().await {}
+                })
+                .await;
+                info!(slot = %config.slot, acknowledged = %self.ack.acknowledged(), "streaming stopped");
+                Ok(())
+            }
+            Err(e) => {
+                status.abort();
+                Err(e)
+            }
+        }
+    }
+
+    async fn read(
+        &mut self,
+        reader: &mut CopyReader,
+        received: &AtomicU64,
+        reply_tx: &mpsc::Sender<()>,
+    ) -> Result<Ended, StreamError> {
+        let mut out = Vec::new();
+        loop {
+            let message = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(Ended::Shutdown),
+                message = reader.next() => message?,
+            };
+            let data = match message {
+                CopyMessage::Data(data) => data,
+                CopyMessage::Done => return Err(StreamError::ServerEnded),
+            };
+            match ServerMessage::parse(data)? {
+                ServerMessage::XLogData {
+                    wal_start, data, ..
+                } => {
+                    self.decoder.decode(wal_start, data, &mut out).await?;
+                    for item in out.drain(..) {
+                        let end = match &item {
+                            Decoded::Commit { end_lsn, .. } => Some(*end_lsn),
+                            _ => None,
+                        };
+                        tokio::select! {
+                            biased;
+                            sent = self.tx.send(item) => if sent.is_err() {
+                                return Ok(Ended::DownstreamGone);
+                            },
+                            _ = self.shutdown.cancelled() => return Ok(Ended::Shutdown),
+                        }
+                        if let Some(end) = end {
+                            *self.delivered = end;
+                        }
+                    }
+                    received.fetch_max(wal_start.0, Ordering::Relaxed);
+                }
+                ServerMessage::Keepalive {
+                    wal_end,
+                    reply_requested,
+                } => {
+                    received.fetch_max(wal_end.0, Ordering::Relaxed);
+                    if !self.decoder.in_transaction()
+                        && self.ack.acknowledged() >= *self.delivered
+                    {
+                        self.ack.ack(wal_end);
+                    }
+                    if reply_requested {
+                        let _ = reply_tx.try_send(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The interval between status updates: the configured one, but at most a third of the
+/// server's `wal_sender_timeout` (0 means no timeout).
+async fn status_interval(
+    conn: &mut Connection,
+    configured: Duration,
+) -> Result<Duration, ReplicationError> {
+    let rows = conn.simple_query("SHOW wal_sender_timeout").await?;
+    let timeout = rows
+        .first()
+        .and_then(|row| row.get(0))
+        .and_then(parse_duration);
+    Ok(match timeout {
+        Some(t) if !t.is_zero() => configured.min(t / 3).max(Duration::from_millis(100)),
+        _ => configured,
+    })
+}
+
+/// Parses a PostgreSQL duration setting as `SHOW` prints it: `60s`, `1min`, `500ms`, `0`.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let millis = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(number.checked_mul(millis)?))
+}
+
+/// Sends standby status updates: at once when the server asks, when the acknowledged
+/// position moved (at most once a second), and at least every `interval`. On `finish`, sends
+/// a last one and ends the copy.
+async fn status_task(
+    mut writer: CopyWriter,
+    ack: Acknowledger,
+    received: Arc<AtomicU64>,
+    interval: Duration,
+    mut replies: mpsc::Receiver<()>,
+    finish: CancellationToken,
+) {
+    let send = |writer: &mut CopyWriter, flushed: Lsn| {
+        let written = Lsn(received.load(Ordering::Relaxed)).max(flushed);
+        let update = StatusUpdate {
+            written,
+            flushed,
+            applied: flushed,
+            now_unix_micros: now_unix_micros(),
+            reply_requested: false,
+        }
+        .encode();
+        async move { writer.send(&update).await }
+    };
+    let mut sent_flush = Lsn::ZERO;
+    let mut sent_at = Instant::now();
+    let mut tick = tokio::time::interval(interval.min(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let due = tokio::select! {
+            _ = finish.cancelled() => {
+                let flushed = ack.acknowledged();
+                let result = async {
+                    send(&mut writer, flushed).await?;
+                    writer.done().await
+                }.await;
+                if let Err(error) = result {
+                    debug!(error = %error, "could not send the last status update");
+                }
+                return;
+            }
+            reply = replies.recv() => match reply {
+                Some(()) => true,
+                None => return,
+            },
+            _ = tick.tick() => {
+                ack.acknowledged() != sent_flush || sent_at.elapsed() >= interval
+            }
+        };
+        if due {
+            let flushed = ack.acknowledged();
+            if let Err(error) = send(&mut writer, flushed).await {
+                debug!(error = %error, "status update failed; the reader will see the connection end");
+                return;
+            }
+            sent_flush = flushed;
+            sent_at = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_duration_settings_as_show_prints_them() {
+        assert_eq!(parse_duration("60s"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1min"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_duration("5 fortnights"), None);
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap() {
+        let backoff = Backoff {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(2),
+            multiplier: 2.0,
+        };
+        let second = backoff.next(backoff.initial);
+        assert_eq!(second, Duration::from_secs(1));
+        assert_eq!(backoff.next(second), Duration::from_secs(2));
+        assert_eq!(backoff.next(Duration::from_secs(2)), Duration::from_secs(2));
+    }
+}
