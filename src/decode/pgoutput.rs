@@ -422,16 +422,27 @@ pub fn decode(buf: Bytes) -> Result<PgOutputMessage, DecodeError> {
         b'U' => {
             let mut r = Reader::new(body, "update");
             let relation = r.u32("relation oid")?;
-            let (old, kind) = match r.u8("tuple kind")? {
-                b'K' => (Some(OldTuple::Key(r.tuple()?)), r.u8("tuple kind")?),
-                b'O' => (Some(OldTuple::Full(r.tuple()?)), r.u8("tuple kind")?),
-                kind => (None, kind),
+            let old = match r.u8("tuple kind")? {
+                b'K' => Some(OldTuple::Key(r.tuple()?)),
+                b'O' => Some(OldTuple::Full(r.tuple()?)),
+                b'N' => None,
+                other => {
+                    return Err(r.invalid(format!(
+                        "expected 'K', 'O' or 'N' before a tuple, got {}",
+                        show_tag(other)
+                    )));
+                }
             };
-            if kind != b'N' {
-                return Err(r.invalid(format!(
-                    "expected 'K', 'O' or 'N' before a tuple, got {}",
-                    show_tag(kind)
-                )));
+            if old.is_some() {
+                match r.u8("tuple kind")? {
+                    b'N' => {}
+                    other => {
+                        return Err(r.invalid(format!(
+                            "expected 'N' before the new tuple after the old one, got {}",
+                            show_tag(other)
+                        )));
+                    }
+                }
             }
             let new = r.tuple()?;
             r.finish()?;
@@ -1405,7 +1416,11 @@ mod tests {
         // After an old tuple only 'N' may follow.
         assert_invalid(
             Enc::new(b'U').u32(1).u8(b'K').i16(0).u8(b'K').i16(0).done(),
-            "expected 'K', 'O' or 'N'",
+            "expected 'N' before the new tuple after the old one, got 'K'",
+        );
+        assert_invalid(
+            Enc::new(b'U').u32(1).u8(b'O').i16(0).u8(b'O').i16(0).done(),
+            "expected 'N' before the new tuple after the old one, got 'O'",
         );
         assert_invalid(
             Enc::new(b'D').u32(1).u8(b'N').i16(0).done(),
