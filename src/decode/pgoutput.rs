@@ -1720,20 +1720,30 @@ mod tests {
         ]
     }
 
+    /// Decodes any input without panicking; whatever decodes must re-encode to something that
+    /// decodes to the same message, and errors must display.
+    fn check_any_input(buf: Vec<u8>) -> Result<(), TestCaseError> {
+        match decode(Bytes::from(buf)) {
+            Ok(m) => prop_assert_eq!(decode(encode(&m)), Ok(m)),
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn never_panics_on_arbitrary_bytes(buf in prop::collection::vec(any::<u8>(), 0..4096)) {
-            let _ = decode(Bytes::from(buf));
+            check_any_input(buf)?;
         }
 
         #[test]
         fn never_panics_after_a_known_tag(buf in arb_tagged()) {
-            let _ = decode(Bytes::from(buf));
+            check_any_input(buf)?;
         }
 
         #[test]
         fn never_panics_on_edited_messages(buf in arb_mutated()) {
-            let _ = decode(Bytes::from(buf));
+            check_any_input(buf)?;
         }
 
         #[test]
@@ -1770,7 +1780,7 @@ mod tests {
         #[test]
         #[ignore = "long-running fuzzing; run on demand with --ignored"]
         fn fuzz_decode_long(buf in arb_input()) {
-            let _ = decode(Bytes::from(buf));
+            check_any_input(buf)?;
         }
     }
 }
