@@ -361,66 +361,36 @@ pub fn decode(buf: Bytes) -> Result<PgOutputMessage, DecodeError> {
     };
     let mut body = buf;
     body.advance(1);
+    let mut r = Reader::new(body, message_name(tag)?);
     let msg = match tag {
-        b'B' => {
-            let mut r = Reader::new(body, "begin");
-            let m = Begin {
-                final_lsn: Lsn(r.u64("final lsn")?),
-                commit_time: r.i64("commit timestamp")?,
-                xid: r.u32("xid")?,
-            };
-            r.finish()?;
-            PgOutputMessage::Begin(m)
-        }
-        b'C' => {
-            let mut r = Reader::new(body, "commit");
-            let m = Commit {
-                flags: r.u8("flags")?,
-                commit_lsn: Lsn(r.u64("commit lsn")?),
-                end_lsn: Lsn(r.u64("end lsn")?),
-                commit_time: r.i64("commit timestamp")?,
-            };
-            r.finish()?;
-            PgOutputMessage::Commit(m)
-        }
-        b'O' => {
-            let mut r = Reader::new(body, "origin");
-            let m = Origin {
-                commit_lsn: Lsn(r.u64("commit lsn")?),
-                name: r.string("origin name")?,
-            };
-            r.finish()?;
-            PgOutputMessage::Origin(m)
-        }
-        b'R' => PgOutputMessage::Relation(decode_relation(Reader::new(body, "relation"))?),
-        b'Y' => {
-            let mut r = Reader::new(body, "type");
-            let m = TypeMessage {
-                oid: r.u32("type oid")?,
-                namespace: r.string("namespace")?,
-                name: r.string("type name")?,
-            };
-            r.finish()?;
-            PgOutputMessage::Type(m)
-        }
+        b'B' => PgOutputMessage::Begin(Begin {
+            final_lsn: Lsn(r.u64("final lsn")?),
+            commit_time: r.i64("commit timestamp")?,
+            xid: r.u32("xid")?,
+        }),
+        b'C' => PgOutputMessage::Commit(Commit {
+            flags: r.u8("flags")?,
+            commit_lsn: Lsn(r.u64("commit lsn")?),
+            end_lsn: Lsn(r.u64("end lsn")?),
+            commit_time: r.i64("commit timestamp")?,
+        }),
+        b'O' => PgOutputMessage::Origin(Origin {
+            commit_lsn: Lsn(r.u64("commit lsn")?),
+            name: r.string("origin name")?,
+        }),
+        b'R' => PgOutputMessage::Relation(read_relation(&mut r)?),
+        b'Y' => PgOutputMessage::Type(TypeMessage {
+            oid: r.u32("type oid")?,
+            namespace: r.string("namespace")?,
+            name: r.string("type name")?,
+        }),
         b'I' => {
-            let mut r = Reader::new(body, "insert");
             let relation = r.u32("relation oid")?;
-            match r.u8("tuple kind")? {
-                b'N' => {}
-                other => {
-                    return Err(r.invalid(format!(
-                        "expected 'N' before the new tuple, got {}",
-                        show_tag(other)
-                    )));
-                }
-            }
+            r.expect_new_tuple_marker("")?;
             let new = r.tuple()?;
-            r.finish()?;
             PgOutputMessage::Insert(Insert { relation, new })
         }
         b'U' => {
-            let mut r = Reader::new(body, "update");
             let relation = r.u32("relation oid")?;
             let old = match r.u8("tuple kind")? {
                 b'K' => Some(OldTuple::Key(r.tuple()?)),
@@ -434,22 +404,12 @@ pub fn decode(buf: Bytes) -> Result<PgOutputMessage, DecodeError> {
                 }
             };
             if old.is_some() {
-                match r.u8("tuple kind")? {
-                    b'N' => {}
-                    other => {
-                        return Err(r.invalid(format!(
-                            "expected 'N' before the new tuple after the old one, got {}",
-                            show_tag(other)
-                        )));
-                    }
-                }
+                r.expect_new_tuple_marker(" after the old one")?;
             }
             let new = r.tuple()?;
-            r.finish()?;
             PgOutputMessage::Update(Update { relation, old, new })
         }
         b'D' => {
-            let mut r = Reader::new(body, "delete");
             let relation = r.u32("relation oid")?;
             let old = match r.u8("tuple kind")? {
                 b'K' => OldTuple::Key(r.tuple()?),
@@ -461,18 +421,16 @@ pub fn decode(buf: Bytes) -> Result<PgOutputMessage, DecodeError> {
                     )));
                 }
             };
-            r.finish()?;
             PgOutputMessage::Delete(Delete { relation, old })
         }
         b'T' => {
-            let mut r = Reader::new(body, "truncate");
             let count = r.count_i32("relation count")?;
             let options = r.u8("options")?;
+            // Each OID takes 4 bytes: allocate no more than the message can hold.
             let mut relations = Vec::with_capacity(count.min(r.remaining() / 4));
             for _ in 0..count {
                 relations.push(r.u32("relation oid")?);
             }
-            r.finish()?;
             PgOutputMessage::Truncate(Truncate {
                 cascade: options & 1 != 0,
                 restart_identity: options & 2 != 0,
@@ -480,13 +438,11 @@ pub fn decode(buf: Bytes) -> Result<PgOutputMessage, DecodeError> {
             })
         }
         b'M' => {
-            let mut r = Reader::new(body, "logical");
             let flags = r.u8("flags")?;
             let lsn = Lsn(r.u64("lsn")?);
             let prefix = r.string("prefix")?;
             let len = r.count_i32("content length")?;
             let content = r.bytes(len, "content")?;
-            r.finish()?;
             PgOutputMessage::Message(LogicalMessage {
                 transactional: flags & 1 != 0,
                 lsn,
@@ -494,30 +450,42 @@ pub fn decode(buf: Bytes) -> Result<PgOutputMessage, DecodeError> {
                 content,
             })
         }
-        b'S' => return Err(unsupported(tag, "stream start needs protocol version 2")),
-        b'E' => return Err(unsupported(tag, "stream stop needs protocol version 2")),
-        b'c' => return Err(unsupported(tag, "stream commit needs protocol version 2")),
-        b'A' => return Err(unsupported(tag, "stream abort needs protocol version 2")),
-        b'b' => return Err(unsupported(tag, "begin prepare needs protocol version 3")),
-        b'P' => return Err(unsupported(tag, "prepare needs protocol version 3")),
-        b'K' => return Err(unsupported(tag, "commit prepared needs protocol version 3")),
-        b'r' => {
-            return Err(unsupported(
-                tag,
-                "rollback prepared needs protocol version 3",
-            ));
-        }
-        b'p' => return Err(unsupported(tag, "stream prepare needs protocol version 3")),
+        // `message_name` returned an error for every other tag.
         other => return Err(DecodeError::UnknownMessage(other)),
     };
+    r.finish()?;
     Ok(msg)
 }
 
-fn unsupported(tag: u8, reason: &'static str) -> DecodeError {
-    DecodeError::UnsupportedMessage { tag, reason }
+/// The name of the message a tag starts, for error messages, or why it is not decoded.
+fn message_name(tag: u8) -> Result<&'static str, DecodeError> {
+    let unsupported = |reason| Err(DecodeError::UnsupportedMessage { tag, reason });
+    match tag {
+        b'B' => Ok("begin"),
+        b'C' => Ok("commit"),
+        b'O' => Ok("origin"),
+        b'R' => Ok("relation"),
+        b'Y' => Ok("type"),
+        b'I' => Ok("insert"),
+        b'U' => Ok("update"),
+        b'D' => Ok("delete"),
+        b'T' => Ok("truncate"),
+        b'M' => Ok("logical"),
+        b'S' => unsupported("stream start needs protocol version 2"),
+        b'E' => unsupported("stream stop needs protocol version 2"),
+        b'c' => unsupported("stream commit needs protocol version 2"),
+        b'A' => unsupported("stream abort needs protocol version 2"),
+        b'b' => unsupported("begin prepare needs protocol version 3"),
+        b'P' => unsupported("prepare needs protocol version 3"),
+        b'K' => unsupported("commit prepared needs protocol version 3"),
+        b'r' => unsupported("rollback prepared needs protocol version 3"),
+        b'p' => unsupported("stream prepare needs protocol version 3"),
+        other => Err(DecodeError::UnknownMessage(other)),
+    }
 }
 
-fn decode_relation(mut r: Reader) -> Result<Relation, DecodeError> {
+/// The body of a Relation message.
+fn read_relation(r: &mut Reader) -> Result<Relation, DecodeError> {
     let oid = r.u32("relation oid")?;
     let namespace = r.string("namespace")?;
     let name = r.string("relation name")?;
@@ -529,7 +497,8 @@ fn decode_relation(mut r: Reader) -> Result<Relation, DecodeError> {
         )));
     };
     let count = r.count_i16("column count")?;
-    // Each column takes at least 10 bytes: flags, an empty name, type OID and modifier.
+    // Each column takes at least 10 bytes (flags, an empty name, type OID and modifier):
+    // allocate no more than the message can hold.
     let mut columns = Vec::with_capacity(count.min(r.remaining() / 10));
     for _ in 0..count {
         columns.push(Column {
@@ -539,7 +508,6 @@ fn decode_relation(mut r: Reader) -> Result<Relation, DecodeError> {
             type_modifier: r.i32("column type modifier")?,
         });
     }
-    r.finish()?;
     Ok(Relation {
         oid,
         namespace,
@@ -650,6 +618,17 @@ impl Reader {
                 message: self.message,
                 field,
             }),
+        }
+    }
+
+    /// The `N` that precedes a new tuple.
+    fn expect_new_tuple_marker(&mut self, context: &str) -> Result<(), DecodeError> {
+        match self.u8("tuple kind")? {
+            b'N' => Ok(()),
+            other => Err(self.invalid(format!(
+                "expected 'N' before the new tuple{context}, got {}",
+                show_tag(other)
+            ))),
         }
     }
 
