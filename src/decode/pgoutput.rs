@@ -1,0 +1,1765 @@
+//! Decoder for the messages of PostgreSQL's `pgoutput` logical decoding plugin, protocol
+//! version 1.
+//!
+//! Each XLogData frame of a logical replication stream carries exactly one pgoutput message:
+//! a one-byte tag followed by fields in a fixed order (see "Logical Replication Message
+//! Formats" in the PostgreSQL 15 documentation). Integers are big-endian (`Int8`, `Int16`,
+//! `Int32`, `Int64`), strings are NUL-terminated, and row contents come as `TupleData`: a
+//! column count, then per column a kind byte (`n` NULL, `u` unchanged TOASTed value, `t`
+//! text, `b` binary) with a length-prefixed value for the last two.
+//!
+//! Streaming and two-phase messages (tags `S`, `E`, `c`, `A`, `b`, `P`, `K`, `r`, `p`) only
+//! exist in protocol versions 2 and 3, which streamex does not ask for; they are rejected
+//! with [`DecodeError::UnsupportedMessage`].
+//!
+//! # No panics
+//!
+//! The input comes from the network, so [`decode`] must never panic, whatever the bytes:
+//! every read goes through a private `Reader` that checks the remaining length first, lengths
+//! and counts are validated (negative or larger than what is left is an error), allocations
+//! are bounded by the size of the input, and a message must be consumed exactly (trailing
+//! bytes mean the decoder and the server disagree, and are an error).
+//!
+//! Column values are [`Bytes`] slices of the input buffer: decoding copies no value.
+
+use bytes::{Buf, Bytes};
+
+use crate::replication::Lsn;
+
+/// The largest message [`decode`] accepts: 1 GiB, PostgreSQL's own limit for one value.
+pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
+
+/// Microseconds from the Unix epoch (1970-01-01) to the PostgreSQL epoch (2000-01-01 UTC).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// Converts a PostgreSQL timestamp (microseconds since 2000-01-01 UTC) to microseconds since
+/// the Unix epoch, saturating at the ends of `i64`.
+pub fn pg_epoch_to_unix_micros(t: i64) -> i64 {
+    t.saturating_add(PG_EPOCH_OFFSET_MICROS)
+}
+
+/// One decoded pgoutput message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgOutputMessage {
+    /// `B`: start of a transaction.
+    Begin(Begin),
+    /// `C`: end of a transaction.
+    Commit(Commit),
+    /// `O`: the replication origin of the transaction.
+    Origin(Origin),
+    /// `R`: the layout of a relation, sent before its first change in a session and after
+    /// every change of that layout.
+    Relation(Relation),
+    /// `Y`: a data type, sent before a relation that uses a non-built-in type.
+    Type(TypeMessage),
+    /// `I`: a new row.
+    Insert(Insert),
+    /// `U`: a changed row.
+    Update(Update),
+    /// `D`: a deleted row.
+    Delete(Delete),
+    /// `T`: one `TRUNCATE` of one or more relations.
+    Truncate(Truncate),
+    /// `M`: a logical decoding message from `pg_logical_emit_message`.
+    Message(LogicalMessage),
+}
+
+/// `B`: start of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Begin {
+    /// The LSN of the transaction's commit record.
+    pub final_lsn: Lsn,
+    /// Commit time, in microseconds since 2000-01-01 UTC (see [`pg_epoch_to_unix_micros`]).
+    pub commit_time: i64,
+    /// Transaction id.
+    pub xid: u32,
+}
+
+/// `C`: end of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    /// Flags; always 0 in protocol version 1, kept as sent.
+    pub flags: u8,
+    /// The LSN of the commit record.
+    pub commit_lsn: Lsn,
+    /// The end LSN of the transaction (the position to acknowledge once it is processed).
+    pub end_lsn: Lsn,
+    /// Commit time, in microseconds since 2000-01-01 UTC (see [`pg_epoch_to_unix_micros`]).
+    pub commit_time: i64,
+}
+
+/// `O`: the replication origin the transaction came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The LSN of the commit on the origin server.
+    pub commit_lsn: Lsn,
+    /// The origin's name.
+    pub name: String,
+}
+
+/// `R`: the layout of a relation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relation {
+    /// The relation's OID; changes refer to the relation by it.
+    pub oid: u32,
+    /// The schema; pgoutput sends an empty string for `pg_catalog`.
+    pub namespace: String,
+    /// The relation's name.
+    pub name: String,
+    /// What old values updates and deletes carry.
+    pub replica_identity: ReplicaIdentity,
+    /// The columns, in the order of the values of every tuple of this relation.
+    pub columns: Vec<Column>,
+}
+
+/// The `REPLICA IDENTITY` setting of a relation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplicaIdentity {
+    /// `d`: the primary key, if any.
+    Default,
+    /// `n`: nothing.
+    Nothing,
+    /// `f`: all columns.
+    Full,
+    /// `i`: the columns of a chosen unique index.
+    Index,
+}
+
+impl ReplicaIdentity {
+    /// The byte pgoutput sends for this setting.
+    pub fn as_byte(self) -> u8 {
+        match self {
+            ReplicaIdentity::Default => b'd',
+            ReplicaIdentity::Nothing => b'n',
+            ReplicaIdentity::Full => b'f',
+            ReplicaIdentity::Index => b'i',
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            b'd' => Some(ReplicaIdentity::Default),
+            b'n' => Some(ReplicaIdentity::Nothing),
+            b'f' => Some(ReplicaIdentity::Full),
+            b'i' => Some(ReplicaIdentity::Index),
+            _ => None,
+        }
+    }
+}
+
+/// One column of a [`Relation`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Whether the column is part of the replica identity (the key).
+    pub is_key: bool,
+    /// The column's name.
+    pub name: String,
+    /// The OID of the column's data type.
+    pub type_oid: u32,
+    /// The type modifier (`atttypmod`), -1 if none.
+    pub type_modifier: i32,
+}
+
+/// `Y`: a data type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeMessage {
+    /// The type's OID.
+    pub oid: u32,
+    /// The schema; pgoutput sends an empty string for `pg_catalog`.
+    pub namespace: String,
+    /// The type's name.
+    pub name: String,
+}
+
+/// `I`: a new row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Insert {
+    /// The OID of the relation (see [`Relation`]).
+    pub relation: u32,
+    /// The new row.
+    pub new: Tuple,
+}
+
+/// `U`: a changed row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    /// The OID of the relation (see [`Relation`]).
+    pub relation: u32,
+    /// The old key or row, sent only if the key changed or the replica identity is `FULL`.
+    pub old: Option<OldTuple>,
+    /// The new row; TOASTed values that did not change are [`TupleValue::Unchanged`].
+    pub new: Tuple,
+}
+
+/// `D`: a deleted row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delete {
+    /// The OID of the relation (see [`Relation`]).
+    pub relation: u32,
+    /// The old key or row.
+    pub old: OldTuple,
+}
+
+/// The old values of an updated or deleted row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OldTuple {
+    /// `K`: the replica identity columns only; the other columns are [`TupleValue::Null`].
+    Key(Tuple),
+    /// `O`: the whole old row (replica identity `FULL`).
+    Full(Tuple),
+}
+
+impl OldTuple {
+    /// The values, whichever kind this is.
+    pub fn tuple(&self) -> &Tuple {
+        match self {
+            OldTuple::Key(t) | OldTuple::Full(t) => t,
+        }
+    }
+}
+
+/// `T`: one `TRUNCATE` of one or more relations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncate {
+    /// `TRUNCATE ... CASCADE`.
+    pub cascade: bool,
+    /// `TRUNCATE ... RESTART IDENTITY`.
+    pub restart_identity: bool,
+    /// The OIDs of the truncated relations.
+    pub relations: Vec<u32>,
+}
+
+/// `M`: a logical decoding message from `pg_logical_emit_message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogicalMessage {
+    /// Whether the message was emitted as part of a transaction (else it is sent at once).
+    pub transactional: bool,
+    /// The LSN of the message.
+    pub lsn: Lsn,
+    /// The prefix given to `pg_logical_emit_message`.
+    pub prefix: String,
+    /// The content, as sent (may be any bytes).
+    pub content: Bytes,
+}
+
+/// The values of one row, in column order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tuple(pub Vec<TupleValue>);
+
+/// One value of a [`Tuple`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TupleValue {
+    /// `n`: SQL NULL.
+    Null,
+    /// `u`: a TOASTed value that did not change and is not sent.
+    Unchanged,
+    /// `t`: the value in PostgreSQL's text format.
+    Text(Bytes),
+    /// `b`: the value in PostgreSQL's binary format.
+    Binary(Bytes),
+}
+
+/// Why a pgoutput message could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The message has no bytes at all.
+    #[error("empty pgoutput message: expected at least a tag byte")]
+    Empty,
+    /// The message ended before a field.
+    #[error(
+        "truncated pgoutput {message} message: {field} needs {needed} bytes but only {remaining} remain"
+    )]
+    Truncated {
+        /// The kind of message being decoded.
+        message: &'static str,
+        /// The field being read.
+        field: &'static str,
+        /// How many bytes the field needs.
+        needed: usize,
+        /// How many bytes were left.
+        remaining: usize,
+    },
+    /// The tag is not a pgoutput message tag.
+    #[error("unknown pgoutput message tag {}", show_tag(*.0))]
+    UnknownMessage(u8),
+    /// The tag belongs to a later protocol version.
+    #[error(
+        "unsupported pgoutput message {}: {reason}, streamex asks for protocol version 1",
+        show_tag(*.tag)
+    )]
+    UnsupportedMessage {
+        /// The tag.
+        tag: u8,
+        /// What the message is and which version it needs.
+        reason: &'static str,
+    },
+    /// A string is not UTF-8.
+    #[error(
+        "pgoutput {message} message: {field} is not valid UTF-8 (the replication connection should use client_encoding UTF8)"
+    )]
+    InvalidUtf8 {
+        /// The kind of message being decoded.
+        message: &'static str,
+        /// The field being read.
+        field: &'static str,
+    },
+    /// A string runs to the end of the message without a terminating NUL.
+    #[error("truncated pgoutput {message} message: string {field} has no terminating NUL byte")]
+    MissingNul {
+        /// The kind of message being decoded.
+        message: &'static str,
+        /// The field being read.
+        field: &'static str,
+    },
+    /// A field has a value the format does not allow.
+    #[error("invalid pgoutput {message} message: {detail}")]
+    Invalid {
+        /// The kind of message being decoded.
+        message: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Bytes follow the end of a complete message.
+    #[error(
+        "pgoutput {message} message has {count} trailing bytes after its last field; the decoder and the server disagree on the format"
+    )]
+    TrailingBytes {
+        /// The kind of message decoded.
+        message: &'static str,
+        /// How many bytes were left over.
+        count: usize,
+    },
+    /// The message is larger than [`MAX_MESSAGE_SIZE`].
+    #[error("pgoutput message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The message's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// A tag for error messages: `'B'` when printable ASCII, `0x01` otherwise.
+fn show_tag(tag: u8) -> String {
+    if tag.is_ascii_graphic() {
+        format!("'{}'", char::from(tag))
+    } else {
+        format!("0x{tag:02x}")
+    }
+}
+
+/// Decodes one pgoutput message (the payload of one XLogData frame).
+pub fn decode(buf: Bytes) -> Result<PgOutputMessage, DecodeError> {
+    if buf.len() > MAX_MESSAGE_SIZE {
+        return Err(DecodeError::TooLarge {
+            size: buf.len(),
+            limit: MAX_MESSAGE_SIZE,
+        });
+    }
+    let Some(&tag) = buf.first() else {
+        return Err(DecodeError::Empty);
+    };
+    let mut body = buf;
+    body.advance(1);
+    let mut r = Reader::new(body, message_name(tag)?);
+    let msg = match tag {
+        b'B' => PgOutputMessage::Begin(Begin {
+            final_lsn: Lsn(r.u64("final lsn")?),
+            commit_time: r.i64("commit timestamp")?,
+            xid: r.u32("xid")?,
+        }),
+        b'C' => PgOutputMessage::Commit(Commit {
+            flags: r.u8("flags")?,
+            commit_lsn: Lsn(r.u64("commit lsn")?),
+            end_lsn: Lsn(r.u64("end lsn")?),
+            commit_time: r.i64("commit timestamp")?,
+        }),
+        b'O' => PgOutputMessage::Origin(Origin {
+            commit_lsn: Lsn(r.u64("commit lsn")?),
+            name: r.string("origin name")?,
+        }),
+        b'R' => PgOutputMessage::Relation(read_relation(&mut r)?),
+        b'Y' => PgOutputMessage::Type(TypeMessage {
+            oid: r.u32("type oid")?,
+            namespace: r.string("namespace")?,
+            name: r.string("type name")?,
+        }),
+        b'I' => {
+            let relation = r.u32("relation oid")?;
+            r.expect_new_tuple_marker("")?;
+            let new = r.tuple()?;
+            PgOutputMessage::Insert(Insert { relation, new })
+        }
+        b'U' => {
+            let relation = r.u32("relation oid")?;
+            let old = match r.u8("tuple kind")? {
+                b'K' => Some(OldTuple::Key(r.tuple()?)),
+                b'O' => Some(OldTuple::Full(r.tuple()?)),
+                b'N' => None,
+                other => {
+                    return Err(r.invalid(format!(
+                        "expected 'K', 'O' or 'N' before a tuple, got {}",
+                        show_tag(other)
+                    )));
+                }
+            };
+            if old.is_some() {
+                r.expect_new_tuple_marker(" after the old one")?;
+            }
+            let new = r.tuple()?;
+            PgOutputMessage::Update(Update { relation, old, new })
+        }
+        b'D' => {
+            let relation = r.u32("relation oid")?;
+            let old = match r.u8("tuple kind")? {
+                b'K' => OldTuple::Key(r.tuple()?),
+                b'O' => OldTuple::Full(r.tuple()?),
+                other => {
+                    return Err(r.invalid(format!(
+                        "expected 'K' or 'O' before the old tuple, got {}",
+                        show_tag(other)
+                    )));
+                }
+            };
+            PgOutputMessage::Delete(Delete { relation, old })
+        }
+        b'T' => {
+            let count = r.count_i32("relation count")?;
+            let options = r.u8("options")?;
+            // Each OID takes 4 bytes: allocate no more than the message can hold.
+            let mut relations = Vec::with_capacity(count.min(r.remaining() / 4));
+            for _ in 0..count {
+                relations.push(r.u32("relation oid")?);
+            }
+            PgOutputMessage::Truncate(Truncate {
+                cascade: options & 1 != 0,
+                restart_identity: options & 2 != 0,
+                relations,
+            })
+        }
+        b'M' => {
+            let flags = r.u8("flags")?;
+            let lsn = Lsn(r.u64("lsn")?);
+            let prefix = r.string("prefix")?;
+            let len = r.count_i32("content length")?;
+            let content = r.bytes(len, "content")?;
+            PgOutputMessage::Message(LogicalMessage {
+                transactional: flags & 1 != 0,
+                lsn,
+                prefix,
+                content,
+            })
+        }
+        // `message_name` returned an error for every other tag.
+        other => return Err(DecodeError::UnknownMessage(other)),
+    };
+    r.finish()?;
+    Ok(msg)
+}
+
+/// The name of the message a tag starts, for error messages, or why it is not decoded.
+fn message_name(tag: u8) -> Result<&'static str, DecodeError> {
+    let unsupported = |reason| Err(DecodeError::UnsupportedMessage { tag, reason });
+    match tag {
+        b'B' => Ok("begin"),
+        b'C' => Ok("commit"),
+        b'O' => Ok("origin"),
+        b'R' => Ok("relation"),
+        b'Y' => Ok("type"),
+        b'I' => Ok("insert"),
+        b'U' => Ok("update"),
+        b'D' => Ok("delete"),
+        b'T' => Ok("truncate"),
+        b'M' => Ok("logical"),
+        b'S' => unsupported("stream start needs protocol version 2"),
+        b'E' => unsupported("stream stop needs protocol version 2"),
+        b'c' => unsupported("stream commit needs protocol version 2"),
+        b'A' => unsupported("stream abort needs protocol version 2"),
+        b'b' => unsupported("begin prepare needs protocol version 3"),
+        b'P' => unsupported("prepare needs protocol version 3"),
+        b'K' => unsupported("commit prepared needs protocol version 3"),
+        b'r' => unsupported("rollback prepared needs protocol version 3"),
+        b'p' => unsupported("stream prepare needs protocol version 3"),
+        other => Err(DecodeError::UnknownMessage(other)),
+    }
+}
+
+/// The body of a Relation message.
+fn read_relation(r: &mut Reader) -> Result<Relation, DecodeError> {
+    let oid = r.u32("relation oid")?;
+    let namespace = r.string("namespace")?;
+    let name = r.string("relation name")?;
+    let identity = r.u8("replica identity")?;
+    let Some(replica_identity) = ReplicaIdentity::from_byte(identity) else {
+        return Err(r.invalid(format!(
+            "unknown replica identity {}, expected 'd', 'n', 'f' or 'i'",
+            show_tag(identity)
+        )));
+    };
+    let count = r.count_i16("column count")?;
+    // Each column takes at least 10 bytes (flags, an empty name, type OID and modifier):
+    // allocate no more than the message can hold.
+    let mut columns = Vec::with_capacity(count.min(r.remaining() / 10));
+    for _ in 0..count {
+        columns.push(Column {
+            is_key: r.u8("column flags")? & 1 != 0,
+            name: r.string("column name")?,
+            type_oid: r.u32("column type oid")?,
+            type_modifier: r.i32("column type modifier")?,
+        });
+    }
+    Ok(Relation {
+        oid,
+        namespace,
+        name,
+        replica_identity,
+        columns,
+    })
+}
+
+/// A cursor over the body of one message that checks the length before every read.
+struct Reader {
+    buf: Bytes,
+    message: &'static str,
+}
+
+impl Reader {
+    fn new(buf: Bytes, message: &'static str) -> Self {
+        Reader { buf, message }
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn truncated(&self, field: &'static str, needed: usize) -> DecodeError {
+        DecodeError::Truncated {
+            message: self.message,
+            field,
+            needed,
+            remaining: self.buf.len(),
+        }
+    }
+
+    fn invalid(&self, detail: String) -> DecodeError {
+        DecodeError::Invalid {
+            message: self.message,
+            detail,
+        }
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+        let Some(&a) = self.buf.first_chunk::<N>() else {
+            return Err(self.truncated(field, N));
+        };
+        self.buf.advance(N);
+        Ok(a)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+        Ok(u8::from_be_bytes(self.array(field)?))
+    }
+
+    fn i16(&mut self, field: &'static str) -> Result<i16, DecodeError> {
+        Ok(i16::from_be_bytes(self.array(field)?))
+    }
+
+    fn i32(&mut self, field: &'static str) -> Result<i32, DecodeError> {
+        Ok(i32::from_be_bytes(self.array(field)?))
+    }
+
+    /// An `Int32` that is really unsigned (OIDs, xids).
+    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.array(field)?))
+    }
+
+    fn i64(&mut self, field: &'static str) -> Result<i64, DecodeError> {
+        Ok(i64::from_be_bytes(self.array(field)?))
+    }
+
+    /// An `Int64` that is really unsigned (LSNs).
+    fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.array(field)?))
+    }
+
+    /// An `Int16` count or length, which must not be negative.
+    fn count_i16(&mut self, field: &'static str) -> Result<usize, DecodeError> {
+        let v = self.i16(field)?;
+        usize::try_from(v).map_err(|_| self.invalid(format!("negative {field} {v}")))
+    }
+
+    /// An `Int32` count or length, which must not be negative.
+    fn count_i32(&mut self, field: &'static str) -> Result<usize, DecodeError> {
+        let v = self.i32(field)?;
+        usize::try_from(v).map_err(|_| self.invalid(format!("negative {field} {v}")))
+    }
+
+    /// The next `n` bytes, as a slice of the input.
+    fn bytes(&mut self, n: usize, field: &'static str) -> Result<Bytes, DecodeError> {
+        if n > self.buf.len() {
+            return Err(self.truncated(field, n));
+        }
+        Ok(self.buf.split_to(n))
+    }
+
+    /// A NUL-terminated UTF-8 string.
+    fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
+        let Some(end) = self.buf.iter().position(|&b| b == 0) else {
+            return Err(DecodeError::MissingNul {
+                message: self.message,
+                field,
+            });
+        };
+        let raw = self.buf.split_to(end);
+        self.buf.advance(1); // the NUL, which `position` found
+        match std::str::from_utf8(&raw) {
+            Ok(s) => Ok(s.to_owned()),
+            Err(_) => Err(DecodeError::InvalidUtf8 {
+                message: self.message,
+                field,
+            }),
+        }
+    }
+
+    /// The `N` that precedes a new tuple.
+    fn expect_new_tuple_marker(&mut self, context: &str) -> Result<(), DecodeError> {
+        match self.u8("tuple kind")? {
+            b'N' => Ok(()),
+            other => Err(self.invalid(format!(
+                "expected 'N' before the new tuple{context}, got {}",
+                show_tag(other)
+            ))),
+        }
+    }
+
+    /// A `TupleData`.
+    fn tuple(&mut self) -> Result<Tuple, DecodeError> {
+        let count = self.count_i16("tuple column count")?;
+        // Each value takes at least its kind byte.
+        let mut values = Vec::with_capacity(count.min(self.buf.len()));
+        for _ in 0..count {
+            let value = match self.u8("tuple value kind")? {
+                b'n' => TupleValue::Null,
+                b'u' => TupleValue::Unchanged,
+                b't' => {
+                    let len = self.count_i32("text value length")?;
+                    TupleValue::Text(self.bytes(len, "text value")?)
+                }
+                b'b' => {
+                    let len = self.count_i32("binary value length")?;
+                    TupleValue::Binary(self.bytes(len, "binary value")?)
+                }
+                other => {
+                    return Err(self.invalid(format!(
+                        "unknown tuple value kind {}, expected 'n', 'u', 't' or 'b'",
+                        show_tag(other)
+                    )));
+                }
+            };
+            values.push(value);
+        }
+        Ok(Tuple(values))
+    }
+
+    /// Checks that the whole message was consumed.
+    fn finish(self) -> Result<(), DecodeError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::TrailingBytes {
+                message: self.message,
+                count: self.buf.len(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    /// A test-only encoder, written from the format description rather than from the
+    /// decoder, so that expected values do not depend on the code under test.
+    struct Enc(Vec<u8>);
+
+    impl Enc {
+        fn new(tag: u8) -> Self {
+            Enc(vec![tag])
+        }
+        fn u8(mut self, v: u8) -> Self {
+            self.0.push(v);
+            self
+        }
+        fn i16(mut self, v: i16) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn i32(mut self, v: i32) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn u32(mut self, v: u32) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn i64(mut self, v: i64) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn u64(mut self, v: u64) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn raw(mut self, b: &[u8]) -> Self {
+            self.0.extend_from_slice(b);
+            self
+        }
+        /// A NUL-terminated string.
+        fn str(self, s: &str) -> Self {
+            self.raw(s.as_bytes()).u8(0)
+        }
+        /// An `Int16` count.
+        fn count(self, n: usize) -> Self {
+            self.i16(i16::try_from(n).unwrap())
+        }
+        /// An `Int32` length followed by the bytes.
+        fn len_bytes(self, b: &[u8]) -> Self {
+            self.i32(i32::try_from(b.len()).unwrap()).raw(b)
+        }
+        fn text(self, b: &[u8]) -> Self {
+            self.u8(b't').len_bytes(b)
+        }
+        fn binary(self, b: &[u8]) -> Self {
+            self.u8(b'b').len_bytes(b)
+        }
+        fn tuple(self, t: &Tuple) -> Self {
+            let mut e = self.count(t.0.len());
+            for v in &t.0 {
+                e = match v {
+                    TupleValue::Null => e.u8(b'n'),
+                    TupleValue::Unchanged => e.u8(b'u'),
+                    TupleValue::Text(b) => e.text(b),
+                    TupleValue::Binary(b) => e.binary(b),
+                };
+            }
+            e
+        }
+        fn old(self, old: &OldTuple) -> Self {
+            match old {
+                OldTuple::Key(t) => self.u8(b'K').tuple(t),
+                OldTuple::Full(t) => self.u8(b'O').tuple(t),
+            }
+        }
+        fn done(self) -> Bytes {
+            Bytes::from(self.0)
+        }
+    }
+
+    /// Encodes a message the way pgoutput does (protocol version 1).
+    fn encode(m: &PgOutputMessage) -> Bytes {
+        match m {
+            PgOutputMessage::Begin(b) => Enc::new(b'B')
+                .u64(b.final_lsn.0)
+                .i64(b.commit_time)
+                .u32(b.xid),
+            PgOutputMessage::Commit(c) => Enc::new(b'C')
+                .u8(c.flags)
+                .u64(c.commit_lsn.0)
+                .u64(c.end_lsn.0)
+                .i64(c.commit_time),
+            PgOutputMessage::Origin(o) => Enc::new(b'O').u64(o.commit_lsn.0).str(&o.name),
+            PgOutputMessage::Relation(r) => {
+                let identity = match r.replica_identity {
+                    ReplicaIdentity::Default => b'd',
+                    ReplicaIdentity::Nothing => b'n',
+                    ReplicaIdentity::Full => b'f',
+                    ReplicaIdentity::Index => b'i',
+                };
+                let mut e = Enc::new(b'R')
+                    .u32(r.oid)
+                    .str(&r.namespace)
+                    .str(&r.name)
+                    .u8(identity)
+                    .count(r.columns.len());
+                for c in &r.columns {
+                    e = e
+                        .u8(u8::from(c.is_key))
+                        .str(&c.name)
+                        .u32(c.type_oid)
+                        .i32(c.type_modifier);
+                }
+                e
+            }
+            PgOutputMessage::Type(t) => Enc::new(b'Y').u32(t.oid).str(&t.namespace).str(&t.name),
+            PgOutputMessage::Insert(i) => Enc::new(b'I').u32(i.relation).u8(b'N').tuple(&i.new),
+            PgOutputMessage::Update(u) => {
+                let mut e = Enc::new(b'U').u32(u.relation);
+                if let Some(old) = &u.old {
+                    e = e.old(old);
+                }
+                e.u8(b'N').tuple(&u.new)
+            }
+            PgOutputMessage::Delete(d) => Enc::new(b'D').u32(d.relation).old(&d.old),
+            PgOutputMessage::Truncate(t) => {
+                let options = u8::from(t.cascade) | (u8::from(t.restart_identity) << 1);
+                let mut e = Enc::new(b'T')
+                    .i32(i32::try_from(t.relations.len()).unwrap())
+                    .u8(options);
+                for &oid in &t.relations {
+                    e = e.u32(oid);
+                }
+                e
+            }
+            PgOutputMessage::Message(m) => Enc::new(b'M')
+                .u8(u8::from(m.transactional))
+                .u64(m.lsn.0)
+                .str(&m.prefix)
+                .len_bytes(&m.content),
+        }
+        .done()
+    }
+
+    fn text(s: &str) -> TupleValue {
+        TupleValue::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn binary(b: &[u8]) -> TupleValue {
+        TupleValue::Binary(Bytes::copy_from_slice(b))
+    }
+
+    fn ok(buf: Bytes) -> PgOutputMessage {
+        match decode(buf.clone()) {
+            Ok(m) => m,
+            Err(e) => panic!("decoding {buf:?} failed: {e}"),
+        }
+    }
+
+    fn err(buf: Bytes) -> DecodeError {
+        match decode(buf.clone()) {
+            Ok(m) => panic!("decoding {buf:?} succeeded: {m:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// Hand-built messages of every kind, for the prefix and trailing-byte tests.
+    fn samples() -> Vec<Bytes> {
+        vec![
+            Enc::new(b'B').u64(1).i64(2).u32(3).done(),
+            Enc::new(b'C').u8(0).u64(1).u64(2).i64(3).done(),
+            Enc::new(b'O').u64(1).str("origin").done(),
+            Enc::new(b'O').u64(1).str("").done(),
+            Enc::new(b'R')
+                .u32(16384)
+                .str("public")
+                .str("t")
+                .u8(b'd')
+                .i16(2)
+                .u8(1)
+                .str("id")
+                .u32(23)
+                .i32(-1)
+                .u8(0)
+                .str("v")
+                .u32(25)
+                .i32(-1)
+                .done(),
+            Enc::new(b'R').u32(1).str("").str("").u8(b'n').i16(0).done(),
+            Enc::new(b'Y').u32(16400).str("public").str("mood").done(),
+            Enc::new(b'I')
+                .u32(16384)
+                .u8(b'N')
+                .i16(4)
+                .u8(b'n')
+                .u8(b'u')
+                .text(b"42")
+                .binary(&[0, 1])
+                .done(),
+            Enc::new(b'I').u32(1).u8(b'N').i16(0).done(),
+            Enc::new(b'I').u32(1).u8(b'N').i16(1).text(b"").done(),
+            Enc::new(b'U')
+                .u32(1)
+                .u8(b'K')
+                .i16(1)
+                .text(b"1")
+                .u8(b'N')
+                .i16(2)
+                .text(b"2")
+                .u8(b'u')
+                .done(),
+            Enc::new(b'U')
+                .u32(1)
+                .u8(b'O')
+                .i16(1)
+                .u8(b'n')
+                .u8(b'N')
+                .i16(1)
+                .text(b"2")
+                .done(),
+            Enc::new(b'U').u32(1).u8(b'N').i16(1).text(b"x").done(),
+            Enc::new(b'D').u32(1).u8(b'K').i16(1).text(b"1").done(),
+            Enc::new(b'D')
+                .u32(1)
+                .u8(b'O')
+                .i16(2)
+                .text(b"1")
+                .u8(b'n')
+                .done(),
+            Enc::new(b'T').i32(2).u8(3).u32(1).u32(2).done(),
+            Enc::new(b'T').i32(0).u8(0).done(),
+            Enc::new(b'M')
+                .u8(1)
+                .u64(7)
+                .str("pfx")
+                .len_bytes(b"hello")
+                .done(),
+            Enc::new(b'M').u8(0).u64(7).str("").len_bytes(b"").done(),
+        ]
+    }
+
+    #[test]
+    fn begin() {
+        let m = ok(Enc::new(b'B')
+            .u64(0x0000_0001_016B_3748)
+            .i64(757_382_400_000_000)
+            .u32(0xFFFF_FFF0)
+            .done());
+        assert_eq!(
+            m,
+            PgOutputMessage::Begin(Begin {
+                final_lsn: Lsn(0x0000_0001_016B_3748),
+                commit_time: 757_382_400_000_000,
+                xid: 0xFFFF_FFF0,
+            })
+        );
+    }
+
+    #[test]
+    fn commit() {
+        for flags in [0, 1, 0xFF] {
+            let m = ok(Enc::new(b'C')
+                .u8(flags)
+                .u64(0x10)
+                .u64(u64::MAX)
+                .i64(-5)
+                .done());
+            assert_eq!(
+                m,
+                PgOutputMessage::Commit(Commit {
+                    flags,
+                    commit_lsn: Lsn(0x10),
+                    end_lsn: Lsn(u64::MAX),
+                    commit_time: -5,
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn origin() {
+        let m = ok(Enc::new(b'O').u64(99).str("node_a ä").done());
+        assert_eq!(
+            m,
+            PgOutputMessage::Origin(Origin {
+                commit_lsn: Lsn(99),
+                name: "node_a ä".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn relation_with_keys_and_every_replica_identity() {
+        for (byte, identity) in [
+            (b'd', ReplicaIdentity::Default),
+            (b'n', ReplicaIdentity::Nothing),
+            (b'f', ReplicaIdentity::Full),
+            (b'i', ReplicaIdentity::Index),
+        ] {
+            let m = ok(Enc::new(b'R')
+                .u32(0xFFFF_0001)
+                .str("my schema")
+                .str("Orders")
+                .u8(byte)
+                .i16(3)
+                .u8(1)
+                .str("id")
+                .u32(20)
+                .i32(-1)
+                .u8(0)
+                .str("price")
+                .u32(1700)
+                .i32(655_366)
+                .u8(1)
+                .str("région")
+                .u32(1043)
+                .i32(14)
+                .done());
+            assert_eq!(
+                m,
+                PgOutputMessage::Relation(Relation {
+                    oid: 0xFFFF_0001,
+                    namespace: "my schema".into(),
+                    name: "Orders".into(),
+                    replica_identity: identity,
+                    columns: vec![
+                        Column {
+                            is_key: true,
+                            name: "id".into(),
+                            type_oid: 20,
+                            type_modifier: -1,
+                        },
+                        Column {
+                            is_key: false,
+                            name: "price".into(),
+                            type_oid: 1700,
+                            type_modifier: 655_366,
+                        },
+                        Column {
+                            is_key: true,
+                            name: "région".into(),
+                            type_oid: 1043,
+                            type_modifier: 14,
+                        },
+                    ],
+                })
+            );
+            assert_eq!(identity.as_byte(), byte);
+        }
+    }
+
+    #[test]
+    fn relation_with_empty_namespace_and_no_columns() {
+        let m = ok(Enc::new(b'R')
+            .u32(1259)
+            .str("")
+            .str("pg_class")
+            .u8(b'n')
+            .i16(0)
+            .done());
+        assert_eq!(
+            m,
+            PgOutputMessage::Relation(Relation {
+                oid: 1259,
+                namespace: String::new(),
+                name: "pg_class".into(),
+                replica_identity: ReplicaIdentity::Nothing,
+                columns: vec![],
+            })
+        );
+    }
+
+    #[test]
+    fn type_message() {
+        let m = ok(Enc::new(b'Y').u32(16500).str("").str("mood").done());
+        assert_eq!(
+            m,
+            PgOutputMessage::Type(TypeMessage {
+                oid: 16500,
+                namespace: String::new(),
+                name: "mood".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn insert_with_every_value_kind() {
+        let input = Enc::new(b'I')
+            .u32(16384)
+            .u8(b'N')
+            .i16(5)
+            .u8(b'n')
+            .u8(b'u')
+            .text(b"42")
+            .binary(&[0, 0xFF, 0])
+            .text(b"")
+            .done();
+        let m = ok(input.clone());
+        assert_eq!(
+            m,
+            PgOutputMessage::Insert(Insert {
+                relation: 16384,
+                new: Tuple(vec![
+                    TupleValue::Null,
+                    TupleValue::Unchanged,
+                    text("42"),
+                    binary(&[0, 0xFF, 0]),
+                    text(""),
+                ]),
+            })
+        );
+        // Values are slices of the input, not copies.
+        let PgOutputMessage::Insert(insert) = m else {
+            unreachable!()
+        };
+        let TupleValue::Text(v) = &insert.new.0[2] else {
+            unreachable!()
+        };
+        let range = input.as_ptr_range();
+        assert!(range.contains(&v.as_ptr()));
+    }
+
+    #[test]
+    fn update_with_key() {
+        let m = ok(Enc::new(b'U')
+            .u32(7)
+            .u8(b'K')
+            .i16(2)
+            .text(b"1")
+            .u8(b'n')
+            .u8(b'N')
+            .i16(2)
+            .text(b"2")
+            .u8(b'u')
+            .done());
+        assert_eq!(
+            m,
+            PgOutputMessage::Update(Update {
+                relation: 7,
+                old: Some(OldTuple::Key(Tuple(vec![text("1"), TupleValue::Null]))),
+                new: Tuple(vec![text("2"), TupleValue::Unchanged]),
+            })
+        );
+    }
+
+    #[test]
+    fn update_with_old_row() {
+        let m = ok(Enc::new(b'U')
+            .u32(7)
+            .u8(b'O')
+            .i16(2)
+            .text(b"1")
+            .binary(b"\x01")
+            .u8(b'N')
+            .i16(2)
+            .text(b"1")
+            .binary(b"\x02")
+            .done());
+        let PgOutputMessage::Update(u) = m else {
+            panic!("not an update: {m:?}")
+        };
+        assert_eq!(u.relation, 7);
+        assert_eq!(
+            u.old,
+            Some(OldTuple::Full(Tuple(vec![text("1"), binary(b"\x01")])))
+        );
+        assert_eq!(u.old.as_ref().map(|o| o.tuple().0.len()), Some(2));
+        assert_eq!(u.new, Tuple(vec![text("1"), binary(b"\x02")]));
+    }
+
+    #[test]
+    fn update_without_old_tuple() {
+        let m = ok(Enc::new(b'U').u32(7).u8(b'N').i16(1).text(b"x").done());
+        assert_eq!(
+            m,
+            PgOutputMessage::Update(Update {
+                relation: 7,
+                old: None,
+                new: Tuple(vec![text("x")]),
+            })
+        );
+    }
+
+    #[test]
+    fn delete_with_key_and_with_old_row() {
+        let m = ok(Enc::new(b'D').u32(9).u8(b'K').i16(1).text(b"5").done());
+        assert_eq!(
+            m,
+            PgOutputMessage::Delete(Delete {
+                relation: 9,
+                old: OldTuple::Key(Tuple(vec![text("5")])),
+            })
+        );
+        let m = ok(Enc::new(b'D')
+            .u32(9)
+            .u8(b'O')
+            .i16(3)
+            .text(b"5")
+            .u8(b'n')
+            .binary(b"")
+            .done());
+        assert_eq!(
+            m,
+            PgOutputMessage::Delete(Delete {
+                relation: 9,
+                old: OldTuple::Full(Tuple(vec![text("5"), TupleValue::Null, binary(b"")])),
+            })
+        );
+    }
+
+    #[test]
+    fn truncate_with_options() {
+        for (options, cascade, restart_identity) in [
+            (0, false, false),
+            (1, true, false),
+            (2, false, true),
+            (3, true, true),
+        ] {
+            let m = ok(Enc::new(b'T')
+                .i32(3)
+                .u8(options)
+                .u32(16384)
+                .u32(16390)
+                .u32(u32::MAX)
+                .done());
+            assert_eq!(
+                m,
+                PgOutputMessage::Truncate(Truncate {
+                    cascade,
+                    restart_identity,
+                    relations: vec![16384, 16390, u32::MAX],
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn logical_messages() {
+        let m = ok(Enc::new(b'M')
+            .u8(0)
+            .u64(0xABCD)
+            .str("streamex.heartbeat")
+            .len_bytes(&[0, 0xFF, 0xC3, 0x28, 0])
+            .done());
+        assert_eq!(
+            m,
+            PgOutputMessage::Message(LogicalMessage {
+                transactional: false,
+                lsn: Lsn(0xABCD),
+                prefix: "streamex.heartbeat".into(),
+                content: Bytes::from_static(&[0, 0xFF, 0xC3, 0x28, 0]),
+            })
+        );
+        let m = ok(Enc::new(b'M').u8(1).u64(1).str("p").len_bytes(b"").done());
+        assert_eq!(
+            m,
+            PgOutputMessage::Message(LogicalMessage {
+                transactional: true,
+                lsn: Lsn(1),
+                prefix: "p".into(),
+                content: Bytes::new(),
+            })
+        );
+    }
+
+    #[test]
+    fn every_proper_prefix_is_an_error() {
+        for sample in samples() {
+            ok(sample.clone());
+            for end in 0..sample.len() {
+                err(sample.slice(..end));
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_an_error() {
+        for sample in samples() {
+            let mut longer = sample.to_vec();
+            longer.push(0);
+            assert!(
+                matches!(
+                    err(Bytes::from(longer)),
+                    DecodeError::TrailingBytes { count: 1, .. }
+                ),
+                "{sample:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_and_unknown_tags() {
+        assert_eq!(err(Bytes::new()), DecodeError::Empty);
+        assert_eq!(
+            err(Bytes::from_static(b"Z")),
+            DecodeError::UnknownMessage(b'Z')
+        );
+        let e = err(Bytes::from_static(b"\x00\x01"));
+        assert_eq!(e, DecodeError::UnknownMessage(0));
+        assert_eq!(e.to_string(), "unknown pgoutput message tag 0x00");
+        assert_eq!(
+            err(Bytes::from_static(b"Q")).to_string(),
+            "unknown pgoutput message tag 'Q'"
+        );
+    }
+
+    #[test]
+    fn newer_protocol_tags_are_unsupported() {
+        for tag in *b"SEcAbPKrp" {
+            for body in [&b""[..], &[0; 64][..]] {
+                let mut buf = vec![tag];
+                buf.extend_from_slice(body);
+                let e = err(Bytes::from(buf));
+                assert!(
+                    matches!(e, DecodeError::UnsupportedMessage { tag: t, .. } if t == tag),
+                    "{e:?}"
+                );
+                let text = e.to_string();
+                assert!(text.contains("needs protocol version"), "{text}");
+                assert!(
+                    text.contains("streamex asks for protocol version 1"),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn too_large() {
+        // `vec![0; n]` maps zeroed pages lazily, so this does not touch a gigabyte.
+        let e = err(Bytes::from(vec![0u8; MAX_MESSAGE_SIZE + 1]));
+        assert_eq!(
+            e,
+            DecodeError::TooLarge {
+                size: MAX_MESSAGE_SIZE + 1,
+                limit: MAX_MESSAGE_SIZE,
+            }
+        );
+    }
+
+    fn assert_invalid(buf: Bytes, needle: &str) {
+        match err(buf) {
+            DecodeError::Invalid { detail, .. } => {
+                assert!(detail.contains(needle), "{detail:?} lacks {needle:?}")
+            }
+            e => panic!("expected an invalid-message error about {needle:?}, got {e:?}"),
+        }
+    }
+
+    fn assert_truncated(buf: Bytes) {
+        let e = err(buf);
+        assert!(matches!(e, DecodeError::Truncated { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn negative_and_huge_lengths_and_counts() {
+        let insert = |count: i16| Enc::new(b'I').u32(1).u8(b'N').i16(count);
+        for len in [-1, -2, i32::MIN] {
+            assert_invalid(
+                insert(1).u8(b't').i32(len).done(),
+                "negative text value length",
+            );
+            assert_invalid(
+                insert(1).u8(b'b').i32(len).done(),
+                "negative binary value length",
+            );
+            assert_invalid(
+                Enc::new(b'M').u8(0).u64(0).str("p").i32(len).done(),
+                "negative content length",
+            );
+            assert_invalid(
+                Enc::new(b'T').i32(len).u8(0).done(),
+                "negative relation count",
+            );
+        }
+        assert_invalid(insert(-1).done(), "negative tuple column count");
+        assert_invalid(insert(i16::MIN).done(), "negative tuple column count");
+        assert_invalid(
+            Enc::new(b'R')
+                .u32(1)
+                .str("")
+                .str("t")
+                .u8(b'd')
+                .i16(-1)
+                .done(),
+            "negative column count",
+        );
+        // Lengths and counts larger than the message are truncation, not allocation.
+        assert_truncated(insert(1).u8(b't').i32(i32::MAX).raw(b"abc").done());
+        assert_truncated(insert(1).u8(b'b').i32(i32::MAX).done());
+        assert_truncated(insert(i16::MAX).u8(b'n').done());
+        assert_truncated(Enc::new(b'M').u8(0).u64(0).str("p").i32(i32::MAX).done());
+        assert_truncated(Enc::new(b'T').i32(i32::MAX).u8(0).u32(1).done());
+        assert_truncated(
+            Enc::new(b'R')
+                .u32(1)
+                .str("")
+                .str("t")
+                .u8(b'd')
+                .i16(i16::MAX)
+                .done(),
+        );
+    }
+
+    #[test]
+    fn bad_tags_inside_messages() {
+        assert_invalid(Enc::new(b'I').u32(1).u8(b'x').i16(0).done(), "expected 'N'");
+        assert_invalid(
+            Enc::new(b'I').u32(1).u8(b'N').i16(1).u8(b'x').done(),
+            "unknown tuple value kind 'x'",
+        );
+        assert_invalid(
+            Enc::new(b'U').u32(1).u8(b'x').i16(0).done(),
+            "expected 'K', 'O' or 'N'",
+        );
+        // After an old tuple only 'N' may follow.
+        assert_invalid(
+            Enc::new(b'U').u32(1).u8(b'K').i16(0).u8(b'K').i16(0).done(),
+            "expected 'N' before the new tuple after the old one, got 'K'",
+        );
+        assert_invalid(
+            Enc::new(b'U').u32(1).u8(b'O').i16(0).u8(b'O').i16(0).done(),
+            "expected 'N' before the new tuple after the old one, got 'O'",
+        );
+        assert_invalid(
+            Enc::new(b'D').u32(1).u8(b'N').i16(0).done(),
+            "expected 'K' or 'O'",
+        );
+        assert_invalid(
+            Enc::new(b'R')
+                .u32(1)
+                .str("")
+                .str("t")
+                .u8(b'x')
+                .i16(0)
+                .done(),
+            "unknown replica identity 'x'",
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_and_missing_nul() {
+        let bad = Enc::new(b'R')
+            .u32(1)
+            .str("public")
+            .raw(&[b'a', 0xC3, 0x28, 0])
+            .u8(b'd')
+            .i16(0)
+            .done();
+        assert_eq!(
+            err(bad),
+            DecodeError::InvalidUtf8 {
+                message: "relation",
+                field: "relation name",
+            }
+        );
+        let bad = Enc::new(b'R')
+            .u32(1)
+            .str("")
+            .str("t")
+            .u8(b'd')
+            .i16(1)
+            .u8(0)
+            .raw(&[0xFF, 0])
+            .u32(1)
+            .i32(-1)
+            .done();
+        assert!(matches!(
+            err(bad),
+            DecodeError::InvalidUtf8 {
+                field: "column name",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(Enc::new(b'Y').u32(1).str("").raw(b"mood").done()),
+            DecodeError::MissingNul {
+                message: "type",
+                field: "type name",
+            }
+        ));
+    }
+
+    #[test]
+    fn error_messages_are_lowercase() {
+        let errors = [
+            err(Bytes::new()),
+            err(Bytes::from_static(b"Z")),
+            err(Bytes::from_static(b"S")),
+            err(Bytes::from_static(b"B")),
+            err(Enc::new(b'Y').u32(1).raw(b"x").done()),
+            err(Enc::new(b'Y').u32(1).raw(b"\xFF\x00").done()),
+            err(Enc::new(b'T').i32(-1).u8(0).done()),
+            err(Enc::new(b'T').i32(0).u8(0).u8(0).done()),
+        ];
+        for e in errors {
+            let text = e.to_string();
+            assert!(text.starts_with(char::is_lowercase), "{text}");
+        }
+        assert_eq!(
+            err(Bytes::from_static(b"B\x00")).to_string(),
+            "truncated pgoutput begin message: final lsn needs 8 bytes but only 1 remain"
+        );
+    }
+
+    #[test]
+    fn pg_epoch_conversion() {
+        assert_eq!(pg_epoch_to_unix_micros(0), 946_684_800_000_000);
+        // 2024-01-01T00:00:00Z.
+        assert_eq!(
+            pg_epoch_to_unix_micros(757_382_400_000_000),
+            1_704_067_200_000_000
+        );
+        assert_eq!(pg_epoch_to_unix_micros(i64::MAX), i64::MAX);
+        assert_eq!(
+            pg_epoch_to_unix_micros(i64::MIN),
+            i64::MIN + 946_684_800_000_000
+        );
+    }
+
+    // ---- property tests ----
+
+    const TAGS: &[u8] = b"BCORYIUDTMSEcAbPKrp";
+
+    fn arb_name() -> impl Strategy<Value = String> {
+        any::<String>().prop_map(|s| s.replace('\0', ""))
+    }
+
+    fn arb_bytes(max: usize) -> impl Strategy<Value = Bytes> {
+        prop::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
+    }
+
+    fn arb_value() -> impl Strategy<Value = TupleValue> {
+        prop_oneof![
+            Just(TupleValue::Null),
+            Just(TupleValue::Unchanged),
+            arb_bytes(40).prop_map(TupleValue::Text),
+            arb_bytes(40).prop_map(TupleValue::Binary),
+        ]
+    }
+
+    fn arb_tuple() -> impl Strategy<Value = Tuple> {
+        prop::collection::vec(arb_value(), 0..24).prop_map(Tuple)
+    }
+
+    fn arb_old() -> impl Strategy<Value = OldTuple> {
+        prop_oneof![
+            arb_tuple().prop_map(OldTuple::Key),
+            arb_tuple().prop_map(OldTuple::Full),
+        ]
+    }
+
+    fn arb_lsn() -> impl Strategy<Value = Lsn> {
+        any::<u64>().prop_map(Lsn)
+    }
+
+    fn arb_identity() -> impl Strategy<Value = ReplicaIdentity> {
+        prop_oneof![
+            Just(ReplicaIdentity::Default),
+            Just(ReplicaIdentity::Nothing),
+            Just(ReplicaIdentity::Full),
+            Just(ReplicaIdentity::Index),
+        ]
+    }
+
+    fn arb_column() -> impl Strategy<Value = Column> {
+        (any::<bool>(), arb_name(), any::<u32>(), any::<i32>()).prop_map(
+            |(is_key, name, type_oid, type_modifier)| Column {
+                is_key,
+                name,
+                type_oid,
+                type_modifier,
+            },
+        )
+    }
+
+    fn arb_message() -> impl Strategy<Value = PgOutputMessage> {
+        prop_oneof![
+            (arb_lsn(), any::<i64>(), any::<u32>()).prop_map(|(final_lsn, commit_time, xid)| {
+                PgOutputMessage::Begin(Begin {
+                    final_lsn,
+                    commit_time,
+                    xid,
+                })
+            }),
+            (any::<u8>(), arb_lsn(), arb_lsn(), any::<i64>()).prop_map(
+                |(flags, commit_lsn, end_lsn, commit_time)| {
+                    PgOutputMessage::Commit(Commit {
+                        flags,
+                        commit_lsn,
+                        end_lsn,
+                        commit_time,
+                    })
+                }
+            ),
+            (arb_lsn(), arb_name()).prop_map(|(commit_lsn, name)| {
+                PgOutputMessage::Origin(Origin { commit_lsn, name })
+            }),
+            (
+                any::<u32>(),
+                arb_name(),
+                arb_name(),
+                arb_identity(),
+                prop::collection::vec(arb_column(), 0..12),
+            )
+                .prop_map(|(oid, namespace, name, replica_identity, columns)| {
+                    PgOutputMessage::Relation(Relation {
+                        oid,
+                        namespace,
+                        name,
+                        replica_identity,
+                        columns,
+                    })
+                }),
+            (any::<u32>(), arb_name(), arb_name()).prop_map(|(oid, namespace, name)| {
+                PgOutputMessage::Type(TypeMessage {
+                    oid,
+                    namespace,
+                    name,
+                })
+            }),
+            (any::<u32>(), arb_tuple())
+                .prop_map(|(relation, new)| PgOutputMessage::Insert(Insert { relation, new })),
+            (any::<u32>(), prop::option::of(arb_old()), arb_tuple()).prop_map(
+                |(relation, old, new)| PgOutputMessage::Update(Update { relation, old, new })
+            ),
+            (any::<u32>(), arb_old())
+                .prop_map(|(relation, old)| PgOutputMessage::Delete(Delete { relation, old })),
+            (
+                any::<bool>(),
+                any::<bool>(),
+                prop::collection::vec(any::<u32>(), 0..32)
+            )
+                .prop_map(|(cascade, restart_identity, relations)| {
+                    PgOutputMessage::Truncate(Truncate {
+                        cascade,
+                        restart_identity,
+                        relations,
+                    })
+                }),
+            (any::<bool>(), arb_lsn(), arb_name(), arb_bytes(200)).prop_map(
+                |(transactional, lsn, prefix, content)| {
+                    PgOutputMessage::Message(LogicalMessage {
+                        transactional,
+                        lsn,
+                        prefix,
+                        content,
+                    })
+                }
+            ),
+        ]
+    }
+
+    /// Arbitrary bytes after a tag that the decoder knows.
+    fn arb_tagged() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop::sample::select(TAGS),
+            prop::collection::vec(any::<u8>(), 0..2048),
+        )
+            .prop_map(|(tag, rest)| {
+                let mut buf = vec![tag];
+                buf.extend_from_slice(&rest);
+                buf
+            })
+    }
+
+    /// A well-formed message with a few random edits: overwritten, inserted and removed
+    /// bytes, truncation, and extreme 16- and 32-bit integers written over lengths.
+    fn arb_mutated() -> impl Strategy<Value = Vec<u8>> {
+        (
+            arb_message(),
+            prop::collection::vec((any::<Index>(), any::<u8>(), 0u8..6), 1..5),
+        )
+            .prop_map(|(m, edits)| {
+                let mut buf = encode(&m).to_vec();
+                for (at, byte, kind) in edits {
+                    if buf.is_empty() {
+                        buf.push(byte);
+                        continue;
+                    }
+                    let at = at.index(buf.len());
+                    let extreme: [u8; 4] = match byte % 4 {
+                        0 => [0xFF; 4],
+                        1 => [0x7F, 0xFF, 0xFF, 0xFF],
+                        2 => [0x80, 0, 0, 0],
+                        _ => [0, 0, 0x7F, 0xFF],
+                    };
+                    match kind {
+                        0 => buf[at] = byte,
+                        1 => buf.insert(at, byte),
+                        2 => {
+                            buf.remove(at);
+                        }
+                        3 => buf.truncate(at),
+                        4 => {
+                            for (i, b) in extreme.iter().enumerate() {
+                                if let Some(slot) = buf.get_mut(at + i) {
+                                    *slot = *b;
+                                }
+                            }
+                        }
+                        _ => {
+                            for (i, b) in extreme[2..].iter().enumerate() {
+                                if let Some(slot) = buf.get_mut(at + i) {
+                                    *slot = *b;
+                                }
+                            }
+                        }
+                    }
+                }
+                buf
+            })
+    }
+
+    fn arb_input() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..4096),
+            arb_tagged(),
+            arb_mutated(),
+        ]
+    }
+
+    /// Decodes any input without panicking; whatever decodes must re-encode to something that
+    /// decodes to the same message, and errors must display.
+    fn check_any_input(buf: Vec<u8>) -> Result<(), TestCaseError> {
+        match decode(Bytes::from(buf)) {
+            Ok(m) => prop_assert_eq!(decode(encode(&m)), Ok(m)),
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(buf in prop::collection::vec(any::<u8>(), 0..4096)) {
+            check_any_input(buf)?;
+        }
+
+        #[test]
+        fn never_panics_after_a_known_tag(buf in arb_tagged()) {
+            check_any_input(buf)?;
+        }
+
+        #[test]
+        fn never_panics_on_edited_messages(buf in arb_mutated()) {
+            check_any_input(buf)?;
+        }
+
+        #[test]
+        fn round_trip(m in arb_message()) {
+            let buf = encode(&m);
+            prop_assert_eq!(decode(buf.clone()), Ok(m));
+            // Every proper prefix is an error, and so is any extra byte.
+            for end in 0..buf.len() {
+                prop_assert!(decode(buf.slice(..end)).is_err(), "prefix of {} bytes decoded", end);
+            }
+            let mut longer = buf.to_vec();
+            longer.push(b'x');
+            let trailing = matches!(decode(Bytes::from(longer)), Err(DecodeError::TrailingBytes { count: 1, .. }));
+            prop_assert!(trailing);
+        }
+    }
+
+    fn fuzz_cases() -> u32 {
+        std::env::var("STREAMEX_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.trim().replace('_', "").parse().ok())
+            .unwrap_or(1_000_000)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: fuzz_cases(),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// Long-running fuzzing on demand:
+        /// `STREAMEX_FUZZ_CASES=5000000 cargo test --lib fuzz_decode_long -- --ignored`.
+        #[test]
+        #[ignore = "long-running fuzzing; run on demand with --ignored"]
+        fn fuzz_decode_long(buf in arb_input()) {
+            check_any_input(buf)?;
+        }
+    }
+}
