@@ -155,6 +155,10 @@ pub struct Event {
     pub xid: u32,
     /// The change's position inside its transaction, from 0.
     pub ordinal: u64,
+    /// The table's key columns (its replica identity), which name the `<entity>/<id>`
+    /// channel. Not serialised.
+    #[serde(skip)]
+    pub key_columns: Arc<[String]>,
 }
 
 impl Event {
@@ -225,6 +229,7 @@ mod tests {
             commit_lsn: Lsn(0x1_0000_0010),
             xid: 750,
             ordinal: 3,
+            key_columns: Arc::from(["id".to_owned()]),
         }
     }
 
@@ -250,7 +255,13 @@ mod tests {
         let event = update();
         let text = serde_json::to_string(&event).unwrap();
         let back: Event = serde_json::from_str(&text).unwrap();
-        assert_eq!(back, event);
+        assert_eq!(
+            back,
+            Event {
+                key_columns: Arc::from([]),
+                ..event
+            }
+        );
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub enum Decoded {
 #[derive(Debug)]
 pub struct Table {
     pub oid: u32,
+    /// The key columns' names, shared by every event of the table.
+    pub key_columns: Arc<[String]>,
     pub schema: Arc<str>,
     pub name: Arc<str>,
     pub replica_identity: ReplicaIdentity,
@@ -252,10 +254,16 @@ impl Decoder {
                         ty,
                     });
                 }
+                let key_columns: Arc<[String]> = columns
+                    .iter()
+                    .filter(|c| c.is_key)
+                    .map(|c| c.name.clone())
+                    .collect();
                 self.tables.insert(
                     relation.oid,
                     Arc::new(Table {
                         oid: relation.oid,
+                        key_columns,
                         schema,
                         name,
                         replica_identity: relation.replica_identity,
@@ -367,6 +375,7 @@ impl Decoder {
             commit_lsn: tx.commit_lsn,
             xid: tx.xid,
             ordinal,
+            key_columns: table.key_columns.clone(),
         })
     }
 }

@@ -48,7 +48,8 @@ use crate::decode::{Decoded, Decoder, DecoderError};
 
 /// Session settings pinned through the startup packet, so that values are decoded under
 /// the settings the decoder expects whatever the server's defaults are.
-pub const SESSION_SETTINGS: [(&str, &str); 5] = [
+pub const SESSION_SETTINGS: [(&str, &str); 6] = [
+    ("client_encoding", "UTF8"),
     ("DateStyle", "ISO"),
     ("TimeZone", "UTC"),
     ("IntervalStyle", "postgres"),
@@ -418,31 +419,12 @@ async fn status_interval(
     let rows = conn.simple_query("SHOW wal_sender_timeout").await?;
     let timeout = rows
         .first()
-        .and_then(|row| row.get(0))
-        .and_then(parse_duration);
+        .and_then(|row| row.get_index(0))
+        .and_then(crate::config::parse_duration);
     Ok(match timeout {
         Some(t) if !t.is_zero() => configured.min(t / 3).max(Duration::from_millis(100)),
         _ => configured,
     })
-}
-
-/// Parses a PostgreSQL duration setting as `SHOW` prints it: `60s`, `1min`, `500ms`, `0`.
-fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let millis = match unit.trim() {
-        "" | "ms" => 1,
-        "s" => 1_000,
-        "min" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return None,
-    };
-    Some(Duration::from_millis(number.checked_mul(millis)?))
 }
 
 /// Sends standby status updates: at once when the server asks, when the acknowledged
@@ -508,17 +490,6 @@ async fn status_task(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_duration_settings_as_show_prints_them() {
-        assert_eq!(parse_duration("60s"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_duration("1min"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
-        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("soon"), None);
-        assert_eq!(parse_duration("5 fortnights"), None);
-    }
 
     #[test]
     fn backoff_grows_to_its_cap() {

@@ -1,0 +1,198 @@
+//! `streamex setup`, `streamex run` and `streamex resume`: the service.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Config, StatusBackendKind};
+use crate::operator::{Engine, EngineExit, Operator, OperatorSpec};
+use crate::pubsub::PubSub;
+use crate::replication::{
+    self, Acknowledger, ConnectParams, PublicationTables, StreamConfig, setup,
+};
+use crate::status::{self, MemoryStatus, PostgresStatus, ProcessStatusStorage, StatusBackend};
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// The configuration file.
+    #[arg(long, short, env = "STREAMEX_CONFIG", default_value = "config/streamex.toml")]
+    pub config: PathBuf,
+}
+
+/// Reads the configuration and connects, retrying while the server is unreachable.
+pub async fn connect(args: &ConfigArgs, shutdown: &CancellationToken) -> anyhow::Result<(Config, ConnectParams, PgPool)> {
+    let config = Config::load(&args.config)?;
+    let params = ConnectParams::parse(&config.database_url).context("database_url")?;
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match replication::catalog_pool(&params, 8).await {
+            Ok(pool) => return Ok((config, params, pool)),
+            Err(e) if setup::is_transient_sql(&e) && !shutdown.is_cancelled() => {
+                warn!(
+                    database = %params.redacted_url(),
+                    error = %e,
+                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "database unreachable; retrying"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => bail!("stopped while waiting for the database"),
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("connecting to {}", params.redacted_url()));
+            }
+        }
+    }
+}
+
+/// Creates the streamex schema, the publication and the slot when missing; checks the rest.
+pub async fn prepare(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
+    setup::check_server(pool).await?;
+    status::migrate(pool).await?;
+    let tables = config.table_list();
+    let tables = if tables.is_empty() {
+        PublicationTables::All
+    } else {
+        PublicationTables::Tables(tables)
+    };
+    setup::ensure_publication(pool, &config.publication, &tables).await?;
+    let (slot, created) = setup::ensure_slot(pool, &config.slot).await?;
+    if !created {
+        info!(slot = %slot.name, confirmed = ?slot.confirmed_flush_lsn, "using existing replication slot");
+    }
+    crate::operators::build(&config.operators)?;
+    Ok(())
+}
+
+pub async fn setup_command(args: ConfigArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (config, _, pool) = connect(&args, &shutdown).await?;
+    prepare(&config, &pool).await?;
+    println!(
+        "ready: schema streamex, publication {:?} and slot {:?} in place",
+        config.publication, config.slot
+    );
+    Ok(())
+}
+
+pub async fn run_command(args: ConfigArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (config, params, pool) = connect(&args, &shutdown).await?;
+    prepare(&config, &pool).await?;
+    let status = match config.process_status.backend {
+        StatusBackendKind::Memory => StatusBackend::Memory(MemoryStatus::new()),
+        StatusBackendKind::Postgres => StatusBackend::Postgres(PostgresStatus::new(pool.clone())),
+    };
+    let operators = crate::operators::build(&config.operators)?;
+    run_service(&config, params, pool, status, PubSub::new(), operators, shutdown).await
+}
+
+/// Runs the service until `shutdown`: stream, operators, process status, acknowledgement.
+/// Each operator takes its retry policy from its `[[operators]]` entry of the same name, or
+/// `[retry]`. The schema, publication and slot must exist ([`prepare`]).
+pub async fn run_service<S: ProcessStatusStorage + Clone>(
+    config: &Config,
+    params: ConnectParams,
+    pool: PgPool,
+    status: S,
+    pubsub: PubSub,
+    operators: Vec<Arc<dyn Operator>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let specs = operators
+        .into_iter()
+        .map(|operator| {
+            let entry = config.operators.iter().find(|c| c.name == operator.name());
+            OperatorSpec {
+                retry: entry.and_then(|c| c.retry).unwrap_or(config.retry),
+                one_per_transaction: entry.is_some_and(|c| c.one_event_per_transaction),
+                operator,
+            }
+        })
+        .collect();
+    let mut engine = Engine::new(pool.clone(), status, pubsub, specs);
+    engine.batch_size = config.replication.batch_size;
+    engine.timestamp_field = config.process_status.timestamp_field.clone();
+    for (entity, e) in &config.entities {
+        engine
+            .scopes
+            .insert(entity.clone(), e.parsed_scopes().map_err(anyhow::Error::msg)?);
+    }
+    let engine = Arc::new(engine);
+
+    loop {
+        let slot = setup::slot_info(&pool, &config.slot)
+            .await?
+            .with_context(|| format!("replication slot {:?} disappeared", config.slot))?;
+        let start = slot.confirmed_flush_lsn.unwrap_or_default();
+        let ack = Acknowledger::starting_at(start);
+        let mut stream_config = StreamConfig::new(params.clone(), &config.slot, &config.publication);
+        stream_config.status_interval = config.replication.status_interval;
+        stream_config.reconnect.initial = config.replication.reconnect_initial;
+        stream_config.reconnect.max = config.replication.reconnect_max;
+        stream_config.capacity = config.replication.channel_capacity;
+        let stop = shutdown.child_token();
+        let stream = replication::spawn(stream_config, pool.clone(), ack.clone(), stop.clone());
+        let exit = engine
+            .run(stream.items, ack.clone(), start, shutdown.clone())
+            .await;
+        stop.cancel();
+        let streamed = stream.task.await.context("the replication task panicked")?;
+        let exit = exit?;
+        match exit {
+            EngineExit::Shutdown => {
+                streamed?;
+                info!(acknowledged = %ack.acknowledged(), "stopped cleanly");
+                return Ok(());
+            }
+            EngineExit::StreamEnded => {
+                streamed?;
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                bail!("the replication stream ended unexpectedly");
+            }
+            EngineExit::Resumed(name) => {
+                info!(operator = %name, "restarting the pipeline from the slot's position");
+            }
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResumeArgs {
+    /// The halted operator.
+    pub operator: String,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+pub async fn resume_command(args: ResumeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (config, _, pool) = connect(&args.config, &shutdown).await?;
+    if !config.operators.iter().any(|o| o.name == args.operator) {
+        let names: Vec<&str> = config.operators.iter().map(|o| o.name.as_str()).collect();
+        bail!(
+            "no operator {:?} in {}: configured operators are {}",
+            args.operator,
+            args.config.config.display(),
+            names.join(", ")
+        );
+    }
+    status::migrate(&pool).await?;
+    let states = status::load_operator_states(&pool).await?;
+    if !states.get(&args.operator).is_some_and(|s| s.halted) {
+        println!("operator {:?} is not halted; nothing to do", args.operator);
+        return Ok(());
+    }
+    status::set_operator_running(&pool, &args.operator).await?;
+    println!(
+        "operator {:?} set to running; a running service picks it up within seconds and replays from the slot's position",
+        args.operator
+    );
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! `streamex tail`: print committed changes as JSON Lines.
+//!
+//! Each line is one [`crate::Event`]. Output is flushed at every commit, and only then is the
+//! commit acknowledged, so with `--slot` nothing printed is lost or skipped across restarts
+//! (a transaction cut off by a restart is printed again in full).
+
+use anyhow::Context;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::decode::Decoded;
+use crate::replication::{
+    self, Acknowledger, ConnectParams, PublicationTables, StreamConfig, setup,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct TailArgs {
+    /// The database to read, as a postgres:// URL.
+    #[arg(long, env = "STREAMEX_DATABASE_URL")]
+    database_url: String,
+    /// The publication to read; created FOR ALL TABLES when missing.
+    #[arg(long, default_value = "streamex")]
+    publication: String,
+    /// An existing logical slot (pgoutput) to read and acknowledge; without it a temporary
+    /// slot is used, which the server drops when tail ends.
+    #[arg(long)]
+    slot: Option<String>,
+    /// Stop after this many events.
+    #[arg(long)]
+    limit: Option<u64>,
+}
+
+pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let params = ConnectParams::parse(&args.database_url).context("--database-url")?;
+    let catalog = replication::catalog_pool(&params, 2)
+        .await
+        .with_context(|| format!("connecting to {}", params.redacted_url()))?;
+    setup::check_server(&catalog).await?;
+    setup::ensure_publication(&catalog, &args.publication, &PublicationTables::All).await?;
+    let temporary = args.slot.is_none();
+    let slot = args
+        .slot
+        .clone()
+        .unwrap_or_else(|| format!("streamex_tail_{}", std::process::id()));
+    if !temporary {
+        let info = setup::slot_info(&catalog, &slot).await?.with_context(|| {
+            format!("replication slot {slot:?} does not exist; create it with `streamex setup` or leave out --slot")
+        })?;
+        setup::check_slot(&catalog, &info).await?;
+    }
+    let mut config = StreamConfig::new(params, &slot, &args.publication);
+    config.temporary_slot = temporary;
+    let stop = shutdown.child_token();
+    let stream = replication::spawn(config, catalog, Acknowledger::default(), stop.clone());
+    let (mut items, ack, task) = (stream.items, stream.ack, stream.task);
+
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 16, tokio::io::stdout());
+    let mut line = Vec::with_capacity(4096);
+    let mut printed: u64 = 0;
+    let limit = args.limit.unwrap_or(u64::MAX);
+    let result: anyhow::Result<()> = async {
+        while printed < limit {
+            let item = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                item = items.recv() => match item {
+                    Some(item) => item,
+                    None => break,
+                },
+            };
+            match item {
+                Decoded::Event(event) => {
+                    line.clear();
+                    serde_json::to_writer(&mut line, &event)?;
+                    line.push(b'\n');
+                    out.write_all(&line).await?;
+                    printed += 1;
+                }
+                Decoded::Commit { end_lsn, .. } => {
+                    out.flush().await?;
+                    ack.ack(end_lsn);
+                }
+                Decoded::Begin { .. } | Decoded::Message { .. } | Decoded::Interrupted => {}
+            }
+        }
+        out.flush().await?;
+        Ok(())
+    }
+    .await;
+    // Everything printed and complete is acknowledged; let the stream send that and end.
+    stop.cancel();
+    drop(items);
+    let streamed = task.await.context("the replication task panicked")?;
+    result?;
+    streamed?;
+    Ok(())
+}

@@ -1,0 +1,503 @@
+//! The configuration file (TOML), with every key overridable from the environment.
+//!
+//! `STREAMEX_DATABASE_URL` overrides `database_url`; nested keys join with a double
+//! underscore: `STREAMEX_PROCESS_STATUS__BACKEND=memory` overrides `[process_status] backend`.
+//! Unknown keys and bad values are refused with a message naming the key.
+//!
+//! See `config/streamex.toml` for a working example with every key explained.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A configuration that could not be read, with the key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the configuration file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration file {path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The database to stream from and where operators write, as a postgres:// URL.
+    pub database_url: String,
+    /// The logical replication slot (created when missing).
+    #[serde(default = "default_name")]
+    pub slot: String,
+    /// The publication (created when missing).
+    #[serde(default = "default_name")]
+    pub publication: String,
+    /// Tables to publish, `schema.table` or `table` (public); empty means all tables.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    #[serde(default)]
+    pub process_status: ProcessStatusConfig,
+    /// Retry policy for every operator, unless an operator sets its own.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Channels per entity.
+    #[serde(default)]
+    pub entities: BTreeMap<String, EntityConfig>,
+    /// The operators to run, in no particular order.
+    #[serde(default)]
+    pub operators: Vec<OperatorConfig>,
+}
+
+fn default_name() -> String {
+    "streamex".to_owned()
+}
+
+/// `[replication]`: the stream's timing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Longest time between two status updates to the server (kept under a third of
+    /// `wal_sender_timeout`).
+    #[serde(deserialize_with = "duration")]
+    pub status_interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_initial: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_max: Duration,
+    /// Decoded items that may wait between the reader and the operators.
+    pub channel_capacity: usize,
+    /// Most events an operator handles in one database transaction.
+    pub batch_size: usize,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            status_interval: Duration::from_secs(10),
+            reconnect_initial: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            channel_capacity: 4096,
+            batch_size: 500,
+        }
+    }
+}
+
+/// Where process status is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatusBackendKind {
+    Memory,
+    #[default]
+    Postgres,
+}
+
+/// `[process_status]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessStatusConfig {
+    pub backend: StatusBackendKind,
+    /// The record field holding the row's timestamp; the commit time when a table has none.
+    pub timestamp_field: String,
+}
+
+impl Default for ProcessStatusConfig {
+    fn default() -> Self {
+        ProcessStatusConfig {
+            backend: StatusBackendKind::Postgres,
+            timestamp_field: "updated_at".to_owned(),
+        }
+    }
+}
+
+/// What happens to an event whose handler still fails after the last retry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Stop the operator; its position stays unacknowledged until `streamex resume`.
+    #[default]
+    Halt,
+    /// Store the event in `streamex.dead_letters` and go on.
+    DeadLetter,
+}
+
+/// Retries with exponential backoff (EventStreamex's defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    #[serde(deserialize_with = "duration")]
+    pub initial: Duration,
+    pub multiplier: f64,
+    #[serde(deserialize_with = "duration")]
+    pub max: Duration,
+    pub retries: u32,
+    pub on_failure: FailurePolicy,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial: Duration::from_millis(500),
+            multiplier: 2.0,
+            max: Duration::from_secs(10),
+            retries: 5,
+            on_failure: FailurePolicy::Halt,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The wait before retry number `attempt` (1 for the first retry).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = self
+            .multiplier
+            .powi(i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX));
+        let secs = (self.initial.as_secs_f64() * factor).min(self.max.as_secs_f64());
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+/// `[entities.<name>]`: extra channels for one table.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntityConfig {
+    /// Scoped channels: each scope is a list of `"field -> parent_entity"` pairs, in order;
+    /// `[["post_id -> posts"]]` on `comments` gives `posts/<post_id>/comments`.
+    #[serde(default)]
+    pub scopes: Vec<Vec<String>>,
+}
+
+impl EntityConfig {
+    /// The scopes as `(field, parent)` pairs.
+    pub fn parsed_scopes(&self) -> Result<Vec<Vec<(String, String)>>, String> {
+        self.scopes
+            .iter()
+            .map(|scope| {
+                scope
+                    .iter()
+                    .map(|pair| {
+                        let (field, parent) = pair.split_once("->").ok_or_else(|| {
+                            format!("scope {pair:?} is not of the form \"field -> entity\"")
+                        })?;
+                        let (field, parent) = (field.trim(), parent.trim());
+                        if field.is_empty() || parent.is_empty() {
+                            return Err(format!(
+                                "scope {pair:?} is not of the form \"field -> entity\""
+                            ));
+                        }
+                        Ok((field.to_owned(), parent.to_owned()))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// `[[operators]]`: one operator to run.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// A Rust operator registered under this name, or the name of a declarative one.
+    pub name: String,
+    /// Declarative form: the statement run with `$1` bound to the event's id.
+    pub query: Option<String>,
+    /// Declarative form: per entity, the record field that gives `$1`
+    /// (`{ comments = "post_id", posts = "id" }`); also the entities it listens to.
+    #[serde(default)]
+    pub id: BTreeMap<String, String>,
+    /// Declarative form: entities whose deletes run `delete_query` instead of `query`.
+    #[serde(default)]
+    pub delete_with: Vec<String>,
+    /// Declarative form: the statement run for a delete of a `delete_with` entity.
+    pub delete_query: Option<String>,
+    /// This operator's retry policy, replacing `[retry]`.
+    pub retry: Option<RetryConfig>,
+    /// Settings passed to a Rust operator's constructor.
+    #[serde(default)]
+    pub settings: toml::Table,
+    /// Run each event in its own transaction instead of batching (slower; for comparison).
+    #[serde(default)]
+    pub one_event_per_transaction: bool,
+}
+
+impl Config {
+    /// Reads `path`, applies `STREAMEX_*` environment overrides, and checks the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses configuration `text` (named `origin` in errors) with overrides from `env`.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+        for (var, value) in env {
+            let Some(key) = var.strip_prefix("STREAMEX_") else {
+                continue;
+            };
+            // Variables of the command line and the tests, not configuration keys.
+            if matches!(key, "LOG_FORMAT" | "TEST_DATABASE_URL" | "PG_BINDIR" | "FUZZ_CASES" | "CONFIG") {
+                continue;
+            }
+            let path: Vec<String> = key.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            override_key(&mut table, &path, &value).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                message,
+            })?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(e.message().to_owned()))?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.slot.is_empty() || self.slot.len() > 63 {
+            return Err(format!(
+                "slot: {:?} must be 1 to 63 characters (PostgreSQL's limit for a slot name)",
+                self.slot
+            ));
+        }
+        if !self
+            .slot
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(format!(
+                "slot: {:?} may hold only lower-case letters, digits and underscores (PostgreSQL's rule for slot names)",
+                self.slot
+            ));
+        }
+        if self.replication.channel_capacity == 0 || self.replication.batch_size == 0 {
+            return Err("replication.channel_capacity and replication.batch_size must be at least 1".to_owned());
+        }
+        for (entity, config) in &self.entities {
+            config
+                .parsed_scopes()
+                .map_err(|e| format!("entities.{entity}.scopes: {e}"))?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for op in &self.operators {
+            if !names.insert(op.name.as_str()) {
+                return Err(format!("operators: the name {:?} is used twice", op.name));
+            }
+            if op.query.is_none() && (!op.id.is_empty() || !op.delete_with.is_empty() || op.delete_query.is_some()) {
+                return Err(format!(
+                    "operators.{}: id, delete_with and delete_query belong to a declarative operator, which needs `query`",
+                    op.name
+                ));
+            }
+            if op.query.is_some() {
+                if op.id.is_empty() {
+                    return Err(format!(
+                        "operators.{}: a declarative operator needs `id`, the field giving $1 per entity, e.g. id = {{ posts = \"id\" }}",
+                        op.name
+                    ));
+                }
+                for entity in &op.delete_with {
+                    if !op.id.contains_key(entity) {
+                        return Err(format!(
+                            "operators.{}: delete_with names {entity:?}, which is not in `id`",
+                            op.name
+                        ));
+                    }
+                }
+                if !op.delete_with.is_empty() && op.delete_query.is_none() {
+                    return Err(format!(
+                        "operators.{}: delete_with needs `delete_query`, the statement that deletes the derived row with $1",
+                        op.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The published tables as `(schema, table)`; empty for all tables.
+    pub fn table_list(&self) -> Vec<(String, String)> {
+        self.tables
+            .iter()
+            .map(|t| match t.split_once('.') {
+                Some((schema, table)) => (schema.to_owned(), table.to_owned()),
+                None => ("public".to_owned(), t.clone()),
+            })
+            .collect()
+    }
+}
+
+fn override_key(table: &mut toml::Table, path: &[String], value: &str) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut current = table;
+    for part in parents {
+        let entry = current
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("key {part:?} is not a table"))?;
+    }
+    // A value that parses as TOML (a number, a boolean, an array) is taken as such; anything
+    // else is a string.
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    current.insert(last.clone(), parsed);
+    Ok(())
+}
+
+/// Parses a duration written as a number and a unit: `500ms`, `10s`, `2min`, `1h`, `1d`; a
+/// bare number is milliseconds (as PostgreSQL prints its own settings).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let millis: u64 = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" | "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(number.checked_mul(millis)?))
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration: write a number and a unit, such as \"500ms\", \"10s\" or \"2min\""
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"database_url = "postgres://localhost/blog""#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::parse(
+            text,
+            "test.toml",
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_eventstreamex_s() {
+        let config = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(config.slot, "streamex");
+        assert_eq!(config.retry.initial, Duration::from_millis(500));
+        assert_eq!(config.retry.max, Duration::from_secs(10));
+        assert_eq!(config.retry.retries, 5);
+        assert_eq!(config.retry.on_failure, FailurePolicy::Halt);
+        assert_eq!(config.process_status.backend, StatusBackendKind::Postgres);
+        assert_eq!(config.process_status.timestamp_field, "updated_at");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = parse(&format!("{MINIMAL}\nslott = \"x\""), &[]).unwrap_err();
+        assert!(err.to_string().contains("slott"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[retry]\nretires = 3"), &[]).unwrap_err();
+        assert!(err.to_string().contains("retires"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_name() {
+        let err = parse(&format!("{MINIMAL}\n[retry]\ninitial = \"soon\""), &[]).unwrap_err();
+        assert!(err.to_string().contains("soon") && err.to_string().contains("duration"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[process_status]\nbackend = \"redis\""), &[]).unwrap_err();
+        assert!(err.to_string().contains("redis"), "{err}");
+        let err = parse(&format!("{MINIMAL}\nslot = \"My Slot\""), &[]).unwrap_err();
+        assert!(err.to_string().contains("slot"), "{err}");
+        let err = parse("slot = \"x\"", &[]).unwrap_err();
+        assert!(err.to_string().contains("database_url"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_any_key() {
+        let config = parse(
+            MINIMAL,
+            &[
+                ("STREAMEX_DATABASE_URL", "postgres://other/db"),
+                ("STREAMEX_PROCESS_STATUS__BACKEND", "memory"),
+                ("STREAMEX_RETRY__RETRIES", "2"),
+                ("STREAMEX_LOG_FORMAT", "json"),
+                ("HOME", "/root"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.database_url, "postgres://other/db");
+        assert_eq!(config.process_status.backend, StatusBackendKind::Memory);
+        assert_eq!(config.retry.retries, 2);
+        let err = parse(MINIMAL, &[("STREAMEX_RETRY__TYPO", "1")]).unwrap_err();
+        assert!(err.to_string().contains("TYPO") || err.to_string().contains("typo"), "{err}");
+    }
+
+    #[test]
+    fn declarative_operators_are_checked() {
+        let text = format!(
+            "{MINIMAL}\n[[operators]]\nname = \"counts\"\nquery = \"SELECT $1\"\ndelete_with = [\"posts\"]\nid = {{ comments = \"post_id\" }}"
+        );
+        let err = parse(&text, &[]).unwrap_err();
+        assert!(err.to_string().contains("delete_with"), "{err}");
+    }
+
+    #[test]
+    fn scopes_parse_as_field_entity_pairs() {
+        let text = format!("{MINIMAL}\n[entities.comments]\nscopes = [[\"post_id -> posts\"]]");
+        let config = parse(&text, &[]).unwrap();
+        assert_eq!(
+            config.entities["comments"].parsed_scopes().unwrap(),
+            vec![vec![("post_id".to_owned(), "posts".to_owned())]]
+        );
+        let bad = format!("{MINIMAL}\n[entities.comments]\nscopes = [[\"post_id posts\"]]");
+        assert!(parse(&bad, &[]).unwrap_err().to_string().contains("entities.comments.scopes"));
+    }
+
+    #[test]
+    fn retry_delays_grow_to_the_cap() {
+        let retry = RetryConfig::default();
+        assert_eq!(retry.delay(1), Duration::from_millis(500));
+        assert_eq!(retry.delay(2), Duration::from_secs(1));
+        assert_eq!(retry.delay(5), Duration::from_secs(8));
+        assert_eq!(retry.delay(6), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1min"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("5 fortnights"), None);
+        assert_eq!(parse_duration("ms"), None);
+    }
+}

@@ -1,0 +1,311 @@
+//! One operator's task: takes events from its inbox in WAL order, runs them through the
+//! handler in batches, and reports how far it has durably got.
+//!
+//! # Batches and failures
+//!
+//! A transactional operator runs up to `batch_size` waiting events in one transaction and
+//! writes its checkpoint (the last event's position) at the end of it. When any event of the
+//! batch fails, the transaction is rolled back and the batch's events are run again one by one,
+//! each in its own transaction with its own checkpoint, so the failing event is isolated, the
+//! events before it are applied exactly once, and WAL order holds.
+//!
+//! A failing event is retried with exponential backoff; after the last retry the policy
+//! applies: `halt` stores the failure, stops this task and leaves its position (and so the
+//! slot) where it is; `dead_letter` stores the event in `streamex.dead_letters` together with
+//! the checkpoint, in one transaction, and goes on.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::task::Poll;
+
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use super::engine::Board;
+use super::{Context, HandlerFuture, HandlerResult, Operator};
+use crate::config::{FailurePolicy, RetryConfig};
+use crate::event::Event;
+use crate::replication::Lsn;
+use crate::status;
+
+/// What the dispatcher sends an operator.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// An event it listens to.
+    Event(Arc<Event>),
+    /// A transaction ended; everything before this marker belongs to commits up to `end_lsn`.
+    Commit { end_lsn: Lsn },
+}
+
+/// How an operator's task ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RunnerExit {
+    /// The inbox closed (shutdown) after everything in it was handled.
+    Drained,
+    /// Shutdown arrived while waiting to retry.
+    Interrupted,
+    /// The retries ran out under the `halt` policy.
+    Halted,
+}
+
+pub(crate) struct Runner {
+    pub index: usize,
+    pub operator: Arc<dyn Operator>,
+    pub pool: PgPool,
+    pub retry: RetryConfig,
+    pub batch_size: usize,
+    pub one_per_transaction: bool,
+    /// The last position durably handled: events at or before it are skipped (replays).
+    pub checkpoint: Option<(Lsn, u64)>,
+    pub board: Arc<Board>,
+    pub shutdown: CancellationToken,
+}
+
+/// The outcome of handling one event with its retries.
+enum Handled {
+    Done,
+    Stop(RunnerExit),
+}
+
+impl Runner {
+    pub async fn run(mut self, mut inbox: mpsc::Receiver<Input>) -> RunnerExit {
+        let mut batch: Vec<Input> = Vec::with_capacity(self.batch_size + 1);
+        loop {
+            let Some(first) = inbox.recv().await else {
+                return RunnerExit::Drained;
+            };
+            batch.push(first);
+            let mut events = usize::from(matches!(batch[0], Input::Event(_)));
+            while events < self.batch_size {
+                match inbox.try_recv() {
+                    Ok(input) => {
+                        events += usize::from(matches!(input, Input::Event(_)));
+                        batch.push(input);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let done_through = batch.iter().rev().find_map(|input| match input {
+                Input::Commit { end_lsn } => Some(*end_lsn),
+                Input::Event(_) => None,
+            });
+            let todo: Vec<Arc<Event>> = batch
+                .drain(..)
+                .filter_map(|input| match input {
+                    Input::Event(e) if self.is_new(&e) => Some(e),
+                    _ => None,
+                })
+                .collect();
+            if let Handled::Stop(exit) = self.handle_batch(&todo).await {
+                return exit;
+            }
+            if let Some(end) = done_through {
+                self.board.advance(self.index, end);
+            }
+        }
+    }
+
+    fn is_new(&self, event: &Event) -> bool {
+        self.checkpoint.is_none_or(|done| event.position() > done)
+    }
+
+    async fn handle_batch(&mut self, events: &[Arc<Event>]) -> Handled {
+        if events.is_empty() {
+            return Handled::Done;
+        }
+        if self.operator.transactional() && !self.one_per_transaction && events.len() > 1 {
+            match self.try_batch(events).await {
+                Ok(()) => {
+                    self.board.count(self.index, events.len());
+                    return Handled::Done;
+                }
+                Err(error) => {
+                    warn!(
+                        operator = self.operator.name(),
+                        events = events.len(),
+                        error = %format!("{error:#}"),
+                        "batch failed; running its events one by one"
+                    );
+                }
+            }
+        }
+        for event in events {
+            if !self.is_new(event) {
+                continue;
+            }
+            if let Handled::Stop(exit) = self.handle_one(event).await {
+                return Handled::Stop(exit);
+            }
+            self.board.count(self.index, 1);
+        }
+        Handled::Done
+    }
+
+    /// All of `events` and the checkpoint in one transaction.
+    async fn try_batch(&mut self, events: &[Arc<Event>]) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for event in events {
+            let mut ctx = Context {
+                tx: Some(&mut *tx),
+                attempt: 1,
+            };
+            guarded(self.operator.handle(event, &mut ctx)).await?;
+        }
+        let last = events.last().map(|e| e.position()).unwrap_or_default();
+        status::store_checkpoint(&mut *tx, self.operator.name(), last.0, last.1).await?;
+        tx.commit().await?;
+        self.checkpoint = Some(last);
+        Ok(())
+    }
+
+    /// One event in its own transaction (or none), with retries and the failure policy.
+    async fn handle_one(&mut self, event: &Event) -> Handled {
+        let name = self.operator.name().to_owned();
+        let mut attempt = 1;
+        loop {
+            let result = self.attempt(event, attempt).await;
+            let error = match result {
+                Ok(()) => return Handled::Done,
+                Err(error) => error,
+            };
+            let message = format!("{error:#}");
+            if attempt <= self.retry.retries {
+                let wait = self.retry.delay(attempt);
+                warn!(
+                    operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                    attempt, error = %message,
+                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "operator failed; retrying"
+                );
+                self.board.retried(self.index);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
+                }
+                attempt += 1;
+                continue;
+            }
+            match self.retry.on_failure {
+                FailurePolicy::Halt => {
+                    error!(
+                        operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                        attempts = attempt, error = %message,
+                        "operator halted: its position stays unacknowledged until `streamex resume {name}`"
+                    );
+                    let stored = status::set_operator_halted(
+                        &self.pool,
+                        &name,
+                        &message,
+                        event.commit_lsn,
+                        event.ordinal,
+                        i32::try_from(attempt).unwrap_or(i32::MAX),
+                    )
+                    .await;
+                    if let Err(e) = stored {
+                        error!(operator = %name, error = %e, "could not store the halt; it is in this log only");
+                    }
+                    self.board.halt(self.index, message);
+                    return Handled::Stop(RunnerExit::Halted);
+                }
+                FailurePolicy::DeadLetter => match self.dead_letter(event, &message, attempt).await {
+                    Ok(()) => {
+                        warn!(
+                            operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                            attempts = attempt, error = %message,
+                            "event stored in streamex.dead_letters; going on"
+                        );
+                        self.board.dead_lettered(self.index);
+                        return Handled::Done;
+                    }
+                    Err(e) => {
+                        // The dead letter could not be stored: keep trying, never skip.
+                        warn!(operator = %name, error = %format!("{e:#}"), "storing a dead letter failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.retry.max) => {}
+                            _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    async fn attempt(&mut self, event: &Event, attempt: u32) -> anyhow::Result<()> {
+        if !self.operator.transactional() {
+            let mut ctx = Context { tx: None, attempt };
+            guarded(self.operator.handle(event, &mut ctx)).await?;
+            // Kept in memory only: after a crash such an operator sees replays (at least once).
+            self.checkpoint = Some(event.position());
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut ctx = Context {
+            tx: Some(&mut *tx),
+            attempt,
+        };
+        guarded(self.operator.handle(event, &mut ctx)).await?;
+        status::store_checkpoint(&mut *tx, self.operator.name(), event.commit_lsn, event.ordinal)
+            .await?;
+        tx.commit().await?;
+        self.checkpoint = Some(event.position());
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, event: &Event, error: &str, attempts: u32) -> anyhow::Result<()> {
+        let json = serde_json::to_value(event)?;
+        let mut tx = self.pool.begin().await?;
+        let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+        status::insert_dead_letter(
+            &mut *tx,
+            self.operator.name(),
+            event.commit_lsn,
+            event.ordinal,
+            &json,
+            error,
+            attempts,
+        )
+        .await?;
+        if self.operator.transactional() {
+            status::store_checkpoint(&mut *tx, self.operator.name(), event.commit_lsn, event.ordinal)
+                .await?;
+        }
+        tx.commit().await?;
+        self.checkpoint = Some(event.position());
+        Ok(())
+    }
+}
+
+/// Runs a handler future, turning a panic into an error so that it goes through the retry
+/// policy instead of taking the service down.
+async fn guarded(mut future: HandlerFuture<'_>) -> HandlerResult {
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-string panic payload".to_owned());
+                Poll::Ready(Err(anyhow::anyhow!("handler panicked: {message}")))
+            }
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_becomes_an_error() {
+        let future: HandlerFuture<'static> = Box::pin(async { panic!("boom") });
+        let error = guarded(future).await.unwrap_err();
+        assert!(error.to_string().contains("boom"), "{error}");
+        let future: HandlerFuture<'static> = Box::pin(async { Ok(()) });
+        assert!(guarded(future).await.is_ok());
+    }
+}

@@ -1,0 +1,549 @@
+//! The replication core against a real PostgreSQL: events, their order, TOAST, truncate,
+//! reconnecting, acknowledgement, and the definite failures.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{PATIENCE, Streaming};
+use serde_json::{Value, json};
+use sqlx::{Connection, PgPool};
+use streamex::decode::Decoded;
+use streamex::replication::{Lsn, PublicationTables, SetupError, StreamError, setup};
+use streamex::testing::{self, Cluster, StopMode};
+use streamex::{Event, EventType};
+
+const POSTS: &str = "CREATE TABLE posts (id bigint PRIMARY KEY, title text NOT NULL, likes int NOT NULL DEFAULT 0);";
+
+fn record(event: &Event, which: &str) -> Value {
+    let record = match which {
+        "new" => &event.new_record,
+        _ => &event.old_record,
+    };
+    record.clone().map(Value::Object).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn insert_update_delete_under_replica_identity_default() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let mut s = Streaming::start(&url, POSTS).await?;
+    let pool = s.pool.clone();
+    sqlx::query("INSERT INTO posts VALUES (1, 'first', 0)")
+        .execute(&pool)
+        .await?;
+    sqlx::query("UPDATE posts SET likes = 5 WHERE id = 1")
+        .execute(&pool)
+        .await?;
+    sqlx::query("UPDATE posts SET id = 2 WHERE id = 1")
+        .execute(&pool)
+        .await?;
+    sqlx::query("DELETE FROM posts WHERE id = 2")
+        .execute(&pool)
+        .await?;
+    let events = s.events(4).await?;
+
+    let kinds: Vec<EventType> = events.iter().map(|e| e.kind).collect();
+    use EventType::*;
+    assert_eq!(kinds, [Insert, Update, Update, Delete]);
+    for e in &events {
+        assert_eq!(&*e.schema, "public");
+        assert_eq!(&*e.entity, "posts");
+        assert_eq!(e.ordinal, 0, "one change per transaction");
+        assert!(e.unavailable_columns.is_empty());
+        assert!(e.changes.is_none(), "no whole old row under DEFAULT");
+    }
+    assert_eq!(
+        record(&events[0], "new"),
+        json!({"id": 1, "title": "first", "likes": 0})
+    );
+    assert_eq!(record(&events[0], "old"), Value::Null);
+    // Key unchanged: the server sends no old tuple; the old key is the new one.
+    assert_eq!(
+        record(&events[1], "new"),
+        json!({"id": 1, "title": "first", "likes": 5})
+    );
+    assert_eq!(record(&events[1], "old"), json!({"id": 1}));
+    // Key changed: the old key comes from the server.
+    assert_eq!(record(&events[2], "old"), json!({"id": 1}));
+    assert_eq!(record(&events[2], "new")["id"], json!(2));
+    assert_eq!(record(&events[3], "old"), json!({"id": 2}));
+    assert_eq!(record(&events[3], "new"), Value::Null);
+    // WAL order, one transaction each.
+    for pair in events.windows(2) {
+        assert!(pair[0].commit_lsn < pair[1].commit_lsn);
+        assert!(pair[0].xid != pair[1].xid);
+    }
+    for e in &events {
+        assert!(e.lsn <= e.commit_lsn, "a change comes before its commit");
+    }
+    s.stop().await
+}
+
+#[tokio::test]
+async fn replica_identity_full_gives_the_old_row_and_the_changes() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let schema = format!("{POSTS} ALTER TABLE posts REPLICA IDENTITY FULL;");
+    let mut s = Streaming::start(&url, &schema).await?;
+    let pool = s.pool.clone();
+    sqlx::raw_sql(
+        "INSERT INTO posts VALUES (1, 'first', 0);
+         UPDATE posts SET likes = 5, title = 'First!' WHERE id = 1;
+         UPDATE posts SET likes = 5 WHERE id = 1;
+         DELETE FROM posts WHERE id = 1;",
+    )
+    .execute(&pool)
+    .await?;
+    let events = s.events(4).await?;
+    let update = &events[1];
+    assert_eq!(
+        record(update, "old"),
+        json!({"id": 1, "title": "first", "likes": 0})
+    );
+    let changes = update.changes.as_ref().expect("changes under FULL");
+    let changed: Vec<&str> = changes.0.iter().map(|c| c.column.as_str()).collect();
+    assert_eq!(changed, ["title", "likes"]);
+    assert_eq!(changes.get("likes").unwrap().old_value, json!(0));
+    assert_eq!(changes.get("likes").unwrap().new_value, json!(5));
+    // An update that changes nothing has an empty list, not a missing one.
+    assert_eq!(events[2].changes.as_ref().map(|c| c.is_empty()), Some(true));
+    assert_eq!(
+        record(&events[3], "old"),
+        json!({"id": 1, "title": "First!", "likes": 5})
+    );
+    // All in one transaction (raw_sql sends one implicit transaction): ordinals count up.
+    let ordinals: Vec<u64> = events.iter().map(|e| e.ordinal).collect();
+    assert_eq!(ordinals, [0, 1, 2, 3]);
+    s.stop().await
+}
+
+#[tokio::test]
+async fn unchanged_toast_is_filled_under_full_and_listed_otherwise() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let schema = "
+        CREATE TABLE docs (id int PRIMARY KEY, n int, body text);
+        ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
+        CREATE TABLE full_docs (id int PRIMARY KEY, n int, body text);
+        ALTER TABLE full_docs ALTER COLUMN body SET STORAGE EXTERNAL;
+        ALTER TABLE full_docs REPLICA IDENTITY FULL;";
+    let mut s = Streaming::start(&url, schema).await?;
+    let pool = s.pool.clone();
+    let body: String = "0123456789abcdef".repeat(1024);
+    for table in ["docs", "full_docs"] {
+        sqlx::query(&format!("INSERT INTO {table} VALUES (1, 0, $1)"))
+            .bind(&body)
+            .execute(&pool)
+            .await?;
+        sqlx::query(&format!("UPDATE {table} SET n = 1 WHERE id = 1"))
+            .execute(&pool)
+            .await?;
+    }
+    let events = s.events(4).await?;
+    assert_eq!(events[0].new_record.as_ref().unwrap()["body"], json!(body));
+    let update = &events[1];
+    assert_eq!(&*update.entity, "docs");
+    let new = update.new_record.as_ref().unwrap();
+    assert!(!new.contains_key("body"), "an unsent value is absent, not null");
+    assert_eq!(update.unavailable_columns, ["body"]);
+    assert_eq!(new["n"], json!(1));
+
+    let update = &events[3];
+    assert_eq!(&*update.entity, "full_docs");
+    assert_eq!(update.new_record.as_ref().unwrap()["body"], json!(body));
+    assert!(update.unavailable_columns.is_empty());
+    assert!(update.changes.as_ref().unwrap().get("body").is_none());
+    s.stop().await
+}
+
+#[tokio::test]
+async fn truncate_and_multi_table_transactions_keep_their_order() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let schema = format!("{POSTS} CREATE TABLE tags (name text PRIMARY KEY);");
+    let mut s = Streaming::start(&url, &schema).await?;
+    let pool = s.pool.clone();
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO posts VALUES (1, 'a', 0)")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO tags VALUES ('x')")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE posts SET likes = 1")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO tags VALUES ('y')")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    sqlx::query("TRUNCATE posts, tags").execute(&pool).await?;
+
+    let mut items = Vec::new();
+    while items.len() < 11 {
+        let item = s.next().await?;
+        let done = matches!(item, Decoded::Commit { .. });
+        items.push(item);
+        if done && items.len() > 6 {
+            break;
+        }
+    }
+    let Decoded::Begin { xid, commit_lsn, .. } = items[0].clone() else {
+        panic!("a transaction starts with Begin: {:?}", items[0]);
+    };
+    let events: Vec<&Event> = items
+        .iter()
+        .filter_map(|i| match i {
+            Decoded::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let seen: Vec<(&str, EventType, u64)> = events
+        .iter()
+        .map(|e| (&*e.entity, e.kind, e.ordinal))
+        .collect();
+    use EventType::*;
+    assert_eq!(
+        seen,
+        [
+            ("posts", Insert, 0),
+            ("tags", Insert, 1),
+            ("posts", Update, 2),
+            ("tags", Insert, 3),
+            ("posts", Truncate, 0),
+            ("tags", Truncate, 1),
+        ]
+    );
+    for e in &events[..4] {
+        assert_eq!((e.xid, e.commit_lsn), (xid, commit_lsn));
+    }
+    let Decoded::Commit {
+        commit_lsn: c,
+        end_lsn,
+        events: n,
+        ..
+    } = items[5].clone()
+    else {
+        panic!("the fourth change is followed by Commit: {:?}", items[5]);
+    };
+    assert_eq!((c, n), (commit_lsn, 4));
+    assert!(end_lsn > commit_lsn);
+    assert!(events[4].commit_lsn > end_lsn);
+    assert!(events[4].new_record.is_none() && events[4].old_record.is_none());
+    s.stop().await
+}
+
+#[tokio::test]
+async fn values_equal_to_jsonb_of_the_same_row() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let schema = "
+        CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+        CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+        CREATE TYPE point2 AS (x float8, y float8, label text);
+        CREATE TABLE everything (
+            id int PRIMARY KEY, b bool, i2 smallint, i8 bigint, f4 real, f8 double precision,
+            n numeric, t text, vc varchar(10), ch char(4), j json, jb jsonb, u uuid,
+            d date, ts timestamp, tstz timestamptz, tm time, tmtz timetz, iv interval,
+            by bytea, m mood, p positive, pt point2, ints int[], texts text[], grid int[][],
+            moods mood[], pts point2[], tstzs timestamptz[]);";
+    let mut s = Streaming::start(&url, schema).await?;
+    let pool = s.pool.clone();
+    sqlx::raw_sql(
+        r#"INSERT INTO everything VALUES
+        (1, true, -32768, 9223372036854775807, 1.5, 0.1, 123456789012345678901234567890.123456789,
+         'héllo "world" ✓', 'short', 'ab', '{"b": [1, 2.50, null], "a": {"x": "y"}}', '{"k": [true, false]}',
+         'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2024-02-29', '2024-02-29 12:34:56.789',
+         '2024-02-29 12:34:56.789+02', '23:59:59.999999', '12:00:00+05:30', '1 year 2 mons 3 days 04:05:06.7',
+         '\x00ff10', 'happy', 7, '(1.5,-2,"a, b")', '{1,NULL,3}', '{"a,b","c\"d",NULL,"NULL",""}',
+         '{{1,2},{3,4}}', '{sad,happy}', '{"(1,2,x)","(3,4,)"}', '{"2024-01-01 00:00:00+00",infinity}'),
+        (2, false, 0, -1, 'NaN', 'Infinity', 'NaN', '', NULL, NULL, '[]', '{}', NULL,
+         'infinity', '-infinity', 'infinity', '00:00', '00:00+00', '-1 days', '\x', 'sad', 1,
+         '(,,)', '{}', '{}', '{}', '{}', '{}', '{}'),
+        (3, NULL, NULL, NULL, '-Infinity', '1e-7', '-0.000001', 'tab	and
+newline', NULL, NULL, '"just a string"', '12.5000', NULL, '0044-03-15 BC', '2000-01-01', '1999-12-31 23:59:59.5-08',
+         NULL, NULL, '0', NULL, NULL, NULL, NULL, '{{{1}}}', '{"\\"}', NULL, NULL, NULL, NULL);"#,
+    )
+    .execute(&pool)
+    .await?;
+    let events = s.events(3).await?;
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query("SET TimeZone = 'UTC'").execute(&mut conn).await?;
+    for event in &events {
+        let got = Value::Object(event.new_record.clone().unwrap());
+        let id = got["id"].clone();
+        let text: String =
+            sqlx::query_scalar("SELECT to_jsonb(e)::text FROM everything e WHERE id = $1")
+                .bind(id.as_i64().unwrap() as i32)
+                .fetch_one(&mut conn)
+                .await?;
+        let want: Value = serde_json::from_str(&text)?;
+        for (column, value) in want.as_object().unwrap() {
+            assert_eq!(
+                got.get(column),
+                Some(value),
+                "row {id}, column {column}: streamex vs to_jsonb"
+            );
+        }
+        assert_eq!(got, want);
+    }
+    s.stop().await
+}
+
+#[tokio::test]
+async fn every_committed_change_arrives_across_server_restarts() -> anyhow::Result<()> {
+    let cluster = Cluster::start()?;
+    let url = cluster.create_database().await?;
+    let mut s = Streaming::start(&url, POSTS).await?;
+    let mut expected = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut positions = BTreeSet::new();
+    let mut next_id = 0i64;
+    for round in 0..4 {
+        // A fresh pool each round: the old one's connections died with the server.
+        let pool = PgPool::connect(&url).await?;
+        for _ in 0..5 {
+            let mut tx = pool.begin().await?;
+            for _ in 0..20 {
+                next_id += 1;
+                sqlx::query("INSERT INTO posts VALUES ($1, 'x', 0)")
+                    .bind(next_id)
+                    .execute(&mut *tx)
+                    .await?;
+                expected.insert(next_id);
+            }
+            tx.commit().await?;
+        }
+        pool.close().await;
+        // Read part of it, then take the server away under the stream.
+        for _ in 0..30 {
+            if let Decoded::Event(e) = s.next().await? {
+                positions.insert(e.position());
+                seen.insert(e.new_record.unwrap()["id"].as_i64().unwrap());
+            }
+        }
+        let mode = if round % 2 == 0 {
+            StopMode::Fast
+        } else {
+            StopMode::Immediate
+        };
+        cluster.restart(mode)?;
+    }
+    while seen.len() < expected.len() {
+        if let Decoded::Event(e) = s.next().await? {
+            positions.insert(e.position());
+            seen.insert(e.new_record.unwrap()["id"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(seen, expected, "every committed row arrives");
+    assert!(positions.len() >= expected.len());
+    s.stop().await
+}
+
+/// Reads the slot's confirmed position.
+async fn confirmed(pool: &PgPool, slot: &str) -> anyhow::Result<Lsn> {
+    let info = setup::slot_info(pool, slot).await?.expect("slot exists");
+    Ok(info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO))
+}
+
+#[tokio::test]
+async fn an_idle_slot_advances_while_another_database_is_written() -> anyhow::Result<()> {
+    let quiet = testing::server().create_database().await?;
+    let busy = testing::server().create_database().await?;
+    let s = Streaming::start(&quiet, POSTS).await?;
+    let pool = s.pool.clone();
+    let before = confirmed(&pool, "streamex").await?;
+    let busy_pool = PgPool::connect(&busy).await?;
+    sqlx::query("CREATE TABLE noise (id serial, pad text)")
+        .execute(&busy_pool)
+        .await?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut target = None;
+    loop {
+        sqlx::query("INSERT INTO noise (pad) SELECT repeat('x', 100) FROM generate_series(1, 1000)")
+            .execute(&busy_pool)
+            .await?;
+        let now: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&busy_pool)
+            .await?;
+        let now: Lsn = now.parse()?;
+        let target = *target.get_or_insert(now);
+        if confirmed(&pool, "streamex").await? >= target {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle slot stayed at {} (was {before}) while WAL went past {target}",
+            confirmed(&pool, "streamex").await?
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.stop().await
+}
+
+#[tokio::test]
+async fn nothing_unacknowledged_is_confirmed() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(POSTS).execute(&pool).await?;
+    setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
+    setup::ensure_slot(&pool, "streamex").await?;
+    let start = confirmed(&pool, "streamex").await?;
+    let mut s = Streaming::attach(&url, pool.clone(), |c| {
+        c.status_interval = Duration::from_millis(200)
+    })
+    .await?;
+    sqlx::query("INSERT INTO posts VALUES (1, 'a', 0)")
+        .execute(&pool)
+        .await?;
+    // Receive the transaction without acknowledging it.
+    let mut commit_end = None;
+    while commit_end.is_none() {
+        let item = tokio::time::timeout(PATIENCE, s.stream.items.recv())
+            .await?
+            .expect("stream open");
+        if let Decoded::Commit { end_lsn, .. } = item {
+            commit_end = Some(end_lsn);
+        }
+    }
+    let end = commit_end.unwrap();
+    // Keepalives and status updates go on; the slot must stay before the commit.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = confirmed(&pool, "streamex").await?;
+        assert!(now < end, "confirmed {now} passed unacknowledged commit end {end}");
+    }
+    assert!(confirmed(&pool, "streamex").await? >= start);
+    s.stream.ack.ack(end);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while confirmed(&pool, "streamex").await? < end {
+        assert!(tokio::time::Instant::now() < deadline, "ack never reached the slot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await
+}
+
+#[tokio::test]
+async fn a_slot_held_by_another_connection_is_waited_for() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(POSTS).execute(&pool).await?;
+    setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
+    setup::ensure_slot(&pool, "streamex").await?;
+    // Hold the slot with a first stream.
+    let mut first = Streaming::attach(&url, pool.clone(), |_| {}).await?;
+    sqlx::query("INSERT INTO posts VALUES (1, 'a', 0)")
+        .execute(&pool)
+        .await?;
+    first.events(1).await?;
+    // The second one is refused (55006, transient) and keeps trying.
+    let mut second = Streaming::attach(&url, pool.clone(), |_| {}).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.stream.task.is_finished(),
+        "a held slot is a reason to wait, not to stop"
+    );
+    first.stop().await?;
+    sqlx::query("INSERT INTO posts VALUES (2, 'b', 0)")
+        .execute(&pool)
+        .await?;
+    // Row 2 arrives (row 1 may come again if the first stream's last acknowledgement had
+    // not reached the slot: at least once).
+    loop {
+        let event = second.events(1).await?.remove(0);
+        let id = event.new_record.as_ref().unwrap()["id"].clone();
+        assert!(id == json!(1) || id == json!(2), "unexpected row {id}");
+        if id == json!(2) {
+            break;
+        }
+    }
+    second.stop().await
+}
+
+#[tokio::test]
+async fn a_dropped_publication_stops_the_stream_and_says_so() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let mut s = Streaming::start(&url, POSTS).await?;
+    let pool = s.pool.clone();
+    sqlx::query("INSERT INTO posts VALUES (1, 'a', 0)")
+        .execute(&pool)
+        .await?;
+    s.events(1).await?;
+    sqlx::query("DROP PUBLICATION streamex")
+        .execute(&pool)
+        .await?;
+    sqlx::query("INSERT INTO posts VALUES (2, 'b', 0)")
+        .execute(&pool)
+        .await?;
+    let result = tokio::time::timeout(PATIENCE, &mut s.stream.task).await??;
+    let error = result.expect_err("a dropped publication is definite");
+    assert!(
+        matches!(error, StreamError::Setup(SetupError::PublicationMissing { .. })),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("\"streamex\"") && message.contains("streamex setup"), "{message}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn wal_level_replica_is_refused_with_the_fix() -> anyhow::Result<()> {
+    let cluster = Cluster::builder()
+        .setting("wal_level", "replica")
+        .start()?;
+    let pool = PgPool::connect(&cluster.url("postgres")).await?;
+    let error = setup::check_server(&pool).await.expect_err("replica is not enough");
+    assert!(matches!(error, SetupError::WalLevel { ref current } if current == "replica"));
+    assert!(error.to_string().contains("wal_level = logical"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_role_without_replication_is_refused_with_the_fix() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::query("DO $$ BEGIN CREATE ROLE plain_reader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        .execute(&pool)
+        .await?;
+    let mut as_reader = url::Url::parse(&url)?;
+    as_reader.set_username("plain_reader").unwrap();
+    let reader = PgPool::connect(as_reader.as_str()).await?;
+    let error = setup::check_server(&reader).await.expect_err("no REPLICATION");
+    assert!(matches!(error, SetupError::NotReplicationRole { ref role } if role == "plain_reader"));
+    assert!(error.to_string().contains("ALTER ROLE \"plain_reader\" REPLICATION"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_invalidated_slot_is_refused_with_what_was_lost() -> anyhow::Result<()> {
+    let cluster = Cluster::builder()
+        .setting("max_slot_wal_keep_size", "1MB")
+        .setting("max_wal_size", "32MB")
+        .setting("min_wal_size", "32MB")
+        .start()?;
+    let url = cluster.create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(POSTS).execute(&pool).await?;
+    setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
+    setup::ensure_slot(&pool, "streamex").await?;
+    sqlx::query("CREATE TABLE filler (pad text)")
+        .execute(&pool)
+        .await?;
+    for _ in 0..10 {
+        sqlx::raw_sql(
+            "INSERT INTO filler SELECT repeat(md5(random()::text), 20) FROM generate_series(1, 5000);
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .execute(&pool)
+        .await?;
+        let slot = setup::slot_info(&pool, "streamex").await?.unwrap();
+        if slot.wal_status.as_deref() == Some("lost") {
+            break;
+        }
+    }
+    let slot = setup::slot_info(&pool, "streamex").await?.unwrap();
+    assert_eq!(slot.wal_status.as_deref(), Some("lost"));
+    let error = setup::check_slot(&pool, &slot).await.expect_err("lost WAL");
+    assert!(matches!(error, SetupError::SlotInvalidated { .. }));
+    let message = error.to_string();
+    assert!(message.contains("pg_drop_replication_slot('streamex')"), "{message}");
+    assert!(message.contains("max_slot_wal_keep_size"), "{message}");
+    Ok(())
+}

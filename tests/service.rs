@@ -1,0 +1,385 @@
+//! The operator service against a real PostgreSQL: the blog example, channels, filtering,
+//! concurrency and EntityProcessed, retries with halt and resume, dead letters.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::json;
+use sqlx::PgPool;
+use streamex::config::Config;
+use streamex::event::{Event, EventType};
+use streamex::operator::{Context, HandlerFuture, Operator, Subscription};
+use streamex::pubsub::PubSub;
+use streamex::replication::ConnectParams;
+use streamex::status::{MemoryStatus, PostgresStatus, ProcessStatusStorage};
+use streamex::testing;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+mod common;
+
+use common::{BLOG, PATIENCE, derived_mismatches, settle};
+
+/// The example configuration, pointed at `url`, with quick retries.
+fn blog_config(url: &str, extra: &str) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/streamex.toml"))?;
+    let text = format!("{text}\n{extra}");
+    Ok(Config::parse(
+        &text,
+        "config/streamex.toml",
+        [
+            ("STREAMEX_DATABASE_URL".to_owned(), url.to_owned()),
+            ("STREAMEX_RETRY__INITIAL".to_owned(), "10ms".to_owned()),
+            ("STREAMEX_RETRY__MAX".to_owned(), "20ms".to_owned()),
+            ("STREAMEX_RETRY__RETRIES".to_owned(), "2".to_owned()),
+        ],
+    )?)
+}
+
+struct Service {
+    pool: PgPool,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    async fn start<S: ProcessStatusStorage + Clone>(
+        config: &Config,
+        status: S,
+        pubsub: PubSub,
+        operators: Vec<Arc<dyn Operator>>,
+    ) -> anyhow::Result<Service> {
+        let params = ConnectParams::parse(&config.database_url)?;
+        let pool = PgPool::connect(&config.database_url).await?;
+        streamex::cli::prepare(config, &pool).await?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (config, pool, stop) = (config.clone(), pool.clone(), stop.clone());
+            async move {
+                streamex::cli::run_service(&config, params, pool, status, pubsub, operators, stop)
+                    .await
+            }
+        });
+        Ok(Service { pool, stop, task })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        tokio::time::timeout(PATIENCE, self.task).await???;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_blog_operators_keep_their_derived_tables() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let config = blog_config(&url, "")?;
+    let operators = streamex::operators::build(&config.operators)?;
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), PubSub::new(), operators).await?;
+    sqlx::raw_sql(
+        "INSERT INTO posts (id, title) VALUES (1, 'one'), (2, 'two'), (3, 'three');
+         INSERT INTO comments (post_id, body) SELECT 1 + i % 3, 'c' || i FROM generate_series(1, 30) i;
+         UPDATE posts SET title = 'uno' WHERE id = 1;
+         DELETE FROM comments WHERE id % 5 = 0;
+         UPDATE comments SET post_id = 3 WHERE id = 1;
+         DELETE FROM posts WHERE id = 2;",
+    )
+    .execute(&pool)
+    .await?;
+    settle(&pool).await?;
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    let (title, count): (String, i32) = sqlx::query_as(
+        "SELECT title, comments_count FROM post_with_comments_counts WHERE id = 1",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(title, "uno");
+    let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM comments WHERE post_id = 1")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(i64::from(count), expected);
+    // delete_with: the deleted post's derived row is gone.
+    let gone: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM post_with_comments_counts WHERE id = 2")
+            .fetch_optional(&pool)
+            .await?;
+    assert_eq!(gone, None);
+    // Process status is plain SQL.
+    let entities: Vec<String> =
+        sqlx::query_scalar("SELECT entity FROM streamex.process_status ORDER BY entity")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(entities, ["comments", "posts"]);
+    service.stop().await
+}
+
+/// A test operator: records what it handled in table `handled`, in its own transaction (so
+/// only committed handling counts); fails on posts titled `poison` (and panics on `panic`)
+/// until `cured`.
+struct Recorder {
+    name: String,
+    subscriptions: Vec<Subscription>,
+    cured: Arc<AtomicBool>,
+    delay: Duration,
+}
+
+impl Recorder {
+    fn new(name: &str, subscriptions: Vec<Subscription>) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            name: name.to_owned(),
+            subscriptions,
+            cured: Arc::new(AtomicBool::new(false)),
+            delay: Duration::ZERO,
+        })
+    }
+
+    /// What it has handled, committed, in order: (type, entity, id).
+    async fn seen(&self, pool: &PgPool) -> anyhow::Result<Vec<(String, String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT kind, entity, id FROM handled WHERE operator = $1 ORDER BY seq",
+        )
+        .bind(&self.name)
+        .fetch_all(pool)
+        .await?)
+    }
+}
+
+fn seen(kind: &str, entity: &str, id: i64) -> (String, String, i64) {
+    (kind.to_owned(), entity.to_owned(), id)
+}
+
+impl Operator for Recorder {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        self.subscriptions.clone()
+    }
+
+    fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            let record = event.record().context("a record")?;
+            if record.get("title") == Some(&json!("poison")) && !self.cured.load(Ordering::SeqCst) {
+                anyhow::bail!("poisoned post");
+            }
+            if record.get("title") == Some(&json!("panic")) && !self.cured.load(Ordering::SeqCst) {
+                panic!("the handler panicked on purpose");
+            }
+            // Written in the operator's transaction: commits with the checkpoint, or not at all.
+            let id = record.get("id").and_then(|v| v.as_i64()).unwrap_or(-1);
+            sqlx::query("INSERT INTO handled (operator, kind, entity, id) VALUES ($1, $2, $3, $4)")
+                .bind(&self.name)
+                .bind(event.kind.as_str())
+                .bind(&*event.entity)
+                .bind(id)
+                .execute(ctx.db())
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+const HANDLED: &str =
+    "CREATE TABLE handled (seq bigserial PRIMARY KEY, operator text, kind text, entity text, id bigint);";
+
+fn minimal_config(url: &str, extra: &str) -> anyhow::Result<Config> {
+    Ok(Config::parse(
+        &format!(
+            "database_url = {url:?}\n[retry]\ninitial = \"10ms\"\nmax = \"20ms\"\nretries = 2\n{extra}"
+        ),
+        "test.toml",
+        std::iter::empty(),
+    )?)
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await? {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what} never happened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn operators_see_only_what_they_listen_to_and_entity_processed_follows_both()
+-> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql(HANDLED).execute(&pool).await?;
+    let config = minimal_config(&url, "tables = [\"posts\", \"comments\"]\n[entities.comments]\nscopes = [[\"post_id -> posts\"]]")?;
+    let inserts = Recorder::new("inserts", vec![Subscription::only("posts", &[EventType::Insert])]);
+    let slow = Arc::new(Recorder {
+        delay: Duration::from_millis(100),
+        ..Arc::into_inner(Recorder::new("slow", vec![Subscription::all("posts"), Subscription::all("comments")])).unwrap()
+    });
+    let pubsub = PubSub::new();
+    let mut processed = pubsub.subscribe_processed(1024);
+    let mut scoped = pubsub.subscribe("posts/1/comments", 1024);
+    let mut row = pubsub.subscribe("posts/1", 1024);
+    let status = MemoryStatus::new();
+    let service = Service::start(
+        &config,
+        status.clone(),
+        pubsub.clone(),
+        vec![inserts.clone(), slow.clone()],
+    )
+    .await?;
+    sqlx::raw_sql(
+        "INSERT INTO posts (id, title) VALUES (1, 'one');
+         UPDATE posts SET title = 'uno' WHERE id = 1;
+         INSERT INTO comments (id, post_id, body) VALUES (10, 1, 'hi');",
+    )
+    .execute(&pool)
+    .await?;
+    // EntityProcessed for comments comes only after the slow operator handled the comment.
+    let notice = loop {
+        let notice = tokio::time::timeout(PATIENCE, processed.recv()).await??;
+        if notice.entity == "comments" {
+            break notice;
+        }
+    };
+    assert!(slow.seen(&pool).await?.contains(&seen("insert", "comments", 10)));
+    assert_eq!(
+        inserts.seen(&pool).await?,
+        [seen("insert", "posts", 1)],
+        "the insert-only operator saw exactly the post's insert"
+    );
+    assert_eq!(
+        slow.seen(&pool).await?,
+        [
+            seen("insert", "posts", 1),
+            seen("update", "posts", 1),
+            seen("insert", "comments", 10)
+        ],
+        "WAL order, each once"
+    );
+    assert!(status.processed("comments", notice.timestamp).await?);
+    // Channels: the row's own and the scope.
+    let comment = tokio::time::timeout(PATIENCE, scoped.recv()).await??;
+    assert_eq!(comment.new_record.as_ref().unwrap()["id"], json!(10));
+    let first = tokio::time::timeout(PATIENCE, row.recv()).await??;
+    let second = tokio::time::timeout(PATIENCE, row.recv()).await??;
+    assert_eq!((first.kind, second.kind), (EventType::Insert, EventType::Update));
+    service.stop().await
+}
+
+#[tokio::test]
+async fn a_failing_operator_is_retried_halted_and_resumed_while_others_go_on() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql(HANDLED).execute(&pool).await?;
+    let config = minimal_config(&url, "tables = [\"posts\"]")?;
+    let fragile = Recorder::new("fragile", vec![Subscription::all("posts")]);
+    let sturdy = Recorder::new("sturdy", vec![Subscription::all("posts")]);
+    let service = Service::start(
+        &config,
+        PostgresStatus::new(pool.clone()),
+        PubSub::new(),
+        vec![fragile.clone(), sturdy.clone()],
+    )
+    .await?;
+    sqlx::raw_sql(
+        "INSERT INTO posts (id, title) VALUES (1, 'fine');
+         INSERT INTO posts (id, title) VALUES (2, 'poison');
+         INSERT INTO posts (id, title) VALUES (3, 'after');",
+    )
+    .execute(&pool)
+    .await?;
+    eventually("the halt", || async {
+        Ok(sqlx::query_scalar::<_, String>(
+            "SELECT state FROM streamex.operator_state WHERE operator = 'fragile'",
+        )
+        .fetch_optional(&pool)
+        .await?
+        .as_deref()
+            == Some("halted"))
+    })
+    .await?;
+    let (error, attempts): (Option<String>, Option<i32>) = sqlx::query_as(
+        "SELECT last_error, attempts FROM streamex.operator_state WHERE operator = 'fragile'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(error.unwrap().contains("poisoned post"));
+    assert_eq!(attempts, Some(3), "first try and two retries");
+    // The other operator goes on past the poison.
+    eventually("the sturdy operator passing the poison", || async {
+        Ok(sturdy.seen(&pool).await?.len() == 3)
+    })
+    .await?;
+    assert_eq!(fragile.seen(&pool).await?, [seen("insert", "posts", 1)]);
+    // The slot stays before the poisoned commit while the operator is halted.
+    let held: bool = sqlx::query_scalar(
+        "SELECT confirmed_flush_lsn < (SELECT min(commit_lsn) FROM streamex.operator_checkpoints WHERE operator = 'sturdy')
+           FROM pg_replication_slots WHERE slot_name = 'streamex'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(held, "the slot moved past what the halted operator has not done");
+
+    // Fix the cause, resume: the operator replays from the slot and finishes; nothing twice.
+    fragile.cured.store(true, Ordering::SeqCst);
+    streamex::status::set_operator_running(&pool, "fragile").await?;
+    eventually("the resumed operator finishing", || async {
+        Ok(fragile.seen(&pool).await?.len() == 3)
+    })
+    .await?;
+    settle(&pool).await?;
+    let ids: Vec<i64> = fragile.seen(&pool).await?.iter().map(|s| s.2).collect();
+    assert_eq!(ids, [1, 2, 3, 4], "each post once, in order (4 is the marker)");
+    let ids: Vec<i64> = sturdy.seen(&pool).await?.iter().map(|s| s.2).collect();
+    assert_eq!(ids, [1, 2, 3, 4], "the replay did not run the other operator twice");
+    service.stop().await
+}
+
+#[tokio::test]
+async fn a_failing_event_goes_to_the_dead_letters_and_the_operator_goes_on() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql(HANDLED).execute(&pool).await?;
+    let config = minimal_config(&url, "tables = [\"posts\"]\n")?;
+    let mut config = config;
+    config.retry.on_failure = streamex::config::FailurePolicy::DeadLetter;
+    let fragile = Recorder::new("fragile", vec![Subscription::all("posts")]);
+    let service =
+        Service::start(&config, MemoryStatus::new(), PubSub::new(), vec![fragile.clone()]).await?;
+    sqlx::raw_sql(
+        "INSERT INTO posts (id, title) VALUES (1, 'fine');
+         INSERT INTO posts (id, title) VALUES (2, 'poison');
+         INSERT INTO posts (id, title) VALUES (3, 'panic');
+         INSERT INTO posts (id, title) VALUES (4, 'after');",
+    )
+    .execute(&pool)
+    .await?;
+    eventually("the operator going past both failures", || async {
+        Ok(fragile.seen(&pool).await?.len() == 2)
+    })
+    .await?;
+    let ids: Vec<i64> = fragile.seen(&pool).await?.iter().map(|s| s.2).collect();
+    assert_eq!(ids, [1, 4]);
+    let letters: Vec<(String, i32, serde_json::Value, String)> = sqlx::query_as(
+        "SELECT operator, attempts, event, error FROM streamex.dead_letters ORDER BY commit_lsn",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[0].1, 3);
+    assert_eq!(letters[0].2["new_record"]["title"], json!("poison"));
+    assert!(letters[0].3.contains("poisoned post"));
+    assert!(letters[1].3.contains("panicked on purpose"), "{}", letters[1].3);
+    service.stop().await
+}

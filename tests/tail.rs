@@ -1,0 +1,135 @@
+//! `streamex tail`, run as the real binary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use streamex::replication::{PublicationTables, setup};
+use streamex::testing;
+
+fn tail(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_streamex"));
+    command
+        .arg("tail")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    command
+}
+
+#[tokio::test]
+async fn prints_one_json_object_per_change_with_the_documented_fields() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        .execute(&pool)
+        .await?;
+    setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
+    setup::ensure_slot(&pool, "tail_slot").await?;
+    sqlx::raw_sql(
+        "INSERT INTO notes VALUES (1, 'one'); UPDATE notes SET body = 'uno'; DELETE FROM notes;",
+    )
+    .execute(&pool)
+    .await?;
+    let output = tail(&["--database-url", &url, "--slot", "tail_slot", "--limit", "3"]).output()?;
+    assert!(output.status.success(), "tail failed: {output:?}");
+    let lines: Vec<Value> = output
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let mut keys: Vec<&str> = lines[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "changes", "commit_lsn", "entity", "lsn", "new_record", "old_record", "ordinal",
+            "schema", "timestamp", "type", "unavailable_columns", "xid"
+        ]
+    );
+    assert_eq!(lines[0]["type"], json!("insert"));
+    assert_eq!(lines[0]["new_record"], json!({"id": 1, "body": "one"}));
+    assert_eq!(lines[1]["type"], json!("update"));
+    assert_eq!(lines[2]["type"], json!("delete"));
+    assert_eq!(lines[2]["old_record"], json!({"id": 1}));
+    // The slot has been acknowledged up to what was printed: reading again starts after it.
+    sqlx::query("INSERT INTO notes VALUES (2, 'two')")
+        .execute(&pool)
+        .await?;
+    let output = tail(&["--database-url", &url, "--slot", "tail_slot", "--limit", "1"]).output()?;
+    let line: Value = serde_json::from_slice(output.stdout.lines().next().unwrap()?.as_bytes())?;
+    assert_eq!(line["new_record"]["id"], json!(2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_url_is_refused_with_the_setting_named() -> anyhow::Result<()> {
+    let output = tail(&["--database-url", "mysql://localhost/db"]).output()?;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--database-url"), "{stderr}");
+    Ok(())
+}
+
+/// Peak resident memory of a finished child, in bytes, from wait4's rusage.
+fn wait_with_peak_rss(child: &std::process::Child) -> anyhow::Result<(i32, u64)> {
+    let pid = libc::pid_t::try_from(child.id())?;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own unwaited child; both pointers are valid for the call.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    anyhow::ensure!(waited == pid, "wait4 failed");
+    Ok((status, u64::try_from(usage.ru_maxrss)? * 1024))
+}
+
+#[tokio::test]
+async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result<()> {
+    const ROWS: u64 = 1_000_000;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql("CREATE TABLE big (id int PRIMARY KEY)")
+        .execute(&pool)
+        .await?;
+    setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
+    setup::ensure_slot(&pool, "big_slot").await?;
+    sqlx::query("INSERT INTO big SELECT generate_series(1, $1::int)")
+        .bind(i32::try_from(ROWS)?)
+        .execute(&pool)
+        .await?;
+    let limit = ROWS.to_string();
+    let mut child = tail(&["--database-url", &url, "--slot", "big_slot", "--limit", &limit]).spawn()?;
+    let stdout = child.stdout.take().unwrap();
+    let counter = std::thread::spawn(move || {
+        let mut count = 0u64;
+        let mut last = 0i64;
+        let mut in_order = true;
+        for line in BufReader::with_capacity(1 << 20, stdout).lines() {
+            let line = line.unwrap();
+            // The id is the last field of new_record: cheap to find without parsing it all.
+            let start = line.find("\"new_record\":{\"id\":").unwrap() + 19;
+            let end = start + line[start..].find('}').unwrap();
+            let id: i64 = line[start..end].parse().unwrap();
+            in_order &= id == last + 1;
+            last = id;
+            count += 1;
+        }
+        (count, in_order)
+    });
+    let (status, peak) = wait_with_peak_rss(&child)?;
+    let (count, in_order) = counter.join().unwrap();
+    assert_eq!(status, 0, "tail exited with status {status}");
+    assert_eq!(count, ROWS);
+    assert!(in_order, "rows come in insertion order");
+    eprintln!("tail: {ROWS} rows in one transaction, peak RSS {} MiB", peak >> 20);
+    assert!(peak < 100 << 20, "peak RSS {} MiB, limit 100 MiB", peak >> 20);
+    Ok(())
+}
