@@ -384,3 +384,240 @@ async fn copy_both_round_trip() -> anyhow::Result<()> {
     }
     Ok(())
 }
+async fn ssl_in_use(conn: &mut Connection) -> anyhow::Result<String> {
+    let rows = conn
+        .simple_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .await?;
+    assert_eq!(rows.len(), 1);
+    Ok(rows[0].get("ssl").expect("ssl column").to_owned())
+}
+
+/// A certificate authority made for one test.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> anyhow::Result<Ca> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        Ok(Ca { cert, key })
+    }
+
+    /// A server certificate and its key (PEM) for the given names and addresses.
+    fn issue(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "streamex test server");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Writes the CA certificate where the test process can read it.
+    fn write(&self, dir: &tempfile::TempDir, name: &str) -> anyhow::Result<String> {
+        let path = dir.path().join(name);
+        std::fs::write(&path, self.cert.pem())?;
+        Ok(path.display().to_string())
+    }
+}
+
+/// A cluster with ssl=on and a certificate from `ca` for `names`.
+fn tls_cluster(ca: &Ca, names: &[&str]) -> anyhow::Result<Cluster> {
+    let (cert, key) = ca.issue(names)?;
+    Ok(Cluster::builder()
+        .setting("ssl", "on")
+        .setting("ssl_cert_file", "server.crt")
+        .setting("ssl_key_file", "server.key")
+        .file("server.crt", cert)
+        .file("server.key", key)
+        .start()?)
+}
+
+fn encoded(path: &str) -> String {
+    percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[tokio::test]
+async fn tls_modes_against_a_certificate_for_localhost() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("streamex test ca")?;
+    let other_ca = Ca::new("unrelated ca")?;
+    let ca_file = encoded(&ca.write(&dir, "ca.pem")?);
+    let other_ca_file = encoded(&other_ca.write(&dir, "other.pem")?);
+    let cluster = tls_cluster(&ca, &["localhost", "127.0.0.1"])?;
+    let port = cluster.port();
+
+    // verify-full by IP address and by name, and the connection really is encrypted.
+    for host in ["127.0.0.1", "localhost"] {
+        let url = format!(
+            "postgres://postgres@{host}:{port}/postgres?sslmode=verify-full&sslrootcert={ca_file}"
+        );
+        let mut conn = Connection::connect(&params(&url), &replication()).await?;
+        assert!(conn.is_tls());
+        assert_eq!(ssl_in_use(&mut conn).await?, "t", "{host}");
+        assert_eq!(conn.simple_query("IDENTIFY_SYSTEM").await?.len(), 1);
+        conn.close().await;
+    }
+
+    // verify-full and verify-ca with an unrelated CA.
+    for mode in ["verify-full", "verify-ca"] {
+        let url = url_for(
+            port,
+            "postgres",
+            None,
+            "postgres",
+            &format!("sslmode={mode}&sslrootcert={other_ca_file}"),
+        );
+        let e = Connection::connect(&params(&url), &replication())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ReplicationError::TlsVerification { .. }),
+            "{mode}: {e:?}"
+        );
+        assert!(!e.is_transient());
+        let text = e.to_string();
+        assert!(
+            text.contains("not signed by a trusted certificate authority"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("sslmode={mode}")), "{text}");
+    }
+
+    // verify-full without sslrootcert uses the webpki roots, which do not hold our CA.
+    let home_root = std::env::var_os("HOME")
+        .map(|h| std::path::Path::new(&h).join(".postgresql/root.crt"))
+        .is_some_and(|p| p.exists());
+    if !home_root {
+        let url = url_for(port, "postgres", None, "postgres", "sslmode=verify-full");
+        let e = Connection::connect(&params(&url), &replication())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ReplicationError::TlsVerification { .. }),
+            "{e:?}"
+        );
+
+        // require and prefer encrypt without verifying (no root certificate).
+        for mode in ["require", "prefer"] {
+            let url = url_for(
+                port,
+                "postgres",
+                None,
+                "postgres",
+                &format!("sslmode={mode}"),
+            );
+            let mut conn = Connection::connect(&params(&url), &replication()).await?;
+            assert!(conn.is_tls());
+            assert_eq!(ssl_in_use(&mut conn).await?, "t", "{mode}");
+            conn.close().await;
+        }
+    }
+
+    // disable stays in plain against a server with ssl=on.
+    let url = url_for(port, "postgres", None, "postgres", "sslmode=disable");
+    let mut conn = Connection::connect(&params(&url), &replication()).await?;
+    assert!(!conn.is_tls());
+    assert_eq!(ssl_in_use(&mut conn).await?, "f");
+    conn.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn verify_ca_ignores_only_the_host_name() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("streamex test ca")?;
+    let ca_file = encoded(&ca.write(&dir, "ca.pem")?);
+    let cluster = tls_cluster(&ca, &["db.other.example"])?;
+    let port = cluster.port();
+
+    for host in ["127.0.0.1", "localhost"] {
+        let url = format!(
+            "postgres://postgres@{host}:{port}/postgres?sslmode=verify-full&sslrootcert={ca_file}"
+        );
+        let e = Connection::connect(&params(&url), &replication())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ReplicationError::TlsVerification { .. }),
+            "{e:?}"
+        );
+        assert!(!e.is_transient());
+        assert!(
+            e.to_string().contains("not valid for this host name"),
+            "{e}"
+        );
+    }
+
+    let url = url_for(
+        port,
+        "postgres",
+        None,
+        "postgres",
+        &format!("sslmode=verify-ca&sslrootcert={ca_file}"),
+    );
+    let mut conn = Connection::connect(&params(&url), &replication()).await?;
+    assert!(conn.is_tls());
+    assert_eq!(ssl_in_use(&mut conn).await?, "t");
+    conn.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn server_without_tls() -> anyhow::Result<()> {
+    let Some(cluster) = testing::server().cluster() else {
+        return Ok(()); // an external server may have ssl on
+    };
+    let port = cluster.port();
+    for mode in ["require", "verify-ca", "verify-full"] {
+        let url = url_for(
+            port,
+            "postgres",
+            None,
+            "postgres",
+            &format!("sslmode={mode}"),
+        );
+        let e = Connection::connect(&params(&url), &replication())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ReplicationError::TlsUnavailable { .. }),
+            "{e:?}"
+        );
+        assert!(!e.is_transient());
+        let text = e.to_string();
+        assert!(
+            text.contains("does not support tls") && text.contains(&format!("sslmode={mode}")),
+            "{text}"
+        );
+    }
+    for mode in ["prefer", "allow"] {
+        let url = url_for(
+            port,
+            "postgres",
+            None,
+            "postgres",
+            &format!("sslmode={mode}"),
+        );
+        let mut conn = Connection::connect(&params(&url), &replication()).await?;
+        assert!(!conn.is_tls());
+        assert_eq!(ssl_in_use(&mut conn).await?, "f");
+        conn.close().await;
+    }
+    Ok(())
+}
