@@ -1,0 +1,550 @@
+//! The transport under the wire protocol: plain TCP, a Unix socket, or TLS over TCP.
+//!
+//! TLS is negotiated the classic way, before the startup packet:
+//!
+//! ```text
+//! client                                   server
+//!   │── SSLRequest (Int32 8, Int32 80877103) ──►│
+//!   │◄──────────── 'S' (yes) or 'N' (no) ────────│
+//!   │   'S': TLS handshake, then everything inside TLS
+//!   │   'N': plain (sslmode=prefer) or an error (require, verify-ca, verify-full)
+//! ```
+//!
+//! The modes follow libpq:
+//!
+//! | sslmode     | TLS                | certificate checked                               |
+//! |-------------|--------------------|---------------------------------------------------|
+//! | disable     | never              | -                                                 |
+//! | prefer      | when offered       | only when a root certificate file is present      |
+//! | require     | always             | only when a root certificate file is present      |
+//! | verify-ca   | always             | chain, not the host name                          |
+//! | verify-full | always             | chain and host name (an IP host as an IP address) |
+//!
+//! The root certificates are `sslrootcert`, else `~/.postgresql/root.crt` when it exists, else
+//! (for verify-ca and verify-full only) the webpki roots. Unix sockets never use TLS. Unlike
+//! libpq, a failed TLS handshake under `prefer` is an error rather than a retry in plain.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::error::ReplicationError;
+use super::params::{ConnectParams, Host};
+
+/// Whether and how to use TLS, as libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SslMode {
+    /// Never use TLS.
+    Disable,
+    /// Use TLS when the server offers it (libpq's default; `allow` is read as this).
+    #[default]
+    Prefer,
+    /// Use TLS or fail; the certificate is not verified unless a root certificate is present.
+    Require,
+    /// Use TLS and verify the certificate chain, not the host name.
+    VerifyCa,
+    /// Use TLS and verify the certificate chain and the host name.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The name as written in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the connection fails without TLS.
+    pub fn requires_tls(self) -> bool {
+        matches!(
+            self,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        )
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = ReplicationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(ReplicationError::InvalidUrl {
+                    reason: format!(
+                        "invalid sslmode \"{other}\": accepted values are disable, allow, prefer, \
+                         require, verify-ca, verify-full"
+                    ),
+                });
+            }
+        })
+    }
+}
+
+/// A connected byte stream to the server.
+#[derive(Debug)]
+pub enum Transport {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// A Unix socket (never TLS).
+    Unix(UnixStream),
+    /// TLS over TCP.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Transport {
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(_))
+    }
+
+    /// Opens the transport for `params`: connects, then negotiates TLS as `sslmode` says.
+    pub async fn connect(params: &ConnectParams) -> Result<Transport, ReplicationError> {
+        let connect_error = |source| ReplicationError::Connect {
+            target: params.target(),
+            source,
+        };
+        let tcp = match &params.host {
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{}", params.port));
+                let stream = UnixStream::connect(&path).await.map_err(connect_error)?;
+                tracing::debug!(socket = %path.display(), "connected over the unix socket");
+                return Ok(Transport::Unix(stream));
+            }
+            Host::Ip(ip) => TcpStream::connect((*ip, params.port)).await,
+            Host::Name(name) => TcpStream::connect((name.as_str(), params.port)).await,
+        }
+        .map_err(connect_error)?;
+        // Small messages (standby status updates) must not wait for Nagle.
+        tcp.set_nodelay(true).map_err(connect_error)?;
+        tracing::debug!(target = %params.target(), "connected over tcp");
+        negotiate(tcp, params).await
+    }
+}
+
+/// Sends the SSLRequest when the mode asks for TLS and, when the server agrees, runs the
+/// handshake.
+async fn negotiate(
+    mut tcp: TcpStream,
+    params: &ConnectParams,
+) -> Result<Transport, ReplicationError> {
+    if params.sslmode == SslMode::Disable {
+        return Ok(Transport::Tcp(tcp));
+    }
+    // Build the configuration first: a bad sslrootcert should fail before any I/O.
+    let config = client_config(params)?;
+    let mut request = [0u8; 8];
+    request[..4].copy_from_slice(&8i32.to_be_bytes());
+    request[4..].copy_from_slice(&80_877_103i32.to_be_bytes());
+    tcp.write_all(&request)
+        .await
+        .map_err(ReplicationError::io("sending the ssl request"))?;
+    // Exactly one byte: anything the server sent after it must come through TLS (CVE-2021-23222).
+    let answer = tcp.read_u8().await.map_err(ReplicationError::io(
+        "reading the answer to the ssl request",
+    ))?;
+    match answer {
+        b'S' => {}
+        b'N' if params.sslmode.requires_tls() => {
+            return Err(ReplicationError::TlsUnavailable {
+                target: params.target(),
+                sslmode: params.sslmode.to_string(),
+            });
+        }
+        b'N' => {
+            tracing::debug!(target = %params.target(), "server does not offer tls, continuing in plain");
+            return Ok(Transport::Tcp(tcp));
+        }
+        b'E' => {
+            return Err(ReplicationError::Protocol(
+                "the server answered the ssl request with an error (a server older than 7.0?)"
+                    .to_owned(),
+            ));
+        }
+        other => {
+            return Err(ReplicationError::Protocol(format!(
+                "unexpected answer {other:#04x} to the ssl request: is this a postgresql server?"
+            )));
+        }
+    }
+    let name = server_name(&params.host)?;
+    let connector = TlsConnector::from(Arc::new(config));
+    match connector.connect(name, tcp).await {
+        Ok(stream) => {
+            tracing::debug!(target = %params.target(), sslmode = %params.sslmode, "tls established");
+            Ok(Transport::Tls(Box::new(stream)))
+        }
+        Err(error) => Err(handshake_error(error, params)),
+    }
+}
+
+/// Maps a failed handshake: certificate problems are verification errors (definite), other
+/// TLS errors are [`ReplicationError::Tls`], plain I/O errors stay I/O errors (transient).
+fn handshake_error(error: io::Error, params: &ConnectParams) -> ReplicationError {
+    let tls = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .cloned();
+    match tls {
+        Some(rustls::Error::InvalidCertificate(reason)) => ReplicationError::TlsVerification {
+            target: params.target(),
+            sslmode: params.sslmode.to_string(),
+            reason: certificate_reason(&reason),
+        },
+        Some(other) => ReplicationError::Tls(format!(
+            "handshake with {} failed: {other}",
+            params.target()
+        )),
+        None => ReplicationError::Io {
+            context: "tls handshake",
+            source: error,
+        },
+    }
+}
+
+fn certificate_reason(error: &CertificateError) -> String {
+    match error {
+        CertificateError::UnknownIssuer => {
+            "the certificate is not signed by a trusted certificate authority".to_owned()
+        }
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            format!("the certificate is not valid for this host name ({error:?})")
+        }
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "the certificate has expired".to_owned()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn server_name(host: &Host) -> Result<ServerName<'static>, ReplicationError> {
+    match host {
+        Host::Ip(ip) => Ok(ServerName::IpAddress((*ip).into())),
+        Host::Name(name) => ServerName::try_from(name.clone()).map_err(|_| {
+            ReplicationError::Tls(format!("\"{name}\" is not a valid tls server name"))
+        }),
+        Host::Unix(_) => Err(ReplicationError::Tls(
+            "tls is not used over unix sockets".to_owned(),
+        )),
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The TLS client configuration for the mode and root certificates of `params`.
+fn client_config(params: &ConnectParams) -> Result<rustls::ClientConfig, ReplicationError> {
+    let provider = provider();
+    let roots = match root_certificate_file(params) {
+        Some(path) => Some(load_roots(&path)?),
+        None if matches!(params.sslmode, SslMode::VerifyCa | SslMode::VerifyFull) => {
+            Some(RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            })
+        }
+        None => None,
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ReplicationError::Tls(format!("configuring tls: {e}")))?;
+    let verifier: Arc<dyn ServerCertVerifier> = match roots {
+        None => Arc::new(NoVerification(provider)),
+        Some(roots) => {
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| ReplicationError::Tls(format!("configuring tls: {e}")))?;
+            if params.sslmode == SslMode::VerifyFull {
+                webpki
+            } else {
+                Arc::new(ChainOnly(webpki))
+            }
+        }
+    };
+    let mut config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    // Servers since PostgreSQL 17 check ALPN when the client sends it; older ones ignore it.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(config)
+}
+
+/// `sslrootcert`, else `~/.postgresql/root.crt` when it exists.
+fn root_certificate_file(params: &ConnectParams) -> Option<PathBuf> {
+    if let Some(path) = &params.sslrootcert {
+        return Some(path.clone());
+    }
+    let home = std::env::var_os("HOME")?;
+    let path = Path::new(&home).join(".postgresql").join("root.crt");
+    path.is_file().then_some(path)
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, ReplicationError> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        ReplicationError::Tls(format!(
+            "cannot read sslrootcert \"{}\": {e}",
+            path.display()
+        ))
+    })?;
+    let mut store = RootCertStore::empty();
+    let mut reader = io::Cursor::new(bytes);
+    for cert in rustls_pemfile::certs(&mut reader) {
+        let cert = cert.map_err(|e| {
+            ReplicationError::Tls(format!(
+                "sslrootcert \"{}\" is not valid PEM: {e}",
+                path.display()
+            ))
+        })?;
+        store.add(cert).map_err(|e| {
+            ReplicationError::Tls(format!(
+                "sslrootcert \"{}\" holds an unusable certificate: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    if store.is_empty() {
+        return Err(ReplicationError::Tls(format!(
+            "sslrootcert \"{}\" holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(store)
+}
+
+/// sslmode=verify-ca: the chain is verified by webpki; only a host name mismatch is ignored
+/// (webpki checks the name after the chain, so the chain has been verified when it reports
+/// that).
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// sslmode=prefer/require without a root certificate: any certificate is accepted (as libpq),
+/// but the handshake signatures are still checked.
+#[derive(Debug)]
+struct NoVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Tcp(s) => s.is_write_vectored(),
+            Transport::Unix(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Transport::Unix(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_round_trips() {
+        for mode in [
+            SslMode::Disable,
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ] {
+            assert_eq!(mode.as_str().parse::<SslMode>().unwrap(), mode);
+        }
+        assert_eq!("allow".parse::<SslMode>().unwrap(), SslMode::Prefer);
+        assert!(!SslMode::Prefer.requires_tls());
+        assert!(SslMode::Require.requires_tls());
+    }
+
+    #[test]
+    fn missing_root_certificate_file_is_a_clear_error() {
+        let params = ConnectParams::parse_with_env(
+            "postgres://u@localhost/d?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            |_| None,
+        )
+        .unwrap();
+        let e = client_config(&params).unwrap_err();
+        assert!(!e.is_transient());
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+    }
+
+    #[test]
+    fn server_names() {
+        assert!(matches!(
+            server_name(&Host::Ip("127.0.0.1".parse().unwrap())).unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        assert!(matches!(
+            server_name(&Host::Name("localhost".into())).unwrap(),
+            ServerName::DnsName(_)
+        ));
+    }
+}
