@@ -20,6 +20,7 @@ pub mod cli;
 pub mod decode;
 pub mod event;
 pub mod replication;
+pub mod status;
 pub mod testing;
 
 pub use event::{Event, EventType};

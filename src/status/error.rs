@@ -1,0 +1,112 @@
+//! The status module's error.
+
+/// What went wrong while reading or writing process status, checkpoints, operator state or
+/// dead letters, or while migrating the `streamex` schema.
+///
+/// The message includes the underlying error, so logging the `Display` form is enough.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// A query failed; `context` says which.
+    #[error("{context}: {error}")]
+    Sql {
+        context: &'static str,
+        error: sqlx::Error,
+    },
+    /// Applying the embedded migrations failed.
+    #[error("migrating the streamex schema: {0}")]
+    Migrate(sqlx::migrate::MigrateError),
+    /// A value could not be stored or read back (an ordinal beyond `i64::MAX`, a malformed
+    /// LSN or JSON document read from the database).
+    #[error("{context}: {detail}")]
+    Invalid {
+        context: &'static str,
+        detail: String,
+    },
+}
+
+impl StatusError {
+    pub(crate) fn sql(context: &'static str) -> impl FnOnce(sqlx::Error) -> StatusError {
+        move |error| StatusError::Sql { context, error }
+    }
+
+    /// The sqlx error underneath, if any.
+    pub fn sqlx_error(&self) -> Option<&sqlx::Error> {
+        match self {
+            StatusError::Sql { error, .. } => Some(error),
+            StatusError::Migrate(sqlx::migrate::MigrateError::Execute(error))
+            | StatusError::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(error, _)) => {
+                Some(error)
+            }
+            _ => None,
+        }
+    }
+
+    /// The SQLSTATE of the database error underneath, if any.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self.sqlx_error()? {
+            sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+
+    /// Whether trying again later may succeed: I/O errors, pool time-outs, and the SQLSTATEs
+    /// for a lost connection (class 08), a server shutting down or starting
+    /// (57P01, 57P02, 57P03), serialization failures (40001), deadlocks (40P01) and too many
+    /// connections (53300).
+    pub fn is_transient(&self) -> bool {
+        match self.sqlx_error() {
+            Some(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => true,
+            Some(sqlx::Error::Database(db)) => db.code().is_some_and(|c| transient_sqlstate(&c)),
+            _ => false,
+        }
+    }
+}
+
+fn transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300"
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_codes() {
+        for code in [
+            "08000", "08006", "08P01", "57P01", "57P02", "57P03", "40001", "40P01", "53300",
+        ] {
+            assert!(transient_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "42P01", "57014", "22P02", "53100"] {
+            assert!(!transient_sqlstate(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn io_and_pool_timeout_are_transient() {
+        let io = StatusError::Sql {
+            context: "x",
+            error: sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        };
+        assert!(io.is_transient());
+        let timeout = StatusError::Sql {
+            context: "x",
+            error: sqlx::Error::PoolTimedOut,
+        };
+        assert!(timeout.is_transient());
+        let closed = StatusError::Sql {
+            context: "x",
+            error: sqlx::Error::PoolClosed,
+        };
+        assert!(!closed.is_transient());
+        let invalid = StatusError::Invalid {
+            context: "x",
+            detail: "y".into(),
+        };
+        assert!(!invalid.is_transient());
+    }
+}

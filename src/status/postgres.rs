@@ -1,0 +1,558 @@
+//! The PostgreSQL backend: the `streamex` schema, its migrations, and the queries on it.
+//!
+//! Every query is a free function generic over [`PgExecutor`], so it runs on a pool, a
+//! connection or inside a caller's transaction (`&mut *tx`): the engine writes process status,
+//! its checkpoint and dead letters in the same transaction, and they commit or roll back
+//! together. [`PostgresStatus`] implements [`ProcessStatusStorage`] with them on a pool.
+//!
+//! LSNs travel as text (`'16/B374D848'`) and are cast to and from `pg_lsn` in SQL; ordinals are
+//! `u64` in Rust and `bigint` in SQL (an ordinal above `i64::MAX` is refused).
+
+use std::collections::{BTreeMap, HashMap};
+
+use sqlx::migrate::Migrator;
+use sqlx::{Connection, PgExecutor, PgPool, Row};
+
+use super::{ProcessStatusStorage, StatusError, StatusItem};
+use crate::replication::Lsn;
+
+/// The embedded migrations in `sql/`.
+static MIGRATOR: Migrator = sqlx::migrate!("./sql");
+
+/// Key of the transaction-level advisory lock taken around `CREATE SCHEMA` (ASCII "strmxsch").
+const SCHEMA_LOCK: i64 = 0x7374_726d_7873_6368;
+
+/// Creates the `streamex` schema if missing and applies the embedded migrations, keeping
+/// sqlx's bookkeeping table in `streamex` (not `public`).
+///
+/// Idempotent, and safe to run from several processes at once: the schema is created under an
+/// advisory lock and sqlx serializes the migrations with its own. It works on a connection of
+/// its own, detached from the pool and closed at the end, so no pooled connection is left with
+/// a changed `search_path` (or, after an error, a held advisory lock).
+pub async fn migrate(pool: &PgPool) -> Result<(), StatusError> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(StatusError::sql(
+            "connecting to migrate the streamex schema",
+        ))?
+        .detach();
+
+    let mut tx = conn
+        .begin()
+        .await
+        .map_err(StatusError::sql("creating the streamex schema"))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SCHEMA_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(StatusError::sql("locking to create the streamex schema"))?;
+    sqlx::query("CREATE SCHEMA IF NOT EXISTS streamex")
+        .execute(&mut *tx)
+        .await
+        .map_err(StatusError::sql("creating the streamex schema"))?;
+    tx.commit()
+        .await
+        .map_err(StatusError::sql("creating the streamex schema"))?;
+
+    sqlx::query("SET search_path TO streamex")
+        .execute(&mut conn)
+        .await
+        .map_err(StatusError::sql("setting search_path to streamex"))?;
+    MIGRATOR
+        .run(&mut conn)
+        .await
+        .map_err(StatusError::Migrate)?;
+    // Closing sends Terminate; a failure there does not undo the migration.
+    let _ = conn.close().await;
+    Ok(())
+}
+
+fn lsn_text(lsn: Lsn) -> String {
+    lsn.to_string()
+}
+
+fn parse_lsn(context: &'static str, text: &str) -> Result<Lsn, StatusError> {
+    text.parse().map_err(|e| StatusError::Invalid {
+        context,
+        detail: format!("{e}"),
+    })
+}
+
+fn ordinal_to_sql(context: &'static str, ordinal: u64) -> Result<i64, StatusError> {
+    i64::try_from(ordinal).map_err(|_| StatusError::Invalid {
+        context,
+        detail: format!("ordinal {ordinal} does not fit in a bigint"),
+    })
+}
+
+fn ordinal_from_sql(context: &'static str, ordinal: i64) -> Result<u64, StatusError> {
+    u64::try_from(ordinal).map_err(|_| StatusError::Invalid {
+        context,
+        detail: format!("negative ordinal {ordinal} in the database"),
+    })
+}
+
+fn attempts_to_sql(context: &'static str, attempts: u32) -> Result<i32, StatusError> {
+    i32::try_from(attempts).map_err(|_| StatusError::Invalid {
+        context,
+        detail: format!("attempts {attempts} does not fit in an int"),
+    })
+}
+
+fn attempts_from_sql(context: &'static str, attempts: i32) -> Result<u32, StatusError> {
+    u32::try_from(attempts).map_err(|_| StatusError::Invalid {
+        context,
+        detail: format!("negative attempts {attempts} in the database"),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process status.
+
+/// Records that `entity` has been processed up to `timestamp` (µs since the Unix epoch) and
+/// `lsn`. Never moves backwards: each of timestamp and lsn keeps its maximum.
+pub async fn store_item<'c, E: PgExecutor<'c>>(
+    executor: E,
+    entity: &str,
+    timestamp: i64,
+    lsn: Lsn,
+) -> Result<(), StatusError> {
+    sqlx::query(
+        "INSERT INTO streamex.process_status AS s (entity, timestamp, lsn) \
+         VALUES ($1, $2, $3::text::pg_lsn) \
+         ON CONFLICT (entity) DO UPDATE SET \
+             timestamp = GREATEST(s.timestamp, EXCLUDED.timestamp), \
+             lsn = GREATEST(s.lsn, EXCLUDED.lsn), \
+             updated_at = now() \
+         WHERE EXCLUDED.timestamp > s.timestamp OR EXCLUDED.lsn > s.lsn",
+    )
+    .bind(entity)
+    .bind(timestamp)
+    .bind(lsn_text(lsn))
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql("storing process status"))?;
+    Ok(())
+}
+
+/// Records several items in one statement, with the same rule as [`store_item`]: never moves
+/// backwards. An entity listed more than once is collapsed first to the maximum of each field.
+/// Rows are written in entity order, so concurrent batches cannot deadlock on each other.
+pub async fn store_items<'c, E: PgExecutor<'c>>(
+    executor: E,
+    items: &[StatusItem],
+) -> Result<(), StatusError> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let mut collapsed: BTreeMap<&str, (i64, Lsn)> = BTreeMap::new();
+    for item in items {
+        let entry = collapsed
+            .entry(item.entity.as_str())
+            .or_insert((item.timestamp, item.lsn));
+        entry.0 = entry.0.max(item.timestamp);
+        entry.1 = entry.1.max(item.lsn);
+    }
+    let entities: Vec<&str> = collapsed.keys().copied().collect();
+    let timestamps: Vec<i64> = collapsed.values().map(|&(t, _)| t).collect();
+    let lsns: Vec<String> = collapsed.values().map(|&(_, l)| lsn_text(l)).collect();
+    sqlx::query(
+        "INSERT INTO streamex.process_status AS s (entity, timestamp, lsn) \
+         SELECT u.entity, u.timestamp, u.lsn::pg_lsn \
+           FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(entity, timestamp, lsn) \
+         ON CONFLICT (entity) DO UPDATE SET \
+             timestamp = GREATEST(s.timestamp, EXCLUDED.timestamp), \
+             lsn = GREATEST(s.lsn, EXCLUDED.lsn), \
+             updated_at = now() \
+         WHERE EXCLUDED.timestamp > s.timestamp OR EXCLUDED.lsn > s.lsn",
+    )
+    .bind(entities)
+    .bind(timestamps)
+    .bind(lsns)
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql("storing process status"))?;
+    Ok(())
+}
+
+/// Every item in `streamex.process_status`, ordered by entity.
+pub async fn load_items<'c, E: PgExecutor<'c>>(
+    executor: E,
+) -> Result<Vec<StatusItem>, StatusError> {
+    const CONTEXT: &str = "loading process status";
+    let rows = sqlx::query(
+        "SELECT entity, timestamp, lsn::text AS lsn FROM streamex.process_status ORDER BY entity",
+    )
+    .fetch_all(executor)
+    .await
+    .map_err(StatusError::sql(CONTEXT))?;
+    rows.iter()
+        .map(|row| {
+            Ok(StatusItem {
+                entity: row.try_get("entity").map_err(StatusError::sql(CONTEXT))?,
+                timestamp: row
+                    .try_get("timestamp")
+                    .map_err(StatusError::sql(CONTEXT))?,
+                lsn: parse_lsn(
+                    CONTEXT,
+                    row.try_get("lsn").map_err(StatusError::sql(CONTEXT))?,
+                )?,
+            })
+        })
+        .collect()
+}
+
+/// Deletes every item in `streamex.process_status`.
+pub async fn reset_items<'c, E: PgExecutor<'c>>(executor: E) -> Result<(), StatusError> {
+    sqlx::query("DELETE FROM streamex.process_status")
+        .execute(executor)
+        .await
+        .map_err(StatusError::sql("resetting process status"))?;
+    Ok(())
+}
+
+/// Whether `entity` has been processed up to `timestamp` (µs): the rule of
+/// `streamex.processed`, stored timestamp `>= timestamp`, false for an unknown entity.
+pub async fn is_processed<'c, E: PgExecutor<'c>>(
+    executor: E,
+    entity: &str,
+    timestamp: i64,
+) -> Result<bool, StatusError> {
+    sqlx::query_scalar(
+        "SELECT COALESCE((SELECT s.timestamp >= $2 FROM streamex.process_status AS s \
+                           WHERE s.entity = $1), false)",
+    )
+    .bind(entity)
+    .bind(timestamp)
+    .fetch_one(executor)
+    .await
+    .map_err(StatusError::sql("reading process status"))
+}
+
+/// Process status in `streamex.process_status`, on a pool. Run [`migrate`] first.
+#[derive(Clone, Debug)]
+pub struct PostgresStatus {
+    pub pool: PgPool,
+}
+
+impl PostgresStatus {
+    pub fn new(pool: PgPool) -> Self {
+        PostgresStatus { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+impl ProcessStatusStorage for PostgresStatus {
+    async fn item_processed(
+        &self,
+        entity: &str,
+        timestamp: i64,
+        lsn: Lsn,
+    ) -> Result<(), StatusError> {
+        store_item(&self.pool, entity, timestamp, lsn).await
+    }
+
+    async fn items_processed(&self, items: &[StatusItem]) -> Result<(), StatusError> {
+        store_items(&self.pool, items).await
+    }
+
+    async fn load(&self) -> Result<Vec<StatusItem>, StatusError> {
+        load_items(&self.pool).await
+    }
+
+    async fn reset(&self) -> Result<(), StatusError> {
+        reset_items(&self.pool).await
+    }
+
+    async fn processed(&self, entity: &str, timestamp: i64) -> Result<bool, StatusError> {
+        is_processed(&self.pool, entity, timestamp).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator checkpoints.
+
+/// Every operator's checkpoint: operator → (commit LSN, ordinal) of the last event it has
+/// durably processed.
+pub async fn load_checkpoints<'c, E: PgExecutor<'c>>(
+    executor: E,
+) -> Result<HashMap<String, (Lsn, u64)>, StatusError> {
+    const CONTEXT: &str = "loading operator checkpoints";
+    let rows = sqlx::query(
+        "SELECT operator, commit_lsn::text AS commit_lsn, ordinal FROM streamex.operator_checkpoints",
+    )
+    .fetch_all(executor)
+    .await
+    .map_err(StatusError::sql(CONTEXT))?;
+    rows.iter()
+        .map(|row| {
+            let operator: String = row.try_get("operator").map_err(StatusError::sql(CONTEXT))?;
+            let lsn = parse_lsn(
+                CONTEXT,
+                row.try_get("commit_lsn")
+                    .map_err(StatusError::sql(CONTEXT))?,
+            )?;
+            let ordinal = ordinal_from_sql(
+                CONTEXT,
+                row.try_get("ordinal").map_err(StatusError::sql(CONTEXT))?,
+            )?;
+            Ok((operator, (lsn, ordinal)))
+        })
+        .collect()
+}
+
+/// Stores `operator`'s checkpoint. Never moves backwards: an existing checkpoint is only
+/// replaced by a greater `(commit_lsn, ordinal)`. Returns whether the checkpoint moved
+/// (false when it was already at or past this position).
+pub async fn store_checkpoint<'c, E: PgExecutor<'c>>(
+    executor: E,
+    operator: &str,
+    commit_lsn: Lsn,
+    ordinal: u64,
+) -> Result<bool, StatusError> {
+    const CONTEXT: &str = "storing an operator checkpoint";
+    let result = sqlx::query(
+        "INSERT INTO streamex.operator_checkpoints AS c (operator, commit_lsn, ordinal) \
+         VALUES ($1, $2::text::pg_lsn, $3) \
+         ON CONFLICT (operator) DO UPDATE SET \
+             commit_lsn = EXCLUDED.commit_lsn, ordinal = EXCLUDED.ordinal, updated_at = now() \
+         WHERE (EXCLUDED.commit_lsn, EXCLUDED.ordinal) > (c.commit_lsn, c.ordinal)",
+    )
+    .bind(operator)
+    .bind(lsn_text(commit_lsn))
+    .bind(ordinal_to_sql(CONTEXT, ordinal)?)
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql(CONTEXT))?;
+    Ok(result.rows_affected() > 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator state.
+
+/// Whether an operator runs or has halted on an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OperatorRunState {
+    Running,
+    Halted,
+}
+
+impl OperatorRunState {
+    /// The value in `streamex.operator_state.state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorRunState::Running => "running",
+            OperatorRunState::Halted => "halted",
+        }
+    }
+}
+
+/// A row of `streamex.operator_state`. The error fields are set while halted and cleared by
+/// [`set_operator_running`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorState {
+    pub operator: String,
+    pub state: OperatorRunState,
+    pub last_error: Option<String>,
+    /// When the operator halted, µs since the Unix epoch.
+    pub error_at_micros: Option<i64>,
+    pub failed_commit_lsn: Option<Lsn>,
+    pub failed_ordinal: Option<u64>,
+    pub attempts: Option<u32>,
+}
+
+/// Every operator's state, by operator name. An operator without a row has never halted.
+pub async fn load_operator_states<'c, E: PgExecutor<'c>>(
+    executor: E,
+) -> Result<HashMap<String, OperatorState>, StatusError> {
+    const CONTEXT: &str = "loading operator states";
+    let rows = sqlx::query(
+        "SELECT operator, state, last_error, streamex.epoch_micros(error_at) AS error_at, \
+                failed_commit_lsn::text AS failed_commit_lsn, failed_ordinal, attempts \
+           FROM streamex.operator_state",
+    )
+    .fetch_all(executor)
+    .await
+    .map_err(StatusError::sql(CONTEXT))?;
+    let sql = StatusError::sql;
+    rows.iter()
+        .map(|row| {
+            let operator: String = row.try_get("operator").map_err(sql(CONTEXT))?;
+            let state = match row.try_get::<&str, _>("state").map_err(sql(CONTEXT))? {
+                "running" => OperatorRunState::Running,
+                "halted" => OperatorRunState::Halted,
+                other => {
+                    return Err(StatusError::Invalid {
+                        context: CONTEXT,
+                        detail: format!("unknown state {other:?} for operator {operator:?}"),
+                    });
+                }
+            };
+            let failed_commit_lsn = row
+                .try_get::<Option<&str>, _>("failed_commit_lsn")
+                .map_err(sql(CONTEXT))?
+                .map(|text| parse_lsn(CONTEXT, text))
+                .transpose()?;
+            let failed_ordinal = row
+                .try_get::<Option<i64>, _>("failed_ordinal")
+                .map_err(sql(CONTEXT))?
+                .map(|o| ordinal_from_sql(CONTEXT, o))
+                .transpose()?;
+            let attempts = row
+                .try_get::<Option<i32>, _>("attempts")
+                .map_err(sql(CONTEXT))?
+                .map(|a| attempts_from_sql(CONTEXT, a))
+                .transpose()?;
+            let state = OperatorState {
+                operator: operator.clone(),
+                state,
+                last_error: row.try_get("last_error").map_err(sql(CONTEXT))?,
+                error_at_micros: row.try_get("error_at").map_err(sql(CONTEXT))?,
+                failed_commit_lsn,
+                failed_ordinal,
+                attempts,
+            };
+            Ok((operator, state))
+        })
+        .collect()
+}
+
+/// Marks `operator` halted on `error` at the event `(commit_lsn, ordinal)` after `attempts`
+/// tries, with `error_at = now()`. Idempotent: the row is created or replaced.
+pub async fn set_operator_halted<'c, E: PgExecutor<'c>>(
+    executor: E,
+    operator: &str,
+    error: &str,
+    commit_lsn: Lsn,
+    ordinal: u64,
+    attempts: u32,
+) -> Result<(), StatusError> {
+    const CONTEXT: &str = "marking an operator halted";
+    sqlx::query(
+        "INSERT INTO streamex.operator_state AS o \
+             (operator, state, last_error, error_at, failed_commit_lsn, failed_ordinal, attempts) \
+         VALUES ($1, 'halted', $2, now(), $3::text::pg_lsn, $4, $5) \
+         ON CONFLICT (operator) DO UPDATE SET \
+             state = 'halted', last_error = EXCLUDED.last_error, error_at = EXCLUDED.error_at, \
+             failed_commit_lsn = EXCLUDED.failed_commit_lsn, \
+             failed_ordinal = EXCLUDED.failed_ordinal, attempts = EXCLUDED.attempts",
+    )
+    .bind(operator)
+    .bind(error)
+    .bind(lsn_text(commit_lsn))
+    .bind(ordinal_to_sql(CONTEXT, ordinal)?)
+    .bind(attempts_to_sql(CONTEXT, attempts)?)
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql(CONTEXT))?;
+    Ok(())
+}
+
+/// Marks `operator` running and clears its error fields. Idempotent.
+pub async fn set_operator_running<'c, E: PgExecutor<'c>>(
+    executor: E,
+    operator: &str,
+) -> Result<(), StatusError> {
+    sqlx::query(
+        "INSERT INTO streamex.operator_state AS o (operator, state) VALUES ($1, 'running') \
+         ON CONFLICT (operator) DO UPDATE SET \
+             state = 'running', last_error = NULL, error_at = NULL, \
+             failed_commit_lsn = NULL, failed_ordinal = NULL, attempts = NULL",
+    )
+    .bind(operator)
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql("marking an operator running"))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dead letters.
+
+/// A row of `streamex.dead_letters`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub operator: String,
+    pub commit_lsn: Lsn,
+    pub ordinal: u64,
+    /// The event in its JSON form.
+    pub event: serde_json::Value,
+    pub error: String,
+    pub attempts: u32,
+    /// µs since the Unix epoch.
+    pub created_at_micros: i64,
+}
+
+/// Sets the event `(commit_lsn, ordinal)` aside for `operator`. Idempotent: a dead letter
+/// already stored for the same (operator, commit_lsn, ordinal), as after a replay, is left as
+/// it is. Returns whether a row was inserted.
+pub async fn insert_dead_letter<'c, E: PgExecutor<'c>>(
+    executor: E,
+    operator: &str,
+    commit_lsn: Lsn,
+    ordinal: u64,
+    event: &serde_json::Value,
+    error: &str,
+    attempts: u32,
+) -> Result<bool, StatusError> {
+    const CONTEXT: &str = "storing a dead letter";
+    let result = sqlx::query(
+        "INSERT INTO streamex.dead_letters (operator, commit_lsn, ordinal, event, error, attempts) \
+         VALUES ($1, $2::text::pg_lsn, $3, $4::text::jsonb, $5, $6) \
+         ON CONFLICT (operator, commit_lsn, ordinal) DO NOTHING",
+    )
+    .bind(operator)
+    .bind(lsn_text(commit_lsn))
+    .bind(ordinal_to_sql(CONTEXT, ordinal)?)
+    .bind(event.to_string())
+    .bind(error)
+    .bind(attempts_to_sql(CONTEXT, attempts)?)
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql(CONTEXT))?;
+    Ok(result.rows_affected() > 0)
+}
+
+/// Up to `limit` dead letters, oldest first.
+pub async fn list_dead_letters<'c, E: PgExecutor<'c>>(
+    executor: E,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, StatusError> {
+    const CONTEXT: &str = "listing dead letters";
+    let sql = StatusError::sql;
+    let rows = sqlx::query(
+        "SELECT id, operator, commit_lsn::text AS commit_lsn, ordinal, event::text AS event, \
+                error, attempts, streamex.epoch_micros(created_at) AS created_at \
+           FROM streamex.dead_letters ORDER BY id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(executor)
+    .await
+    .map_err(sql(CONTEXT))?;
+    rows.iter()
+        .map(|row| {
+            let event: &str = row.try_get("event").map_err(sql(CONTEXT))?;
+            Ok(DeadLetter {
+                id: row.try_get("id").map_err(sql(CONTEXT))?,
+                operator: row.try_get("operator").map_err(sql(CONTEXT))?,
+                commit_lsn: parse_lsn(CONTEXT, row.try_get("commit_lsn").map_err(sql(CONTEXT))?)?,
+                ordinal: ordinal_from_sql(CONTEXT, row.try_get("ordinal").map_err(sql(CONTEXT))?)?,
+                event: serde_json::from_str(event).map_err(|e| StatusError::Invalid {
+                    context: CONTEXT,
+                    detail: format!("event is not JSON: {e}"),
+                })?,
+                error: row.try_get("error").map_err(sql(CONTEXT))?,
+                attempts: attempts_from_sql(
+                    CONTEXT,
+                    row.try_get("attempts").map_err(sql(CONTEXT))?,
+                )?,
+                created_at_micros: row.try_get("created_at").map_err(sql(CONTEXT))?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,493 @@
+//! The status module against a real PostgreSQL: migrations, the PostgreSQL backend under the
+//! same contract as the memory one, `streamex.processed()` from SQL, checkpoints, operator
+//! state, dead letters and transactions.
+
+use chrono::NaiveDate;
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use streamex::Lsn;
+use streamex::status::{
+    self, MemoryStatus, OperatorRunState, PostgresStatus, ProcessStatusStorage, StatusBackend,
+    StatusError, StatusItem, contract,
+};
+
+async fn fresh_pool() -> anyhow::Result<PgPool> {
+    let url = streamex::testing::server().create_database().await?;
+    Ok(PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await?)
+}
+
+async fn migrated_pool() -> anyhow::Result<PgPool> {
+    let pool = fresh_pool().await?;
+    status::migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// µs since the Unix epoch of a UTC date and time, computed in Rust.
+fn micros(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, us: u32) -> i64 {
+    NaiveDate::from_ymd_opt(y, mo, d)
+        .and_then(|date| date.and_hms_micro_opt(h, mi, s, us))
+        .expect("valid date")
+        .and_utc()
+        .timestamp_micros()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Migrations.
+
+#[tokio::test]
+async fn migrate_twice_keeps_bookkeeping_in_streamex_and_search_path_untouched()
+-> anyhow::Result<()> {
+    let url = streamex::testing::server().create_database().await?;
+    // One connection only: whatever migrate() did to a pooled connection would show.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await?;
+    let before: String = sqlx::query_scalar("SHOW search_path")
+        .fetch_one(&pool)
+        .await?;
+    status::migrate(&pool).await?;
+    status::migrate(&pool).await?;
+
+    let public: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations')::text")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(
+        public, None,
+        "sqlx's bookkeeping table must not be in public"
+    );
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM streamex._sqlx_migrations WHERE success")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(applied, 1);
+
+    let after: String = sqlx::query_scalar("SHOW search_path")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(
+        after, before,
+        "migrate must not leave a pooled connection changed"
+    );
+
+    for table in [
+        "process_status",
+        "operator_checkpoints",
+        "operator_state",
+        "dead_letters",
+    ] {
+        let comment: Option<String> = sqlx::query_scalar(
+            "SELECT obj_description(to_regclass('streamex.' || $1), 'pg_class')",
+        )
+        .bind(table)
+        .fetch_one(&pool)
+        .await?;
+        assert!(comment.is_some(), "{table} has no comment");
+    }
+    let comment: Option<String> = sqlx::query_scalar(
+        "SELECT obj_description('streamex.processed(text, timestamptz)'::regprocedure, 'pg_proc')",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(comment.is_some(), "streamex.processed has no comment");
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_migrates_from_two_processes_both_succeed() -> anyhow::Result<()> {
+    for _ in 0..3 {
+        let url = streamex::testing::server().create_database().await?;
+        // Two pools stand for two processes starting at once.
+        let a = PgPool::connect(&url).await?;
+        let b = PgPool::connect(&url).await?;
+        let (ra, rb) = tokio::join!(status::migrate(&a), status::migrate(&b));
+        ra?;
+        rb?;
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM streamex._sqlx_migrations")
+            .fetch_one(&a)
+            .await?;
+        assert_eq!(applied, 1);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn migrate_works_when_the_schema_already_exists() -> anyhow::Result<()> {
+    let pool = fresh_pool().await?;
+    sqlx::query("CREATE SCHEMA streamex").execute(&pool).await?;
+    status::migrate(&pool).await?;
+    status::migrate(&pool).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn errors_before_migrate_name_what_failed_and_are_not_transient() -> anyhow::Result<()> {
+    let pool = fresh_pool().await?;
+    let err = PostgresStatus::new(pool)
+        .load()
+        .await
+        .expect_err("no table yet");
+    assert!(matches!(err, StatusError::Sql { .. }), "{err:?}");
+    assert_eq!(err.sqlstate().as_deref(), Some("42P01"));
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("loading process status"), "{err}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The storage contract, once for each backend.
+
+#[tokio::test]
+async fn memory_status_passes_the_contract() {
+    contract::check(&MemoryStatus::new()).await;
+    contract::check(&StatusBackend::Memory(MemoryStatus::new())).await;
+}
+
+#[tokio::test]
+async fn postgres_status_passes_the_contract() -> anyhow::Result<()> {
+    let pool = migrated_pool().await?;
+    contract::check(&PostgresStatus::new(pool.clone())).await;
+    contract::check(&StatusBackend::from(PostgresStatus::new(pool))).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn items_processed_collapses_duplicates_in_one_batch() -> anyhow::Result<()> {
+    let pool = migrated_pool().await?;
+    let status = PostgresStatus::new(pool.clone());
+    status.item_processed("posts", 100, Lsn(0x100)).await?;
+    let batch: Vec<StatusItem> = (0..50)
+        .flat_map(|i| {
+            [
+                StatusItem::new("posts", 50 + i, Lsn(0x50 + i as u64)),
+                StatusItem::new("comments", 1_000 - i, Lsn(0x10 + i as u64)),
+            ]
+        })
+        .collect();
+    status.items_processed(&batch).await?;
+    assert_eq!(
+        status.load().await?,
+        vec![
+            StatusItem::new("comments", 1_000, Lsn(0x10 + 49)),
+            StatusItem::new("posts", 100, Lsn(0x100)),
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_batches_do_not_deadlock_or_go_backwards() -> anyhow::Result<()> {
+    let pool = migrated_pool().await?;
+    let entities: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
+    let mut tasks = Vec::new();
+    for worker in 0..4i64 {
+        let pool = pool.clone();
+        let mut entities = entities.clone();
+        if worker % 2 == 1 {
+            entities.reverse();
+        }
+        tasks.push(tokio::spawn(async move {
+            for round in 0..10i64 {
+                let items: Vec<StatusItem> = entities
+                    .iter()
+                    .map(|e| {
+                        let t = round * 10 + worker;
+                        StatusItem::new(e.clone(), t, Lsn(u64::try_from(t).unwrap()))
+                    })
+                    .collect();
+                status::store_items(&pool, &items).await?;
+            }
+            Ok::<_, StatusError>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let items = status::load_items(&pool).await?;
+    assert_eq!(items.len(), 20);
+    for item in items {
+        assert_eq!((item.timestamp, item.lsn), (93, Lsn(93)), "{}", item.entity);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// streamex.processed() from plain SQL.
+
+async fn processed_sql(pool: &PgPool, entity: &str, ts: &str) -> anyhow::Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT streamex.processed($1, $2::text::timestamptz)")
+            .bind(entity)
+            .bind(ts)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+#[tokio::test]
+async fn sql_processed_follows_the_same_rule() -> anyhow::Result<()> {
+    let pool = migrated_pool().await?;
+    let at = micros(2024, 5, 6, 7, 8, 9, 123_456);
+    status::store_item(&pool, "posts", at, Lsn(0x1_0000_0001)).await?;
+
+    assert!(!processed_sql(&pool, "comments", "2000-01-01 00:00:00+00").await?);
+    assert!(processed_sql(&pool, "posts", "2024-05-06 07:08:09.123456+00").await?);
+    assert!(processed_sql(&pool, "posts", "2024-05-06 07:08:09.123455+00").await?);
+    assert!(!processed_sql(&pool, "posts", "2024-05-06 07:08:09.123457+00").await?);
+    // The same instant written in another zone.
+    assert!(processed_sql(&pool, "posts", "2024-05-06 12:38:09.123456+05:30").await?);
+    assert!(!processed_sql(&pool, "posts", "2024-05-06 12:38:09.123457+05:30").await?);
+    assert!(processed_sql(&pool, "posts", "-infinity").await?);
+    assert!(!processed_sql(&pool, "posts", "infinity").await?);
+    let null: bool = sqlx::query_scalar("SELECT streamex.processed('posts', NULL)")
+        .fetch_one(&pool)
+        .await?;
+    assert!(!null, "a NULL timestamp is not processed");
+
+    // The typical application query: the updated_at of its own write.
+    sqlx::query("CREATE TABLE posts (id int PRIMARY KEY, updated_at timestamptz NOT NULL)")
+        .execute(&pool)
+        .await?;
+    let written: i64 = sqlx::query_scalar(
+        "INSERT INTO posts VALUES (1, now()) RETURNING streamex.epoch_micros(updated_at)",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let asks = "SELECT streamex.processed('posts', updated_at) FROM posts WHERE id = 1";
+    assert!(!sqlx::query_scalar::<_, bool>(asks).fetch_one(&pool).await?);
+    status::store_item(&pool, "posts", written - 1, Lsn(0x2_0000_0000)).await?;
+    assert!(!sqlx::query_scalar::<_, bool>(asks).fetch_one(&pool).await?);
+    status::store_item(&pool, "posts", written, Lsn(0x2_0000_0000)).await?;
+    assert!(sqlx::query_scalar::<_, bool>(asks).fetch_one(&pool).await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn epoch_micros_is_exact_in_any_session_time_zone() -> anyhow::Result<()> {
+    let pool = migrated_pool().await?;
+    let cases = [
+        (
+            "2024-05-06 07:08:09.123456+00",
+            micros(2024, 5, 6, 7, 8, 9, 123_456),
+        ),
+        (
+            "2038-01-19 03:14:07.999999+00",
+            micros(2038, 1, 19, 3, 14, 7, 999_999),
+        ),
+        ("1970-01-01 00:00:00+00", 0),
+        ("1969-12-31 23:59:59.999999+00", -1),
+        (
+            "1900-03-04 05:06:07.000001+00",
+            micros(1900, 3, 4, 5, 6, 7, 1),
+        ),
+        (
+            "2262-04-11 23:47:16.854775+00",
+            micros(2262, 4, 11, 23, 47, 16, 854_775),
+        ),
+    ];
+    let mut conn = pool.acquire().await?;
+    for zone in [
+        "UTC",
+        "Asia/Kolkata",
+        "America/St_Johns",
+        "Europe/Amsterdam",
+    ] {
+        sqlx::query(&format!("SET TIME ZONE '{zone}'"))
+            .execute(&mut *conn)
+            .await?;
+        for (text, expected) in cases {
+            let got: i64 =
+                sqlx::query_scalar("SELECT streamex.epoch_micros($1::text::timestamptz)")
+                    .bind(text)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            assert_eq!(got, expected, "{text} in {zone}");
+        }
+    }
+    sqlx::query("RESET TIME ZONE").execute(&mut *conn).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints, operator state, dead letters.
+
+#[tokio::test]
+async fn store_checkpoint_never_moves_backwards() -> anyhow::Result<()> {
+    let pool = migrated_pool().await?;
+    assert!(status::load_checkpoints(&pool).await?.is_empty());
+    assert!(status::store_checkpoint(&pool, "op", Lsn(0x10), 5).await?);
+    assert!(
+        !status::store_checkpoint(&pool, "op", Lsn(0x10), 5).await?,
+        "same position"
+    );
+    assert!(
+        !status::store_checkpoint(&pool, "op", Lsn(0x10), 4).await?,
+        "older ordinal"
+    );
+    assert!(
+        !status::store_checkpoint(&pool, "op", Lsn(0x0F), 100).await?,
+        "older lsn"
+    );
+    assert_eq!(status::load_checkpoints(&pool).await?["op"], (Lsn(0x10), 5));
+    assert!(status::store_checkpoint(&pool, "op", Lsn(0x10), 6).await?);
+    assert!(status::store_checkpoint(&pool, "op", Lsn(0x1_0000_0000), 0).await?);
+    assert!(status::store_checkpoint(&pool, "other", Lsn(0x1), 0).await?);
+    let checkpoints = status::load_checkpoints(&pool).await?;
+    assert_eq!(checkpoints.len(), 2);
+    assert_eq!(checkpoints["op"], (Lsn(0x1_0000_0000), 0));
+    assert_eq!(checkpoints["other"], (Lsn(0x1), 0));
+
+    let err = status::store_checkpoint(&pool, "op", Lsn(0x2_0000_0000), u64::MAX)
+        .await
+        .expect_err("an ordinal beyond bigint");
+    assert!(matches!(err, StatusError::Invalid { .. }), "{err:?}");
+    assert_eq!(
+        status::load_checkpoints(&pool).await?["op"],
+        (Lsn(0x1_0000_0000), 0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn operator_state_halts_survives_a_new_pool_and_runs_again() -> anyhow::Result<()> {
+    let url = streamex::testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    status::migrate(&pool).await?;
+    assert!(status::load_operator_states(&pool).await?.is_empty());
+    status::set_operator_halted(&pool, "mailer", "first", Lsn(0x1), 1, 1).await?;
+    status::set_operator_halted(
+        &pool,
+        "mailer",
+        "boom: smtp refused",
+        Lsn(0x2_0000_00AB),
+        7,
+        3,
+    )
+    .await?;
+    status::set_operator_running(&pool, "indexer").await?;
+    pool.close().await;
+
+    // As after a restart.
+    let pool = PgPool::connect(&url).await?;
+    let states = status::load_operator_states(&pool).await?;
+    assert_eq!(states.len(), 2);
+    let mailer = &states["mailer"];
+    assert_eq!(mailer.operator, "mailer");
+    assert_eq!(mailer.state, OperatorRunState::Halted);
+    assert_eq!(mailer.last_error.as_deref(), Some("boom: smtp refused"));
+    assert_eq!(mailer.failed_commit_lsn, Some(Lsn(0x2_0000_00AB)));
+    assert_eq!(mailer.failed_ordinal, Some(7));
+    assert_eq!(mailer.attempts, Some(3));
+    let now = streamex::replication::now_unix_micros();
+    let at = mailer.error_at_micros.expect("error_at");
+    assert!(
+        (now - at).abs() < 60_000_000,
+        "error_at {at} far from now {now}"
+    );
+    assert_eq!(states["indexer"].state, OperatorRunState::Running);
+    assert_eq!(states["indexer"].last_error, None);
+
+    status::set_operator_running(&pool, "mailer").await?;
+    let mailer = &status::load_operator_states(&pool).await?["mailer"];
+    assert_eq!(mailer.state, OperatorRunState::Running);
+    assert_eq!(mailer.last_error, None);
+    assert_eq!(mailer.error_at_micros, None);
+    assert_eq!(mailer.failed_commit_lsn, None);
+    assert_eq!(mailer.failed_ordinal, None);
+    assert_eq!(mailer.attempts, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_letter_insert_is_idempotent() -> anyhow::Result<()> {
+    let pool = migrated_pool().await?;
+    let event: serde_json::Value = serde_json::from_str(
+        r#"{"type":"insert","table":"posts","new_record":{"id":1,"price":12345678901234567890.123456789,"title":"héllo"}}"#,
+    )?;
+    assert!(
+        status::insert_dead_letter(&pool, "mailer", Lsn(0x1_0000_0010), 2, &event, "boom", 5)
+            .await?
+    );
+    assert!(
+        !status::insert_dead_letter(&pool, "mailer", Lsn(0x1_0000_0010), 2, &event, "again", 6)
+            .await?,
+        "a replay must not duplicate the dead letter"
+    );
+    assert!(
+        status::insert_dead_letter(
+            &pool,
+            "mailer",
+            Lsn(0x1_0000_0010),
+            3,
+            &json!({"n": 3}),
+            "x",
+            1
+        )
+        .await?
+    );
+    assert!(
+        status::insert_dead_letter(&pool, "indexer", Lsn(0x1_0000_0010), 2, &event, "y", 1).await?
+    );
+
+    let letters = status::list_dead_letters(&pool, 10).await?;
+    assert_eq!(letters.len(), 3);
+    let first = &letters[0];
+    assert_eq!(first.operator, "mailer");
+    assert_eq!(first.commit_lsn, Lsn(0x1_0000_0010));
+    assert_eq!(first.ordinal, 2);
+    assert_eq!(first.event, event, "the event comes back exactly");
+    assert_eq!(first.error, "boom", "the first dead letter is kept");
+    assert_eq!(first.attempts, 5);
+    assert!(first.created_at_micros > 0);
+    assert!(letters[0].id < letters[1].id && letters[1].id < letters[2].id);
+    assert_eq!(status::list_dead_letters(&pool, 1).await?.len(), 1);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transactions.
+
+#[tokio::test]
+async fn writes_in_a_callers_transaction_roll_back_and_commit_with_it() -> anyhow::Result<()> {
+    let pool = migrated_pool().await?;
+    let items = [
+        StatusItem::new("posts", 10, Lsn(0x10)),
+        StatusItem::new("comments", 20, Lsn(0x20)),
+    ];
+
+    let mut tx = pool.begin().await?;
+    status::store_items(&mut *tx, &items).await?;
+    status::store_item(&mut *tx, "users", 1, Lsn(1)).await?;
+    status::store_checkpoint(&mut *tx, "op", Lsn(0x20), 1).await?;
+    status::set_operator_halted(&mut *tx, "op", "boom", Lsn(0x20), 2, 3).await?;
+    status::insert_dead_letter(&mut *tx, "op", Lsn(0x20), 2, &json!({}), "boom", 3).await?;
+    // Visible inside the transaction...
+    assert_eq!(status::load_items(&mut *tx).await?.len(), 3);
+    assert!(status::is_processed(&mut *tx, "posts", 10).await?);
+    tx.rollback().await?;
+
+    // ...and gone with it.
+    assert!(status::load_items(&pool).await?.is_empty());
+    assert!(status::load_checkpoints(&pool).await?.is_empty());
+    assert!(status::load_operator_states(&pool).await?.is_empty());
+    assert!(status::list_dead_letters(&pool, 10).await?.is_empty());
+
+    let mut tx = pool.begin().await?;
+    status::store_items(&mut *tx, &items).await?;
+    status::store_checkpoint(&mut *tx, "op", Lsn(0x20), 1).await?;
+    tx.commit().await?;
+    assert_eq!(
+        status::load_items(&pool).await?,
+        vec![
+            StatusItem::new("comments", 20, Lsn(0x20)),
+            StatusItem::new("posts", 10, Lsn(0x10)),
+        ]
+    );
+    assert_eq!(status::load_checkpoints(&pool).await?["op"], (Lsn(0x20), 1));
+    Ok(())
+}
