@@ -185,7 +185,10 @@ pub async fn resume_command(args: ResumeArgs, shutdown: CancellationToken) -> an
     }
     status::migrate(&pool).await?;
     let states = status::load_operator_states(&pool).await?;
-    if !states.get(&args.operator).is_some_and(|s| s.halted) {
+    if !states
+        .get(&args.operator)
+        .is_some_and(|s| s.state == status::OperatorRunState::Halted)
+    {
         println!("operator {:?} is not halted; nothing to do", args.operator);
         return Ok(());
     }

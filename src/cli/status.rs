@@ -11,7 +11,7 @@ use super::service::{ConfigArgs, connect};
 use crate::config::StatusBackendKind;
 use crate::event::micros_rfc3339;
 use crate::replication::{Lsn, SlotInfo, setup};
-use crate::status::{self, PostgresStatus, ProcessStatusStorage};
+use crate::status::{self, OperatorRunState, PostgresStatus, ProcessStatusStorage};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -75,7 +75,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             status::load_checkpoints(&pool).await?,
             status::load_operator_states(&pool).await?,
             items,
-            status::count_dead_letters(&pool).await?,
+            count_dead_letters(&pool).await?,
         )
     } else {
         Default::default()
@@ -88,7 +88,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             let state = states.get(&o.name);
             OperatorLine {
                 name: o.name.clone(),
-                state: if state.is_some_and(|s| s.halted) {
+                state: if state.is_some_and(|s| s.state == OperatorRunState::Halted) {
                     "halted".into()
                 } else {
                     "running".into()
@@ -96,9 +96,9 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
                 checkpoint_commit_lsn: checkpoint.map(|c| c.0),
                 checkpoint_ordinal: checkpoint.map(|c| c.1),
                 last_error: state.and_then(|s| s.last_error.clone()),
-                failed_at: state
-                    .and_then(|s| s.failed_position)
-                    .map(|(lsn, ordinal)| format!("{lsn}#{ordinal}")),
+                failed_at: state.and_then(|s| {
+                    Some(format!("{}#{}", s.failed_commit_lsn?, s.failed_ordinal?))
+                }),
             }
         })
         .collect();
@@ -131,6 +131,16 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
         print!("{}", render(&report, has_schema));
     }
     Ok(())
+}
+
+/// Dead letters per operator.
+async fn count_dead_letters(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "SELECT operator, count(*) FROM streamex.dead_letters GROUP BY operator ORDER BY operator",
+    )
+    .fetch_all(pool)
+    .await
+    .context("counting dead letters")
 }
 
 fn bytes(n: i64) -> String {

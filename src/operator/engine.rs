@@ -34,7 +34,7 @@ use crate::decode::Decoded;
 use crate::event::Event;
 use crate::pubsub::{self, ChannelSpec, EntityProcessed, PubSub};
 use crate::replication::{Acknowledger, Lsn};
-use crate::status::{self, ProcessStatusStorage, StatusItem};
+use crate::status::{self, OperatorRunState, ProcessStatusStorage, StatusItem};
 
 /// How many commits may wait for the operators before the oldest waiting ones are merged
 /// (keeping memory flat while an operator is halted or far behind).
@@ -266,9 +266,9 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         let mut inboxes: Vec<Option<mpsc::Sender<Input>>> = Vec::new();
         for (index, spec) in self.operators.iter().enumerate() {
             let name = spec.operator.name();
-            if let Some(state) = states.get(name).filter(|s| s.halted) {
+            if let Some(state) = states.get(name).filter(|s| s.state == OperatorRunState::Halted) {
                 warn!(operator = name, error = %state.last_error.clone().unwrap_or_default(),
-                      "operator is halted; run `streamex resume {name}` to restart it");
+                      "operator is halted; run `streamex resume {}` to restart it", name);
                 board.halt(index, state.last_error.clone().unwrap_or_else(|| "halted".into()));
                 inboxes.push(None);
                 continue;
@@ -523,7 +523,10 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             };
             for index in halted {
                 let name = &names[index];
-                if states.get(name.as_str()).is_none_or(|s| !s.halted) {
+                if states
+                    .get(name.as_str())
+                    .is_none_or(|s| s.state != OperatorRunState::Halted)
+                {
                     info!(operator = %name, "operator resumed; restarting from the slot's position");
                     return name.clone();
                 }

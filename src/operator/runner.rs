@@ -200,7 +200,7 @@ impl Runner {
                         &message,
                         event.commit_lsn,
                         event.ordinal,
-                        i32::try_from(attempt).unwrap_or(i32::MAX),
+                        attempt,
                     )
                     .await;
                     if let Err(e) = stored {
