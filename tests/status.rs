@@ -20,6 +20,12 @@ async fn fresh_pool() -> anyhow::Result<PgPool> {
         .await?)
 }
 
+async fn migrated_pool_at(url: &str) -> anyhow::Result<PgPool> {
+    let pool = PgPool::connect(url).await?;
+    status::migrate(&pool).await?;
+    Ok(pool)
+}
+
 async fn migrated_pool() -> anyhow::Result<PgPool> {
     let pool = fresh_pool().await?;
     status::migrate(&pool).await?;
@@ -489,5 +495,30 @@ async fn writes_in_a_callers_transaction_roll_back_and_commit_with_it() -> anyho
         ]
     );
     assert_eq!(status::load_checkpoints(&pool).await?["op"], (Lsn(0x20), 1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_terminated_connection_is_a_transient_error() -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let url = streamex::testing::server().create_database().await?;
+    let pool = migrated_pool_at(&url).await?;
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await?;
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
+        .bind(pid)
+        .fetch_one(&pool)
+        .await?;
+    assert!(terminated);
+    let err = status::load_items(&mut conn)
+        .await
+        .expect_err("the connection was terminated");
+    assert!(err.is_transient(), "{err:?} should be transient");
+    assert!(
+        status::load_items(&pool).await?.is_empty(),
+        "the pool still works"
+    );
     Ok(())
 }

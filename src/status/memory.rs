@@ -83,6 +83,8 @@ mod tests {
     #[tokio::test]
     async fn passes_the_contract() {
         crate::status::contract::check(&MemoryStatus::new()).await;
+        crate::status::contract::check(&crate::status::StatusBackend::from(MemoryStatus::new()))
+            .await;
     }
 
     #[tokio::test]
