@@ -87,12 +87,14 @@ async fn trust_over_the_unix_socket() -> anyhow::Result<()> {
     for url in [
         format!("postgres://postgres@{encoded}:{}/postgres", cluster.port()),
         format!(
-            "postgres://postgres@/postgres?host={encoded}&port={}",
+            // Unix sockets never use TLS, whatever sslmode says (as libpq).
+            "postgres://postgres@/postgres?host={encoded}&port={}&sslmode=require",
             cluster.port()
         ),
     ] {
         let p = params(&url);
         let mut conn = Connection::connect(&p, &replication()).await?;
+        assert!(!conn.is_tls());
         let rows = conn
             .simple_query("SELECT client_addr IS NULL AS local FROM pg_stat_activity WHERE pid = pg_backend_pid()")
             .await?;

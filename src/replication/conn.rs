@@ -32,6 +32,7 @@
 //! REPLICATION attribute...). NoticeResponses are logged and skipped everywhere.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -80,10 +81,18 @@ struct Message {
 }
 
 /// Reads framed backend messages from a byte stream.
-#[derive(Debug)]
 struct MessageReader<R> {
     io: R,
     buf: BytesMut,
+}
+
+impl<R> fmt::Debug for MessageReader<R> {
+    /// Only the amount buffered: the bytes themselves may be anything.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessageReader")
+            .field("buffered", &self.buf.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<R: AsyncRead + Unpin> MessageReader<R> {
@@ -169,7 +178,6 @@ fn encode_error(e: std::io::Error) -> ReplicationError {
 }
 
 /// A connection after startup, ready for queries.
-#[derive(Debug)]
 pub struct Connection {
     reader: MessageReader<Transport>,
     write_buf: BytesMut,
@@ -177,6 +185,18 @@ pub struct Connection {
     backend_pid: i32,
     secret_key: i32,
     user: String,
+}
+
+impl fmt::Debug for Connection {
+    /// Never the buffers: the write buffer may hold a password message after a failed write.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("user", &self.user)
+            .field("backend_pid", &self.backend_pid)
+            .field("tls", &self.is_tls())
+            .field("server_version", &self.server_parameter("server_version"))
+            .finish_non_exhaustive()
+    }
 }
 
 /// One row of a simple query's result: text values by column.
@@ -671,10 +691,15 @@ impl CopyReader {
 }
 
 /// The sending half of a connection in copy-both mode.
-#[derive(Debug)]
 pub struct CopyWriter {
     io: WriteHalf<Transport>,
     buf: BytesMut,
+}
+
+impl fmt::Debug for CopyWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CopyWriter").finish_non_exhaustive()
+    }
 }
 
 impl CopyWriter {
@@ -872,6 +897,60 @@ mod tests {
             assert!(matches!(e, ReplicationError::Protocol(_)), "{len}: {e:?}");
             assert!(reader.buf.capacity() < 1 << 20);
         }
+    }
+
+    #[tokio::test]
+    async fn rejects_a_message_just_over_the_limit() {
+        let len = i32::try_from(MAX_BACKEND_MESSAGE + 1).unwrap();
+        let mut bytes = vec![b'd'];
+        bytes.extend_from_slice(&len.to_be_bytes());
+        let mut reader = MessageReader::new(&bytes[..], BytesMut::new());
+        let e = reader.next().await.unwrap_err();
+        assert!(e.to_string().contains("more than the limit"), "{e}");
+    }
+
+    /// An AsyncRead over a byte slice that counts its reads.
+    struct CountingReader<'a> {
+        data: &'a [u8],
+        reads: usize,
+    }
+
+    impl AsyncRead for CountingReader<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = buf.remaining().min(self.data.len());
+            let (head, tail) = self.data.split_at(n);
+            buf.put_slice(head);
+            self.data = tail;
+            self.reads += 1;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_many_small_messages_in_few_reads() {
+        const COUNT: usize = 100_000;
+        let mut bytes = Vec::new();
+        for i in 0..COUNT {
+            bytes.extend(frame(b'd', &u64::try_from(i).unwrap().to_be_bytes()));
+        }
+        let mut reader = MessageReader::new(
+            CountingReader {
+                data: &bytes,
+                reads: 0,
+            },
+            BytesMut::new(),
+        );
+        for i in 0..COUNT {
+            let m = reader.next().await.unwrap();
+            assert_eq!(m.tag, b'd');
+            assert_eq!(m.body[..], u64::try_from(i).unwrap().to_be_bytes());
+        }
+        let reads = reader.io.reads;
+        assert!(reads * 500 < COUNT, "{reads} reads for {COUNT} messages");
     }
 
     #[test]
