@@ -82,9 +82,13 @@ fn deliver<T: Clone>(slots: &mut Vec<Slot<T>>, item: &T, position: (Lsn, u64)) {
     slots.retain(|slot| slot.offer(item.clone(), position));
 }
 
-/// A new subscription's two ends. A capacity of 0 is taken as 1.
+/// The largest queue a subscription gets; tokio's bounded channel panics above
+/// `usize::MAX >> 3`, and the queue is not preallocated, so this is no practical limit.
+const MAX_CAPACITY: usize = usize::MAX >> 4;
+
+/// A new subscription's two ends. The capacity is clamped to `1..=MAX_CAPACITY`.
 fn pair<T>(capacity: usize) -> (Slot<T>, mpsc::Receiver<T>, CutOff) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let (tx, rx) = mpsc::channel(capacity.clamp(1, MAX_CAPACITY));
     let cut_off = CutOff::default();
     let slot = Slot {
         tx,
@@ -582,6 +586,16 @@ mod tests {
             }
         );
         assert_eq!(bus.processed_subscriber_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn capacities_of_zero_and_huge_are_clamped() {
+        let bus = PubSub::new();
+        let mut zero = bus.subscribe("posts", 0);
+        let mut huge = bus.subscribe("posts", usize::MAX);
+        bus.publish(&names(&["posts"]), &ev("posts", 1, 0));
+        assert_eq!(zero.recv().await.unwrap().ordinal, 0);
+        assert_eq!(huge.recv().await.unwrap().ordinal, 0);
     }
 
     #[test]
