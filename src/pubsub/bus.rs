@@ -588,6 +588,43 @@ mod tests {
         assert_eq!(bus.processed_subscriber_count(), 0);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn across_threads_a_subscriber_sees_a_gapless_prefix_then_lagged() {
+        const N: u64 = 20_000;
+        let bus = PubSub::new();
+        let mut sub = bus.subscribe("posts", 8);
+        let publisher = bus.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let channels = names(&["posts"]);
+            for i in 0..N {
+                publisher.publish(&channels, &ev("posts", i, i));
+            }
+        });
+        let mut next = 0;
+        let end = loop {
+            match sub.recv().await {
+                Ok(e) => {
+                    assert_eq!(e.ordinal, next, "an event after a gap");
+                    next += 1;
+                }
+                Err(end) => break end,
+            }
+            if next == N {
+                break RecvError::Closed;
+            }
+        };
+        task.await.unwrap();
+        if next < N {
+            assert_eq!(
+                end,
+                RecvError::Lagged {
+                    channel: "posts".into(),
+                    dropped_at: (Lsn(0x1000), next),
+                }
+            );
+        }
+    }
+
     #[tokio::test]
     async fn capacities_of_zero_and_huge_are_clamped() {
         let bus = PubSub::new();
