@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod decode;
 pub mod event;
+pub mod pubsub;
 pub mod replication;
 pub mod status;
 pub mod testing;
