@@ -849,6 +849,12 @@ fn parse_data_row(body: &Bytes) -> Result<Vec<Option<String>>, ReplicationError>
 
 fn log_notice(body: &[u8]) {
     match DbError::parse(body) {
+        Ok(notice) if notice.severity == "WARNING" => tracing::warn!(
+            severity = %notice.severity,
+            code = %notice.code,
+            message = %notice.message,
+            "server notice"
+        ),
         Ok(notice) => tracing::info!(
             severity = %notice.severity,
             code = %notice.code,
