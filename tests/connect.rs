@@ -384,6 +384,11 @@ async fn copy_both_round_trip() -> anyhow::Result<()> {
             CopyMessage::Data(_) => {}
         }
     }
+    // Then CommandComplete and ReadyForQuery, after which nothing is read any more.
+    for _ in 0..3 {
+        let message = tokio::time::timeout_at(deadline, reader.next()).await??;
+        assert_eq!(message, CopyMessage::Done);
+    }
     Ok(())
 }
 async fn ssl_in_use(conn: &mut Connection) -> anyhow::Result<String> {
@@ -438,10 +443,16 @@ impl Ca {
     }
 }
 
-/// A cluster with ssl=on and a certificate from `ca` for `names`.
+/// A cluster with ssl=on and a certificate from `ca` for `names`; `scram_user` must
+/// authenticate with scram-sha-256 over TLS, everyone else is trusted.
 fn tls_cluster(ca: &Ca, names: &[&str]) -> anyhow::Result<Cluster> {
     let (cert, key) = ca.issue(names)?;
     Ok(Cluster::builder()
+        .hba(
+            "local all all trust\n\
+             hostssl all scram_user 127.0.0.1/32 scram-sha-256\n\
+             host all all 127.0.0.1/32 trust\n",
+        )
         .setting("ssl", "on")
         .setting("ssl_cert_file", "server.crt")
         .setting("ssl_key_file", "server.key")
@@ -530,6 +541,25 @@ async fn tls_modes_against_a_certificate_for_localhost() -> anyhow::Result<()> {
             conn.close().await;
         }
     }
+
+    // SCRAM over TLS: the server offers SCRAM-SHA-256-PLUS, and the channel binding to its
+    // certificate must verify.
+    let mut admin = admin(&cluster.url("postgres")).await?;
+    sqlx::raw_sql("CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'tls pw'")
+        .execute(&mut admin)
+        .await?;
+    let scram_url = |password: &str| {
+        format!(
+            "postgres://scram_user:{password}@127.0.0.1:{port}/postgres?sslmode=verify-full&sslrootcert={ca_file}"
+        )
+    };
+    let mut conn = Connection::connect(&params(&scram_url("tls%20pw")), &replication()).await?;
+    assert_eq!(ssl_in_use(&mut conn).await?, "t");
+    conn.close().await;
+    let e = Connection::connect(&params(&scram_url("nope")), &replication())
+        .await
+        .unwrap_err();
+    assert_eq!(e.sqlstate(), Some("28P01"), "{e}");
 
     // disable stays in plain against a server with ssl=on.
     let url = url_for(port, "postgres", None, "postgres", "sslmode=disable");

@@ -326,7 +326,7 @@ impl Connection {
             }
         }
         tracing::info!(
-            target = %params.target(),
+            server = %params.target(),
             user = %params.user,
             dbname = %params.dbname,
             tls,
@@ -409,30 +409,44 @@ impl Connection {
                 10 => {
                     let mechanisms = sasl_mechanisms(&body)?;
                     tracing::debug!(user = %params.user, ?mechanisms, "server asks for sasl");
-                    if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
-                        return Err(ReplicationError::Auth(
-                            if mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS) {
-                                format!(
-                                    "the server offers only {SCRAM_SHA_256_PLUS} (scram with \
-                                     channel binding, channel_binding=require) for user \"{}\", \
-                                     which streamex does not support: allow plain \
-                                     {SCRAM_SHA_256} for this user",
-                                    params.user
-                                )
-                            } else {
-                                format!(
-                                    "the server offers no supported sasl mechanism (offered: {}); \
-                                     streamex supports {SCRAM_SHA_256}",
-                                    mechanisms.join(", ")
-                                )
-                            },
-                        ));
-                    }
+                    let offers = |name: &str| mechanisms.iter().any(|m| m == name);
+                    let binding = self.reader.io.tls_server_end_point();
+                    // With TLS and a certificate we can hash, bind the channel (PLUS); when the
+                    // server did not offer PLUS, say we could have ("y") so that a stripped
+                    // offer is detected; without binding data say we cannot ("n").
+                    let (mechanism, channel_binding) = match binding {
+                        Some(data) if offers(SCRAM_SHA_256_PLUS) => (
+                            SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(data),
+                        ),
+                        Some(_) if offers(SCRAM_SHA_256) => {
+                            (SCRAM_SHA_256, ChannelBinding::unrequested())
+                        }
+                        None if offers(SCRAM_SHA_256) => {
+                            (SCRAM_SHA_256, ChannelBinding::unsupported())
+                        }
+                        _ if offers(SCRAM_SHA_256_PLUS) => {
+                            return Err(ReplicationError::Auth(format!(
+                                "the server offers only {SCRAM_SHA_256_PLUS} (scram with channel \
+                                 binding) for user \"{}\", which needs tls and a server \
+                                 certificate signed with sha-256 or sha-384: use sslmode=require \
+                                 or stronger, or allow plain {SCRAM_SHA_256}",
+                                params.user
+                            )));
+                        }
+                        _ => {
+                            return Err(ReplicationError::Auth(format!(
+                                "the server offers no supported sasl mechanism (offered: {}); \
+                                 streamex supports {SCRAM_SHA_256} and {SCRAM_SHA_256_PLUS}",
+                                mechanisms.join(", ")
+                            )));
+                        }
+                    };
                     let password = need_password(params, "scram-sha-256")?;
-                    let exchange =
-                        ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    tracing::debug!(user = %params.user, mechanism, "starting scram");
+                    let exchange = ScramSha256::new(password.as_bytes(), channel_binding);
                     frontend::sasl_initial_response(
-                        SCRAM_SHA_256,
+                        mechanism,
                         exchange.message(),
                         &mut self.write_buf,
                     )
@@ -605,6 +619,7 @@ impl Connection {
             CopyReader {
                 reader: MessageReader::new(read, buf),
                 done: false,
+                finished: false,
             },
             CopyWriter {
                 io: write,
@@ -652,7 +667,10 @@ pub enum CopyMessage {
 #[derive(Debug)]
 pub struct CopyReader {
     reader: MessageReader<ReadHalf<Transport>>,
+    /// The server has sent CopyDone.
     done: bool,
+    /// The server has sent ReadyForQuery: nothing more will come.
+    finished: bool,
 }
 
 impl CopyReader {
@@ -660,18 +678,28 @@ impl CopyReader {
     /// Notices are logged and skipped, ParameterStatus is skipped, an ErrorResponse is
     /// returned as [`ReplicationError::Server`].
     ///
+    /// After the first `Done` the caller normally stops; further calls skip what follows
+    /// (CommandComplete, ReadyForQuery) returning `Done` again, and once ReadyForQuery has
+    /// come they return `Done` at once without reading.
+    ///
     /// Cancel safe: a message is only taken out of the buffer once it is complete.
     pub async fn next(&mut self) -> Result<CopyMessage, ReplicationError> {
+        if self.finished {
+            return Ok(CopyMessage::Done);
+        }
         loop {
             let message = self.reader.next().await?;
             match message.tag {
                 b'd' if !self.done => return Ok(CopyMessage::Data(message.body)),
+                // A walsender may still send a keepalive after its CopyDone: skip it.
+                b'd' => tracing::trace!("copy data after copy done, skipped"),
                 b'c' => {
                     self.done = true;
                     return Ok(CopyMessage::Done);
                 }
                 b'C' | b'Z' => {
                     self.done = true;
+                    self.finished = message.tag == b'Z';
                     return Ok(CopyMessage::Done);
                 }
                 b'E' => {
@@ -821,6 +849,12 @@ fn parse_data_row(body: &Bytes) -> Result<Vec<Option<String>>, ReplicationError>
 
 fn log_notice(body: &[u8]) {
     match DbError::parse(body) {
+        Ok(notice) if notice.severity == "WARNING" => tracing::warn!(
+            severity = %notice.severity,
+            code = %notice.code,
+            message = %notice.message,
+            "server notice"
+        ),
         Ok(notice) => tracing::info!(
             severity = %notice.severity,
             code = %notice.code,
@@ -897,6 +931,15 @@ mod tests {
             assert!(matches!(e, ReplicationError::Protocol(_)), "{len}: {e:?}");
             assert!(reader.buf.capacity() < 1 << 20);
         }
+    }
+
+    #[test]
+    fn halves_can_move_to_tasks() {
+        fn send<T: Send + Unpin + 'static>() {}
+        send::<Connection>();
+        send::<CopyReader>();
+        send::<CopyWriter>();
+        send::<Transport>();
     }
 
     #[tokio::test]

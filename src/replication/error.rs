@@ -242,9 +242,9 @@ impl ReplicationError {
                 "authentication failed for user \"{user}\": check the password in the database url"
             ),
             "28000" => format!(
-                "the server rejected user \"{user}\" for database \"{dbname}\": if no pg_hba.conf \
-                 entry matches, add one for this host, user and database (then reload the \
-                 server); otherwise check that the role exists and may log in"
+                "the server refused user \"{user}\" for database \"{dbname}\": when no pg_hba.conf \
+                 entry matches, add one for this host, user and database and reload the \
+                 server; otherwise check that the role exists and may log in"
             ),
             "3D000" => format!(
                 "database \"{dbname}\" does not exist: create it or fix the database name in the \

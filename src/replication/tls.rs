@@ -127,6 +127,19 @@ impl Transport {
         matches!(self, Transport::Tls(_))
     }
 
+    /// The `tls-server-end-point` channel binding data (RFC 5929) for SCRAM-SHA-256-PLUS: the
+    /// hash of the server's certificate, with the hash of its signature algorithm (SHA-256
+    /// for MD5 and SHA-1). `None` without TLS or for algorithms without a usable hash
+    /// (SHA-512, RSA-PSS, Ed25519), in which case SCRAM runs without channel binding.
+    pub fn tls_server_end_point(&self) -> Option<Vec<u8>> {
+        let Transport::Tls(stream) = self else {
+            return None;
+        };
+        let cert = stream.get_ref().1.peer_certificates()?.first()?;
+        let hash = end_point_hash(signature_algorithm(cert.as_ref())?)?;
+        Some(hash.hash(cert.as_ref()).as_ref().to_vec())
+    }
+
     /// Opens the transport for `params`: connects, then negotiates TLS as `sslmode` says.
     pub async fn connect(params: &ConnectParams) -> Result<Transport, ReplicationError> {
         let connect_error = |source| ReplicationError::Connect {
@@ -146,7 +159,7 @@ impl Transport {
         .map_err(connect_error)?;
         // Small messages (standby status updates) must not wait for Nagle.
         tcp.set_nodelay(true).map_err(connect_error)?;
-        tracing::debug!(target = %params.target(), "connected over tcp");
+        tracing::debug!(server = %params.target(), "connected over tcp");
         negotiate(tcp, params).await
     }
 }
@@ -181,7 +194,7 @@ async fn negotiate(
             });
         }
         b'N' => {
-            tracing::debug!(target = %params.target(), "server does not offer tls, continuing in plain");
+            tracing::debug!(server = %params.target(), "server does not offer tls, continuing in plain");
             return Ok(Transport::Tcp(tcp));
         }
         b'E' => {
@@ -200,7 +213,7 @@ async fn negotiate(
     let connector = TlsConnector::from(Arc::new(config));
     match connector.connect(name, tcp).await {
         Ok(stream) => {
-            tracing::debug!(target = %params.target(), sslmode = %params.sslmode, "tls established");
+            tracing::debug!(server = %params.target(), sslmode = %params.sslmode, "tls established");
             Ok(Transport::Tls(Box::new(stream)))
         }
         Err(error) => Err(handshake_error(error, params)),
@@ -339,6 +352,77 @@ fn load_roots(path: &Path) -> Result<RootCertStore, ReplicationError> {
         )));
     }
     Ok(store)
+}
+
+/// Splits one DER element: (tag, contents, the rest after it).
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let (bytes, after) = rest.split_at(count);
+        rest = after;
+        bytes.iter().fold(0usize, |n, &b| (n << 8) | usize::from(b))
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let (contents, after) = rest.split_at(len);
+    Some((tag, contents, after))
+}
+
+/// The OID (DER contents) of a certificate's signatureAlgorithm:
+/// `Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm SEQUENCE { OID, ... }, ... }`.
+fn signature_algorithm(cert: &[u8]) -> Option<&[u8]> {
+    const SEQUENCE: u8 = 0x30;
+    const OID: u8 = 0x06;
+    let (SEQUENCE, certificate, _) = der_element(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, _, after_tbs) = der_element(certificate)? else {
+        return None;
+    };
+    let (SEQUENCE, algorithm, _) = der_element(after_tbs)? else {
+        return None;
+    };
+    let (OID, oid, _) = der_element(algorithm)? else {
+        return None;
+    };
+    Some(oid)
+}
+
+/// The hash for `tls-server-end-point` given the signature algorithm's OID, from the ring
+/// provider's TLS 1.3 suites.
+fn end_point_hash(oid: &[u8]) -> Option<&'static dyn rustls::crypto::hash::Hash> {
+    use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01]; // 1.2.840.113549.1.1
+    const ECDSA_SHA2: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03]; // 1.2.840.10045.4.3
+    const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01]; // 1.2.840.10045.4.1
+    let sha256 = TLS13_AES_128_GCM_SHA256.tls13()?.common.hash_provider;
+    let sha384 = TLS13_AES_256_GCM_SHA384.tls13()?.common.hash_provider;
+    if oid == ECDSA_SHA1 {
+        return Some(sha256);
+    }
+    if let Some(last) = oid.strip_prefix(RSA) {
+        return match last {
+            [0x04 | 0x05 | 0x0b] => Some(sha256), // md5, sha1, sha256 WithRSAEncryption
+            [0x0c] => Some(sha384),
+            _ => None, // sha512, RSASSA-PSS
+        };
+    }
+    if let Some(last) = oid.strip_prefix(ECDSA_SHA2) {
+        return match last {
+            [0x02] => Some(sha256),
+            [0x03] => Some(sha384),
+            _ => None,
+        };
+    }
+    None
 }
 
 /// sslmode=verify-ca: the chain is verified by webpki; only a host name mismatch is ignored
@@ -534,6 +618,32 @@ mod tests {
         let e = client_config(&params).unwrap_err();
         assert!(!e.is_transient());
         assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+    }
+
+    #[test]
+    fn finds_the_signature_algorithm_for_channel_binding() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        // rcgen's default key is ECDSA P-256 with SHA-256.
+        let oid = signature_algorithm(cert.der()).unwrap();
+        assert_eq!(oid, [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]);
+        let hash = end_point_hash(oid).unwrap();
+        assert_eq!(
+            hash.algorithm(),
+            rustls::crypto::hash::HashAlgorithm::SHA256
+        );
+        let rsa_sha384 = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c];
+        assert_eq!(
+            end_point_hash(&rsa_sha384).unwrap().algorithm(),
+            rustls::crypto::hash::HashAlgorithm::SHA384
+        );
+        let rsa_pss = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a];
+        assert!(end_point_hash(&rsa_pss).is_none());
+        assert!(signature_algorithm(&cert.der()[..20]).is_none());
+        assert!(signature_algorithm(b"").is_none());
     }
 
     #[test]
