@@ -359,6 +359,17 @@ mod tests {
         assert!(TypeCache::empty().get(16).is_none());
     }
 
+    #[tokio::test]
+    async fn resolving_can_run_on_any_task() {
+        fn assert_send<T: Send>(_: &T) {}
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://localhost/none")
+            .unwrap();
+        let mut cache = TypeCache::new();
+        let future = cache.resolve(&pool, 16);
+        assert_send(&future);
+    }
+
     #[test]
     fn builtin_scalars_agree_with_the_oid_rule() {
         for &(oid, _, builtin, _) in BUILTINS {
