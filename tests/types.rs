@@ -400,7 +400,12 @@ async fn invalidated_types_are_looked_up_again() -> anyhow::Result<()> {
         .fetch_one(&pool)
         .await?;
     let oid = u32::try_from(oid)?;
+    let array_oid: i64 = sqlx::query_scalar("SELECT 'pair[]'::regtype::oid::int8")
+        .fetch_one(&pool)
+        .await?;
+    let array_oid = u32::try_from(array_oid)?;
     let mut cache = TypeCache::new();
+    cache.resolve(&pool, array_oid).await?;
     let before = cache.resolve(&pool, oid).await?;
     assert!(matches!(&*before, PgType::Composite { fields } if fields.len() == 2));
     sqlx::query("ALTER TYPE pair ADD ATTRIBUTE c jsonb")
@@ -412,6 +417,13 @@ async fn invalidated_types_are_looked_up_again() -> anyhow::Result<()> {
     let after = cache.resolve(&pool, oid).await?;
     assert!(
         matches!(&*after, PgType::Composite { fields } if fields.len() == 3 && *fields[2].1 == PgType::Jsonb)
+    );
+    // The array of the composite was forgotten with it and comes back with the new attribute.
+    assert!(cache.get(array_oid).is_none());
+    let array = cache.resolve(&pool, array_oid).await?;
+    assert!(
+        matches!(&*array, PgType::Array { element, .. } if **element == *after),
+        "{array:?}"
     );
     Ok(())
 }

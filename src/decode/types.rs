@@ -222,6 +222,10 @@ impl TypeCache {
         BUILTINS.iter().flat_map(|&(oid, array, _, _)| [oid, array])
     }
 
+    fn is_builtin(oid: u32) -> bool {
+        Self::builtin_oids().any(|b| b == oid)
+    }
+
     /// The cached description of a type, if there is one.
     pub fn get(&self, oid: u32) -> Option<Arc<PgType>> {
         self.types.get(&oid).cloned()
@@ -242,15 +246,22 @@ impl TypeCache {
         self.resolve_at(pool, oid, 0).await
     }
 
-    /// Forgets a type (pgoutput sent a Type message for it: it may have changed). Cached types
-    /// that contain it are forgotten too. Builtin types are never forgotten.
+    /// Forgets a type (pgoutput sent a Type message for it: it may have changed). When it is a
+    /// composite (or an array of one), cached types built on it are forgotten too. Builtin
+    /// types are never forgotten.
     pub fn invalidate(&mut self, oid: u32) {
-        if Self::builtin_oids().any(|b| b == oid) {
+        if Self::is_builtin(oid) {
             return;
         }
-        if let Some(gone) = self.types.remove(&oid) {
-            // Composites and arrays hold their parts by Arc: drop those built on the old one.
-            self.types.retain(|_, ty| !contains(ty, &gone));
+        let Some(gone) = self.types.remove(&oid) else {
+            return;
+        };
+        // Only a composite's attributes can change (ALTER TYPE ... ATTRIBUTE); scalar
+        // conversions are shared (a domain holds its base type's Arc) and never change. Types
+        // built on the old composite (arrays of it, composites and domains holding it) go too.
+        if matches!(*gone, PgType::Composite { .. } | PgType::Array { .. }) {
+            self.types
+                .retain(|oid, ty| Self::is_builtin(*oid) || !contains(ty, &gone));
         }
     }
 
@@ -378,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn invalidate_forgets_the_type_and_what_holds_it_but_not_builtins() {
+    fn invalidate_forgets_the_type_but_not_builtins() {
         let mut cache = TypeCache::new();
         let enum_type = Arc::new(PgType::Text);
         cache.types.insert(70_000, enum_type.clone());
@@ -398,13 +409,60 @@ mod tests {
         cache.types.insert(70_003, Arc::new(PgType::Text));
         cache.invalidate(70_000);
         assert!(cache.get(70_000).is_none());
-        assert!(cache.get(70_001).is_none());
-        assert!(cache.get(70_002).is_none());
+        // An enum converts as text whatever its labels: what holds it stays valid.
+        assert!(cache.get(70_001).is_some());
+        assert!(cache.get(70_002).is_some());
         assert!(cache.get(70_003).is_some());
         cache.invalidate(25);
         assert!(cache.get(25).is_some());
         // The shared builtin Arcs are not caught by an unrelated invalidation.
         cache.invalidate(70_003);
         assert!(cache.get(1009).is_some());
+    }
+
+    #[test]
+    fn invalidating_a_domain_keeps_its_base_type() {
+        let mut cache = TypeCache::new();
+        let numeric = cache.get(1700).unwrap();
+        cache.types.insert(70_000, numeric.clone()); // a domain over numeric
+        cache.types.insert(
+            70_001,
+            Arc::new(PgType::Composite {
+                fields: vec![("n".into(), numeric)],
+            }),
+        );
+        cache.invalidate(70_000);
+        assert!(cache.get(70_000).is_none());
+        assert!(cache.get(1700).is_some());
+        assert!(cache.get(1231).is_some());
+        assert!(cache.get(70_001).is_some());
+    }
+
+    #[test]
+    fn invalidating_a_composite_drops_what_holds_it() {
+        let mut cache = TypeCache::new();
+        let inner = Arc::new(PgType::Composite {
+            fields: vec![("a".into(), cache.get(23).unwrap())],
+        });
+        cache.types.insert(70_000, inner.clone());
+        cache.types.insert(70_001, inner.clone()); // a domain over it
+        cache.types.insert(
+            70_002,
+            Arc::new(PgType::Array {
+                element: inner.clone(),
+                delimiter: b',',
+            }),
+        );
+        cache.types.insert(
+            70_003,
+            Arc::new(PgType::Composite {
+                fields: vec![("i".into(), inner)],
+            }),
+        );
+        cache.invalidate(70_000);
+        for oid in 70_000..=70_003 {
+            assert!(cache.get(oid).is_none(), "{oid}");
+        }
+        assert!(cache.get(23).is_some());
     }
 }
