@@ -17,8 +17,11 @@
 //! - [`testing`]: a private PostgreSQL cluster for tests and demos.
 
 pub mod cli;
+pub mod config;
 pub mod decode;
 pub mod event;
+pub mod operator;
+pub mod operators;
 pub mod pubsub;
 pub mod replication;
 pub mod status;

@@ -124,6 +124,10 @@ async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() ->
         "database_url = \"postgres://postgres@127.0.0.1:5432/blog\"",
         &format!("database_url = {url:?}"),
     );
+    let example = example.replace(
+        "slot = \"streamex\"",
+        &format!("slot = {:?}", common::slot_for(&url)),
+    );
     assert!(example.contains(&url), "the example's database_url line moved");
     std::fs::write(&config, example)?;
     let log = dir.path().join("streamex.log");

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{PATIENCE, Streaming};
+use common::{PATIENCE, Streaming, slot_for};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgPool};
 use streamex::decode::Decoded;
@@ -349,7 +349,7 @@ async fn an_idle_slot_advances_while_another_database_is_written() -> anyhow::Re
     let busy = testing::server().create_database().await?;
     let s = Streaming::start(&quiet, POSTS).await?;
     let pool = s.pool.clone();
-    let before = confirmed(&pool, "streamex").await?;
+    let before = confirmed(&pool, &slot_for(&quiet)).await?;
     let busy_pool = PgPool::connect(&busy).await?;
     sqlx::query("CREATE TABLE noise (id serial, pad text)")
         .execute(&busy_pool)
@@ -365,13 +365,13 @@ async fn an_idle_slot_advances_while_another_database_is_written() -> anyhow::Re
             .await?;
         let now: Lsn = now.parse()?;
         let target = *target.get_or_insert(now);
-        if confirmed(&pool, "streamex").await? >= target {
+        if confirmed(&pool, &slot_for(&quiet)).await? >= target {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the idle slot stayed at {} (was {before}) while WAL went past {target}",
-            confirmed(&pool, "streamex").await?
+            confirmed(&pool, &slot_for(&quiet)).await?
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -384,8 +384,8 @@ async fn nothing_unacknowledged_is_confirmed() -> anyhow::Result<()> {
     let pool = PgPool::connect(&url).await?;
     sqlx::raw_sql(POSTS).execute(&pool).await?;
     setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
-    setup::ensure_slot(&pool, "streamex").await?;
-    let start = confirmed(&pool, "streamex").await?;
+    setup::ensure_slot(&pool, &slot_for(&url)).await?;
+    let start = confirmed(&pool, &slot_for(&url)).await?;
     let mut s = Streaming::attach(&url, pool.clone(), |c| {
         c.status_interval = Duration::from_millis(200)
     })
@@ -407,13 +407,13 @@ async fn nothing_unacknowledged_is_confirmed() -> anyhow::Result<()> {
     // Keepalives and status updates go on; the slot must stay before the commit.
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = confirmed(&pool, "streamex").await?;
+        let now = confirmed(&pool, &slot_for(&url)).await?;
         assert!(now < end, "confirmed {now} passed unacknowledged commit end {end}");
     }
-    assert!(confirmed(&pool, "streamex").await? >= start);
+    assert!(confirmed(&pool, &slot_for(&url)).await? >= start);
     s.stream.ack.ack(end);
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while confirmed(&pool, "streamex").await? < end {
+    while confirmed(&pool, &slot_for(&url)).await? < end {
         assert!(tokio::time::Instant::now() < deadline, "ack never reached the slot");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -426,7 +426,7 @@ async fn a_slot_held_by_another_connection_is_waited_for() -> anyhow::Result<()>
     let pool = PgPool::connect(&url).await?;
     sqlx::raw_sql(POSTS).execute(&pool).await?;
     setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
-    setup::ensure_slot(&pool, "streamex").await?;
+    setup::ensure_slot(&pool, &slot_for(&url)).await?;
     // Hold the slot with a first stream.
     let mut first = Streaming::attach(&url, pool.clone(), |_| {}).await?;
     sqlx::query("INSERT INTO posts VALUES (1, 'a', 0)")
@@ -522,7 +522,7 @@ async fn an_invalidated_slot_is_refused_with_what_was_lost() -> anyhow::Result<(
     let pool = PgPool::connect(&url).await?;
     sqlx::raw_sql(POSTS).execute(&pool).await?;
     setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
-    setup::ensure_slot(&pool, "streamex").await?;
+    setup::ensure_slot(&pool, &slot_for(&url)).await?;
     sqlx::query("CREATE TABLE filler (pad text)")
         .execute(&pool)
         .await?;
@@ -533,17 +533,20 @@ async fn an_invalidated_slot_is_refused_with_what_was_lost() -> anyhow::Result<(
         )
         .execute(&pool)
         .await?;
-        let slot = setup::slot_info(&pool, "streamex").await?.unwrap();
+        let slot = setup::slot_info(&pool, &slot_for(&url)).await?.unwrap();
         if slot.wal_status.as_deref() == Some("lost") {
             break;
         }
     }
-    let slot = setup::slot_info(&pool, "streamex").await?.unwrap();
+    let slot = setup::slot_info(&pool, &slot_for(&url)).await?.unwrap();
     assert_eq!(slot.wal_status.as_deref(), Some("lost"));
     let error = setup::check_slot(&pool, &slot).await.expect_err("lost WAL");
     assert!(matches!(error, SetupError::SlotInvalidated { .. }));
     let message = error.to_string();
-    assert!(message.contains("pg_drop_replication_slot('streamex')"), "{message}");
+    assert!(
+        message.contains(&format!("pg_drop_replication_slot('{}')", slot_for(&url))),
+        "{message}"
+    );
     assert!(message.contains("max_slot_wal_keep_size"), "{message}");
     Ok(())
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 mod common;
 
-use common::{BLOG, PATIENCE, derived_mismatches, settle};
+use common::{BLOG, PATIENCE, derived_mismatches, settle, slot_for};
 
 /// The example configuration, pointed at `url`, with quick retries.
 fn blog_config(url: &str, extra: &str) -> anyhow::Result<Config> {
@@ -31,6 +31,7 @@ fn blog_config(url: &str, extra: &str) -> anyhow::Result<Config> {
         "config/streamex.toml",
         [
             ("STREAMEX_DATABASE_URL".to_owned(), url.to_owned()),
+            ("STREAMEX_SLOT".to_owned(), slot_for(url)),
             ("STREAMEX_RETRY__INITIAL".to_owned(), "10ms".to_owned()),
             ("STREAMEX_RETRY__MAX".to_owned(), "20ms".to_owned()),
             ("STREAMEX_RETRY__RETRIES".to_owned(), "2".to_owned()),
@@ -39,7 +40,6 @@ fn blog_config(url: &str, extra: &str) -> anyhow::Result<Config> {
 }
 
 struct Service {
-    pool: PgPool,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -62,7 +62,7 @@ impl Service {
                     .await
             }
         });
-        Ok(Service { pool, stop, task })
+        Ok(Service { stop, task })
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -191,7 +191,8 @@ const HANDLED: &str =
 fn minimal_config(url: &str, extra: &str) -> anyhow::Result<Config> {
     Ok(Config::parse(
         &format!(
-            "database_url = {url:?}\n[retry]\ninitial = \"10ms\"\nmax = \"20ms\"\nretries = 2\n{extra}"
+            "database_url = {url:?}\nslot = {:?}\n{extra}\n[retry]\ninitial = \"10ms\"\nmax = \"20ms\"\nretries = 2\n",
+            slot_for(url)
         ),
         "test.toml",
         std::iter::empty(),
@@ -284,6 +285,7 @@ async fn a_failing_operator_is_retried_halted_and_resumed_while_others_go_on() -
     let config = minimal_config(&url, "tables = [\"posts\"]")?;
     let fragile = Recorder::new("fragile", vec![Subscription::all("posts")]);
     let sturdy = Recorder::new("sturdy", vec![Subscription::all("posts")]);
+    sturdy.cured.store(true, Ordering::SeqCst);
     let service = Service::start(
         &config,
         PostgresStatus::new(pool.clone()),
@@ -324,7 +326,7 @@ async fn a_failing_operator_is_retried_halted_and_resumed_while_others_go_on() -
     // The slot stays before the poisoned commit while the operator is halted.
     let held: bool = sqlx::query_scalar(
         "SELECT confirmed_flush_lsn < (SELECT min(commit_lsn) FROM streamex.operator_checkpoints WHERE operator = 'sturdy')
-           FROM pg_replication_slots WHERE slot_name = 'streamex'",
+           FROM pg_replication_slots WHERE database = current_database()",
     )
     .fetch_one(&pool)
     .await?;

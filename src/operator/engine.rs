@@ -353,15 +353,16 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     entry.0 = entry.0.max(ts);
                     (entry.1, entry.2) = (event.commit_lsn, event.ordinal);
 
-                    if self.pubsub.has_subscribers() {
+                    if self.pubsub.channel_count() > 0 {
                         let spec = specs.entry(event.entity.clone()).or_insert_with(|| {
-                            ChannelSpec::new(
-                                event.key_columns.to_vec(),
-                                self.scopes
+                            ChannelSpec {
+                                key_columns: event.key_columns.to_vec(),
+                                scopes: self
+                                    .scopes
                                     .get(&*event.entity)
                                     .cloned()
                                     .unwrap_or_default(),
-                            )
+                            }
                         });
                         channels.clear();
                         channels.extend(pubsub::channels(&event, spec));

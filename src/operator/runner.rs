@@ -256,7 +256,6 @@ impl Runner {
     async fn dead_letter(&mut self, event: &Event, error: &str, attempts: u32) -> anyhow::Result<()> {
         let json = serde_json::to_value(event)?;
         let mut tx = self.pool.begin().await?;
-        let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
         status::insert_dead_letter(
             &mut *tx,
             self.operator.name(),

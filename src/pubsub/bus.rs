@@ -373,6 +373,7 @@ mod tests {
             commit_lsn: Lsn(0x1000),
             xid: 7,
             ordinal,
+            key_columns: Arc::from([]),
         })
     }
 

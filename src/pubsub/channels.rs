@@ -161,6 +161,7 @@ mod tests {
             commit_lsn: Lsn(2),
             xid: 1,
             ordinal: 0,
+            key_columns: Arc::from([]),
         }
     }
 

@@ -438,17 +438,16 @@ async fn status_task(
     mut replies: mpsc::Receiver<()>,
     finish: CancellationToken,
 ) {
-    let send = |writer: &mut CopyWriter, flushed: Lsn| {
+    let update = |flushed: Lsn| {
         let written = Lsn(received.load(Ordering::Relaxed)).max(flushed);
-        let update = StatusUpdate {
+        StatusUpdate {
             written,
             flushed,
             applied: flushed,
             now_unix_micros: now_unix_micros(),
             reply_requested: false,
         }
-        .encode();
-        async move { writer.send(&update).await }
+        .encode()
     };
     let mut sent_flush = Lsn::ZERO;
     let mut sent_at = Instant::now();
@@ -459,7 +458,7 @@ async fn status_task(
             _ = finish.cancelled() => {
                 let flushed = ack.acknowledged();
                 let result = async {
-                    send(&mut writer, flushed).await?;
+                    writer.send(&update(flushed)).await?;
                     writer.done().await
                 }.await;
                 if let Err(error) = result {
@@ -477,7 +476,7 @@ async fn status_task(
         };
         if due {
             let flushed = ack.acknowledged();
-            if let Err(error) = send(&mut writer, flushed).await {
+            if let Err(error) = writer.send(&update(flushed)).await {
                 debug!(error = %error, "status update failed; the reader will see the connection end");
                 return;
             }

@@ -19,7 +19,14 @@ pub const BLOG: &str = include_str!("../../examples/blog/schema.sql");
 /// hanging, not a measure of speed.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A stream on a fresh database's publication `streamex` (all tables) and slot `streamex`.
+/// The slot name a test uses on database `url`: slots are cluster-wide, so it is named after
+/// the test's own database.
+pub fn slot_for(url: &str) -> String {
+    url.rsplit('/').next().unwrap_or("streamex").to_owned()
+}
+
+/// A stream on a fresh database's publication `streamex` (all tables) and slot
+/// [`slot_for`] the database.
 pub struct Streaming {
     pub url: String,
     pub pool: PgPool,
@@ -36,18 +43,18 @@ impl Streaming {
         }
         setup::check_server(&pool).await?;
         setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
-        setup::ensure_slot(&pool, "streamex").await?;
+        setup::ensure_slot(&pool, &slot_for(url)).await?;
         Self::attach(url, pool, |_| {}).await
     }
 
-    /// Starts streaming from the existing slot `streamex`.
+    /// Starts streaming from the existing slot [`slot_for`] the database.
     pub async fn attach(
         url: &str,
         pool: PgPool,
         tune: impl FnOnce(&mut StreamConfig),
     ) -> anyhow::Result<Streaming> {
         let params = ConnectParams::parse(url)?;
-        let mut config = StreamConfig::new(params, "streamex", "streamex");
+        let mut config = StreamConfig::new(params, &slot_for(url), "streamex");
         config.reconnect.initial = Duration::from_millis(100);
         config.reconnect.max = Duration::from_secs(1);
         tune(&mut config);
@@ -103,17 +110,17 @@ impl Streaming {
 
 /// Writes a marker post and waits until `streamex.processed` says it has gone through every
 /// operator: then everything committed before it has too.
-async fn settle(pool: &PgPool) -> anyhow::Result<()> {
-    let ts: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+pub async fn settle(pool: &PgPool) -> anyhow::Result<()> {
+    let ts: String = sqlx::query_scalar(
         "INSERT INTO posts (id, title) VALUES ((SELECT coalesce(max(id), 0) + 1 FROM posts), 'marker')
-         RETURNING updated_at",
+         RETURNING updated_at::text",
     )
     .fetch_one(pool)
     .await?;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let done: bool = sqlx::query_scalar("SELECT streamex.processed('posts', $1)")
-            .bind(ts)
+        let done: bool = sqlx::query_scalar("SELECT streamex.processed('posts', $1::timestamptz)")
+            .bind(&ts)
             .fetch_one(pool)
             .await?;
         if done {
@@ -125,7 +132,7 @@ async fn settle(pool: &PgPool) -> anyhow::Result<()> {
 }
 
 /// Rows where the derived tables differ from what `posts` and `comments` say they should be.
-async fn derived_mismatches(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
+pub async fn derived_mismatches(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
     let counts: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (
             (SELECT p.id, p.title, p.body, (SELECT count(*) FROM comments c WHERE c.post_id = p.id)::int
