@@ -36,6 +36,9 @@ fn spawn_service(config: &std::path::Path, log: &std::path::Path) -> anyhow::Res
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
+        // The service refuses STREAMEX_* variables that are not configuration keys.
+        .env_remove("STREAMEX_CRASH_SEED")
+        .env_remove("STREAMEX_CRASH_KILLS")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?)
@@ -100,7 +103,10 @@ async fn activity(pool: &PgPool, rng: &mut Rng) -> anyhow::Result<u64> {
 
 #[tokio::test]
 async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
-    const KILLS: u32 = 8;
+    let kills: u32 = std::env::var("STREAMEX_CRASH_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
     let seed: u64 = std::env::var("STREAMEX_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -132,6 +138,16 @@ async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() ->
     std::fs::write(&config, example)?;
     let log = dir.path().join("streamex.log");
 
+    // The slot must exist before the first change the derived tables are checked against.
+    let setup = Command::new(env!("CARGO_BIN_EXE_streamex"))
+        .args(["setup", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .env_remove("STREAMEX_CRASH_SEED")
+        .env_remove("STREAMEX_CRASH_KILLS")
+        .output()?;
+    assert!(setup.status.success(), "streamex setup failed: {setup:?}");
+
     // The workload runs all along, across the kills.
     let stop = Arc::new(AtomicBool::new(false));
     let made = Arc::new(AtomicU64::new(0));
@@ -149,7 +165,7 @@ async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() ->
     });
 
     let mut rng = Rng(seed.rotate_left(17));
-    for _ in 0..KILLS {
+    for _ in 0..kills {
         let mut child = spawn_service(&config, &log)?;
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1200))).await;
         child.kill()?; // SIGKILL
@@ -174,7 +190,7 @@ async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() ->
         .fetch_one(&pool)
         .await?;
     eprintln!(
-        "crash test: {} changes made, {KILLS} kills, {posts} posts and {comments} comments at the end; \
+        "crash test: {} changes made, {kills} kills, {posts} posts and {comments} comments at the end; \
          mismatched rows: {counts} in post_with_comments_counts, {tallies} in post_comment_tallies",
         made.load(Ordering::Relaxed)
     );

@@ -1,7 +1,9 @@
 //! The declarative operator: EventStreamex's `query(sql, id(...), delete_with: [...])`.
 //!
 //! For an event of entity `E`, the id is `record[id[E]]` (the new record, or the old one for
-//! a delete), and the statement runs with `$1` bound to it. For a delete of an entity listed
+//! a delete), and the statement runs with `$1` bound to it. When an update changes the id
+//! (a comment moved to another post) and the old record shows it (REPLICA IDENTITY FULL),
+//! the statement runs for the old id as well, so both derived rows are recomputed. For a delete of an entity listed
 //! in `delete_with`, `delete_query` runs instead, to delete the derived row. The statement
 //! usually recomputes the derived row from the source tables (`INSERT ... SELECT ... ON
 //! CONFLICT DO UPDATE`, or `MERGE`), so running it again for the same event is harmless.
@@ -215,7 +217,16 @@ impl Operator for SqlOperator {
                 }
                 _ => &self.query,
             };
-            statement.run(ctx.db(), &id).await
+            statement.run(ctx.db(), &id).await?;
+            // An update that moved the row to another id (a comment moved to another post)
+            // changes what the old id's derived row should be too.
+            if event.kind == EventType::Update {
+                let old = event.old_record.as_ref().and_then(|r| r.get(field));
+                if let Some(old) = old.filter(|old| !old.is_null() && **old != id) {
+                    self.query.run(ctx.db(), old).await?;
+                }
+            }
+            Ok(())
         })
     }
 }

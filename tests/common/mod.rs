@@ -119,10 +119,15 @@ pub async fn settle(pool: &PgPool) -> anyhow::Result<()> {
     .await?;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let done: bool = sqlx::query_scalar("SELECT streamex.processed('posts', $1::timestamptz)")
-            .bind(&ts)
-            .fetch_one(pool)
-            .await?;
+        // Before the service has set up its schema, the function does not exist yet.
+        let done: bool = sqlx::query_scalar(
+            "SELECT to_regprocedure('streamex.processed(text,timestamptz)') IS NOT NULL
+                    AND streamex.processed('posts', $1::timestamptz)",
+        )
+        .bind(&ts)
+        .fetch_one(pool)
+        .await
+        .unwrap_or(false);
         if done {
             return Ok(());
         }
