@@ -248,13 +248,18 @@ impl Config {
             path: origin.to_owned(),
             message,
         };
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
         for (var, value) in env {
             let Some(key) = var.strip_prefix("STREAMEX_") else {
                 continue;
             };
             // Variables of the command line and the tests, not configuration keys.
-            if matches!(key, "LOG_FORMAT" | "TEST_DATABASE_URL" | "PG_BINDIR" | "FUZZ_CASES" | "CONFIG") {
+            if matches!(
+                key,
+                "LOG_FORMAT" | "TEST_DATABASE_URL" | "PG_BINDIR" | "FUZZ_CASES" | "CONFIG"
+            ) {
                 continue;
             }
             let path: Vec<String> = key.split("__").map(|p| p.to_ascii_lowercase()).collect();
@@ -288,7 +293,10 @@ impl Config {
             ));
         }
         if self.replication.channel_capacity == 0 || self.replication.batch_size == 0 {
-            return Err("replication.channel_capacity and replication.batch_size must be at least 1".to_owned());
+            return Err(
+                "replication.channel_capacity and replication.batch_size must be at least 1"
+                    .to_owned(),
+            );
         }
         for (entity, config) in &self.entities {
             config
@@ -300,7 +308,9 @@ impl Config {
             if !names.insert(op.name.as_str()) {
                 return Err(format!("operators: the name {:?} is used twice", op.name));
             }
-            if op.query.is_none() && (!op.id.is_empty() || !op.delete_with.is_empty() || op.delete_query.is_some()) {
+            if op.query.is_none()
+                && (!op.id.is_empty() || !op.delete_with.is_empty() || op.delete_query.is_some())
+            {
                 return Err(format!(
                     "operators.{}: id, delete_with and delete_query belong to a declarative operator, which needs `query`",
                     op.name
@@ -432,8 +442,15 @@ mod tests {
     #[test]
     fn bad_values_are_refused_by_name() {
         let err = parse(&format!("{MINIMAL}\n[retry]\ninitial = \"soon\""), &[]).unwrap_err();
-        assert!(err.to_string().contains("soon") && err.to_string().contains("duration"), "{err}");
-        let err = parse(&format!("{MINIMAL}\n[process_status]\nbackend = \"redis\""), &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("soon") && err.to_string().contains("duration"),
+            "{err}"
+        );
+        let err = parse(
+            &format!("{MINIMAL}\n[process_status]\nbackend = \"redis\""),
+            &[],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("redis"), "{err}");
         let err = parse(&format!("{MINIMAL}\nslot = \"My Slot\""), &[]).unwrap_err();
         assert!(err.to_string().contains("slot"), "{err}");
@@ -458,7 +475,10 @@ mod tests {
         assert_eq!(config.process_status.backend, StatusBackendKind::Memory);
         assert_eq!(config.retry.retries, 2);
         let err = parse(MINIMAL, &[("STREAMEX_RETRY__TYPO", "1")]).unwrap_err();
-        assert!(err.to_string().contains("TYPO") || err.to_string().contains("typo"), "{err}");
+        assert!(
+            err.to_string().contains("TYPO") || err.to_string().contains("typo"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -479,7 +499,12 @@ mod tests {
             vec![vec![("post_id".to_owned(), "posts".to_owned())]]
         );
         let bad = format!("{MINIMAL}\n[entities.comments]\nscopes = [[\"post_id posts\"]]");
-        assert!(parse(&bad, &[]).unwrap_err().to_string().contains("entities.comments.scopes"));
+        assert!(
+            parse(&bad, &[])
+                .unwrap_err()
+                .to_string()
+                .contains("entities.comments.scopes")
+        );
     }
 
     #[test]

@@ -31,7 +31,10 @@ impl Rng {
 }
 
 fn spawn_service(config: &std::path::Path, log: &std::path::Path) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     Ok(Command::new(env!("CARGO_BIN_EXE_streamex"))
         .args(["run", "--config"])
         .arg(config)
@@ -102,7 +105,8 @@ async fn activity(pool: &PgPool, rng: &mut Rng) -> anyhow::Result<u64> {
 }
 
 #[tokio::test]
-async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
+async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()>
+{
     let kills: u32 = std::env::var("STREAMEX_CRASH_KILLS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -125,7 +129,8 @@ async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() ->
     sqlx::raw_sql(BLOG).execute(&pool).await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("streamex.toml");
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/streamex.toml"))?;
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/streamex.toml"))?;
     let example = example.replace(
         "database_url = \"postgres://postgres@127.0.0.1:5432/blog\"",
         &format!("database_url = {url:?}"),
@@ -134,7 +139,10 @@ async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() ->
         "slot = \"streamex\"",
         &format!("slot = {:?}", common::slot_for(&url)),
     );
-    assert!(example.contains(&url), "the example's database_url line moved");
+    assert!(
+        example.contains(&url),
+        "the example's database_url line moved"
+    );
     std::fs::write(&config, example)?;
     let log = dir.path().join("streamex.log");
 
@@ -182,10 +190,15 @@ async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() ->
     let status = child.wait()?;
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     settled.map_err(|e| anyhow::anyhow!("{e}\nservice log:\n{log_text}"))?;
-    assert!(status.success(), "SIGTERM should end the service cleanly: {status}\n{log_text}");
+    assert!(
+        status.success(),
+        "SIGTERM should end the service cleanly: {status}\n{log_text}"
+    );
 
     let (counts, tallies) = derived_mismatches(&pool).await?;
-    let posts: i64 = sqlx::query_scalar("SELECT count(*) FROM posts").fetch_one(&pool).await?;
+    let posts: i64 = sqlx::query_scalar("SELECT count(*) FROM posts")
+        .fetch_one(&pool)
+        .await?;
     let comments: i64 = sqlx::query_scalar("SELECT count(*) FROM comments")
         .fetch_one(&pool)
         .await?;

@@ -143,7 +143,10 @@ async fn unchanged_toast_is_filled_under_full_and_listed_otherwise() -> anyhow::
     let update = &events[1];
     assert_eq!(&*update.entity, "docs");
     let new = update.new_record.as_ref().unwrap();
-    assert!(!new.contains_key("body"), "an unsent value is absent, not null");
+    assert!(
+        !new.contains_key("body"),
+        "an unsent value is absent, not null"
+    );
     assert_eq!(update.unavailable_columns, ["body"]);
     assert_eq!(new["n"], json!(1));
 
@@ -186,7 +189,10 @@ async fn truncate_and_multi_table_transactions_keep_their_order() -> anyhow::Res
             break;
         }
     }
-    let Decoded::Begin { xid, commit_lsn, .. } = items[0].clone() else {
+    let Decoded::Begin {
+        xid, commit_lsn, ..
+    } = items[0].clone()
+    else {
         panic!("a transaction starts with Begin: {:?}", items[0]);
     };
     let events: Vec<&Event> = items
@@ -265,13 +271,15 @@ newline', NULL, NULL, '"just a string"', '12.5000', NULL, '0044-03-15 BC', '2000
     .await?;
     let events = s.events(3).await?;
     let mut conn = sqlx::PgConnection::connect(&url).await?;
-    sqlx::query("SET TimeZone = 'UTC'").execute(&mut conn).await?;
+    sqlx::query("SET TimeZone = 'UTC'")
+        .execute(&mut conn)
+        .await?;
     for event in &events {
         let got = Value::Object(event.new_record.clone().unwrap());
         let id = got["id"].clone();
         let text: String =
             sqlx::query_scalar("SELECT to_jsonb(e)::text FROM everything e WHERE id = $1")
-                .bind(id.as_i64().unwrap() as i32)
+                .bind(i32::try_from(id.as_i64().unwrap())?)
                 .fetch_one(&mut conn)
                 .await?;
         let want: Value = serde_json::from_str(&text)?;
@@ -357,9 +365,11 @@ async fn an_idle_slot_advances_while_another_database_is_written() -> anyhow::Re
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let mut target = None;
     loop {
-        sqlx::query("INSERT INTO noise (pad) SELECT repeat('x', 100) FROM generate_series(1, 1000)")
-            .execute(&busy_pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO noise (pad) SELECT repeat('x', 100) FROM generate_series(1, 1000)",
+        )
+        .execute(&busy_pool)
+        .await?;
         let now: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
             .fetch_one(&busy_pool)
             .await?;
@@ -408,13 +418,19 @@ async fn nothing_unacknowledged_is_confirmed() -> anyhow::Result<()> {
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let now = confirmed(&pool, &slot_for(&url)).await?;
-        assert!(now < end, "confirmed {now} passed unacknowledged commit end {end}");
+        assert!(
+            now < end,
+            "confirmed {now} passed unacknowledged commit end {end}"
+        );
     }
     assert!(confirmed(&pool, &slot_for(&url)).await? >= start);
     s.stream.ack.ack(end);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while confirmed(&pool, &slot_for(&url)).await? < end {
-        assert!(tokio::time::Instant::now() < deadline, "ack never reached the slot");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ack never reached the slot"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     s.stop().await
@@ -475,21 +491,27 @@ async fn a_dropped_publication_stops_the_stream_and_says_so() -> anyhow::Result<
     let result = tokio::time::timeout(PATIENCE, &mut s.stream.task).await??;
     let error = result.expect_err("a dropped publication is definite");
     assert!(
-        matches!(error, StreamError::Setup(SetupError::PublicationMissing { .. })),
+        matches!(
+            error,
+            StreamError::Setup(SetupError::PublicationMissing { .. })
+        ),
         "{error:?}"
     );
     let message = error.to_string();
-    assert!(message.contains("\"streamex\"") && message.contains("streamex setup"), "{message}");
+    assert!(
+        message.contains("\"streamex\"") && message.contains("streamex setup"),
+        "{message}"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn wal_level_replica_is_refused_with_the_fix() -> anyhow::Result<()> {
-    let cluster = Cluster::builder()
-        .setting("wal_level", "replica")
-        .start()?;
+    let cluster = Cluster::builder().setting("wal_level", "replica").start()?;
     let pool = PgPool::connect(&cluster.url("postgres")).await?;
-    let error = setup::check_server(&pool).await.expect_err("replica is not enough");
+    let error = setup::check_server(&pool)
+        .await
+        .expect_err("replica is not enough");
     assert!(matches!(error, SetupError::WalLevel { ref current } if current == "replica"));
     assert!(error.to_string().contains("wal_level = logical"));
     Ok(())
@@ -505,9 +527,15 @@ async fn a_role_without_replication_is_refused_with_the_fix() -> anyhow::Result<
     let mut as_reader = url::Url::parse(&url)?;
     as_reader.set_username("plain_reader").unwrap();
     let reader = PgPool::connect(as_reader.as_str()).await?;
-    let error = setup::check_server(&reader).await.expect_err("no REPLICATION");
+    let error = setup::check_server(&reader)
+        .await
+        .expect_err("no REPLICATION");
     assert!(matches!(error, SetupError::NotReplicationRole { ref role } if role == "plain_reader"));
-    assert!(error.to_string().contains("ALTER ROLE \"plain_reader\" REPLICATION"));
+    assert!(
+        error
+            .to_string()
+            .contains("ALTER ROLE \"plain_reader\" REPLICATION")
+    );
     Ok(())
 }
 

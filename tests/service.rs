@@ -1,8 +1,8 @@
 //! The operator service against a real PostgreSQL: the blog example, channels, filtering,
 //! concurrency and EntityProcessed, retries with halt and resume, dead letters.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -24,7 +24,8 @@ use common::{BLOG, PATIENCE, derived_mismatches, settle, slot_for};
 
 /// The example configuration, pointed at `url`, with quick retries.
 fn blog_config(url: &str, extra: &str) -> anyhow::Result<Config> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/streamex.toml"))?;
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/streamex.toml"))?;
     let text = format!("{text}\n{extra}");
     Ok(Config::parse(
         &text,
@@ -79,7 +80,13 @@ async fn the_blog_operators_keep_their_derived_tables() -> anyhow::Result<()> {
     sqlx::raw_sql(BLOG).execute(&pool).await?;
     let config = blog_config(&url, "")?;
     let operators = streamex::operators::build(&config.operators)?;
-    let service = Service::start(&config, PostgresStatus::new(pool.clone()), PubSub::new(), operators).await?;
+    let service = Service::start(
+        &config,
+        PostgresStatus::new(pool.clone()),
+        PubSub::new(),
+        operators,
+    )
+    .await?;
     sqlx::raw_sql(
         "INSERT INTO posts (id, title) VALUES (1, 'one'), (2, 'two'), (3, 'three');
          INSERT INTO comments (post_id, body) SELECT 1 + i % 3, 'c' || i FROM generate_series(1, 30) i;
@@ -92,11 +99,10 @@ async fn the_blog_operators_keep_their_derived_tables() -> anyhow::Result<()> {
     .await?;
     settle(&pool).await?;
     assert_eq!(derived_mismatches(&pool).await?, (0, 0));
-    let (title, count): (String, i32) = sqlx::query_as(
-        "SELECT title, comments_count FROM post_with_comments_counts WHERE id = 1",
-    )
-    .fetch_one(&pool)
-    .await?;
+    let (title, count): (String, i32) =
+        sqlx::query_as("SELECT title, comments_count FROM post_with_comments_counts WHERE id = 1")
+            .fetch_one(&pool)
+            .await?;
     assert_eq!(title, "uno");
     let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM comments WHERE post_id = 1")
         .fetch_one(&pool)
@@ -139,12 +145,12 @@ impl Recorder {
 
     /// What it has handled, committed, in order: (type, entity, id).
     async fn seen(&self, pool: &PgPool) -> anyhow::Result<Vec<(String, String, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT kind, entity, id FROM handled WHERE operator = $1 ORDER BY seq",
+        Ok(
+            sqlx::query_as("SELECT kind, entity, id FROM handled WHERE operator = $1 ORDER BY seq")
+                .bind(&self.name)
+                .fetch_all(pool)
+                .await?,
         )
-        .bind(&self.name)
-        .fetch_all(pool)
-        .await?)
     }
 }
 
@@ -185,8 +191,7 @@ impl Operator for Recorder {
     }
 }
 
-const HANDLED: &str =
-    "CREATE TABLE handled (seq bigserial PRIMARY KEY, operator text, kind text, entity text, id bigint);";
+const HANDLED: &str = "CREATE TABLE handled (seq bigserial PRIMARY KEY, operator text, kind text, entity text, id bigint);";
 
 fn minimal_config(url: &str, extra: &str) -> anyhow::Result<Config> {
     Ok(Config::parse(
@@ -206,7 +211,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !check().await? {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{what} never happened");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never happened"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
@@ -219,11 +227,21 @@ async fn operators_see_only_what_they_listen_to_and_entity_processed_follows_bot
     let pool = PgPool::connect(&url).await?;
     sqlx::raw_sql(BLOG).execute(&pool).await?;
     sqlx::raw_sql(HANDLED).execute(&pool).await?;
-    let config = minimal_config(&url, "tables = [\"posts\", \"comments\"]\n[entities.comments]\nscopes = [[\"post_id -> posts\"]]")?;
-    let inserts = Recorder::new("inserts", vec![Subscription::only("posts", &[EventType::Insert])]);
+    let config = minimal_config(
+        &url,
+        "tables = [\"posts\", \"comments\"]\n[entities.comments]\nscopes = [[\"post_id -> posts\"]]",
+    )?;
+    let inserts = Recorder::new(
+        "inserts",
+        vec![Subscription::only("posts", &[EventType::Insert])],
+    );
     let slow = Arc::new(Recorder {
         delay: Duration::from_millis(100),
-        ..Arc::into_inner(Recorder::new("slow", vec![Subscription::all("posts"), Subscription::all("comments")])).unwrap()
+        ..Arc::into_inner(Recorder::new(
+            "slow",
+            vec![Subscription::all("posts"), Subscription::all("comments")],
+        ))
+        .unwrap()
     });
     let pubsub = PubSub::new();
     let mut processed = pubsub.subscribe_processed(1024);
@@ -251,7 +269,11 @@ async fn operators_see_only_what_they_listen_to_and_entity_processed_follows_bot
             break notice;
         }
     };
-    assert!(slow.seen(&pool).await?.contains(&seen("insert", "comments", 10)));
+    assert!(
+        slow.seen(&pool)
+            .await?
+            .contains(&seen("insert", "comments", 10))
+    );
     assert_eq!(
         inserts.seen(&pool).await?,
         [seen("insert", "posts", 1)],
@@ -272,12 +294,16 @@ async fn operators_see_only_what_they_listen_to_and_entity_processed_follows_bot
     assert_eq!(comment.new_record.as_ref().unwrap()["id"], json!(10));
     let first = tokio::time::timeout(PATIENCE, row.recv()).await??;
     let second = tokio::time::timeout(PATIENCE, row.recv()).await??;
-    assert_eq!((first.kind, second.kind), (EventType::Insert, EventType::Update));
+    assert_eq!(
+        (first.kind, second.kind),
+        (EventType::Insert, EventType::Update)
+    );
     service.stop().await
 }
 
 #[tokio::test]
-async fn a_failing_operator_is_retried_halted_and_resumed_while_others_go_on() -> anyhow::Result<()> {
+async fn a_failing_operator_is_retried_halted_and_resumed_while_others_go_on() -> anyhow::Result<()>
+{
     let url = testing::server().create_database().await?;
     let pool = PgPool::connect(&url).await?;
     sqlx::raw_sql(BLOG).execute(&pool).await?;
@@ -330,7 +356,10 @@ async fn a_failing_operator_is_retried_halted_and_resumed_while_others_go_on() -
     )
     .fetch_one(&pool)
     .await?;
-    assert!(held, "the slot moved past what the halted operator has not done");
+    assert!(
+        held,
+        "the slot moved past what the halted operator has not done"
+    );
 
     // Fix the cause, resume: the operator replays from the slot and finishes; nothing twice.
     fragile.cured.store(true, Ordering::SeqCst);
@@ -341,9 +370,17 @@ async fn a_failing_operator_is_retried_halted_and_resumed_while_others_go_on() -
     .await?;
     settle(&pool).await?;
     let ids: Vec<i64> = fragile.seen(&pool).await?.iter().map(|s| s.2).collect();
-    assert_eq!(ids, [1, 2, 3, 4], "each post once, in order (4 is the marker)");
+    assert_eq!(
+        ids,
+        [1, 2, 3, 4],
+        "each post once, in order (4 is the marker)"
+    );
     let ids: Vec<i64> = sturdy.seen(&pool).await?.iter().map(|s| s.2).collect();
-    assert_eq!(ids, [1, 2, 3, 4], "the replay did not run the other operator twice");
+    assert_eq!(
+        ids,
+        [1, 2, 3, 4],
+        "the replay did not run the other operator twice"
+    );
     service.stop().await
 }
 
@@ -357,8 +394,13 @@ async fn a_failing_event_goes_to_the_dead_letters_and_the_operator_goes_on() -> 
     let mut config = config;
     config.retry.on_failure = streamex::config::FailurePolicy::DeadLetter;
     let fragile = Recorder::new("fragile", vec![Subscription::all("posts")]);
-    let service =
-        Service::start(&config, MemoryStatus::new(), PubSub::new(), vec![fragile.clone()]).await?;
+    let service = Service::start(
+        &config,
+        MemoryStatus::new(),
+        PubSub::new(),
+        vec![fragile.clone()],
+    )
+    .await?;
     sqlx::raw_sql(
         "INSERT INTO posts (id, title) VALUES (1, 'fine');
          INSERT INTO posts (id, title) VALUES (2, 'poison');
@@ -382,6 +424,10 @@ async fn a_failing_event_goes_to_the_dead_letters_and_the_operator_goes_on() -> 
     assert_eq!(letters[0].1, 3);
     assert_eq!(letters[0].2["new_record"]["title"], json!("poison"));
     assert!(letters[0].3.contains("poisoned post"));
-    assert!(letters[1].3.contains("panicked on purpose"), "{}", letters[1].3);
+    assert!(
+        letters[1].3.contains("panicked on purpose"),
+        "{}",
+        letters[1].3
+    );
     service.stop().await
 }

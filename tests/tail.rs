@@ -33,7 +33,15 @@ async fn prints_one_json_object_per_change_with_the_documented_fields() -> anyho
     )
     .execute(&pool)
     .await?;
-    let output = tail(&["--database-url", &url, "--slot", "tail_slot", "--limit", "3"]).output()?;
+    let output = tail(&[
+        "--database-url",
+        &url,
+        "--slot",
+        "tail_slot",
+        "--limit",
+        "3",
+    ])
+    .output()?;
     assert!(output.status.success(), "tail failed: {output:?}");
     let lines: Vec<Value> = output
         .stdout
@@ -51,8 +59,18 @@ async fn prints_one_json_object_per_change_with_the_documented_fields() -> anyho
     assert_eq!(
         keys,
         [
-            "changes", "commit_lsn", "entity", "lsn", "new_record", "old_record", "ordinal",
-            "schema", "timestamp", "type", "unavailable_columns", "xid"
+            "changes",
+            "commit_lsn",
+            "entity",
+            "lsn",
+            "new_record",
+            "old_record",
+            "ordinal",
+            "schema",
+            "timestamp",
+            "type",
+            "unavailable_columns",
+            "xid"
         ]
     );
     assert_eq!(lines[0]["type"], json!("insert"));
@@ -64,7 +82,15 @@ async fn prints_one_json_object_per_change_with_the_documented_fields() -> anyho
     sqlx::query("INSERT INTO notes VALUES (2, 'two')")
         .execute(&pool)
         .await?;
-    let output = tail(&["--database-url", &url, "--slot", "tail_slot", "--limit", "1"]).output()?;
+    let output = tail(&[
+        "--database-url",
+        &url,
+        "--slot",
+        "tail_slot",
+        "--limit",
+        "1",
+    ])
+    .output()?;
     let line: Value = serde_json::from_slice(output.stdout.lines().next().unwrap()?.as_bytes())?;
     assert_eq!(line["new_record"]["id"], json!(2));
     Ok(())
@@ -106,7 +132,15 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
         .execute(&pool)
         .await?;
     let limit = ROWS.to_string();
-    let mut child = tail(&["--database-url", &url, "--slot", "big_slot", "--limit", &limit]).spawn()?;
+    let mut child = tail(&[
+        "--database-url",
+        &url,
+        "--slot",
+        "big_slot",
+        "--limit",
+        &limit,
+    ])
+    .spawn()?;
     let stdout = child.stdout.take().unwrap();
     let counter = std::thread::spawn(move || {
         let mut count = 0u64;
@@ -129,7 +163,14 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
     assert_eq!(status, 0, "tail exited with status {status}");
     assert_eq!(count, ROWS);
     assert!(in_order, "rows come in insertion order");
-    eprintln!("tail: {ROWS} rows in one transaction, peak RSS {} MiB", peak >> 20);
-    assert!(peak < 100 << 20, "peak RSS {} MiB, limit 100 MiB", peak >> 20);
+    eprintln!(
+        "tail: {ROWS} rows in one transaction, peak RSS {} MiB",
+        peak >> 20
+    );
+    assert!(
+        peak < 100 << 20,
+        "peak RSS {} MiB, limit 100 MiB",
+        peak >> 20
+    );
     Ok(())
 }

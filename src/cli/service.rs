@@ -20,12 +20,20 @@ use crate::status::{self, MemoryStatus, PostgresStatus, ProcessStatusStorage, St
 #[derive(Debug, clap::Args)]
 pub struct ConfigArgs {
     /// The configuration file.
-    #[arg(long, short, env = "STREAMEX_CONFIG", default_value = "config/streamex.toml")]
+    #[arg(
+        long,
+        short,
+        env = "STREAMEX_CONFIG",
+        default_value = "config/streamex.toml"
+    )]
     pub config: PathBuf,
 }
 
 /// Reads the configuration and connects, retrying while the server is unreachable.
-pub async fn connect(args: &ConfigArgs, shutdown: &CancellationToken) -> anyhow::Result<(Config, ConnectParams, PgPool)> {
+pub async fn connect(
+    args: &ConfigArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Config, ConnectParams, PgPool)> {
     let config = Config::load(&args.config)?;
     let params = ConnectParams::parse(&config.database_url).context("database_url")?;
     let mut wait = Duration::from_millis(500);
@@ -89,7 +97,16 @@ pub async fn run_command(args: ConfigArgs, shutdown: CancellationToken) -> anyho
         StatusBackendKind::Postgres => StatusBackend::Postgres(PostgresStatus::new(pool.clone())),
     };
     let operators = crate::operators::build(&config.operators)?;
-    run_service(&config, params, pool, status, PubSub::new(), operators, shutdown).await
+    run_service(
+        &config,
+        params,
+        pool,
+        status,
+        PubSub::new(),
+        operators,
+        shutdown,
+    )
+    .await
 }
 
 /// Runs the service until `shutdown`: stream, operators, process status, acknowledgement.
@@ -119,9 +136,10 @@ pub async fn run_service<S: ProcessStatusStorage + Clone>(
     engine.batch_size = config.replication.batch_size;
     engine.timestamp_field = config.process_status.timestamp_field.clone();
     for (entity, e) in &config.entities {
-        engine
-            .scopes
-            .insert(entity.clone(), e.parsed_scopes().map_err(anyhow::Error::msg)?);
+        engine.scopes.insert(
+            entity.clone(),
+            e.parsed_scopes().map_err(anyhow::Error::msg)?,
+        );
     }
     let engine = Arc::new(engine);
 
@@ -131,7 +149,8 @@ pub async fn run_service<S: ProcessStatusStorage + Clone>(
             .with_context(|| format!("replication slot {:?} disappeared", config.slot))?;
         let start = slot.confirmed_flush_lsn.unwrap_or_default();
         let ack = Acknowledger::starting_at(start);
-        let mut stream_config = StreamConfig::new(params.clone(), &config.slot, &config.publication);
+        let mut stream_config =
+            StreamConfig::new(params.clone(), &config.slot, &config.publication);
         stream_config.status_interval = config.replication.status_interval;
         stream_config.reconnect.initial = config.replication.reconnect_initial;
         stream_config.reconnect.max = config.replication.reconnect_max;

@@ -60,12 +60,11 @@ struct DeadLetterLine {
 pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (config, params, pool) = connect(&args.config, &shutdown).await?;
     let slot = setup::slot_info(&pool, &config.slot).await?;
-    let has_schema: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'streamex')",
-    )
-    .fetch_one(&pool)
-    .await
-    .context("looking for the streamex schema")?;
+    let has_schema: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'streamex')")
+            .fetch_one(&pool)
+            .await
+            .context("looking for the streamex schema")?;
     let (checkpoints, states, items, dead) = if has_schema {
         let items = match config.process_status.backend {
             StatusBackendKind::Postgres => PostgresStatus::new(pool.clone()).load().await?,
@@ -96,9 +95,8 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
                 checkpoint_commit_lsn: checkpoint.map(|c| c.0),
                 checkpoint_ordinal: checkpoint.map(|c| c.1),
                 last_error: state.and_then(|s| s.last_error.clone()),
-                failed_at: state.and_then(|s| {
-                    Some(format!("{}#{}", s.failed_commit_lsn?, s.failed_ordinal?))
-                }),
+                failed_at: state
+                    .and_then(|s| Some(format!("{}#{}", s.failed_commit_lsn?, s.failed_ordinal?))),
             }
         })
         .collect();
@@ -195,10 +193,18 @@ fn render(report: &Report, has_schema: bool) -> String {
         }
     }
     if !has_schema {
-        let _ = writeln!(out, "schema    streamex does not exist yet: run `streamex setup`");
+        let _ = writeln!(
+            out,
+            "schema    streamex does not exist yet: run `streamex setup`"
+        );
     }
     let _ = writeln!(out, "operators");
-    let width = report.operators.iter().map(|o| o.name.len()).max().unwrap_or(0);
+    let width = report
+        .operators
+        .iter()
+        .map(|o| o.name.len())
+        .max()
+        .unwrap_or(0);
     for o in &report.operators {
         let checkpoint = match (o.checkpoint_commit_lsn, o.checkpoint_ordinal) {
             (Some(lsn), Some(ordinal)) => format!("{lsn}#{ordinal}"),

@@ -25,6 +25,8 @@ use crate::event::{Change, Changes, Event, EventType, Record};
 use crate::replication::{Lsn, PG_EPOCH_OFFSET_MICROS};
 
 /// What the decoder hands downstream, in WAL order.
+// Nearly every item is an Event: boxing it would only add an allocation per change.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decoded {
     /// A transaction starts; its changes follow, then its [`Decoded::Commit`].

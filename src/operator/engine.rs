@@ -266,10 +266,16 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         let mut inboxes: Vec<Option<mpsc::Sender<Input>>> = Vec::new();
         for (index, spec) in self.operators.iter().enumerate() {
             let name = spec.operator.name();
-            if let Some(state) = states.get(name).filter(|s| s.state == OperatorRunState::Halted) {
+            if let Some(state) = states
+                .get(name)
+                .filter(|s| s.state == OperatorRunState::Halted)
+            {
                 warn!(operator = name, error = %state.last_error.clone().unwrap_or_default(),
                       "operator is halted; run `streamex resume {}` to restart it", name);
-                board.halt(index, state.last_error.clone().unwrap_or_else(|| "halted".into()));
+                board.halt(
+                    index,
+                    state.last_error.clone().unwrap_or_else(|| "halted".into()),
+                );
                 inboxes.push(None);
                 continue;
             }
@@ -279,7 +285,11 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 operator: spec.operator.clone(),
                 pool: self.pool.clone(),
                 retry: spec.retry,
-                batch_size: if spec.one_per_transaction { 1 } else { self.batch_size },
+                batch_size: if spec.one_per_transaction {
+                    1
+                } else {
+                    self.batch_size
+                },
                 one_per_transaction: spec.one_per_transaction,
                 checkpoint: checkpoints.get(name).copied(),
                 board: board.clone(),
@@ -346,24 +356,26 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 Decoded::Event(event) => {
                     let event = Arc::new(event);
                     let ts = self.status_timestamp(&event);
-                    let entry = current
-                        .items
-                        .entry(event.entity.clone())
-                        .or_insert((ts, event.commit_lsn, event.ordinal));
+                    let entry = current.items.entry(event.entity.clone()).or_insert((
+                        ts,
+                        event.commit_lsn,
+                        event.ordinal,
+                    ));
                     entry.0 = entry.0.max(ts);
                     (entry.1, entry.2) = (event.commit_lsn, event.ordinal);
 
                     if self.pubsub.channel_count() > 0 {
-                        let spec = specs.entry(event.entity.clone()).or_insert_with(|| {
-                            ChannelSpec {
-                                key_columns: event.key_columns.to_vec(),
-                                scopes: self
-                                    .scopes
-                                    .get(&*event.entity)
-                                    .cloned()
-                                    .unwrap_or_default(),
-                            }
-                        });
+                        let spec =
+                            specs
+                                .entry(event.entity.clone())
+                                .or_insert_with(|| ChannelSpec {
+                                    key_columns: event.key_columns.to_vec(),
+                                    scopes: self
+                                        .scopes
+                                        .get(&*event.entity)
+                                        .cloned()
+                                        .unwrap_or_default(),
+                                });
                         channels.clear();
                         channels.extend(pubsub::channels(&event, spec));
                         self.pubsub.publish(&channels, &event);
@@ -594,7 +606,10 @@ mod tests {
             parse_timestamp(&json!("2024-01-02T03:04:05.123456")),
             Some(1_704_164_645_123_456)
         );
-        assert_eq!(parse_timestamp(&json!("2024-01-02T03:04:05")), Some(1_704_164_645_000_000));
+        assert_eq!(
+            parse_timestamp(&json!("2024-01-02T03:04:05")),
+            Some(1_704_164_645_000_000)
+        );
         assert_eq!(parse_timestamp(&json!(42)), Some(42));
         assert_eq!(parse_timestamp(&json!("infinity")), None);
         assert_eq!(parse_timestamp(&json!(null)), None);

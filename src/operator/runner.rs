@@ -209,7 +209,8 @@ impl Runner {
                     self.board.halt(self.index, message);
                     return Handled::Stop(RunnerExit::Halted);
                 }
-                FailurePolicy::DeadLetter => match self.dead_letter(event, &message, attempt).await {
+                FailurePolicy::DeadLetter => match self.dead_letter(event, &message, attempt).await
+                {
                     Ok(()) => {
                         warn!(
                             operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
@@ -246,14 +247,24 @@ impl Runner {
             attempt,
         };
         guarded(self.operator.handle(event, &mut ctx)).await?;
-        status::store_checkpoint(&mut *tx, self.operator.name(), event.commit_lsn, event.ordinal)
-            .await?;
+        status::store_checkpoint(
+            &mut *tx,
+            self.operator.name(),
+            event.commit_lsn,
+            event.ordinal,
+        )
+        .await?;
         tx.commit().await?;
         self.checkpoint = Some(event.position());
         Ok(())
     }
 
-    async fn dead_letter(&mut self, event: &Event, error: &str, attempts: u32) -> anyhow::Result<()> {
+    async fn dead_letter(
+        &mut self,
+        event: &Event,
+        error: &str,
+        attempts: u32,
+    ) -> anyhow::Result<()> {
         let json = serde_json::to_value(event)?;
         let mut tx = self.pool.begin().await?;
         status::insert_dead_letter(
@@ -267,8 +278,13 @@ impl Runner {
         )
         .await?;
         if self.operator.transactional() {
-            status::store_checkpoint(&mut *tx, self.operator.name(), event.commit_lsn, event.ordinal)
-                .await?;
+            status::store_checkpoint(
+                &mut *tx,
+                self.operator.name(),
+                event.commit_lsn,
+                event.ordinal,
+            )
+            .await?;
         }
         tx.commit().await?;
         self.checkpoint = Some(event.position());

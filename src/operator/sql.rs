@@ -74,7 +74,8 @@ impl Statement {
                     .map_err(|_| anyhow!("the id is not an integer, but $1 is one"))?,
             ),
             (Param::Uuid, Value::String(s)) => query.bind(
-                uuid::Uuid::parse_str(s).map_err(|_| anyhow!("the id is not a UUID, but $1 is one"))?,
+                uuid::Uuid::parse_str(s)
+                    .map_err(|_| anyhow!("the id is not a UUID, but $1 is one"))?,
             ),
             (_, Value::String(s)) => query.bind(s.clone()),
             (_, Value::Number(n)) => query.bind(n.to_string()),
@@ -200,7 +201,12 @@ impl Operator for SqlOperator {
                 .unwrap_or(Value::Null);
             if id.is_null() {
                 // No id (a NULL foreign key, or a column the old record lacks): nothing to do.
-                if event.kind == EventType::Delete && event.old_record.as_ref().is_some_and(|r| !r.contains_key(field)) {
+                if event.kind == EventType::Delete
+                    && event
+                        .old_record
+                        .as_ref()
+                        .is_some_and(|r| !r.contains_key(field))
+                {
                     bail!(
                         "the delete of {} carries no {field:?} in its old record: set REPLICA IDENTITY FULL on {}",
                         event.entity,

@@ -22,7 +22,8 @@ pub fn connect_options(params: &ConnectParams) -> PgConnectOptions {
         });
     options = match &params.host {
         Host::Unix(dir) => options.socket(dir),
-        host => options.host(&host.to_string().trim_start_matches('[').trim_end_matches(']').to_owned()),
+        Host::Name(name) => options.host(name),
+        Host::Ip(ip) => options.host(&ip.to_string()),
     };
     if let Some(password) = params.password() {
         options = options.password(password);
@@ -37,7 +38,11 @@ pub fn connect_options(params: &ConnectParams) -> PgConnectOptions {
 pub async fn catalog_pool(params: &ConnectParams, max: u32) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(max)
-        .acquire_timeout(params.connect_timeout.unwrap_or(std::time::Duration::from_secs(30)))
+        .acquire_timeout(
+            params
+                .connect_timeout
+                .unwrap_or(std::time::Duration::from_secs(30)),
+        )
         .connect_with(connect_options(params))
         .await
 }

@@ -65,10 +65,7 @@ mod tests {
         assert_eq!(lsn.to_string(), "1/16B3748");
         assert_eq!("1/16B3748".parse::<Lsn>().unwrap(), lsn);
         assert_eq!("0/0".parse::<Lsn>().unwrap(), Lsn::ZERO);
-        assert_eq!(
-            "FFFFFFFF/FFFFFFFF".parse::<Lsn>().unwrap(),
-            Lsn(u64::MAX)
-        );
+        assert_eq!("FFFFFFFF/FFFFFFFF".parse::<Lsn>().unwrap(), Lsn(u64::MAX));
     }
 
     #[test]

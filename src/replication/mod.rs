@@ -30,8 +30,7 @@ mod tls;
 pub use ack::Acknowledger;
 pub use catalog::{catalog_pool, connect_options};
 pub use conn::{
-    ConnectOptions, Connection, CopyMessage, CopyReader, CopyWriter, MAX_BACKEND_MESSAGE,
-    SimpleRow,
+    ConnectOptions, Connection, CopyMessage, CopyReader, CopyWriter, MAX_BACKEND_MESSAGE, SimpleRow,
 };
 pub use error::{DbError, ReplicationError};
 pub use lsn::{Lsn, ParseLsnError};
@@ -40,7 +39,5 @@ pub use protocol::{
     PG_EPOCH_OFFSET_MICROS, ProtocolError, ServerMessage, StatusUpdate, now_unix_micros,
 };
 pub use setup::{PublicationTables, SetupError, SlotInfo};
-pub use stream::{
-    Backoff, ReplicationStream, SESSION_SETTINGS, StreamConfig, StreamError, spawn,
-};
+pub use stream::{Backoff, ReplicationStream, SESSION_SETTINGS, StreamConfig, StreamError, spawn};
 pub use tls::{SslMode, Transport};

@@ -331,8 +331,7 @@ impl Session<'_> {
             Ok(ended) => {
                 if let Ended::Shutdown = ended {
                     // Let downstream finish and acknowledge what it holds.
-                    let _ =
-                        tokio::time::timeout(config.drain_timeout, self.tx.closed()).await;
+                    let _ = tokio::time::timeout(config.drain_timeout, self.tx.closed()).await;
                 }
                 finish.cancel();
                 let _ = status.await;
@@ -396,8 +395,7 @@ impl Session<'_> {
                     reply_requested,
                 } => {
                     received.fetch_max(wal_end.0, Ordering::Relaxed);
-                    if !self.decoder.in_transaction()
-                        && self.ack.acknowledged() >= *self.delivered
+                    if !self.decoder.in_transaction() && self.ack.acknowledged() >= *self.delivered
                     {
                         self.ack.ack(wal_end);
                     }

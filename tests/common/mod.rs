@@ -59,7 +59,8 @@ impl Streaming {
         config.reconnect.max = Duration::from_secs(1);
         tune(&mut config);
         let stop = CancellationToken::new();
-        let stream = replication::spawn(config, pool.clone(), Acknowledger::default(), stop.clone());
+        let stream =
+            replication::spawn(config, pool.clone(), Acknowledger::default(), stop.clone());
         Ok(Streaming {
             url: url.to_owned(),
             pool,
@@ -131,7 +132,10 @@ pub async fn settle(pool: &PgPool) -> anyhow::Result<()> {
         if done {
             return Ok(());
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the marker was never processed");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the marker was never processed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -160,4 +164,3 @@ pub async fn derived_mismatches(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
     .await?;
     Ok((counts, tallies))
 }
-
