@@ -14,8 +14,7 @@ fn tail(args: &[&str]) -> Command {
         .arg("tail")
         .args(args)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stdout(Stdio::piped());
     command
 }
 

@@ -59,7 +59,7 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
     let mut printed: u64 = 0;
     let limit = args.limit.unwrap_or(u64::MAX);
     let result: anyhow::Result<()> = async {
-        while printed < limit {
+        loop {
             let item = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -69,6 +69,9 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
                 },
             };
             match item {
+                // At the limit, only the commit of the last printed event's transaction is
+                // still taken, to acknowledge it; anything else ends tail unacknowledged.
+                Decoded::Event(_) if printed >= limit => break,
                 Decoded::Event(event) => {
                     line.clear();
                     serde_json::to_writer(&mut line, &event)?;
@@ -79,6 +82,9 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
                 Decoded::Commit { end_lsn, .. } => {
                     out.flush().await?;
                     ack.ack(end_lsn);
+                    if printed >= limit {
+                        break;
+                    }
                 }
                 Decoded::Begin { .. } | Decoded::Message { .. } | Decoded::Interrupted => {}
             }
