@@ -146,6 +146,7 @@ impl Runner {
     /// All of `events` and the checkpoint in one transaction.
     async fn try_batch(&mut self, events: &[Arc<Event>]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
+        wait_visible(&mut tx, events.iter().map(|e| e.xid)).await?;
         for event in events {
             let mut ctx = Context {
                 tx: Some(&mut *tx),
@@ -242,6 +243,7 @@ impl Runner {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
+        wait_visible(&mut tx, [event.xid]).await?;
         let mut ctx = Context {
             tx: Some(&mut *tx),
             attempt,
@@ -292,6 +294,68 @@ impl Runner {
     }
 }
 
+/// Waits until the transactions `xids` are visible to new snapshots.
+///
+/// PostgreSQL writes a commit record, and the walsender may decode and send it, a moment
+/// before the committing transaction becomes visible to other sessions. An operator that reads
+/// the source tables (the declarative ones recompute derived rows from them) must see at least
+/// the state its event's commit produced, or its last recomputation could miss that change
+/// for good. One round trip per batch; nearly always it is already visible.
+async fn wait_visible(
+    conn: &mut sqlx::PgConnection,
+    xids: impl IntoIterator<Item = u32>,
+) -> anyhow::Result<()> {
+    let mut xids: Vec<u32> = xids.into_iter().collect();
+    xids.sort_unstable();
+    xids.dedup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+            .fetch_one(&mut *conn)
+            .await?;
+        let Some((xmax, in_progress)) = parse_snapshot(&snapshot) else {
+            anyhow::bail!("unexpected snapshot text from pg_current_snapshot()");
+        };
+        if xids.iter().all(|xid| visible(*xid, xmax, &in_progress)) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            warn!("a committed transaction is still not visible after 10 s; going on");
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// `xmin:xmax:xip,...` as `pg_current_snapshot()` prints it: (xmax, in-progress xids).
+fn parse_snapshot(text: &str) -> Option<(u64, Vec<u64>)> {
+    let mut parts = text.split(':');
+    let _xmin: u64 = parts.next()?.parse().ok()?;
+    let xmax: u64 = parts.next()?.parse().ok()?;
+    let xip = parts.next()?;
+    let in_progress = if xip.is_empty() {
+        Vec::new()
+    } else {
+        xip.split(',').map(|x| x.parse().ok()).collect::<Option<_>>()?
+    };
+    Some((xmax, in_progress))
+}
+
+/// Whether the 32-bit `xid` of a committed transaction is visible in a snapshot with `xmax`
+/// (a 64-bit full id) and `in_progress`: it is before `xmax` and not in progress. The full
+/// id is taken as the one within 2^31 before `xmax`.
+fn visible(xid: u32, xmax: u64, in_progress: &[u64]) -> bool {
+    #[allow(clippy::cast_possible_truncation)] // the low 32 bits are the point
+    let back = (xmax as u32).wrapping_sub(xid);
+    if back == 0 || back > u32::MAX / 2 {
+        return false; // at or after xmax: not yet visible
+    }
+    match xmax.checked_sub(u64::from(back)) {
+        Some(full) => !in_progress.contains(&full),
+        None => false,
+    }
+}
+
 /// Runs a handler future, turning a panic into an error so that it goes through the retry
 /// policy instead of taking the service down.
 async fn guarded(mut future: HandlerFuture<'_>) -> HandlerResult {
@@ -314,6 +378,24 @@ async fn guarded(mut future: HandlerFuture<'_>) -> HandlerResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn visibility_follows_the_snapshot() {
+        let (xmax, xip) = parse_snapshot("4294967290:4294967300:4294967295,4294967298").unwrap();
+        assert_eq!(xmax, 4_294_967_300);
+        // 4294967299 is 3 in the next epoch: before xmax and not in progress.
+        assert!(visible(3, xmax, &xip));
+        // 4294967298 is 2 in the next epoch, still in progress.
+        assert!(!visible(2, xmax, &xip));
+        // 4294967295 (u32::MAX, previous epoch) in progress; 4294967294 not.
+        assert!(!visible(u32::MAX, xmax, &xip));
+        assert!(visible(u32::MAX - 1, xmax, &xip));
+        // xmax itself and later are not visible yet.
+        assert!(!visible(4, xmax, &xip));
+        assert!(!visible(10, xmax, &xip));
+        assert_eq!(parse_snapshot("10:12:"), Some((12, vec![])));
+        assert_eq!(parse_snapshot("garbage"), None);
+    }
 
     #[tokio::test]
     async fn a_panicking_handler_becomes_an_error() {
