@@ -35,6 +35,8 @@ pub async fn connect(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Config, ConnectParams, PgPool)> {
     let config = Config::load(&args.config)?;
+    // Every operator the configuration names must exist before anything else is done.
+    crate::operators::build(&config.operators)?;
     let params = ConnectParams::parse(&config.database_url).context("database_url")?;
     let mut wait = Duration::from_millis(500);
     loop {
@@ -75,7 +77,6 @@ pub async fn prepare(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
     if !created {
         info!(slot = %slot.name, confirmed = ?slot.confirmed_flush_lsn, "using existing replication slot");
     }
-    crate::operators::build(&config.operators)?;
     Ok(())
 }
 

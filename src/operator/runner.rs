@@ -336,7 +336,9 @@ fn parse_snapshot(text: &str) -> Option<(u64, Vec<u64>)> {
     let in_progress = if xip.is_empty() {
         Vec::new()
     } else {
-        xip.split(',').map(|x| x.parse().ok()).collect::<Option<_>>()?
+        xip.split(',')
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?
     };
     Some((xmax, in_progress))
 }

@@ -1,0 +1,162 @@
+//! `streamex setup`, `status` and `resume`, and configuration errors, run as the real binary.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{BLOG, slot_for};
+use serde_json::Value;
+use sqlx::PgPool;
+use streamex::replication::Lsn;
+use streamex::testing;
+
+fn streamex(args: &[&str], config: &Path) -> anyhow::Result<Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_streamex"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .output()?)
+}
+
+/// The example configuration for database `url`, written to a file in `dir`.
+fn write_config(dir: &Path, url: &str, extra: &str) -> anyhow::Result<std::path::PathBuf> {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/streamex.toml"))?;
+    let text = example
+        .replace(
+            "database_url = \"postgres://postgres@127.0.0.1:5432/blog\"",
+            &format!("database_url = {url:?}"),
+        )
+        .replace(
+            "slot = \"streamex\"",
+            &format!("slot = {:?}", slot_for(url)),
+        );
+    let path = dir.join("streamex.toml");
+    std::fs::write(&path, format!("{extra}\n{text}"))?;
+    Ok(path)
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test]
+async fn setup_status_and_resume_work_and_never_show_the_password() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    // Trust authentication ignores the password; it must still never be printed.
+    let with_password = url.replacen("postgres@", "postgres:hunter2secret@", 1);
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &with_password, "")?;
+
+    for _ in 0..2 {
+        let out = streamex(&["setup"], &config)?;
+        assert!(out.status.success(), "setup failed: {}", text(&out));
+    }
+    let slot: Option<String> =
+        sqlx::query_scalar("SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(slot_for(&url))
+            .fetch_optional(&pool)
+            .await?;
+    assert_eq!(slot.as_deref(), Some("pgoutput"));
+
+    streamex::status::set_operator_halted(
+        &pool,
+        "post_comment_tallies",
+        "boom: the tallies table is gone",
+        Lsn(0x1234),
+        3,
+        6,
+    )
+    .await?;
+    let out = streamex(&["status", "--json"], &config)?;
+    assert!(out.status.success(), "status failed: {}", text(&out));
+    assert!(!text(&out).contains("hunter2secret"), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["slot"]["plugin"], "pgoutput");
+    assert!(report["slot"]["retained_bytes"].is_number());
+    let operators = report["operators"].as_array().unwrap();
+    let tallies = operators
+        .iter()
+        .find(|o| o["name"] == "post_comment_tallies")
+        .unwrap();
+    assert_eq!(tallies["state"], "halted");
+    assert_eq!(tallies["failed_at"], "0/1234#3");
+    assert!(tallies["last_error"].as_str().unwrap().contains("boom"));
+    let counts = operators
+        .iter()
+        .find(|o| o["name"] == "post_with_comments_counts")
+        .unwrap();
+    assert_eq!(counts["state"], "running");
+
+    let out = streamex(&["status"], &config)?;
+    let human = text(&out);
+    assert!(
+        human.contains("streamex resume post_comment_tallies"),
+        "{human}"
+    );
+    assert!(human.contains("WAL retained"), "{human}");
+    assert!(!human.contains("hunter2secret"), "{human}");
+
+    let out = streamex(&["resume", "post_comment_tallies"], &config)?;
+    assert!(out.status.success(), "resume failed: {}", text(&out));
+    let state: String = sqlx::query_scalar(
+        "SELECT state FROM streamex.operator_state WHERE operator = 'post_comment_tallies'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(state, "running");
+
+    let out = streamex(&["resume", "no_such_operator"], &config)?;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("post_comment_tallies"),
+        "{}",
+        text(&out)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn configuration_mistakes_stop_start_up_with_the_key_named() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let dir = tempfile::tempdir()?;
+
+    let config = write_config(dir.path(), &url, "slott = \"x\"")?;
+    let out = streamex(&["setup"], &config)?;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("slott"), "{}", text(&out));
+
+    let config = write_config(dir.path(), &url, "")?;
+    let broken = std::fs::read_to_string(&config)?.replace(
+        "name = \"post_comment_tallies\"",
+        "name = \"post_comment_talies\"",
+    );
+    std::fs::write(&config, broken)?;
+    let out = streamex(&["run"], &config)?;
+    assert!(!out.status.success());
+    let message = text(&out);
+    assert!(
+        message.contains("post_comment_talies") && message.contains("post_comment_tallies"),
+        "the message names the unknown operator and the registered ones: {message}"
+    );
+
+    // A table the configuration publishes but the database lacks (no blog schema here).
+    let config = write_config(dir.path(), &url, "")?;
+    let out = streamex(&["setup"], &config)?;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("public.posts"), "{}", text(&out));
+
+    let missing = dir.path().join("nope.toml");
+    let out = streamex(&["status"], &missing)?;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("nope.toml"), "{}", text(&out));
+    Ok(())
+}
