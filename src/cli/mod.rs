@@ -3,6 +3,7 @@
 //! Commands return `anyhow::Result`: this is the edge where typed errors become messages for
 //! a person.
 
+mod demo;
 mod service;
 mod status;
 mod tail;
@@ -32,6 +33,9 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The blog example end to end on a private PostgreSQL cluster: service, operators, live
+    /// figures. Ctrl-C stops it and removes the cluster.
+    Demo(demo::DemoArgs),
     /// Print every committed change as one JSON object per line on stdout.
     Tail(tail::TailArgs),
     /// Create the streamex schema, the publication and the slot when missing; safe to run again.
@@ -48,6 +52,7 @@ pub enum Command {
 /// Runs the command until it ends or `shutdown` is cancelled.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(args) => demo::run(args, shutdown).await,
         Command::Tail(args) => tail::run(args, shutdown).await,
         Command::Setup(args) => service::setup_command(args, shutdown).await,
         Command::Run(args) => service::run_command(args, shutdown).await,
@@ -56,10 +61,13 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     }
 }
 
-/// Sets up `tracing` on stderr: the level from `RUST_LOG` (default `info`), human or JSON.
+/// Sets up `tracing` on stderr: the level from `RUST_LOG` (default `info`, sqlx `warn`),
+/// human or JSON.
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // sqlx reports server notices ("schema already exists, skipping") at info: too chatty.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
