@@ -431,3 +431,45 @@ async fn a_failing_event_goes_to_the_dead_letters_and_the_operator_goes_on() -> 
     );
     service.stop().await
 }
+
+#[tokio::test]
+async fn a_second_instance_stands_by_and_takes_over_without_applying_twice() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let config = blog_config(&url, "")?;
+    let start = |config: Config, pool: PgPool| async move {
+        let operators = streamex::operators::build(&config.operators)?;
+        Service::start(&config, PostgresStatus::new(pool), PubSub::new(), operators).await
+    };
+    let write = |pool: PgPool| async move {
+        sqlx::raw_sql(
+            "WITH p AS (INSERT INTO posts (title) VALUES ('x') RETURNING id)
+             INSERT INTO comments (post_id) SELECT id FROM p, generate_series(1, 3);
+             DELETE FROM comments WHERE id = (SELECT min(id) FROM comments);",
+        )
+        .execute(&pool)
+        .await
+    };
+    let active = start(config.clone(), pool.clone()).await?;
+    write(pool.clone()).await?;
+    settle(&pool).await?;
+    // The standby starts while the first instance is active; it must not run anything yet.
+    let standby = start(config.clone(), pool.clone()).await?;
+    for _ in 0..5 {
+        write(pool.clone()).await?;
+    }
+    settle(&pool).await?;
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    active.stop().await?;
+    for _ in 0..5 {
+        write(pool.clone()).await?;
+    }
+    settle(&pool).await?;
+    assert_eq!(
+        derived_mismatches(&pool).await?,
+        (0, 0),
+        "the standby took over from the right place: nothing lost, nothing twice"
+    );
+    standby.stop().await
+}

@@ -144,8 +144,43 @@ pub async fn run_service<S: ProcessStatusStorage + Clone>(
     }
     let engine = Arc::new(engine);
 
+    // One active instance per slot: the others wait here as standbys.
+    let Some(lock) = InstanceLock::acquire(&pool, &config.slot, &shutdown).await? else {
+        return Ok(()); // shut down while standing by
+    };
+    // Losing the lock's connection means another instance may take over: stop at once.
+    let lost = CancellationToken::new();
+    let watch = tokio::spawn(lock.watch(lost.clone(), shutdown.clone()));
+    let shutdown = {
+        let both = shutdown.child_token();
+        let (lost, both2) = (lost.clone(), both.clone());
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            both2.cancel();
+        });
+        both
+    };
+    let result = stream_until_shutdown(config, params, &pool, &engine, &shutdown).await;
+    watch.abort();
+    if lost.is_cancelled() {
+        bail!(
+            "lost the connection holding the instance lock of slot {:?}; stopped so that a \
+             standby can take over safely",
+            config.slot
+        );
+    }
+    result
+}
+
+async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
+    config: &Config,
+    params: ConnectParams,
+    pool: &PgPool,
+    engine: &Engine<S>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     loop {
-        let slot = setup::slot_info(&pool, &config.slot)
+        let slot = setup::slot_info(pool, &config.slot)
             .await?
             .with_context(|| format!("replication slot {:?} disappeared", config.slot))?;
         let start = slot.confirmed_flush_lsn.unwrap_or_default();
@@ -218,4 +253,69 @@ pub async fn resume_command(args: ResumeArgs, shutdown: CancellationToken) -> an
         args.operator
     );
     Ok(())
+}
+
+/// The session-level advisory lock, keyed on the slot's name, that makes one instance per
+/// slot the active one. PostgreSQL releases it when the holder's connection ends, even when
+/// the holder is killed, so a standby takes over within a poll interval.
+struct InstanceLock {
+    conn: sqlx::PgConnection,
+}
+
+impl InstanceLock {
+    const POLL: Duration = Duration::from_secs(1);
+
+    /// Takes the lock, waiting as a standby while another instance holds it. `None` when
+    /// `shutdown` came first.
+    async fn acquire(
+        pool: &PgPool,
+        slot: &str,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<InstanceLock>> {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options())
+            .await
+            .context("opening the instance lock's connection")?;
+        let mut announced = false;
+        loop {
+            let taken: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(format!("streamex slot {slot}"))
+                    .fetch_one(&mut conn)
+                    .await
+                    .context("taking the instance lock")?;
+            if taken {
+                if announced {
+                    info!(slot, "the active instance is gone; taking over");
+                }
+                return Ok(Some(InstanceLock { conn }));
+            }
+            if !announced {
+                info!(
+                    slot,
+                    "standby: another instance is active on this slot; waiting to take over"
+                );
+                announced = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Self::POLL) => {}
+                _ = shutdown.cancelled() => return Ok(None),
+            }
+        }
+    }
+
+    /// Checks the lock's connection until `shutdown`; cancels `lost` if it fails.
+    async fn watch(mut self, lost: CancellationToken, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Self::POLL * 2) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            if let Err(error) = sqlx::query("SELECT 1").execute(&mut self.conn).await {
+                warn!(error = %error, "the instance lock's connection failed");
+                lost.cancel();
+                return;
+            }
+        }
+    }
 }

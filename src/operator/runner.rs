@@ -155,9 +155,22 @@ impl Runner {
             guarded(self.operator.handle(event, &mut ctx)).await?;
         }
         let last = events.last().map(|e| e.position()).unwrap_or_default();
-        status::store_checkpoint(&mut *tx, self.operator.name(), last.0, last.1).await?;
+        self.commit_with_checkpoint(tx, last).await
+    }
+
+    /// Stores the checkpoint `position` in `tx` (for a transactional operator), commits, and
+    /// from then on skips events at or before it.
+    async fn commit_with_checkpoint(
+        &mut self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        position: (Lsn, u64),
+    ) -> anyhow::Result<()> {
+        if self.operator.transactional() {
+            status::store_checkpoint(&mut *tx, self.operator.name(), position.0, position.1)
+                .await?;
+        }
         tx.commit().await?;
-        self.checkpoint = Some(last);
+        self.checkpoint = Some(position);
         Ok(())
     }
 
@@ -249,16 +262,7 @@ impl Runner {
             attempt,
         };
         guarded(self.operator.handle(event, &mut ctx)).await?;
-        status::store_checkpoint(
-            &mut *tx,
-            self.operator.name(),
-            event.commit_lsn,
-            event.ordinal,
-        )
-        .await?;
-        tx.commit().await?;
-        self.checkpoint = Some(event.position());
-        Ok(())
+        self.commit_with_checkpoint(tx, event.position()).await
     }
 
     async fn dead_letter(
@@ -279,18 +283,7 @@ impl Runner {
             attempts,
         )
         .await?;
-        if self.operator.transactional() {
-            status::store_checkpoint(
-                &mut *tx,
-                self.operator.name(),
-                event.commit_lsn,
-                event.ordinal,
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        self.checkpoint = Some(event.position());
-        Ok(())
+        self.commit_with_checkpoint(tx, event.position()).await
     }
 }
 

@@ -112,9 +112,14 @@ impl Streaming {
 /// Writes a marker post and waits until `streamex.processed` says it has gone through every
 /// operator: then everything committed before it has too.
 pub async fn settle(pool: &PgPool) -> anyhow::Result<()> {
+    // Tests also insert explicit ids: move the sequence past them first.
+    sqlx::query(
+        "SELECT setval(pg_get_serial_sequence('posts', 'id'), coalesce(max(id), 0) + 1, false) FROM posts",
+    )
+    .execute(pool)
+    .await?;
     let ts: String = sqlx::query_scalar(
-        "INSERT INTO posts (id, title) VALUES ((SELECT coalesce(max(id), 0) + 1 FROM posts), 'marker')
-         RETURNING updated_at::text",
+        "INSERT INTO posts (title) VALUES ('marker') RETURNING updated_at::text",
     )
     .fetch_one(pool)
     .await?;
