@@ -462,6 +462,17 @@ async fn a_second_instance_stands_by_and_takes_over_without_applying_twice() -> 
     settle(&pool).await?;
     assert_eq!(derived_mismatches(&pool).await?, (0, 0));
     active.stop().await?;
+    // A clean stop acknowledges everything it finished: the slot is past the marker's commit.
+    let acknowledged: bool = sqlx::query_scalar(
+        "SELECT confirmed_flush_lsn > (SELECT lsn FROM streamex.process_status WHERE entity = 'posts')
+           FROM pg_replication_slots WHERE database = current_database()",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(
+        acknowledged,
+        "the last processed commit was not acknowledged on shutdown"
+    );
     for _ in 0..5 {
         write(pool.clone()).await?;
     }

@@ -302,7 +302,8 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         tracker.close();
 
         let (pending_tx, pending_rx) = mpsc::channel::<Pending>(1024);
-        let coordinator = self.coordinate(pending_rx, board.clone(), ack);
+        let runners_done = CancellationToken::new();
+        let coordinator = self.coordinate(pending_rx, board.clone(), ack, runners_done.clone());
         let (exit, coordinated) = tokio::join!(
             async {
                 let exit = tokio::select! {
@@ -312,7 +313,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 // Closing the inboxes lets every runner finish what it holds and stop.
                 inboxes.clear();
                 tracker.wait().await;
-                board.changed.notify_one();
+                runners_done.cancel();
                 exit
             },
             coordinator
@@ -431,16 +432,19 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
     }
 
     /// Stores process status and acknowledges, in WAL order, for the commits every operator
-    /// is done with. Ends when the dispatcher is gone and every runner has stopped.
+    /// is done with. Ends when the dispatcher is gone and every runner has stopped, after a
+    /// last pass over what they finished.
     async fn coordinate(
         &self,
         mut incoming: mpsc::Receiver<Pending>,
         board: Arc<Board>,
         ack: Acknowledger,
+        runners_done: CancellationToken,
     ) -> Result<(), EngineError> {
         let mut waiting: VecDeque<Pending> = VecDeque::new();
         let mut open = true;
         loop {
+            let finished = !open && runners_done.is_cancelled();
             let done = board.done_through();
             let mut ready: Option<Pending> = None;
             while waiting.front().is_some_and(|p| p.end_lsn <= done) {
@@ -454,11 +458,11 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 self.complete(ready, &ack).await?;
                 continue;
             }
-            if !open {
+            if finished {
                 return Ok(());
             }
             tokio::select! {
-                next = incoming.recv() => match next {
+                next = incoming.recv(), if open => match next {
                     Some(p) => {
                         waiting.push_back(p);
                         while waiting.len() > MAX_PENDING {
@@ -473,6 +477,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     None => open = false,
                 },
                 _ = board.changed.notified() => {}
+                _ = runners_done.cancelled(), if !open => {}
             }
         }
     }
