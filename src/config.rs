@@ -77,6 +77,10 @@ pub struct ReplicationConfig {
     pub channel_capacity: usize,
     /// Most events an operator handles in one database transaction.
     pub batch_size: usize,
+    /// When the slot was invalidated (its WAL removed, past `max_slot_wal_keep_size`), drop
+    /// and recreate it at start-up instead of stopping. The changes in between are lost to
+    /// streamex: only for derived data that can be rebuilt.
+    pub recreate_invalidated_slot: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -87,6 +91,7 @@ impl Default for ReplicationConfig {
             reconnect_max: Duration::from_secs(30),
             channel_capacity: 4096,
             batch_size: 500,
+            recreate_invalidated_slot: false,
         }
     }
 }

@@ -160,3 +160,44 @@ async fn configuration_mistakes_stop_start_up_with_the_key_named() -> anyhow::Re
     assert!(text(&out).contains("nope.toml"), "{}", text(&out));
     Ok(())
 }
+
+#[tokio::test]
+async fn status_names_the_active_instance() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &url, "")?;
+    let report = |config: &Path| -> anyhow::Result<Value> {
+        let out = streamex(&["status", "--json"], config)?;
+        assert!(out.status.success(), "status failed: {}", text(&out));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    assert_eq!(report(&config)?["active_instance_pid"], Value::Null);
+
+    let mut run = Command::new(env!("CARGO_BIN_EXE_streamex"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let pid = loop {
+        if let Some(pid) = report(&config)?["active_instance_pid"].as_i64() {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no active instance shown"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let application: String =
+        sqlx::query_scalar("SELECT application_name FROM pg_stat_activity WHERE pid = $1")
+            .bind(i32::try_from(pid)?)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(application, "streamex");
+    run.kill()?;
+    run.wait()?;
+    Ok(())
+}

@@ -576,5 +576,18 @@ async fn an_invalidated_slot_is_refused_with_what_was_lost() -> anyhow::Result<(
         "{message}"
     );
     assert!(message.contains("max_slot_wal_keep_size"), "{message}");
+
+    // Unless the configuration says to recreate it.
+    let config = streamex::config::Config::parse(
+        &format!(
+            "database_url = {url:?}\nslot = {:?}\n[replication]\nrecreate_invalidated_slot = true",
+            slot_for(&url)
+        ),
+        "test.toml",
+        std::iter::empty(),
+    )?;
+    streamex::cli::prepare(&config, &pool).await?;
+    let slot = setup::slot_info(&pool, &slot_for(&url)).await?.unwrap();
+    assert_ne!(slot.wal_status.as_deref(), Some("lost"));
     Ok(())
 }

@@ -73,7 +73,22 @@ pub async fn prepare(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
         PublicationTables::Tables(tables)
     };
     setup::ensure_publication(pool, &config.publication, &tables).await?;
-    let (slot, created) = setup::ensure_slot(pool, &config.slot).await?;
+    let (slot, created) = match setup::ensure_slot(pool, &config.slot).await {
+        Err(setup::SetupError::SlotInvalidated { slot, confirmed })
+            if config.replication.recreate_invalidated_slot =>
+        {
+            warn!(
+                slot = %slot,
+                lost_from = %confirmed,
+                "replication slot was invalidated (its WAL was removed); recreating it as \
+                 configured: the changes made from lost_from until now are not seen, rebuild \
+                 what is derived from them"
+            );
+            setup::drop_slot(pool, &slot).await?;
+            setup::ensure_slot(pool, &slot).await?
+        }
+        other => other?,
+    };
     if !created {
         info!(slot = %slot.name, confirmed = ?slot.confirmed_flush_lsn, "using existing replication slot");
     }
@@ -258,7 +273,7 @@ pub async fn resume_command(args: ResumeArgs, shutdown: CancellationToken) -> an
 /// The session-level advisory lock, keyed on the slot's name, that makes one instance per
 /// slot the active one. PostgreSQL releases it when the holder's connection ends, even when
 /// the holder is killed, so a standby takes over within a poll interval.
-struct InstanceLock {
+pub(super) struct InstanceLock {
     conn: sqlx::PgConnection,
 }
 
@@ -302,6 +317,20 @@ impl InstanceLock {
                 _ = shutdown.cancelled() => return Ok(None),
             }
         }
+    }
+
+    /// The backend pid of the connection holding the lock of `slot`: the active instance.
+    pub(super) async fn holder(pool: &PgPool, slot: &str) -> anyhow::Result<Option<i32>> {
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_locks
+              WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)",
+        )
+        .bind(format!("streamex slot {slot}"))
+        .fetch_optional(pool)
+        .await
+        .context("looking for the active instance's lock")
     }
 
     /// Checks the lock's connection until `shutdown`; cancels `lost` if it fails.

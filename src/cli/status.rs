@@ -7,7 +7,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::service::{ConfigArgs, connect};
+use super::service::{ConfigArgs, InstanceLock, connect};
 use crate::config::StatusBackendKind;
 use crate::event::micros_rfc3339;
 use crate::replication::{Lsn, SlotInfo, setup};
@@ -25,6 +25,8 @@ pub struct StatusArgs {
 #[derive(Debug, Serialize)]
 struct Report {
     database: String,
+    /// The backend pid of the active `streamex run` (the holder of the slot's instance lock).
+    active_instance_pid: Option<i32>,
     slot_name: String,
     slot: Option<SlotInfo>,
     operators: Vec<OperatorLine>,
@@ -60,8 +62,9 @@ struct DeadLetterLine {
 pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (config, params, pool) = connect(&args.config, &shutdown).await?;
     let slot = setup::slot_info(&pool, &config.slot).await?;
+    // The migration creates every table in one transaction: one of them stands for all.
     let has_schema: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'streamex')")
+        sqlx::query_scalar("SELECT to_regclass('streamex.process_status') IS NOT NULL")
             .fetch_one(&pool)
             .await
             .context("looking for the streamex schema")?;
@@ -102,6 +105,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
         .collect();
     let report = Report {
         database: params.redacted_url(),
+        active_instance_pid: InstanceLock::holder(&pool, &config.slot).await?,
         slot_name: config.slot.clone(),
         slot,
         operators,
@@ -160,6 +164,17 @@ fn render(report: &Report, has_schema: bool) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "database  {}", report.database);
+    match report.active_instance_pid {
+        Some(pid) => {
+            let _ = writeln!(
+                out,
+                "instance  active: `streamex run` holds the slot's lock (backend pid {pid}); others wait as standbys"
+            );
+        }
+        None => {
+            let _ = writeln!(out, "instance  none running for this slot");
+        }
+    }
     match &report.slot {
         None => {
             let _ = writeln!(

@@ -58,7 +58,8 @@ pub enum SetupError {
         "replication slot {slot:?} was invalidated: the WAL it still needed was removed (it fell \
          more than max_slot_wal_keep_size behind), so the changes made since {confirmed} can no \
          longer be read through it. Drop it with SELECT pg_drop_replication_slot('{slot}') and run \
-         `streamex setup` to create a new one, then rebuild what is derived from the changes in between"
+         `streamex setup` to create a new one (or set replication.recreate_invalidated_slot = true), \
+         then rebuild what is derived from the changes in between"
     )]
     SlotInvalidated { slot: String, confirmed: String },
     #[error(
@@ -327,6 +328,16 @@ pub async fn ensure_slot(pool: &PgPool, name: &str) -> Result<(SlotInfo, bool), 
         })?;
     check_slot(pool, &slot).await?;
     Ok((slot, created))
+}
+
+/// Drops slot `name` (it must not be in use).
+pub async fn drop_slot(pool: &PgPool, name: &str) -> Result<(), SetupError> {
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(name)
+        .execute(pool)
+        .await
+        .map_err(sql(format!("dropping replication slot {name:?}")))?;
+    Ok(())
 }
 
 /// After the server ended streaming with SQLSTATE 42704 (undefined object): says which of
