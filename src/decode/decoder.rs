@@ -301,9 +301,7 @@ impl Decoder {
                 // Without an old tuple the key did not change: the old key is the new one.
                 let old = match old {
                     Some(old) => Some(old),
-                    None if table.replica_identity != ReplicaIdentity::Nothing => {
-                        Some(key_of(&table, &new))
-                    }
+                    None if !table.key_columns.is_empty() => Some(key_of(&table, &new)),
                     None => None,
                 };
                 out.push(Decoded::Event(Event {
@@ -496,4 +494,203 @@ fn diff(table: &Table, old: &Record, new: &Record) -> Changes {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Builds pgoutput messages by hand.
+    #[derive(Default)]
+    struct Msg(Vec<u8>);
+
+    impl Msg {
+        fn tag(t: u8) -> Self {
+            Msg(vec![t])
+        }
+        fn u8(mut self, v: u8) -> Self {
+            self.0.push(v);
+            self
+        }
+        fn i16(mut self, v: i16) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn i32(mut self, v: i32) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn i64(mut self, v: i64) -> Self {
+            self.0.extend_from_slice(&v.to_be_bytes());
+            self
+        }
+        fn str(mut self, s: &str) -> Self {
+            self.0.extend_from_slice(s.as_bytes());
+            self.0.push(0);
+            self
+        }
+        fn text(mut self, s: &str) -> Self {
+            self.0.push(b't');
+            self.0
+                .extend_from_slice(&i32::try_from(s.len()).unwrap().to_be_bytes());
+            self.0.extend_from_slice(s.as_bytes());
+            self
+        }
+        fn bytes(self) -> Bytes {
+            Bytes::from(self.0)
+        }
+    }
+
+    /// A decoder for builtin types only: its pool never connects.
+    fn decoder() -> Decoder {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap();
+        Decoder::new(pool)
+    }
+
+    /// Relation 16384 `public.docs (id int4 key, n int4, body text)`, REPLICA IDENTITY DEFAULT.
+    fn relation() -> Bytes {
+        Msg::tag(b'R')
+            .i32(16384)
+            .str("public")
+            .str("docs")
+            .u8(b'd')
+            .i16(3)
+            .u8(1)
+            .str("id")
+            .i32(23)
+            .i32(-1)
+            .u8(0)
+            .str("n")
+            .i32(23)
+            .i32(-1)
+            .u8(0)
+            .str("body")
+            .i32(25)
+            .i32(-1)
+            .bytes()
+    }
+
+    async fn run(messages: Vec<Bytes>) -> Result<Vec<Decoded>, DecoderError> {
+        let mut d = decoder();
+        let mut out = Vec::new();
+        for (i, m) in messages.into_iter().enumerate() {
+            d.decode(Lsn(0x100 + i as u64), m, &mut out).await?;
+        }
+        Ok(out)
+    }
+
+    fn begin() -> Bytes {
+        Msg::tag(b'B').i64(0x900).i64(0).i32(77).bytes()
+    }
+
+    fn commit() -> Bytes {
+        Msg::tag(b'C').u8(0).i64(0x900).i64(0x928).i64(0).bytes()
+    }
+
+    #[tokio::test]
+    async fn an_update_without_old_tuple_keeps_the_key_and_lists_unsent_values() {
+        let update = Msg::tag(b'U')
+            .i32(16384)
+            .u8(b'N')
+            .i16(3)
+            .text("1")
+            .text("2")
+            .u8(b'u')
+            .bytes();
+        let out = run(vec![begin(), relation(), update, commit()])
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 3);
+        let Decoded::Event(event) = &out[1] else {
+            panic!("an event: {:?}", out[1]);
+        };
+        assert_eq!(event.kind, EventType::Update);
+        assert_eq!(
+            serde_json::to_value(&event.new_record).unwrap(),
+            json!({"id": 1, "n": 2})
+        );
+        assert_eq!(
+            serde_json::to_value(&event.old_record).unwrap(),
+            json!({"id": 1})
+        );
+        assert_eq!(event.unavailable_columns, ["body"]);
+        assert_eq!(
+            (event.commit_lsn, event.xid, event.ordinal),
+            (Lsn(0x900), 77, 0)
+        );
+        assert_eq!(event.lsn, Lsn(0x102));
+        assert_eq!(&*event.key_columns, ["id".to_owned()]);
+        assert_eq!(
+            out[2],
+            Decoded::Commit {
+                xid: 77,
+                commit_lsn: Lsn(0x900),
+                end_lsn: Lsn(0x928),
+                timestamp: PG_EPOCH_OFFSET_MICROS,
+                events: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_change_outside_a_transaction_or_of_an_unknown_table_is_an_error() {
+        let insert = || {
+            Msg::tag(b'I')
+                .i32(16384)
+                .u8(b'N')
+                .i16(3)
+                .text("1")
+                .text("2")
+                .text("x")
+                .bytes()
+        };
+        assert!(matches!(
+            run(vec![relation(), insert()]).await,
+            Err(DecoderError::OutsideTransaction { .. })
+        ));
+        assert!(matches!(
+            run(vec![begin(), insert()]).await,
+            Err(DecoderError::UnknownRelation { oid: 16384, .. })
+        ));
+        let narrow = Msg::tag(b'I').i32(16384).u8(b'N').i16(1).text("1").bytes();
+        assert!(matches!(
+            run(vec![begin(), relation(), narrow]).await,
+            Err(DecoderError::ColumnCount {
+                got: 1,
+                expected: 3,
+                ..
+            })
+        ));
+        let bad_number = Msg::tag(b'I')
+            .i32(16384)
+            .u8(b'N')
+            .i16(3)
+            .text("one")
+            .text("2")
+            .text("x")
+            .bytes();
+        let error = run(vec![begin(), relation(), bad_number])
+            .await
+            .unwrap_err();
+        assert!(matches!(error, DecoderError::Value { .. }), "{error}");
+        assert!(
+            !error.to_string().contains("one"),
+            "values never go into errors: {error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reset_forgets_relations_and_reports_a_cut_transaction() {
+        let mut d = decoder();
+        let mut out = Vec::new();
+        d.decode(Lsn(1), begin(), &mut out).await.unwrap();
+        d.decode(Lsn(2), relation(), &mut out).await.unwrap();
+        assert!(d.in_transaction());
+        assert!(d.reset(), "a transaction was open");
+        assert!(!d.reset());
+        assert!(d.table(16384).is_none());
+    }
 }
