@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Config, StatusBackendKind};
-use crate::operator::{Engine, EngineExit, Operator, OperatorSpec};
+use crate::operator::{Engine, EngineExit, Operator, OperatorReport, OperatorSpec};
 use crate::pubsub::PubSub;
 use crate::replication::{
     self, Acknowledger, ConnectParams, PublicationTables, StreamConfig, setup,
@@ -175,7 +175,9 @@ pub async fn run_service<S: ProcessStatusStorage + Clone>(
         });
         both
     };
+    let summary = tokio::spawn(log_summaries(engine.reporter()));
     let result = stream_until_shutdown(config, params, &pool, &engine, &shutdown).await;
+    summary.abort();
     watch.abort();
     if lost.is_cancelled() {
         bail!(
@@ -185,6 +187,26 @@ pub async fn run_service<S: ProcessStatusStorage + Clone>(
         );
     }
     result
+}
+
+/// Logs one line per operator every minute: the person on call sees progress without asking.
+async fn log_summaries(report: impl Fn() -> Vec<OperatorReport>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        for r in report() {
+            info!(
+                operator = %r.name,
+                state = ?r.state,
+                done_through = %r.done_through,
+                events = r.events,
+                retries = r.retries,
+                dead_letters = r.dead_letters,
+                "summary"
+            );
+        }
+    }
 }
 
 async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
