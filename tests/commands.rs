@@ -201,3 +201,59 @@ async fn status_names_the_active_instance() -> anyhow::Result<()> {
     run.wait()?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_wrong_password_is_definite_and_an_unreachable_server_is_waited_for() -> anyhow::Result<()>
+{
+    let cluster = testing::Cluster::builder()
+        .setting("password_encryption", "scram-sha-256")
+        .hba(
+            "local all all trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .start()?;
+    let admin = PgPool::connect(&cluster.url("postgres")).await?;
+    sqlx::query("CREATE ROLE app LOGIN REPLICATION PASSWORD 'right-password'")
+        .execute(&admin)
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let wrong = format!(
+        "postgres://app:wrong-password@127.0.0.1:{}/postgres",
+        cluster.port()
+    );
+    let config = write_config(dir.path(), &wrong, "")?;
+    let out = streamex(&["setup"], &config)?;
+    assert!(!out.status.success(), "a wrong password must stop setup");
+    let message = text(&out);
+    assert!(message.contains("check the user and password"), "{message}");
+    assert!(!message.contains("wrong-password"), "{message}");
+
+    // Nothing listens on this port: the service waits and says so, instead of exiting.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let unreachable = format!("postgres://app@127.0.0.1:{port}/postgres");
+    let config = write_config(dir.path(), &unreachable, "")?;
+    let log = dir.path().join("run.log");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_streamex"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let still_running = run.try_wait()?.is_none();
+    run.kill()?;
+    run.wait()?;
+    let logged = std::fs::read_to_string(&log)?;
+    assert!(
+        still_running,
+        "the service gave up on an unreachable server:\n{logged}"
+    );
+    assert!(
+        logged.contains("database unreachable; retrying"),
+        "{logged}"
+    );
+    Ok(())
+}

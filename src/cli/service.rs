@@ -40,7 +40,17 @@ pub async fn connect(
     let params = ConnectParams::parse(&config.database_url).context("database_url")?;
     let mut wait = Duration::from_millis(500);
     loop {
-        match replication::catalog_pool(&params, 8).await {
+        // One plain connection first: it fails at once when nothing listens, where a pool
+        // would keep trying for its whole acquire timeout before saying anything.
+        let attempt = async {
+            use sqlx::Connection as _;
+            sqlx::PgConnection::connect_with(&replication::connect_options(&params))
+                .await?
+                .close()
+                .await?;
+            replication::catalog_pool(&params, 8).await
+        };
+        match attempt.await {
             Ok(pool) => return Ok((config, params, pool)),
             Err(e) if setup::is_transient_sql(&e) && !shutdown.is_cancelled() => {
                 warn!(
@@ -56,7 +66,20 @@ pub async fn connect(
                 wait = (wait * 2).min(Duration::from_secs(30));
             }
             Err(e) => {
-                return Err(e).with_context(|| format!("connecting to {}", params.redacted_url()));
+                let fix = match &e {
+                    sqlx::Error::Database(db) => match db.code().as_deref() {
+                        Some("28P01") => "; check the user and password in database_url",
+                        Some("28000") => {
+                            "; the server's pg_hba.conf has no entry for this user, database and \
+                             address: add one, or connect as another role"
+                        }
+                        Some("3D000") => "; the database in database_url does not exist: create it",
+                        _ => "",
+                    },
+                    _ => "",
+                };
+                return Err(e)
+                    .with_context(|| format!("connecting to {}{fix}", params.redacted_url()));
             }
         }
     }
