@@ -169,6 +169,17 @@ async fn wait_for(limit: Duration, mut found: impl FnMut() -> bool) -> bool {
     found()
 }
 
+/// Whether an instance holds the advisory lock of this database's slot.
+async fn instance_lock_held(pool: &PgPool) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+                         WHERE l.locktype = 'advisory' AND l.granted
+                           AND d.datname = current_database())",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Chaos {
     Kill,
@@ -303,7 +314,21 @@ async fn chaos_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
                 cuts += 1;
             }
             Chaos::Takeover => {
-                fleet.reap()?;
+                // First one instance, holding the lock (one that lost its connection to a
+                // cut may still be on its way out: wait for its successor).
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    fleet.ensure_one()?;
+                    if fleet.running.len() == 1 && instance_lock_held(&pool).await? {
+                        break;
+                    }
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "no instance took the lock in 30 s\n{}",
+                        fleet.logs()
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 fleet.spawn()?;
                 // Whichever instance says it stands by is the standby; the other is active.
                 let mut standby = None;
@@ -349,8 +374,10 @@ async fn chaos_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
     }
 
     // The last instance catches up, then stops cleanly on SIGTERM.
+    let chaos_secs = began.elapsed().as_secs_f64();
     fleet.ensure_one()?;
     let settled = settle(&pool).await;
+    let settle_secs = began.elapsed().as_secs_f64() - chaos_secs;
     let last_comment_processed: Option<bool> = sqlx::query_scalar(
         "SELECT streamex.processed('comments', max(updated_at)) FROM comments HAVING count(*) > 0",
     )
@@ -402,7 +429,7 @@ async fn chaos_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
          started, {} ended by themselves; {posts} posts and {comments} comments at the end; \
          lost/mismatched rows: {counts} in post_with_comments_counts, {tallies} in \
          post_comment_tallies ({too_high} tallies too high (doubled), {too_low} too low (lost)); \
-         {:.1} s",
+         {:.1} s in all ({chaos_secs:.1} s up to the end of the chaos, {settle_secs:.1} s to settle)",
         figures.changes.load(Ordering::Relaxed),
         figures.committed_transactions.load(Ordering::Relaxed),
         figures.failed_transactions.load(Ordering::Relaxed),

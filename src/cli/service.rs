@@ -73,6 +73,9 @@ pub async fn prepare(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
         PublicationTables::Tables(tables)
     };
     setup::ensure_publication(pool, &config.publication, &tables).await?;
+    for (schema, table, missing) in setup::tables_without_identity(pool, &tables).await? {
+        warn!(schema, table, "published table: {missing}");
+    }
     let (slot, created) = setup::ensure_slot(pool, &config.slot).await?;
     if !created {
         info!(slot = %slot.name, confirmed = ?slot.confirmed_flush_lsn, "using existing replication slot");
