@@ -375,8 +375,19 @@ async fn chaos_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
 
     // The last instance catches up, then stops cleanly on SIGTERM.
     let chaos_secs = began.elapsed().as_secs_f64();
+    // An instance that lost its lock to the last cut may still be on its way out: keep one
+    // running until the marker is through.
     fleet.ensure_one()?;
-    let settled = settle(&pool).await;
+    let settled = {
+        let marker = settle(&pool);
+        tokio::pin!(marker);
+        loop {
+            tokio::select! {
+                settled = &mut marker => break settled,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => fleet.ensure_one()?,
+            }
+        }
+    };
     let settle_secs = began.elapsed().as_secs_f64() - chaos_secs;
     let last_comment_processed: Option<bool> = sqlx::query_scalar(
         "SELECT streamex.processed('comments', max(updated_at)) FROM comments HAVING count(*) > 0",
