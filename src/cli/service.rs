@@ -96,6 +96,9 @@ pub async fn prepare(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
         PublicationTables::Tables(tables)
     };
     setup::ensure_publication(pool, &config.publication, &tables).await?;
+    for (schema, table, missing) in setup::tables_without_identity(pool, &tables).await? {
+        warn!(schema, table, "published table: {missing}");
+    }
     let (slot, created) = match setup::ensure_slot(pool, &config.slot).await {
         Err(setup::SetupError::SlotInvalidated { slot, confirmed })
             if config.replication.recreate_invalidated_slot =>

@@ -205,6 +205,65 @@ pub async fn ensure_publication(
     }
 }
 
+/// What a published table lacks so that PostgreSQL can publish its updates and deletes.
+const NO_KEY_DEFAULT: &str = "no primary key and REPLICA IDENTITY DEFAULT: updates and deletes \
+     will be refused; no <entity>/<id> channel (add a primary key, or ALTER TABLE ... REPLICA \
+     IDENTITY FULL or USING INDEX)";
+const IDENTITY_NOTHING: &str = "REPLICA IDENTITY NOTHING: updates and deletes will be refused; \
+     no <entity>/<id> channel (ALTER TABLE ... REPLICA IDENTITY DEFAULT with a primary key, FULL \
+     or USING INDEX)";
+
+/// The published tables (for [`PublicationTables::All`]: every user table) whose updates and
+/// deletes PostgreSQL refuses once they are in a publication that publishes them (SQLSTATE
+/// 55000): those without a primary key under REPLICA IDENTITY DEFAULT, and those with REPLICA
+/// IDENTITY NOTHING. Each `(schema, table, what is missing)`, in name order; tables that do
+/// not exist are left out.
+pub async fn tables_without_identity(
+    pool: &PgPool,
+    tables: &PublicationTables,
+) -> Result<Vec<(String, String, &'static str)>, SetupError> {
+    const COLUMNS: &str = "SELECT n.nspname::text, c.relname::text, c.relreplident::text,
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace";
+    let rows: Vec<(String, String, String, bool)> = match tables {
+        PublicationTables::All => {
+            // The tables FOR ALL TABLES publishes: ordinary and partitioned user tables.
+            sqlx::query_as(&format!(
+                "{COLUMNS} WHERE c.relkind IN ('r', 'p')
+                   AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+                 ORDER BY 1, 2"
+            ))
+            .fetch_all(pool)
+            .await
+        }
+        PublicationTables::Tables(list) => {
+            let names: Vec<String> = list
+                .iter()
+                .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+                .collect();
+            sqlx::query_as(&format!(
+                "{COLUMNS} WHERE c.oid IN (SELECT to_regclass(name)::oid FROM unnest($1::text[]) name)
+                 ORDER BY 1, 2"
+            ))
+            .bind(names)
+            .fetch_all(pool)
+            .await
+        }
+    }
+    .map_err(sql("reading the published tables' replica identities"))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(schema, table, identity, primary)| {
+            let missing = match identity.as_str() {
+                "d" if !primary => NO_KEY_DEFAULT,
+                "n" => IDENTITY_NOTHING,
+                _ => return None,
+            };
+            Some((schema, table, missing))
+        })
+        .collect())
+}
+
 /// Whether publication `name` exists in the connected database.
 pub async fn publication_exists(pool: &PgPool, name: &str) -> Result<bool, SetupError> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")

@@ -169,3 +169,180 @@ pub async fn derived_mismatches(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
     .await?;
     Ok((counts, tallies))
 }
+
+/// A small deterministic generator (xorshift64*), seeded per run and printed, so a failing run
+/// can be repeated.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The seed named by environment variable `var`, or a fresh one.
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            u64::from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .subsec_nanos(),
+            ) | 1
+        })
+}
+
+/// The example configuration (`config/streamex.toml`) with `database_url` and `slot` replaced.
+pub fn blog_config(database_url: &str, slot: &str) -> String {
+    let example = include_str!("../../config/streamex.toml");
+    let config = example
+        .replace(
+            "database_url = \"postgres://postgres@127.0.0.1:5432/blog\"",
+            &format!("database_url = {database_url:?}"),
+        )
+        .replace("slot = \"streamex\"", &format!("slot = {slot:?}"));
+    assert!(
+        config.contains(database_url),
+        "the example's database_url line moved"
+    );
+    config
+}
+
+/// A `streamex` command with the tests' own `STREAMEX_*` variables removed (the service
+/// refuses variables that are not configuration keys) and `RUST_LOG` set to `log`.
+pub fn streamex_command(log: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_streamex"));
+    command.env("RUST_LOG", log);
+    for (var, _) in std::env::vars() {
+        if var.starts_with("STREAMEX_CRASH_") || var.starts_with("STREAMEX_CHAOS_") {
+            command.env_remove(var);
+        }
+    }
+    command
+}
+
+/// `streamex run --config config`, its stderr appended to `log`.
+pub fn spawn_service(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    rust_log: &str,
+) -> anyhow::Result<std::process::Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Ok(streamex_command(rust_log)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()?)
+}
+
+/// Runs `streamex setup --config config` and fails unless it succeeds.
+pub fn setup_service(config: &std::path::Path) -> anyhow::Result<()> {
+    let setup = streamex_command("warn")
+        .args(["setup", "--config"])
+        .arg(config)
+        .output()?;
+    anyhow::ensure!(setup.status.success(), "streamex setup failed: {setup:?}");
+    Ok(())
+}
+
+/// One random piece of blog activity, in its own transaction: inserts of posts with comments,
+/// comments on random posts, updates, moves of comments, deletes of comments and of posts
+/// with their comments (cascading), and transactions mixing several of these. Returns the
+/// number of rows changed.
+pub async fn blog_activity(pool: &PgPool, rng: &mut Rng) -> anyhow::Result<u64> {
+    let mut tx = pool.begin().await?;
+    let steps = if rng.below(5) == 0 {
+        2 + rng.below(3)
+    } else {
+        1
+    };
+    let mut changes = 0;
+    for _ in 0..steps {
+        changes += blog_step(&mut tx, rng).await?;
+    }
+    tx.commit().await.context(CommitUnknown)?;
+    Ok(changes)
+}
+
+/// The context of an error from COMMIT itself: the connection may have died after the server
+/// committed, so whether the transaction committed is unknown.
+#[derive(Debug)]
+pub struct CommitUnknown;
+
+impl std::fmt::Display for CommitUnknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("COMMIT failed; the transaction may or may not have committed")
+    }
+}
+
+async fn blog_step(tx: &mut sqlx::PgConnection, rng: &mut Rng) -> anyhow::Result<u64> {
+    Ok(match rng.below(10) {
+        0..=2 => {
+            let post: i64 =
+                sqlx::query_scalar("INSERT INTO posts (title) VALUES ('p') RETURNING id")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let n = rng.below(4);
+            sqlx::query(
+                "INSERT INTO comments (post_id, body) SELECT $1, 'c' FROM generate_series(1, $2::int)",
+            )
+            .bind(post)
+            .bind(i32::try_from(n)?)
+            .execute(&mut *tx)
+            .await?;
+            1 + n
+        }
+        3..=5 => sqlx::query(
+            "INSERT INTO comments (post_id, body)
+             SELECT id, 'c' FROM posts ORDER BY random() LIMIT 3",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected(),
+        6 => sqlx::query(
+            "UPDATE posts SET title = title || '+', updated_at = now()
+              WHERE id IN (SELECT id FROM posts ORDER BY random() LIMIT 2)",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected(),
+        7 => sqlx::query(
+            "DELETE FROM comments WHERE id IN (SELECT id FROM comments ORDER BY random() LIMIT 2)",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected(),
+        8 => sqlx::query(
+            "UPDATE comments SET post_id = p.id, updated_at = now()
+               FROM (SELECT id FROM posts ORDER BY random() LIMIT 1) p
+              WHERE comments.id IN (SELECT id FROM comments ORDER BY random() LIMIT 1)",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected(),
+        _ => {
+            // A post with its comments (ON DELETE CASCADE).
+            let rows = sqlx::query_scalar::<_, i64>(
+                "WITH p AS (DELETE FROM posts WHERE id IN (SELECT id FROM posts ORDER BY random() LIMIT 1) RETURNING id)
+                 SELECT (SELECT count(*) FROM p) + (SELECT count(*) FROM comments c JOIN p ON c.post_id = p.id)",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            u64::try_from(rows)?
+        }
+    })
+}
