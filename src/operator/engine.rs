@@ -303,7 +303,13 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
 
         let (pending_tx, pending_rx) = mpsc::channel::<Pending>(1024);
         let runners_done = CancellationToken::new();
-        let coordinator = self.coordinate(pending_rx, board.clone(), ack, runners_done.clone());
+        let coordinator = self.coordinate(
+            pending_rx,
+            board.clone(),
+            ack,
+            runners_done.clone(),
+            shutdown.clone(),
+        );
         let (exit, coordinated) = tokio::join!(
             async {
                 let exit = tokio::select! {
@@ -440,6 +446,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         board: Arc<Board>,
         ack: Acknowledger,
         runners_done: CancellationToken,
+        shutdown: CancellationToken,
     ) -> Result<(), EngineError> {
         let mut waiting: VecDeque<Pending> = VecDeque::new();
         let mut open = true;
@@ -455,7 +462,9 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 }
             }
             if let Some(ready) = ready {
-                self.complete(ready, &ack).await?;
+                if !self.complete(ready, &ack, &shutdown).await? {
+                    return Ok(()); // shutting down with the database unreachable
+                }
                 continue;
             }
             if finished {
@@ -483,8 +492,15 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
     }
 
     /// Stores the process status of a group of finished commits, tells listeners, and
-    /// acknowledges the group's end.
-    async fn complete(&self, ready: Pending, ack: &Acknowledger) -> Result<(), EngineError> {
+    /// acknowledges the group's end. Returns false, without acknowledging, when shutdown
+    /// comes while the database cannot store the status (the commits are replayed and skipped
+    /// after a restart).
+    async fn complete(
+        &self,
+        ready: Pending,
+        ack: &Acknowledger,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, EngineError> {
         let items: Vec<StatusItem> = ready
             .items
             .iter()
@@ -501,7 +517,10 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     Ok(()) => break,
                     Err(e) if e.is_transient() => {
                         warn!(error = %e, "storing process status failed; retrying");
-                        tokio::time::sleep(delay).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = shutdown.cancelled() => return Ok(false),
+                        }
                         delay = (delay * 2).min(Duration::from_secs(10));
                     }
                     Err(e) => return Err(e.into()),
@@ -517,7 +536,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             }
         }
         ack.ack(ready.end_lsn);
-        Ok(())
+        Ok(true)
     }
 
     /// Waits until an operator halted in this run is set running again in the database.

@@ -178,6 +178,7 @@ impl Runner {
     async fn handle_one(&mut self, event: &Event) -> Handled {
         let name = self.operator.name().to_owned();
         let mut attempt = 1;
+        let mut outage_wait = std::time::Duration::ZERO;
         loop {
             let result = self.attempt(event, attempt).await;
             let error = match result {
@@ -185,6 +186,22 @@ impl Runner {
                 Err(error) => error,
             };
             let message = format!("{error:#}");
+            if is_database_outage(&error) {
+                // The database is unreachable or restarting: not the event's fault. Wait and
+                // try again without spending the retries that lead to halt or dead letter.
+                outage_wait = (outage_wait * 2).clamp(self.retry.initial, self.retry.max);
+                warn!(
+                    operator = %name, error = %message,
+                    retry_in_ms = u64::try_from(outage_wait.as_millis()).unwrap_or(u64::MAX),
+                    "database unavailable; retrying"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(outage_wait) => {}
+                    _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
+                }
+                continue;
+            }
+            outage_wait = std::time::Duration::ZERO;
             if attempt <= self.retry.retries {
                 let wait = self.retry.delay(attempt);
                 warn!(
@@ -285,6 +302,20 @@ impl Runner {
         .await?;
         self.commit_with_checkpoint(tx, event.position()).await
     }
+}
+
+/// Whether `error` comes from the database being unreachable or restarting (a lost
+/// connection, a pool timeout, SQLSTATE class 08 or 57P0x, ...), as opposed to the handler or
+/// the event: judged by SQLSTATE and error kind, never by message text.
+fn is_database_outage(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(crate::replication::setup::is_transient_sql)
+            || cause
+                .downcast_ref::<status::StatusError>()
+                .is_some_and(status::StatusError::is_transient)
+    })
 }
 
 /// Waits until the transactions `xids` are visible to new snapshots.
