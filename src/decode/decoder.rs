@@ -501,46 +501,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// Builds pgoutput messages by hand.
-    #[derive(Default)]
-    struct Msg(Vec<u8>);
-
-    impl Msg {
-        fn tag(t: u8) -> Self {
-            Msg(vec![t])
-        }
-        fn u8(mut self, v: u8) -> Self {
-            self.0.push(v);
-            self
-        }
-        fn i16(mut self, v: i16) -> Self {
-            self.0.extend_from_slice(&v.to_be_bytes());
-            self
-        }
-        fn i32(mut self, v: i32) -> Self {
-            self.0.extend_from_slice(&v.to_be_bytes());
-            self
-        }
-        fn i64(mut self, v: i64) -> Self {
-            self.0.extend_from_slice(&v.to_be_bytes());
-            self
-        }
-        fn str(mut self, s: &str) -> Self {
-            self.0.extend_from_slice(s.as_bytes());
-            self.0.push(0);
-            self
-        }
-        fn text(mut self, s: &str) -> Self {
-            self.0.push(b't');
-            self.0
-                .extend_from_slice(&i32::try_from(s.len()).unwrap().to_be_bytes());
-            self.0.extend_from_slice(s.as_bytes());
-            self
-        }
-        fn bytes(self) -> Bytes {
-            Bytes::from(self.0)
-        }
-    }
+    /// The pgoutput test encoder, written from the format description.
+    use super::super::pgoutput::tests::Enc as Msg;
 
     /// A decoder for builtin types only: its pool never connects.
     fn decoder() -> Decoder {
@@ -552,7 +514,7 @@ mod tests {
 
     /// Relation 16384 `public.docs (id int4 key, n int4, body text)`, REPLICA IDENTITY DEFAULT.
     fn relation() -> Bytes {
-        Msg::tag(b'R')
+        Msg::new(b'R')
             .i32(16384)
             .str("public")
             .str("docs")
@@ -570,7 +532,7 @@ mod tests {
             .str("body")
             .i32(25)
             .i32(-1)
-            .bytes()
+            .done()
     }
 
     async fn run(messages: Vec<Bytes>) -> Result<Vec<Decoded>, DecoderError> {
@@ -583,23 +545,23 @@ mod tests {
     }
 
     fn begin() -> Bytes {
-        Msg::tag(b'B').i64(0x900).i64(0).i32(77).bytes()
+        Msg::new(b'B').i64(0x900).i64(0).i32(77).done()
     }
 
     fn commit() -> Bytes {
-        Msg::tag(b'C').u8(0).i64(0x900).i64(0x928).i64(0).bytes()
+        Msg::new(b'C').u8(0).i64(0x900).i64(0x928).i64(0).done()
     }
 
     #[tokio::test]
     async fn an_update_without_old_tuple_keeps_the_key_and_lists_unsent_values() {
-        let update = Msg::tag(b'U')
+        let update = Msg::new(b'U')
             .i32(16384)
             .u8(b'N')
             .i16(3)
-            .text("1")
-            .text("2")
+            .text(b"1")
+            .text(b"2")
             .u8(b'u')
-            .bytes();
+            .done();
         let out = run(vec![begin(), relation(), update, commit()])
             .await
             .unwrap();
@@ -638,14 +600,14 @@ mod tests {
     #[tokio::test]
     async fn a_change_outside_a_transaction_or_of_an_unknown_table_is_an_error() {
         let insert = || {
-            Msg::tag(b'I')
+            Msg::new(b'I')
                 .i32(16384)
                 .u8(b'N')
                 .i16(3)
-                .text("1")
-                .text("2")
-                .text("x")
-                .bytes()
+                .text(b"1")
+                .text(b"2")
+                .text(b"x")
+                .done()
         };
         assert!(matches!(
             run(vec![relation(), insert()]).await,
@@ -655,7 +617,7 @@ mod tests {
             run(vec![begin(), insert()]).await,
             Err(DecoderError::UnknownRelation { oid: 16384, .. })
         ));
-        let narrow = Msg::tag(b'I').i32(16384).u8(b'N').i16(1).text("1").bytes();
+        let narrow = Msg::new(b'I').i32(16384).u8(b'N').i16(1).text(b"1").done();
         assert!(matches!(
             run(vec![begin(), relation(), narrow]).await,
             Err(DecoderError::ColumnCount {
@@ -664,14 +626,14 @@ mod tests {
                 ..
             })
         ));
-        let bad_number = Msg::tag(b'I')
+        let bad_number = Msg::new(b'I')
             .i32(16384)
             .u8(b'N')
             .i16(3)
-            .text("one")
-            .text("2")
-            .text("x")
-            .bytes();
+            .text(b"one")
+            .text(b"2")
+            .text(b"x")
+            .done();
         let error = run(vec![begin(), relation(), bad_number])
             .await
             .unwrap_err();

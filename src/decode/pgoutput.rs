@@ -675,66 +675,66 @@ impl Reader {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use proptest::sample::Index;
 
     /// A test-only encoder, written from the format description rather than from the
     /// decoder, so that expected values do not depend on the code under test.
-    struct Enc(Vec<u8>);
+    pub(crate) struct Enc(Vec<u8>);
 
     impl Enc {
-        fn new(tag: u8) -> Self {
+        pub(crate) fn new(tag: u8) -> Self {
             Enc(vec![tag])
         }
-        fn u8(mut self, v: u8) -> Self {
+        pub(crate) fn u8(mut self, v: u8) -> Self {
             self.0.push(v);
             self
         }
-        fn i16(mut self, v: i16) -> Self {
+        pub(crate) fn i16(mut self, v: i16) -> Self {
             self.0.extend_from_slice(&v.to_be_bytes());
             self
         }
-        fn i32(mut self, v: i32) -> Self {
+        pub(crate) fn i32(mut self, v: i32) -> Self {
             self.0.extend_from_slice(&v.to_be_bytes());
             self
         }
-        fn u32(mut self, v: u32) -> Self {
+        pub(crate) fn u32(mut self, v: u32) -> Self {
             self.0.extend_from_slice(&v.to_be_bytes());
             self
         }
-        fn i64(mut self, v: i64) -> Self {
+        pub(crate) fn i64(mut self, v: i64) -> Self {
             self.0.extend_from_slice(&v.to_be_bytes());
             self
         }
-        fn u64(mut self, v: u64) -> Self {
+        pub(crate) fn u64(mut self, v: u64) -> Self {
             self.0.extend_from_slice(&v.to_be_bytes());
             self
         }
-        fn raw(mut self, b: &[u8]) -> Self {
+        pub(crate) fn raw(mut self, b: &[u8]) -> Self {
             self.0.extend_from_slice(b);
             self
         }
         /// A NUL-terminated string.
-        fn str(self, s: &str) -> Self {
+        pub(crate) fn str(self, s: &str) -> Self {
             self.raw(s.as_bytes()).u8(0)
         }
         /// An `Int16` count.
-        fn count(self, n: usize) -> Self {
+        pub(crate) fn count(self, n: usize) -> Self {
             self.i16(i16::try_from(n).unwrap())
         }
         /// An `Int32` length followed by the bytes.
-        fn len_bytes(self, b: &[u8]) -> Self {
+        pub(crate) fn len_bytes(self, b: &[u8]) -> Self {
             self.i32(i32::try_from(b.len()).unwrap()).raw(b)
         }
-        fn text(self, b: &[u8]) -> Self {
+        pub(crate) fn text(self, b: &[u8]) -> Self {
             self.u8(b't').len_bytes(b)
         }
-        fn binary(self, b: &[u8]) -> Self {
+        pub(crate) fn binary(self, b: &[u8]) -> Self {
             self.u8(b'b').len_bytes(b)
         }
-        fn tuple(self, t: &Tuple) -> Self {
+        pub(crate) fn tuple(self, t: &Tuple) -> Self {
             let mut e = self.count(t.0.len());
             for v in &t.0 {
                 e = match v {
@@ -746,13 +746,13 @@ mod tests {
             }
             e
         }
-        fn old(self, old: &OldTuple) -> Self {
+        pub(crate) fn old(self, old: &OldTuple) -> Self {
             match old {
                 OldTuple::Key(t) => self.u8(b'K').tuple(t),
                 OldTuple::Full(t) => self.u8(b'O').tuple(t),
             }
         }
-        fn done(self) -> Bytes {
+        pub(crate) fn done(self) -> Bytes {
             Bytes::from(self.0)
         }
     }
