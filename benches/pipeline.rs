@@ -192,7 +192,13 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         let slot = format!("bench_{c}");
         let (label, mut command): (&'static str, Command) = match c {
             "a" => {
-                let mut cmd = Command::new(cluster.bindir().join("pg_recvlogical"));
+                // The cluster's own directory, else $PATH (the server may be run by wrappers).
+                let own = cluster.bindir().join("pg_recvlogical");
+                let mut cmd = Command::new(if own.is_file() {
+                    own
+                } else {
+                    PathBuf::from("pg_recvlogical")
+                });
                 cmd.args(["-d", &url, "--slot", &slot, "--start", "-F", "1", "-s", "1"])
                     .args(["-o", "proto_version=1", "-o", "publication_names=streamex"])
                     .args(["-f", "/dev/null"]);
