@@ -57,6 +57,8 @@ const SCHEMA: &str = include_str!("../examples/blog/schema.sql");
 const BLOG_CONFIG: &str = include_str!("../config/streamex.toml");
 const STREAMEX: &str = env!("CARGO_BIN_EXE_streamex");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// Where the hand-written part of the report begins; kept when the figures are rewritten.
+const NOTES: &str = "<!-- notes: kept by the bench -->";
 
 #[derive(Debug)]
 struct Args {
@@ -252,15 +254,19 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     if args.only.is_none() {
         if !args.skip_latency {
             for blog in [false, true] {
-                let (line, note) = latency_run(&pool, &url, args, blog).await?;
-                latency.push(line);
-                latency_note.push_str(&note);
+                match latency_run(&pool, &url, args, blog).await {
+                    Ok((line, note)) => {
+                        latency.push(line);
+                        latency_note.push_str(&note);
+                    }
+                    Err(e) => checks.push(format!("**WARNING** latency run failed: {e:#}")),
+                }
             }
         }
-        huge = Some((
-            args.huge_rows,
-            huge_transaction(&pool, &url, &configs, args).await?,
-        ));
+        match huge_transaction(&pool, &url, &configs, args).await {
+            Ok(d) => huge = Some((args.huge_rows, d)),
+            Err(e) => checks.push(format!("**WARNING** huge transaction failed: {e:#}")),
+        }
     }
 
     let report = Report {
@@ -272,8 +278,15 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         huge,
         backlog_note,
     };
-    let text = render(&report, args);
+    let mut text = render(&report, args);
     println!("{text}");
+    // Hand-written notes (methodology, profile) after NOTES survive a new run.
+    if let Ok(previous) = std::fs::read_to_string(&args.out) {
+        if let Some(at) = previous.find(NOTES) {
+            text.push('\n');
+            text.push_str(&previous[at..]);
+        }
+    }
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -665,7 +678,7 @@ async fn latency_run(
     });
     tokio::time::sleep(Duration::from_secs(1)).await; // let it connect and start streaming
 
-    let (written, elapsed) = steady_load(pool, args.rate, args.latency_seconds).await?;
+    let (written, elapsed) = steady_load(pool, url, args.rate, args.latency_seconds).await?;
     let achieved = written as f64 / elapsed;
     // Let the service catch up (at most 120 s), then stop it.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -758,18 +771,28 @@ fn percentiles(values: &mut [i64]) -> String {
 
 /// Inserts single-row comments at `rate` transactions/s for `seconds` from 16 writer tasks on
 /// their own runtime; returns how many were written and how long it took.
-async fn steady_load(pool: &PgPool, rate: u64, seconds: u64) -> anyhow::Result<(u64, f64)> {
+async fn steady_load(
+    pool: &PgPool,
+    url: &str,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<(u64, f64)> {
     let max_post: i64 = sqlx::query_scalar("SELECT max(id) FROM posts")
         .fetch_one(pool)
         .await?;
     let posts = max_post.clamp(1, 1000);
-    let pool = pool.clone();
+    let url = url.to_owned();
     let handle = std::thread::spawn(move || -> anyhow::Result<(u64, f64)> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
+        // A pool of this runtime: connections must not outlive the runtime that drives them.
         runtime.block_on(async move {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .connect(&url)
+                .await?;
             let ticket = Arc::new(AtomicU64::new(0));
             let written = Arc::new(AtomicU64::new(0));
             let stop = Arc::new(AtomicBool::new(false));
@@ -802,10 +825,9 @@ async fn steady_load(pool: &PgPool, rate: u64, seconds: u64) -> anyhow::Result<(
                 task.await??;
             }
             stop.store(true, Ordering::Relaxed);
-            Ok((
-                written.load(Ordering::Relaxed),
-                start.elapsed().as_secs_f64(),
-            ))
+            let elapsed = start.elapsed().as_secs_f64();
+            pool.close().await;
+            Ok((written.load(Ordering::Relaxed), elapsed))
         })
     });
     tokio::task::spawn_blocking(move || handle.join())
