@@ -1,0 +1,982 @@
+//! `cargo bench --bench pipeline [-- OPTIONS]`: end-to-end throughput, latency and memory of
+//! streamex on a private PostgreSQL cluster. Prints one report and writes it as Markdown
+//! (`BENCHMARKS.md`, or `target/benchmarks-ci.md` for small runs). Nothing is asserted.
+//!
+//! What is measured:
+//!
+//! 1. **Drain.** One pgoutput slot per consumer is created, then a backlog of `--rows` changes
+//!    is written to the blog tables (1,000-change transactions of inserts, updates and
+//!    deletes). Each consumer then runs alone, as a child process, timed from its start until
+//!    its slot's `confirmed_flush_lsn` passes the last commit of the backlog (polled every
+//!    50 ms), and is stopped with SIGINT. CPU time (user + sys) and peak RSS come from the
+//!    child's `wait4` rusage; the walsender's CPU from `/proc/<active_pid>/stat`.
+//!    (a) `pg_recvlogical` to /dev/null, the walsender's own limit; (b) `streamex tail`;
+//!    (c) `streamex run` with only `count_events` and in-memory process status; (d) `streamex
+//!    run` with `config/streamex.toml` (the two blog operators, process status in PostgreSQL);
+//!    (e) (d) with `one_event_per_transaction = true`. After (d) and (e) the derived tables are
+//!    compared with what posts and comments say they should be.
+//! 2. **Latency.** Writer tasks insert single-row comments at `--rate` transactions/s for
+//!    `--latency-seconds`, while the service runs in-process (`streamex::cli::run_service`).
+//!    For each commit: *delivered* = wall clock when an extra non-transactional recording
+//!    operator gets the event, minus the commit time the server wrote in the WAL (pgoutput's
+//!    commit timestamp, same machine clock); *processed* = wall clock of the first
+//!    `EntityProcessed` notice covering the commit (every operator done, process status
+//!    stored, just before the slot is acknowledged), minus the same commit time.
+//! 3. **Huge transaction.** One transaction of `--huge-rows` comment inserts, drained by
+//!    configuration (c): time and peak RSS.
+//!
+//! The `streamex` binary is `CARGO_BIN_EXE_streamex`, which `cargo bench` builds in the
+//! `bench` profile (the release profile's settings, with `debug = 1`).
+//!
+//! Options: `--rows N` (500000), `--latency-seconds S` (30), `--huge-rows N` (1000000),
+//! `--rate N` (5000), `--skip-latency`, `--max-seconds S` (300, per drain: a consumer still
+//! running then is stopped and its rate estimated from the WAL it confirmed), `--only a,b,..`
+//! (drain consumers to run; skips latency and the huge transaction), `--wrap "CMD ARGS"`
+//! (prefix for the streamex children, e.g. `valgrind --tool=callgrind`), `--out PATH`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use streamex::config::Config;
+use streamex::event::{Event, EventType};
+use streamex::operator::{Context, HandlerFuture, Operator, Subscription};
+use streamex::pubsub::PubSub;
+use streamex::replication::ConnectParams;
+use streamex::status::{MemoryStatus, PostgresStatus};
+use streamex::testing::Cluster;
+use tokio_util::sync::CancellationToken;
+
+const SCHEMA: &str = include_str!("../examples/blog/schema.sql");
+const BLOG_CONFIG: &str = include_str!("../config/streamex.toml");
+const STREAMEX: &str = env!("CARGO_BIN_EXE_streamex");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// Where the hand-written part of the report begins; kept when the figures are rewritten.
+const NOTES: &str = "<!-- notes: kept by the bench -->";
+
+#[derive(Debug)]
+struct Args {
+    rows: u64,
+    latency_seconds: u64,
+    huge_rows: u64,
+    rate: u64,
+    skip_latency: bool,
+    max_seconds: u64,
+    only: Option<String>,
+    wrap: Vec<String>,
+    out: PathBuf,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        rows: 500_000,
+        latency_seconds: 30,
+        huge_rows: 1_000_000,
+        rate: 5_000,
+        skip_latency: false,
+        max_seconds: 300,
+        only: None,
+        wrap: Vec::new(),
+        out: PathBuf::new(),
+    };
+    let mut out = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--rows" => args.rows = value()?.parse()?,
+            "--latency-seconds" => args.latency_seconds = value()?.parse()?,
+            "--huge-rows" => args.huge_rows = value()?.parse()?,
+            "--rate" => args.rate = value()?.parse()?,
+            "--max-seconds" => args.max_seconds = value()?.parse()?,
+            "--skip-latency" => args.skip_latency = true,
+            "--only" => args.only = Some(value()?),
+            "--wrap" => args.wrap = value()?.split_whitespace().map(str::to_owned).collect(),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--bench" => {} // passed by `cargo bench`
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    args.out = out.unwrap_or_else(|| {
+        if args.rows < 100_000 {
+            Path::new(ROOT).join("target/benchmarks-ci.md")
+        } else {
+            Path::new(ROOT).join("BENCHMARKS.md")
+        }
+    });
+    Ok(args)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    eprintln!("pipeline bench: {args:?}; streamex binary {STREAMEX}");
+    let cluster = Cluster::builder()
+        .setting("max_wal_size", "4GB")
+        .setting("wal_sender_timeout", "60s")
+        .setting("checkpoint_timeout", "30min")
+        .start()
+        .context("starting the private cluster")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(bench(&args, &cluster));
+    drop(runtime);
+    drop(cluster);
+    result
+}
+
+/// One drained consumer's figures.
+struct Drain {
+    label: &'static str,
+    events: f64,
+    seconds: f64,
+    cpu: f64,
+    walsender_cpu: Option<f64>,
+    rss_kib: i64,
+    partial: bool,
+}
+
+struct Report {
+    machine: String,
+    drains: Vec<Drain>,
+    checks: Vec<String>,
+    latency: Vec<String>,
+    latency_note: String,
+    huge: Option<(u64, Drain)>,
+    backlog_note: String,
+}
+
+async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
+    let url = cluster.create_database().await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(24)
+        .connect(&url)
+        .await?;
+    sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+    streamex::status::migrate(&pool).await?;
+    sqlx::query("CREATE PUBLICATION streamex FOR TABLE posts, comments")
+        .execute(&pool)
+        .await?;
+    let machine = machine(&pool).await?;
+    eprintln!("{machine}");
+
+    let all = ["a", "b", "c", "d", "e"];
+    let only: Vec<&str> = match &args.only {
+        Some(list) => list.split(',').collect(),
+        None => all.to_vec(),
+    };
+    for c in &only {
+        create_slot(&pool, &format!("bench_{c}")).await?;
+    }
+    let started = Instant::now();
+    let (changes, last_commit) = write_backlog(&pool, args.rows).await?;
+    let write_secs = started.elapsed().as_secs_f64();
+    let backlog_note = format!(
+        "Backlog: {changes} changes in {} transactions of 1,000 (per transaction: 100 post \
+         inserts, 600 comment inserts, 150 comment updates, 50 post updates, 100 comment \
+         deletes), written in {write_secs:.1} s ({:.0} changes/s).",
+        changes / 1000,
+        changes as f64 / write_secs
+    );
+    eprintln!("{backlog_note}");
+
+    let dir = tempfile::tempdir()?;
+    let configs = write_configs(dir.path(), &url)?;
+    let mut drains = Vec::new();
+    let mut checks = Vec::new();
+    for c in only.iter().copied() {
+        let slot = format!("bench_{c}");
+        let (label, mut command): (&'static str, Command) = match c {
+            "a" => {
+                // The cluster's own directory, else $PATH (the server may be run by wrappers).
+                let own = cluster.bindir().join("pg_recvlogical");
+                let mut cmd = Command::new(if own.is_file() {
+                    own
+                } else {
+                    PathBuf::from("pg_recvlogical")
+                });
+                cmd.args(["-d", &url, "--slot", &slot, "--start", "-F", "1", "-s", "1"])
+                    .args(["-o", "proto_version=1", "-o", "publication_names=streamex"])
+                    .args(["-f", "/dev/null"]);
+                ("(a) pg_recvlogical -> /dev/null", cmd)
+            }
+            "b" => {
+                let mut cmd = streamex_command(&args.wrap);
+                cmd.args(["tail", "--database-url", &url, "--slot", &slot]);
+                ("(b) streamex tail -> /dev/null", cmd)
+            }
+            "c" | "d" | "e" => {
+                reset_derived(&pool).await?;
+                let (config, label) = match c {
+                    "c" => (&configs.count, "(c) run: count_events, memory status"),
+                    "d" => (&configs.blog, "(d) run: blog operators, pg status"),
+                    _ => (&configs.blog_one, "(e) (d), one event per transaction"),
+                };
+                let mut cmd = streamex_command(&args.wrap);
+                cmd.arg("run")
+                    .arg("--config")
+                    .arg(config)
+                    .env("STREAMEX_DATABASE_URL", &url)
+                    .env("STREAMEX_SLOT", &slot);
+                (label, cmd)
+            }
+            other => bail!("--only: unknown consumer {other:?} (a, b, c, d or e)"),
+        };
+        command.stdout(Stdio::null());
+        command.stderr(std::fs::File::create(dir.path().join(format!("{c}.log")))?);
+        eprintln!("draining {label}...");
+        let max = Duration::from_secs(args.max_seconds);
+        let d = drain(&pool, label, &slot, &last_commit, changes, command, max).await?;
+        eprintln!("  {:.2} s, {:.0} events/s", d.seconds, d.events / d.seconds);
+        drains.push(d);
+        if c == "d" || c == "e" {
+            checks.push(check_derived(&pool, label).await?);
+        }
+        let log = std::fs::read_to_string(dir.path().join(format!("{c}.log")))?;
+        if log.contains("ERROR") || log.contains("panicked") {
+            checks.push(format!("{label}: errors in its log:\n{}", tail(&log, 10)));
+        }
+        sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(&slot)
+            .execute(&pool)
+            .await?;
+    }
+
+    let mut latency = Vec::new();
+    let mut latency_note = String::new();
+    let mut huge = None;
+    if args.only.is_none() {
+        if !args.skip_latency {
+            for blog in [false, true] {
+                match latency_run(&pool, &url, args, blog).await {
+                    Ok((line, note)) => {
+                        latency.push(line);
+                        latency_note.push_str(&note);
+                    }
+                    Err(e) => checks.push(format!("**WARNING** latency run failed: {e:#}")),
+                }
+            }
+        }
+        match huge_transaction(&pool, &url, &configs, args).await {
+            Ok(d) => huge = Some((args.huge_rows, d)),
+            Err(e) => checks.push(format!("**WARNING** huge transaction failed: {e:#}")),
+        }
+    }
+
+    let report = Report {
+        machine,
+        drains,
+        checks,
+        latency,
+        latency_note,
+        huge,
+        backlog_note,
+    };
+    let mut text = render(&report, args);
+    println!("{text}");
+    // Hand-written notes (methodology, profile) after NOTES survive a new run.
+    if let Ok(previous) = std::fs::read_to_string(&args.out) {
+        if let Some(at) = previous.find(NOTES) {
+            text.push('\n');
+            text.push_str(&previous[at..]);
+        }
+    }
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, &text)?;
+    eprintln!("written to {}", args.out.display());
+    pool.close().await;
+    Ok(())
+}
+
+fn streamex_command(wrap: &[String]) -> Command {
+    let mut cmd = match wrap.split_first() {
+        Some((program, rest)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(rest).arg(STREAMEX);
+            cmd
+        }
+        None => Command::new(STREAMEX),
+    };
+    // The service refuses unknown STREAMEX_* variables: pass none of ours.
+    for (var, _) in std::env::vars() {
+        if var.starts_with("STREAMEX_") {
+            cmd.env_remove(var);
+        }
+    }
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+async fn machine(pool: &PgPool) -> anyhow::Result<String> {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(pool)
+        .await?;
+    Ok(format!(
+        "{cores} cores ({model}), {:.1} GiB memory, PostgreSQL {version} (private cluster: \
+         fsync off, shared_buffers 128MB, max_wal_size 4GB, wal_sender_timeout 60s), \
+         streamex built in the `bench` profile (release + debug = 1).",
+        mem_kib as f64 / 1024.0 / 1024.0
+    ))
+}
+
+async fn create_slot(pool: &PgPool, slot: &str) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(slot)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Writes `rows` changes (rounded up to whole transactions of 1,000). Returns the number of
+/// changes and an LSN between the last change and the last commit record.
+async fn write_backlog(pool: &PgPool, rows: u64) -> anyhow::Result<(u64, String)> {
+    let transactions = rows.div_ceil(1000).max(1);
+    let mut changes = 0;
+    let mut last = String::new();
+    for _ in 0..transactions {
+        let mut tx = pool.begin().await?;
+        let posts: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO posts (title, body) SELECT 'post ' || g, 'body of the post'
+               FROM generate_series(1, 100) g RETURNING id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut n = posts.len() as u64;
+        for sql in [
+            "INSERT INTO comments (post_id, body)
+               SELECT p, 'a comment' FROM unnest($1::bigint[]) p, generate_series(1, 6)",
+            "UPDATE comments SET body = body || '!', updated_at = now() WHERE id IN
+               (SELECT id FROM comments WHERE post_id = ANY($1) ORDER BY id LIMIT 150)",
+            "UPDATE posts SET title = title || '!', updated_at = now()
+               WHERE id = ANY(($1::bigint[])[1:50])",
+            "DELETE FROM comments WHERE id IN
+               (SELECT id FROM comments WHERE post_id = ANY($1) ORDER BY id DESC LIMIT 100)",
+        ] {
+            n += sqlx::query(sql)
+                .bind(&posts)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        if n != 1000 {
+            bail!("a backlog transaction made {n} changes, not 1000");
+        }
+        changes += n;
+        last = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok((changes, last))
+}
+
+struct Configs {
+    count: PathBuf,
+    blog: PathBuf,
+    blog_one: PathBuf,
+    count_text: String,
+}
+
+fn write_configs(dir: &Path, url: &str) -> anyhow::Result<Configs> {
+    let count_text = format!(
+        "database_url = {url:?}\nslot = \"bench\"\npublication = \"streamex\"\n\
+         tables = [\"posts\", \"comments\"]\n\n[process_status]\nbackend = \"memory\"\n\n\
+         [[operators]]\nname = \"count_events\"\n"
+    );
+    let blog_one = BLOG_CONFIG
+        .replace(
+            "name = \"post_with_comments_counts\"\n",
+            "name = \"post_with_comments_counts\"\none_event_per_transaction = true\n",
+        )
+        .replace(
+            "name = \"post_comment_tallies\"\n",
+            "name = \"post_comment_tallies\"\none_event_per_transaction = true\n",
+        );
+    if blog_one.matches("one_event_per_transaction = true").count() != 2 {
+        bail!("config/streamex.toml changed: could not set one_event_per_transaction");
+    }
+    let configs = Configs {
+        count: dir.join("count.toml"),
+        blog: Path::new(ROOT).join("config/streamex.toml"),
+        blog_one: dir.join("blog_one.toml"),
+        count_text,
+    };
+    std::fs::write(&configs.count, &configs.count_text)?;
+    std::fs::write(&configs.blog_one, blog_one)?;
+    Ok(configs)
+}
+
+async fn reset_derived(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query(
+        "TRUNCATE post_with_comments_counts, post_comment_tallies, streamex.process_status,
+                  streamex.operator_checkpoints",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Runs `command` until the slot's confirmed position passes `last_commit`, then stops it.
+async fn drain(
+    pool: &PgPool,
+    label: &'static str,
+    slot: &str,
+    last_commit: &str,
+    changes: u64,
+    mut command: Command,
+    max: Duration,
+) -> anyhow::Result<Drain> {
+    let start_lsn: String = sqlx::query_scalar(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_one(pool)
+    .await?;
+    let started = Instant::now();
+    let child = command.spawn().context("starting the consumer")?;
+    let pid = i32::try_from(child.id())?;
+    let mut partial = false;
+    let mut fraction = 1.0;
+    let walsender_cpu = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (done, active_pid, progress): (bool, Option<i32>, f64) = sqlx::query_as(
+            "SELECT coalesce(confirmed_flush_lsn > $2::pg_lsn, false), active_pid,
+                    coalesce(pg_wal_lsn_diff(confirmed_flush_lsn, $3::pg_lsn)
+                             / nullif(pg_wal_lsn_diff($2::pg_lsn, $3::pg_lsn), 0), 0)::float8
+               FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(slot)
+        .bind(last_commit)
+        .bind(&start_lsn)
+        .fetch_one(pool)
+        .await?;
+        let timed_out = started.elapsed() >= max;
+        if done || timed_out {
+            if !done {
+                partial = true;
+                fraction = progress.clamp(0.0, 1.0);
+            }
+            break active_pid.and_then(process_cpu_seconds);
+        }
+        if let Some(status) = try_reap(pid)? {
+            bail!("{label} exited before draining the backlog: {status:?}");
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    // SAFETY: kill has no memory-safety preconditions; `pid` is our own child.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let usage = tokio::task::spawn_blocking(move || reap(pid, Duration::from_secs(60))).await??;
+    drop(child);
+    Ok(Drain {
+        label,
+        events: changes as f64 * fraction,
+        seconds,
+        cpu: usage.0,
+        walsender_cpu,
+        rss_kib: usage.1,
+        partial,
+    })
+}
+
+/// `Some(status)` if the child has exited (and is reaped), without waiting.
+fn try_reap(pid: i32) -> anyhow::Result<Option<i32>> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer; a null rusage is allowed.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    match r {
+        0 => Ok(None),
+        r if r == pid => Ok(Some(status)),
+        _ => Err(std::io::Error::last_os_error().into()),
+    }
+}
+
+/// Waits for the child (SIGKILL after `grace`); returns its user+sys CPU seconds and peak RSS.
+fn reap(pid: i32, grace: Duration) -> anyhow::Result<(f64, i64)> {
+    let deadline = Instant::now() + grace;
+    loop {
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `status` and `usage` are valid out-pointers for the call.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            return Ok((secs(usage.ru_utime) + secs(usage.ru_stime), usage.ru_maxrss));
+        }
+        if r < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: as above; our own child, which did not stop on SIGINT.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// User + system CPU seconds of a process so far, from /proc.
+fn process_cpu_seconds(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks / hz as f64)
+}
+
+/// Compares the derived tables with posts and comments; a line saying so.
+async fn check_derived(pool: &PgPool, label: &str) -> anyhow::Result<String> {
+    let (counts, tallies): (i64, i64) = sqlx::query_as(
+        "SELECT
+           (SELECT count(*) FROM
+              (SELECT p.id, p.title, p.body,
+                      (SELECT count(*) FROM comments c WHERE c.post_id = p.id)::int AS n
+                 FROM posts p) e
+              FULL JOIN post_with_comments_counts d USING (id)
+             WHERE (e.title, e.body, e.n) IS DISTINCT FROM (d.title, d.body, d.comments_count)),
+           (SELECT count(*) FROM
+              (SELECT post_id, count(*)::int AS n FROM comments GROUP BY post_id) e
+              FULL JOIN (SELECT * FROM post_comment_tallies WHERE comments <> 0) t USING (post_id)
+             WHERE e.n IS DISTINCT FROM t.comments)",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(if counts == 0 && tallies == 0 {
+        format!("{label}: derived tables correct")
+    } else {
+        format!(
+            "**WARNING** {label}: {counts} wrong rows in post_with_comments_counts, {tallies} in \
+             post_comment_tallies (a partial drain leaves them incomplete)"
+        )
+    })
+}
+
+/// Records, for each comment insert, its commit LSN, commit time and when it arrived.
+struct Recorder {
+    seen: Arc<Mutex<Vec<(u64, i64, i64)>>>,
+}
+
+impl Operator for Recorder {
+    fn name(&self) -> &str {
+        "bench_recorder"
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        vec![Subscription::only("comments", &[EventType::Insert])]
+    }
+
+    fn transactional(&self) -> bool {
+        false
+    }
+
+    fn handle<'a>(&'a self, event: &'a Event, _ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
+        let now = now_micros();
+        self.seen
+            .lock()
+            .expect("not poisoned")
+            .push((event.commit_lsn.0, event.timestamp, now));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn now_micros() -> i64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Steady single-row load with the service in-process; one table row and a note.
+async fn latency_run(
+    pool: &PgPool,
+    url: &str,
+    args: &Args,
+    blog: bool,
+) -> anyhow::Result<(String, String)> {
+    let slot = if blog { "bench_lat_d" } else { "bench_lat_c" };
+    let label = if blog {
+        "(d) blog operators, pg status"
+    } else {
+        "(c) counting operator, memory status"
+    };
+    eprintln!("latency {label}...");
+    reset_derived(pool).await?;
+    let env = [
+        ("STREAMEX_DATABASE_URL".to_owned(), url.to_owned()),
+        ("STREAMEX_SLOT".to_owned(), slot.to_owned()),
+    ];
+    let config = if blog {
+        Config::parse(BLOG_CONFIG, "config/streamex.toml", env)?
+    } else {
+        let text = format!(
+            "database_url = {url:?}\nslot = {slot:?}\ntables = [\"posts\", \"comments\"]\n\
+             [process_status]\nbackend = \"memory\"\n"
+        );
+        Config::parse(&text, "latency.toml", env)?
+    };
+    let params = ConnectParams::parse(url)?;
+    let service_pool = streamex::replication::catalog_pool(&params, 8).await?;
+    streamex::cli::prepare(&config, &service_pool).await?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut operators = if blog {
+        streamex::operators::build(&config.operators)?
+    } else {
+        Vec::new()
+    };
+    operators.push(Arc::new(Recorder { seen: seen.clone() }));
+    let pubsub = PubSub::new();
+    let mut processed_rx = pubsub.subscribe_processed(1 << 20);
+    let processed = Arc::new(Mutex::new(Vec::<(u64, i64)>::new()));
+    let listener = tokio::spawn({
+        let processed = processed.clone();
+        async move {
+            while let Ok(notice) = processed_rx.recv().await {
+                let now = now_micros();
+                processed
+                    .lock()
+                    .expect("not poisoned")
+                    .push((notice.commit_lsn.0, now));
+            }
+        }
+    });
+    let stop = CancellationToken::new();
+    let service = tokio::spawn({
+        let (config, pool, pubsub, stop) =
+            (config.clone(), service_pool.clone(), pubsub, stop.clone());
+        async move {
+            if blog {
+                let status = PostgresStatus::new(pool.clone());
+                streamex::cli::run_service(&config, params, pool, status, pubsub, operators, stop)
+                    .await
+            } else {
+                let status = MemoryStatus::new();
+                streamex::cli::run_service(&config, params, pool, status, pubsub, operators, stop)
+                    .await
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await; // let it connect and start streaming
+
+    let (written, elapsed) = steady_load(pool, url, args.rate, args.latency_seconds).await?;
+    let achieved = written as f64 / elapsed;
+    // Let the service catch up (at most 120 s), then stop it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let last_seen = {
+            let seen = seen.lock().expect("not poisoned");
+            (seen.len() as u64 >= written).then(|| seen.iter().map(|s| s.0).max().unwrap_or(0))
+        };
+        let caught_up = last_seen.is_some_and(|lsn| {
+            processed
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .any(|p| p.0 >= lsn)
+        });
+        if caught_up || Instant::now() >= deadline || service.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    service.await??;
+    listener.abort();
+    service_pool.close().await;
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(slot)
+        .execute(pool)
+        .await?;
+
+    let seen = std::mem::take(&mut *seen.lock().expect("not poisoned"));
+    let mut processed = std::mem::take(&mut *processed.lock().expect("not poisoned"));
+    processed.sort_unstable();
+    let mut delivered: Vec<i64> = seen.iter().map(|s| s.2 - s.1).collect();
+    // Each commit is processed at the first notice covering its LSN (notices come in LSN order).
+    let mut done: Vec<i64> = Vec::new();
+    let mut missing = 0;
+    for (lsn, commit, _) in &seen {
+        let i = processed.partition_point(|p| p.0 < *lsn);
+        match processed.get(i) {
+            Some(p) => done.push(p.1 - commit),
+            None => missing += 1,
+        }
+    }
+    let unseen = written.saturating_sub(seen.len() as u64) + missing;
+    let line = format!(
+        "| {label} | {} | {achieved:.0} | {} | {} | {} |",
+        args.rate,
+        written,
+        percentiles(&mut delivered),
+        percentiles(&mut done),
+    );
+    let mut note = String::new();
+    if achieved < args.rate as f64 * 0.95 {
+        let _ = writeln!(
+            note,
+            "- {label}: the writers reached {achieved:.0} transactions/s, below the {} asked \
+             for (the writers, the server and the service share the machine's cores).",
+            args.rate
+        );
+    }
+    if unseen > 0 {
+        let _ = writeln!(
+            note,
+            "- **{label}: {unseen} of {written} commits not processed within 120 s after the load \
+             ended** (the service cannot keep up with this rate)."
+        );
+    }
+    Ok((line, note))
+}
+
+/// "p50 / p99 / max" in milliseconds.
+fn percentiles(values: &mut [i64]) -> String {
+    if values.is_empty() {
+        return "- | - | -".to_owned();
+    }
+    values.sort_unstable();
+    // Nearest rank: the smallest value with at least q of the values at or below it.
+    let at = |per_mille: usize| {
+        let n = values.len();
+        let rank = (n * per_mille).div_ceil(1000).clamp(1, n);
+        values[rank - 1] as f64 / 1000.0
+    };
+    format!(
+        "{:.1} | {:.1} | {:.1}",
+        at(500),
+        at(990),
+        values[values.len() - 1] as f64 / 1000.0
+    )
+}
+
+/// Inserts single-row comments at `rate` transactions/s for `seconds` from 16 writer tasks on
+/// their own runtime; returns how many were written and how long it took.
+async fn steady_load(
+    pool: &PgPool,
+    url: &str,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<(u64, f64)> {
+    let max_post: i64 = sqlx::query_scalar("SELECT max(id) FROM posts")
+        .fetch_one(pool)
+        .await?;
+    let posts = max_post.clamp(1, 1000);
+    let url = url.to_owned();
+    let handle = std::thread::spawn(move || -> anyhow::Result<(u64, f64)> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        // A pool of this runtime: connections must not outlive the runtime that drives them.
+        runtime.block_on(async move {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .connect(&url)
+                .await?;
+            let ticket = Arc::new(AtomicU64::new(0));
+            let written = Arc::new(AtomicU64::new(0));
+            let stop = Arc::new(AtomicBool::new(false));
+            let start = tokio::time::Instant::now();
+            let end = start + Duration::from_secs(seconds);
+            let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+            let mut tasks = Vec::new();
+            for _ in 0..16 {
+                let (pool, ticket, written, stop) =
+                    (pool.clone(), ticket.clone(), written.clone(), stop.clone());
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let k = ticket.fetch_add(1, Ordering::Relaxed);
+                        let at = start + period.mul_f64(k as f64);
+                        if at >= end {
+                            break;
+                        }
+                        tokio::time::sleep_until(at).await;
+                        let post = 1 + i64::try_from(k)? % posts;
+                        sqlx::query("INSERT INTO comments (post_id, body) VALUES ($1, 'live')")
+                            .bind(post)
+                            .execute(&pool)
+                            .await?;
+                        written.fetch_add(1, Ordering::Relaxed);
+                    }
+                    anyhow::Ok(())
+                }));
+            }
+            for task in tasks {
+                task.await??;
+            }
+            stop.store(true, Ordering::Relaxed);
+            let elapsed = start.elapsed().as_secs_f64();
+            pool.close().await;
+            Ok((written.load(Ordering::Relaxed), elapsed))
+        })
+    });
+    tokio::task::spawn_blocking(move || handle.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the load thread panicked"))?
+}
+
+async fn huge_transaction(
+    pool: &PgPool,
+    url: &str,
+    configs: &Configs,
+    args: &Args,
+) -> anyhow::Result<Drain> {
+    let slot = "bench_huge";
+    create_slot(pool, slot).await?;
+    reset_derived(pool).await?;
+    let posts: i64 = sqlx::query_scalar("SELECT max(id) FROM posts")
+        .fetch_one(pool)
+        .await?;
+    eprintln!("writing one transaction of {} inserts...", args.huge_rows);
+    let mut tx = pool.begin().await?;
+    let n = sqlx::query(
+        "INSERT INTO comments (post_id, body)
+           SELECT 1 + g % $2, 'one of many' FROM generate_series(1, $1) g",
+    )
+    .bind(i64::try_from(args.huge_rows)?)
+    .bind(posts.max(1))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let last: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let mut cmd = streamex_command(&args.wrap);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&configs.count)
+        .env("STREAMEX_DATABASE_URL", url)
+        .env("STREAMEX_SLOT", slot)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    eprintln!("draining the huge transaction...");
+    let max = Duration::from_secs(args.max_seconds);
+    let d = drain(
+        pool,
+        "(c) run: count_events, memory status",
+        slot,
+        &last,
+        n,
+        cmd,
+        max,
+    )
+    .await?;
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(slot)
+        .execute(pool)
+        .await?;
+    Ok(d)
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn render(r: &Report, args: &Args) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# streamex pipeline benchmark\n");
+    let _ = writeln!(
+        s,
+        "`cargo bench --bench pipeline -- --rows {} --latency-seconds {} --huge-rows {}{}`\n",
+        args.rows,
+        args.latency_seconds,
+        args.huge_rows,
+        if args.skip_latency {
+            " --skip-latency"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(s, "Machine: {}\n", r.machine);
+    let _ = writeln!(s, "## Drain a backlog\n\n{}\n", r.backlog_note);
+    let _ = writeln!(
+        s,
+        "| consumer | events | seconds | events/s | vs (a) | CPU s (consumer) | CPU s (walsender) | peak RSS MiB |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let base = r
+        .drains
+        .iter()
+        .find(|d| d.label.starts_with("(a)"))
+        .map(|d| d.events / d.seconds);
+    for d in &r.drains {
+        let rate = d.events / d.seconds;
+        let _ = writeln!(
+            s,
+            "| {}{} | {:.0} | {:.2} | {:.0} | {} | {:.2} | {} | {:.1} |",
+            d.label,
+            if d.partial {
+                " (stopped at --max-seconds; events estimated from the WAL confirmed)"
+            } else {
+                ""
+            },
+            d.events,
+            d.seconds,
+            rate,
+            base.map_or("-".to_owned(), |b| format!("{:.2}", rate / b)),
+            d.cpu,
+            d.walsender_cpu
+                .map_or("-".to_owned(), |c| format!("{c:.2}")),
+            d.rss_kib as f64 / 1024.0
+        );
+    }
+    for check in &r.checks {
+        let _ = writeln!(s, "\n{check}");
+    }
+    if !r.latency.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Latency under a steady load\n\nSingle-row comment inserts for {} s; \
+             milliseconds from the commit (the server's commit timestamp in the WAL) to \
+             *delivered* (an operator has the event) and *processed* (every operator done and \
+             process status stored, the `EntityProcessed` notice).\n\n\
+             | service | target tx/s | achieved tx/s | commits | delivered p50 | p99 | max | processed p50 | p99 | max |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            args.latency_seconds
+        );
+        for line in &r.latency {
+            let _ = writeln!(s, "{line}");
+        }
+        if !r.latency_note.is_empty() {
+            let _ = write!(s, "\n{}", r.latency_note);
+        }
+    }
+    if let Some((rows, d)) = &r.huge {
+        let _ = writeln!(
+            s,
+            "\n## One huge transaction\n\nOne transaction of {rows} comment inserts, drained by \
+             {}.\n\n| events | seconds | events/s | CPU s | peak RSS MiB |\n| ---: | ---: | ---: | ---: | ---: |\n\
+             | {:.0}{} | {:.2} | {:.0} | {:.2} | {:.1} |",
+            d.label,
+            d.events,
+            if d.partial { " (partial)" } else { "" },
+            d.seconds,
+            d.events / d.seconds,
+            d.cpu,
+            d.rss_kib as f64 / 1024.0
+        );
+    }
+    s
+}
