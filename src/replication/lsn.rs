@@ -6,6 +6,15 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A position in the write-ahead log, written by PostgreSQL as `X/X` (two hexadecimal halves).
+///
+/// ```
+/// use streamex::Lsn;
+///
+/// let lsn: Lsn = "1/16B3748".parse().unwrap();
+/// assert_eq!(lsn, Lsn(0x1_016B_3748));
+/// assert_eq!(lsn.to_string(), "1/16B3748");
+/// assert!(lsn > "0/FFFFFFFF".parse().unwrap());
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lsn(pub u64);
 
