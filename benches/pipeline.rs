@@ -69,6 +69,8 @@ struct Args {
     skip_latency: bool,
     max_seconds: u64,
     only: Option<String>,
+    /// Which latency runs (`c`, `d`); given explicitly, they run even with `--only`.
+    latency: Option<Vec<String>>,
     wrap: Vec<String>,
     out: PathBuf,
 }
@@ -82,6 +84,7 @@ fn parse_args() -> anyhow::Result<Args> {
         skip_latency: false,
         max_seconds: 300,
         only: None,
+        latency: None,
         wrap: Vec::new(),
         out: PathBuf::new(),
     };
@@ -97,6 +100,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--max-seconds" => args.max_seconds = value()?.parse()?,
             "--skip-latency" => args.skip_latency = true,
             "--only" => args.only = Some(value()?),
+            "--latency" => args.latency = Some(value()?.split(',').map(str::to_owned).collect()),
             "--wrap" => args.wrap = value()?.split_whitespace().map(str::to_owned).collect(),
             "--out" => out = Some(PathBuf::from(value()?)),
             "--bench" => {} // passed by `cargo bench`
@@ -168,6 +172,7 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
 
     let all = ["a", "b", "c", "d", "e"];
     let only: Vec<&str> = match &args.only {
+        Some(list) if list == "none" => Vec::new(),
         Some(list) => list.split(',').collect(),
         None => all.to_vec(),
     };
@@ -251,18 +256,23 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     let mut latency = Vec::new();
     let mut latency_note = String::new();
     let mut huge = None;
-    if args.only.is_none() {
-        if !args.skip_latency {
-            for blog in [false, true] {
-                match latency_run(&pool, &url, args, blog).await {
-                    Ok((line, note)) => {
-                        latency.push(line);
-                        latency_note.push_str(&note);
-                    }
-                    Err(e) => checks.push(format!("**WARNING** latency run failed: {e:#}")),
+    let latency_runs: Vec<bool> = match &args.latency {
+        Some(list) => list.iter().map(|l| l == "d").collect(),
+        None if args.only.is_none() => vec![false, true],
+        None => Vec::new(),
+    };
+    if !args.skip_latency {
+        for blog in latency_runs {
+            match latency_run(&pool, &url, args, blog).await {
+                Ok((line, note)) => {
+                    latency.push(line);
+                    latency_note.push_str(&note);
                 }
+                Err(e) => checks.push(format!("**WARNING** latency run failed: {e:#}")),
             }
         }
+    }
+    if args.only.is_none() {
         match huge_transaction(&pool, &url, &configs, args).await {
             Ok(d) => huge = Some((args.huge_rows, d)),
             Err(e) => checks.push(format!("**WARNING** huge transaction failed: {e:#}")),
@@ -711,6 +721,16 @@ async fn latency_run(
     let seen = std::mem::take(&mut *seen.lock().expect("not poisoned"));
     let mut processed = std::mem::take(&mut *processed.lock().expect("not poisoned"));
     processed.sort_unstable();
+    if let Some(dir) = std::env::var_os("PIPELINE_LATENCY_DUMP") {
+        // commit time, delivered, processed (µs since the epoch) for a closer look at outliers.
+        let mut csv = String::from("commit_us,delivered_us,processed_us\n");
+        for (lsn, commit, at) in &seen {
+            let i = processed.partition_point(|p| p.0 < *lsn);
+            let done = processed.get(i).map_or(-1, |p| p.1);
+            let _ = writeln!(csv, "{commit},{at},{done}");
+        }
+        std::fs::write(Path::new(&dir).join(format!("latency-{slot}.csv")), csv)?;
+    }
     let mut delivered: Vec<i64> = seen.iter().map(|s| s.2 - s.1).collect();
     // Each commit is processed at the first notice covering its LSN (notices come in LSN order).
     let mut done: Vec<i64> = Vec::new();

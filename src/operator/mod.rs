@@ -9,7 +9,8 @@
 //!
 //! # Guarantees
 //!
-//! - Each operator sees the events it listens to in WAL order, one at a time. Different
+//! - Each operator sees the events it listens to in WAL order, one at a time (or as a batch,
+//!   in order, through [`Operator::handle_batch`]). Different
 //!   operators run concurrently; a slow one slows the WAL reader once its bounded inbox is
 //!   full, and never loses or reorders an event.
 //! - A transactional operator (the default) gets a database transaction in its [`Context`];
@@ -27,6 +28,7 @@ mod sql;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 pub use engine::{
     Engine, EngineError, EngineExit, OperatorReport, OperatorSpec, OperatorStateKind,
@@ -114,4 +116,26 @@ pub trait Operator: Send + Sync + 'static {
     /// Handles one event. An error (or a panic) rolls back the transaction and triggers the
     /// retry policy. Called again for the same event after a failure or a crash.
     fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a>;
+
+    /// Handles several events, in WAL order, in one transaction: the runner calls it when more
+    /// than one event is waiting (a transactional operator only). The default calls
+    /// [`handle`](Operator::handle) for each; override it to write a whole batch with fewer
+    /// statements (sum per key, one statement with arrays, skip repeated recomputations).
+    ///
+    /// It must leave the database as handling the events one by one would. If it fails, the
+    /// transaction is rolled back and the events are handled again one by one with
+    /// [`handle`](Operator::handle), each in its own transaction, so that a failing event is
+    /// isolated and the retry policy applies to it alone.
+    fn handle_batch<'a>(
+        &'a self,
+        events: &'a [Arc<Event>],
+        ctx: &'a mut Context<'_>,
+    ) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            for event in events {
+                self.handle(event, ctx).await?;
+            }
+            Ok(())
+        })
+    }
 }

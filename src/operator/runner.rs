@@ -147,13 +147,11 @@ impl Runner {
     async fn try_batch(&mut self, events: &[Arc<Event>]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         wait_visible(&mut tx, events.iter().map(|e| e.xid)).await?;
-        for event in events {
-            let mut ctx = Context {
-                tx: Some(&mut *tx),
-                attempt: 1,
-            };
-            guarded(self.operator.handle(event, &mut ctx)).await?;
-        }
+        let mut ctx = Context {
+            tx: Some(&mut *tx),
+            attempt: 1,
+        };
+        guarded(self.operator.handle_batch(events, &mut ctx)).await?;
         let last = events.last().map(|e| e.position()).unwrap_or_default();
         self.commit_with_checkpoint(tx, last).await
     }

@@ -8,11 +8,17 @@
 //! usually recomputes the derived row from the source tables (`INSERT ... SELECT ... ON
 //! CONFLICT DO UPDATE`, or `MERGE`), so running it again for the same event is harmless.
 //!
+//! In a batch (several events in one transaction), a statement runs once per id where
+//! handling the events one at a time would run it several times in a row for that id (see
+//! [`Operator::handle_batch`]): the statement must depend on its id and the source tables
+//! only, and write only that id's derived rows, as in EventStreamex.
+//!
 //! `$1` is bound with the type PostgreSQL infers for it (asked once per statement): integers
 //! for `smallint`/`integer`/`bigint`, a UUID for `uuid`, text otherwise. For another type,
 //! cast in the statement: `WHERE id = $1::text::numeric`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::OnceLock;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -30,6 +36,13 @@ enum Param {
     Text,
 }
 
+/// Which of the operator's statements an event runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    Query,
+    Delete,
+}
+
 #[derive(Debug)]
 struct Statement {
     sql: String,
@@ -44,46 +57,104 @@ impl Statement {
         }
     }
 
-    async fn run(&self, conn: &mut sqlx::PgConnection, id: &Value) -> anyhow::Result<()> {
-        let param = match self.param.get() {
-            Some(p) => *p,
-            None => {
-                let described = (&mut *conn)
-                    .describe(&self.sql)
-                    .await
-                    .with_context(|| format!("preparing {:?}", self.sql))?;
-                let kind = match described.parameters() {
-                    Some(sqlx::Either::Left(types)) => match types.first().map(|t| t.name()) {
-                        Some("INT2" | "INT4" | "INT8") => Param::Integer,
-                        Some("UUID") => Param::Uuid,
-                        _ => Param::Text,
-                    },
-                    _ => Param::Text,
-                };
-                *self.param.get_or_init(|| kind)
-            }
+    /// How `$1` is bound, asked of the server the first time.
+    async fn param(&self, conn: &mut sqlx::PgConnection) -> anyhow::Result<Param> {
+        if let Some(p) = self.param.get() {
+            return Ok(*p);
+        }
+        let described = (&mut *conn)
+            .describe(&self.sql)
+            .await
+            .with_context(|| format!("preparing {:?}", self.sql))?;
+        let kind = match described.parameters() {
+            Some(sqlx::Either::Left(types)) => match types.first().map(|t| t.name()) {
+                Some("INT2" | "INT4" | "INT8") => Param::Integer,
+                Some("UUID") => Param::Uuid,
+                _ => Param::Text,
+            },
+            _ => Param::Text,
         };
+        Ok(*self.param.get_or_init(|| kind))
+    }
+
+    async fn run(&self, conn: &mut sqlx::PgConnection, id: &Value) -> anyhow::Result<()> {
         let query = sqlx::query(&self.sql);
-        let query = match (param, id) {
-            (Param::Integer, Value::Number(n)) => query.bind(
-                n.as_i64()
-                    .ok_or_else(|| anyhow!("id {n} is not a 64-bit integer"))?,
-            ),
-            (Param::Integer, Value::String(s)) => query.bind(
-                s.parse::<i64>()
-                    .map_err(|_| anyhow!("the id is not an integer, but $1 is one"))?,
-            ),
-            (Param::Uuid, Value::String(s)) => query.bind(
-                uuid::Uuid::parse_str(s)
-                    .map_err(|_| anyhow!("the id is not a UUID, but $1 is one"))?,
-            ),
-            (_, Value::String(s)) => query.bind(s.clone()),
-            (_, Value::Number(n)) => query.bind(n.to_string()),
-            (_, other) => query.bind(other.to_string()),
+        let query = match Bound::new(self.param(conn).await?, id)? {
+            Bound::Integer(n) => query.bind(n),
+            Bound::Uuid(u) => query.bind(u),
+            Bound::Text(t) => query.bind(t),
         };
         query.execute(conn).await?;
         Ok(())
     }
+}
+
+/// An id as `$1` gets it.
+#[derive(Debug, PartialEq)]
+enum Bound {
+    Integer(i64),
+    Uuid(uuid::Uuid),
+    Text(String),
+}
+
+impl Bound {
+    fn new(param: Param, id: &Value) -> anyhow::Result<Bound> {
+        Ok(match (param, id) {
+            (Param::Integer, Value::Number(n)) => Bound::Integer(
+                n.as_i64()
+                    .ok_or_else(|| anyhow!("id {n} is not a 64-bit integer"))?,
+            ),
+            (Param::Integer, Value::String(s)) => Bound::Integer(
+                s.parse::<i64>()
+                    .map_err(|_| anyhow!("the id is not an integer, but $1 is one"))?,
+            ),
+            (Param::Uuid, Value::String(s)) => Bound::Uuid(
+                uuid::Uuid::parse_str(s)
+                    .map_err(|_| anyhow!("the id is not a UUID, but $1 is one"))?,
+            ),
+            (_, Value::String(s)) => Bound::Text(s.clone()),
+            (_, Value::Number(n)) => Bound::Text(n.to_string()),
+            (_, other) => Bound::Text(other.to_string()),
+        })
+    }
+
+    /// The same value as an SQL expression of the same type as the bound parameter.
+    fn literal(&self) -> String {
+        match self {
+            Bound::Integer(n) => format!("{n}::int8"),
+            Bound::Uuid(u) => format!("'{u}'::uuid"),
+            Bound::Text(t) => format!("{}::text", escaped_literal(t)),
+        }
+    }
+}
+
+/// `text` as an escape-string literal (`E'...'`), the same whatever
+/// `standard_conforming_strings` says.
+fn escaped_literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// A `DO` block running `statements` (index into `sqls`, `$1`) in order, in one round trip:
+/// PL/pgSQL's `EXECUTE sql USING value` binds `$1` to a value of the same type the statement
+/// gets when run alone.
+fn do_block(sqls: &[&str], statements: &[(usize, Bound)]) -> String {
+    let mut body = String::from("DECLARE\n");
+    for (i, sql) in sqls.iter().enumerate() {
+        body.push_str(&format!("  q{i} text := {};\n", escaped_literal(sql)));
+    }
+    body.push_str("BEGIN\n");
+    for (i, bound) in statements {
+        body.push_str(&format!("  EXECUTE q{i} USING {};\n", bound.literal()));
+    }
+    body.push_str("END");
+    // A dollar-quote tag that does not occur in the body.
+    let mut tag = String::from("$streamex$");
+    let mut n = 0;
+    while body.contains(&tag) {
+        n += 1;
+        tag = format!("$streamex{n}$");
+    }
+    format!("DO {tag}\n{body}\n{tag}")
 }
 
 /// A declarative operator; build one with [`SqlOperator::builder`] or from the configuration.
@@ -157,6 +228,76 @@ impl SqlOperator {
         }
     }
 
+    fn statement(&self, which: Which) -> &Statement {
+        match (which, &self.delete_query) {
+            (Which::Delete, Some(delete)) => delete,
+            _ => &self.query,
+        }
+    }
+
+    /// The statements a batch runs, in order: each event's, less the repetitions (see
+    /// [`Operator::handle_batch`] on this type).
+    fn plan(&self, events: &[Arc<Event>]) -> anyhow::Result<Vec<(Which, Value)>> {
+        let mut last: HashMap<String, Which> = HashMap::new();
+        let mut todo: Vec<(Which, Value)> = Vec::new();
+        for event in events {
+            for (which, id) in self.actions(event)? {
+                if last.insert(id.to_string(), which) != Some(which) {
+                    todo.push((which, id));
+                }
+            }
+        }
+        Ok(todo)
+    }
+
+    /// The statements one event runs, in order, with their ids.
+    fn actions(&self, event: &Event) -> anyhow::Result<Vec<(Which, Value)>> {
+        let Some(field) = self.ids.get(&*event.entity) else {
+            return Ok(Vec::new());
+        };
+        let id = event
+            .record()
+            .and_then(|r| r.get(field))
+            .cloned()
+            .unwrap_or(Value::Null);
+        if id.is_null() {
+            // No id (a NULL foreign key, or a column the old record lacks): nothing to do.
+            if event.kind == EventType::Delete
+                && event
+                    .old_record
+                    .as_ref()
+                    .is_some_and(|r| !r.contains_key(field))
+            {
+                bail!(
+                    "the delete of {} carries no {field:?} in its old record: set REPLICA IDENTITY FULL on {}",
+                    event.entity,
+                    event.entity
+                );
+            }
+            return Ok(Vec::new());
+        }
+        let deletes = event.kind == EventType::Delete
+            && self.delete_query.is_some()
+            && self.delete_with.iter().any(|e| *e == *event.entity);
+        let mut actions = Vec::with_capacity(2);
+        // An update that moved the row to another id (a comment moved to another post)
+        // changes what the old id's derived row should be too.
+        let moved_from = match event.kind {
+            EventType::Update => event
+                .old_record
+                .as_ref()
+                .and_then(|r| r.get(field))
+                .filter(|old| !old.is_null() && **old != id)
+                .cloned(),
+            _ => None,
+        };
+        actions.push((if deletes { Which::Delete } else { Which::Query }, id));
+        if let Some(old) = moved_from {
+            actions.push((Which::Query, old));
+        }
+        Ok(actions)
+    }
+
     /// Builds one from its `[[operators]]` entry.
     pub fn from_config(config: &crate::config::OperatorConfig) -> anyhow::Result<SqlOperator> {
         let mut builder = SqlOperator::builder(&config.name);
@@ -191,48 +332,170 @@ impl Operator for SqlOperator {
 
     fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
         Box::pin(async move {
-            let Some(field) = self.ids.get(&*event.entity) else {
-                return Ok(());
-            };
-            let id = event
-                .record()
-                .and_then(|r| r.get(field))
-                .cloned()
-                .unwrap_or(Value::Null);
-            if id.is_null() {
-                // No id (a NULL foreign key, or a column the old record lacks): nothing to do.
-                if event.kind == EventType::Delete
-                    && event
-                        .old_record
-                        .as_ref()
-                        .is_some_and(|r| !r.contains_key(field))
-                {
-                    bail!(
-                        "the delete of {} carries no {field:?} in its old record: set REPLICA IDENTITY FULL on {}",
-                        event.entity,
-                        event.entity
-                    );
-                }
-                return Ok(());
-            }
-            let statement = match (&self.delete_query, event.kind) {
-                (Some(delete), EventType::Delete)
-                    if self.delete_with.iter().any(|e| *e == *event.entity) =>
-                {
-                    delete
-                }
-                _ => &self.query,
-            };
-            statement.run(ctx.db(), &id).await?;
-            // An update that moved the row to another id (a comment moved to another post)
-            // changes what the old id's derived row should be too.
-            if event.kind == EventType::Update {
-                let old = event.old_record.as_ref().and_then(|r| r.get(field));
-                if let Some(old) = old.filter(|old| !old.is_null() && **old != id) {
-                    self.query.run(ctx.db(), old).await?;
-                }
+            for (which, id) in self.actions(event)? {
+                self.statement(which).run(ctx.db(), &id).await?;
             }
             Ok(())
         })
+    }
+
+    /// The batch's statements, each run once per id where running them one event at a time
+    /// would repeat it: a statement recomputes the derived row of its id from the source
+    /// tables, which every statement of the batch sees in the same state (all of the batch's
+    /// transactions are visible), so the second of two runs of the same statement for the
+    /// same id, with no other statement for that id in between, changes nothing. A delete
+    /// between two recomputations of an id keeps all three.
+    fn handle_batch<'a>(
+        &'a self,
+        events: &'a [Arc<Event>],
+        ctx: &'a mut Context<'_>,
+    ) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let plan = self.plan(events)?;
+            if plan.len() < 3 {
+                for (which, id) in &plan {
+                    self.statement(*which).run(ctx.db(), id).await?;
+                }
+                return Ok(());
+            }
+            // Many statements: all of them in one round trip.
+            let mut statements = Vec::with_capacity(plan.len());
+            for (which, id) in &plan {
+                let param = self.statement(*which).param(ctx.db()).await?;
+                let index = usize::from(*which == Which::Delete && self.delete_query.is_some());
+                statements.push((index, Bound::new(param, id)?));
+            }
+            let mut sqls = vec![self.query.sql.as_str()];
+            if let Some(delete) = &self.delete_query {
+                sqls.push(delete.sql.as_str());
+            }
+            let block = do_block(&sqls, &statements);
+            ctx.db()
+                .execute(sqlx::raw_sql(&block))
+                .await
+                .with_context(|| {
+                    format!("running {} statements in one DO block", statements.len())
+                })?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::replication::Lsn;
+
+    fn event(kind: EventType, entity: &str, new: Value, old: Value) -> Arc<Event> {
+        let record = |v: Value| match v {
+            Value::Object(map) => Some(map),
+            _ => None,
+        };
+        Arc::new(Event {
+            kind,
+            schema: Arc::from("public"),
+            entity: Arc::from(entity),
+            new_record: record(new),
+            old_record: record(old),
+            changes: None,
+            unavailable_columns: vec![],
+            timestamp: 0,
+            lsn: Lsn(1),
+            commit_lsn: Lsn(2),
+            xid: 1,
+            ordinal: 0,
+            key_columns: Arc::from([]),
+        })
+    }
+
+    fn operator() -> SqlOperator {
+        SqlOperator::builder("counts")
+            .query("SELECT $1")
+            .id("posts", "id")
+            .id("comments", "post_id")
+            .delete_with("posts", "DELETE $1")
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_batch_recomputes_each_id_once_per_run_of_the_same_statement() {
+        use EventType::{Delete, Insert, Update};
+        let n = Value::Null;
+        let events = [
+            event(Insert, "posts", json!({"id": 1}), n.clone()),
+            event(Insert, "comments", json!({"post_id": 1}), n.clone()),
+            event(Insert, "comments", json!({"post_id": 2}), n.clone()),
+            event(Insert, "comments", json!({"post_id": 1}), n.clone()),
+            // A comment moving from post 2 to post 3: both recomputed (2 already was).
+            event(
+                Update,
+                "comments",
+                json!({"post_id": 3}),
+                json!({"post_id": 2}),
+            ),
+            // Post 1 deleted, then recomputed again: the delete splits the runs.
+            event(Delete, "posts", n.clone(), json!({"id": 1})),
+            event(Delete, "comments", n.clone(), json!({"post_id": 1})),
+            event(Insert, "comments", json!({"post_id": 1}), n.clone()),
+            // A NULL id does nothing.
+            event(Insert, "comments", json!({"post_id": null}), n.clone()),
+        ];
+        let plan = operator().plan(&events).unwrap();
+        assert_eq!(
+            plan,
+            vec![
+                (Which::Query, json!(1)),
+                (Which::Query, json!(2)),
+                (Which::Query, json!(3)),
+                (Which::Delete, json!(1)),
+                (Which::Query, json!(1)),
+            ]
+        );
+        // One event at a time gives each event's statements, unchanged.
+        let moved = operator().actions(&events[4]).unwrap();
+        assert_eq!(
+            moved,
+            vec![(Which::Query, json!(3)), (Which::Query, json!(2))]
+        );
+    }
+
+    #[test]
+    fn a_do_block_binds_each_id_as_its_parameter_type() {
+        let uuid = "6f1c2c3e-0d0a-4b8e-9a51-3c2f0e4b9d10";
+        assert_eq!(
+            Bound::new(Param::Integer, &json!("42")).unwrap(),
+            Bound::Integer(42)
+        );
+        assert!(Bound::new(Param::Integer, &json!("x")).is_err());
+        assert!(Bound::new(Param::Uuid, &json!("not a uuid")).is_err());
+        let block = do_block(
+            &["SELECT $1", "DELETE $step$"],
+            &[
+                (0, Bound::Integer(-7)),
+                (1, Bound::new(Param::Uuid, &json!(uuid)).unwrap()),
+                (0, Bound::Text(r"it's a \ back".to_owned())),
+            ],
+        );
+        assert_eq!(
+            block,
+            format!(
+                "DO $streamex$\nDECLARE\n  q0 text := E'SELECT $1';\n  q1 text := E'DELETE $step$';\n\
+                 BEGIN\n  EXECUTE q0 USING -7::int8;\n  EXECUTE q1 USING '{uuid}'::uuid;\n  \
+                 EXECUTE q0 USING E'it''s a \\\\ back'::text;\nEND\n$streamex$"
+            )
+        );
+        // A statement holding the tag gets another one.
+        let block = do_block(&["SELECT '$streamex$'"], &[(0, Bound::Integer(1))]);
+        assert!(block.starts_with("DO $streamex1$\n") && block.ends_with("\n$streamex1$"));
+    }
+
+    #[test]
+    fn a_delete_without_the_id_column_is_an_error_naming_the_fix() {
+        let e = event(EventType::Delete, "comments", Value::Null, json!({"id": 9}));
+        let error = operator().plan(&[e]).unwrap_err().to_string();
+        assert!(error.contains("REPLICA IDENTITY FULL"), "{error}");
     }
 }

@@ -6,6 +6,9 @@
 //! applied exactly once. Needs `comments` with REPLICA IDENTITY FULL, so that a delete carries
 //! the comment's `post_id`.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use anyhow::Context as _;
 use serde_json::Value;
 
@@ -42,6 +45,32 @@ async fn add(conn: &mut sqlx::PgConnection, post: Option<i64>, n: i32) -> anyhow
     Ok(())
 }
 
+/// The same upsert for many posts at once: `$1` post ids, `$2` the amounts to add.
+const ADD_MANY: &str = "INSERT INTO post_comment_tallies (post_id, comments)
+                        SELECT * FROM unnest($1::bigint[], $2::int[])
+                        ON CONFLICT (post_id) DO UPDATE SET comments = post_comment_tallies.comments + EXCLUDED.comments";
+
+/// What one comment event adds to which posts.
+fn deltas(event: &Event) -> anyhow::Result<[(Option<i64>, i32); 2]> {
+    Ok(match event.kind {
+        EventType::Insert => [(post_id(event.new_record.as_ref(), "new")?, 1), (None, 0)],
+        EventType::Delete => [
+            (post_id(event.old_record.as_ref(), "deleted")?, -1),
+            (None, 0),
+        ],
+        EventType::Update => {
+            let old = post_id(event.old_record.as_ref(), "old")?;
+            let new = post_id(event.new_record.as_ref(), "new")?;
+            if old == new {
+                [(None, 0), (None, 0)]
+            } else {
+                [(old, -1), (new, 1)]
+            }
+        }
+        EventType::Truncate => [(None, 0), (None, 0)],
+    })
+}
+
 impl Operator for PostCommentTallies {
     fn name(&self) -> &str {
         "post_comment_tallies"
@@ -56,24 +85,42 @@ impl Operator for PostCommentTallies {
 
     fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
         Box::pin(async move {
-            match event.kind {
-                EventType::Insert => {
-                    add(ctx.db(), post_id(event.new_record.as_ref(), "new")?, 1).await
+            for (post, n) in deltas(event)? {
+                if n != 0 {
+                    add(ctx.db(), post, n).await?;
                 }
-                EventType::Delete => {
-                    add(ctx.db(), post_id(event.old_record.as_ref(), "deleted")?, -1).await
-                }
-                EventType::Update => {
-                    let old = post_id(event.old_record.as_ref(), "old")?;
-                    let new = post_id(event.new_record.as_ref(), "new")?;
-                    if old != new {
-                        add(ctx.db(), old, -1).await?;
-                        add(ctx.db(), new, 1).await?;
-                    }
-                    Ok(())
-                }
-                EventType::Truncate => Ok(()),
             }
+            Ok(())
+        })
+    }
+
+    /// The batch's deltas summed per post and written in one statement: the same rows as one
+    /// upsert per event (a post whose deltas sum to 0 still gets its row, as it would).
+    fn handle_batch<'a>(
+        &'a self,
+        events: &'a [Arc<Event>],
+        ctx: &'a mut Context<'_>,
+    ) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let mut sums: BTreeMap<i64, i32> = BTreeMap::new();
+            for event in events {
+                for (post, n) in deltas(event)? {
+                    if let (Some(post), true) = (post, n != 0) {
+                        *sums.entry(post).or_default() += n;
+                    }
+                }
+            }
+            if sums.is_empty() {
+                return Ok(());
+            }
+            let (posts, amounts): (Vec<i64>, Vec<i32>) = sums.into_iter().unzip();
+            sqlx::query(ADD_MANY)
+                .bind(posts)
+                .bind(amounts)
+                .execute(ctx.db())
+                .await
+                .context("updating post_comment_tallies")?;
+            Ok(())
         })
     }
 }
