@@ -14,7 +14,8 @@
 //!   PostgreSQL text values to JSON exactly as `to_jsonb` gives them.
 //! - [`event`]: the typed change event every later stage works on.
 //! - [`cli`]: the `streamex` command line.
-//! - [`testing`]: a private PostgreSQL cluster for tests and demos.
+//! - [`testing`]: a private PostgreSQL cluster for tests and demos, and `OperatorTest`, the
+//!   kit for testing an operator.
 
 pub mod cli;
 pub mod config;

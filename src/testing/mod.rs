@@ -1,16 +1,22 @@
-//! A private PostgreSQL cluster for tests and demos.
+//! A private PostgreSQL cluster for tests and demos, and a testing kit for operators.
 //!
 //! Tests share one cluster per test binary ([`server`]) and take a fresh database each
 //! ([`TestServer::create_database`]). Set `STREAMEX_TEST_DATABASE_URL` to a superuser URL of a
 //! server with `wal_level = logical` to run them against that server instead.
+//!
+//! [`OperatorTest`] is for operator authors: a fresh database with your schema, your
+//! operator run through the real pipeline over a list of SQL statements, and your derived
+//! tables to assert on.
 
 mod cluster;
+mod kit;
 
 use std::sync::OnceLock;
 
 pub use cluster::{
     Cluster, ClusterBuilder, ClusterError, StopMode, create_database_at, find_bindir,
 };
+pub use kit::{KitError, OperatorTest};
 
 /// The server the tests of this process share.
 #[derive(Debug)]

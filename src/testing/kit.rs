@@ -1,0 +1,536 @@
+//! A testing kit for operator authors: one operator, a private database, a list of SQL
+//! statements, and the derived tables to assert on.
+//!
+//! ```text
+//! OperatorTest::start(schema)
+//!   ├─ a fresh database on the shared test server (private cluster, or STREAMEX_TEST_DATABASE_URL)
+//!   ├─ the schema, and the kit's marker table streamex_testing.streamex_kit_marks
+//!   └─ streamex setup (cli::prepare): the streamex schema, a publication of every table, the slot
+//!
+//! kit.run(operator, statements)
+//!   ├─ each statement in its own transaction, in order
+//!   ├─ a marker row, committed after them
+//!   ├─ the service (cli::run_service, the code behind `streamex run`):
+//!   │     slot ─► decoder ─► engine ─► operator ─► checkpoint ─► process status ─► ack
+//!   ├─ wait until the marker's commit is processed: every operator is then done with every
+//!   │  commit before it (the engine completes commits in WAL order)
+//!   └─ stop cleanly: in-flight work finished, progress stored, the slot acknowledged
+//! ```
+//!
+//! # Progress between runs
+//!
+//! The slot is created once, when the kit starts, so a later `run` continues from where the
+//! previous one stopped: it sees exactly what was written since (through the kit or through
+//! [`OperatorTest::pool`]), and each operator resumes after its checkpoint, as `streamex run`
+//! does after a restart. Running a second, different operator later gives it every change
+//! still ahead of the slot only: the slot never goes back.
+//!
+//! # Waiting
+//!
+//! A run waits for its marker's `EntityProcessed` notice (or, if that notice is missed, for
+//! the marker's entry in `streamex.process_status`), never for a fixed time. While it waits
+//! it checks `streamex.operator_state`: an operator that halts ends the run at once with its
+//! last error. Retries are quick in the kit (10 ms doubling to 100 ms, 3 retries) so that a
+//! failing operator halts in well under a second; see [`OperatorTest::retry`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgRow;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::{ClusterError, server};
+use crate::config::{Config, ConfigError, RetryConfig};
+use crate::operator::Operator;
+use crate::pubsub::{EntityProcessed, ProcessedSubscription, PubSub, RecvError};
+use crate::replication::{ConnectParams, Lsn};
+use crate::status::{self, OperatorRunState, PostgresStatus};
+
+/// The kit's marker table (its schema is `streamex_testing`); also its entity name.
+const MARKS: &str = "streamex_kit_marks";
+
+/// How often a waiting run checks for halted operators and for a stopped service.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// What went wrong in an [`OperatorTest`].
+#[derive(Debug, thiserror::Error)]
+pub enum KitError {
+    #[error("starting the test server or creating the test database")]
+    Server(#[from] ClusterError),
+    #[error("connecting to the test database {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("applying the schema given to OperatorTest::start")]
+    Schema(#[source] sqlx::Error),
+    #[error("setting up the test database (streamex schema, publication, slot)")]
+    Setup(#[source] anyhow::Error),
+    #[error("the configuration given to OperatorTest::with_config")]
+    Config(#[from] ConfigError),
+    #[error(
+        "no operator named {name:?} in the configuration given to OperatorTest::with_config; \
+         configured operators: {known}"
+    )]
+    UnknownOperator { name: String, known: String },
+    #[error("building operator {name:?} from its configuration")]
+    Build {
+        name: String,
+        #[source]
+        source: anyhow::Error,
+    },
+    #[error("statement {number} of {count} failed: {statement}")]
+    Statement {
+        /// 1-based.
+        number: usize,
+        count: usize,
+        statement: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("operator {operator:?} halted: {error}")]
+    Halted { operator: String, error: String },
+    #[error("the service stopped with an error")]
+    Service(#[source] anyhow::Error),
+    #[error(
+        "operators {operators} had not processed everything written after {waited:?}; \
+         RUST_LOG=streamex=debug shows what they were doing"
+    )]
+    Timeout { operators: String, waited: Duration },
+    #[error("{what}")]
+    Database {
+        what: &'static str,
+        #[source]
+        source: anyhow::Error,
+    },
+    #[error("query failed: {sql}")]
+    Query {
+        sql: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// A fresh database with a schema, in which operators are run through the real pipeline.
+///
+/// One kit per test: it owns its database, its publication and its slot (named after the
+/// database, so unique across the shared cluster). Runs on one kit happen one at a time.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use streamex::operators::PostCommentTallies;
+/// use streamex::testing::OperatorTest;
+///
+/// # async fn example() -> anyhow::Result<()> {
+/// let kit = OperatorTest::start(include_str!("../../examples/blog/schema.sql")).await?;
+/// kit.run(
+///     Arc::new(PostCommentTallies),
+///     &[
+///         "INSERT INTO posts (id, title) VALUES (1, 'one')",
+///         "INSERT INTO comments (post_id) VALUES (1), (1)",
+///     ],
+/// )
+/// .await?;
+/// let rows: Vec<(i64, i32)> = kit
+///     .query_as("SELECT post_id, comments FROM post_comment_tallies")
+///     .await?;
+/// assert_eq!(rows, [(1, 2)]);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct OperatorTest {
+    url: String,
+    pool: PgPool,
+    config: Config,
+    retry: Option<RetryConfig>,
+    patience: Duration,
+    running: Mutex<()>,
+}
+
+impl OperatorTest {
+    /// Creates a fresh database on the shared test server ([`server`]), applies `schema`
+    /// (any number of statements), and creates the publication (every table the schema
+    /// created) and the slot.
+    ///
+    /// Tables created later are not published: create them in `schema`.
+    pub async fn start(schema: &str) -> Result<OperatorTest, KitError> {
+        let url = server().create_database().await?;
+        let pool = PgPool::connect(&url)
+            .await
+            .map_err(|source| KitError::Connect {
+                url: url.clone(),
+                source,
+            })?;
+        sqlx::raw_sql(schema)
+            .execute(&pool)
+            .await
+            .map_err(KitError::Schema)?;
+        let setup = async {
+            sqlx::raw_sql(&format!(
+                "CREATE SCHEMA streamex_testing;
+                 CREATE TABLE streamex_testing.{MARKS} (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());
+                 COMMENT ON TABLE streamex_testing.{MARKS} IS
+                   'Written by streamex::testing::OperatorTest after the statements of a run: once it is processed, so is everything before it.';"
+            ))
+            .execute(&pool)
+            .await?;
+            // Every table but streamex's own: publishing those would feed the service's
+            // writes back to it.
+            let tables: Vec<String> = sqlx::query_scalar(
+                "SELECT format('%s.%s', n.nspname, c.relname)
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+                    AND n.nspname NOT IN ('streamex', 'pg_catalog', 'information_schema')
+                    AND n.nspname NOT LIKE 'pg\\_%'
+                  ORDER BY 1",
+            )
+            .fetch_all(&pool)
+            .await?;
+            let database = url.rsplit('/').next().unwrap_or("streamex");
+            let mut config = Config::parse(
+                &format!("database_url = {url:?}\nslot = {database:?}"),
+                "the testing kit's configuration",
+                [],
+            )?;
+            config.tables = tables;
+            tune(&mut config);
+            crate::cli::prepare(&config, &pool).await?;
+            anyhow::Ok(config)
+        };
+        let config = setup.await.map_err(KitError::Setup)?;
+        Ok(OperatorTest {
+            url,
+            pool,
+            config,
+            retry: None,
+            patience: Duration::from_secs(60),
+            running: Mutex::new(()),
+        })
+    }
+
+    /// Takes from configuration `toml` (the text of a `streamex.toml`) its `[[operators]]`,
+    /// for [`run_configured`](Self::run_configured), and what shapes how they run:
+    /// `[retry]`'s `on_failure`, `[entities]`, `[process_status] timestamp_field` and
+    /// `[replication] batch_size`. The database, slot, publication and tables stay the kit's.
+    pub fn with_config(mut self, toml: &str) -> Result<OperatorTest, KitError> {
+        let given = Config::parse(toml, "the configuration given to OperatorTest", [])?;
+        self.config.operators = given.operators;
+        self.config.entities = given.entities;
+        self.config.retry.on_failure = given.retry.on_failure;
+        self.config.process_status.timestamp_field = given.process_status.timestamp_field;
+        self.config.replication.batch_size = given.replication.batch_size;
+        Ok(self)
+    }
+
+    /// The retry policy of every operator the kit runs, in place of the kit's quick one
+    /// and of the configuration's.
+    pub fn retry(mut self, retry: RetryConfig) -> OperatorTest {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// How long a run waits for its operators before it fails (60 s by default): a guard
+    /// against a test hanging, not a measure of speed.
+    pub fn patience(mut self, patience: Duration) -> OperatorTest {
+        self.patience = patience;
+        self
+    }
+
+    /// The test database's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A pool on the test database, for queries of your own.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The replication slot (and the database's name).
+    pub fn slot(&self) -> &str {
+        &self.config.slot
+    }
+
+    /// Executes `statements` in order, each in its own transaction, without running any
+    /// operator: the next run processes them. An error names the statement.
+    pub async fn execute(&self, statements: &[&str]) -> Result<(), KitError> {
+        for (index, statement) in statements.iter().enumerate() {
+            sqlx::raw_sql(statement)
+                .execute(&self.pool)
+                .await
+                .map_err(|source| KitError::Statement {
+                    number: index + 1,
+                    count: statements.len(),
+                    statement: (*statement).to_owned(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Executes `statements` (as [`execute`](Self::execute)), then runs `operator` through
+    /// the whole pipeline until it has processed everything written so far, and stops it.
+    ///
+    /// Fails when a statement fails, when the operator halts (with its last error), when the
+    /// service stops with an error, or after the kit's patience.
+    pub async fn run(
+        &self,
+        operator: Arc<dyn Operator>,
+        statements: &[&str],
+    ) -> Result<(), KitError> {
+        self.run_all(vec![operator], statements).await
+    }
+
+    /// As [`run`](Self::run), for the operator configured under `name` in the configuration
+    /// given to [`with_config`](Self::with_config): a declarative one, or a Rust one from
+    /// the registry ([`crate::operators::registry`]).
+    pub async fn run_configured(&self, name: &str, statements: &[&str]) -> Result<(), KitError> {
+        let Some(entry) = self.config.operators.iter().find(|o| o.name == name) else {
+            let known: Vec<&str> = self
+                .config
+                .operators
+                .iter()
+                .map(|o| o.name.as_str())
+                .collect();
+            return Err(KitError::UnknownOperator {
+                name: name.to_owned(),
+                known: if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                },
+            });
+        };
+        let operators = crate::operators::build(std::slice::from_ref(entry)).map_err(|source| {
+            KitError::Build {
+                name: name.to_owned(),
+                source,
+            }
+        })?;
+        self.run_all(operators, statements).await
+    }
+
+    /// As [`run`](Self::run), for several operators at once.
+    pub async fn run_all(
+        &self,
+        operators: Vec<Arc<dyn Operator>>,
+        statements: &[&str],
+    ) -> Result<(), KitError> {
+        let _one_at_a_time = self.running.lock().await;
+        self.execute(statements).await?;
+        let before_mark = self.mark().await?;
+
+        let names: Vec<String> = operators.iter().map(|o| o.name().to_owned()).collect();
+        let config = self.run_config();
+        let params = ConnectParams::parse(&config.database_url)
+            .map_err(|e| database("parsing the test database's URL", e))?;
+        let pubsub = PubSub::new();
+        let mut notices = Some(pubsub.subscribe_processed(1024));
+        let stop = CancellationToken::new();
+        let mut service = tokio::spawn({
+            let (pool, stop) = (self.pool.clone(), stop.clone());
+            let status = PostgresStatus::new(pool.clone());
+            async move {
+                crate::cli::run_service(&config, params, pool, status, pubsub, operators, stop)
+                    .await
+            }
+        });
+
+        let deadline = tokio::time::Instant::now() + self.patience;
+        let mut check = tokio::time::interval(CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let outcome: Result<(), KitError> = loop {
+            tokio::select! {
+                notice = next_notice(&mut notices) => match notice {
+                    Ok(n) if n.entity == MARKS && n.commit_lsn > before_mark => break Ok(()),
+                    Ok(_) => {}
+                    // Cut off: the marker's entry in process status, checked below, still
+                    // says when it is done.
+                    Err(_) => notices = None,
+                },
+                result = &mut service => {
+                    // It stops only on error (or a panic) before being asked to.
+                    return Err(KitError::Service(match result {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(())) => anyhow::anyhow!("the service stopped before it was asked to"),
+                        Err(e) => anyhow::Error::new(e).context("the service panicked"),
+                    }));
+                }
+                _ = check.tick() => {
+                    if let Some(halted) = self.halted(&names).await? {
+                        break Err(halted);
+                    }
+                    if self.mark_processed(before_mark).await? {
+                        break Ok(());
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        break Err(KitError::Timeout {
+                            operators: names.join(", "),
+                            waited: self.patience,
+                        });
+                    }
+                }
+            }
+        };
+        stop.cancel();
+        let stopped = match tokio::time::timeout(self.patience, service).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(KitError::Service(e)),
+            Ok(Err(e)) => Err(KitError::Service(
+                anyhow::Error::new(e).context("the service panicked"),
+            )),
+            Err(_) => Err(KitError::Service(anyhow::anyhow!(
+                "the service did not stop within {:?} of being asked to",
+                self.patience
+            ))),
+        };
+        outcome.and(stopped)
+    }
+
+    /// Sets a halted operator running again (as `streamex resume`): the next run gives it
+    /// the events it has not processed, from its checkpoint on.
+    pub async fn resume(&self, operator: &str) -> Result<(), KitError> {
+        status::set_operator_running(&self.pool, operator)
+            .await
+            .map_err(|e| database("marking the operator running", e))
+    }
+
+    /// `operator`'s checkpoint: the `(commit_lsn, ordinal)` of the last event it durably
+    /// processed, if any.
+    pub async fn checkpoint(&self, operator: &str) -> Result<Option<(Lsn, u64)>, KitError> {
+        let checkpoints = status::load_checkpoints(&self.pool)
+            .await
+            .map_err(|e| database("loading the operators' checkpoints", e))?;
+        Ok(checkpoints.get(operator).copied())
+    }
+
+    /// The rows of `sql`, as tuples or any [`sqlx::FromRow`] type.
+    pub async fn query_as<T>(&self, sql: &str) -> Result<Vec<T>, KitError>
+    where
+        T: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+    {
+        sqlx::query_as(sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|source| KitError::Query {
+                sql: sql.to_owned(),
+                source,
+            })
+    }
+
+    /// The first column of each row of `sql`.
+    pub async fn query_scalar<T>(&self, sql: &str) -> Result<Vec<T>, KitError>
+    where
+        T: sqlx::Type<sqlx::Postgres> + for<'r> sqlx::Decode<'r, sqlx::Postgres> + Send + Unpin,
+    {
+        sqlx::query_scalar(sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|source| KitError::Query {
+                sql: sql.to_owned(),
+                source,
+            })
+    }
+
+    /// The configuration of one run: the kit's, with its retry policy on every operator.
+    fn run_config(&self) -> Config {
+        let mut config = self.config.clone();
+        let quick = RetryConfig {
+            initial: Duration::from_millis(10),
+            multiplier: 2.0,
+            max: Duration::from_millis(100),
+            retries: 3,
+            on_failure: config.retry.on_failure,
+        };
+        config.retry = self.retry.unwrap_or(quick);
+        for entry in &mut config.operators {
+            let on_failure = entry.retry.map_or(quick.on_failure, |r| r.on_failure);
+            entry.retry = Some(self.retry.unwrap_or(RetryConfig {
+                on_failure,
+                ..quick
+            }));
+        }
+        config
+    }
+
+    /// Writes a marker row after everything written so far; returns the WAL position before
+    /// it, which the marker's commit is past.
+    async fn mark(&self) -> Result<Lsn, KitError> {
+        const WHAT: &str = "writing the run's marker row";
+        let before: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| database(WHAT, e))?;
+        sqlx::query(&format!(
+            "INSERT INTO streamex_testing.{MARKS} DEFAULT VALUES"
+        ))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| database(WHAT, e))?;
+        before.parse().map_err(|e| {
+            database(
+                WHAT,
+                anyhow::anyhow!("pg_current_wal_lsn() gave {before:?}: {e}"),
+            )
+        })
+    }
+
+    /// Whether process status covers a marker written after `before`.
+    async fn mark_processed(&self, before: Lsn) -> Result<bool, KitError> {
+        let done: Option<bool> = sqlx::query_scalar(
+            "SELECT lsn > $1::pg_lsn FROM streamex.process_status WHERE entity = $2",
+        )
+        .bind(before.to_string())
+        .bind(MARKS)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| database("reading the marker's process status", e))?;
+        Ok(done == Some(true))
+    }
+
+    /// The first of `names` that is halted, as the error a run returns.
+    async fn halted(&self, names: &[String]) -> Result<Option<KitError>, KitError> {
+        let states = status::load_operator_states(&self.pool)
+            .await
+            .map_err(|e| database("checking whether the operators halted", e))?;
+        Ok(names.iter().find_map(|name| {
+            let state = states.get(name)?;
+            (state.state == OperatorRunState::Halted).then(|| KitError::Halted {
+                operator: name.clone(),
+                error: state
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "no error recorded".to_owned()),
+            })
+        }))
+    }
+}
+
+fn database(what: &'static str, source: impl Into<anyhow::Error>) -> KitError {
+    KitError::Database {
+        what,
+        source: source.into(),
+    }
+}
+
+/// The next notice, or never once the subscription is gone.
+async fn next_notice(
+    notices: &mut Option<ProcessedSubscription>,
+) -> Result<Arc<EntityProcessed>, RecvError> {
+    match notices {
+        Some(notices) => notices.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The kit's timing: a run reconnects quickly when the previous run's walsender still
+/// holds the slot.
+fn tune(config: &mut Config) {
+    config.replication.reconnect_initial = Duration::from_millis(50);
+    config.replication.reconnect_max = Duration::from_secs(1);
+    config.replication.status_interval = Duration::from_secs(1);
+}
