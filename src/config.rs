@@ -114,6 +114,10 @@ pub struct HttpConfig {
     /// How often an idle Server-Sent Events stream gets a keep-alive comment.
     #[serde(deserialize_with = "duration")]
     pub keep_alive: Duration,
+    /// The web origin (`"https://app.example.com"`, or `"*"`) whose pages may follow
+    /// `/channels/...` and ask `/process-status/...` from a browser (CORS
+    /// `Access-Control-Allow-Origin`); none by default: same origin only.
+    pub allow_origin: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -122,6 +126,7 @@ impl Default for HttpConfig {
             listen: None,
             sse_capacity: 1024,
             keep_alive: Duration::from_secs(15),
+            allow_origin: None,
         }
     }
 }
@@ -329,6 +334,13 @@ impl Config {
         }
         if self.http.sse_capacity == 0 || self.http.keep_alive.is_zero() {
             return Err("http.sse_capacity and http.keep_alive must be more than 0".to_owned());
+        }
+        if let Some(origin) = &self.http.allow_origin {
+            if origin.is_empty() || !origin.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(format!(
+                    "http.allow_origin: {origin:?} is not an origin: write one such as \"https://app.example.com\", or \"*\" for any"
+                ));
+            }
         }
         if self.replication.channel_capacity == 0 || self.replication.batch_size == 0 {
             return Err(
@@ -590,6 +602,8 @@ mod tests {
         );
         let err = parse(&format!("{MINIMAL}\n[http]\nport = 9187"), &[]).unwrap_err();
         assert!(err.to_string().contains("port"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[http]\nallow_origin = \"a b\""), &[]).unwrap_err();
+        assert!(err.to_string().contains("http.allow_origin"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[http]\nsse_capacity = 0"), &[]).unwrap_err();
         assert!(err.to_string().contains("http.sse_capacity"), "{err}");
     }

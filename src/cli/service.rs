@@ -198,6 +198,10 @@ pub async fn run_service<S: ProcessStatusStorage + Clone>(
                 pubsub: engine.pubsub.clone(),
                 sse_capacity: config.http.sse_capacity,
                 keep_alive: config.http.keep_alive,
+                allow_origin: match &config.http.allow_origin {
+                    Some(origin) => Some(origin.parse().context("[http] allow_origin")?),
+                    None => None,
+                },
                 shutdown: stop.clone(),
             };
             Some((crate::http::spawn(listener, endpoint), stop))

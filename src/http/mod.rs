@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
@@ -55,6 +55,8 @@ pub struct Endpoint<S> {
     /// Queue of one Server-Sent Events client ([`PubSub::subscribe`]'s capacity).
     pub sse_capacity: usize,
     pub keep_alive: Duration,
+    /// `Access-Control-Allow-Origin` for `/channels` and `/process-status`.
+    pub allow_origin: Option<HeaderValue>,
     /// Ends the server and every open event stream.
     pub shutdown: CancellationToken,
 }
@@ -190,6 +192,25 @@ async fn process_status<S: ProcessStatusStorage>(
     State(endpoint): Shared<S>,
     Path(entity): Path<String>,
     Query(query): Query<ProcessStatusQuery>,
+) -> Response {
+    let mut response = check_processed(&endpoint, entity, query).await;
+    allow_origin(&endpoint, &mut response);
+    response
+}
+
+/// Lets pages of the configured origin read `response` from a browser.
+fn allow_origin<S>(endpoint: &Endpoint<S>, response: &mut Response) {
+    if let Some(origin) = &endpoint.allow_origin {
+        response
+            .headers_mut()
+            .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    }
+}
+
+async fn check_processed<S: ProcessStatusStorage>(
+    endpoint: &Endpoint<S>,
+    entity: String,
+    query: ProcessStatusQuery,
 ) -> Response {
     let bad = |message: String| {
         (

@@ -36,13 +36,15 @@ pub(super) async fn channel<S>(
     let first = SseEvent::default().comment(format!("subscribed to {channel}"));
     let events = stream::once(async move { Ok(first) })
         .chain(follow(subscription, endpoint.shutdown.clone()));
-    Sse::new(events)
+    let mut response = Sse::new(events)
         .keep_alive(
             KeepAlive::new()
                 .interval(endpoint.keep_alive)
                 .text("keep-alive"),
         )
-        .into_response()
+        .into_response();
+    super::allow_origin(&endpoint, &mut response);
+    response
 }
 
 /// The subscription's events until it ends, it is cut off (a last `lagged` message), or
