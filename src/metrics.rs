@@ -155,7 +155,6 @@ impl Metrics {
         let committed_at = self.probe.committed_at.load(Ordering::Relaxed);
         let now = unix_micros();
         // The commit time is the server's clock: a clock ahead of ours reads as no lag.
-        #[allow(clippy::cast_precision_loss)] // µs to seconds, far below 2^52
         self.lag
             .observe((now.saturating_sub(committed_at)).max(0) as f64 / 1e6);
         self.probe.end.store(0, Ordering::Release);

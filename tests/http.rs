@@ -523,6 +523,106 @@ async fn process_status_is_too_early_until_the_operators_are_done() -> anyhow::R
     service.stop().await
 }
 
+/// An operator on posts whose handler always fails on a post titled `poison`.
+struct Poisoned(&'static str);
+
+impl Operator for Poisoned {
+    fn name(&self) -> &str {
+        self.0
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        vec![Subscription::all("posts")]
+    }
+
+    fn handle<'a>(&'a self, event: &'a Event, _ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            if field(event, "title") == Some(&serde_json::json!("poison")) {
+                bail!("poisoned post");
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_halted_operator_makes_the_service_unready() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let retry = |policy: &str| {
+        format!(
+            "[operators.retry]\ninitial = \"10ms\"\nmax = \"20ms\"\nretries = 1\non_failure = \"{policy}\"\n"
+        )
+    };
+    let text = format!(
+        "{CHANNELS}[[operators]]\nname = \"strict\"\n{}[[operators]]\nname = \"lenient\"\n{}",
+        retry("halt"),
+        retry("dead_letter")
+    );
+    let config = config(&url, free_port()?, &text, &[])?;
+    let operators: Vec<Arc<dyn Operator>> =
+        vec![Arc::new(Poisoned("strict")), Arc::new(Poisoned("lenient"))];
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), operators).await?;
+    service.wait_for("/readyz", 200).await?;
+
+    sqlx::query("INSERT INTO posts (title) VALUES ('fine')")
+        .execute(&pool)
+        .await?;
+    sqlx::query("INSERT INTO posts (title) VALUES ('poison')")
+        .execute(&pool)
+        .await?;
+    let body = service.wait_for("/readyz", 503).await?;
+    assert!(
+        body.contains("operator halted") && body.contains("strict") && !body.contains("lenient"),
+        "{body}"
+    );
+    // The other operator dead-letters the event and goes on.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let metrics = loop {
+        let metrics = service.metrics().await?;
+        if metrics.get("streamex_operator_dead_letters_total{operator=\"lenient\"}") == Some(&1.0) {
+            break metrics;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "never dead-lettered: {metrics:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (name, value) in [
+        (
+            "streamex_operator_state{operator=\"strict\",state=\"halted\"}",
+            1.0,
+        ),
+        (
+            "streamex_operator_state{operator=\"strict\",state=\"running\"}",
+            0.0,
+        ),
+        (
+            "streamex_operator_state{operator=\"lenient\",state=\"running\"}",
+            1.0,
+        ),
+        ("streamex_operator_retries_total{operator=\"strict\"}", 1.0),
+        ("streamex_operator_retries_total{operator=\"lenient\"}", 1.0),
+        (
+            "streamex_operator_events_processed_total{operator=\"strict\"}",
+            1.0,
+        ),
+        (
+            "streamex_operator_events_processed_total{operator=\"lenient\"}",
+            2.0,
+        ),
+        (
+            "streamex_operator_dead_letters_total{operator=\"strict\"}",
+            0.0,
+        ),
+    ] {
+        assert_eq!(metric(&metrics, name)?, value, "{name}");
+    }
+    service.stop().await
+}
+
 #[tokio::test]
 async fn channels_stream_events_as_tail_prints_them_until_shutdown() -> anyhow::Result<()> {
     let url = testing::server().create_database().await?;
