@@ -213,6 +213,7 @@ pub struct Engine<S: ProcessStatusStorage> {
     pub batch_size: usize,
     /// Capacity of each operator's inbox.
     pub inbox_capacity: usize,
+    /// What `/metrics` reports; counted (cheaply) whether or not `[http]` is on.
     pub metrics: Arc<Metrics>,
     reports: Arc<Mutex<Option<Arc<Board>>>>,
 }
