@@ -7,6 +7,7 @@
 //! See `config/streamex.toml` for a working example with every key explained.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -55,6 +56,10 @@ pub struct Config {
     /// The operators to run, in no particular order.
     #[serde(default)]
     pub operators: Vec<OperatorConfig>,
+    /// The HTTP endpoint (metrics, health, process status, Server-Sent Events); off unless
+    /// `listen` is set.
+    #[serde(default)]
+    pub http: HttpConfig,
 }
 
 fn default_name() -> String {
@@ -92,6 +97,36 @@ impl Default for ReplicationConfig {
             channel_capacity: 4096,
             batch_size: 500,
             recreate_invalidated_slot: false,
+        }
+    }
+}
+
+/// `[http]`: the optional HTTP endpoint (`src/http`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// The address and port to listen on (`"127.0.0.1:9187"`); no HTTP endpoint without it.
+    #[serde(deserialize_with = "listen_address")]
+    pub listen: Option<SocketAddr>,
+    /// Events queued for one Server-Sent Events client before it is cut off (it is then sent
+    /// an `event: lagged` message and the stream ends).
+    pub sse_capacity: usize,
+    /// How often an idle Server-Sent Events stream gets a keep-alive comment.
+    #[serde(deserialize_with = "duration")]
+    pub keep_alive: Duration,
+    /// The web origin (`"https://app.example.com"`, or `"*"`) whose pages may follow
+    /// `/channels/...` and ask `/process-status/...` from a browser (CORS
+    /// `Access-Control-Allow-Origin`); none by default: same origin only.
+    pub allow_origin: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: None,
+            sse_capacity: 1024,
+            keep_alive: Duration::from_secs(15),
+            allow_origin: None,
         }
     }
 }
@@ -297,6 +332,16 @@ impl Config {
                 self.slot
             ));
         }
+        if self.http.sse_capacity == 0 || self.http.keep_alive.is_zero() {
+            return Err("http.sse_capacity and http.keep_alive must be more than 0".to_owned());
+        }
+        if let Some(origin) = &self.http.allow_origin {
+            if origin.is_empty() || !origin.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(format!(
+                    "http.allow_origin: {origin:?} is not an origin: write one such as \"https://app.example.com\", or \"*\" for any"
+                ));
+            }
+        }
         if self.replication.channel_capacity == 0 || self.replication.batch_size == 0 {
             return Err(
                 "replication.channel_capacity and replication.batch_size must be at least 1"
@@ -399,6 +444,17 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     Some(Duration::from_millis(number.checked_mul(millis)?))
+}
+
+fn listen_address<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.trim().parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an address to listen on: write an IP address and a port, such as \"127.0.0.1:9187\" or \"[::1]:9187\""
+        ))
+    })
 }
 
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
@@ -510,6 +566,46 @@ mod tests {
                 .to_string()
                 .contains("entities.comments.scopes")
         );
+    }
+
+    #[test]
+    fn http_is_off_unless_listen_is_set() {
+        let config = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(config.http.listen, None);
+        assert_eq!(config.http.sse_capacity, 1024);
+        assert_eq!(config.http.keep_alive, Duration::from_secs(15));
+        let config = parse(
+            &format!("{MINIMAL}\n[http]\nlisten = \"127.0.0.1:9187\"\nkeep_alive = \"5s\""),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.http.listen, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(config.http.keep_alive, Duration::from_secs(5));
+        let config = parse(
+            MINIMAL,
+            &[
+                ("STREAMEX_HTTP__LISTEN", "[::1]:9000"),
+                ("STREAMEX_HTTP__SSE_CAPACITY", "8"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.http.listen, Some("[::1]:9000".parse().unwrap()));
+        assert_eq!(config.http.sse_capacity, 8);
+    }
+
+    #[test]
+    fn http_settings_are_checked_by_name() {
+        let err = parse(&format!("{MINIMAL}\n[http]\nlisten = \"localhost\""), &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("localhost") && err.to_string().contains("127.0.0.1:9187"),
+            "{err}"
+        );
+        let err = parse(&format!("{MINIMAL}\n[http]\nport = 9187"), &[]).unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[http]\nallow_origin = \"a b\""), &[]).unwrap_err();
+        assert!(err.to_string().contains("http.allow_origin"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[http]\nsse_capacity = 0"), &[]).unwrap_err();
+        assert!(err.to_string().contains("http.sse_capacity"), "{err}");
     }
 
     #[test]

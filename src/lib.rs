@@ -13,6 +13,8 @@
 //! - [`decode`]: the pgoutput decoder, the relation and type caches, and the conversion of
 //!   PostgreSQL text values to JSON exactly as `to_jsonb` gives them.
 //! - [`event`]: the typed change event every later stage works on.
+//! - [`metrics`] and [`http`]: the optional HTTP endpoint (Prometheus metrics, health,
+//!   process status, Server-Sent Events of the pub/sub channels).
 //! - [`cli`]: the `streamex` command line.
 //! - [`testing`]: a private PostgreSQL cluster for tests and demos, and `OperatorTest`, the
 //!   kit for testing an operator.
@@ -21,6 +23,8 @@ pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod event;
+pub mod http;
+pub mod metrics;
 pub mod operator;
 pub mod operators;
 pub mod pubsub;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Config, StatusBackendKind};
+use crate::metrics::Phase;
 use crate::operator::{Engine, EngineExit, Operator, OperatorReport, OperatorSpec};
 use crate::pubsub::PubSub;
 use crate::replication::{
@@ -183,12 +184,52 @@ pub async fn run_service<S: ProcessStatusStorage + Clone>(
             e.parsed_scopes().map_err(anyhow::Error::msg)?,
         );
     }
-    let engine = Arc::new(engine);
+    let metrics = engine.metrics.clone();
+    let http = match config.http.listen {
+        Some(addr) => {
+            let listener = crate::http::bind(addr).await?;
+            let stop = shutdown.child_token();
+            let endpoint = crate::http::Endpoint {
+                metrics: metrics.clone(),
+                reporter: Arc::new(engine.reporter()),
+                pool: pool.clone(),
+                slot: config.slot.clone(),
+                status: engine.status.clone(),
+                pubsub: engine.pubsub.clone(),
+                sse_capacity: config.http.sse_capacity,
+                keep_alive: config.http.keep_alive,
+                allow_origin: match &config.http.allow_origin {
+                    Some(origin) => Some(origin.parse().context("[http] allow_origin")?),
+                    None => None,
+                },
+                shutdown: stop.clone(),
+            };
+            Some((crate::http::spawn(listener, endpoint), stop))
+        }
+        None => None,
+    };
+    let result = run_pipeline(config, params, pool, Arc::new(engine), shutdown).await;
+    if let Some((server, stop)) = http {
+        stop.cancel();
+        let _ = server.await;
+    }
+    result
+}
 
+/// The part of [`run_service`] that waits for the instance lock, then streams.
+async fn run_pipeline<S: ProcessStatusStorage + Clone>(
+    config: &Config,
+    params: ConnectParams,
+    pool: PgPool,
+    engine: Arc<Engine<S>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // One active instance per slot: the others wait here as standbys.
+    engine.metrics.set_phase(Phase::Standby);
     let Some(lock) = InstanceLock::acquire(&pool, &config.slot, &shutdown).await? else {
         return Ok(()); // shut down while standing by
     };
+    engine.metrics.set_phase(Phase::Active);
     // Losing the lock's connection means another instance may take over: stop at once.
     let lost = CancellationToken::new();
     let watch = tokio::spawn(lock.watch(lost.clone(), shutdown.clone()));
@@ -254,6 +295,7 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
         stream_config.reconnect.initial = config.replication.reconnect_initial;
         stream_config.reconnect.max = config.replication.reconnect_max;
         stream_config.capacity = config.replication.channel_capacity;
+        stream_config.stats = engine.metrics.stream.clone();
         let stop = shutdown.child_token();
         let stream = replication::spawn(stream_config, pool.clone(), ack.clone(), stop.clone());
         let exit = engine

@@ -32,6 +32,7 @@ use super::runner::{Input, Runner};
 use crate::config::RetryConfig;
 use crate::decode::Decoded;
 use crate::event::Event;
+use crate::metrics::Metrics;
 use crate::pubsub::{self, ChannelSpec, EntityProcessed, PubSub};
 use crate::replication::{Acknowledger, Lsn};
 use crate::status::{self, OperatorRunState, ProcessStatusStorage, StatusItem};
@@ -212,6 +213,8 @@ pub struct Engine<S: ProcessStatusStorage> {
     pub batch_size: usize,
     /// Capacity of each operator's inbox.
     pub inbox_capacity: usize,
+    /// What `/metrics` reports; counted (cheaply) whether or not `[http]` is on.
+    pub metrics: Arc<Metrics>,
     reports: Arc<Mutex<Option<Arc<Board>>>>,
 }
 
@@ -226,6 +229,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             timestamp_field: "updated_at".to_owned(),
             batch_size: 500,
             inbox_capacity: 1024,
+            metrics: Arc::default(),
             reports: Arc::default(),
         }
     }
@@ -348,6 +352,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             items: HashMap::new(),
         };
         let mut channels: Vec<String> = Vec::new();
+        let mut tally = self.metrics.tally();
         loop {
             let item = tokio::select! {
                 biased;
@@ -358,10 +363,14 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 },
             };
             match item {
-                Decoded::Begin { .. } | Decoded::Interrupted => current.items.clear(),
+                Decoded::Begin { .. } | Decoded::Interrupted => {
+                    current.items.clear();
+                    tally.discard();
+                }
                 Decoded::Message { .. } => {}
                 Decoded::Event(event) => {
                     let event = Arc::new(event);
+                    tally.event(&event.entity);
                     let ts = self.status_timestamp(&event);
                     let entry = current.items.entry(event.entity.clone()).or_insert((
                         ts,
@@ -399,7 +408,10 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                         }
                     }
                 }
-                Decoded::Commit { end_lsn, .. } => {
+                Decoded::Commit {
+                    end_lsn, timestamp, ..
+                } => {
+                    tally.commit(end_lsn, timestamp);
                     for inbox in inboxes.iter_mut() {
                         if !send(inbox, Input::Commit { end_lsn }, shutdown).await
                             && shutdown.is_cancelled()
@@ -536,6 +548,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             }
         }
         ack.ack(ready.end_lsn);
+        self.metrics.processed_through(ready.end_lsn);
         Ok(true)
     }
 

@@ -45,6 +45,7 @@ use super::protocol::{ServerMessage, StatusUpdate, now_unix_micros};
 use super::setup::{self, SetupError, quote_ident, quote_literal};
 use super::{Acknowledger, Lsn, ProtocolError, ReplicationError};
 use crate::decode::{Decoded, Decoder, DecoderError};
+use crate::metrics::StreamStats;
 
 /// Session settings pinned through the startup packet, so that values are decoded under
 /// the settings the decoder expects whatever the server's defaults are.
@@ -98,6 +99,8 @@ pub struct StreamConfig {
     pub capacity: usize,
     /// On shutdown, how long to wait for downstream to finish before the last status update.
     pub drain_timeout: Duration,
+    /// Whether a session is streaming, and how often it reconnected (for `/metrics`).
+    pub stats: Arc<StreamStats>,
 }
 
 impl StreamConfig {
@@ -111,6 +114,7 @@ impl StreamConfig {
             reconnect: Backoff::default(),
             capacity: 4096,
             drain_timeout: Duration::from_secs(30),
+            stats: Arc::default(),
         }
     }
 }
@@ -191,6 +195,7 @@ async fn run(
             delivered: &mut delivered,
         };
         let result = session.run().await;
+        config.stats.ended();
         if decoder.reset() && !tx.is_closed() {
             let _ = tx.send(Decoded::Interrupted).await;
         }
@@ -208,6 +213,7 @@ async fn run(
             backoff = config.reconnect.initial;
         }
         reconnects += 1;
+        config.stats.reconnecting();
         warn!(
             slot = %config.slot,
             error = %error,
@@ -313,6 +319,7 @@ impl Session<'_> {
             start = %start,
             "streaming started"
         );
+        config.stats.streaming();
 
         let received = Arc::new(AtomicU64::new(start.0));
         let (reply_tx, reply_rx) = mpsc::channel(1);
