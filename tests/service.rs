@@ -484,3 +484,50 @@ async fn a_second_instance_stands_by_and_takes_over_without_applying_twice() -> 
     );
     standby.stop().await
 }
+
+/// Without `tables`, the publication is `FOR ALL TABLES` and so covers streamex's own tables:
+/// their changes (process status, checkpoints) must not come back as events, or each status
+/// write would be processed and written again, forever.
+#[tokio::test]
+async fn a_publication_of_all_tables_leaves_streamex_own_tables_out() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql(HANDLED).execute(&pool).await?;
+    let config = minimal_config(&url, "")?;
+    let posts = Recorder::new("posts", vec![Subscription::all("posts")]);
+    let pubsub = PubSub::new();
+    let mut processed = pubsub.subscribe_processed(1024);
+    let status = PostgresStatus::new(pool.clone());
+    let service = Service::start(&config, status, pubsub, vec![posts.clone()]).await?;
+    // Post 2 is written after post 1's process status was stored, so once post 2 is
+    // processed, that status write has been read from the WAL too.
+    for id in [1, 2] {
+        sqlx::query("INSERT INTO posts (id, title) VALUES ($1, 'p')")
+            .bind(id)
+            .execute(&pool)
+            .await?;
+        loop {
+            let notice = tokio::time::timeout(PATIENCE, processed.recv()).await??;
+            if notice.entity == "posts" {
+                break;
+            }
+        }
+    }
+    let entities: Vec<String> =
+        sqlx::query_scalar("SELECT entity FROM streamex.process_status ORDER BY 1")
+            .fetch_all(&pool)
+            .await?;
+    assert!(
+        !entities
+            .iter()
+            .any(|e| e == "process_status" || e == "operator_checkpoints"),
+        "streamex's own tables were processed: {entities:?}"
+    );
+    assert!(entities.contains(&"posts".to_owned()), "{entities:?}");
+    assert_eq!(
+        posts.seen(&pool).await?,
+        [seen("insert", "posts", 1), seen("insert", "posts", 2)]
+    );
+    service.stop().await
+}

@@ -368,6 +368,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     tally.discard();
                 }
                 Decoded::Message { .. } => {}
+                Decoded::Event(event) if *event.schema == *status::SCHEMA => {}
                 Decoded::Event(event) => {
                     let event = Arc::new(event);
                     tally.event(&event.entity);

@@ -59,6 +59,12 @@
 //! ```
 
 pub mod contract;
+
+/// The schema holding streamex's own tables. Its changes are never events: with a
+/// publication `FOR ALL TABLES`, each process-status write would otherwise come back as an event
+/// whose processing writes process status again, forever.
+pub const SCHEMA: &str = "streamex";
+
 mod error;
 mod memory;
 pub mod postgres;
