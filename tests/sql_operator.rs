@@ -1,5 +1,5 @@
 //! The declarative operator's batches against a real server: text and UUID ids that need
-//! quoting, run in one `DO` block, give the same rows as one statement per event.
+//! quoting, run as one string of prepared statements, give the same rows as one statement per event.
 
 use std::sync::Arc;
 

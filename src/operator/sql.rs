@@ -47,11 +47,17 @@ enum Which {
 struct Statement {
     sql: String,
     param: OnceLock<Param>,
+    /// Its name as a server-side prepared statement (batches): the same text, the same name.
+    prepared: String,
 }
 
 impl Statement {
     fn new(sql: String) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        sql.hash(&mut hasher);
         Statement {
+            prepared: format!("streamex_{:016x}", hasher.finish()),
             sql,
             param: OnceLock::new(),
         }
@@ -134,27 +140,27 @@ fn escaped_literal(text: &str) -> String {
     format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-/// A `DO` block running `statements` (index into `sqls`, `$1`) in order, in one round trip:
-/// PL/pgSQL's `EXECUTE sql USING value` binds `$1` to a value of the same type the statement
-/// gets when run alone.
-fn do_block(sqls: &[&str], statements: &[(usize, Bound)]) -> String {
-    let mut body = String::from("DECLARE\n");
-    for (i, sql) in sqls.iter().enumerate() {
-        body.push_str(&format!("  q{i} text := {};\n", escaped_literal(sql)));
+/// The type `$1` is declared with when the statement is prepared on the server.
+fn param_type(param: Param) -> &'static str {
+    match param {
+        Param::Integer => "int8",
+        Param::Uuid => "uuid",
+        Param::Text => "text",
     }
-    body.push_str("BEGIN\n");
-    for (i, bound) in statements {
-        body.push_str(&format!("  EXECUTE q{i} USING {};\n", bound.literal()));
+}
+
+/// `EXECUTE name(value);` for each statement, in order, as one string: a simple query that
+/// runs them all in one round trip, each with its prepared plan.
+fn executes(statements: &[(&str, Bound)]) -> String {
+    let mut text = String::with_capacity(statements.len() * 48);
+    for (name, bound) in statements {
+        text.push_str("EXECUTE ");
+        text.push_str(name);
+        text.push('(');
+        text.push_str(&bound.literal());
+        text.push_str(");\n");
     }
-    body.push_str("END");
-    // A dollar-quote tag that does not occur in the body.
-    let mut tag = String::from("$streamex$");
-    let mut n = 0;
-    while body.contains(&tag) {
-        n += 1;
-        tag = format!("$streamex{n}$");
-    }
-    format!("DO {tag}\n{body}\n{tag}")
+    text
 }
 
 /// A declarative operator; build one with [`SqlOperator::builder`] or from the configuration.
@@ -358,24 +364,37 @@ impl Operator for SqlOperator {
                 }
                 return Ok(());
             }
-            // Many statements: all of them in one round trip.
+            // Many statements: prepared once per connection, then all of them in one round trip.
+            let conn = ctx.db();
+            let mut used: Vec<&Statement> = vec![&self.query];
+            used.extend(self.delete_query.as_ref());
+            let names: Vec<&str> = used.iter().map(|s| s.prepared.as_str()).collect();
+            let present: Vec<String> =
+                sqlx::query_scalar("SELECT name FROM pg_prepared_statements WHERE name = ANY($1)")
+                    .bind(&names)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            for statement in &used {
+                if !present.contains(&statement.prepared) {
+                    let param = param_type(statement.param(conn).await?);
+                    let prepare = format!(
+                        "PREPARE {}({param}) AS {}",
+                        statement.prepared, statement.sql
+                    );
+                    conn.execute(sqlx::raw_sql(&prepare))
+                        .await
+                        .with_context(|| format!("preparing {:?}", statement.sql))?;
+                }
+            }
             let mut statements = Vec::with_capacity(plan.len());
             for (which, id) in &plan {
-                let param = self.statement(*which).param(ctx.db()).await?;
-                let index = usize::from(*which == Which::Delete && self.delete_query.is_some());
-                statements.push((index, Bound::new(param, id)?));
+                let statement = self.statement(*which);
+                let param = statement.param(conn).await?;
+                statements.push((statement.prepared.as_str(), Bound::new(param, id)?));
             }
-            let mut sqls = vec![self.query.sql.as_str()];
-            if let Some(delete) = &self.delete_query {
-                sqls.push(delete.sql.as_str());
-            }
-            let block = do_block(&sqls, &statements);
-            ctx.db()
-                .execute(sqlx::raw_sql(&block))
+            conn.execute(sqlx::raw_sql(&executes(&statements)))
                 .await
-                .with_context(|| {
-                    format!("running {} statements in one DO block", statements.len())
-                })?;
+                .with_context(|| format!("running a batch of {} statements", statements.len()))?;
             Ok(())
         })
     }
@@ -463,7 +482,7 @@ mod tests {
     }
 
     #[test]
-    fn a_do_block_binds_each_id_as_its_parameter_type() {
+    fn a_batch_executes_each_id_as_its_parameter_type() {
         let uuid = "6f1c2c3e-0d0a-4b8e-9a51-3c2f0e4b9d10";
         assert_eq!(
             Bound::new(Param::Integer, &json!("42")).unwrap(),
@@ -471,25 +490,27 @@ mod tests {
         );
         assert!(Bound::new(Param::Integer, &json!("x")).is_err());
         assert!(Bound::new(Param::Uuid, &json!("not a uuid")).is_err());
-        let block = do_block(
-            &["SELECT $1", "DELETE $step$"],
-            &[
-                (0, Bound::Integer(-7)),
-                (1, Bound::new(Param::Uuid, &json!(uuid)).unwrap()),
-                (0, Bound::Text(r"it's a \ back".to_owned())),
-            ],
-        );
+        let uuid = Bound::new(Param::Uuid, &json!(uuid)).unwrap();
+        let text = executes(&[
+            ("a", Bound::Integer(-7)),
+            ("b", uuid),
+            ("a", Bound::Text(r"it's a \ back".to_owned())),
+        ]);
         assert_eq!(
-            block,
-            format!(
-                "DO $streamex$\nDECLARE\n  q0 text := E'SELECT $1';\n  q1 text := E'DELETE $step$';\n\
-                 BEGIN\n  EXECUTE q0 USING -7::int8;\n  EXECUTE q1 USING '{uuid}'::uuid;\n  \
-                 EXECUTE q0 USING E'it''s a \\\\ back'::text;\nEND\n$streamex$"
-            )
+            text,
+            "EXECUTE a(-7::int8);\nEXECUTE b('6f1c2c3e-0d0a-4b8e-9a51-3c2f0e4b9d10'::uuid);\n\
+             EXECUTE a(E'it''s a \\\\ back'::text);\n"
         );
-        // A statement holding the tag gets another one.
-        let block = do_block(&["SELECT '$streamex$'"], &[(0, Bound::Integer(1))]);
-        assert!(block.starts_with("DO $streamex1$\n") && block.ends_with("\n$streamex1$"));
+        assert_eq!(param_type(Param::Integer), "int8");
+        // Statements are named after their text.
+        assert_eq!(
+            Statement::new("SELECT $1".into()).prepared,
+            Statement::new("SELECT $1".into()).prepared
+        );
+        assert_ne!(
+            Statement::new("SELECT $1".into()).prepared,
+            Statement::new("SELECT $1 ".into()).prepared
+        );
     }
 
     #[test]
