@@ -13,7 +13,9 @@ use streamex::event::{Event, EventType};
 use streamex::operator::{Context, HandlerFuture, Operator, Subscription};
 use streamex::pubsub::PubSub;
 use streamex::replication::ConnectParams;
-use streamex::status::{MemoryStatus, PostgresStatus, ProcessStatusStorage};
+use streamex::status::{
+    MemoryStatus, PostgresStatus, ProcessStatusStorage, StatusError, StatusItem,
+};
 use streamex::testing;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -530,4 +532,109 @@ async fn a_publication_of_all_tables_leaves_streamex_own_tables_out() -> anyhow:
         [seen("insert", "posts", 1), seen("insert", "posts", 2)]
     );
     service.stop().await
+}
+
+/// Process status kept in memory, counting the writes the engine asks for, each taking 5 ms.
+#[derive(Clone, Default)]
+struct CountingStatus {
+    inner: MemoryStatus,
+    writes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ProcessStatusStorage for CountingStatus {
+    async fn item_processed(
+        &self,
+        entity: &str,
+        timestamp: i64,
+        lsn: streamex::Lsn,
+    ) -> Result<(), StatusError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.item_processed(entity, timestamp, lsn).await
+    }
+
+    async fn items_processed(&self, items: &[StatusItem]) -> Result<(), StatusError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        // As slow as a write to a busy server: slower than the operator, here.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.inner.items_processed(items).await
+    }
+
+    async fn load(&self) -> Result<Vec<StatusItem>, StatusError> {
+        self.inner.load().await
+    }
+
+    async fn reset(&self) -> Result<(), StatusError> {
+        self.inner.reset().await
+    }
+
+    async fn processed(&self, entity: &str, timestamp: i64) -> Result<bool, StatusError> {
+        self.inner.processed(entity, timestamp).await
+    }
+}
+
+/// Counts events, outside the database: faster than any process-status write.
+#[derive(Default)]
+struct Counter(std::sync::atomic::AtomicUsize);
+
+impl Operator for Counter {
+    fn name(&self) -> &str {
+        "counter"
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        vec![Subscription::all("posts")]
+    }
+
+    fn transactional(&self) -> bool {
+        false
+    }
+
+    fn handle<'a>(&'a self, _event: &'a Event, _ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A backlog of many small commits is stored and acknowledged in groups: one process-status
+/// write per commit cannot keep up with thousands of commits a second.
+#[tokio::test]
+async fn a_backlog_of_small_commits_is_stored_in_groups() -> anyhow::Result<()> {
+    const COMMITS: usize = 400;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql(HANDLED).execute(&pool).await?;
+    let config = minimal_config(&url, "tables = [\"posts\"]")?;
+    // The slot first, so that the backlog is waiting when the service starts.
+    streamex::cli::prepare(&config, &pool).await?;
+    for id in 1..=COMMITS {
+        sqlx::query("INSERT INTO posts (id, title) VALUES ($1, 'p')")
+            .bind(i64::try_from(id)?)
+            .execute(&pool)
+            .await?;
+    }
+    let status = CountingStatus::default();
+    let pubsub = PubSub::new();
+    let mut processed = pubsub.subscribe_processed(4096);
+    let counter = Arc::new(Counter::default());
+    let service = Service::start(&config, status.clone(), pubsub, vec![counter.clone()]).await?;
+    let last: i64 = sqlx::query_scalar("SELECT max(id) FROM posts")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(last, i64::try_from(COMMITS)?);
+    // Until the last commit's notice: every commit is then stored.
+    loop {
+        let notice = tokio::time::timeout(PATIENCE, processed.recv()).await??;
+        let seen = counter.0.load(Ordering::SeqCst);
+        if notice.entity == "posts" && seen == COMMITS {
+            break;
+        }
+    }
+    service.stop().await?;
+    let writes = status.writes.load(Ordering::SeqCst);
+    assert!(
+        writes * 4 <= COMMITS,
+        "{writes} process-status writes for {COMMITS} commits"
+    );
+    Ok(())
 }

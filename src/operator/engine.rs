@@ -464,6 +464,16 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         let mut waiting: VecDeque<Pending> = VecDeque::new();
         let mut open = true;
         loop {
+            // Take every commit the dispatcher has sent so far, so that the ones already done
+            // are stored and acknowledged as one group: one process-status write per round,
+            // not one per commit (which cannot keep up with thousands of commits a second).
+            while open {
+                match incoming.try_recv() {
+                    Ok(p) => push_pending(&mut waiting, p),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
             let finished = !open && runners_done.is_cancelled();
             let done = board.done_through();
             let mut ready: Option<Pending> = None;
@@ -485,17 +495,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             }
             tokio::select! {
                 next = incoming.recv(), if open => match next {
-                    Some(p) => {
-                        waiting.push_back(p);
-                        while waiting.len() > MAX_PENDING {
-                            // Merge the two oldest: coarser, but memory stays flat.
-                            let oldest = waiting.pop_front().expect("len > 1");
-                            if let Some(second) = waiting.front_mut() {
-                                let newer = std::mem::replace(second, oldest);
-                                second.merge(newer);
-                            }
-                        }
-                    }
+                    Some(p) => push_pending(&mut waiting, p),
                     None => open = false,
                 },
                 _ = board.changed.notified() => {}
@@ -622,6 +622,19 @@ fn parse_timestamp(value: &serde_json::Value) -> Option<i64> {
                     .map(|t| t.and_utc().timestamp_micros())
             }),
         _ => None,
+    }
+}
+
+/// Queues a commit for the coordinator; past [`MAX_PENDING`] the two oldest are merged:
+/// coarser, but memory stays flat.
+fn push_pending(waiting: &mut VecDeque<Pending>, pending: Pending) {
+    waiting.push_back(pending);
+    while waiting.len() > MAX_PENDING {
+        let oldest = waiting.pop_front().expect("len > 1");
+        if let Some(second) = waiting.front_mut() {
+            let newer = std::mem::replace(second, oldest);
+            second.merge(newer);
+        }
     }
 }
 
