@@ -34,6 +34,10 @@ pub struct DemoArgs {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     seconds: Option<u64>,
+    /// Also serve the HTTP endpoint (metrics, health, process status, channels as
+    /// Server-Sent Events) on this address, such as 127.0.0.1:9187.
+    #[arg(long, value_name = "ADDRESS")]
+    http: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -54,14 +58,14 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let pool = PgPool::connect(&url).await?;
     sqlx::raw_sql(SCHEMA).execute(&pool).await?;
     let slot = url.rsplit('/').next().unwrap_or("streamex").to_owned();
-    let config = Config::parse(
-        CONFIG,
-        "config/streamex.toml",
-        [
-            ("STREAMEX_DATABASE_URL".to_owned(), url.clone()),
-            ("STREAMEX_SLOT".to_owned(), slot.clone()),
-        ],
-    )?;
+    let mut overrides = vec![
+        ("STREAMEX_DATABASE_URL".to_owned(), url.clone()),
+        ("STREAMEX_SLOT".to_owned(), slot.clone()),
+    ];
+    if let Some(address) = args.http {
+        overrides.push(("STREAMEX_HTTP__LISTEN".to_owned(), address.to_string()));
+    }
+    let config = Config::parse(CONFIG, "config/streamex.toml", overrides)?;
     prepare(&config, &pool).await?;
     let params = ConnectParams::parse(&url)?;
     println!(
@@ -71,6 +75,12 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         slot
     );
 
+    if let Some(address) = args.http {
+        println!(
+            "HTTP endpoint: http://{address}/metrics, /readyz, /process-status/comments?timestamp=..., \
+             and live events with `curl -N http://{address}/channels/comments`"
+        );
+    }
     let pubsub = PubSub::new();
     let mut comments = pubsub.subscribe("comments", 64);
     let stop = shutdown.child_token();
