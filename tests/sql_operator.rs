@@ -172,3 +172,77 @@ async fn a_batch_runs_in_one_statement_and_matches_the_source() -> anyhow::Resul
     assert_eq!(names, expected);
     Ok(())
 }
+
+/// A statement PostgreSQL cannot `PREPARE` (a `CALL`) fails its first batch, which the
+/// runner then handles one event at a time; later batches run it once per id.
+#[tokio::test]
+async fn a_statement_that_cannot_be_prepared_falls_back_to_one_by_one() -> anyhow::Result<()> {
+    let kit = OperatorTest::start(SCHEMA).await?;
+    let pool = kit.pool();
+    sqlx::raw_sql(
+        "CREATE PROCEDURE recount(tag text) LANGUAGE sql AS $$
+           INSERT INTO tag_counts (name, uses)
+           SELECT t.name, (SELECT count(*) FROM tag_uses u WHERE u.tag = t.name)
+             FROM tags t WHERE t.name = tag
+           ON CONFLICT (name) DO UPDATE SET uses = EXCLUDED.uses
+         $$",
+    )
+    .execute(pool)
+    .await?;
+    let operator = Arc::new(
+        SqlOperator::builder("recount")
+            .query("CALL recount($1)")
+            .id("tags", "name")
+            .id("tag_uses", "tag")
+            .build()?,
+    );
+    for tag in TAGS {
+        sqlx::query("INSERT INTO tags VALUES ($1)")
+            .bind(tag)
+            .execute(pool)
+            .await?;
+    }
+    let events: Vec<_> = TAGS
+        .iter()
+        .enumerate()
+        .map(|(i, tag)| event(EventType::Insert, "tags", json!({"name": tag}), i as u64))
+        .collect();
+    let mut tx = pool.begin().await?;
+    let mut ctx = Context {
+        tx: Some(&mut *tx),
+        attempt: 1,
+    };
+    let error = operator.handle_batch(&events, &mut ctx).await.unwrap_err();
+    assert!(format!("{error:#}").contains("preparing"), "{error:#}");
+    tx.rollback().await?;
+    let mut tx = pool.begin().await?;
+    let mut ctx = Context {
+        tx: Some(&mut *tx),
+        attempt: 1,
+    };
+    operator.handle_batch(&events, &mut ctx).await?;
+    tx.commit().await?;
+    let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM tag_counts")
+        .fetch_one(pool)
+        .await?;
+    assert_eq!(counted, TAGS.len() as i64);
+
+    // Through the pipeline: the uses are counted whatever path each batch takes.
+    kit.run(
+        operator,
+        &[r"INSERT INTO tag_uses (tag) VALUES ('it''s'), ('plain'), ('plain'), (E'back\\slash')"],
+    )
+    .await?;
+    let uses: Vec<(String, i64)> = kit
+        .query_as("SELECT name, uses FROM tag_counts WHERE uses > 0 ORDER BY name")
+        .await?;
+    assert_eq!(
+        uses,
+        [
+            (r"back\slash".to_owned(), 1),
+            ("it's".to_owned(), 1),
+            ("plain".to_owned(), 2)
+        ]
+    );
+    Ok(())
+}

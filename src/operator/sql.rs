@@ -20,10 +20,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context as _, anyhow, bail};
 use serde_json::Value;
 use sqlx::{Executor, TypeInfo};
+use tracing::warn;
 
 use super::{Context, HandlerFuture, Operator, Subscription};
 use crate::event::{Event, EventType};
@@ -171,6 +173,9 @@ pub struct SqlOperator {
     ids: BTreeMap<String, String>,
     delete_with: Vec<String>,
     delete_query: Option<Statement>,
+    /// A statement the server would not `PREPARE` (a `CALL`, say): batches then run the
+    /// statements one by one.
+    unpreparable: AtomicBool,
 }
 
 /// Builds a [`SqlOperator`].
@@ -222,6 +227,7 @@ impl SqlOperatorBuilder {
             ids: self.ids,
             delete_with: self.delete_with,
             delete_query: self.delete_query.map(Statement::new),
+            unpreparable: AtomicBool::new(false),
         })
     }
 }
@@ -358,7 +364,7 @@ impl Operator for SqlOperator {
     ) -> HandlerFuture<'a> {
         Box::pin(async move {
             let plan = self.plan(events)?;
-            if plan.len() < 3 {
+            if plan.len() < 3 || self.unpreparable.load(Ordering::Relaxed) {
                 for (which, id) in &plan {
                     self.statement(*which).run(ctx.db(), id).await?;
                 }
@@ -381,9 +387,17 @@ impl Operator for SqlOperator {
                         "PREPARE {}({param}) AS {}",
                         statement.prepared, statement.sql
                     );
-                    conn.execute(sqlx::raw_sql(&prepare))
-                        .await
-                        .with_context(|| format!("preparing {:?}", statement.sql))?;
+                    if let Err(error) = conn.execute(sqlx::raw_sql(&prepare)).await {
+                        if matches!(error, sqlx::Error::Database(_)) {
+                            // This batch is run again one event at a time; later batches run
+                            // their statements one by one.
+                            self.unpreparable.store(true, Ordering::Relaxed);
+                            warn!(operator = %self.name, error = %error,
+                                  "the statement cannot be prepared; batches run it once per id");
+                        }
+                        return Err(anyhow::Error::new(error)
+                            .context(format!("preparing {:?}", statement.sql)));
+                    }
                 }
             }
             let mut statements = Vec::with_capacity(plan.len());
