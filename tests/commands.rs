@@ -196,7 +196,43 @@ async fn status_names_the_active_instance() -> anyhow::Result<()> {
             .bind(i32::try_from(pid)?)
             .fetch_one(&pool)
             .await?;
-    assert_eq!(application, "streamex");
+    assert!(
+        application.starts_with("streamex instance "),
+        "{application}"
+    );
+    assert_eq!(
+        report(&config)?["standby_instance_pids"],
+        serde_json::json!([])
+    );
+
+    // A second instance on the same slot waits as a standby, and is listed as one.
+    let mut second = Command::new(env!("CARGO_BIN_EXE_streamex"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    let standbys = loop {
+        let report = report(&config)?;
+        let standbys = report["standby_instance_pids"].as_array().cloned();
+        if standbys.as_ref().is_some_and(|s| !s.is_empty()) {
+            assert_eq!(report["active_instance_pid"].as_i64(), Some(pid));
+            break standbys.unwrap_or_default();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no standby instance shown"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(standbys.len(), 1, "{standbys:?}");
+    let out = streamex(&["status"], &config)?;
+    assert!(
+        text(&out).contains("standby   1 waiting to take over"),
+        "{}",
+        text(&out)
+    );
+    second.kill()?;
+    second.wait()?;
     run.kill()?;
     run.wait()?;
     Ok(())

@@ -378,7 +378,12 @@ impl InstanceLock {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<InstanceLock>> {
         use sqlx::Connection as _;
-        let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options())
+        let options = pool
+            .connect_options()
+            .as_ref()
+            .clone()
+            .application_name(&Self::application_name(slot));
+        let mut conn = sqlx::PgConnection::connect_with(&options)
             .await
             .context("opening the instance lock's connection")?;
         let mut announced = false;
@@ -407,6 +412,34 @@ impl InstanceLock {
                 _ = shutdown.cancelled() => return Ok(None),
             }
         }
+    }
+
+    /// The `application_name` of the lock's connection, the same for the active instance and
+    /// its standbys, so that `streamex status` can list them (cut to PostgreSQL's 63 bytes;
+    /// slot names are ASCII).
+    fn application_name(slot: &str) -> String {
+        let mut name = format!("streamex instance {slot}");
+        name.truncate(63);
+        name
+    }
+
+    /// The backend pids of the instances waiting as standbys on `slot`'s lock.
+    pub(super) async fn standbys(
+        pool: &PgPool,
+        slot: &str,
+        active: Option<i32>,
+    ) -> anyhow::Result<Vec<i32>> {
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+              WHERE application_name = $1 AND datname = current_database()
+                AND pid IS DISTINCT FROM $2
+              ORDER BY backend_start",
+        )
+        .bind(Self::application_name(slot))
+        .bind(active)
+        .fetch_all(pool)
+        .await
+        .context("looking for standby instances")
     }
 
     /// The backend pid of the connection holding the lock of `slot`: the active instance.

@@ -27,6 +27,8 @@ struct Report {
     database: String,
     /// The backend pid of the active `streamex run` (the holder of the slot's instance lock).
     active_instance_pid: Option<i32>,
+    /// The backend pids of instances waiting to take over (their lock connections).
+    standby_instance_pids: Vec<i32>,
     slot_name: String,
     slot: Option<SlotInfo>,
     operators: Vec<OperatorLine>,
@@ -103,9 +105,12 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             }
         })
         .collect();
+    let active_instance_pid = InstanceLock::holder(&pool, &config.slot).await?;
     let report = Report {
         database: params.redacted_url(),
-        active_instance_pid: InstanceLock::holder(&pool, &config.slot).await?,
+        active_instance_pid,
+        standby_instance_pids: InstanceLock::standbys(&pool, &config.slot, active_instance_pid)
+            .await?,
         slot_name: config.slot.clone(),
         slot,
         operators,
@@ -174,6 +179,19 @@ fn render(report: &Report, has_schema: bool) -> String {
         None => {
             let _ = writeln!(out, "instance  none running for this slot");
         }
+    }
+    if !report.standby_instance_pids.is_empty() {
+        let pids: Vec<String> = report
+            .standby_instance_pids
+            .iter()
+            .map(i32::to_string)
+            .collect();
+        let _ = writeln!(
+            out,
+            "standby   {} waiting to take over (backend pids {})",
+            pids.len(),
+            pids.join(", ")
+        );
     }
     match &report.slot {
         None => {
