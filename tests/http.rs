@@ -157,8 +157,14 @@ impl Service {
     }
 
     async fn subscribe(&self, channel: &str) -> anyhow::Result<SseReader> {
+        self.subscribe_as(channel, channel).await
+    }
+
+    /// Follows `/channels/{path}`, which the server must read as the channel `name`.
+    async fn subscribe_as(&self, path: &str, name: &str) -> anyhow::Result<SseReader> {
+        let channel = name;
         let response = client()
-            .get(self.url(&format!("/channels/{channel}")))
+            .get(self.url(&format!("/channels/{path}")))
             .send()
             .await?;
         ensure!(
@@ -705,6 +711,39 @@ async fn channels_stream_events_as_tail_prints_them_until_shutdown() -> anyhow::
         "the server still answers after shutdown"
     );
     Ok(())
+}
+
+/// A text key holding `/`, `,` or `%` is percent-encoded in its channel name, and the URL
+/// of that channel is the name as it is.
+#[tokio::test]
+async fn a_key_with_separators_has_one_channel_reachable_by_url() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql("CREATE TABLE tags (name text PRIMARY KEY, note text)")
+        .execute(&pool)
+        .await?;
+    let config = config(&url, free_port()?, "database_url = \"\"\n", &[])?;
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    service.wait_for("/readyz", 200).await?;
+    let mut tag = service.subscribe("tags/a%2Fb%2Cc%25").await?;
+    // The same name with its escapes in lower case, and a non-ASCII key decoded from the URL.
+    let mut lower = service
+        .subscribe_as("tags/a%2fb%2cc%25", "tags/a%2Fb%2Cc%25")
+        .await?;
+    let mut accented = service.subscribe_as("tags/caf%C3%A9", "tags/café").await?;
+    sqlx::raw_sql(
+        "INSERT INTO tags VALUES ('a', 'decoy'), ('a/b', 'decoy'), ('a/b,c%', 'this one');
+         INSERT INTO tags VALUES ('café', 'accent');",
+    )
+    .execute(&pool)
+    .await?;
+    for reader in [&mut tag, &mut lower] {
+        let event = event_of(&reader.next_data().await?)?;
+        assert_eq!(field(&event, "note"), Some(&serde_json::json!("this one")));
+    }
+    let event = event_of(&accented.next_data().await?)?;
+    assert_eq!(field(&event, "name"), Some(&serde_json::json!("café")));
+    service.stop().await
 }
 
 #[tokio::test]

@@ -18,7 +18,8 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream, StreamExt};
@@ -28,10 +29,14 @@ use tokio_util::sync::CancellationToken;
 use super::Endpoint;
 use crate::pubsub::{RecvError, Subscription};
 
-pub(super) async fn channel<S>(
-    State(endpoint): State<Arc<Endpoint<S>>>,
-    Path(channel): Path<String>,
-) -> Response {
+pub(super) async fn channel<S>(State(endpoint): State<Arc<Endpoint<S>>>, uri: Uri) -> Response {
+    let Some(channel) = channel_name(uri.path()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "the channel name is not valid percent-encoded UTF-8\n",
+        )
+            .into_response();
+    };
     let subscription = endpoint.pubsub.subscribe(&channel, endpoint.sse_capacity);
     let first = SseEvent::default().comment(format!("subscribed to {channel}"));
     let events = stream::once(async move { Ok(first) })
@@ -101,4 +106,64 @@ fn follow(
 
 fn lagged_message(data: serde_json::Value) -> SseEvent {
     SseEvent::default().event("lagged").data(data.to_string())
+}
+
+/// The channel named by a request path `/channels/<name>`, percent-decoded except for `%2F`,
+/// `%2C` and `%25`: those stand for `/`, `,` and `%` inside a key value in channel names
+/// (see [`crate::pubsub`]), so they stay encoded. `None` for bytes that are not UTF-8.
+fn channel_name(path: &str) -> Option<String> {
+    let raw = path.strip_prefix("/channels/")?.as_bytes();
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (
+            raw[i],
+            raw.get(i + 1).copied().and_then(hex),
+            raw.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                let byte = u8::try_from(high * 16 + low).ok()?;
+                match byte {
+                    b'/' | b',' | b'%' => {
+                        bytes.extend_from_slice(format!("%{byte:02X}").as_bytes())
+                    }
+                    byte => bytes.push(byte),
+                }
+                i += 3;
+            }
+            (byte, _, _) => {
+                bytes.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::channel_name;
+
+    #[test]
+    fn channel_names_keep_encoded_separators_and_decode_the_rest() {
+        assert_eq!(
+            channel_name("/channels/posts/42/comments").as_deref(),
+            Some("posts/42/comments")
+        );
+        assert_eq!(
+            channel_name("/channels/tags/a%2fb%2Cc%25d").as_deref(),
+            Some("tags/a%2Fb%2Cc%25d")
+        );
+        assert_eq!(
+            channel_name("/channels/tags/caf%C3%A9%20bar").as_deref(),
+            Some("tags/café bar")
+        );
+        assert_eq!(
+            channel_name("/channels/tags/100%").as_deref(),
+            Some("tags/100%")
+        );
+        assert_eq!(channel_name("/channels/tags/%FF"), None);
+        assert_eq!(channel_name("/other"), None);
+    }
 }

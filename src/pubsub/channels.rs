@@ -47,16 +47,29 @@ impl ChannelSpec {
 }
 
 /// A JSON value as it appears in a channel name: a string without quotes, a number as its
-/// digits, a boolean as `true`/`false`, anything else but null as its JSON text. `None` for
-/// null, which gives no channel.
+/// digits, a boolean as `true`/`false`, anything else but null as its JSON text; `%`, `/` and
+/// `,` percent-encoded. `None` for null, which gives no channel.
 pub fn value_text(value: &Value) -> Option<String> {
-    match value {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        other => Some(other.to_string()),
+    let text = match value {
+        Value::Null => return None,
+        Value::String(s) => s.clone(),
+        Value::Number(n) => return Some(n.to_string()),
+        Value::Bool(b) => return Some(b.to_string()),
+        other => other.to_string(),
+    };
+    if !text.contains(['%', '/', ',']) {
+        return Some(text);
     }
+    let mut escaped = String::with_capacity(text.len() + 6);
+    for c in text.chars() {
+        match c {
+            '%' => escaped.push_str("%25"),
+            '/' => escaped.push_str("%2F"),
+            ',' => escaped.push_str("%2C"),
+            c => escaped.push(c),
+        }
+    }
+    Some(escaped)
 }
 
 /// The row's id for `<entity>/<id>`: the key values joined with `,`, or `None` when there is
@@ -163,6 +176,28 @@ mod tests {
             ordinal: 0,
             key_columns: Arc::from([]),
         }
+    }
+
+    #[test]
+    fn separators_inside_values_are_percent_encoded() {
+        let e = event(
+            EventType::Insert,
+            "tags",
+            json!({"name": "a/b,c%d", "lang": "en", "owner": "x/y"}),
+        );
+        let spec = ChannelSpec::new(["name", "lang"]).with_scope([("owner", "users")]);
+        assert_eq!(
+            channels(&e, &spec),
+            [
+                "tags",
+                "tags/a%2Fb%2Cc%25d,en",
+                "users/x%2Fy/tags",
+                "users/x%2Fy/tags/a%2Fb%2Cc%25d,en"
+            ]
+        );
+        // Arrays and objects as keys: their JSON text, separators encoded too.
+        assert_eq!(value_text(&json!([1, 2])).as_deref(), Some("[1%2C2]"));
+        assert_eq!(value_text(&json!("plain")).as_deref(), Some("plain"));
     }
 
     #[test]

@@ -37,8 +37,9 @@
 //! A table without a primary key has no `<entity>/<id>` channels; an event whose scope field
 //! is null or absent has no channels for that scope; a truncate goes to `<entity>` only. The
 //! record used is [`Event::record`](crate::event::Event::record): the old one for a delete.
-//! Values are not escaped, so a text key containing `/` or `,` gives a name that could also
-//! be read another way; channel names are for matching, not for parsing.
+//! In a value, `%`, `/` and `,` are written `%25`, `%2F` and `%2C` (percent-encoding, as in a
+//! URL path segment), so that a text key holding them gives one unambiguous name: the row
+//! `'a/b'` of `tags` is on `tags/a%2Fb`, not on a channel that reads as `tags/a`, then `b`.
 //!
 //! [`channels`] computes the names for one event; [`PubSub::publish`] delivers it to them.
 //!
