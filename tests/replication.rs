@@ -591,3 +591,71 @@ async fn an_invalidated_slot_is_refused_with_what_was_lost() -> anyhow::Result<(
     assert_ne!(slot.wal_status.as_deref(), Some("lost"));
     Ok(())
 }
+
+/// Schema changes while streaming: each event is decoded with the table's columns and types
+/// as they were when it was written (pgoutput sends a new Relation message after a change),
+/// and tables and enum labels created after the start come through.
+#[tokio::test]
+async fn schema_changes_while_streaming_decode_with_the_new_shape() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let mut s = Streaming::start(
+        &url,
+        "CREATE TYPE mood AS ENUM ('calm');
+         CREATE TABLE posts (id bigint PRIMARY KEY, title text NOT NULL, likes int NOT NULL DEFAULT 0);",
+    )
+    .await?;
+    let pool = s.pool.clone();
+    // Each statement in its own transaction (a new enum label is usable only after commit).
+    for statement in [
+        "INSERT INTO posts VALUES (1, 'one', 1)",
+        "ALTER TABLE posts ADD COLUMN tags text[] DEFAULT '{a}', ADD COLUMN mood mood",
+        "INSERT INTO posts VALUES (2, 'two', 2, '{x,y}', 'calm')",
+        "ALTER TABLE posts ALTER COLUMN likes TYPE numeric(10,2)",
+        "INSERT INTO posts VALUES (3, 'three', 3.5)",
+        "ALTER TABLE posts DROP COLUMN title",
+        "ALTER TABLE posts RENAME COLUMN likes TO score",
+        "ALTER TYPE mood ADD VALUE 'stormy'",
+        "INSERT INTO posts (id, score, mood) VALUES (4, 4, 'stormy')",
+        "CREATE TABLE late (id int PRIMARY KEY, note text)",
+        "INSERT INTO late VALUES (1, 'new table')",
+        "UPDATE posts SET score = 5 WHERE id = 1",
+    ] {
+        sqlx::raw_sql(statement).execute(&pool).await?;
+    }
+    let events = s.events(6).await?;
+    // numeric(10,2) keeps its scale, as to_jsonb does: 3.50, not 3.5.
+    let num = |digits: &str| Value::Number(digits.parse().expect("a number"));
+    let rows: Vec<(String, Value)> = events
+        .iter()
+        .map(|e| (e.entity.to_string(), record(e, "new")))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("posts".into(), json!({"id": 1, "title": "one", "likes": 1})),
+            (
+                "posts".into(),
+                json!({"id": 2, "title": "two", "likes": 2, "tags": ["x", "y"], "mood": "calm"})
+            ),
+            (
+                "posts".into(),
+                json!({"id": 3, "title": "three", "likes": num("3.50"), "tags": ["a"], "mood": null})
+            ),
+            (
+                "posts".into(),
+                json!({"id": 4, "score": num("4.00"), "tags": ["a"], "mood": "stormy"})
+            ),
+            ("late".into(), json!({"id": 1, "note": "new table"})),
+            (
+                "posts".into(),
+                json!({"id": 1, "score": num("5.00"), "tags": ["a"], "mood": null})
+            ),
+        ]
+    );
+    // The same values as the server's own to_jsonb of the rows now.
+    let now: Value = sqlx::query_scalar("SELECT to_jsonb(p) FROM posts p WHERE id = 4")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(record(&events[3], "new"), now);
+    s.stop().await
+}
