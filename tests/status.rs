@@ -323,6 +323,38 @@ async fn epoch_micros_is_exact_in_any_session_time_zone() -> anyhow::Result<()> 
 // Checkpoints, operator state, dead letters.
 
 #[tokio::test]
+async fn advance_checkpoint_moves_only_from_where_it_is_and_forwards() -> anyhow::Result<()> {
+    let pool = migrated_pool().await?;
+    let at = |lsn, ordinal| Some((Lsn(lsn), ordinal));
+    assert!(status::advance_checkpoint(&pool, "op", None, (Lsn(0x10), 2)).await?);
+    assert!(
+        !status::advance_checkpoint(&pool, "op", None, (Lsn(0x20), 0)).await?,
+        "there is one now"
+    );
+    assert!(
+        !status::advance_checkpoint(&pool, "op", at(0x10, 1), (Lsn(0x20), 0)).await?,
+        "not where it is"
+    );
+    assert!(
+        !status::advance_checkpoint(&pool, "op", at(0x10, 2), (Lsn(0x10), 1)).await?,
+        "backwards"
+    );
+    assert_eq!(
+        status::load_checkpoint(&pool, "op").await?,
+        Some((Lsn(0x10), 2))
+    );
+    assert!(status::advance_checkpoint(&pool, "op", at(0x10, 2), (Lsn(0x20), 0)).await?);
+    assert_eq!(
+        status::load_checkpoint(&pool, "op").await?,
+        Some((Lsn(0x20), 0))
+    );
+    assert_eq!(status::load_checkpoint(&pool, "other").await?, None);
+    // A checkpoint deleted by hand is written again.
+    assert!(status::advance_checkpoint(&pool, "other", at(0x10, 1), (Lsn(0x10), 2)).await?);
+    Ok(())
+}
+
+#[tokio::test]
 async fn store_checkpoint_never_moves_backwards() -> anyhow::Result<()> {
     let pool = migrated_pool().await?;
     assert!(status::load_checkpoints(&pool).await?.is_empty());

@@ -82,7 +82,7 @@ pub(crate) struct Board {
 }
 
 impl Board {
-    fn new(names: Vec<String>, start: Lsn) -> Self {
+    pub(super) fn new(names: Vec<String>, start: Lsn) -> Self {
         let n = names.len();
         let atomics = |v: u64| (0..n).map(|_| AtomicU64::new(v)).collect::<Vec<_>>();
         Board {

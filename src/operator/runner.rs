@@ -39,6 +39,12 @@ pub(crate) enum Input {
     Commit { end_lsn: Lsn },
 }
 
+/// A transaction was rolled back because the operator's stored checkpoint was not where
+/// this task left it (see [`status::advance_checkpoint`]); the task now knows the stored one.
+#[derive(Debug, thiserror::Error)]
+#[error("the operator's stored checkpoint moved; rolled back")]
+pub(crate) struct CheckpointMoved;
+
 /// How an operator's task ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum RunnerExit {
@@ -163,9 +169,27 @@ impl Runner {
         mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
         position: (Lsn, u64),
     ) -> anyhow::Result<()> {
-        if self.operator.transactional() {
-            status::store_checkpoint(&mut *tx, self.operator.name(), position.0, position.1)
-                .await?;
+        if self.operator.transactional()
+            && !status::advance_checkpoint(
+                &mut *tx,
+                self.operator.name(),
+                self.checkpoint,
+                position,
+            )
+            .await?
+        {
+            // Some of these events were applied by a transaction this task did not see
+            // commit: roll back, and go on after what is stored.
+            drop(tx);
+            let stored = status::load_checkpoint(&self.pool, self.operator.name()).await?;
+            warn!(
+                operator = self.operator.name(),
+                expected = ?self.checkpoint, stored = ?stored,
+                "the stored checkpoint moved under this operator (a lost commit reply, or \
+                 another instance's last transaction); rolled back and going on after it"
+            );
+            self.checkpoint = stored.max(self.checkpoint);
+            return Err(CheckpointMoved.into());
         }
         tx.commit().await?;
         self.checkpoint = Some(position);
@@ -178,9 +202,15 @@ impl Runner {
         let mut attempt = 1;
         let mut outage_wait = std::time::Duration::ZERO;
         loop {
+            if !self.is_new(event) {
+                // Applied in the meantime (see CheckpointMoved): nothing left to do.
+                return Handled::Done;
+            }
             let result = self.attempt(event, attempt).await;
             let error = match result {
                 Ok(()) => return Handled::Done,
+                // Run it again now if it is not among the events already applied.
+                Err(error) if error.is::<CheckpointMoved>() => continue,
                 Err(error) => error,
             };
             let message = format!("{error:#}");
@@ -402,6 +432,96 @@ async fn guarded(mut future: HandlerFuture<'_>) -> HandlerResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records each event it handles in `applied`, in its transaction.
+    struct Apply;
+
+    impl Operator for Apply {
+        fn name(&self) -> &str {
+            "apply"
+        }
+
+        fn subscriptions(&self) -> Vec<super::super::Subscription> {
+            Vec::new()
+        }
+
+        fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO applied VALUES ($1)")
+                    .bind(i64::try_from(event.ordinal)?)
+                    .execute(ctx.db())
+                    .await?;
+                Ok(())
+            })
+        }
+    }
+
+    fn event(ordinal: u64) -> Arc<Event> {
+        Arc::new(Event {
+            kind: crate::event::EventType::Insert,
+            schema: Arc::from("public"),
+            entity: Arc::from("t"),
+            new_record: Some(serde_json::Map::new()),
+            old_record: None,
+            changes: None,
+            unavailable_columns: vec![],
+            timestamp: 0,
+            lsn: Lsn(0x100),
+            commit_lsn: Lsn(0x100),
+            xid: 3, // long committed: visible to every snapshot
+            ordinal,
+            key_columns: Arc::from([]),
+        })
+    }
+
+    /// A task whose checkpoint is behind the stored one (another instance's last transaction,
+    /// or its own commit whose reply was lost, applied some of its events) applies only the
+    /// events after the stored checkpoint, in a batch and one by one alike.
+    #[tokio::test]
+    async fn events_applied_behind_the_task_s_back_are_not_applied_again() -> anyhow::Result<()> {
+        let url = crate::testing::server().create_database().await?;
+        let pool = PgPool::connect(&url).await?;
+        status::migrate(&pool).await?;
+        sqlx::query("CREATE TABLE applied (ordinal bigint)")
+            .execute(&pool)
+            .await?;
+        for batch_size in [500, 1] {
+            sqlx::query("TRUNCATE applied").execute(&pool).await?;
+            sqlx::query("DELETE FROM streamex.operator_checkpoints")
+                .execute(&pool)
+                .await?;
+            // This task has done events 0 and 1; the database says 0 to 3 are done.
+            status::store_checkpoint(&pool, "apply", Lsn(0x100), 3).await?;
+            let runner = Runner {
+                index: 0,
+                operator: Arc::new(Apply),
+                pool: pool.clone(),
+                retry: RetryConfig::default(),
+                batch_size,
+                one_per_transaction: batch_size == 1,
+                checkpoint: Some((Lsn(0x100), 1)),
+                board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
+                shutdown: CancellationToken::new(),
+            };
+            let (tx, rx) = mpsc::channel(16);
+            for ordinal in 2..6 {
+                tx.send(Input::Event(event(ordinal))).await?;
+            }
+            tx.send(Input::Commit {
+                end_lsn: Lsn(0x200),
+            })
+            .await?;
+            drop(tx);
+            assert_eq!(runner.run(rx).await, RunnerExit::Drained);
+            let applied: Vec<i64> = sqlx::query_scalar("SELECT ordinal FROM applied ORDER BY 1")
+                .fetch_all(&pool)
+                .await?;
+            assert_eq!(applied, [4, 5], "batch size {batch_size}");
+            let stored = status::load_checkpoint(&pool, "apply").await?;
+            assert_eq!(stored, Some((Lsn(0x100), 5)));
+        }
+        Ok(())
+    }
 
     #[test]
     fn visibility_follows_the_snapshot() {

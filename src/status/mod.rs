@@ -76,9 +76,10 @@ use crate::replication::Lsn;
 pub use error::StatusError;
 pub use memory::MemoryStatus;
 pub use postgres::{
-    DeadLetter, OperatorRunState, OperatorState, PostgresStatus, insert_dead_letter, is_processed,
-    list_dead_letters, load_checkpoints, load_items, load_operator_states, migrate, reset_items,
-    set_operator_halted, set_operator_running, store_checkpoint, store_item, store_items,
+    DeadLetter, OperatorRunState, OperatorState, PostgresStatus, advance_checkpoint,
+    insert_dead_letter, is_processed, list_dead_letters, load_checkpoint, load_checkpoints,
+    load_items, load_operator_states, migrate, reset_items, set_operator_halted,
+    set_operator_running, store_checkpoint, store_item, store_items,
 };
 
 /// One entity's process status.

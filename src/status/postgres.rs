@@ -331,6 +331,66 @@ pub async fn store_checkpoint<'c, E: PgExecutor<'c>>(
     Ok(result.rows_affected() > 0)
 }
 
+/// Moves `operator`'s checkpoint from `from` (`None`: it has none yet) to `to`, only if it is
+/// still at `from`, or has no row (deleted by hand): a compare-and-set inside the operator's
+/// transaction. Returns false, having
+/// changed nothing, when the stored checkpoint is elsewhere: another instance (one that lost
+/// its instance lock but had a transaction in flight), or an earlier commit of this one whose
+/// reply was lost, has already applied some of these events; committing now would apply them
+/// twice. Two transactions racing on the same checkpoint are serialized by its row lock, and
+/// the second one sees the first one's checkpoint, so it fails.
+pub async fn advance_checkpoint<'c, E: PgExecutor<'c>>(
+    executor: E,
+    operator: &str,
+    from: Option<(Lsn, u64)>,
+    to: (Lsn, u64),
+) -> Result<bool, StatusError> {
+    const CONTEXT: &str = "storing an operator checkpoint";
+    let (from_lsn, from_ordinal) = match from {
+        Some((lsn, ordinal)) => (Some(lsn_text(lsn)), Some(ordinal_to_sql(CONTEXT, ordinal)?)),
+        None => (None, None),
+    };
+    let result = sqlx::query(
+        "INSERT INTO streamex.operator_checkpoints AS c (operator, commit_lsn, ordinal) \
+         VALUES ($1, $2::text::pg_lsn, $3) \
+         ON CONFLICT (operator) DO UPDATE SET \
+             commit_lsn = EXCLUDED.commit_lsn, ordinal = EXCLUDED.ordinal, updated_at = now() \
+         WHERE c.commit_lsn = $4::text::pg_lsn AND c.ordinal = $5 \
+           AND (EXCLUDED.commit_lsn, EXCLUDED.ordinal) > (c.commit_lsn, c.ordinal)",
+    )
+    .bind(operator)
+    .bind(lsn_text(to.0))
+    .bind(ordinal_to_sql(CONTEXT, to.1)?)
+    .bind(from_lsn)
+    .bind(from_ordinal)
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql(CONTEXT))?;
+    Ok(result.rows_affected() > 0)
+}
+
+/// `operator`'s stored checkpoint, if it has one.
+pub async fn load_checkpoint<'c, E: PgExecutor<'c>>(
+    executor: E,
+    operator: &str,
+) -> Result<Option<(Lsn, u64)>, StatusError> {
+    const CONTEXT: &str = "loading an operator checkpoint";
+    let row: Option<(String, i64)> = sqlx::query_as(
+        "SELECT commit_lsn::text, ordinal FROM streamex.operator_checkpoints WHERE operator = $1",
+    )
+    .bind(operator)
+    .fetch_optional(executor)
+    .await
+    .map_err(StatusError::sql(CONTEXT))?;
+    row.map(|(lsn, ordinal)| {
+        Ok((
+            parse_lsn(CONTEXT, &lsn)?,
+            ordinal_from_sql(CONTEXT, ordinal)?,
+        ))
+    })
+    .transpose()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Operator state.
 
