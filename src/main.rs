@@ -3,6 +3,12 @@
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+// Every event is a few dozen small allocations (a JSON map per record, a key and a value per
+// column); with mimalloc instead of glibc's allocator a drain takes 12-15% fewer instructions
+// (callgrind, BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = streamex::cli::Cli::parse();
     streamex::cli::init_logging(cli.log_format);
