@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
+use sqlx::PgPool;
 use streamex::event::{Event, EventType};
 use streamex::operator::{Context, Operator, SqlOperator};
-use streamex::replication::Lsn;
-use streamex::testing::OperatorTest;
+use streamex::testing::{self, OperatorTest};
 
 const SCHEMA: &str = "
 CREATE TABLE tags (name text PRIMARY KEY);
@@ -75,28 +75,27 @@ async fn text_ids_with_quotes_backslashes_and_dollar_tags_are_recomputed() -> an
 }
 
 fn event(kind: EventType, entity: &str, record: Value, ordinal: u64) -> Arc<Event> {
-    let Value::Object(record) = record else {
-        panic!("not a record")
+    let (new, old) = match kind {
+        EventType::Delete => (Value::Null, record),
+        _ => (record, Value::Null),
     };
-    let (new_record, old_record) = match kind {
-        EventType::Delete => (None, Some(record)),
-        _ => (Some(record), None),
+    Arc::new(testing::event(kind, entity, new, old, ordinal))
+}
+
+/// `operator.handle_batch(events)` in a transaction of its own, committed when it succeeds.
+async fn run_batch(
+    pool: &PgPool,
+    operator: &dyn Operator,
+    events: &[Arc<Event>],
+) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let mut ctx = Context {
+        tx: Some(&mut *tx),
+        attempt: 1,
     };
-    Arc::new(Event {
-        kind,
-        schema: Arc::from("public"),
-        entity: Arc::from(entity),
-        new_record,
-        old_record,
-        changes: None,
-        unavailable_columns: vec![],
-        timestamp: 0,
-        lsn: Lsn(1),
-        commit_lsn: Lsn(2),
-        xid: 1,
-        ordinal,
-        key_columns: Arc::from([]),
-    })
+    operator.handle_batch(events, &mut ctx).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The batch path itself (not the one-by-one fallback, which would hide a broken batch).
@@ -126,14 +125,7 @@ async fn a_batch_runs_in_one_statement_and_matches_the_source() -> anyhow::Resul
         .execute(pool)
         .await?;
     events.push(event(EventType::Delete, "docs", json!({"id": ids[1]}), 9));
-    let operator = doc_copies();
-    let mut tx = pool.begin().await?;
-    let mut ctx = Context {
-        tx: Some(&mut *tx),
-        attempt: 1,
-    };
-    operator.handle_batch(&events, &mut ctx).await?;
-    tx.commit().await?;
+    run_batch(pool, &doc_copies(), &events).await?;
     let wrong: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM docs d FULL JOIN doc_copies c USING (id)
           WHERE d.title IS DISTINCT FROM c.title",
@@ -157,13 +149,7 @@ async fn a_batch_runs_in_one_statement_and_matches_the_source() -> anyhow::Resul
         .enumerate()
         .map(|(i, tag)| event(EventType::Insert, "tags", json!({"name": tag}), i as u64))
         .collect();
-    let mut tx = pool.begin().await?;
-    let mut ctx = Context {
-        tx: Some(&mut *tx),
-        attempt: 1,
-    };
-    tag_counts().handle_batch(&events, &mut ctx).await?;
-    tx.commit().await?;
+    run_batch(pool, &tag_counts(), &events).await?;
     let names: Vec<String> = sqlx::query_scalar("SELECT name FROM tag_counts ORDER BY name")
         .fetch_all(pool)
         .await?;
@@ -207,21 +193,9 @@ async fn a_statement_that_cannot_be_prepared_falls_back_to_one_by_one() -> anyho
         .enumerate()
         .map(|(i, tag)| event(EventType::Insert, "tags", json!({"name": tag}), i as u64))
         .collect();
-    let mut tx = pool.begin().await?;
-    let mut ctx = Context {
-        tx: Some(&mut *tx),
-        attempt: 1,
-    };
-    let error = operator.handle_batch(&events, &mut ctx).await.unwrap_err();
+    let error = run_batch(pool, &*operator, &events).await.unwrap_err();
     assert!(format!("{error:#}").contains("preparing"), "{error:#}");
-    tx.rollback().await?;
-    let mut tx = pool.begin().await?;
-    let mut ctx = Context {
-        tx: Some(&mut *tx),
-        attempt: 1,
-    };
-    operator.handle_batch(&events, &mut ctx).await?;
-    tx.commit().await?;
+    run_batch(pool, &*operator, &events).await?;
     let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM tag_counts")
         .fetch_one(pool)
         .await?;

@@ -457,21 +457,15 @@ mod tests {
     }
 
     fn event(ordinal: u64) -> Arc<Event> {
-        Arc::new(Event {
-            kind: crate::event::EventType::Insert,
-            schema: Arc::from("public"),
-            entity: Arc::from("t"),
-            new_record: Some(serde_json::Map::new()),
-            old_record: None,
-            changes: None,
-            unavailable_columns: vec![],
-            timestamp: 0,
-            lsn: Lsn(0x100),
-            commit_lsn: Lsn(0x100),
-            xid: 3, // long committed: visible to every snapshot
+        let record = serde_json::json!({});
+        let kind = crate::event::EventType::Insert;
+        Arc::new(crate::testing::event(
+            kind,
+            "t",
+            record,
+            serde_json::Value::Null,
             ordinal,
-            key_columns: Arc::from([]),
-        })
+        ))
     }
 
     /// A task whose checkpoint is behind the stored one (another instance's last transaction,

@@ -419,28 +419,9 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::replication::Lsn;
 
     fn event(kind: EventType, entity: &str, new: Value, old: Value) -> Arc<Event> {
-        let record = |v: Value| match v {
-            Value::Object(map) => Some(map),
-            _ => None,
-        };
-        Arc::new(Event {
-            kind,
-            schema: Arc::from("public"),
-            entity: Arc::from(entity),
-            new_record: record(new),
-            old_record: record(old),
-            changes: None,
-            unavailable_columns: vec![],
-            timestamp: 0,
-            lsn: Lsn(1),
-            commit_lsn: Lsn(2),
-            xid: 1,
-            ordinal: 0,
-            key_columns: Arc::from([]),
-        })
+        Arc::new(crate::testing::event(kind, entity, new, old, 0))
     }
 
     fn operator() -> SqlOperator {

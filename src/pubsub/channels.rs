@@ -143,38 +143,16 @@ fn push_unique(names: &mut Vec<String>, name: String) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use serde_json::json;
 
     use super::*;
-    use crate::replication::Lsn;
 
     fn event(kind: EventType, entity: &str, record: Value) -> Event {
-        let record = match record {
-            Value::Object(map) => Some(map),
-            Value::Null => None,
-            other => panic!("not a record: {other}"),
-        };
-        let (new_record, old_record) = match kind {
-            EventType::Delete => (None, record),
-            EventType::Truncate => (None, None),
-            _ => (record, None),
-        };
-        Event {
-            kind,
-            schema: Arc::from("public"),
-            entity: Arc::from(entity),
-            new_record,
-            old_record,
-            changes: None,
-            unavailable_columns: vec![],
-            timestamp: 0,
-            lsn: Lsn(1),
-            commit_lsn: Lsn(2),
-            xid: 1,
-            ordinal: 0,
-            key_columns: Arc::from([]),
+        match kind {
+            EventType::Delete => crate::testing::event(kind, entity, Value::Null, record, 0),
+            EventType::Truncate => crate::testing::event(kind, entity, Value::Null, Value::Null, 0),
+            _ => crate::testing::event(kind, entity, record, Value::Null, 0),
         }
     }
 

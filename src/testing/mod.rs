@@ -6,7 +6,7 @@
 //!
 //! [`OperatorTest`] is for operator authors: a fresh database with your schema, your
 //! operator run through the real pipeline over a list of SQL statements, and your derived
-//! tables to assert on.
+//! tables to assert on. [`event`] makes an event by hand, for unit tests of a handler.
 
 mod cluster;
 mod kit;
@@ -17,6 +17,44 @@ pub use cluster::{
     Cluster, ClusterBuilder, ClusterError, StopMode, create_database_at, find_bindir,
 };
 pub use kit::{KitError, OperatorTest};
+
+use crate::event::{Event, EventType};
+use crate::replication::Lsn;
+
+/// An event as the decoder would make it, for unit tests of handlers: `new` and `old` are
+/// JSON objects (the records) or `null`. It sits at position `(0/100, ordinal)` of a
+/// transaction long committed (xid 3, visible to every snapshot); change the fields you need.
+///
+/// # Panics
+/// When `new` or `old` is neither an object nor null.
+pub fn event(
+    kind: EventType,
+    entity: &str,
+    new: serde_json::Value,
+    old: serde_json::Value,
+    ordinal: u64,
+) -> Event {
+    let record = |value: serde_json::Value| match value {
+        serde_json::Value::Object(map) => Some(map),
+        serde_json::Value::Null => None,
+        other => panic!("not a record: {other}"),
+    };
+    Event {
+        kind,
+        schema: "public".into(),
+        entity: entity.into(),
+        new_record: record(new),
+        old_record: record(old),
+        changes: None,
+        unavailable_columns: Vec::new(),
+        timestamp: 0,
+        lsn: Lsn(0x100),
+        commit_lsn: Lsn(0x100),
+        xid: 3,
+        ordinal,
+        key_columns: std::sync::Arc::from([]),
+    }
+}
 
 /// The server the tests of this process share.
 #[derive(Debug)]
