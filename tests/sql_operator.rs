@@ -82,6 +82,21 @@ fn event(kind: EventType, entity: &str, record: Value, ordinal: u64) -> Arc<Even
     Arc::new(testing::event(kind, entity, new, old, ordinal))
 }
 
+/// Inserts [`TAGS`] and returns their insert events.
+async fn insert_tags(pool: &PgPool) -> anyhow::Result<Vec<Arc<Event>>> {
+    for tag in TAGS {
+        sqlx::query("INSERT INTO tags VALUES ($1)")
+            .bind(tag)
+            .execute(pool)
+            .await?;
+    }
+    Ok(TAGS
+        .iter()
+        .enumerate()
+        .map(|(i, tag)| event(EventType::Insert, "tags", json!({"name": tag}), i as u64))
+        .collect())
+}
+
 /// `operator.handle_batch(events)` in a transaction of its own, committed when it succeeds.
 async fn run_batch(
     pool: &PgPool,
@@ -138,17 +153,7 @@ async fn a_batch_runs_in_one_statement_and_matches_the_source() -> anyhow::Resul
     assert_eq!((wrong, copies), (0, 4));
 
     // The tags operator's batch with text ids, straight through handle_batch as well.
-    for tag in TAGS {
-        sqlx::query("INSERT INTO tags VALUES ($1)")
-            .bind(tag)
-            .execute(pool)
-            .await?;
-    }
-    let events: Vec<_> = TAGS
-        .iter()
-        .enumerate()
-        .map(|(i, tag)| event(EventType::Insert, "tags", json!({"name": tag}), i as u64))
-        .collect();
+    let events = insert_tags(pool).await?;
     run_batch(pool, &tag_counts(), &events).await?;
     let names: Vec<String> = sqlx::query_scalar("SELECT name FROM tag_counts ORDER BY name")
         .fetch_all(pool)
@@ -182,17 +187,7 @@ async fn a_statement_that_cannot_be_prepared_falls_back_to_one_by_one() -> anyho
             .id("tag_uses", "tag")
             .build()?,
     );
-    for tag in TAGS {
-        sqlx::query("INSERT INTO tags VALUES ($1)")
-            .bind(tag)
-            .execute(pool)
-            .await?;
-    }
-    let events: Vec<_> = TAGS
-        .iter()
-        .enumerate()
-        .map(|(i, tag)| event(EventType::Insert, "tags", json!({"name": tag}), i as u64))
-        .collect();
+    let events = insert_tags(pool).await?;
     let error = run_batch(pool, &*operator, &events).await.unwrap_err();
     assert!(format!("{error:#}").contains("preparing"), "{error:#}");
     run_batch(pool, &*operator, &events).await?;
