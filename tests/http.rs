@@ -16,7 +16,6 @@ use streamex::pubsub::PubSub;
 use streamex::replication::ConnectParams;
 use streamex::status::{PostgresStatus, ProcessStatusStorage};
 use streamex::testing;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod common;
@@ -63,8 +62,7 @@ const CHANNELS: &str =
 
 struct Service {
     base: String,
-    stop: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+    inner: common::Service,
 }
 
 impl Service {
@@ -73,27 +71,9 @@ impl Service {
         status: S,
         operators: Vec<Arc<dyn Operator>>,
     ) -> anyhow::Result<Service> {
-        let params = ConnectParams::parse(&config.database_url)?;
-        let pool = PgPool::connect(&config.database_url).await?;
-        streamex::cli::prepare(config, &pool).await?;
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let (config, stop) = (config.clone(), stop.clone());
-            async move {
-                streamex::cli::run_service(
-                    &config,
-                    params,
-                    pool,
-                    status,
-                    PubSub::new(),
-                    operators,
-                    stop,
-                )
-                .await
-            }
-        });
+        let inner = common::Service::start(config, status, PubSub::new(), operators).await?;
         let base = format!("http://{}", config.http.listen.context("no [http] listen")?);
-        let service = Service { base, stop, task };
+        let service = Service { base, inner };
         service.wait_listening().await?;
         Ok(service)
     }
@@ -107,7 +87,7 @@ impl Service {
                 return Ok(());
             }
             ensure!(
-                !self.task.is_finished(),
+                !self.inner.task.is_finished(),
                 "the service stopped before listening"
             );
             ensure!(
@@ -197,11 +177,7 @@ impl Service {
     }
 
     async fn stop(self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        tokio::time::timeout(PATIENCE, self.task)
-            .await
-            .context("the service did not stop in time")???;
-        Ok(())
+        self.inner.stop().await
     }
 }
 

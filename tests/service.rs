@@ -12,17 +12,14 @@ use streamex::config::Config;
 use streamex::event::{Event, EventType};
 use streamex::operator::{Context, HandlerFuture, Operator, Subscription};
 use streamex::pubsub::PubSub;
-use streamex::replication::ConnectParams;
 use streamex::status::{
     MemoryStatus, PostgresStatus, ProcessStatusStorage, StatusError, StatusItem,
 };
 use streamex::testing;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 mod common;
 
-use common::{BLOG, PATIENCE, derived_mismatches, settle, slot_for};
+use common::{BLOG, PATIENCE, Service, derived_mismatches, settle, slot_for};
 
 /// The example configuration, pointed at `url`, with quick retries.
 fn blog_config(url: &str, extra: &str) -> anyhow::Result<Config> {
@@ -40,39 +37,6 @@ fn blog_config(url: &str, extra: &str) -> anyhow::Result<Config> {
             ("STREAMEX_RETRY__RETRIES".to_owned(), "2".to_owned()),
         ],
     )?)
-}
-
-struct Service {
-    stop: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl Service {
-    async fn start<S: ProcessStatusStorage + Clone>(
-        config: &Config,
-        status: S,
-        pubsub: PubSub,
-        operators: Vec<Arc<dyn Operator>>,
-    ) -> anyhow::Result<Service> {
-        let params = ConnectParams::parse(&config.database_url)?;
-        let pool = PgPool::connect(&config.database_url).await?;
-        streamex::cli::prepare(config, &pool).await?;
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let (config, pool, stop) = (config.clone(), pool.clone(), stop.clone());
-            async move {
-                streamex::cli::run_service(&config, params, pool, status, pubsub, operators, stop)
-                    .await
-            }
-        });
-        Ok(Service { stop, task })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        tokio::time::timeout(PATIENCE, self.task).await???;
-        Ok(())
-    }
 }
 
 #[tokio::test]

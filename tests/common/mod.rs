@@ -346,3 +346,41 @@ async fn blog_step(tx: &mut sqlx::PgConnection, rng: &mut Rng) -> anyhow::Result
         }
     })
 }
+
+/// The service (`streamex::cli::run_service`, the code behind `streamex run`) in this process,
+/// after `prepare` (schema, publication, slot).
+pub struct Service {
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    pub async fn start<S: streamex::status::ProcessStatusStorage + Clone>(
+        config: &streamex::config::Config,
+        status: S,
+        pubsub: streamex::pubsub::PubSub,
+        operators: Vec<std::sync::Arc<dyn streamex::operator::Operator>>,
+    ) -> anyhow::Result<Service> {
+        let params = ConnectParams::parse(&config.database_url)?;
+        let pool = PgPool::connect(&config.database_url).await?;
+        streamex::cli::prepare(config, &pool).await?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (config, stop) = (config.clone(), stop.clone());
+            async move {
+                streamex::cli::run_service(&config, params, pool, status, pubsub, operators, stop)
+                    .await
+            }
+        });
+        Ok(Service { stop, task })
+    }
+
+    /// Stops it as SIGINT does, and returns how it ended.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .context("the service did not stop in time")???;
+        Ok(())
+    }
+}
