@@ -653,3 +653,52 @@ async fn server_without_tls() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// In front of `target`: the first connection agrees to TLS and then sends bytes that are no
+/// TLS handshake; every later one is passed through to the server as it is.
+async fn broken_tls_proxy(target: u16) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut client, _)) = listener.accept().await {
+            if std::mem::take(&mut first) {
+                let mut request = [0u8; 8];
+                if client.read_exact(&mut request).await.is_ok() {
+                    let _ = client.write_all(b"SHTTP/1.1 400 Bad Request\r\n\r\n").await;
+                }
+                continue; // dropped: closed
+            }
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    Ok(port)
+}
+
+#[tokio::test]
+async fn prefer_connects_without_tls_after_a_failed_handshake() -> anyhow::Result<()> {
+    let Some(cluster) = testing::server().cluster() else {
+        return Ok(()); // the fallback is checked against the private cluster, without tls
+    };
+    // require: the failed handshake is the answer.
+    let proxy = broken_tls_proxy(cluster.port()).await?;
+    let url = url_for(proxy, "postgres", None, "postgres", "sslmode=require");
+    let e = Connection::connect(&params(&url), &replication())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ReplicationError::Tls(_)), "{e:?}");
+    // prefer: a second connection without tls, as libpq does.
+    let proxy = broken_tls_proxy(cluster.port()).await?;
+    let url = url_for(proxy, "postgres", None, "postgres", "sslmode=prefer");
+    let mut conn = Connection::connect(&params(&url), &replication()).await?;
+    assert!(!conn.is_tls());
+    assert_eq!(ssl_in_use(&mut conn).await?, "f");
+    conn.close().await;
+    Ok(())
+}

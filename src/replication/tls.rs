@@ -141,7 +141,27 @@ impl Transport {
     }
 
     /// Opens the transport for `params`: connects, then negotiates TLS as `sslmode` says.
+    /// With `prefer`, as libpq does, a failed TLS handshake is followed by a second
+    /// connection without TLS.
     pub async fn connect(params: &ConnectParams) -> Result<Transport, ReplicationError> {
+        match Transport::connect_once(params, params.sslmode).await {
+            Err(error @ (ReplicationError::Tls(_) | ReplicationError::TlsVerification { .. }))
+                if params.sslmode == SslMode::Prefer =>
+            {
+                tracing::warn!(
+                    server = %params.target(), error = %error,
+                    "tls handshake failed; sslmode=prefer, so connecting again without tls"
+                );
+                Transport::connect_once(params, SslMode::Disable).await
+            }
+            result => result,
+        }
+    }
+
+    async fn connect_once(
+        params: &ConnectParams,
+        sslmode: SslMode,
+    ) -> Result<Transport, ReplicationError> {
         let connect_error = |source| ReplicationError::Connect {
             target: params.target(),
             source,
@@ -160,6 +180,9 @@ impl Transport {
         // Small messages (standby status updates) must not wait for Nagle.
         tcp.set_nodelay(true).map_err(connect_error)?;
         tracing::debug!(server = %params.target(), "connected over tcp");
+        if sslmode == SslMode::Disable {
+            return Ok(Transport::Tcp(tcp));
+        }
         negotiate(tcp, params).await
     }
 }
