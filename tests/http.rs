@@ -846,6 +846,7 @@ source.onmessage = (message) => {{
 }
 
 #[tokio::test]
+#[ignore = "needs Debian's chromium: cargo test --test http -- --ignored"]
 async fn a_browser_follows_a_channel_with_event_source() -> anyhow::Result<()> {
     match std::process::Command::new("chromium")
         .arg("--version")
