@@ -40,9 +40,14 @@ pub struct Config {
     /// The publication (created when missing).
     #[serde(default = "default_name")]
     pub publication: String,
-    /// Tables to publish, `schema.table` or `table` (public); empty means all tables.
+    /// Tables to publish, `schema.table` or `table` (of `default_schema`); empty means all
+    /// tables.
     #[serde(default)]
     pub tables: Vec<String>,
+    /// The schema a table name without one means, here and in operators, channels and
+    /// process status (`comments` is `public.comments`; `archive.comments` must be named so).
+    #[serde(default = "default_schema")]
+    pub default_schema: String,
     #[serde(default)]
     pub replication: ReplicationConfig,
     #[serde(default)]
@@ -64,6 +69,10 @@ pub struct Config {
 
 fn default_name() -> String {
     "streamex".to_owned()
+}
+
+fn default_schema() -> String {
+    crate::event::DEFAULT_SCHEMA.to_owned()
 }
 
 /// `[replication]`: the stream's timing.
@@ -308,11 +317,69 @@ impl Config {
                 message,
             })?;
         }
-        let config: Config = toml::Value::Table(table)
+        let mut config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| invalid(e.message().to_owned()))?;
+        config.normalize_names().map_err(invalid)?;
         config.validate().map_err(invalid)?;
         Ok(config)
+    }
+
+    /// Writes every table name of the configuration in its canonical form (see
+    /// [`crate::event::EntityName`]), so that `public.comments` and `comments` are one entity
+    /// everywhere: in `tables`, `[entities]` and their scopes, and operators' `id` and
+    /// `delete_with`.
+    fn normalize_names(&mut self) -> Result<(), String> {
+        use crate::event::EntityName;
+        if self.default_schema.is_empty() {
+            return Err("default_schema: must not be empty".to_owned());
+        }
+        let default_schema = self.default_schema.clone();
+        let canonical = |key: &str, name: &str| -> Result<String, String> {
+            EntityName::parse(name)
+                .map(|n| n.canonical(&default_schema))
+                .map_err(|e| format!("{key}: {e}"))
+        };
+        for table in &mut self.tables {
+            *table = canonical("tables", table)?;
+        }
+        let mut entities = BTreeMap::new();
+        for (name, mut entity) in std::mem::take(&mut self.entities) {
+            let key = canonical("entities", &name)?;
+            for scope in &mut entity.scopes {
+                for pair in scope.iter_mut() {
+                    if let Some((field, parent)) = pair.split_once("->") {
+                        let parent = canonical(&format!("entities.{name}.scopes"), parent.trim())?;
+                        *pair = format!("{} -> {parent}", field.trim());
+                    }
+                }
+            }
+            if entities.insert(key.clone(), entity).is_some() {
+                return Err(format!(
+                    "entities: {key:?} is configured twice (with and without its schema)"
+                ));
+            }
+        }
+        self.entities = entities;
+        for op in &mut self.operators {
+            let key = format!("operators.{}", op.name);
+            let mut ids = BTreeMap::new();
+            for (entity, field) in std::mem::take(&mut op.id) {
+                if ids
+                    .insert(canonical(&format!("{key}.id"), &entity)?, field)
+                    .is_some()
+                {
+                    return Err(format!(
+                        "{key}.id: {entity:?} is named twice (with and without its schema)"
+                    ));
+                }
+            }
+            op.id = ids;
+            for entity in &mut op.delete_with {
+                *entity = canonical(&format!("{key}.delete_with"), entity)?;
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -396,9 +463,10 @@ impl Config {
     pub fn table_list(&self) -> Vec<(String, String)> {
         self.tables
             .iter()
-            .map(|t| match t.split_once('.') {
-                Some((schema, table)) => (schema.to_owned(), table.to_owned()),
-                None => ("public".to_owned(), t.clone()),
+            .filter_map(|t| crate::event::EntityName::parse(t).ok())
+            .map(|name| {
+                let schema = name.schema_or(&self.default_schema).to_owned();
+                (schema, name.table)
             })
             .collect()
     }
@@ -566,6 +634,50 @@ mod tests {
                 .to_string()
                 .contains("entities.comments.scopes")
         );
+    }
+
+    #[test]
+    fn table_names_mean_the_default_schema_unless_qualified() {
+        let text = format!(
+            "{MINIMAL}\ntables = [\"posts\", \"public.comments\", \"archive.comments\"]\n\
+             [entities.\"public.comments\"]\nscopes = [[\"post_id -> public.posts\"]]\n\
+             [[operators]]\nname = \"counts\"\nquery = \"SELECT $1\"\n\
+             id = {{ \"public.posts\" = \"id\", \"archive.comments\" = \"post_id\" }}\n\
+             delete_with = [\"public.posts\"]\ndelete_query = \"SELECT $1\""
+        );
+        let config = parse(&text, &[]).unwrap();
+        assert_eq!(config.tables, ["posts", "comments", "archive.comments"]);
+        assert_eq!(
+            config.table_list(),
+            [
+                ("public".to_owned(), "posts".to_owned()),
+                ("public".to_owned(), "comments".to_owned()),
+                ("archive".to_owned(), "comments".to_owned()),
+            ]
+        );
+        assert_eq!(
+            config.entities["comments"].parsed_scopes().unwrap(),
+            vec![vec![("post_id".to_owned(), "posts".to_owned())]]
+        );
+        let op = &config.operators[0];
+        assert_eq!(
+            op.id.keys().collect::<Vec<_>>(),
+            ["archive.comments", "posts"]
+        );
+        assert_eq!(op.delete_with, ["posts"]);
+
+        // Another default schema: its tables are unqualified, public's are not.
+        let text =
+            format!("{MINIMAL}\ndefault_schema = \"app\"\ntables = [\"posts\", \"public.posts\"]");
+        let config = parse(&text, &[]).unwrap();
+        assert_eq!(config.tables, ["posts", "public.posts"]);
+        assert_eq!(
+            config.table_list()[0],
+            ("app".to_owned(), "posts".to_owned())
+        );
+
+        let err = parse(&format!("{MINIMAL}\ntables = [\"a.b.c\"]"), &[]).unwrap_err();
+        assert!(err.to_string().contains("tables"), "{err}");
     }
 
     #[test]

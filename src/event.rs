@@ -129,8 +129,12 @@ pub struct Event {
     pub kind: EventType,
     /// The table's schema.
     pub schema: Arc<str>,
-    /// The table's name.
+    /// The table as operators, channels and process status name it (see [`entity_name`]):
+    /// `comments` for a table of the default schema (`public` unless configured otherwise),
+    /// `archive.comments` for a table of another schema.
     pub entity: Arc<str>,
+    /// The table's own name, without its schema.
+    pub table: Arc<str>,
     /// The row after an insert or update. A column whose value PostgreSQL did not send
     /// (unchanged TOAST, with no old row to take it from) is absent, and listed in
     /// `unavailable_columns`.
@@ -155,6 +159,12 @@ pub struct Event {
     pub xid: u32,
     /// The change's position inside its transaction, from 0.
     pub ordinal: u64,
+    /// Why a value of this change could not be decoded, when one could not (the column is then
+    /// absent from its record). Operators never see such an event: each listening operator
+    /// applies its failure policy to it at once (halt, or dead letter), so that one bad value
+    /// never stops the others. Absent from the JSON when the change decoded fully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_error: Option<String>,
     /// The table's key columns (its replica identity), which name the `<entity>/<id>`
     /// channel. Not serialised.
     #[serde(skip)]
@@ -162,6 +172,28 @@ pub struct Event {
 }
 
 impl Event {
+    /// Whether this event's table is the one `name` designates, where `name` is written as in
+    /// the configuration: `schema.table`, or `table` alone for a table of the default schema.
+    /// So `"comments"` and `"public.comments"` both designate `public.comments` (when `public`
+    /// is the default schema), and never `archive.comments`.
+    pub fn is_entity(&self, name: &str) -> bool {
+        if *self.entity == *name {
+            return true;
+        }
+        match EntityName::parse(name) {
+            Ok(EntityName {
+                schema: Some(schema),
+                table,
+            }) => *self.schema == *schema && *self.table == *table,
+            // Unqualified: the default schema's table, whose entity is unqualified too.
+            Ok(EntityName {
+                schema: None,
+                table,
+            }) => *self.table == *table && *self.entity == *self.table,
+            Err(_) => false,
+        }
+    }
+
     /// The position that identifies this event and orders it among all others.
     pub fn position(&self) -> (Lsn, u64) {
         (self.commit_lsn, self.ordinal)
@@ -174,6 +206,119 @@ impl Event {
             _ => self.new_record.as_ref().or(self.old_record.as_ref()),
         }
     }
+}
+
+/// The schema every table belongs to unless its name says otherwise.
+pub const DEFAULT_SCHEMA: &str = "public";
+
+/// A table's name as the configuration, operators, channels and process status write it:
+/// `table` for a table of the default schema, `schema.table` otherwise. A part that holds a
+/// `.` or a `"`, or is empty, is written in double quotes with `""` for a quote, as in SQL
+/// (`"my.schema".posts`); otherwise names are taken exactly as written (case included).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EntityName {
+    /// The schema, when the name gave one.
+    pub schema: Option<String>,
+    /// The table.
+    pub table: String,
+}
+
+/// A name that is not `table` or `schema.table`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{name:?} is not a table name: write `table` or `schema.table` (double-quote a part holding a dot: \"my.schema\".table)"
+)]
+pub struct EntityNameError {
+    /// The name as written.
+    pub name: String,
+}
+
+impl EntityName {
+    /// Parses `table` or `schema.table` (see the type's documentation).
+    pub fn parse(name: &str) -> Result<EntityName, EntityNameError> {
+        let error = || EntityNameError {
+            name: name.to_owned(),
+        };
+        let (first, rest) = take_part(name).ok_or_else(error)?;
+        match rest {
+            "" => Ok(EntityName {
+                schema: None,
+                table: first,
+            }),
+            rest => {
+                let rest = rest.strip_prefix('.').ok_or_else(error)?;
+                let (second, tail) = take_part(rest).ok_or_else(error)?;
+                if !tail.is_empty() {
+                    return Err(error());
+                }
+                Ok(EntityName {
+                    schema: Some(first),
+                    table: second,
+                })
+            }
+        }
+    }
+
+    /// The schema, `default_schema` when the name gave none.
+    pub fn schema_or<'a>(&'a self, default_schema: &'a str) -> &'a str {
+        self.schema.as_deref().unwrap_or(default_schema)
+    }
+
+    /// The canonical form: without the schema when it is `default_schema`.
+    pub fn canonical(&self, default_schema: &str) -> String {
+        entity_name(self.schema_or(default_schema), &self.table, default_schema)
+    }
+}
+
+/// One part of a name: a double-quoted identifier, or the text up to the next `.`. Returns
+/// the part and what follows it; `None` for an empty or unterminated part.
+fn take_part(text: &str) -> Option<(String, &str)> {
+    if let Some(quoted) = text.strip_prefix('"') {
+        let mut part = String::new();
+        let mut chars = quoted.char_indices();
+        while let Some((i, c)) = chars.next() {
+            if c != '"' {
+                part.push(c);
+                continue;
+            }
+            if quoted[i + 1..].starts_with('"') {
+                part.push('"');
+                chars.next();
+                continue;
+            }
+            return Some((part, &quoted[i + 1..]));
+        }
+        return None;
+    }
+    let end = text.find('.').unwrap_or(text.len());
+    let part = &text[..end];
+    if part.is_empty() || part.contains('"') {
+        return None;
+    }
+    Some((part.to_owned(), &text[end..]))
+}
+
+/// One part as [`EntityName`] writes it.
+fn write_part(out: &mut String, part: &str) {
+    if part.is_empty() || part.contains(['.', '"']) {
+        out.push('"');
+        out.push_str(&part.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(part);
+    }
+}
+
+/// The entity name of table `schema.table` (see [`EntityName`]): `table` when `schema` is
+/// `default_schema`, `schema.table` otherwise.
+pub fn entity_name(schema: &str, table: &str, default_schema: &str) -> String {
+    let mut name = String::with_capacity(schema.len() + table.len() + 1);
+    if schema != default_schema {
+        write_part(&mut name, schema);
+        name.push('.');
+    }
+    write_part(&mut name, table);
+    name
 }
 
 /// Microseconds since the Unix epoch, written as RFC 3339 in UTC with microseconds.
@@ -216,6 +361,7 @@ mod tests {
             kind: EventType::Update,
             schema: "public".into(),
             entity: "posts".into(),
+            table: "posts".into(),
             new_record: Some(new),
             old_record: Some(old),
             changes: Some(Changes(vec![Change {
@@ -229,6 +375,7 @@ mod tests {
             commit_lsn: Lsn(0x1_0000_0010),
             xid: 750,
             ordinal: 3,
+            decode_error: None,
             key_columns: Arc::from(["id".to_owned()]),
         }
     }
@@ -239,7 +386,7 @@ mod tests {
         assert_eq!(
             value,
             json!({
-                "type": "update", "schema": "public", "entity": "posts",
+                "type": "update", "schema": "public", "entity": "posts", "table": "posts",
                 "new_record": {"id": 1, "title": "New"},
                 "old_record": {"id": 1, "title": "Old"},
                 "changes": {"title": {"old_value": "Old", "new_value": "New"}},
@@ -262,6 +409,63 @@ mod tests {
                 ..event
             }
         );
+    }
+
+    #[test]
+    fn entity_names_are_qualified_outside_the_default_schema() {
+        assert_eq!(entity_name("public", "comments", "public"), "comments");
+        assert_eq!(
+            entity_name("archive", "comments", "public"),
+            "archive.comments"
+        );
+        assert_eq!(entity_name("app", "comments", "app"), "comments");
+        assert_eq!(entity_name("public", "comments", "app"), "public.comments");
+        assert_eq!(
+            entity_name("my.schema", "a\"b", "public"),
+            "\"my.schema\".\"a\"\"b\""
+        );
+        for name in [
+            "comments",
+            "archive.comments",
+            "\"my.schema\".\"a\"\"b\"",
+            "Mixed Case.T",
+            "\"\".t",
+        ] {
+            let parsed = EntityName::parse(name).unwrap();
+            assert_eq!(parsed.canonical("public"), name, "{name}");
+        }
+        assert_eq!(
+            EntityName::parse("public.comments")
+                .unwrap()
+                .canonical("public"),
+            "comments"
+        );
+        assert_eq!(
+            EntityName::parse("\"my.schema\".t").unwrap(),
+            EntityName {
+                schema: Some("my.schema".into()),
+                table: "t".into()
+            }
+        );
+        for bad in ["", "a.b.c", ".t", "s.", "\"open", "a\"b", "\"x\"y"] {
+            assert!(EntityName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_event_is_matched_by_its_entity_name_with_or_without_the_default_schema() {
+        let mut event = update();
+        assert!(event.is_entity("posts"));
+        assert!(event.is_entity("public.posts"));
+        assert!(!event.is_entity("archive.posts"));
+        event.schema = "archive".into();
+        event.entity = "archive.posts".into();
+        assert!(event.is_entity("archive.posts"));
+        assert!(
+            !event.is_entity("posts"),
+            "posts means the default schema's"
+        );
+        assert!(!event.is_entity("public.posts"));
     }
 
     #[test]

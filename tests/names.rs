@@ -68,7 +68,9 @@ async fn schema_table_column_and_publication_names_with_case_spaces_and_quotes()
     );
     for event in &events {
         assert_eq!(&*event.schema, "My Schema");
-        assert_eq!(&*event.entity, "Odd \"Table\" Name");
+        assert_eq!(&*event.table, "Odd \"Table\" Name");
+        // Outside the default schema the entity is qualified; a part with a quote is quoted.
+        assert_eq!(&*event.entity, r#"My Schema."Odd ""Table"" Name""#);
     }
     assert_eq!(
         events[0].new_record.as_ref().map(|r| r.get("Weird Col")),
@@ -166,7 +168,8 @@ async fn tables_without_a_key_stream_inserts_and_postgres_refuses_their_updates(
     .execute(&s.pool)
     .await?;
     let events = s.events(3).await?;
-    assert!(events.iter().all(|e| &*e.entity == "No Key \"Full\""));
+    assert!(events.iter().all(|e| &*e.table == "No Key \"Full\""));
+    assert!(events.iter().all(|e| &*e.entity == r#""No Key ""Full""""#));
     assert_eq!(events[1].kind, EventType::Update);
     assert_eq!(
         events[1].old_record,

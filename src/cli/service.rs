@@ -296,6 +296,7 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
         stream_config.reconnect.max = config.replication.reconnect_max;
         stream_config.capacity = config.replication.channel_capacity;
         stream_config.stats = engine.metrics.stream.clone();
+        stream_config.default_schema = config.default_schema.clone();
         let stop = shutdown.child_token();
         let stream = replication::spawn(stream_config, pool.clone(), ack.clone(), stop.clone());
         let exit = engine

@@ -68,6 +68,8 @@ pub struct Table {
     pub key_columns: Arc<[String]>,
     pub schema: Arc<str>,
     pub name: Arc<str>,
+    /// The entity name its events carry (see [`crate::event::EntityName`]).
+    pub entity: Arc<str>,
     pub replica_identity: ReplicaIdentity,
     pub columns: Vec<TableColumn>,
 }
@@ -151,6 +153,7 @@ pub struct Decoder {
     tables: HashMap<u32, Arc<Table>>,
     types: TypeCache,
     tx: Option<Transaction>,
+    default_schema: Arc<str>,
 }
 
 impl Decoder {
@@ -161,7 +164,14 @@ impl Decoder {
             tables: HashMap::new(),
             types: TypeCache::new(),
             tx: None,
+            default_schema: crate::event::DEFAULT_SCHEMA.into(),
         }
+    }
+
+    /// Tables of `schema` get an unqualified entity name (`public` by default).
+    pub fn default_schema(mut self, schema: &str) -> Self {
+        self.default_schema = schema.into();
+        self
     }
 
     /// Starts over for a new session: forgets relations and types. Returns whether a
@@ -237,6 +247,8 @@ impl Decoder {
                     relation.namespace.into()
                 };
                 let name: Arc<str> = relation.name.into();
+                let entity: Arc<str> =
+                    crate::event::entity_name(&schema, &name, &self.default_schema).into();
                 let mut columns = Vec::with_capacity(relation.columns.len());
                 for column in relation.columns {
                     let ty = self
@@ -268,6 +280,7 @@ impl Decoder {
                         key_columns,
                         schema,
                         name,
+                        entity,
                         replica_identity: relation.replica_identity,
                         columns,
                     }),
@@ -365,7 +378,8 @@ impl Decoder {
         Ok(Event {
             kind,
             schema: table.schema.clone(),
-            entity: table.name.clone(),
+            entity: table.entity.clone(),
+            table: table.name.clone(),
             new_record: None,
             old_record: None,
             changes: None,
@@ -375,6 +389,7 @@ impl Decoder {
             commit_lsn: tx.commit_lsn,
             xid: tx.xid,
             ordinal,
+            decode_error: None,
             key_columns: table.key_columns.clone(),
         })
     }

@@ -16,7 +16,7 @@
 //! stores the process status they cover, and only then acknowledges the last one's end. A
 //! halted operator's position does not move, so neither does the slot.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,19 +27,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::Operator;
+use super::progress::{Item, Listeners, Pending, Waiting};
 use super::runner::{Input, Runner};
+use super::{Operator, Subscription};
 use crate::config::RetryConfig;
 use crate::decode::Decoded;
-use crate::event::Event;
+use crate::event::{Event, EventType};
 use crate::metrics::Metrics;
 use crate::pubsub::{self, ChannelSpec, EntityProcessed, PubSub};
 use crate::replication::{Acknowledger, Lsn};
 use crate::status::{self, OperatorRunState, ProcessStatusStorage, StatusItem};
-
-/// How many commits may wait for the operators before the oldest waiting ones are merged
-/// (keeping memory flat while an operator is halted or far behind).
-const MAX_PENDING: usize = 4096;
 
 /// An operator as the engine runs it.
 pub struct OperatorSpec {
@@ -94,6 +91,11 @@ impl Board {
             names,
             changed: Notify::new(),
         }
+    }
+
+    /// How far operator `index` is done: the end of the last commit it has finished.
+    pub(super) fn done(&self, index: usize) -> Lsn {
+        Lsn(self.done[index].load(Ordering::Acquire))
     }
 
     pub(crate) fn advance(&self, index: usize, end: Lsn) {
@@ -177,27 +179,6 @@ pub enum EngineExit {
 pub enum EngineError {
     #[error(transparent)]
     Status(#[from] status::StatusError),
-}
-
-/// One commit waiting for the operators.
-#[derive(Debug)]
-struct Pending {
-    end_lsn: Lsn,
-    /// Per entity: the newest process-status timestamp and the position of its last event.
-    items: HashMap<Arc<str>, (i64, Lsn, u64)>,
-}
-
-impl Pending {
-    fn merge(&mut self, newer: Pending) {
-        self.end_lsn = self.end_lsn.max(newer.end_lsn);
-        for (entity, (ts, lsn, ordinal)) in newer.items {
-            let slot = self.items.entry(entity).or_insert((ts, lsn, ordinal));
-            slot.0 = slot.0.max(ts);
-            if (lsn, ordinal) > (slot.1, slot.2) {
-                (slot.1, slot.2) = (lsn, ordinal);
-            }
-        }
-    }
 }
 
 /// Runs operators over a stream of decoded items.
@@ -341,16 +322,14 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         pending: mpsc::Sender<Pending>,
         shutdown: &CancellationToken,
     ) -> EngineExit {
-        let subscriptions: Vec<Vec<super::Subscription>> = self
+        let subscriptions: Vec<Vec<Subscription>> = self
             .operators
             .iter()
             .map(|o| o.operator.subscriptions())
             .collect();
         let mut specs: HashMap<Arc<str>, ChannelSpec> = HashMap::new();
-        let mut current = Pending {
-            end_lsn: Lsn::ZERO,
-            items: HashMap::new(),
-        };
+        let mut routes = Routes::default();
+        let mut current = Pending::default();
         let mut channels: Vec<String> = Vec::new();
         let mut tally = self.metrics.tally();
         loop {
@@ -372,14 +351,20 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 Decoded::Event(event) => {
                     let event = Arc::new(event);
                     tally.event(&event.entity);
-                    let ts = self.status_timestamp(&event);
-                    let entry = current.items.entry(event.entity.clone()).or_insert((
-                        ts,
-                        event.commit_lsn,
-                        event.ordinal,
-                    ));
-                    entry.0 = entry.0.max(ts);
-                    (entry.1, entry.2) = (event.commit_lsn, event.ordinal);
+                    let item = Item {
+                        timestamp: self.status_timestamp(&event),
+                        lsn: event.commit_lsn,
+                        ordinal: event.ordinal,
+                    };
+                    match current.items.get_mut(&event.entity) {
+                        Some((entry, _)) => entry.merge(item),
+                        None => {
+                            let listeners = routes.listeners(&subscriptions, &event);
+                            current
+                                .items
+                                .insert(event.entity.clone(), (item, listeners));
+                        }
+                    }
 
                     if self.pubsub.channel_count() > 0 {
                         let spec =
@@ -397,10 +382,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                         channels.extend(pubsub::channels(&event, spec));
                         self.pubsub.publish(&channels, &event);
                     }
-                    for (index, subs) in subscriptions.iter().enumerate() {
-                        if !subs.iter().any(|s| s.matches(&event)) {
-                            continue;
-                        }
+                    for &index in routes.operators(&subscriptions, &event).iter() {
                         if !send(&mut inboxes[index], Input::Event(event.clone()), shutdown).await {
                             if shutdown.is_cancelled() {
                                 return EngineExit::Shutdown;
@@ -421,13 +403,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                         }
                     }
                     current.end_lsn = end_lsn;
-                    let done = std::mem::replace(
-                        &mut current,
-                        Pending {
-                            end_lsn: Lsn::ZERO,
-                            items: HashMap::new(),
-                        },
-                    );
+                    let done = std::mem::take(&mut current);
                     tokio::select! {
                         biased;
                         sent = pending.send(done) => if sent.is_err() {
@@ -441,13 +417,15 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
     }
 
     /// The process-status timestamp of an event: the configured record field (µs since the
-    /// Unix epoch), else the commit time.
+    /// Unix epoch), else the commit time; never later than the commit time. A row whose
+    /// field lies in the future (`updated_at = '2099-01-01'`) would otherwise make every later
+    /// write look processed: what has been processed is bounded by the commits processed.
     fn status_timestamp(&self, event: &Event) -> i64 {
         event
             .record()
             .and_then(|r| r.get(&self.timestamp_field))
             .and_then(parse_timestamp)
-            .unwrap_or(event.timestamp)
+            .map_or(event.timestamp, |ts| ts.min(event.timestamp))
     }
 
     /// Stores process status and acknowledges, in WAL order, for the commits every operator
@@ -461,7 +439,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         runners_done: CancellationToken,
         shutdown: CancellationToken,
     ) -> Result<(), EngineError> {
-        let mut waiting: VecDeque<Pending> = VecDeque::new();
+        let mut waiting = Waiting::default();
         let mut open = true;
         loop {
             // Take every commit the dispatcher has sent so far, so that the ones already done
@@ -469,22 +447,15 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             // not one per commit (which cannot keep up with thousands of commits a second).
             while open {
                 match incoming.try_recv() {
-                    Ok(p) => push_pending(&mut waiting, p),
+                    Ok(p) => waiting.push(p),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
             }
             let finished = !open && runners_done.is_cancelled();
-            let done = board.done_through();
-            let mut ready: Option<Pending> = None;
-            while waiting.front().is_some_and(|p| p.end_lsn <= done) {
-                let next = waiting.pop_front().expect("checked non-empty");
-                match ready.as_mut() {
-                    Some(r) => r.merge(next),
-                    None => ready = Some(next),
-                }
-            }
-            if let Some(ready) = ready {
+            let all_done = board.done_through();
+            let ready = waiting.take_ready(all_done, |i| board.done(i));
+            if !ready.is_empty() {
                 if !self.complete(ready, &ack, &shutdown).await? {
                     return Ok(()); // shutting down with the database unreachable
                 }
@@ -495,7 +466,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             }
             tokio::select! {
                 next = incoming.recv(), if open => match next {
-                    Some(p) => push_pending(&mut waiting, p),
+                    Some(p) => waiting.push(p),
                     None => open = false,
                 },
                 _ = board.changed.notified() => {}
@@ -510,17 +481,17 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
     /// after a restart).
     async fn complete(
         &self,
-        ready: Pending,
+        ready: super::progress::Ready,
         ack: &Acknowledger,
         shutdown: &CancellationToken,
     ) -> Result<bool, EngineError> {
         let items: Vec<StatusItem> = ready
             .items
             .iter()
-            .map(|(entity, (ts, lsn, _))| StatusItem {
+            .map(|(entity, item)| StatusItem {
                 entity: entity.to_string(),
-                timestamp: *ts,
-                lsn: *lsn,
+                timestamp: item.timestamp,
+                lsn: item.lsn,
             })
             .collect();
         if !items.is_empty() {
@@ -539,17 +510,20 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            for (entity, (ts, lsn, ordinal)) in ready.items {
+            for (entity, item) in ready.items {
                 self.pubsub.entity_processed(EntityProcessed {
                     entity: entity.to_string(),
-                    commit_lsn: lsn,
-                    ordinal,
-                    timestamp: ts,
+                    commit_lsn: item.lsn,
+                    ordinal: item.ordinal,
+                    timestamp: item.timestamp,
                 });
             }
         }
-        ack.ack(ready.end_lsn);
-        self.metrics.processed_through(ready.end_lsn);
+        if let Some(end) = ready.ack {
+            ack.ack(end);
+            self.metrics.processed_through(end);
+            self.pubsub.set_processed_through(end);
+        }
         Ok(true)
     }
 
@@ -583,6 +557,41 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 }
             }
         }
+    }
+}
+
+/// Which operators get an event, cached per entity and event type (the dispatcher asks for
+/// every event; the subscriptions are matched once).
+#[derive(Default)]
+struct Routes {
+    by_kind: HashMap<(Arc<str>, EventType), Arc<[usize]>>,
+    listeners: HashMap<Arc<str>, Listeners>,
+}
+
+impl Routes {
+    /// The operators a subscription of which matches `event`.
+    fn operators(&mut self, subscriptions: &[Vec<Subscription>], event: &Event) -> Arc<[usize]> {
+        self.by_kind
+            .entry((event.entity.clone(), event.kind))
+            .or_insert_with(|| {
+                (0..subscriptions.len())
+                    .filter(|&i| subscriptions[i].iter().any(|s| s.matches(event)))
+                    .collect()
+            })
+            .clone()
+    }
+
+    /// The operators that listen to `event`'s entity, whatever the event type: those whose
+    /// progress decides the entity's process status.
+    fn listeners(&mut self, subscriptions: &[Vec<Subscription>], event: &Event) -> Listeners {
+        self.listeners
+            .entry(event.entity.clone())
+            .or_insert_with(|| {
+                (0..subscriptions.len())
+                    .filter(|&i| subscriptions[i].iter().any(|s| event.is_entity(&s.entity)))
+                    .collect()
+            })
+            .clone()
     }
 }
 
@@ -625,19 +634,6 @@ fn parse_timestamp(value: &serde_json::Value) -> Option<i64> {
     }
 }
 
-/// Queues a commit for the coordinator; past [`MAX_PENDING`] the two oldest are merged:
-/// coarser, but memory stays flat.
-fn push_pending(waiting: &mut VecDeque<Pending>, pending: Pending) {
-    waiting.push_back(pending);
-    while waiting.len() > MAX_PENDING {
-        let oldest = waiting.pop_front().expect("len > 1");
-        if let Some(second) = waiting.front_mut() {
-            let newer = std::mem::replace(second, oldest);
-            second.merge(newer);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,23 +660,5 @@ mod tests {
         assert_eq!(parse_timestamp(&json!(42)), Some(42));
         assert_eq!(parse_timestamp(&json!("infinity")), None);
         assert_eq!(parse_timestamp(&json!(null)), None);
-    }
-
-    #[test]
-    fn merged_pending_commits_keep_the_newest_of_each() {
-        let mut a = Pending {
-            end_lsn: Lsn(10),
-            items: HashMap::from([(Arc::from("posts"), (5, Lsn(8), 0))]),
-        };
-        a.merge(Pending {
-            end_lsn: Lsn(20),
-            items: HashMap::from([
-                (Arc::from("posts"), (3, Lsn(18), 2)),
-                (Arc::from("comments"), (7, Lsn(18), 1)),
-            ]),
-        });
-        assert_eq!(a.end_lsn, Lsn(20));
-        assert_eq!(a.items[&Arc::from("posts")], (5, Lsn(18), 2));
-        assert_eq!(a.items[&Arc::from("comments")], (7, Lsn(18), 1));
     }
 }

@@ -23,6 +23,7 @@
 //!   every event up to it (or dead-lettered it) and the process status covering it is stored.
 
 mod engine;
+mod progress;
 mod runner;
 mod sql;
 
@@ -44,11 +45,17 @@ pub type HandlerResult = Result<(), anyhow::Error>;
 pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'a>>;
 
 /// The entity and event types an operator listens to.
+///
+/// A TRUNCATE of the entity is always delivered (as an event of type
+/// [`EventType::Truncate`]), whatever `types` says: it removes every row, so an operator that
+/// keeps anything derived from the table must hear of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subscription {
-    /// The table name (the event's `entity`).
+    /// The table, as the configuration names it: `comments` for a table of the default schema
+    /// (`public`), `archive.comments` for one of another schema (see
+    /// [`crate::event::EntityName`]).
     pub entity: String,
-    /// The event types; empty means all of them.
+    /// The row event types (insert, update, delete); empty means all of them.
     pub types: Vec<EventType>,
 }
 
@@ -61,7 +68,7 @@ impl Subscription {
         }
     }
 
-    /// The events of `entity` of the given types.
+    /// The events of `entity` of the given types, and its truncates.
     pub fn only(entity: &str, types: &[EventType]) -> Self {
         Subscription {
             entity: entity.to_owned(),
@@ -71,7 +78,10 @@ impl Subscription {
 
     /// Whether `event` is one of these.
     pub fn matches(&self, event: &Event) -> bool {
-        *event.entity == *self.entity && (self.types.is_empty() || self.types.contains(&event.kind))
+        event.is_entity(&self.entity)
+            && (self.types.is_empty()
+                || event.kind == EventType::Truncate
+                || self.types.contains(&event.kind))
     }
 }
 

@@ -264,7 +264,12 @@ impl SqlOperator {
 
     /// The statements one event runs, in order, with their ids.
     fn actions(&self, event: &Event) -> anyhow::Result<Vec<(Which, Value)>> {
-        let Some(field) = self.ids.get(&*event.entity) else {
+        let field = self.ids.get(&*event.entity).or_else(|| {
+            self.ids
+                .iter()
+                .find_map(|(entity, field)| event.is_entity(entity).then_some(field))
+        });
+        let Some(field) = field else {
             return Ok(Vec::new());
         };
         let id = event
@@ -290,7 +295,7 @@ impl SqlOperator {
         }
         let deletes = event.kind == EventType::Delete
             && self.delete_query.is_some()
-            && self.delete_with.iter().any(|e| *e == *event.entity);
+            && self.delete_with.iter().any(|e| event.is_entity(e));
         let mut actions = Vec::with_capacity(2);
         // An update that moved the row to another id (a comment moved to another post)
         // changes what the old id's derived row should be too.

@@ -114,9 +114,19 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 /// The in-process publish/subscribe bus for transient listeners; see the
 /// [module documentation](super). Cheap to clone: clones share one registry. When the last
 /// clone is dropped, every subscription ends with [`RecvError::Closed`] after draining.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct PubSub {
     shared: Arc<Shared>,
+    through: Arc<tokio::sync::watch::Sender<Lsn>>,
+}
+
+impl Default for PubSub {
+    fn default() -> Self {
+        PubSub {
+            shared: Arc::default(),
+            through: Arc::new(tokio::sync::watch::Sender::new(Lsn::ZERO)),
+        }
+    }
 }
 
 impl fmt::Debug for PubSub {
@@ -195,6 +205,24 @@ impl PubSub {
             },
             bus: Arc::downgrade(&self.shared),
         }
+    }
+
+    /// The end of the last commit that every operator has durably processed (with its process
+    /// status stored): the position the slot is acknowledged to. It only moves forward;
+    /// [`Lsn::ZERO`] until the first commit is done.
+    pub fn processed_through(&self) -> tokio::sync::watch::Receiver<Lsn> {
+        self.through.subscribe()
+    }
+
+    /// Moves [`processed_through`](Self::processed_through) forward to `end` (never back).
+    pub(crate) fn set_processed_through(&self, end: Lsn) {
+        self.through.send_if_modified(|through| {
+            let moved = end > *through;
+            if moved {
+                *through = end;
+            }
+            moved
+        });
     }
 
     /// How many live subscriptions `channel` has (cut-off and dropped ones are not counted).
@@ -364,6 +392,7 @@ mod tests {
             kind: EventType::Insert,
             schema: Arc::from("public"),
             entity: Arc::from(entity),
+            table: Arc::from(entity),
             new_record: Some(record),
             old_record: None,
             changes: None,
@@ -373,6 +402,7 @@ mod tests {
             commit_lsn: Lsn(0x1000),
             xid: 7,
             ordinal,
+            decode_error: None,
             key_columns: Arc::from([]),
         })
     }

@@ -101,6 +101,9 @@ pub struct StreamConfig {
     pub drain_timeout: Duration,
     /// Whether a session is streaming, and how often it reconnected (for `/metrics`).
     pub stats: Arc<StreamStats>,
+    /// The schema whose tables' events carry an unqualified entity name (see
+    /// [`crate::event::EntityName`]).
+    pub default_schema: String,
 }
 
 impl StreamConfig {
@@ -115,6 +118,7 @@ impl StreamConfig {
             capacity: 4096,
             drain_timeout: Duration::from_secs(30),
             stats: Arc::default(),
+            default_schema: crate::event::DEFAULT_SCHEMA.to_owned(),
         }
     }
 }
@@ -179,7 +183,7 @@ async fn run(
     shutdown: CancellationToken,
     tx: mpsc::Sender<Decoded>,
 ) -> Result<(), StreamError> {
-    let mut decoder = Decoder::new(catalog.clone());
+    let mut decoder = Decoder::new(catalog.clone()).default_schema(&config.default_schema);
     let mut delivered = Lsn::ZERO;
     let mut backoff = config.reconnect.initial;
     let mut reconnects: u64 = 0;

@@ -27,8 +27,8 @@
 //!
 //! # Waiting
 //!
-//! A run waits for its marker's `EntityProcessed` notice (or, if that notice is missed, for
-//! the marker's entry in `streamex.process_status`), never for a fixed time. While it waits
+//! A run waits until every operator is done through its marker's commit (the position the
+//! slot is acknowledged to, [`PubSub::processed_through`]), never for a fixed time. While it waits
 //! it checks `streamex.operator_state`: an operator that halts ends the run at once with its
 //! last error. Retries are quick in the kit (10 ms doubling to 100 ms, 3 retries) so that a
 //! failing operator halts in well under a second; see [`OperatorTest::retry`].
@@ -44,11 +44,11 @@ use tokio_util::sync::CancellationToken;
 use super::{ClusterError, server};
 use crate::config::{Config, ConfigError, RetryConfig};
 use crate::operator::Operator;
-use crate::pubsub::{EntityProcessed, ProcessedSubscription, PubSub, RecvError};
+use crate::pubsub::PubSub;
 use crate::replication::{ConnectParams, Lsn};
 use crate::status::{self, OperatorRunState, PostgresStatus};
 
-/// The kit's marker table (its schema is `streamex_testing`); also its entity name.
+/// The kit's marker table (its schema is `streamex_testing`).
 const MARKS: &str = "streamex_kit_marks";
 
 /// How often a waiting run checks for halted operators and for a stopped service.
@@ -329,7 +329,7 @@ impl OperatorTest {
         let params = ConnectParams::parse(&config.database_url)
             .map_err(|e| database("parsing the test database's URL", e))?;
         let pubsub = PubSub::new();
-        let mut notices = Some(pubsub.subscribe_processed(1024));
+        let mut through = pubsub.processed_through();
         let stop = CancellationToken::new();
         let mut service = tokio::spawn({
             let (pool, stop) = (self.pool.clone(), stop.clone());
@@ -345,12 +345,10 @@ impl OperatorTest {
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome: Result<(), KitError> = loop {
             tokio::select! {
-                notice = next_notice(&mut notices) => match notice {
-                    Ok(n) if n.entity == MARKS && n.commit_lsn > before_mark => break Ok(()),
-                    Ok(_) => {}
-                    // Cut off: the marker's entry in process status, checked below, still
-                    // says when it is done.
-                    Err(_) => notices = None,
+                // Every operator is done through a commit after `before_mark`: the marker's.
+                changed = through.wait_for(|&end| end > before_mark) => match changed {
+                    Ok(_) => break Ok(()),
+                    Err(_) => std::future::pending().await,
                 },
                 result = &mut service => {
                     // It stops only on error (or a panic) before being asked to.
@@ -363,9 +361,6 @@ impl OperatorTest {
                 _ = check.tick() => {
                     if let Some(halted) = self.halted(&names).await? {
                         break Err(halted);
-                    }
-                    if self.mark_processed(before_mark).await? {
-                        break Ok(());
                     }
                     if tokio::time::Instant::now() >= deadline {
                         break Err(KitError::Timeout {
@@ -479,19 +474,6 @@ impl OperatorTest {
         })
     }
 
-    /// Whether process status covers a marker written after `before`.
-    async fn mark_processed(&self, before: Lsn) -> Result<bool, KitError> {
-        let done: Option<bool> = sqlx::query_scalar(
-            "SELECT lsn > $1::pg_lsn FROM streamex.process_status WHERE entity = $2",
-        )
-        .bind(before.to_string())
-        .bind(MARKS)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| database("reading the marker's process status", e))?;
-        Ok(done == Some(true))
-    }
-
     /// The first of `names` that is halted, as the error a run returns.
     async fn halted(&self, names: &[String]) -> Result<Option<KitError>, KitError> {
         let states = status::load_operator_states(&self.pool)
@@ -514,16 +496,6 @@ fn database(what: &'static str, source: impl Into<anyhow::Error>) -> KitError {
     KitError::Database {
         what,
         source: source.into(),
-    }
-}
-
-/// The next notice, or never once the subscription is gone.
-async fn next_notice(
-    notices: &mut Option<ProcessedSubscription>,
-) -> Result<Arc<EntityProcessed>, RecvError> {
-    match notices {
-        Some(notices) => notices.recv().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -22,7 +22,7 @@ use crate::event::{Event, EventType};
 use crate::replication::Lsn;
 
 /// An event as the decoder would make it, for unit tests of handlers: `new` and `old` are
-/// JSON objects (the records) or `null`. It sits at position `(0/100, ordinal)` of a
+/// JSON objects (the records) or `null`; `entity` is `table` (of `public`) or `schema.table`. It sits at position `(0/100, ordinal)` of a
 /// transaction long committed (xid 3, visible to every snapshot); change the fields you need.
 ///
 /// # Panics
@@ -39,10 +39,13 @@ pub fn event(
         serde_json::Value::Null => None,
         other => panic!("not a record: {other}"),
     };
+    let name = crate::event::EntityName::parse(entity)
+        .unwrap_or_else(|e| panic!("not an entity name: {e}"));
     Event {
         kind,
-        schema: "public".into(),
-        entity: entity.into(),
+        schema: name.schema_or(crate::event::DEFAULT_SCHEMA).into(),
+        entity: name.canonical(crate::event::DEFAULT_SCHEMA).into(),
+        table: name.table.into(),
         new_record: record(new),
         old_record: record(old),
         changes: None,
@@ -52,6 +55,7 @@ pub fn event(
         commit_lsn: Lsn(0x100),
         xid: 3,
         ordinal,
+        decode_error: None,
         key_columns: std::sync::Arc::from([]),
     }
 }
