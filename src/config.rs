@@ -267,6 +267,11 @@ pub struct OperatorConfig {
     pub delete_with: Vec<String>,
     /// Declarative form: the statement run for a delete of a `delete_with` entity.
     pub delete_query: Option<String>,
+    /// Declarative form: the statement(s) run, with no parameter, when one of the operator's
+    /// tables is truncated; without it every id found in the tables is recomputed (and a
+    /// truncate of a `delete_with` table is an error, since only this can say which derived
+    /// rows must go).
+    pub truncate_query: Option<String>,
     /// This operator's retry policy, replacing `[retry]`.
     pub retry: Option<RetryConfig>,
     /// Settings passed to a Rust operator's constructor.
@@ -426,10 +431,13 @@ impl Config {
                 return Err(format!("operators: the name {:?} is used twice", op.name));
             }
             if op.query.is_none()
-                && (!op.id.is_empty() || !op.delete_with.is_empty() || op.delete_query.is_some())
+                && (!op.id.is_empty()
+                    || !op.delete_with.is_empty()
+                    || op.delete_query.is_some()
+                    || op.truncate_query.is_some())
             {
                 return Err(format!(
-                    "operators.{}: id, delete_with and delete_query belong to a declarative operator, which needs `query`",
+                    "operators.{}: id, delete_with, delete_query and truncate_query belong to a declarative operator, which needs `query`",
                     op.name
                 ));
             }

@@ -23,7 +23,7 @@ async fn stream(
     setup::check_server(&pool).await?;
     let created =
         setup::ensure_publication(&pool, publication, &PublicationTables::Tables(tables)).await?;
-    assert!(created);
+    assert!(created.created);
     setup::ensure_slot(&pool, &slot_for(url)).await?;
     Streaming::attach(url, pool, |config| {
         config.publication = publication.to_owned();
@@ -51,6 +51,7 @@ async fn schema_table_column_and_publication_names_with_case_spaces_and_quotes()
             &PublicationTables::Tables(vec![("My Schema".into(), "Odd \"Table\" Name".into())]),
         )
         .await?
+        .changed()
     );
 
     sqlx::raw_sql(

@@ -255,3 +255,347 @@ async fn a_future_timestamp_does_not_make_later_writes_look_processed() -> anyho
     );
     service.stop().await
 }
+
+const MEASUREMENTS: &str = "
+CREATE TABLE measurements (id bigint NOT NULL, at date NOT NULL, v int NOT NULL, PRIMARY KEY (id, at))
+    PARTITION BY RANGE (at);
+CREATE TABLE m2023 PARTITION OF measurements FOR VALUES FROM ('2023-01-01') TO ('2024-01-01');
+CREATE TABLE m2024 PARTITION OF measurements FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE measurement_copies (id bigint PRIMARY KEY, v int NOT NULL);
+-- A publication made by hand, publishing partitions under their own names.
+CREATE PUBLICATION streamex FOR TABLE measurements;
+";
+
+const COPIES: &str = r#"
+database_url = "postgres://unused"
+tables = ["measurements"]
+[[operators]]
+name = "copies"
+query = "INSERT INTO measurement_copies SELECT id, v FROM measurements WHERE id = $1 ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v"
+id = { measurements = "id" }
+"#;
+
+fn config_text(url: &str, text: &str) -> anyhow::Result<Config> {
+    Ok(Config::parse(
+        text,
+        "test.toml",
+        [
+            ("STREAMEX_DATABASE_URL".to_owned(), url.to_owned()),
+            ("STREAMEX_SLOT".to_owned(), slot_for(url)),
+        ],
+    )?)
+}
+
+/// A partitioned table's rows arrive as events of the partitioned table, from every
+/// partition, including one created and one attached while streaming.
+#[tokio::test]
+async fn the_rows_of_partitions_are_events_of_their_partitioned_table() -> anyhow::Result<()> {
+    let (url, pool) = database(MEASUREMENTS).await?;
+    let config = config_text(&url, COPIES)?;
+    let pubsub = PubSub::new();
+    let mut channel = pubsub.subscribe("measurements", 64);
+    let operators = streamex::operators::build(&config.operators)?;
+    let service = Service::start(
+        &config,
+        PostgresStatus::new(pool.clone()),
+        pubsub.clone(),
+        operators,
+    )
+    .await?;
+    sqlx::raw_sql(
+        "INSERT INTO measurements VALUES (1, '2023-05-01', 10), (2, '2024-05-01', 20);
+         CREATE TABLE m2025 PARTITION OF measurements FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         INSERT INTO measurements VALUES (3, '2025-05-01', 30);
+         CREATE TABLE m2026 (id bigint NOT NULL, at date NOT NULL, v int NOT NULL, PRIMARY KEY (id, at));
+         ALTER TABLE measurements ATTACH PARTITION m2026 FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+         INSERT INTO measurements VALUES (4, '2026-05-01', 40);
+         UPDATE measurements SET v = v + 1 WHERE id = 2;",
+    )
+    .execute(&pool)
+    .await?;
+    until(
+        &pool,
+        "every measurement is copied",
+        "SELECT array_agg(v ORDER BY id) = '{10,21,30,40}' FROM measurement_copies",
+    )
+    .await?;
+    for _ in 0..5 {
+        let event = channel.recv().await?;
+        assert_eq!(&*event.entity, "measurements");
+    }
+    let via_root: bool =
+        sqlx::query_scalar("SELECT pubviaroot FROM pg_publication WHERE pubname = 'streamex'")
+            .fetch_one(&pool)
+            .await?;
+    assert!(
+        via_root,
+        "set up changes the publication to publish via the root"
+    );
+    service.stop().await
+}
+
+/// The publication publishes exactly the configured tables, after every set-up.
+#[tokio::test]
+async fn the_publication_follows_the_configured_tables() -> anyhow::Result<()> {
+    let (url, pool) = database(BLOG).await?;
+    let published = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'streamex' ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+    };
+    let with_tables =
+        |tables: &str| config_text(&url, &format!("database_url = \"x\"\ntables = [{tables}]"));
+    streamex::cli::prepare(&with_tables(r#""posts""#)?, &pool).await?;
+    assert_eq!(published().await?, ["posts"]);
+    streamex::cli::prepare(&with_tables(r#""posts", "comments""#)?, &pool).await?;
+    assert_eq!(published().await?, ["comments", "posts"]);
+    streamex::cli::prepare(&with_tables(r#""comments""#)?, &pool).await?;
+    assert_eq!(published().await?, ["comments"]);
+
+    // A publication of some tables does not silently become one of all tables.
+    let error = streamex::cli::prepare(&with_tables("")?, &pool)
+        .await
+        .unwrap_err();
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("every table") && message.contains("publication"),
+        "{message}"
+    );
+    assert_eq!(published().await?, ["comments"]);
+
+    // An operator listening to a table that is not published is refused, by name.
+    let config = config_text(
+        &url,
+        "database_url = \"x\"\ntables = [\"comments\"]\n[[operators]]\nname = \"post_comment_tallies\"\n\
+         [[operators]]\nname = \"titles\"\nquery = \"SELECT $1\"\nid = { posts = \"id\" }",
+    )?;
+    let operators = streamex::operators::build(&config.operators)?;
+    let error = Service::start(
+        &config,
+        PostgresStatus::new(pool.clone()),
+        PubSub::new(),
+        operators,
+    )
+    .await?
+    .stop()
+    .await
+    .unwrap_err();
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("titles")
+            && message.contains("public.posts")
+            && message.contains("tables"),
+        "{message}"
+    );
+    Ok(())
+}
+
+/// Instances started together all get through set-up.
+#[tokio::test]
+async fn concurrent_setups_all_succeed() -> anyhow::Result<()> {
+    let (url, _pool) = database(BLOG).await?;
+    let config = config(&url, &[], "")?;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (url, config) = (url.clone(), config.clone());
+        tasks.push(tokio::spawn(async move {
+            let pool = PgPool::connect(&url).await?;
+            streamex::cli::prepare(&config, &pool).await
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+const TRUNCATES: &str = "TRUNCATE comments; INSERT INTO posts (title) VALUES ('after');";
+
+/// TRUNCATE reaches both blog operators: the declarative one runs its truncate_query, the
+/// tallies go to 0; TRUNCATE of posts cascades to comments in the same message.
+#[tokio::test]
+async fn truncate_reaches_the_blog_operators() -> anyhow::Result<()> {
+    let (url, pool) = database(BLOG).await?;
+    let config = config(&url, &[], "")?;
+    let operators = streamex::operators::build(&config.operators)?;
+    let service = Service::start(
+        &config,
+        PostgresStatus::new(pool.clone()),
+        PubSub::new(),
+        operators,
+    )
+    .await?;
+    sqlx::raw_sql(
+        "INSERT INTO posts (id, title) VALUES (1, 'one'), (2, 'two');
+         INSERT INTO comments (post_id, body) SELECT 1 + i % 2, 'c' FROM generate_series(1, 10) i;",
+    )
+    .execute(&pool)
+    .await?;
+    settle(&pool).await?;
+    sqlx::raw_sql(TRUNCATES).execute(&pool).await?;
+    settle(&pool).await?;
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    let counts: Vec<i32> =
+        sqlx::query_scalar("SELECT comments_count FROM post_with_comments_counts WHERE id <= 2")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(counts, [0, 0]);
+    // Comments again, in the same transaction as a truncate of both tables and new rows.
+    sqlx::raw_sql(
+        "INSERT INTO comments (post_id, body) SELECT 1, 'c' FROM generate_series(1, 3);
+         BEGIN;
+         INSERT INTO comments (post_id) VALUES (2);
+         TRUNCATE posts CASCADE;
+         INSERT INTO posts (id, title) VALUES (7, 'seven');
+         INSERT INTO comments (post_id) VALUES (7), (7);
+         COMMIT;",
+    )
+    .execute(&pool)
+    .await?;
+    settle(&pool).await?;
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    let rows: Vec<(i64, i32)> = sqlx::query_as(
+        "SELECT id, comments_count FROM post_with_comments_counts WHERE id <= 7 ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(rows, [(7, 2)]);
+    service.stop().await
+}
+
+const TAGS: &str = "
+CREATE TABLE tags (name text PRIMARY KEY);
+CREATE TABLE tag_uses (id serial PRIMARY KEY, tag text NOT NULL);
+ALTER TABLE tag_uses REPLICA IDENTITY FULL;
+CREATE TABLE tag_counts (name text PRIMARY KEY, uses bigint NOT NULL);
+";
+
+/// Without truncate_query, a truncate recomputes every id found in the source tables.
+#[tokio::test]
+async fn truncate_recomputes_every_id_without_a_truncate_query() -> anyhow::Result<()> {
+    let kit = testing::OperatorTest::start(TAGS).await?;
+    let operator = streamex::operator::SqlOperator::builder("tag_counts")
+        .query(
+            "INSERT INTO tag_counts (name, uses)
+             SELECT t.name, (SELECT count(*) FROM tag_uses u WHERE u.tag = t.name)
+               FROM tags t WHERE t.name = $1
+             ON CONFLICT (name) DO UPDATE SET uses = EXCLUDED.uses",
+        )
+        .id("tags", "name")
+        .id("tag_uses", "tag")
+        .build()?;
+    let operator = std::sync::Arc::new(operator);
+    kit.run(
+        operator.clone(),
+        &[
+            "INSERT INTO tags VALUES ('a'), ('b')",
+            "INSERT INTO tag_uses (tag) VALUES ('a'), ('a'), ('b')",
+        ],
+    )
+    .await?;
+    kit.run(
+        operator,
+        &[
+            "TRUNCATE tag_uses",
+            "INSERT INTO tag_uses (tag) VALUES ('b')",
+        ],
+    )
+    .await?;
+    let counts: Vec<(String, i64)> = kit
+        .query_as("SELECT name, uses FROM tag_counts ORDER BY name")
+        .await?;
+    assert_eq!(counts, [("a".to_owned(), 0), ("b".to_owned(), 1)]);
+    Ok(())
+}
+
+const IDS: &str = "
+CREATE TABLE small (id smallserial PRIMARY KEY, v text NOT NULL);
+CREATE TABLE medium (id serial PRIMARY KEY, v text NOT NULL);
+CREATE TABLE exact (id numeric PRIMARY KEY, v text NOT NULL);
+CREATE TABLE copies (kind text NOT NULL, id text NOT NULL, v text NOT NULL, PRIMARY KEY (kind, id));
+";
+
+fn copier(table: &str) -> anyhow::Result<std::sync::Arc<streamex::operator::SqlOperator>> {
+    Ok(std::sync::Arc::new(
+        streamex::operator::SqlOperator::builder(&format!("copy_{table}"))
+            .query(&format!(
+                "INSERT INTO copies SELECT '{table}', id::text, v FROM {table} WHERE id = $1
+                 ON CONFLICT (kind, id) DO UPDATE SET v = EXCLUDED.v"
+            ))
+            .id(table, "id")
+            .delete_with(
+                table,
+                &format!("DELETE FROM copies WHERE kind = '{table}' AND id = $1::text"),
+            )
+            .build()?,
+    ))
+}
+
+/// `smallint`, `integer` and `numeric` ids are bound as the type the statement expects, for
+/// one event, two, and many in a batch.
+#[tokio::test]
+async fn ids_of_every_integer_width_and_numeric_are_bound_as_their_type() -> anyhow::Result<()> {
+    // No retries: a first attempt that fails (as binding the wrong width did, on the
+    // connection where the statement was described) must show.
+    let kit = testing::OperatorTest::start(IDS)
+        .await?
+        .retry(streamex::config::RetryConfig {
+            retries: 0,
+            ..Default::default()
+        });
+    for table in ["small", "medium", "exact"] {
+        let operator = copier(table)?;
+        let (id1, ids2, ids_many) = if table == "exact" {
+            ("1.5", "(2.25, 'b'), (3, 'c')", "4.125")
+        } else {
+            ("DEFAULT", "(DEFAULT, 'b'), (DEFAULT, 'c')", "DEFAULT")
+        };
+        kit.run(
+            operator.clone(),
+            &[&format!("INSERT INTO {table} VALUES ({id1}, 'a')")],
+        )
+        .await?;
+        kit.run(
+            operator.clone(),
+            &[&format!("INSERT INTO {table} VALUES {ids2}")],
+        )
+        .await?;
+        let many: Vec<String> = (0..20)
+            .map(|i| {
+                if table == "exact" {
+                    format!("({}.5, 'm{i}')", 10 + i)
+                } else {
+                    format!("(DEFAULT, 'm{i}')")
+                }
+            })
+            .collect();
+        kit.run(
+            operator.clone(),
+            &[
+                &format!("INSERT INTO {table} VALUES {}", many.join(", ")),
+                &format!("UPDATE {table} SET v = v || '!'"),
+                &format!("DELETE FROM {table} WHERE v LIKE 'b%'"),
+                &format!("INSERT INTO {table} VALUES ({ids_many}, 'z')"),
+            ],
+        )
+        .await?;
+        let wrong: i64 = kit
+            .query_scalar::<i64>(&format!(
+                "SELECT count(*) FROM (
+                   (SELECT id::text, v FROM {table} EXCEPT SELECT id, v FROM copies WHERE kind = '{table}')
+                   UNION ALL
+                   (SELECT id, v FROM copies WHERE kind = '{table}' EXCEPT SELECT id::text, v FROM {table})) d"
+            ))
+            .await?[0];
+        assert_eq!(wrong, 0, "{table}");
+        let copied: Vec<i64> = kit
+            .query_scalar(&format!(
+                "SELECT count(*) FROM copies WHERE kind = '{table}'"
+            ))
+            .await?;
+        assert_eq!(copied, [23], "{table}");
+    }
+    Ok(())
+}

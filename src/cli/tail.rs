@@ -4,7 +4,7 @@
 //! commit acknowledged, so with `--slot` nothing printed is lost or skipped across restarts
 //! (a transaction cut off by a restart is printed again in full).
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -18,9 +18,11 @@ pub struct TailArgs {
     /// The database to read, as a postgres:// URL.
     #[arg(long, env = "STREAMEX_DATABASE_URL")]
     database_url: String,
-    /// The publication to read; created FOR ALL TABLES when missing.
-    #[arg(long, default_value = "streamex")]
-    publication: String,
+    /// An existing publication to read. Without it, tail reads every table through a
+    /// temporary publication of its own (FOR ALL TABLES, which needs a superuser), dropped when
+    /// it ends: tail never creates or changes a publication a configuration may name.
+    #[arg(long)]
+    publication: Option<String>,
     /// An existing logical slot (pgoutput) to read and acknowledge; without it a temporary
     /// slot is used, which the server drops when tail ends.
     #[arg(long)]
@@ -36,7 +38,6 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .with_context(|| format!("connecting to {}", params.redacted_url()))?;
     setup::check_server(&catalog).await?;
-    setup::ensure_publication(&catalog, &args.publication, &PublicationTables::All).await?;
     let temporary = args.slot.is_none();
     let slot = args
         .slot
@@ -48,7 +49,64 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
         })?;
         setup::check_slot(&catalog, &info).await?;
     }
-    let mut config = StreamConfig::new(params, &slot, &args.publication);
+    let (publication, own) = match &args.publication {
+        Some(name) => {
+            if !setup::publication_exists(&catalog, name).await? {
+                bail!(
+                    "publication {name:?} does not exist: name an existing one with --publication, \
+                     or leave it out to read every table"
+                );
+            }
+            (name.clone(), false)
+        }
+        None => {
+            let name = format!("streamex_tail_{}", std::process::id());
+            setup::ensure_publication(&catalog, &name, &PublicationTables::All)
+                .await
+                .with_context(|| {
+                    format!(
+                        "creating tail's temporary publication {name:?} of every table (needs a \
+                         superuser; otherwise name an existing publication with --publication)"
+                    )
+                })?;
+            (name, true)
+        }
+    };
+    let result = stream(
+        args,
+        params,
+        catalog.clone(),
+        slot,
+        &publication,
+        temporary,
+        shutdown,
+    )
+    .await;
+    if own {
+        let dropped = sqlx::query(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            setup::quote_ident(&publication)
+        ))
+        .execute(&catalog)
+        .await;
+        if let Err(error) = dropped {
+            tracing::warn!(publication = %publication, error = %error,
+                "could not drop tail's temporary publication; drop it by hand");
+        }
+    }
+    result
+}
+
+async fn stream(
+    args: TailArgs,
+    params: ConnectParams,
+    catalog: sqlx::PgPool,
+    slot: String,
+    publication: &str,
+    temporary: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut config = StreamConfig::new(params, &slot, publication);
     config.temporary_slot = temporary;
     let stop = shutdown.child_token();
     let stream = replication::spawn(config, catalog, Acknowledger::default(), stop.clone());

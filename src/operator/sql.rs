@@ -30,12 +30,31 @@ use tracing::warn;
 use super::{Context, HandlerFuture, Operator, Subscription};
 use crate::event::{Event, EventType};
 
-/// How `$1` is bound.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How `$1` is bound: as the type the server expects for it, asked once per statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Param {
-    Integer,
+    Int2,
+    Int4,
+    Int8,
     Uuid,
     Text,
+    /// Any other type, by its SQL name (`numeric`, `date`, an enum): bound as its text form
+    /// through a prepared statement, `'value'::type`.
+    Other(String),
+}
+
+impl Param {
+    /// The type `$1` is declared with when the statement is prepared on the server.
+    fn sql_type(&self) -> &str {
+        match self {
+            Param::Int2 => "int2",
+            Param::Int4 => "int4",
+            Param::Int8 => "int8",
+            Param::Uuid => "uuid",
+            Param::Text => "text",
+            Param::Other(name) => name,
+        }
+    }
 }
 
 /// Which of the operator's statements an event runs.
@@ -68,29 +87,51 @@ impl Statement {
     /// How `$1` is bound, asked of the server the first time.
     async fn param(&self, conn: &mut sqlx::PgConnection) -> anyhow::Result<Param> {
         if let Some(p) = self.param.get() {
-            return Ok(*p);
+            return Ok(p.clone());
         }
         let described = (&mut *conn)
             .describe(&self.sql)
             .await
             .with_context(|| format!("preparing {:?}", self.sql))?;
-        let kind = match described.parameters() {
-            Some(sqlx::Either::Left(types)) => match types.first().map(|t| t.name()) {
-                Some("INT2" | "INT4" | "INT8") => Param::Integer,
-                Some("UUID") => Param::Uuid,
-                _ => Param::Text,
-            },
-            _ => Param::Text,
+        let first = match described.parameters() {
+            Some(sqlx::Either::Left(types)) => types.first().cloned(),
+            _ => None,
         };
-        Ok(*self.param.get_or_init(|| kind))
+        let kind = match first {
+            None => Param::Text,
+            Some(ty) => match ty.name() {
+                "INT2" => Param::Int2,
+                "INT4" => Param::Int4,
+                "INT8" => Param::Int8,
+                "UUID" => Param::Uuid,
+                "TEXT" => Param::Text,
+                _ => match ty.oid() {
+                    Some(oid) => {
+                        let name: String = sqlx::query_scalar("SELECT format_type($1, NULL)")
+                            .bind(oid)
+                            .fetch_one(&mut *conn)
+                            .await
+                            .context("naming the type of $1")?;
+                        Param::Other(name)
+                    }
+                    None => Param::Text,
+                },
+            },
+        };
+        Ok(self.param.get_or_init(|| kind).clone())
     }
 
+    /// Runs the statement for `id` with `$1` bound directly (not for [`Param::Other`], which
+    /// only a prepared statement takes, as text).
     async fn run(&self, conn: &mut sqlx::PgConnection, id: &Value) -> anyhow::Result<()> {
         let query = sqlx::query(&self.sql);
-        let query = match Bound::new(self.param(conn).await?, id)? {
-            Bound::Integer(n) => query.bind(n),
+        let query = match Bound::new(&self.param(conn).await?, id)? {
+            Bound::Int2(n) => query.bind(n),
+            Bound::Int4(n) => query.bind(n),
+            Bound::Int8(n) => query.bind(n),
             Bound::Uuid(u) => query.bind(u),
             Bound::Text(t) => query.bind(t),
+            Bound::Other(_, ty) => bail!("$1 of type {ty} is bound through a prepared statement"),
         };
         query.execute(conn).await?;
         Ok(())
@@ -100,38 +141,60 @@ impl Statement {
 /// An id as `$1` gets it.
 #[derive(Debug, PartialEq)]
 enum Bound {
-    Integer(i64),
+    Int2(i16),
+    Int4(i32),
+    Int8(i64),
     Uuid(uuid::Uuid),
     Text(String),
+    /// The id's text form and the type to cast it to.
+    Other(String, String),
 }
 
 impl Bound {
-    fn new(param: Param, id: &Value) -> anyhow::Result<Bound> {
-        Ok(match (param, id) {
-            (Param::Integer, Value::Number(n)) => Bound::Integer(
-                n.as_i64()
-                    .ok_or_else(|| anyhow!("id {n} is not a 64-bit integer"))?,
+    fn new(param: &Param, id: &Value) -> anyhow::Result<Bound> {
+        let integer = |what: &str| -> anyhow::Result<i64> {
+            match id {
+                Value::Number(n) => n.as_i64(),
+                Value::String(s) => s.parse::<i64>().ok(),
+                _ => None,
+            }
+            .ok_or_else(|| anyhow!("the id is not an integer, but $1 is {what}"))
+        };
+        let text = || match id {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Ok(match param {
+            Param::Int2 => Bound::Int2(
+                i16::try_from(integer("a smallint")?)
+                    .map_err(|_| anyhow!("the id does not fit $1, a smallint"))?,
             ),
-            (Param::Integer, Value::String(s)) => Bound::Integer(
-                s.parse::<i64>()
-                    .map_err(|_| anyhow!("the id is not an integer, but $1 is one"))?,
+            Param::Int4 => Bound::Int4(
+                i32::try_from(integer("an integer")?)
+                    .map_err(|_| anyhow!("the id does not fit $1, an integer"))?,
             ),
-            (Param::Uuid, Value::String(s)) => Bound::Uuid(
-                uuid::Uuid::parse_str(s)
-                    .map_err(|_| anyhow!("the id is not a UUID, but $1 is one"))?,
-            ),
-            (_, Value::String(s)) => Bound::Text(s.clone()),
-            (_, Value::Number(n)) => Bound::Text(n.to_string()),
-            (_, other) => Bound::Text(other.to_string()),
+            Param::Int8 => Bound::Int8(integer("a bigint")?),
+            Param::Uuid => match id {
+                Value::String(s) => Bound::Uuid(
+                    uuid::Uuid::parse_str(s)
+                        .map_err(|_| anyhow!("the id is not a UUID, but $1 is one"))?,
+                ),
+                _ => bail!("the id is not a UUID, but $1 is one"),
+            },
+            Param::Text => Bound::Text(text()),
+            Param::Other(ty) => Bound::Other(text(), ty.clone()),
         })
     }
 
     /// The same value as an SQL expression of the same type as the bound parameter.
     fn literal(&self) -> String {
         match self {
-            Bound::Integer(n) => format!("{n}::int8"),
+            Bound::Int2(n) => format!("{n}::int2"),
+            Bound::Int4(n) => format!("{n}::int4"),
+            Bound::Int8(n) => format!("{n}::int8"),
             Bound::Uuid(u) => format!("'{u}'::uuid"),
             Bound::Text(t) => format!("{}::text", escaped_literal(t)),
+            Bound::Other(t, ty) => format!("{}::{ty}", escaped_literal(t)),
         }
     }
 }
@@ -140,15 +203,6 @@ impl Bound {
 /// `standard_conforming_strings` says.
 fn escaped_literal(text: &str) -> String {
     format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
-}
-
-/// The type `$1` is declared with when the statement is prepared on the server.
-fn param_type(param: Param) -> &'static str {
-    match param {
-        Param::Integer => "int8",
-        Param::Uuid => "uuid",
-        Param::Text => "text",
-    }
 }
 
 /// `EXECUTE name(value);` for each statement, in order, as one string: a simple query that
@@ -173,6 +227,7 @@ pub struct SqlOperator {
     ids: BTreeMap<String, String>,
     delete_with: Vec<String>,
     delete_query: Option<Statement>,
+    truncate_query: Option<String>,
     /// A statement the server would not `PREPARE` (a `CALL`, say): batches then run the
     /// statements one by one.
     unpreparable: AtomicBool,
@@ -186,6 +241,7 @@ pub struct SqlOperatorBuilder {
     ids: BTreeMap<String, String>,
     delete_with: Vec<String>,
     delete_query: Option<String>,
+    truncate_query: Option<String>,
 }
 
 impl SqlOperatorBuilder {
@@ -208,6 +264,13 @@ impl SqlOperatorBuilder {
         self
     }
 
+    /// A TRUNCATE of any of its entities runs `sql` (no parameter; it may hold several
+    /// statements) instead of recomputing every id.
+    pub fn on_truncate(mut self, sql: &str) -> Self {
+        self.truncate_query = Some(sql.to_owned());
+        self
+    }
+
     pub fn build(self) -> anyhow::Result<SqlOperator> {
         let query = self
             .query
@@ -227,10 +290,26 @@ impl SqlOperatorBuilder {
             ids: self.ids,
             delete_with: self.delete_with,
             delete_query: self.delete_query.map(Statement::new),
+            truncate_query: self.truncate_query,
             unpreparable: AtomicBool::new(false),
         })
     }
 }
+
+/// One thing a batch does, in order.
+#[derive(Clone, Debug, PartialEq)]
+enum Step {
+    /// A statement for one id.
+    Run(Which, Value),
+    /// `truncate_query`.
+    Truncate,
+    /// The query for every id now found in the source tables (after a TRUNCATE, when there
+    /// is no `truncate_query`).
+    RecomputeAll,
+}
+
+/// How many ids a recomputation of every id sends in one round trip.
+const RECOMPUTE_CHUNK: usize = 10_000;
 
 impl SqlOperator {
     pub fn builder(name: &str) -> SqlOperatorBuilder {
@@ -247,31 +326,58 @@ impl SqlOperator {
         }
     }
 
-    /// The statements a batch runs, in order: each event's, less the repetitions (see
-    /// [`Operator::handle_batch`] on this type).
-    fn plan(&self, events: &[Arc<Event>]) -> anyhow::Result<Vec<(Which, Value)>> {
+    /// What a batch does, in order: each event's steps, less the repetitions (see
+    /// [`Operator::handle_batch`] on this type). A truncate starts over: what came before it
+    /// is no longer a repetition of what comes after.
+    fn plan(&self, events: &[Arc<Event>]) -> anyhow::Result<Vec<Step>> {
         let mut last: HashMap<String, Which> = HashMap::new();
-        let mut todo: Vec<(Which, Value)> = Vec::new();
+        let mut todo: Vec<Step> = Vec::new();
         for event in events {
-            for (which, id) in self.actions(event)? {
-                if last.insert(id.to_string(), which) != Some(which) {
-                    todo.push((which, id));
+            for step in self.actions(event)? {
+                match step {
+                    Step::Run(which, id) => {
+                        if last.insert(id.to_string(), which) != Some(which) {
+                            todo.push(Step::Run(which, id));
+                        }
+                    }
+                    other => {
+                        last.clear();
+                        todo.push(other);
+                    }
                 }
             }
         }
         Ok(todo)
     }
 
-    /// The statements one event runs, in order, with their ids.
-    fn actions(&self, event: &Event) -> anyhow::Result<Vec<(Which, Value)>> {
-        let field = self.ids.get(&*event.entity).or_else(|| {
+    /// The id field of `event`'s entity, if the operator listens to it.
+    fn field(&self, event: &Event) -> Option<&String> {
+        self.ids.get(&*event.entity).or_else(|| {
             self.ids
                 .iter()
                 .find_map(|(entity, field)| event.is_entity(entity).then_some(field))
-        });
-        let Some(field) = field else {
+        })
+    }
+
+    /// The steps one event takes, in order.
+    fn actions(&self, event: &Event) -> anyhow::Result<Vec<Step>> {
+        let Some(field) = self.field(event) else {
             return Ok(Vec::new());
         };
+        if event.kind == EventType::Truncate {
+            if self.truncate_query.is_some() {
+                return Ok(vec![Step::Truncate]);
+            }
+            if self.delete_with.iter().any(|e| event.is_entity(e)) {
+                bail!(
+                    "{} was truncated: its derived rows must go, and only a `truncate_query` can say \
+                     which (every id of the table is gone from it): set truncate_query on operator {}",
+                    event.entity,
+                    self.name
+                );
+            }
+            return Ok(vec![Step::RecomputeAll]);
+        }
         let id = event
             .record()
             .and_then(|r| r.get(field))
@@ -308,11 +414,133 @@ impl SqlOperator {
                 .cloned(),
             _ => None,
         };
-        actions.push((if deletes { Which::Delete } else { Which::Query }, id));
+        actions.push(Step::Run(
+            if deletes { Which::Delete } else { Which::Query },
+            id,
+        ));
         if let Some(old) = moved_from {
-            actions.push((Which::Query, old));
+            actions.push(Step::Run(Which::Query, old));
         }
         Ok(actions)
+    }
+
+    /// Runs `steps` in order: the statements of consecutive ids together (see
+    /// [`run_ids`](Self::run_ids)), a truncate's statement, a recomputation of every id.
+    async fn run(&self, conn: &mut sqlx::PgConnection, steps: &[Step]) -> anyhow::Result<()> {
+        let mut ids: Vec<(Which, Value)> = Vec::new();
+        for step in steps {
+            match step {
+                Step::Run(which, id) => ids.push((*which, id.clone())),
+                Step::Truncate => {
+                    self.run_ids(conn, &std::mem::take(&mut ids)).await?;
+                    let sql = self.truncate_query.as_deref().unwrap_or_default();
+                    conn.execute(sqlx::raw_sql(sql))
+                        .await
+                        .with_context(|| format!("running truncate_query {sql:?}"))?;
+                }
+                Step::RecomputeAll => {
+                    self.run_ids(conn, &std::mem::take(&mut ids)).await?;
+                    self.recompute_all(conn).await?;
+                }
+            }
+        }
+        self.run_ids(conn, &ids).await
+    }
+
+    /// The query for every id found in the source tables now: after a TRUNCATE of one of
+    /// them, every derived row may have changed.
+    async fn recompute_all(&self, conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+        let mut all: std::collections::BTreeSet<String> = Default::default();
+        for (entity, field) in &self.ids {
+            let name = crate::event::EntityName::parse(entity)?;
+            let table = match &name.schema {
+                Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(&name.table)),
+                // The default schema's table, found through the search path.
+                None => quote_ident(&name.table),
+            };
+            let column = quote_ident(field);
+            let ids: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT DISTINCT {column}::text FROM {table} WHERE {column} IS NOT NULL"
+            ))
+            .fetch_all(&mut *conn)
+            .await
+            .with_context(|| format!("reading every {field} of {entity} after a truncate"))?;
+            all.extend(ids);
+        }
+        let all: Vec<(Which, Value)> = all
+            .into_iter()
+            .map(|id| (Which::Query, Value::String(id)))
+            .collect();
+        for chunk in all.chunks(RECOMPUTE_CHUNK) {
+            self.run_ids(conn, chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Each `(statement, id)` in order: bound directly when there are few of them, else (or
+    /// when `$1` is of a type only its text form can give) sent in one round trip as
+    /// executions of statements prepared once per connection.
+    async fn run_ids(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        ids: &[(Which, Value)],
+    ) -> anyhow::Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut used: Vec<&Statement> = vec![&self.query];
+        used.extend(self.delete_query.as_ref());
+        let mut direct = ids.len() < 3 || self.unpreparable.load(Ordering::Relaxed);
+        for statement in &used {
+            if matches!(statement.param(conn).await?, Param::Other(_)) {
+                direct = false;
+            }
+        }
+        if direct {
+            for (which, id) in ids {
+                self.statement(*which).run(conn, id).await?;
+            }
+            return Ok(());
+        }
+        let names: Vec<&str> = used.iter().map(|s| s.prepared.as_str()).collect();
+        let present: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pg_prepared_statements WHERE name = ANY($1)")
+                .bind(&names)
+                .fetch_all(&mut *conn)
+                .await?;
+        for statement in &used {
+            if !present.contains(&statement.prepared) {
+                let param = statement.param(conn).await?;
+                let prepare = format!(
+                    "PREPARE {}({}) AS {}",
+                    statement.prepared,
+                    param.sql_type(),
+                    statement.sql
+                );
+                if let Err(error) = conn.execute(sqlx::raw_sql(&prepare)).await {
+                    if matches!(error, sqlx::Error::Database(_)) {
+                        // This batch is run again one event at a time; later batches run
+                        // their statements one by one.
+                        self.unpreparable.store(true, Ordering::Relaxed);
+                        warn!(operator = %self.name, error = %error,
+                              "the statement cannot be prepared; batches run it once per id");
+                    }
+                    return Err(
+                        anyhow::Error::new(error).context(format!("preparing {:?}", statement.sql))
+                    );
+                }
+            }
+        }
+        let mut statements = Vec::with_capacity(ids.len());
+        for (which, id) in ids {
+            let statement = self.statement(*which);
+            let param = statement.param(conn).await?;
+            statements.push((statement.prepared.as_str(), Bound::new(&param, id)?));
+        }
+        conn.execute(sqlx::raw_sql(&executes(&statements)))
+            .await
+            .with_context(|| format!("running a batch of {} statements", statements.len()))?;
+        Ok(())
     }
 
     /// Builds one from its `[[operators]]` entry.
@@ -326,8 +554,14 @@ impl SqlOperator {
         }
         builder.delete_with = config.delete_with.clone();
         builder.delete_query = config.delete_query.clone();
+        builder.truncate_query = config.truncate_query.clone();
         builder.build()
     }
+}
+
+/// `name` quoted as an SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 impl Operator for SqlOperator {
@@ -341,7 +575,12 @@ impl Operator for SqlOperator {
             .map(|entity| {
                 Subscription::only(
                     entity,
-                    &[EventType::Insert, EventType::Update, EventType::Delete],
+                    &[
+                        EventType::Insert,
+                        EventType::Update,
+                        EventType::Delete,
+                        EventType::Truncate,
+                    ],
                 )
             })
             .collect()
@@ -349,10 +588,8 @@ impl Operator for SqlOperator {
 
     fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
         Box::pin(async move {
-            for (which, id) in self.actions(event)? {
-                self.statement(which).run(ctx.db(), &id).await?;
-            }
-            Ok(())
+            let steps = self.actions(event)?;
+            self.run(ctx.db(), &steps).await
         })
     }
 
@@ -368,53 +605,8 @@ impl Operator for SqlOperator {
         ctx: &'a mut Context<'_>,
     ) -> HandlerFuture<'a> {
         Box::pin(async move {
-            let plan = self.plan(events)?;
-            if plan.len() < 3 || self.unpreparable.load(Ordering::Relaxed) {
-                for (which, id) in &plan {
-                    self.statement(*which).run(ctx.db(), id).await?;
-                }
-                return Ok(());
-            }
-            // Many statements: prepared once per connection, then all of them in one round trip.
-            let conn = ctx.db();
-            let mut used: Vec<&Statement> = vec![&self.query];
-            used.extend(self.delete_query.as_ref());
-            let names: Vec<&str> = used.iter().map(|s| s.prepared.as_str()).collect();
-            let present: Vec<String> =
-                sqlx::query_scalar("SELECT name FROM pg_prepared_statements WHERE name = ANY($1)")
-                    .bind(&names)
-                    .fetch_all(&mut *conn)
-                    .await?;
-            for statement in &used {
-                if !present.contains(&statement.prepared) {
-                    let param = param_type(statement.param(conn).await?);
-                    let prepare = format!(
-                        "PREPARE {}({param}) AS {}",
-                        statement.prepared, statement.sql
-                    );
-                    if let Err(error) = conn.execute(sqlx::raw_sql(&prepare)).await {
-                        if matches!(error, sqlx::Error::Database(_)) {
-                            // This batch is run again one event at a time; later batches run
-                            // their statements one by one.
-                            self.unpreparable.store(true, Ordering::Relaxed);
-                            warn!(operator = %self.name, error = %error,
-                                  "the statement cannot be prepared; batches run it once per id");
-                        }
-                        return Err(anyhow::Error::new(error)
-                            .context(format!("preparing {:?}", statement.sql)));
-                    }
-                }
-            }
-            let mut statements = Vec::with_capacity(plan.len());
-            for (which, id) in &plan {
-                let statement = self.statement(*which);
-                let param = statement.param(conn).await?;
-                statements.push((statement.prepared.as_str(), Bound::new(param, id)?));
-            }
-            conn.execute(sqlx::raw_sql(&executes(&statements)))
-                .await
-                .with_context(|| format!("running a batch of {} statements", statements.len()))?;
-            Ok(())
+            let steps = self.plan(events)?;
+            self.run(ctx.db(), &steps).await
         })
     }
 }
@@ -466,18 +658,21 @@ mod tests {
         assert_eq!(
             plan,
             vec![
-                (Which::Query, json!(1)),
-                (Which::Query, json!(2)),
-                (Which::Query, json!(3)),
-                (Which::Delete, json!(1)),
-                (Which::Query, json!(1)),
+                Step::Run(Which::Query, json!(1)),
+                Step::Run(Which::Query, json!(2)),
+                Step::Run(Which::Query, json!(3)),
+                Step::Run(Which::Delete, json!(1)),
+                Step::Run(Which::Query, json!(1)),
             ]
         );
         // One event at a time gives each event's statements, unchanged.
         let moved = operator().actions(&events[4]).unwrap();
         assert_eq!(
             moved,
-            vec![(Which::Query, json!(3)), (Which::Query, json!(2))]
+            vec![
+                Step::Run(Which::Query, json!(3)),
+                Step::Run(Which::Query, json!(2))
+            ]
         );
     }
 
@@ -485,23 +680,37 @@ mod tests {
     fn a_batch_executes_each_id_as_its_parameter_type() {
         let uuid = "6f1c2c3e-0d0a-4b8e-9a51-3c2f0e4b9d10";
         assert_eq!(
-            Bound::new(Param::Integer, &json!("42")).unwrap(),
-            Bound::Integer(42)
+            Bound::new(&Param::Int8, &json!("42")).unwrap(),
+            Bound::Int8(42)
         );
-        assert!(Bound::new(Param::Integer, &json!("x")).is_err());
-        assert!(Bound::new(Param::Uuid, &json!("not a uuid")).is_err());
-        let uuid = Bound::new(Param::Uuid, &json!(uuid)).unwrap();
+        // Each integer width as its own type, refused when the id does not fit.
+        assert_eq!(Bound::new(&Param::Int4, &json!(7)).unwrap(), Bound::Int4(7));
+        assert_eq!(
+            Bound::new(&Param::Int2, &json!(-7)).unwrap(),
+            Bound::Int2(-7)
+        );
+        assert!(Bound::new(&Param::Int4, &json!(1_i64 << 40)).is_err());
+        assert!(Bound::new(&Param::Int2, &json!(40_000)).is_err());
+        assert!(Bound::new(&Param::Int8, &json!("x")).is_err());
+        assert!(Bound::new(&Param::Uuid, &json!("not a uuid")).is_err());
+        let numeric = Param::Other("numeric".to_owned());
+        assert_eq!(
+            Bound::new(&numeric, &json!(12.50)).unwrap().literal(),
+            "E'12.5'::numeric"
+        );
+        let uuid = Bound::new(&Param::Uuid, &json!(uuid)).unwrap();
         let text = executes(&[
-            ("a", Bound::Integer(-7)),
+            ("a", Bound::Int8(-7)),
             ("b", uuid),
             ("a", Bound::Text(r"it's a \ back".to_owned())),
+            ("c", Bound::Int4(3)),
         ]);
         assert_eq!(
             text,
             "EXECUTE a(-7::int8);\nEXECUTE b('6f1c2c3e-0d0a-4b8e-9a51-3c2f0e4b9d10'::uuid);\n\
-             EXECUTE a(E'it''s a \\\\ back'::text);\n"
+             EXECUTE a(E'it''s a \\\\ back'::text);\nEXECUTE c(3::int4);\n"
         );
-        assert_eq!(param_type(Param::Integer), "int8");
+        assert_eq!(Param::Int4.sql_type(), "int4");
         // Statements are named after their text.
         assert_eq!(
             Statement::new("SELECT $1".into()).prepared,
@@ -510,6 +719,47 @@ mod tests {
         assert_ne!(
             Statement::new("SELECT $1".into()).prepared,
             Statement::new("SELECT $1 ".into()).prepared
+        );
+    }
+
+    #[test]
+    fn a_truncate_recomputes_every_id_or_runs_truncate_query() {
+        use EventType::{Insert, Truncate};
+        let n = Value::Null;
+        let events = [
+            event(Insert, "comments", json!({"post_id": 1}), n.clone()),
+            event(Truncate, "comments", n.clone(), n.clone()),
+            event(Insert, "comments", json!({"post_id": 1}), n.clone()),
+        ];
+        // The truncate splits the runs: post 1 is recomputed on both sides of it.
+        assert_eq!(
+            operator().plan(&events).unwrap(),
+            vec![
+                Step::Run(Which::Query, json!(1)),
+                Step::RecomputeAll,
+                Step::Run(Which::Query, json!(1)),
+            ]
+        );
+        let with_query = SqlOperator::builder("counts")
+            .query("SELECT $1")
+            .id("comments", "post_id")
+            .on_truncate("DELETE FROM counts")
+            .build()
+            .unwrap();
+        assert_eq!(
+            with_query.actions(&events[1]).unwrap(),
+            vec![Step::Truncate]
+        );
+        // A truncate of a delete_with table needs truncate_query.
+        let posts = event(Truncate, "posts", n.clone(), n.clone());
+        let error = operator().actions(&posts).unwrap_err().to_string();
+        assert!(error.contains("truncate_query"), "{error}");
+        // Subscriptions take truncates.
+        assert!(
+            operator()
+                .subscriptions()
+                .iter()
+                .all(|s| s.matches(&events[1]) || !s.entity.contains("comments"))
         );
     }
 

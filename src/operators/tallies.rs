@@ -4,7 +4,7 @@
 //! subtracting 1 for each deleted one (and moving 1 when a comment changes post). It is not
 //! idempotent on purpose: a tally that is right after crashes shows that each event was
 //! applied exactly once. Needs `comments` with REPLICA IDENTITY FULL, so that a delete carries
-//! the comment's `post_id`.
+//! the comment's `post_id`. A TRUNCATE of `comments` sets every tally to 0.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,6 +50,9 @@ const ADD_MANY: &str = "INSERT INTO post_comment_tallies (post_id, comments)
                         SELECT * FROM unnest($1::bigint[], $2::int[])
                         ON CONFLICT (post_id) DO UPDATE SET comments = post_comment_tallies.comments + EXCLUDED.comments";
 
+/// After a TRUNCATE of comments, no post has any.
+const RESET: &str = "UPDATE post_comment_tallies SET comments = 0 WHERE comments <> 0";
+
 /// What one comment event adds to which posts.
 fn deltas(event: &Event) -> anyhow::Result<[(Option<i64>, i32); 2]> {
     Ok(match event.kind {
@@ -85,6 +88,9 @@ impl Operator for PostCommentTallies {
 
     fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
         Box::pin(async move {
+            if event.kind == EventType::Truncate {
+                return reset(ctx.db()).await;
+            }
             for (post, n) in deltas(event)? {
                 if n != 0 {
                     add(ctx.db(), post, n).await?;
@@ -102,25 +108,44 @@ impl Operator for PostCommentTallies {
         ctx: &'a mut Context<'_>,
     ) -> HandlerFuture<'a> {
         Box::pin(async move {
-            let mut sums: BTreeMap<i64, i32> = BTreeMap::new();
-            for event in events {
-                for (post, n) in deltas(event)? {
-                    if let (Some(post), true) = (post, n != 0) {
-                        *sums.entry(post).or_default() += n;
+            // Summed between truncates, which reset everything before them.
+            for run in events.split_inclusive(|e| e.kind == EventType::Truncate) {
+                let mut sums: BTreeMap<i64, i32> = BTreeMap::new();
+                for event in run {
+                    for (post, n) in deltas(event)? {
+                        if let (Some(post), true) = (post, n != 0) {
+                            *sums.entry(post).or_default() += n;
+                        }
                     }
                 }
+                add_many(ctx.db(), sums).await?;
+                if run.last().is_some_and(|e| e.kind == EventType::Truncate) {
+                    reset(ctx.db()).await?;
+                }
             }
-            if sums.is_empty() {
-                return Ok(());
-            }
-            let (posts, amounts): (Vec<i64>, Vec<i32>) = sums.into_iter().unzip();
-            sqlx::query(ADD_MANY)
-                .bind(posts)
-                .bind(amounts)
-                .execute(ctx.db())
-                .await
-                .context("updating post_comment_tallies")?;
             Ok(())
         })
     }
+}
+
+async fn reset(conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+    sqlx::query(RESET)
+        .execute(conn)
+        .await
+        .context("resetting post_comment_tallies after a truncate")?;
+    Ok(())
+}
+
+async fn add_many(conn: &mut sqlx::PgConnection, sums: BTreeMap<i64, i32>) -> anyhow::Result<()> {
+    if sums.is_empty() {
+        return Ok(());
+    }
+    let (posts, amounts): (Vec<i64>, Vec<i32>) = sums.into_iter().unzip();
+    sqlx::query(ADD_MANY)
+        .bind(posts)
+        .bind(amounts)
+        .execute(conn)
+        .await
+        .context("updating post_comment_tallies")?;
+    Ok(())
 }

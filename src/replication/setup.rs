@@ -63,12 +63,28 @@ pub enum SetupError {
     )]
     SlotInvalidated { slot: String, confirmed: String },
     #[error(
-        "publication {publication:?} does not exist in database {database:?} (was it dropped?): \
-         run `streamex setup` to create it again. Changes made while it was missing are not \
-         published to the slot"
+        "publication {publication:?} publishes {has}, but the configuration asks for {wanted}; \
+         streamex does not drop a publication (a slot reading it would break). Name a new \
+         publication in `publication` (and a new `slot`, since a slot reads one publication's \
+         history), or recreate this one by hand with DROP PUBLICATION and `streamex setup`, then \
+         drop and recreate the slot"
+    )]
+    PublicationScope {
+        publication: String,
+        wanted: String,
+        has: String,
+    },
+    #[error(
+        "publication {publication:?} does not exist in database {database:?} (was it dropped?). \
+         The slot decodes old WAL with the catalog of its time, so recreating the publication \
+         does not repair it: run `streamex setup` to create the publication again, drop the slot \
+         (SELECT pg_drop_replication_slot('{slot}')) and run `streamex setup` once more to create \
+         a new one. Changes made between the drop and the new slot are not seen: rebuild what is \
+         derived from them"
     )]
     PublicationMissing {
         publication: String,
+        slot: String,
         database: String,
     },
     #[error(
@@ -155,12 +171,50 @@ async fn database(pool: &PgPool) -> Result<String, SetupError> {
         .map_err(sql("reading the database name"))
 }
 
-/// Creates the publication when it is missing. Returns whether it was created.
+/// What [`ensure_publication`] did to bring the publication in line with the configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublicationSync {
+    /// It did not exist and was created.
+    pub created: bool,
+    /// Tables added to it, as `schema.table`.
+    pub added: Vec<String>,
+    /// Tables removed from it, as `schema.table`.
+    pub removed: Vec<String>,
+    /// Its options were changed to what streamex needs (every change published, partitions
+    /// as their root).
+    pub options_changed: bool,
+}
+
+impl PublicationSync {
+    /// Whether anything was changed.
+    pub fn changed(&self) -> bool {
+        self.created || !self.added.is_empty() || !self.removed.is_empty() || self.options_changed
+    }
+}
+
+/// The options every streamex publication has: every kind of change, and the changes of a
+/// partition published as changes of its partitioned (root) table, so that an operator on
+/// `measurements` sees the rows of `measurements_2024` (and of partitions attached later).
+const PUBLICATION_OPTIONS: &str =
+    "publish = 'insert, update, delete, truncate', publish_via_partition_root = true";
+
+/// `schema.table` for messages.
+fn qualified((schema, table): &(String, String)) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
+/// Creates the publication when it is missing, and otherwise brings it in line with
+/// `tables`: exactly the configured tables (`ALTER PUBLICATION ... SET TABLE`), every kind of
+/// change, partitions published as their root. Each change is logged.
+///
+/// A publication `FOR ALL TABLES` cannot become one of some tables (or the other way round)
+/// without being dropped, and dropping a publication a slot reads breaks that slot: that case
+/// is refused with [`SetupError::PublicationScope`], which says what to do.
 pub async fn ensure_publication(
     pool: &PgPool,
     name: &str,
     tables: &PublicationTables,
-) -> Result<bool, SetupError> {
+) -> Result<PublicationSync, SetupError> {
     if let PublicationTables::Tables(list) = tables {
         for (schema, table) in list {
             let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
@@ -177,32 +231,146 @@ pub async fn ensure_publication(
             }
         }
     }
-    if publication_exists(pool, name).await? {
-        return Ok(false);
+    let mut sync = PublicationSync::default();
+    if !publication_exists(pool, name).await? {
+        let target = match tables {
+            PublicationTables::All => "ALL TABLES".to_owned(),
+            PublicationTables::Tables(list) => {
+                let names: Vec<String> = list.iter().map(qualified).collect();
+                format!("TABLE {}", names.join(", "))
+            }
+        };
+        let statement = format!(
+            "CREATE PUBLICATION {} FOR {target} WITH ({PUBLICATION_OPTIONS})",
+            quote_ident(name)
+        );
+        match sqlx::query(&statement).execute(pool).await {
+            Ok(_) => {
+                tracing::info!(publication = name, tables = %target, "created publication");
+                sync.created = true;
+                return Ok(sync);
+            }
+            // Another process created it at the same moment (42710, or 23505 when both
+            // inserted into pg_publication at once): bring that one in line below.
+            Err(sqlx::Error::Database(db))
+                if matches!(db.code().as_deref(), Some("42710" | "23505")) => {}
+            Err(e) => {
+                return Err(sql(format!(
+                    "creating publication {name:?} (needs CREATE on the database and ownership of \
+                     the tables, or a superuser for FOR ALL TABLES)"
+                ))(e));
+            }
+        }
     }
-    let target = match tables {
-        PublicationTables::All => "ALL TABLES".to_owned(),
+    let (all_tables, via_root, every_change): (bool, bool, bool) = sqlx::query_as(
+        "SELECT puballtables, pubviaroot, pubinsert AND pubupdate AND pubdelete AND pubtruncate
+           FROM pg_publication WHERE pubname = $1",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .map_err(sql("reading the publication"))?;
+    let alter = |what: String| format!("ALTER PUBLICATION {} {what}", quote_ident(name));
+    match tables {
+        PublicationTables::All if !all_tables => {
+            return Err(SetupError::PublicationScope {
+                publication: name.to_owned(),
+                wanted: "every table (no `tables` in the configuration)".to_owned(),
+                has: "a list of tables".to_owned(),
+            });
+        }
+        PublicationTables::Tables(_) if all_tables => {
+            return Err(SetupError::PublicationScope {
+                publication: name.to_owned(),
+                wanted: "the tables listed in `tables`".to_owned(),
+                has: "FOR ALL TABLES".to_owned(),
+            });
+        }
+        PublicationTables::All => {}
         PublicationTables::Tables(list) => {
-            let names: Vec<String> = list
-                .iter()
-                .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
-                .collect();
-            format!("TABLE {}", names.join(", "))
+            let current: Vec<(String, String)> = sqlx::query_as(
+                "SELECT n.nspname::text, c.relname::text
+                   FROM pg_publication_rel r
+                   JOIN pg_publication p ON p.oid = r.prpubid
+                   JOIN pg_class c ON c.oid = r.prrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE p.pubname = $1",
+            )
+            .bind(name)
+            .fetch_all(pool)
+            .await
+            .map_err(sql("reading the publication's tables"))?;
+            // Publications of whole schemas (FOR TABLES IN SCHEMA, PostgreSQL 15+) are replaced
+            // by the list too.
+            let schemas: i64 = sqlx::query_scalar(
+                "SELECT CASE WHEN to_regclass('pg_catalog.pg_publication_namespace') IS NULL THEN 0
+                        ELSE (SELECT count(*) FROM pg_publication_namespace pn
+                                JOIN pg_publication p ON p.oid = pn.pnpubid WHERE p.pubname = $1) END",
+            )
+            .bind(name)
+            .fetch_one(pool)
+            .await
+            .map_err(sql("reading the publication's schemas"))?;
+            let want: std::collections::BTreeSet<&(String, String)> = list.iter().collect();
+            let have: std::collections::BTreeSet<&(String, String)> = current.iter().collect();
+            sync.added = want.difference(&have).map(|t| qualified(t)).collect();
+            sync.removed = have.difference(&want).map(|t| qualified(t)).collect();
+            if !sync.added.is_empty() || !sync.removed.is_empty() || schemas > 0 {
+                let names: Vec<String> = list.iter().map(qualified).collect();
+                sqlx::query(&alter(format!("SET TABLE {}", names.join(", "))))
+                    .execute(pool)
+                    .await
+                    .map_err(sql(format!(
+                        "changing the tables of publication {name:?} to the configured ones (needs \
+                         ownership of the publication and of the tables)"
+                    )))?;
+                tracing::warn!(
+                    publication = name,
+                    added = %sync.added.join(", "),
+                    removed = %sync.removed.join(", "),
+                    "publication changed to publish exactly the configured tables: changes to an \
+                     added table are streamed from now on, not before"
+                );
+            }
         }
-    };
-    let statement = format!("CREATE PUBLICATION {} FOR {target}", quote_ident(name));
-    match sqlx::query(&statement).execute(pool).await {
-        Ok(_) => {
-            tracing::info!(publication = name, tables = %target, "created publication");
-            Ok(true)
-        }
-        // Another instance created it at the same moment.
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42710") => Ok(false),
-        Err(e) => Err(sql(format!(
-            "creating publication {name:?} (needs CREATE on the database and ownership of the \
-             tables, or a superuser for FOR ALL TABLES)"
-        ))(e)),
     }
+    if !via_root || !every_change {
+        sqlx::query(&alter(format!("SET ({PUBLICATION_OPTIONS})")))
+            .execute(pool)
+            .await
+            .map_err(sql(format!(
+                "setting the options of publication {name:?} (needs ownership of the publication)"
+            )))?;
+        tracing::warn!(
+            publication = name,
+            options = PUBLICATION_OPTIONS,
+            "publication options changed: every kind of change is published, and partitions as \
+             their partitioned table"
+        );
+        sync.options_changed = true;
+    }
+    Ok(sync)
+}
+
+/// The published tables a set of entity names leaves out: every `(schema, table)` of
+/// `wanted` that publication `name` does not publish (a partition counts as its root).
+pub async fn unpublished(
+    pool: &PgPool,
+    name: &str,
+    wanted: &[(String, String)],
+) -> Result<Vec<(String, String)>, SetupError> {
+    let published: Vec<(String, String)> = sqlx::query_as(
+        "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+    )
+    .bind(name)
+    .fetch_all(pool)
+    .await
+    .map_err(sql("reading the publication's tables"))?;
+    Ok(wanted
+        .iter()
+        .filter(|t| !published.contains(t))
+        .cloned()
+        .collect())
 }
 
 /// What a published table lacks so that PostgreSQL can publish its updates and deletes.
@@ -406,6 +574,7 @@ pub async fn explain_missing(pool: &PgPool, slot: &str, publication: &str) -> Op
     if !publication_exists(pool, publication).await.ok()? {
         return Some(SetupError::PublicationMissing {
             publication: publication.to_owned(),
+            slot: slot.to_owned(),
             database,
         });
     }

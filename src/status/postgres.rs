@@ -59,8 +59,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StatusError> {
         .execute(&mut conn)
         .await
         .map_err(StatusError::sql("setting search_path to streamex"))?;
+    // run_direct, not run: run's `Acquire` bound makes the future not `Send` for every
+    // lifetime, so a caller could not spawn it.
     MIGRATOR
-        .run(&mut conn)
+        .run_direct(&mut conn)
         .await
         .map_err(StatusError::Migrate)?;
     // Closing sends Terminate; a failure there does not undo the migration.

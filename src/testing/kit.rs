@@ -180,8 +180,8 @@ impl OperatorTest {
             .await?;
             // Every table but streamex's own: publishing those would feed the service's
             // writes back to it.
-            let tables: Vec<String> = sqlx::query_scalar(
-                "SELECT format('%s.%s', n.nspname, c.relname)
+            let tables: Vec<(String, String)> = sqlx::query_as(
+                "SELECT n.nspname::text, c.relname::text
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
                     AND n.nspname NOT IN ('streamex', 'pg_catalog', 'information_schema')
@@ -196,7 +196,12 @@ impl OperatorTest {
                 "the testing kit's configuration",
                 [],
             )?;
-            config.tables = tables;
+            config.tables = tables
+                .iter()
+                .map(|(schema, table)| {
+                    crate::event::entity_name(schema, table, &config.default_schema)
+                })
+                .collect();
             tune(&mut config);
             crate::cli::prepare(&config, &pool).await?;
             anyhow::Ok(config)
