@@ -414,11 +414,57 @@ impl Config {
                 ));
             }
         }
-        if self.replication.channel_capacity == 0 || self.replication.batch_size == 0 {
-            return Err(
-                "replication.channel_capacity and replication.batch_size must be at least 1"
-                    .to_owned(),
-            );
+        let r = &self.replication;
+        within(
+            "replication.channel_capacity",
+            r.channel_capacity,
+            1,
+            1_000_000,
+        )?;
+        within("replication.batch_size", r.batch_size, 1, 1_000_000)?;
+        within_time(
+            "replication.status_interval",
+            r.status_interval,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        within_time(
+            "replication.reconnect_initial",
+            r.reconnect_initial,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+        )?;
+        within_time(
+            "replication.reconnect_max",
+            r.reconnect_max,
+            r.reconnect_initial,
+            Duration::from_secs(3600),
+        )?;
+        let retries = std::iter::once(("retry".to_owned(), &self.retry)).chain(
+            self.operators
+                .iter()
+                .filter_map(|o| Some((format!("operators.{}.retry", o.name), o.retry.as_ref()?))),
+        );
+        for (key, retry) in retries {
+            within(&format!("{key}.retries"), retry.retries, 0, 1_000)?;
+            within_time(
+                &format!("{key}.initial"),
+                retry.initial,
+                Duration::ZERO,
+                Duration::from_secs(3600),
+            )?;
+            within_time(
+                &format!("{key}.max"),
+                retry.max,
+                retry.initial,
+                Duration::from_secs(86_400),
+            )?;
+            if !(retry.multiplier.is_finite() && (1.0..=100.0).contains(&retry.multiplier)) {
+                return Err(format!(
+                    "{key}.multiplier: {} is out of range: write a number from 1 to 100",
+                    retry.multiplier
+                ));
+            }
         }
         for (entity, config) in &self.entities {
             config
@@ -478,6 +524,31 @@ impl Config {
             })
             .collect()
     }
+}
+
+/// Refuses `value` of `key` outside `min..=max`.
+fn within<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), String> {
+    if value < min || value > max {
+        return Err(format!(
+            "{key}: {value} is out of range: write a number from {min} to {max}"
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses duration `value` of `key` outside `min..=max`.
+fn within_time(key: &str, value: Duration, min: Duration, max: Duration) -> Result<(), String> {
+    if value < min || value > max {
+        return Err(format!(
+            "{key}: {value:?} is out of range: write a duration from {min:?} to {max:?}"
+        ));
+    }
+    Ok(())
 }
 
 fn override_key(table: &mut toml::Table, path: &[String], value: &str) -> Result<(), String> {
@@ -726,6 +797,47 @@ mod tests {
         assert!(err.to_string().contains("http.allow_origin"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[http]\nsse_capacity = 0"), &[]).unwrap_err();
         assert!(err.to_string().contains("http.sse_capacity"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_by_key() {
+        for (text, key) in [
+            (
+                "[replication]\nchannel_capacity = 4611686018427387904",
+                "replication.channel_capacity",
+            ),
+            (
+                "[replication]\nchannel_capacity = 0",
+                "replication.channel_capacity",
+            ),
+            (
+                "[replication]\nbatch_size = 100000000",
+                "replication.batch_size",
+            ),
+            (
+                "[replication]\nstatus_interval = \"0s\"",
+                "replication.status_interval",
+            ),
+            (
+                "[replication]\nreconnect_initial = \"10s\"\nreconnect_max = \"1s\"",
+                "replication.reconnect_max",
+            ),
+            ("[retry]\nmultiplier = -1.0", "retry.multiplier"),
+            ("[retry]\nretries = 100000", "retry.retries"),
+            ("[retry]\nmax = \"30d\"", "retry.max"),
+            (
+                "[[operators]]\nname = \"x\"\n[operators.retry]\nmultiplier = 1000.0",
+                "operators.x.retry.multiplier",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n{text}"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(key) && err.contains("out of range"),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod error;
 pub mod event;
 pub mod http;
 pub mod metrics;

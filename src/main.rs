@@ -27,7 +27,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", streamex::error::chain(&error));
             std::process::ExitCode::FAILURE
         }
     }

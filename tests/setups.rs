@@ -599,3 +599,156 @@ async fn ids_of_every_integer_width_and_numeric_are_bound_as_their_type() -> any
     }
     Ok(())
 }
+
+/// A server restart, or the end of the instance lock's connection alone, does not stop a
+/// single instance: it stops processing, takes the lock again and goes on.
+#[tokio::test]
+async fn a_lost_instance_lock_is_taken_again_instead_of_exiting() -> anyhow::Result<()> {
+    let cluster = testing::Cluster::start()?;
+    let url = cluster.create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("streamex.toml");
+    std::fs::write(&config, common::blog_config(&url, &slot_for(&url)))?;
+    let log = dir.path().join("streamex.log");
+    common::setup_service(&config)?;
+    let mut child = common::spawn_service(&config, &log, "info")?;
+    let alive = |child: &mut std::process::Child| -> anyhow::Result<()> {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "streamex run exited ({status}):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(())
+    };
+    sqlx::raw_sql(
+        "INSERT INTO posts (id, title) VALUES (1, 'one'); INSERT INTO comments (post_id) VALUES (1);",
+    )
+    .execute(&pool)
+    .await?;
+    settle(&pool)
+        .await
+        .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+
+    cluster.restart(testing::StopMode::Fast)?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql("INSERT INTO comments (post_id) VALUES (1), (1);")
+        .execute(&pool)
+        .await?;
+    settle(&pool)
+        .await
+        .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    alive(&mut child)?;
+
+    // The instance notices the restart within seconds and takes the lock again.
+    until(
+        &pool,
+        "the instance holds its lock again",
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+              WHERE l.locktype = 'advisory' AND l.granted
+                AND a.application_name = 'streamex instance {}')",
+            slot_for(&url)
+        ),
+    )
+    .await?;
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE application_name = $1) t",
+    )
+    .bind(format!("streamex instance {}", slot_for(&url)))
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(ended, 1, "the lock's connection");
+    sqlx::raw_sql("INSERT INTO comments (post_id) VALUES (1);")
+        .execute(&pool)
+        .await?;
+    settle(&pool).await?;
+    alive(&mut child)?;
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    let tally: i32 =
+        sqlx::query_scalar("SELECT comments FROM post_comment_tallies WHERE post_id = 1")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(tally, 4);
+
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own running child.
+    unsafe { libc::kill(libc::pid_t::try_from(child.id())?, libc::SIGTERM) };
+    let status = child.wait()?;
+    assert!(
+        status.success(),
+        "{status}\n{}",
+        std::fs::read_to_string(&log)?
+    );
+    Ok(())
+}
+
+const NOTES: &str = "
+CREATE TABLE notes (id serial PRIMARY KEY, owner int NOT NULL);
+CREATE TABLE owner_notes (owner int PRIMARY KEY, notes bigint NOT NULL);
+";
+
+/// A delete under REPLICA IDENTITY DEFAULT lacks the id column: the operator halts saying that
+/// the change cannot be re-read, and `resume --skip-current` sets exactly that change aside.
+#[tokio::test]
+async fn resume_skip_current_sets_the_failed_event_aside() -> anyhow::Result<()> {
+    let kit = testing::OperatorTest::start(NOTES).await?;
+    let operator = std::sync::Arc::new(
+        streamex::operator::SqlOperator::builder("owner_notes")
+            .query(
+                "INSERT INTO owner_notes SELECT $1, (SELECT count(*) FROM notes WHERE owner = $1)
+                 ON CONFLICT (owner) DO UPDATE SET notes = EXCLUDED.notes",
+            )
+            .id("notes", "owner")
+            .build()?,
+    );
+    let error = kit
+        .run(
+            operator.clone(),
+            &[
+                "INSERT INTO notes (owner) VALUES (1), (1), (2)",
+                "DELETE FROM notes WHERE id = 1",
+            ],
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("REPLICA IDENTITY FULL") && error.contains("--skip-current"),
+        "{error}"
+    );
+    let halted_at: (String, i64) = sqlx::query_as(
+        "SELECT failed_commit_lsn::text, failed_ordinal FROM streamex.operator_state WHERE operator = 'owner_notes'",
+    )
+    .fetch_one(kit.pool())
+    .await?;
+    let skipped =
+        streamex::status::set_operator_running_skipping(kit.pool(), "owner_notes").await?;
+    assert_eq!(
+        skipped.map(|(lsn, ordinal)| (lsn.to_string(), ordinal as i64)),
+        Some(halted_at.clone())
+    );
+    kit.run(
+        operator,
+        &[
+            "ALTER TABLE notes REPLICA IDENTITY FULL",
+            "DELETE FROM notes WHERE id = 2",
+            "INSERT INTO notes (owner) VALUES (2)",
+        ],
+    )
+    .await?;
+    let dead: Vec<(String, i64, String)> = kit
+        .query_as("SELECT commit_lsn::text, ordinal, error FROM streamex.dead_letters")
+        .await?;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].0.clone(), dead[0].1), halted_at);
+    assert!(dead[0].2.contains("--skip-current"), "{}", dead[0].2);
+    // The later changes were applied: the recomputations match the table again.
+    let rows: Vec<(i32, i64)> = kit
+        .query_as("SELECT owner, notes FROM owner_notes ORDER BY owner")
+        .await?;
+    assert_eq!(rows, [(1, 0), (2, 2)]);
+    Ok(())
+}

@@ -37,6 +37,8 @@ async fn prints_one_json_object_per_change_with_the_documented_fields() -> anyho
         &url,
         "--slot",
         "tail_slot",
+        "--publication",
+        "streamex",
         "--limit",
         "3",
     ])
@@ -66,6 +68,7 @@ async fn prints_one_json_object_per_change_with_the_documented_fields() -> anyho
             "old_record",
             "ordinal",
             "schema",
+            "table",
             "timestamp",
             "type",
             "unavailable_columns",
@@ -86,6 +89,8 @@ async fn prints_one_json_object_per_change_with_the_documented_fields() -> anyho
         &url,
         "--slot",
         "tail_slot",
+        "--publication",
+        "streamex",
         "--limit",
         "1",
     ])
@@ -136,6 +141,8 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
         &url,
         "--slot",
         "big_slot",
+        "--publication",
+        "streamex",
         "--limit",
         &limit,
     ])

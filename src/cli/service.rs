@@ -287,36 +287,41 @@ async fn run_pipeline<S: ProcessStatusStorage + Clone>(
     engine: Arc<Engine<S>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // One active instance per slot: the others wait here as standbys.
-    engine.metrics.set_phase(Phase::Standby);
-    let Some(lock) = InstanceLock::acquire(&pool, &config.slot, &shutdown).await? else {
-        return Ok(()); // shut down while standing by
-    };
-    engine.metrics.set_phase(Phase::Active);
-    // Losing the lock's connection means another instance may take over: stop at once.
-    let lost = CancellationToken::new();
-    let watch = tokio::spawn(lock.watch(lost.clone(), shutdown.clone()));
-    let shutdown = {
-        let both = shutdown.child_token();
-        let (lost, both2) = (lost.clone(), both.clone());
-        tokio::spawn(async move {
-            lost.cancelled().await;
-            both2.cancel();
-        });
-        both
-    };
-    let summary = tokio::spawn(log_summaries(engine.reporter()));
-    let result = stream_until_shutdown(config, params, &pool, &engine, &shutdown).await;
-    summary.abort();
-    watch.abort();
-    if lost.is_cancelled() {
-        bail!(
-            "lost the connection holding the instance lock of slot {:?}; stopped so that a \
-             standby can take over safely",
-            config.slot
+    loop {
+        // One active instance per slot: the others wait here as standbys.
+        engine.metrics.set_phase(Phase::Standby);
+        let Some(lock) = InstanceLock::acquire(&pool, &config.slot, &shutdown).await? else {
+            return Ok(()); // shut down while standing by
+        };
+        engine.metrics.set_phase(Phase::Active);
+        // Losing the lock's connection means another instance may take over: stop processing
+        // at once, then stand by for the lock again.
+        let lost = CancellationToken::new();
+        let watch = tokio::spawn(lock.watch(lost.clone(), shutdown.clone()));
+        let active = {
+            let both = shutdown.child_token();
+            let (lost, both2) = (lost.clone(), both.clone());
+            tokio::spawn(async move {
+                lost.cancelled().await;
+                both2.cancel();
+            });
+            both
+        };
+        let summary = tokio::spawn(log_summaries(engine.reporter()));
+        let result = stream_until_shutdown(config, params.clone(), &pool, &engine, &active).await;
+        summary.abort();
+        watch.abort();
+        if shutdown.is_cancelled() || !lost.is_cancelled() {
+            return result;
+        }
+        warn!(
+            slot = %config.slot,
+            error = %result.err().map(|e| crate::error::chain(&e)).unwrap_or_default(),
+            "lost the connection holding the instance lock (a server restart, or the connection \
+             was ended): stopped processing; taking the lock again, or standing by if another \
+             instance has it"
         );
     }
-    result
 }
 
 /// Logs one line per operator every minute: the person on call sees progress without asking.
@@ -347,9 +352,21 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
-        let slot = setup::slot_info(pool, &config.slot)
-            .await?
-            .with_context(|| format!("replication slot {:?} disappeared", config.slot))?;
+        let slot = loop {
+            match setup::slot_info(pool, &config.slot).await {
+                Ok(slot) => break slot,
+                Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                    warn!(error = %e, "reading the slot failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let slot =
+            slot.with_context(|| format!("replication slot {:?} disappeared", config.slot))?;
         let start = slot.confirmed_flush_lsn.unwrap_or_default();
         let ack = Acknowledger::starting_at(start);
         let mut stream_config =
@@ -392,6 +409,12 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
 pub struct ResumeArgs {
     /// The halted operator.
     pub operator: String,
+    /// Set the event it halted on aside as a dead letter (in `streamex.dead_letters`) instead
+    /// of handling it again: for a change that can never succeed, such as a delete whose old
+    /// record lacks a column (it was written under REPLICA IDENTITY DEFAULT and cannot be
+    /// re-read otherwise).
+    #[arg(long)]
+    pub skip_current: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -414,6 +437,21 @@ pub async fn resume_command(args: ResumeArgs, shutdown: CancellationToken) -> an
         .is_some_and(|s| s.state == status::OperatorRunState::Halted)
     {
         println!("operator {:?} is not halted; nothing to do", args.operator);
+        return Ok(());
+    }
+    if args.skip_current {
+        match status::set_operator_running_skipping(&pool, &args.operator).await? {
+            Some((lsn, ordinal)) => println!(
+                "operator {:?} set to running; it sets the event at {lsn}#{ordinal} aside in \
+                 streamex.dead_letters instead of handling it",
+                args.operator
+            ),
+            None => bail!(
+                "operator {:?} is halted, but not on an event: nothing to skip; resume it without \
+                 --skip-current",
+                args.operator
+            ),
+        }
         return Ok(());
     }
     status::set_operator_running(&pool, &args.operator).await?;
@@ -447,33 +485,62 @@ impl InstanceLock {
             .as_ref()
             .clone()
             .application_name(&Self::application_name(slot));
-        let mut conn = sqlx::PgConnection::connect_with(&options)
-            .await
-            .context("opening the instance lock's connection")?;
         let mut announced = false;
+        let mut outage = Duration::ZERO;
+        let mut conn: Option<sqlx::PgConnection> = None;
         loop {
-            let taken: bool =
-                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                    .bind(format!("streamex slot {slot}"))
-                    .fetch_one(&mut conn)
-                    .await
-                    .context("taking the instance lock")?;
-            if taken {
-                if announced {
-                    info!(slot, "the active instance is gone; taking over");
+            let attempt = async {
+                let c = match conn.as_mut() {
+                    Some(c) => c,
+                    None => conn.insert(sqlx::PgConnection::connect_with(&options).await?),
+                };
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                )
+                .bind(format!("streamex slot {slot}"))
+                .fetch_one(c)
+                .await
+            };
+            match attempt.await {
+                Ok(true) => {
+                    if announced {
+                        info!(slot, "the active instance is gone; taking over");
+                    }
+                    let conn = conn.take().expect("connected when the lock was taken");
+                    return Ok(Some(InstanceLock { conn }));
                 }
-                return Ok(Some(InstanceLock { conn }));
-            }
-            if !announced {
-                info!(
-                    slot,
-                    "standby: another instance is active on this slot; waiting to take over"
-                );
-                announced = true;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Self::POLL) => {}
-                _ = shutdown.cancelled() => return Ok(None),
+                Ok(false) => {
+                    outage = Duration::ZERO;
+                    if !announced {
+                        info!(
+                            slot,
+                            "standby: another instance is active on this slot; waiting to take over"
+                        );
+                        announced = true;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Self::POLL) => {}
+                        _ = shutdown.cancelled() => return Ok(None),
+                    }
+                }
+                Err(error) if crate::replication::setup::is_transient_sql(&error) => {
+                    // The server is restarting or unreachable: connect again, with backoff.
+                    conn = None;
+                    outage =
+                        (outage * 2).clamp(Duration::from_millis(250), Duration::from_secs(10));
+                    warn!(
+                        slot, error = %error,
+                        retry_in_ms = u64::try_from(outage.as_millis()).unwrap_or(u64::MAX),
+                        "cannot reach the database to take the instance lock; retrying"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(outage) => {}
+                        _ = shutdown.cancelled() => return Ok(None),
+                    }
+                }
+                Err(error) => {
+                    return Err(error).context("taking the instance lock");
+                }
             }
         }
     }

@@ -59,6 +59,11 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
             }
             (name.clone(), false)
         }
+        None if !temporary => bail!(
+            "--slot needs --publication: a slot decodes its WAL through a publication that \
+             existed when that WAL was written, so tail cannot make one of its own for it; name \
+             the slot's publication (the one `streamex setup` made: `streamex` unless configured)"
+        ),
         None => {
             let name = format!("streamex_tail_{}", std::process::id());
             setup::ensure_publication(&catalog, &name, &PublicationTables::All)

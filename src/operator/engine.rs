@@ -277,6 +277,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 },
                 one_per_transaction: spec.one_per_transaction,
                 checkpoint: checkpoints.get(name).copied(),
+                skip: states.get(name).and_then(|s| s.skip),
                 board: board.clone(),
                 shutdown: shutdown.clone(),
             };

@@ -65,6 +65,9 @@ pub(crate) struct Runner {
     pub one_per_transaction: bool,
     /// The last position durably handled: events at or before it are skipped (replays).
     pub checkpoint: Option<(Lsn, u64)>,
+    /// An event to set aside as a dead letter instead of handling it (`streamex resume
+    /// --skip-current`).
+    pub skip: Option<(Lsn, u64)>,
     pub board: Arc<Board>,
     pub shutdown: CancellationToken,
 }
@@ -104,7 +107,20 @@ impl Runner {
                     _ => None,
                 })
                 .collect();
-            if let Handled::Stop(exit) = self.handle_batch(&todo).await {
+            let skipped = self
+                .skip
+                .and_then(|skip| todo.iter().position(|e| e.position() == skip));
+            let handled = match skipped {
+                None => self.handle_batch(&todo).await,
+                Some(at) => match self.handle_batch(&todo[..at]).await {
+                    Handled::Done => match self.set_aside(&todo[at]).await {
+                        Handled::Done => self.handle_batch(&todo[at + 1..]).await,
+                        stop => stop,
+                    },
+                    stop => stop,
+                },
+            };
+            if let Handled::Stop(exit) = handled {
                 return exit;
             }
             if let Some(end) = done_through {
@@ -121,7 +137,11 @@ impl Runner {
         if events.is_empty() {
             return Handled::Done;
         }
-        if self.operator.transactional() && !self.one_per_transaction && events.len() > 1 {
+        if self.operator.transactional()
+            && !self.one_per_transaction
+            && events.len() > 1
+            && events.iter().all(|e| e.decode_error.is_none())
+        {
             match self.try_batch(events).await {
                 Ok(()) => {
                     self.board.count(self.index, events.len());
@@ -131,7 +151,7 @@ impl Runner {
                     warn!(
                         operator = self.operator.name(),
                         events = events.len(),
-                        error = %format!("{error:#}"),
+                        error = %crate::error::chain(&error),
                         "batch failed; running its events one by one"
                     );
                 }
@@ -206,6 +226,17 @@ impl Runner {
                 // Applied in the meantime (see CheckpointMoved): nothing left to do.
                 return Handled::Done;
             }
+            if let Some(undecodable) = &event.decode_error {
+                // Handling it again cannot help: the policy applies at once.
+                let message = format!(
+                    "the change could not be decoded, so it was not given to the operator: {undecodable}"
+                );
+                attempt = attempt.max(self.retry.retries + 1);
+                match self.give_up(event, message, attempt).await {
+                    Some(handled) => return handled,
+                    None => continue,
+                }
+            }
             let result = self.attempt(event, attempt).await;
             let error = match result {
                 Ok(()) => return Handled::Done,
@@ -213,7 +244,7 @@ impl Runner {
                 Err(error) if error.is::<CheckpointMoved>() => continue,
                 Err(error) => error,
             };
-            let message = format!("{error:#}");
+            let message = crate::error::chain(&error);
             if is_database_outage(&error) {
                 // The database is unreachable or restarting: not the event's fault. Wait and
                 // try again without spending the retries that lead to halt or dead letter.
@@ -246,49 +277,60 @@ impl Runner {
                 attempt += 1;
                 continue;
             }
-            match self.retry.on_failure {
-                FailurePolicy::Halt => {
-                    error!(
-                        operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
-                        attempts = attempt, error = %message,
-                        "operator halted: its position stays unacknowledged until `streamex resume {name}`"
-                    );
-                    let stored = status::set_operator_halted(
-                        &self.pool,
-                        &name,
-                        &message,
-                        event.commit_lsn,
-                        event.ordinal,
-                        attempt,
-                    )
-                    .await;
-                    if let Err(e) = stored {
-                        error!(operator = %name, error = %e, "could not store the halt; it is in this log only");
-                    }
-                    self.board.halt(self.index, message);
-                    return Handled::Stop(RunnerExit::Halted);
-                }
-                FailurePolicy::DeadLetter => match self.dead_letter(event, &message, attempt).await
-                {
-                    Ok(()) => {
-                        warn!(
-                            operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
-                            attempts = attempt, error = %message,
-                            "event stored in streamex.dead_letters; going on"
-                        );
-                        self.board.dead_lettered(self.index);
-                        return Handled::Done;
-                    }
-                    Err(e) => {
-                        // The dead letter could not be stored: keep trying, never skip.
-                        warn!(operator = %name, error = %format!("{e:#}"), "storing a dead letter failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(self.retry.max) => {}
-                            _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
-                        }
-                    }
-                },
+            if let Some(handled) = self.give_up(event, message, attempt).await {
+                return handled;
             }
+        }
+    }
+
+    /// Applies the failure policy to `event`, which failed `attempts` times with `message`:
+    /// halt, or store it as a dead letter and go on. `None` when the dead letter could not be
+    /// stored (after a wait): the caller tries again, never skipping the event.
+    async fn give_up(&mut self, event: &Event, message: String, attempts: u32) -> Option<Handled> {
+        let name = self.operator.name().to_owned();
+        match self.retry.on_failure {
+            FailurePolicy::Halt => {
+                error!(
+                    operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                    attempts, error = %message,
+                    "operator halted: its position stays unacknowledged until `streamex resume {name}` \
+                     (add --skip-current to set this event aside as a dead letter, when handling it \
+                     again cannot succeed)"
+                );
+                let stored = status::set_operator_halted(
+                    &self.pool,
+                    &name,
+                    &message,
+                    event.commit_lsn,
+                    event.ordinal,
+                    attempts,
+                )
+                .await;
+                if let Err(e) = stored {
+                    error!(operator = %name, error = %e, "could not store the halt; it is in this log only");
+                }
+                self.board.halt(self.index, message);
+                Some(Handled::Stop(RunnerExit::Halted))
+            }
+            FailurePolicy::DeadLetter => match self.dead_letter(event, &message, attempts).await {
+                Ok(()) => {
+                    warn!(
+                        operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                        attempts, error = %message,
+                        "event stored in streamex.dead_letters; going on"
+                    );
+                    self.board.dead_lettered(self.index);
+                    Some(Handled::Done)
+                }
+                Err(e) => {
+                    // The dead letter could not be stored: keep trying, never skip.
+                    warn!(operator = %name, error = %crate::error::chain(&e), "storing a dead letter failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.retry.max) => None,
+                        _ = self.shutdown.cancelled() => Some(Handled::Stop(RunnerExit::Interrupted)),
+                    }
+                }
+            },
         }
     }
 
@@ -308,6 +350,52 @@ impl Runner {
         };
         guarded(self.operator.handle(event, &mut ctx)).await?;
         self.commit_with_checkpoint(tx, event.position()).await
+    }
+
+    /// Stores the event `streamex resume --skip-current` named as a dead letter, without
+    /// handling it, and forgets that it was to be skipped: one transaction with the checkpoint.
+    async fn set_aside(&mut self, event: &Event) -> Handled {
+        let name = self.operator.name().to_owned();
+        loop {
+            let attempt = async {
+                let json = serde_json::to_value(event)?;
+                let mut tx = self.pool.begin().await?;
+                status::insert_dead_letter(
+                    &mut *tx,
+                    &name,
+                    event.commit_lsn,
+                    event.ordinal,
+                    &json,
+                    "set aside by `streamex resume --skip-current`",
+                    0,
+                )
+                .await?;
+                status::clear_operator_skip(&mut *tx, &name).await?;
+                self.commit_with_checkpoint(tx, event.position()).await
+            };
+            match attempt.await {
+                Ok(()) => {
+                    warn!(operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                          "event set aside in streamex.dead_letters, as `streamex resume --skip-current` asked");
+                    self.skip = None;
+                    self.board.dead_lettered(self.index);
+                    return Handled::Done;
+                }
+                Err(error) if error.is::<CheckpointMoved>() => {
+                    if !self.is_new(event) {
+                        return Handled::Done;
+                    }
+                }
+                Err(error) => {
+                    warn!(operator = %name, error = %crate::error::chain(&error),
+                          "setting an event aside failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.retry.max) => {}
+                        _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
+                    }
+                }
+            }
+        }
     }
 
     async fn dead_letter(
@@ -494,6 +582,7 @@ mod tests {
                 batch_size,
                 one_per_transaction: batch_size == 1,
                 checkpoint: Some((Lsn(0x100), 1)),
+                skip: None,
                 board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
                 shutdown: CancellationToken::new(),
             };
@@ -513,6 +602,81 @@ mod tests {
             assert_eq!(applied, [4, 5], "batch size {batch_size}");
             let stored = status::load_checkpoint(&pool, "apply").await?;
             assert_eq!(stored, Some((Lsn(0x100), 5)));
+        }
+        Ok(())
+    }
+
+    /// A change that could not be decoded never reaches the handler: under `dead_letter` it
+    /// is stored and the events around it are applied; under `halt` the operator halts on it.
+    #[tokio::test]
+    async fn an_undecodable_change_goes_to_the_failure_policy_without_the_handler()
+    -> anyhow::Result<()> {
+        let url = crate::testing::server().create_database().await?;
+        let pool = PgPool::connect(&url).await?;
+        status::migrate(&pool).await?;
+        sqlx::query("CREATE TABLE applied (ordinal bigint)")
+            .execute(&pool)
+            .await?;
+        for policy in [FailurePolicy::DeadLetter, FailurePolicy::Halt] {
+            sqlx::raw_sql(
+                "TRUNCATE applied; DELETE FROM streamex.operator_checkpoints;
+                 DELETE FROM streamex.dead_letters; DELETE FROM streamex.operator_state;",
+            )
+            .execute(&pool)
+            .await?;
+            let runner = Runner {
+                index: 0,
+                operator: Arc::new(Apply),
+                pool: pool.clone(),
+                retry: RetryConfig {
+                    on_failure: policy,
+                    ..RetryConfig::default()
+                },
+                batch_size: 500,
+                one_per_transaction: false,
+                checkpoint: None,
+                skip: None,
+                board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
+                shutdown: CancellationToken::new(),
+            };
+            let (tx, rx) = mpsc::channel(16);
+            for ordinal in 0..3 {
+                let mut e = (*event(ordinal)).clone();
+                if ordinal == 1 {
+                    e.decode_error = Some("column public.t.j at 0/100: too deep".into());
+                }
+                tx.send(Input::Event(Arc::new(e))).await?;
+            }
+            tx.send(Input::Commit {
+                end_lsn: Lsn(0x200),
+            })
+            .await?;
+            drop(tx);
+            let exit = runner.run(rx).await;
+            let applied: Vec<i64> = sqlx::query_scalar("SELECT ordinal FROM applied ORDER BY 1")
+                .fetch_all(&pool)
+                .await?;
+            let dead: Vec<i64> = sqlx::query_scalar("SELECT ordinal FROM streamex.dead_letters")
+                .fetch_all(&pool)
+                .await?;
+            match policy {
+                FailurePolicy::DeadLetter => {
+                    assert_eq!(exit, RunnerExit::Drained);
+                    assert_eq!(applied, [0, 2]);
+                    assert_eq!(dead, [1]);
+                }
+                FailurePolicy::Halt => {
+                    assert_eq!(exit, RunnerExit::Halted);
+                    assert_eq!(applied, [0]);
+                    assert!(dead.is_empty());
+                    let error: String = sqlx::query_scalar(
+                        "SELECT last_error FROM streamex.operator_state WHERE state = 'halted'",
+                    )
+                    .fetch_one(&pool)
+                    .await?;
+                    assert!(error.contains("could not be decoded"), "{error}");
+                }
+            }
         }
         Ok(())
     }

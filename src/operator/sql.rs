@@ -392,9 +392,13 @@ impl SqlOperator {
                     .is_some_and(|r| !r.contains_key(field))
             {
                 bail!(
-                    "the delete of {} carries no {field:?} in its old record: set REPLICA IDENTITY FULL on {}",
-                    event.entity,
-                    event.entity
+                    "the delete of {entity} carries no {field:?} in its old record (the table's \
+                     REPLICA IDENTITY sends only its key): run ALTER TABLE {entity} REPLICA \
+                     IDENTITY FULL for the deletes to come. This one is already in the WAL as it \
+                     is and cannot be re-read: `streamex resume {name} --skip-current` sets it \
+                     aside as a dead letter (or use on_failure = \"dead_letter\")",
+                    entity = event.entity,
+                    name = self.name,
                 );
             }
             return Ok(Vec::new());

@@ -28,7 +28,10 @@ fn post_id(record: Option<&crate::event::Record>, what: &str) -> anyhow::Result<
         Some(Value::Null) => Ok(None),
         Some(other) => anyhow::bail!("post_id of the {what} comment is not a number: {other}"),
         None => anyhow::bail!(
-            "the {what} comment carries no post_id: set REPLICA IDENTITY FULL on comments"
+            "the {what} comment carries no post_id (the table's REPLICA IDENTITY sends only its \
+             key): run ALTER TABLE comments REPLICA IDENTITY FULL for the changes to come. This \
+             one is already in the WAL as it is and cannot be re-read: `streamex resume \
+             post_comment_tallies --skip-current` sets it aside as a dead letter"
         ),
     }
 }

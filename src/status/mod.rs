@@ -77,9 +77,9 @@ pub use error::StatusError;
 pub use memory::MemoryStatus;
 pub use postgres::{
     DeadLetter, OperatorRunState, OperatorState, PostgresStatus, advance_checkpoint,
-    insert_dead_letter, is_processed, list_dead_letters, load_checkpoint, load_checkpoints,
-    load_items, load_operator_states, migrate, reset_items, set_operator_halted,
-    set_operator_running, store_checkpoint, store_item, store_items,
+    clear_operator_skip, insert_dead_letter, is_processed, list_dead_letters, load_checkpoint,
+    load_checkpoints, load_items, load_operator_states, migrate, reset_items, set_operator_halted,
+    set_operator_running, set_operator_running_skipping, store_checkpoint, store_item, store_items,
 };
 
 /// One entity's process status.

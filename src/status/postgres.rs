@@ -425,6 +425,9 @@ pub struct OperatorState {
     pub failed_commit_lsn: Option<Lsn>,
     pub failed_ordinal: Option<u64>,
     pub attempts: Option<u32>,
+    /// An event to set aside as a dead letter instead of handling it, `(commit_lsn,
+    /// ordinal)`: the one it halted on, when resumed with `--skip-current`.
+    pub skip: Option<(Lsn, u64)>,
 }
 
 /// Every operator's state, by operator name. An operator without a row has never halted.
@@ -434,7 +437,8 @@ pub async fn load_operator_states<'c, E: PgExecutor<'c>>(
     const CONTEXT: &str = "loading operator states";
     let rows = sqlx::query(
         "SELECT operator, state, last_error, streamex.epoch_micros(error_at) AS error_at, \
-                failed_commit_lsn::text AS failed_commit_lsn, failed_ordinal, attempts \
+                failed_commit_lsn::text AS failed_commit_lsn, failed_ordinal, attempts, \
+                skip_commit_lsn::text AS skip_commit_lsn, skip_ordinal \
            FROM streamex.operator_state",
     )
     .fetch_all(executor)
@@ -469,6 +473,16 @@ pub async fn load_operator_states<'c, E: PgExecutor<'c>>(
                 .map_err(sql(CONTEXT))?
                 .map(|a| attempts_from_sql(CONTEXT, a))
                 .transpose()?;
+            let skip_lsn = row
+                .try_get::<Option<&str>, _>("skip_commit_lsn")
+                .map_err(sql(CONTEXT))?
+                .map(|text| parse_lsn(CONTEXT, text))
+                .transpose()?;
+            let skip_ordinal = row
+                .try_get::<Option<i64>, _>("skip_ordinal")
+                .map_err(sql(CONTEXT))?
+                .map(|o| ordinal_from_sql(CONTEXT, o))
+                .transpose()?;
             let state = OperatorState {
                 operator: operator.clone(),
                 state,
@@ -477,6 +491,7 @@ pub async fn load_operator_states<'c, E: PgExecutor<'c>>(
                 failed_commit_lsn,
                 failed_ordinal,
                 attempts,
+                skip: skip_lsn.zip(skip_ordinal),
             };
             Ok((operator, state))
         })
@@ -529,6 +544,51 @@ pub async fn set_operator_running<'c, E: PgExecutor<'c>>(
     .execute(executor)
     .await
     .map_err(StatusError::sql("marking an operator running"))?;
+    Ok(())
+}
+
+/// Marks a halted `operator` running, to set aside the event it halted on as a dead letter
+/// when it meets it again (`streamex resume --skip-current`). Returns that event's position;
+/// `None` when the operator is not halted on an event (nothing is changed then).
+pub async fn set_operator_running_skipping<'c, E: PgExecutor<'c>>(
+    executor: E,
+    operator: &str,
+) -> Result<Option<(Lsn, u64)>, StatusError> {
+    const CONTEXT: &str = "marking an operator running past its failed event";
+    let row: Option<(String, i64)> = sqlx::query_as(
+        "UPDATE streamex.operator_state SET \
+             state = 'running', skip_commit_lsn = failed_commit_lsn, skip_ordinal = failed_ordinal, \
+             last_error = NULL, error_at = NULL, failed_commit_lsn = NULL, failed_ordinal = NULL, \
+             attempts = NULL \
+         WHERE operator = $1 AND state = 'halted' AND failed_commit_lsn IS NOT NULL \
+         RETURNING skip_commit_lsn::text, skip_ordinal",
+    )
+    .bind(operator)
+    .fetch_optional(executor)
+    .await
+    .map_err(StatusError::sql(CONTEXT))?;
+    row.map(|(lsn, ordinal)| {
+        Ok((
+            parse_lsn(CONTEXT, &lsn)?,
+            ordinal_from_sql(CONTEXT, ordinal)?,
+        ))
+    })
+    .transpose()
+}
+
+/// Forgets the event `operator` was to set aside (it has been).
+pub async fn clear_operator_skip<'c, E: PgExecutor<'c>>(
+    executor: E,
+    operator: &str,
+) -> Result<(), StatusError> {
+    sqlx::query(
+        "UPDATE streamex.operator_state SET skip_commit_lsn = NULL, skip_ordinal = NULL \
+         WHERE operator = $1",
+    )
+    .bind(operator)
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql("clearing an operator's event to skip"))?;
     Ok(())
 }
 
