@@ -9,6 +9,10 @@ use streamex::replication::{
 };
 use streamex::testing::{self, Cluster};
 
+mod common;
+
+use common::{Ca, encoded, tls_cluster};
+
 /// Parses a URL without looking at `$PGPASSWORD`/`$PGUSER`, so the environment cannot change
 /// what the tests see.
 fn params(url: &str) -> ConnectParams {
@@ -397,72 +401,6 @@ async fn ssl_in_use(conn: &mut Connection) -> anyhow::Result<String> {
         .await?;
     assert_eq!(rows.len(), 1);
     Ok(rows[0].get("ssl").expect("ssl column").to_owned())
-}
-
-/// A certificate authority made for one test.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> anyhow::Result<Ca> {
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key)?;
-        Ok(Ca { cert, key })
-    }
-
-    /// A server certificate and its key (PEM) for the given names and addresses.
-    fn issue(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
-        let key = rcgen::KeyPair::generate()?;
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = rcgen::CertificateParams::new(names)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "streamex test server");
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-
-    /// Writes the CA certificate where the test process can read it.
-    fn write(&self, dir: &tempfile::TempDir, name: &str) -> anyhow::Result<String> {
-        let path = dir.path().join(name);
-        std::fs::write(&path, self.cert.pem())?;
-        Ok(path.display().to_string())
-    }
-}
-
-/// A cluster with ssl=on and a certificate from `ca` for `names`; `scram_user` must
-/// authenticate with scram-sha-256 over TLS, everyone else is trusted.
-fn tls_cluster(ca: &Ca, names: &[&str]) -> anyhow::Result<Cluster> {
-    let (cert, key) = ca.issue(names)?;
-    Ok(Cluster::builder()
-        .hba(
-            "local all all trust\n\
-             hostssl all scram_user 127.0.0.1/32 scram-sha-256\n\
-             host all all 127.0.0.1/32 trust\n",
-        )
-        .setting("ssl", "on")
-        .setting("ssl_cert_file", "server.crt")
-        .setting("ssl_key_file", "server.key")
-        .file("server.crt", cert)
-        .file("server.key", key)
-        .start()?)
-}
-
-fn encoded(path: &str) -> String {
-    percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 #[tokio::test]
