@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::Connection as _;
 use streamex::replication::{
-    ConnectOptions, ConnectParams, Connection, CopyMessage, ReplicationError,
+    self, ConnectOptions, ConnectParams, Connection, CopyMessage, ReplicationError, setup,
 };
 use streamex::testing::{self, Cluster};
 
@@ -545,6 +545,117 @@ async fn verify_ca_ignores_only_the_host_name() -> anyhow::Result<()> {
     assert!(conn.is_tls());
     assert_eq!(ssl_in_use(&mut conn).await?, "t");
     conn.close().await;
+    Ok(())
+}
+
+/// The SQL pool (catalog look-ups, process status, operators, the instance lock) verifies the
+/// server as the replication connection does: verify-ca checks the chain against sslrootcert
+/// and not the name, verify-full checks both.
+#[tokio::test]
+async fn the_pool_verifies_the_server_as_libpq_does() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("streamex test ca")?;
+    let other_ca = Ca::new("unrelated ca")?;
+    let ca_file = encoded(&ca.write(&dir, "ca.pem")?);
+    let other_ca_file = encoded(&other_ca.write(&dir, "other.pem")?);
+    // Issued for the name only: connecting to 127.0.0.1 does not match it.
+    let cluster = tls_cluster(&ca, &["localhost"])?;
+    let port = cluster.port();
+    let url = |host: &str, mode: &str, root: &str| {
+        params(&format!(
+            "postgres://postgres@{host}:{port}/postgres?sslmode={mode}&sslrootcert={root}"
+        ))
+    };
+    async fn ssl_of(conn: impl sqlx::PgExecutor<'_>) -> anyhow::Result<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(conn)
+                .await?,
+        )
+    }
+
+    for (host, mode) in [
+        ("127.0.0.1", "verify-ca"),
+        ("localhost", "verify-ca"),
+        ("localhost", "verify-full"),
+    ] {
+        let pool = replication::catalog_pool(&url(host, mode, &ca_file), 2).await?;
+        // Two connections at once: the second is opened as the first is held.
+        let mut first = pool.acquire().await?;
+        let mut second = pool.acquire().await?;
+        assert!(ssl_of(&mut *first).await?, "{host} {mode}");
+        assert!(ssl_of(&mut *second).await?, "{host} {mode}");
+        drop((first, second));
+        // A connection of its own from the pool's options, as the instance lock opens it.
+        let mut own = sqlx::PgConnection::connect_with(pool.connect_options().as_ref()).await?;
+        assert!(ssl_of(&mut own).await?, "{host} {mode}");
+        own.close().await?;
+        // The relay goes with the pool.
+        let socket = pool.connect_options().get_socket().cloned();
+        assert!(socket.is_some(), "{host} {mode}: not through the relay");
+        pool.close().await;
+        drop(pool);
+        assert!(!socket.unwrap().exists(), "{host} {mode}");
+    }
+
+    // SCRAM runs end to end between sqlx and the server, through the relay.
+    let mut admin = admin(&cluster.url("postgres")).await?;
+    sqlx::raw_sql("CREATE ROLE scram_user LOGIN PASSWORD 'tls pw'")
+        .execute(&mut admin)
+        .await?;
+    let scram = |password: &str| {
+        params(&format!(
+            "postgres://scram_user:{password}@127.0.0.1:{port}/postgres?sslmode=verify-ca&sslrootcert={ca_file}"
+        ))
+    };
+    let pool = replication::catalog_pool(&scram("tls%20pw"), 1).await?;
+    assert!(ssl_of(&pool).await?);
+    pool.close().await;
+    let e = replication::catalog_connection(&scram("nope"))
+        .await
+        .unwrap_err();
+    let code = e.as_database_error().and_then(|db| db.code());
+    assert_eq!(code.as_deref(), Some("28P01"), "{e}");
+
+    // Nothing listens: transient, and said at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let e = replication::catalog_connection(&params(&format!(
+        "postgres://postgres@127.0.0.1:{closed}/postgres?sslmode=verify-ca&sslrootcert={ca_file}"
+    )))
+    .await
+    .unwrap_err();
+    assert!(setup::is_transient_sql(&e), "{e:?}");
+    assert!(
+        e.to_string().contains(&format!("127.0.0.1:{closed}")),
+        "{e}"
+    );
+
+    // verify-full checks the name: the certificate is not for 127.0.0.1.
+    let e = replication::catalog_pool(&url("127.0.0.1", "verify-full", &ca_file), 2)
+        .await
+        .unwrap_err();
+    assert!(!setup::is_transient_sql(&e), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("127.0.0.1") && text.contains("not valid for this host name"),
+        "{text}"
+    );
+
+    // Both verify modes check the chain: a certificate from another CA is refused.
+    for mode in ["verify-ca", "verify-full"] {
+        let e = replication::catalog_pool(&url("localhost", mode, &other_ca_file), 2)
+            .await
+            .unwrap_err();
+        assert!(!setup::is_transient_sql(&e), "{mode}: {e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("not signed by a trusted certificate authority")
+                && text.contains(&format!("sslmode={mode}")),
+            "{text}"
+        );
+    }
     Ok(())
 }
 
