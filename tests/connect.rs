@@ -106,6 +106,15 @@ async fn trust_over_the_unix_socket() -> anyhow::Result<()> {
         let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
         assert_eq!(rows.len(), 1);
         conn.close().await;
+        // The pool too.
+        let pool = replication::catalog_pool(&p, 1).await?;
+        let local: bool = sqlx::query_scalar(
+            "SELECT client_addr IS NULL FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(&pool)
+        .await?;
+        assert!(local, "{url}");
+        pool.close().await;
     }
     Ok(())
 }

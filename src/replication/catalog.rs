@@ -70,14 +70,16 @@ fn connect_options(
         Host::Name(name) => options.host(name),
         Host::Ip(ip) => options.host(&ip.to_string()),
     };
-    // Over TCP only prefer and require are left, without a root certificate: sqlx encrypts
-    // without verifying, as tls.rs does.
-    options = options.ssl_mode(match params.sslmode {
-        SslMode::Disable => PgSslMode::Disable,
-        SslMode::Prefer => PgSslMode::Prefer,
-        SslMode::Require => PgSslMode::Require,
-        SslMode::VerifyCa => PgSslMode::VerifyCa,
-        SslMode::VerifyFull => PgSslMode::VerifyFull,
+    options = options.ssl_mode(match (&params.host, params.sslmode) {
+        // sqlx would ask for TLS over a Unix socket too, and the server always says no: like
+        // libpq and tls.rs, never ask there.
+        (Host::Unix(_), _) | (_, SslMode::Disable) => PgSslMode::Disable,
+        // Over TCP only prefer and require without a root certificate get here (a verified
+        // certificate goes through the relay): sqlx encrypts without verifying, as tls.rs.
+        (_, SslMode::Prefer) => PgSslMode::Prefer,
+        (_, SslMode::Require) => PgSslMode::Require,
+        (_, SslMode::VerifyCa) => PgSslMode::VerifyCa,
+        (_, SslMode::VerifyFull) => PgSslMode::VerifyFull,
     });
     Ok((options, None))
 }
