@@ -362,7 +362,8 @@ impl Service {
         operators: Vec<std::sync::Arc<dyn streamex::operator::Operator>>,
     ) -> anyhow::Result<Service> {
         let params = ConnectParams::parse(&config.database_url)?;
-        let pool = PgPool::connect(&config.database_url).await?;
+        // The pool `streamex run` makes, TLS and all.
+        let pool = replication::catalog_pool(&params, 8).await?;
         streamex::cli::prepare(config, &pool).await?;
         let stop = CancellationToken::new();
         let task = tokio::spawn({
