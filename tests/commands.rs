@@ -293,3 +293,108 @@ async fn a_wrong_password_is_definite_and_an_unreachable_server_is_waited_for() 
     );
     Ok(())
 }
+
+/// `setup`, `run` and `status` under sslmode=verify-ca against 127.0.0.1, with a server
+/// certificate issued for `localhost` only: the chain is verified, the name is not, on every
+/// connection the service opens (pool, process status, operators, instance lock, replication).
+#[tokio::test]
+async fn the_service_runs_under_verify_ca_with_a_certificate_for_another_name() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let ca = common::Ca::new("streamex test ca")?;
+    let ca_file = common::encoded(&ca.write(&dir, "ca.pem")?);
+    let cluster = common::tls_cluster(&ca, &["localhost"])?;
+    let url = cluster.create_database().await?;
+    let db = url.rsplit('/').next().unwrap_or_default().to_owned();
+    // The test's own connections go over the socket, so every TCP client is the service.
+    let pool = PgPool::connect_with(
+        sqlx::postgres::PgConnectOptions::new()
+            .socket(cluster.socket_dir())
+            .port(cluster.port())
+            .username("postgres")
+            .database(&db),
+    )
+    .await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let config = dir.path().join("streamex.toml");
+    std::fs::write(
+        &config,
+        common::blog_config(
+            &format!("{url}?sslmode=verify-ca&sslrootcert={ca_file}"),
+            &slot_for(&url),
+        ),
+    )?;
+
+    let out = setup_within_patience(&config).await?;
+    assert!(out.status.success(), "setup failed: {}", text(&out));
+    let log = dir.path().join("run.log");
+    let mut run = common::spawn_service(&config, &log, "warn")?;
+    let settled = common::settle(&pool).await;
+    let clients: Result<(i64, i64), _> = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl)
+           FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+          WHERE a.datname = current_database() AND a.client_addr IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await;
+    let status = streamex(&["status", "--json"], &config)?;
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own running child.
+    unsafe { libc::kill(libc::pid_t::try_from(run.id())?, libc::SIGTERM) };
+    let exit = run.wait()?;
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    settled.map_err(|e| anyhow::anyhow!("{e}\nservice log:\n{logged}"))?;
+    assert!(
+        exit.success(),
+        "SIGTERM should end the service cleanly: {exit}\n{logged}"
+    );
+    assert_eq!(common::derived_mismatches(&pool).await?, (0, 0), "{logged}");
+
+    // The pool, the instance lock and the walsender at least, all over TLS.
+    let (clients, encrypted) = clients?;
+    assert!(clients >= 3, "{clients} clients\n{logged}");
+    assert_eq!(encrypted, clients, "{logged}");
+
+    assert!(status.status.success(), "status failed: {}", text(&status));
+    let report: Value = serde_json::from_slice(&status.stdout)?;
+    assert_eq!(report["slot"]["plugin"], "pgoutput");
+
+    // The chain is still checked: a certificate from another CA stops setup, with the reason.
+    let other_ca = common::Ca::new("unrelated ca")?;
+    let other_file = common::encoded(&other_ca.write(&dir, "other.pem")?);
+    std::fs::write(
+        &config,
+        common::blog_config(
+            &format!("{url}?sslmode=verify-ca&sslrootcert={other_file}"),
+            &slot_for(&url),
+        ),
+    )?;
+    let out = setup_within_patience(&config).await?;
+    let message = text(&out);
+    assert!(!out.status.success(), "{message}");
+    assert!(
+        message.contains("not signed by a trusted certificate authority")
+            && !message.contains("retrying"),
+        "{message}"
+    );
+    Ok(())
+}
+
+/// `streamex setup --config config`, killed if it has not ended within [`common::PATIENCE`]
+/// (an error taken for a passing one makes it wait for the server for ever).
+async fn setup_within_patience(config: &Path) -> anyhow::Result<Output> {
+    let mut setup = Command::new(env!("CARGO_BIN_EXE_streamex"))
+        .args(["setup", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while setup.try_wait()?.is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if setup.try_wait()?.is_none() {
+        setup.kill()?;
+    }
+    Ok(setup.wait_with_output()?)
+}

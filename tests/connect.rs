@@ -5,9 +5,13 @@ use std::time::Duration;
 
 use sqlx::Connection as _;
 use streamex::replication::{
-    ConnectOptions, ConnectParams, Connection, CopyMessage, ReplicationError,
+    self, ConnectOptions, ConnectParams, Connection, CopyMessage, ReplicationError, setup,
 };
 use streamex::testing::{self, Cluster};
+
+mod common;
+
+use common::{Ca, encoded, tls_cluster};
 
 /// Parses a URL without looking at `$PGPASSWORD`/`$PGUSER`, so the environment cannot change
 /// what the tests see.
@@ -102,6 +106,15 @@ async fn trust_over_the_unix_socket() -> anyhow::Result<()> {
         let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
         assert_eq!(rows.len(), 1);
         conn.close().await;
+        // The pool too.
+        let pool = replication::catalog_pool(&p, 1).await?;
+        let local: bool = sqlx::query_scalar(
+            "SELECT client_addr IS NULL FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .fetch_one(&pool)
+        .await?;
+        assert!(local, "{url}");
+        pool.close().await;
     }
     Ok(())
 }
@@ -399,72 +412,6 @@ async fn ssl_in_use(conn: &mut Connection) -> anyhow::Result<String> {
     Ok(rows[0].get("ssl").expect("ssl column").to_owned())
 }
 
-/// A certificate authority made for one test.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> anyhow::Result<Ca> {
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key)?;
-        Ok(Ca { cert, key })
-    }
-
-    /// A server certificate and its key (PEM) for the given names and addresses.
-    fn issue(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
-        let key = rcgen::KeyPair::generate()?;
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = rcgen::CertificateParams::new(names)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "streamex test server");
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-
-    /// Writes the CA certificate where the test process can read it.
-    fn write(&self, dir: &tempfile::TempDir, name: &str) -> anyhow::Result<String> {
-        let path = dir.path().join(name);
-        std::fs::write(&path, self.cert.pem())?;
-        Ok(path.display().to_string())
-    }
-}
-
-/// A cluster with ssl=on and a certificate from `ca` for `names`; `scram_user` must
-/// authenticate with scram-sha-256 over TLS, everyone else is trusted.
-fn tls_cluster(ca: &Ca, names: &[&str]) -> anyhow::Result<Cluster> {
-    let (cert, key) = ca.issue(names)?;
-    Ok(Cluster::builder()
-        .hba(
-            "local all all trust\n\
-             hostssl all scram_user 127.0.0.1/32 scram-sha-256\n\
-             host all all 127.0.0.1/32 trust\n",
-        )
-        .setting("ssl", "on")
-        .setting("ssl_cert_file", "server.crt")
-        .setting("ssl_key_file", "server.key")
-        .file("server.crt", cert)
-        .file("server.key", key)
-        .start()?)
-}
-
-fn encoded(path: &str) -> String {
-    percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
 #[tokio::test]
 async fn tls_modes_against_a_certificate_for_localhost() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -607,6 +554,117 @@ async fn verify_ca_ignores_only_the_host_name() -> anyhow::Result<()> {
     assert!(conn.is_tls());
     assert_eq!(ssl_in_use(&mut conn).await?, "t");
     conn.close().await;
+    Ok(())
+}
+
+/// The SQL pool (catalog look-ups, process status, operators, the instance lock) verifies the
+/// server as the replication connection does: verify-ca checks the chain against sslrootcert
+/// and not the name, verify-full checks both.
+#[tokio::test]
+async fn the_pool_verifies_the_server_as_libpq_does() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("streamex test ca")?;
+    let other_ca = Ca::new("unrelated ca")?;
+    let ca_file = encoded(&ca.write(&dir, "ca.pem")?);
+    let other_ca_file = encoded(&other_ca.write(&dir, "other.pem")?);
+    // Issued for the name only: connecting to 127.0.0.1 does not match it.
+    let cluster = tls_cluster(&ca, &["localhost"])?;
+    let port = cluster.port();
+    let url = |host: &str, mode: &str, root: &str| {
+        params(&format!(
+            "postgres://postgres@{host}:{port}/postgres?sslmode={mode}&sslrootcert={root}"
+        ))
+    };
+    async fn ssl_of(conn: impl sqlx::PgExecutor<'_>) -> anyhow::Result<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(conn)
+                .await?,
+        )
+    }
+
+    for (host, mode) in [
+        ("127.0.0.1", "verify-ca"),
+        ("localhost", "verify-ca"),
+        ("localhost", "verify-full"),
+    ] {
+        let pool = replication::catalog_pool(&url(host, mode, &ca_file), 2).await?;
+        // Two connections at once: the second is opened as the first is held.
+        let mut first = pool.acquire().await?;
+        let mut second = pool.acquire().await?;
+        assert!(ssl_of(&mut *first).await?, "{host} {mode}");
+        assert!(ssl_of(&mut *second).await?, "{host} {mode}");
+        drop((first, second));
+        // A connection of its own from the pool's options, as the instance lock opens it.
+        let mut own = sqlx::PgConnection::connect_with(pool.connect_options().as_ref()).await?;
+        assert!(ssl_of(&mut own).await?, "{host} {mode}");
+        own.close().await?;
+        // The relay goes with the pool.
+        let socket = pool.connect_options().get_socket().cloned();
+        assert!(socket.is_some(), "{host} {mode}: not through the relay");
+        pool.close().await;
+        drop(pool);
+        assert!(!socket.unwrap().exists(), "{host} {mode}");
+    }
+
+    // SCRAM runs end to end between sqlx and the server, through the relay.
+    let mut admin = admin(&cluster.url("postgres")).await?;
+    sqlx::raw_sql("CREATE ROLE scram_user LOGIN PASSWORD 'tls pw'")
+        .execute(&mut admin)
+        .await?;
+    let scram = |password: &str| {
+        params(&format!(
+            "postgres://scram_user:{password}@127.0.0.1:{port}/postgres?sslmode=verify-ca&sslrootcert={ca_file}"
+        ))
+    };
+    let pool = replication::catalog_pool(&scram("tls%20pw"), 1).await?;
+    assert!(ssl_of(&pool).await?);
+    pool.close().await;
+    let e = replication::catalog_connection(&scram("nope"))
+        .await
+        .unwrap_err();
+    let code = e.as_database_error().and_then(|db| db.code());
+    assert_eq!(code.as_deref(), Some("28P01"), "{e}");
+
+    // Nothing listens: transient, and said at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let e = replication::catalog_connection(&params(&format!(
+        "postgres://postgres@127.0.0.1:{closed}/postgres?sslmode=verify-ca&sslrootcert={ca_file}"
+    )))
+    .await
+    .unwrap_err();
+    assert!(setup::is_transient_sql(&e), "{e:?}");
+    assert!(
+        e.to_string().contains(&format!("127.0.0.1:{closed}")),
+        "{e}"
+    );
+
+    // verify-full checks the name: the certificate is not for 127.0.0.1.
+    let e = replication::catalog_pool(&url("127.0.0.1", "verify-full", &ca_file), 2)
+        .await
+        .unwrap_err();
+    assert!(!setup::is_transient_sql(&e), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("127.0.0.1") && text.contains("not valid for this host name"),
+        "{text}"
+    );
+
+    // Both verify modes check the chain: a certificate from another CA is refused.
+    for mode in ["verify-ca", "verify-full"] {
+        let e = replication::catalog_pool(&url("localhost", mode, &other_ca_file), 2)
+            .await
+            .unwrap_err();
+        assert!(!setup::is_transient_sql(&e), "{mode}: {e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("not signed by a trusted certificate authority")
+                && text.contains(&format!("sslmode={mode}")),
+            "{text}"
+        );
+    }
     Ok(())
 }
 

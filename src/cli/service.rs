@@ -45,7 +45,7 @@ pub async fn connect(
         // would keep trying for its whole acquire timeout before saying anything.
         let attempt = async {
             use sqlx::Connection as _;
-            sqlx::PgConnection::connect_with(&replication::connect_options(&params))
+            replication::catalog_connection(&params)
                 .await?
                 .close()
                 .await?;

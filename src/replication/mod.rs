@@ -10,6 +10,8 @@
 //!
 //! - [`ConnectParams`]: a `postgres://` URL parsed as libpq does (params.rs).
 //! - [`Transport`] and [`SslMode`]: TCP, Unix socket or TLS, negotiated as libpq (tls.rs).
+//! - [`catalog_pool`]: the SQL pool beside it, whose TLS is tls.rs's too whenever the server's
+//!   certificate is verified, through a relay (catalog.rs, relay.rs).
 //! - [`Connection`]: startup, authentication, simple queries, and the switch into CopyBoth
 //!   mode as a [`CopyReader`] and a [`CopyWriter`] (conn.rs).
 //! - [`ReplicationError`]: typed errors, classified as transient or definite (error.rs).
@@ -23,12 +25,13 @@ mod error;
 mod lsn;
 mod params;
 mod protocol;
+mod relay;
 pub mod setup;
 mod stream;
 mod tls;
 
 pub use ack::Acknowledger;
-pub use catalog::{catalog_pool, connect_options};
+pub use catalog::{catalog_connection, catalog_pool};
 pub use conn::{
     ConnectOptions, Connection, CopyMessage, CopyReader, CopyWriter, MAX_BACKEND_MESSAGE, SimpleRow,
 };

@@ -21,8 +21,11 @@
 //! | verify-full | always             | chain and host name (an IP host as an IP address) |
 //!
 //! The root certificates are `sslrootcert`, else `~/.postgresql/root.crt` when it exists, else
-//! (for verify-ca and verify-full only) the webpki roots. Unix sockets never use TLS. Unlike
-//! libpq, a failed TLS handshake under `prefer` is an error rather than a retry in plain.
+//! (for verify-ca and verify-full only) the webpki roots. Unix sockets never use TLS. As in
+//! libpq, a failed TLS handshake under `prefer` is followed by a second connection in plain.
+//!
+//! The SQL pool's connections go through this same code whenever the certificate is verified
+//! (relay.rs explains how, and why sqlx's own TLS will not do).
 
 use std::fmt;
 use std::io;
@@ -184,6 +187,20 @@ impl Transport {
             return Ok(Transport::Tcp(tcp));
         }
         negotiate(tcp, params).await
+    }
+}
+
+/// Whether a connection to `params` verifies the server's certificate, which is when there
+/// are root certificates to verify it with: always under verify-ca and verify-full, and under
+/// prefer and require when a root certificate file is present. Never over a Unix socket.
+pub fn verifies_certificate(params: &ConnectParams) -> bool {
+    if matches!(params.host, Host::Unix(_)) {
+        return false;
+    }
+    match params.sslmode {
+        SslMode::Disable => false,
+        SslMode::VerifyCa | SslMode::VerifyFull => true,
+        SslMode::Prefer | SslMode::Require => root_certificate_file(params).is_some(),
     }
 }
 
@@ -667,6 +684,34 @@ mod tests {
         assert!(end_point_hash(&rsa_pss).is_none());
         assert!(signature_algorithm(&cert.der()[..20]).is_none());
         assert!(signature_algorithm(b"").is_none());
+    }
+
+    #[test]
+    fn certificates_are_verified_when_there_are_roots_to_verify_them_with() {
+        let verifies = |url: &str| {
+            verifies_certificate(&ConnectParams::parse_with_env(url, |_| None).unwrap())
+        };
+        for mode in ["verify-ca", "verify-full"] {
+            assert!(verifies(&format!("postgres://u@db/d?sslmode={mode}")));
+        }
+        for mode in ["prefer", "require", "verify-ca", "verify-full"] {
+            assert!(verifies(&format!(
+                "postgres://u@db/d?sslmode={mode}&sslrootcert=/etc/ca.pem"
+            )));
+            // Unix sockets never use TLS.
+            assert!(!verifies(&format!(
+                "postgres://u@/d?host=/run/postgresql&sslmode={mode}&sslrootcert=/etc/ca.pem"
+            )));
+        }
+        assert!(!verifies(
+            "postgres://u@db/d?sslmode=disable&sslrootcert=/etc/ca.pem"
+        ));
+        let plain =
+            ConnectParams::parse_with_env("postgres://u@db/d?sslmode=require", |_| None).unwrap();
+        assert_eq!(
+            verifies_certificate(&plain),
+            root_certificate_file(&plain).is_some()
+        );
     }
 
     #[test]

@@ -362,7 +362,8 @@ impl Service {
         operators: Vec<std::sync::Arc<dyn streamex::operator::Operator>>,
     ) -> anyhow::Result<Service> {
         let params = ConnectParams::parse(&config.database_url)?;
-        let pool = PgPool::connect(&config.database_url).await?;
+        // The pool `streamex run` makes, TLS and all.
+        let pool = replication::catalog_pool(&params, 8).await?;
         streamex::cli::prepare(config, &pool).await?;
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -383,4 +384,71 @@ impl Service {
             .context("the service did not stop in time")???;
         Ok(())
     }
+}
+
+/// A certificate authority made for one test.
+pub struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> anyhow::Result<Ca> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        Ok(Ca { cert, key })
+    }
+
+    /// A server certificate and its key (PEM) for the given names and addresses.
+    pub fn issue(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "streamex test server");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Writes the CA certificate where the test process can read it.
+    pub fn write(&self, dir: &tempfile::TempDir, name: &str) -> anyhow::Result<String> {
+        let path = dir.path().join(name);
+        std::fs::write(&path, self.cert.pem())?;
+        Ok(path.display().to_string())
+    }
+}
+
+/// A cluster with ssl=on and a certificate from `ca` for `names`; `scram_user` must
+/// authenticate with scram-sha-256 over TLS, everyone else is trusted, with or without TLS.
+pub fn tls_cluster(ca: &Ca, names: &[&str]) -> anyhow::Result<streamex::testing::Cluster> {
+    let (cert, key) = ca.issue(names)?;
+    Ok(streamex::testing::Cluster::builder()
+        .hba(
+            "local all all trust\n\
+             hostssl all scram_user 127.0.0.1/32 scram-sha-256\n\
+             host all all 127.0.0.1/32 trust\n",
+        )
+        .setting("ssl", "on")
+        .setting("ssl_cert_file", "server.crt")
+        .setting("ssl_key_file", "server.key")
+        .file("server.crt", cert)
+        .file("server.key", key)
+        .start()?)
+}
+
+/// `text` percent-encoded for a URL's query (a path given as `sslrootcert`).
+pub fn encoded(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
