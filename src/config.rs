@@ -111,6 +111,12 @@ pub struct HttpConfig {
     /// Events queued for one Server-Sent Events client before it is cut off (it is then sent
     /// an `event: lagged` message and the stream ends).
     pub sse_capacity: usize,
+    /// Bytes of event JSON queued for one Server-Sent Events client before it is cut off, as
+    /// for `sse_capacity`. One event larger than this still goes to a client that has nothing
+    /// else queued.
+    pub sse_max_bytes: usize,
+    /// Server-Sent Events streams open at once; a client beyond them is answered 503.
+    pub max_clients: usize,
     /// How often an idle Server-Sent Events stream gets a keep-alive comment.
     #[serde(deserialize_with = "duration")]
     pub keep_alive: Duration,
@@ -125,6 +131,8 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: None,
             sse_capacity: 1024,
+            sse_max_bytes: 16 << 20,
+            max_clients: 256,
             keep_alive: Duration::from_secs(15),
             allow_origin: None,
         }
@@ -332,8 +340,16 @@ impl Config {
                 self.slot
             ));
         }
-        if self.http.sse_capacity == 0 || self.http.keep_alive.is_zero() {
-            return Err("http.sse_capacity and http.keep_alive must be more than 0".to_owned());
+        if self.http.sse_capacity == 0
+            || self.http.sse_max_bytes == 0
+            || self.http.max_clients == 0
+            || self.http.keep_alive.is_zero()
+        {
+            return Err(
+                "http.sse_capacity, http.sse_max_bytes, http.max_clients and http.keep_alive \
+                 must be more than 0"
+                    .to_owned(),
+            );
         }
         if let Some(origin) = &self.http.allow_origin {
             if origin.is_empty() || !origin.chars().all(|c| c.is_ascii_graphic()) {

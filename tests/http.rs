@@ -1,6 +1,7 @@
 //! The HTTP endpoint (`[http]`) of a running service, over real TCP, on a private cluster:
-//! probes, metrics, process status, channels as Server-Sent Events (and a lagging client),
-//! shutdown, and a real headless browser following a channel with `EventSource`.
+//! probes, metrics, process status, channels as Server-Sent Events (and lagging clients, cut
+//! off by events or by bytes, and clients beyond `max_clients`), shutdown, and a real
+//! headless browser following a channel with `EventSource`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,6 +63,8 @@ const CHANNELS: &str =
 
 struct Service {
     base: String,
+    /// The service's bus, to see its subscriptions.
+    pubsub: PubSub,
     inner: common::Service,
 }
 
@@ -71,9 +74,14 @@ impl Service {
         status: S,
         operators: Vec<Arc<dyn Operator>>,
     ) -> anyhow::Result<Service> {
-        let inner = common::Service::start(config, status, PubSub::new(), operators).await?;
+        let pubsub = PubSub::new();
+        let inner = common::Service::start(config, status, pubsub.clone(), operators).await?;
         let base = format!("http://{}", config.http.listen.context("no [http] listen")?);
-        let service = Service { base, inner };
+        let service = Service {
+            base,
+            pubsub,
+            inner,
+        };
         service.wait_listening().await?;
         Ok(service)
     }
@@ -103,9 +111,24 @@ impl Service {
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let response = client().get(self.url(path)).send().await?;
+        let (status, _, body) = self.get_with(path, &[]).await?;
+        Ok((status, body))
+    }
+
+    /// `path` with these request headers: the status, the response headers and the body.
+    async fn get_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, String)> {
+        let mut request = client().get(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await?;
         let status = response.status().as_u16();
-        Ok((status, response.text().await?))
+        let headers = response.headers().clone();
+        Ok((status, headers, response.text().await?))
     }
 
     /// Polls `path` until it answers `status`; returns the last body.
@@ -142,11 +165,22 @@ impl Service {
 
     /// Follows `/channels/{path}`, which the server must read as the channel `name`.
     async fn subscribe_as(&self, path: &str, name: &str) -> anyhow::Result<SseReader> {
+        self.subscribe_with(path, name, &[]).await
+    }
+
+    /// [`subscribe_as`](Self::subscribe_as) with these request headers.
+    async fn subscribe_with(
+        &self,
+        path: &str,
+        name: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<SseReader> {
         let channel = name;
-        let response = client()
-            .get(self.url(&format!("/channels/{path}")))
-            .send()
-            .await?;
+        let mut request = client().get(self.url(&format!("/channels/{path}")));
+        for (header, value) in headers {
+            request = request.header(*header, *value);
+        }
+        let response = request.send().await?;
         ensure!(
             response.status() == 200,
             "subscribing: {}",
@@ -165,6 +199,7 @@ impl Service {
         let mut reader = SseReader {
             response,
             buffer: Vec::new(),
+            scanned: 0,
         };
         // The first message says the subscription is in place: what is written from now on
         // reaches it.
@@ -207,17 +242,23 @@ struct Message {
 struct SseReader {
     response: reqwest::Response,
     buffer: Vec<u8>,
+    /// How much of `buffer` holds no message end (large messages come in many chunks).
+    scanned: usize,
 }
 
 impl SseReader {
     /// The next message; `None` when the stream ended.
     async fn next(&mut self) -> anyhow::Result<Option<Message>> {
         loop {
-            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+            let from = self.scanned.saturating_sub(1);
+            if let Some(at) = self.buffer[from..].windows(2).position(|w| w == b"\n\n") {
+                let end = from + at;
                 let block = String::from_utf8(self.buffer[..end].to_vec())?;
                 self.buffer.drain(..end + 2);
+                self.scanned = 0;
                 return Ok(Some(parse_message(&block)));
             }
+            self.scanned = self.buffer.len();
             let chunk = tokio::time::timeout(PATIENCE, self.response.chunk())
                 .await
                 .context("no Server-Sent Events data in time")??;
@@ -764,7 +805,15 @@ async fn a_lagging_client_is_told_so_and_its_stream_ends() -> anyhow::Result<()>
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Now read: a run of events without a gap, then `lagged`, then the end.
+    let received = read_until_cut_off(&mut reader, "comments").await?;
+    assert!(received < ROWS, "never cut off");
+    service.stop().await
+}
+
+/// Reads what a cut-off client was sent: a run of events of one transaction without a gap
+/// (ordinals 0, 1, 2...), then `lagged` naming the first one missed, then the end. Returns
+/// how many events came.
+async fn read_until_cut_off(reader: &mut SseReader, channel: &str) -> anyhow::Result<u64> {
     let mut received: u64 = 0;
     let lagged = loop {
         let message = reader.next_data().await?;
@@ -772,22 +821,114 @@ async fn a_lagging_client_is_told_so_and_its_stream_ends() -> anyhow::Result<()>
             break message;
         }
         let event = event_of(&message)?;
-        assert_eq!(event.ordinal, received, "a gap before {message:?}");
+        ensure!(event.ordinal == received, "a gap before {message:?}");
         received += 1;
     };
-    assert!(received < ROWS, "never cut off");
     let data: serde_json::Value =
         serde_json::from_str(lagged.data.as_deref().context("lagged data")?)?;
-    assert_eq!(data["channel"], "comments");
+    ensure!(data["channel"] == channel, "{data}");
     let dropped_at = data["dropped_at"].as_str().context("dropped_at")?;
-    assert!(
+    ensure!(
         dropped_at.ends_with(&format!("#{received}")),
         "{dropped_at} after {received} events"
     );
-    assert!(
+    ensure!(
         reader.next().await?.is_none(),
         "the stream goes on after lagged"
     );
+    Ok(received)
+}
+
+/// Waits until `/metrics` counts `rows` events of `entity`: they have all been published.
+async fn wait_published(service: &Service, entity: &str, rows: u64) -> anyhow::Result<()> {
+    let name = format!("streamex_events_received_total{{entity=\"{entity}\"}}");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if service.metrics().await?.get(&name).copied() == Some(rows as f64) {
+            return Ok(());
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Many clients that stop reading while large events pass: each holds no more than
+/// `sse_max_bytes` of queued JSON before it is cut off (the event bound is out of reach), the
+/// clients beyond `max_clients` are refused, and `/metrics` answers all along.
+#[tokio::test]
+async fn slow_clients_are_cut_off_by_bytes_and_capped_in_number() -> anyhow::Result<()> {
+    const CLIENTS: usize = 6;
+    const ROWS: u64 = 100;
+    const ROW_BYTES: usize = 200_000;
+    const CAPACITY: u64 = 100_000;
+    const MAX_BYTES: usize = 256 << 10;
+    // Cut off by bytes or not at all: no client can have CAPACITY events queued.
+    const _: () = assert!(ROWS < CAPACITY && ROW_BYTES < MAX_BYTES);
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let config = config(
+        &url,
+        free_port()?,
+        CHANNELS,
+        &[
+            ("STREAMEX_HTTP__SSE_CAPACITY", &CAPACITY.to_string()),
+            ("STREAMEX_HTTP__SSE_MAX_BYTES", &MAX_BYTES.to_string()),
+            ("STREAMEX_HTTP__MAX_CLIENTS", &CLIENTS.to_string()),
+        ],
+    )?;
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    service.wait_for("/readyz", 200).await?;
+    let mut readers = Vec::new();
+    for _ in 0..CLIENTS {
+        readers.push(service.subscribe("comments").await?);
+    }
+    assert_eq!(service.pubsub.subscriber_count("comments"), CLIENTS);
+    // One more, on any channel, is refused by name.
+    for channel in ["comments", "posts"] {
+        let (status, headers, body) = service
+            .get_with(&format!("/channels/{channel}"), &[])
+            .await?;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("[http] max_clients"), "{body}");
+        assert_eq!(headers["content-type"], "application/json");
+    }
+    assert_eq!(service.pubsub.subscriber_count("posts"), 0);
+
+    // About 20 MB of JSON per client, far past what sockets and the server's write buffer
+    // hold, while none of them reads.
+    sqlx::query("INSERT INTO posts (id, title) VALUES (1, 'one')")
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO comments (post_id, body) SELECT 1, repeat('x', $2) FROM generate_series(1, $1)",
+    )
+    .bind(i64::try_from(ROWS)?)
+    .bind(i32::try_from(ROW_BYTES)?)
+    .execute(&pool)
+    .await?;
+    wait_published(&service, "comments", ROWS).await?;
+    // Every client was cut off, at once: none is on the bus any more.
+    assert_eq!(service.pubsub.subscriber_count("comments"), 0);
+    service.metrics().await?;
+
+    for reader in &mut readers {
+        let received = read_until_cut_off(reader, "comments").await?;
+        assert!(received < ROWS, "never cut off");
+    }
+    drop(readers);
+    // Their streams have ended: their places are free again.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let _reader = loop {
+        match service.subscribe("comments").await {
+            Ok(reader) => break reader,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert!(format!("{e:#}").contains("503"), "{e:#}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     service.stop().await
 }
 
