@@ -1,7 +1,7 @@
 //! The HTTP endpoint (`[http]`) of a running service, over real TCP, on a private cluster:
 //! probes, metrics, process status, channels as Server-Sent Events (and lagging clients, cut
-//! off by events or by bytes, and clients beyond `max_clients`), shutdown, and a real
-//! headless browser following a channel with `EventSource`.
+//! off by events or by bytes, and clients beyond `max_clients`), the bearer token, the `Host`
+//! check, shutdown, and a real headless browser following a channel with `EventSource`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -930,6 +930,300 @@ async fn slow_clients_are_cut_off_by_bytes_and_capped_in_number() -> anyhow::Res
         }
     };
     service.stop().await
+}
+
+const TOKEN: &str = "s3cret-t0ken";
+
+#[tokio::test]
+async fn a_token_guards_channels_and_process_status_but_not_the_probes() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql("INSERT INTO posts (id, title) VALUES (1, 'one')")
+        .execute(&pool)
+        .await?;
+    let text = format!("{CHANNELS}[http]\ntoken = \"{TOKEN}\"\n");
+    let config = config(&url, free_port()?, &text, &[])?;
+    assert!(!format!("{config:?}").contains(TOKEN), "{config:?}");
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    // The probes need no token.
+    assert_eq!(service.get("/healthz").await?.0, 200);
+    service.wait_for("/readyz", 200).await?;
+    // Nor, without metrics_auth, /metrics.
+    service.metrics().await?;
+
+    let bearer = format!("Bearer {TOKEN}");
+    let basic = format!("Basic {TOKEN}");
+    let refusals = [
+        // (path, Authorization, what the error says)
+        ("/channels/comments", None, "access_token"),
+        (
+            "/channels/comments",
+            Some("Bearer nope"),
+            "not the [http] token",
+        ),
+        (
+            "/channels/comments?access_token=nope",
+            None,
+            "not the [http] token",
+        ),
+        (
+            "/channels/comments",
+            Some(&basic[..]),
+            "not the [http] token",
+        ),
+        (
+            "/process-status/posts?timestamp=0",
+            None,
+            "Authorization: Bearer",
+        ),
+        (
+            "/process-status/posts?timestamp=0",
+            Some(&bearer[..bearer.len() - 1]),
+            "not the [http] token",
+        ),
+        // The query parameter is for EventSource only.
+        (
+            &format!("/process-status/posts?timestamp=0&access_token={TOKEN}"),
+            None,
+            "Authorization: Bearer",
+        ),
+    ];
+    for (path, authorization, says) in refusals {
+        let headers: Vec<_> = authorization
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect();
+        let (status, response, body) = service.get_with(path, &headers).await?;
+        assert_eq!(status, 401, "{path} {headers:?}: {body}");
+        let challenge = response["www-authenticate"].to_str()?;
+        assert!(challenge.starts_with("Bearer"), "{challenge}");
+        let error: serde_json::Value = serde_json::from_str(&body)?;
+        let error = error["error"].as_str().context("an error")?;
+        assert!(error.contains(says), "{path}: {error}");
+        assert!(!error.contains(TOKEN), "{error}");
+    }
+    assert_eq!(service.pubsub.subscriber_count("comments"), 0);
+
+    // The token in the header, or in the URL of a channel: streams as usual.
+    let mut by_header = service
+        .subscribe_with("comments", "comments", &[("authorization", &bearer)])
+        .await?;
+    let mut by_query = service
+        .subscribe_as(&format!("comments?access_token={TOKEN}"), "comments")
+        .await?;
+    let (status, _, body) = service
+        .get_with(
+            "/process-status/posts?timestamp=0",
+            &[("authorization", &bearer)],
+        )
+        .await?;
+    // Let in: whether posts are processed yet is beside the point.
+    assert!(
+        (status == 200 || status == 425) && body.contains("\"processed\""),
+        "{status} {body}"
+    );
+    sqlx::query("INSERT INTO comments (post_id, body) VALUES (1, 'hello')")
+        .execute(&pool)
+        .await?;
+    for reader in [&mut by_header, &mut by_query] {
+        let event = event_of(&reader.next_data().await?)?;
+        assert_eq!(field(&event, "body"), Some(&serde_json::json!("hello")));
+    }
+    service.stop().await
+}
+
+#[tokio::test]
+async fn metrics_auth_with_a_token_file_guards_metrics_too() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{TOKEN}\n"))?;
+    let text = format!(
+        "{CHANNELS}[http]\ntoken_file = {:?}\nmetrics_auth = true\n",
+        file.display().to_string()
+    );
+    let config = config(&url, free_port()?, &text, &[])?;
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    service.wait_for("/readyz", 200).await?;
+    let (status, headers, body) = service.get_with("/metrics", &[]).await?;
+    assert_eq!(status, 401, "{body}");
+    assert!(headers.contains_key("www-authenticate"));
+    // The file's newline is not part of the token.
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, _, body) = service
+        .get_with("/metrics", &[("authorization", &bearer)])
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("streamex_instance_active 1"), "{body}");
+    service.stop().await
+}
+
+#[tokio::test]
+async fn the_endpoint_answers_only_the_host_names_it_is_known_by() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    // Listening on a loopback address: loopback names only, by default.
+    let port = free_port()?;
+    let loopback = config(&url, port, CHANNELS, &[])?;
+    let service = Service::start(&loopback, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    service.wait_for("/readyz", 200).await?;
+    let host = |name: &str| format!("{name}:{port}");
+    for name in ["localhost", "127.0.0.1", "[::1]", "LOCALHOST"] {
+        let (status, _, body) = service
+            .get_with("/metrics", &[("host", &host(name))])
+            .await?;
+        assert_eq!(status, 200, "{name}: {body}");
+    }
+    // A page whose own name was rebound to 127.0.0.1 sends its name.
+    for path in [
+        "/channels/comments",
+        "/metrics",
+        "/process-status/posts?timestamp=0",
+        "/nothing",
+    ] {
+        let (status, _, body) = service
+            .get_with(path, &[("host", &host("rebound.example"))])
+            .await?;
+        assert_eq!(status, 421, "{path}: {body}");
+        assert!(
+            body.contains("[http] allowed_hosts") && body.contains("loopback"),
+            "{body}"
+        );
+    }
+    assert_eq!(service.pubsub.subscriber_count("comments"), 0);
+    // The probes answer any name.
+    for path in ["/healthz", "/readyz"] {
+        let (status, _, body) = service
+            .get_with(path, &[("host", &host("rebound.example"))])
+            .await?;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    service.stop().await?;
+
+    // A list replaces the default.
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let port = free_port()?;
+    let text = format!("{CHANNELS}[http]\nallowed_hosts = [\"streamex.internal\", \"[::1]\"]\n");
+    let config = config(&url, port, &text, &[])?;
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    service.wait_for("/readyz", 200).await?;
+    let host = |name: &str| format!("{name}:{port}");
+    for (name, expected) in [
+        ("streamex.internal", 200),
+        ("[::1]", 200),
+        ("localhost", 421),
+        ("127.0.0.1", 421),
+    ] {
+        let (status, _, body) = service
+            .get_with("/metrics", &[("host", &host(name))])
+            .await?;
+        assert_eq!(status, expected, "{name}: {body}");
+    }
+    let mut reader = service
+        .subscribe_with("comments", "comments", &[("host", "streamex.internal")])
+        .await?;
+    sqlx::raw_sql(
+        "INSERT INTO posts (id, title) VALUES (1, 'one');
+         INSERT INTO comments (post_id, body) VALUES (1, 'hello');",
+    )
+    .execute(&pool)
+    .await?;
+    let event = event_of(&reader.next_data().await?)?;
+    assert_eq!(field(&event, "body"), Some(&serde_json::json!("hello")));
+    service.stop().await
+}
+
+/// The token's settings are checked at load, by key, and the token is never shown.
+#[test]
+fn token_settings_are_refused_by_key_and_never_shown() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("token");
+    let parse = |text: &str, env: &[(&str, &str)]| {
+        Config::parse(
+            &format!("database_url = \"postgres://localhost/db\"\n[http]\n{text}"),
+            "test.toml",
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+        .map_err(|e| e.to_string())
+    };
+    let token_file = format!("token_file = {:?}\n", file.display().to_string());
+    std::fs::write(&file, "\n")?;
+    for (text, env, says) in [
+        (
+            format!("token = \"{TOKEN}\"\n{token_file}"),
+            &[][..],
+            "http.token and http.token_file are both set",
+        ),
+        ("token = \"\"".to_owned(), &[], "http.token is empty"),
+        (token_file.clone(), &[], "http.token_file is empty"),
+        (
+            format!("token = \"{TOKEN} x\""),
+            &[],
+            "http.token may hold only visible ASCII",
+        ),
+        (
+            "metrics_auth = true".to_owned(),
+            &[],
+            "http.metrics_auth needs a token",
+        ),
+        (
+            String::new(),
+            &[("STREAMEX_HTTP__TOKEN", "\"\"")],
+            "http.token is empty",
+        ),
+        // A token that reads as a number is refused without being quoted.
+        (
+            String::new(),
+            &[("STREAMEX_HTTP__TOKEN", "918273645")],
+            "a secret must be a string",
+        ),
+        ("max_clients = 0".to_owned(), &[], "http.max_clients"),
+        ("sse_max_bytes = 0".to_owned(), &[], "http.sse_max_bytes"),
+        (
+            "allowed_hosts = [\"localhost:9187\"]".to_owned(),
+            &[],
+            "http.allowed_hosts",
+        ),
+        (
+            "allowed_hosts = []".to_owned(),
+            &[],
+            "http.allowed_hosts is empty",
+        ),
+    ] {
+        let error = parse(&text, env).expect_err(&text);
+        assert!(error.contains(says), "{text} {env:?}: {error}");
+        assert!(
+            !error.contains(TOKEN) && !error.contains("918273645"),
+            "{error}"
+        );
+    }
+    std::fs::remove_file(&file)?;
+    let error = parse(&token_file, &[]).expect_err("no file");
+    assert!(error.contains("http.token_file: reading"), "{error}");
+
+    std::fs::write(&file, format!("{TOKEN}\r\n"))?;
+    let config = parse(&token_file, &[]).map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        config
+            .http
+            .bearer_token()
+            .map_err(anyhow::Error::msg)?
+            .context("a token")?
+            .expose(),
+        TOKEN
+    );
+    let config = parse("", &[("STREAMEX_HTTP__TOKEN", TOKEN)]).map_err(anyhow::Error::msg)?;
+    assert!(!format!("{config:?}").contains(TOKEN), "{config:?}");
+    assert_eq!(config.http.sse_max_bytes, 16 << 20);
+    assert_eq!(config.http.max_clients, 256);
+    assert!(!config.http.metrics_auth);
+    Ok(())
 }
 
 #[tokio::test]

@@ -8,11 +8,14 @@
 //!  GET /process-status/{entity}  ProcessStatusStorage::processed(entity, ?timestamp=): 200 / 425
 //!  GET /channels/{*channel}      PubSub::subscribe_with_max_bytes(channel) ─► text/event-stream
 //!                                (sse.rs); 503 beyond [http] max_clients
+//!
+//!  every route but the probes:   421 for a Host not allowed, 401 without the token (guard.rs)
 //! ```
 //!
 //! The server is started by `run_service` when configured and stops with the service's
 //! shutdown token; open event streams end on the same token, so they never hold shutdown up.
-//! Nothing here is authenticated: listen on a private address.
+//! Every request but the probes passes [`guard`] first: the `Host` check against DNS
+//! rebinding, then the bearer token when `[http] token` is set.
 //!
 //! # Slow clients
 //!
@@ -29,6 +32,7 @@
 //! buffer holds (a few hundred KiB, shared bytes), the `lagged` message included: the cap
 //! counts such connections too, so they cannot pile up without bound.
 
+mod guard;
 mod sse;
 
 use std::net::SocketAddr;
@@ -76,7 +80,8 @@ pub struct Endpoint<S> {
     pub shutdown: CancellationToken,
 }
 
-/// What `[http]` sets, checked once at start-up.
+/// What `[http]` sets, checked and resolved once at start-up (the token file read, the
+/// allowed hosts decided).
 #[derive(Debug)]
 pub struct Settings {
     /// Queue of one Server-Sent Events client, in events and in bytes
@@ -86,6 +91,7 @@ pub struct Settings {
     keep_alive: Duration,
     /// `Access-Control-Allow-Origin` for `/channels` and `/process-status`.
     allow_origin: Option<HeaderValue>,
+    guard: guard::Guard,
     /// One permit per event stream open at once, `max_clients` of them.
     clients: Arc<Semaphore>,
     max_clients: usize,
@@ -103,6 +109,7 @@ impl Settings {
             sse_max_bytes: config.sse_max_bytes,
             keep_alive: config.keep_alive,
             allow_origin,
+            guard: guard::Guard::new(config).map_err(anyhow::Error::msg)?,
             clients: Arc::new(Semaphore::new(
                 config.max_clients.min(Semaphore::MAX_PERMITS),
             )),
@@ -154,13 +161,18 @@ pub fn spawn<S: ProcessStatusStorage + Clone>(
 
 /// The routes, for [`spawn`].
 pub fn router<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router {
+    let endpoint = Arc::new(endpoint);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/process-status/{entity}", get(process_status::<S>))
         .route("/channels/{*channel}", get(sse::channel::<S>))
-        .with_state(Arc::new(endpoint))
+        .layer(axum::middleware::from_fn_with_state(
+            endpoint.clone(),
+            guard::check::<S>,
+        ))
+        .with_state(endpoint)
 }
 
 type Shared<S> = State<Arc<Endpoint<S>>>;
