@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -120,6 +120,12 @@ pub struct HttpConfig {
     /// Events queued for one Server-Sent Events client before it is cut off (it is then sent
     /// an `event: lagged` message and the stream ends).
     pub sse_capacity: usize,
+    /// Bytes of event JSON queued for one Server-Sent Events client before it is cut off, as
+    /// for `sse_capacity`. One event larger than this still goes to a client that has nothing
+    /// else queued.
+    pub sse_max_bytes: usize,
+    /// Server-Sent Events streams open at once; a client beyond them is answered 503.
+    pub max_clients: usize,
     /// How often an idle Server-Sent Events stream gets a keep-alive comment.
     #[serde(deserialize_with = "duration")]
     pub keep_alive: Duration,
@@ -127,6 +133,17 @@ pub struct HttpConfig {
     /// `/channels/...` and ask `/process-status/...` from a browser (CORS
     /// `Access-Control-Allow-Origin`); none by default: same origin only.
     pub allow_origin: Option<String>,
+    /// The bearer token `/channels/...` and `/process-status/...` (and `/metrics` with
+    /// `metrics_auth`) require; none by default: no authentication.
+    pub token: Option<Secret>,
+    /// A file holding the token (its trailing newline removed), instead of `token`.
+    pub token_file: Option<PathBuf>,
+    /// Whether `/metrics` requires the token too.
+    pub metrics_auth: bool,
+    /// The host names (`Host` header, any port) the endpoint answers to; `"*"` for any. By
+    /// default, `localhost`, `127.0.0.1` and `[::1]` when `listen` is a loopback address, any
+    /// otherwise.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 impl Default for HttpConfig {
@@ -134,9 +151,111 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: None,
             sse_capacity: 1024,
+            sse_max_bytes: 16 << 20,
+            max_clients: 256,
             keep_alive: Duration::from_secs(15),
             allow_origin: None,
+            token: None,
+            token_file: None,
+            metrics_auth: false,
+            allowed_hosts: None,
         }
+    }
+}
+
+impl HttpConfig {
+    /// The bearer token, read from `token_file` if that is where it is; `None` when neither
+    /// is set. The error names the key, never the token.
+    pub fn bearer_token(&self) -> Result<Option<Secret>, String> {
+        let (token, key) = match (&self.token, &self.token_file) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(
+                    "http.token and http.token_file are both set: keep one of them".to_owned(),
+                );
+            }
+            (Some(token), None) => (token.clone(), "http.token"),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("http.token_file: reading {}: {e}", path.display()))?;
+                (
+                    Secret(text.trim_end_matches(['\n', '\r']).to_owned()),
+                    "http.token_file",
+                )
+            }
+        };
+        if token.0.is_empty() {
+            return Err(format!(
+                "{key} is empty: give a long random token (e.g. from `openssl rand -hex 32`), \
+                 or leave {key} out for no authentication"
+            ));
+        }
+        if !token.0.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(format!(
+                "{key} may hold only visible ASCII characters, without spaces (it is sent in \
+                 an Authorization header)"
+            ));
+        }
+        Ok(Some(token))
+    }
+}
+
+/// A setting that must stay secret (`[http] token`): its `Debug` shows no more than that it
+/// is set, and errors about it never quote it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Secret(secret.into())
+    }
+
+    /// The secret itself, to compare a request's token with (in constant time).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl Text {
+            // serde's own message would quote the value.
+            fn refuse<E: serde::de::Error>(self) -> Result<Secret, E> {
+                Err(E::custom(
+                    "a secret must be a string in quotes (in an environment variable too: \
+                     STREAMEX_HTTP__TOKEN='\"...\"' if it reads as a number or a boolean)",
+                ))
+            }
+        }
+        impl serde::de::Visitor<'_> for Text {
+            type Value = Secret;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret(v.to_owned()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+                self.refuse()
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+                self.refuse()
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+                self.refuse()
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+                self.refuse()
+            }
+        }
+        deserializer.deserialize_any(Text)
     }
 }
 
@@ -404,8 +523,47 @@ impl Config {
                 self.slot
             ));
         }
-        if self.http.sse_capacity == 0 || self.http.keep_alive.is_zero() {
-            return Err("http.sse_capacity and http.keep_alive must be more than 0".to_owned());
+        if self.http.sse_capacity == 0
+            || self.http.sse_max_bytes == 0
+            || self.http.max_clients == 0
+            || self.http.keep_alive.is_zero()
+        {
+            return Err(
+                "http.sse_capacity, http.sse_max_bytes, http.max_clients and http.keep_alive \
+                 must be more than 0"
+                    .to_owned(),
+            );
+        }
+        // Read here too, so that a missing or empty token file stops start-up by its key.
+        let token = self.http.bearer_token()?;
+        if self.http.metrics_auth && token.is_none() {
+            return Err(
+                "http.metrics_auth needs a token to require: set http.token or http.token_file"
+                    .to_owned(),
+            );
+        }
+        for host in self.http.allowed_hosts.iter().flatten() {
+            let name = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
+            if name.is_empty()
+                || !name.chars().all(|c| c.is_ascii_graphic() && c != '/')
+                || (name.contains(':') && name.parse::<std::net::Ipv6Addr>().is_err())
+            {
+                return Err(format!(
+                    "http.allowed_hosts: {host:?} is not a host name: write a name or an \
+                     address without a port (\"localhost\", \"app.example.com\", \"[::1]\"), \
+                     or \"*\" for any"
+                ));
+            }
+        }
+        if self.http.allowed_hosts.as_ref().is_some_and(Vec::is_empty) {
+            return Err(
+                "http.allowed_hosts is empty, which would refuse every request: list the \
+                 names clients use, or leave it out for the default"
+                    .to_owned(),
+            );
         }
         if let Some(origin) = &self.http.allow_origin {
             if origin.is_empty() || !origin.chars().all(|c| c.is_ascii_graphic()) {

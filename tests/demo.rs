@@ -44,7 +44,9 @@ fn the_demo_serves_metrics_with_http() -> anyhow::Result<()> {
             break false;
         }
         if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            stream.write_all(
+                b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )?;
             last.clear();
             stream.read_to_string(&mut last)?;
             // Events counted once the blog activity has gone through.

@@ -1,6 +1,7 @@
 //! The HTTP endpoint (`[http]`) of a running service, over real TCP, on a private cluster:
-//! probes, metrics, process status, channels as Server-Sent Events (and a lagging client),
-//! shutdown, and a real headless browser following a channel with `EventSource`.
+//! probes, metrics, process status, channels as Server-Sent Events (and lagging clients, cut
+//! off by events or by bytes, and clients beyond `max_clients`), the bearer token, the `Host`
+//! check, shutdown, and a real headless browser following a channel with `EventSource`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,6 +63,8 @@ const CHANNELS: &str =
 
 struct Service {
     base: String,
+    /// The service's bus, to see its subscriptions.
+    pubsub: PubSub,
     inner: common::Service,
 }
 
@@ -71,9 +74,14 @@ impl Service {
         status: S,
         operators: Vec<Arc<dyn Operator>>,
     ) -> anyhow::Result<Service> {
-        let inner = common::Service::start(config, status, PubSub::new(), operators).await?;
+        let pubsub = PubSub::new();
+        let inner = common::Service::start(config, status, pubsub.clone(), operators).await?;
         let base = format!("http://{}", config.http.listen.context("no [http] listen")?);
-        let service = Service { base, inner };
+        let service = Service {
+            base,
+            pubsub,
+            inner,
+        };
         service.wait_listening().await?;
         Ok(service)
     }
@@ -103,9 +111,24 @@ impl Service {
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let response = client().get(self.url(path)).send().await?;
+        let (status, _, body) = self.get_with(path, &[]).await?;
+        Ok((status, body))
+    }
+
+    /// `path` with these request headers: the status, the response headers and the body.
+    async fn get_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, String)> {
+        let mut request = client().get(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await?;
         let status = response.status().as_u16();
-        Ok((status, response.text().await?))
+        let headers = response.headers().clone();
+        Ok((status, headers, response.text().await?))
     }
 
     /// Polls `path` until it answers `status`; returns the last body.
@@ -142,11 +165,22 @@ impl Service {
 
     /// Follows `/channels/{path}`, which the server must read as the channel `name`.
     async fn subscribe_as(&self, path: &str, name: &str) -> anyhow::Result<SseReader> {
+        self.subscribe_with(path, name, &[]).await
+    }
+
+    /// [`subscribe_as`](Self::subscribe_as) with these request headers.
+    async fn subscribe_with(
+        &self,
+        path: &str,
+        name: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<SseReader> {
         let channel = name;
-        let response = client()
-            .get(self.url(&format!("/channels/{path}")))
-            .send()
-            .await?;
+        let mut request = client().get(self.url(&format!("/channels/{path}")));
+        for (header, value) in headers {
+            request = request.header(*header, *value);
+        }
+        let response = request.send().await?;
         ensure!(
             response.status() == 200,
             "subscribing: {}",
@@ -165,6 +199,7 @@ impl Service {
         let mut reader = SseReader {
             response,
             buffer: Vec::new(),
+            scanned: 0,
         };
         // The first message says the subscription is in place: what is written from now on
         // reaches it.
@@ -207,17 +242,23 @@ struct Message {
 struct SseReader {
     response: reqwest::Response,
     buffer: Vec<u8>,
+    /// How much of `buffer` holds no message end (large messages come in many chunks).
+    scanned: usize,
 }
 
 impl SseReader {
     /// The next message; `None` when the stream ended.
     async fn next(&mut self) -> anyhow::Result<Option<Message>> {
         loop {
-            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+            let from = self.scanned.saturating_sub(1);
+            if let Some(at) = self.buffer[from..].windows(2).position(|w| w == b"\n\n") {
+                let end = from + at;
                 let block = String::from_utf8(self.buffer[..end].to_vec())?;
                 self.buffer.drain(..end + 2);
+                self.scanned = 0;
                 return Ok(Some(parse_message(&block)));
             }
+            self.scanned = self.buffer.len();
             let chunk = tokio::time::timeout(PATIENCE, self.response.chunk())
                 .await
                 .context("no Server-Sent Events data in time")??;
@@ -764,7 +805,15 @@ async fn a_lagging_client_is_told_so_and_its_stream_ends() -> anyhow::Result<()>
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Now read: a run of events without a gap, then `lagged`, then the end.
+    let received = read_until_cut_off(&mut reader, "comments").await?;
+    assert!(received < ROWS, "never cut off");
+    service.stop().await
+}
+
+/// Reads what a cut-off client was sent: a run of events of one transaction without a gap
+/// (ordinals 0, 1, 2...), then `lagged` naming the first one missed, then the end. Returns
+/// how many events came.
+async fn read_until_cut_off(reader: &mut SseReader, channel: &str) -> anyhow::Result<u64> {
     let mut received: u64 = 0;
     let lagged = loop {
         let message = reader.next_data().await?;
@@ -772,23 +821,409 @@ async fn a_lagging_client_is_told_so_and_its_stream_ends() -> anyhow::Result<()>
             break message;
         }
         let event = event_of(&message)?;
-        assert_eq!(event.ordinal, received, "a gap before {message:?}");
+        ensure!(event.ordinal == received, "a gap before {message:?}");
         received += 1;
     };
-    assert!(received < ROWS, "never cut off");
     let data: serde_json::Value =
         serde_json::from_str(lagged.data.as_deref().context("lagged data")?)?;
-    assert_eq!(data["channel"], "comments");
+    ensure!(data["channel"] == channel, "{data}");
     let dropped_at = data["dropped_at"].as_str().context("dropped_at")?;
-    assert!(
+    ensure!(
         dropped_at.ends_with(&format!("#{received}")),
         "{dropped_at} after {received} events"
     );
-    assert!(
+    ensure!(
         reader.next().await?.is_none(),
         "the stream goes on after lagged"
     );
+    Ok(received)
+}
+
+/// Waits until `/metrics` counts `rows` events of `entity`: they have all been published.
+async fn wait_published(service: &Service, entity: &str, rows: u64) -> anyhow::Result<()> {
+    let name = format!("streamex_events_received_total{{entity=\"{entity}\"}}");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if service.metrics().await?.get(&name).copied() == Some(rows as f64) {
+            return Ok(());
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Many clients that stop reading while large events pass: each holds no more than
+/// `sse_max_bytes` of queued JSON before it is cut off (the event bound is out of reach), the
+/// clients beyond `max_clients` are refused, and `/metrics` answers all along.
+#[tokio::test]
+async fn slow_clients_are_cut_off_by_bytes_and_capped_in_number() -> anyhow::Result<()> {
+    const CLIENTS: usize = 6;
+    const ROWS: u64 = 100;
+    const ROW_BYTES: usize = 200_000;
+    const CAPACITY: u64 = 100_000;
+    const MAX_BYTES: usize = 256 << 10;
+    // Cut off by bytes or not at all: no client can have CAPACITY events queued.
+    const _: () = assert!(ROWS < CAPACITY && ROW_BYTES < MAX_BYTES);
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let config = config(
+        &url,
+        free_port()?,
+        CHANNELS,
+        &[
+            ("STREAMEX_HTTP__SSE_CAPACITY", &CAPACITY.to_string()),
+            ("STREAMEX_HTTP__SSE_MAX_BYTES", &MAX_BYTES.to_string()),
+            ("STREAMEX_HTTP__MAX_CLIENTS", &CLIENTS.to_string()),
+        ],
+    )?;
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    service.wait_for("/readyz", 200).await?;
+    let mut readers = Vec::new();
+    for _ in 0..CLIENTS {
+        readers.push(service.subscribe("comments").await?);
+    }
+    assert_eq!(service.pubsub.subscriber_count("comments"), CLIENTS);
+    // One more, on any channel, is refused by name.
+    for channel in ["comments", "posts"] {
+        let (status, headers, body) = service
+            .get_with(&format!("/channels/{channel}"), &[])
+            .await?;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("[http] max_clients"), "{body}");
+        assert_eq!(headers["content-type"], "application/json");
+    }
+    assert_eq!(service.pubsub.subscriber_count("posts"), 0);
+
+    // About 20 MB of JSON per client, far past what sockets and the server's write buffer
+    // hold, while none of them reads.
+    sqlx::query("INSERT INTO posts (id, title) VALUES (1, 'one')")
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO comments (post_id, body) SELECT 1, repeat('x', $2) FROM generate_series(1, $1)",
+    )
+    .bind(i64::try_from(ROWS)?)
+    .bind(i32::try_from(ROW_BYTES)?)
+    .execute(&pool)
+    .await?;
+    wait_published(&service, "comments", ROWS).await?;
+    // Every client was cut off, at once: none is on the bus any more.
+    assert_eq!(service.pubsub.subscriber_count("comments"), 0);
+    service.metrics().await?;
+
+    for reader in &mut readers {
+        let received = read_until_cut_off(reader, "comments").await?;
+        assert!(received < ROWS, "never cut off");
+    }
+    drop(readers);
+    // Their streams have ended: their places are free again.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let _reader = loop {
+        match service.subscribe("comments").await {
+            Ok(reader) => break reader,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert!(format!("{e:#}").contains("503"), "{e:#}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     service.stop().await
+}
+
+const TOKEN: &str = "s3cret-t0ken";
+
+#[tokio::test]
+async fn a_token_guards_channels_and_process_status_but_not_the_probes() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql("INSERT INTO posts (id, title) VALUES (1, 'one')")
+        .execute(&pool)
+        .await?;
+    let text = format!("{CHANNELS}[http]\ntoken = \"{TOKEN}\"\n");
+    let config = config(&url, free_port()?, &text, &[])?;
+    assert!(!format!("{config:?}").contains(TOKEN), "{config:?}");
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    // The probes need no token.
+    assert_eq!(service.get("/healthz").await?.0, 200);
+    service.wait_for("/readyz", 200).await?;
+    // Nor, without metrics_auth, /metrics.
+    service.metrics().await?;
+
+    let bearer = format!("Bearer {TOKEN}");
+    let basic = format!("Basic {TOKEN}");
+    let refusals = [
+        // (path, Authorization, what the error says)
+        ("/channels/comments", None, "access_token"),
+        (
+            "/channels/comments",
+            Some("Bearer nope"),
+            "not the [http] token",
+        ),
+        (
+            "/channels/comments?access_token=nope",
+            None,
+            "not the [http] token",
+        ),
+        (
+            "/channels/comments",
+            Some(&basic[..]),
+            "not the [http] token",
+        ),
+        (
+            "/process-status/posts?timestamp=0",
+            None,
+            "Authorization: Bearer",
+        ),
+        (
+            "/process-status/posts?timestamp=0",
+            Some(&bearer[..bearer.len() - 1]),
+            "not the [http] token",
+        ),
+        // The query parameter is for EventSource only.
+        (
+            &format!("/process-status/posts?timestamp=0&access_token={TOKEN}"),
+            None,
+            "Authorization: Bearer",
+        ),
+    ];
+    for (path, authorization, says) in refusals {
+        let headers: Vec<_> = authorization
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect();
+        let (status, response, body) = service.get_with(path, &headers).await?;
+        assert_eq!(status, 401, "{path} {headers:?}: {body}");
+        let challenge = response["www-authenticate"].to_str()?;
+        assert!(challenge.starts_with("Bearer"), "{challenge}");
+        let error: serde_json::Value = serde_json::from_str(&body)?;
+        let error = error["error"].as_str().context("an error")?;
+        assert!(error.contains(says), "{path}: {error}");
+        assert!(!error.contains(TOKEN), "{error}");
+    }
+    assert_eq!(service.pubsub.subscriber_count("comments"), 0);
+
+    // The token in the header, or in the URL of a channel: streams as usual.
+    let mut by_header = service
+        .subscribe_with("comments", "comments", &[("authorization", &bearer)])
+        .await?;
+    let mut by_query = service
+        .subscribe_as(&format!("comments?access_token={TOKEN}"), "comments")
+        .await?;
+    let (status, _, body) = service
+        .get_with(
+            "/process-status/posts?timestamp=0",
+            &[("authorization", &bearer)],
+        )
+        .await?;
+    // Let in: whether posts are processed yet is beside the point.
+    assert!(
+        (status == 200 || status == 425) && body.contains("\"processed\""),
+        "{status} {body}"
+    );
+    sqlx::query("INSERT INTO comments (post_id, body) VALUES (1, 'hello')")
+        .execute(&pool)
+        .await?;
+    for reader in [&mut by_header, &mut by_query] {
+        let event = event_of(&reader.next_data().await?)?;
+        assert_eq!(field(&event, "body"), Some(&serde_json::json!("hello")));
+    }
+    service.stop().await
+}
+
+#[tokio::test]
+async fn metrics_auth_with_a_token_file_guards_metrics_too() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{TOKEN}\n"))?;
+    let text = format!(
+        "{CHANNELS}[http]\ntoken_file = {:?}\nmetrics_auth = true\n",
+        file.display().to_string()
+    );
+    let config = config(&url, free_port()?, &text, &[])?;
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    service.wait_for("/readyz", 200).await?;
+    let (status, headers, body) = service.get_with("/metrics", &[]).await?;
+    assert_eq!(status, 401, "{body}");
+    assert!(headers.contains_key("www-authenticate"));
+    // The file's newline is not part of the token.
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, _, body) = service
+        .get_with("/metrics", &[("authorization", &bearer)])
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("streamex_instance_active 1"), "{body}");
+    service.stop().await
+}
+
+#[tokio::test]
+async fn the_endpoint_answers_only_the_host_names_it_is_known_by() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    // Listening on a loopback address: loopback names only, by default.
+    let port = free_port()?;
+    let loopback = config(&url, port, CHANNELS, &[])?;
+    let service = Service::start(&loopback, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    service.wait_for("/readyz", 200).await?;
+    let host = |name: &str| format!("{name}:{port}");
+    for name in ["localhost", "127.0.0.1", "[::1]", "LOCALHOST"] {
+        let (status, _, body) = service
+            .get_with("/metrics", &[("host", &host(name))])
+            .await?;
+        assert_eq!(status, 200, "{name}: {body}");
+    }
+    // A page whose own name was rebound to 127.0.0.1 sends its name.
+    for path in [
+        "/channels/comments",
+        "/metrics",
+        "/process-status/posts?timestamp=0",
+        "/nothing",
+    ] {
+        let (status, _, body) = service
+            .get_with(path, &[("host", &host("rebound.example"))])
+            .await?;
+        assert_eq!(status, 421, "{path}: {body}");
+        assert!(
+            body.contains("[http] allowed_hosts") && body.contains("loopback"),
+            "{body}"
+        );
+    }
+    assert_eq!(service.pubsub.subscriber_count("comments"), 0);
+    // The probes answer any name.
+    for path in ["/healthz", "/readyz"] {
+        let (status, _, body) = service
+            .get_with(path, &[("host", &host("rebound.example"))])
+            .await?;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    service.stop().await?;
+
+    // A list replaces the default.
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let port = free_port()?;
+    let text = format!("{CHANNELS}[http]\nallowed_hosts = [\"streamex.internal\", \"[::1]\"]\n");
+    let config = config(&url, port, &text, &[])?;
+    let service = Service::start(&config, PostgresStatus::new(pool.clone()), Vec::new()).await?;
+    service.wait_for("/readyz", 200).await?;
+    let host = |name: &str| format!("{name}:{port}");
+    for (name, expected) in [
+        ("streamex.internal", 200),
+        ("[::1]", 200),
+        ("localhost", 421),
+        ("127.0.0.1", 421),
+    ] {
+        let (status, _, body) = service
+            .get_with("/metrics", &[("host", &host(name))])
+            .await?;
+        assert_eq!(status, expected, "{name}: {body}");
+    }
+    let mut reader = service
+        .subscribe_with("comments", "comments", &[("host", "streamex.internal")])
+        .await?;
+    sqlx::raw_sql(
+        "INSERT INTO posts (id, title) VALUES (1, 'one');
+         INSERT INTO comments (post_id, body) VALUES (1, 'hello');",
+    )
+    .execute(&pool)
+    .await?;
+    let event = event_of(&reader.next_data().await?)?;
+    assert_eq!(field(&event, "body"), Some(&serde_json::json!("hello")));
+    service.stop().await
+}
+
+/// The token's settings are checked at load, by key, and the token is never shown.
+#[test]
+fn token_settings_are_refused_by_key_and_never_shown() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("token");
+    let parse = |text: &str, env: &[(&str, &str)]| {
+        Config::parse(
+            &format!("database_url = \"postgres://localhost/db\"\n[http]\n{text}"),
+            "test.toml",
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+        .map_err(|e| e.to_string())
+    };
+    let token_file = format!("token_file = {:?}\n", file.display().to_string());
+    std::fs::write(&file, "\n")?;
+    for (text, env, says) in [
+        (
+            format!("token = \"{TOKEN}\"\n{token_file}"),
+            &[][..],
+            "http.token and http.token_file are both set",
+        ),
+        ("token = \"\"".to_owned(), &[], "http.token is empty"),
+        (token_file.clone(), &[], "http.token_file is empty"),
+        (
+            format!("token = \"{TOKEN} x\""),
+            &[],
+            "http.token may hold only visible ASCII",
+        ),
+        (
+            "metrics_auth = true".to_owned(),
+            &[],
+            "http.metrics_auth needs a token",
+        ),
+        (
+            String::new(),
+            &[("STREAMEX_HTTP__TOKEN", "\"\"")],
+            "http.token is empty",
+        ),
+        // A token that reads as a number is refused without being quoted.
+        (
+            String::new(),
+            &[("STREAMEX_HTTP__TOKEN", "918273645")],
+            "a secret must be a string",
+        ),
+        ("max_clients = 0".to_owned(), &[], "http.max_clients"),
+        ("sse_max_bytes = 0".to_owned(), &[], "http.sse_max_bytes"),
+        (
+            "allowed_hosts = [\"localhost:9187\"]".to_owned(),
+            &[],
+            "http.allowed_hosts",
+        ),
+        (
+            "allowed_hosts = []".to_owned(),
+            &[],
+            "http.allowed_hosts is empty",
+        ),
+    ] {
+        let error = parse(&text, env).expect_err(&text);
+        assert!(error.contains(says), "{text} {env:?}: {error}");
+        assert!(
+            !error.contains(TOKEN) && !error.contains("918273645"),
+            "{error}"
+        );
+    }
+    std::fs::remove_file(&file)?;
+    let error = parse(&token_file, &[]).expect_err("no file");
+    assert!(error.contains("http.token_file: reading"), "{error}");
+
+    std::fs::write(&file, format!("{TOKEN}\r\n"))?;
+    let config = parse(&token_file, &[]).map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        config
+            .http
+            .bearer_token()
+            .map_err(anyhow::Error::msg)?
+            .context("a token")?
+            .expose(),
+        TOKEN
+    );
+    let config = parse("", &[("STREAMEX_HTTP__TOKEN", TOKEN)]).map_err(anyhow::Error::msg)?;
+    assert!(!format!("{config:?}").contains(TOKEN), "{config:?}");
+    assert_eq!(config.http.sse_max_bytes, 16 << 20);
+    assert_eq!(config.http.max_clients, 256);
+    assert!(!config.http.metrics_auth);
+    Ok(())
 }
 
 #[tokio::test]

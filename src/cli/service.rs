@@ -221,12 +221,7 @@ pub async fn run_service<S: ProcessStatusStorage + Clone>(
                 slot: config.slot.clone(),
                 status: engine.status.clone(),
                 pubsub: engine.pubsub.clone(),
-                sse_capacity: config.http.sse_capacity,
-                keep_alive: config.http.keep_alive,
-                allow_origin: match &config.http.allow_origin {
-                    Some(origin) => Some(origin.parse().context("[http] allow_origin")?),
-                    None => None,
-                },
+                settings: crate::http::Settings::new(&config.http)?,
                 shutdown: stop.clone(),
             };
             Some((crate::http::spawn(listener, endpoint), stop))

@@ -6,13 +6,33 @@
 //!  GET /healthz                  200 while the process runs
 //!  GET /readyz                   200 when active, streaming, and no operator halted; else 503
 //!  GET /process-status/{entity}  ProcessStatusStorage::processed(entity, ?timestamp=): 200 / 425
-//!  GET /channels/{*channel}      PubSub::subscribe(channel) ─► text/event-stream (sse.rs)
+//!  GET /channels/{*channel}      PubSub::subscribe_with_max_bytes(channel) ─► text/event-stream
+//!                                (sse.rs); 503 beyond [http] max_clients
+//!
+//!  every route but the probes:   421 for a Host not allowed, 401 without the token (guard.rs)
 //! ```
 //!
 //! The server is started by `run_service` when configured and stops with the service's
 //! shutdown token; open event streams end on the same token, so they never hold shutdown up.
-//! Nothing here is authenticated: listen on a private address.
+//! Every request but the probes passes [`guard`] first: the `Host` check against DNS
+//! rebinding, then the bearer token when `[http] token` is set.
+//!
+//! # Slow clients
+//!
+//! An event stream is bounded three ways: `sse_capacity` events and `sse_max_bytes` bytes
+//! queued per client (over either, it is cut off with a last `event: lagged`), and
+//! `max_clients` streams at once (beyond, 503). The bytes of an event are serialised once and
+//! shared by every client ([`crate::pubsub::Published`]), down to the socket writes, so a
+//! thousand clients that stop reading hold one copy of a large row. Nothing `/metrics` and the
+//! probes need (the catalog pool, the metrics, the operators' reports) is shared with the
+//! streams or waits for them.
+//!
+//! A client keeps its place under `max_clients` as long as its stream is open, and a client
+//! that stops reading keeps its stream open until it has taken what the server's write
+//! buffer holds (a few hundred KiB, shared bytes), the `lagged` message included: the cap
+//! counts such connections too, so they cannot pile up without bound.
 
+mod guard;
 mod sse;
 
 use std::net::SocketAddr;
@@ -29,10 +49,12 @@ use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config::HttpConfig;
 use crate::event::micros_rfc3339;
 use crate::metrics::{Metrics, Phase};
 use crate::operator::{OperatorReport, OperatorStateKind};
@@ -52,13 +74,48 @@ pub struct Endpoint<S> {
     pub slot: String,
     pub status: S,
     pub pubsub: PubSub,
-    /// Queue of one Server-Sent Events client ([`PubSub::subscribe`]'s capacity).
-    pub sse_capacity: usize,
-    pub keep_alive: Duration,
-    /// `Access-Control-Allow-Origin` for `/channels` and `/process-status`.
-    pub allow_origin: Option<HeaderValue>,
+    /// What `[http]` sets.
+    pub settings: Settings,
     /// Ends the server and every open event stream.
     pub shutdown: CancellationToken,
+}
+
+/// What `[http]` sets, checked and resolved once at start-up (the token file read, the
+/// allowed hosts decided).
+#[derive(Debug)]
+pub struct Settings {
+    /// Queue of one Server-Sent Events client, in events and in bytes
+    /// ([`PubSub::subscribe_with_max_bytes`]).
+    sse_capacity: usize,
+    sse_max_bytes: usize,
+    keep_alive: Duration,
+    /// `Access-Control-Allow-Origin` for `/channels` and `/process-status`.
+    allow_origin: Option<HeaderValue>,
+    guard: guard::Guard,
+    /// One permit per event stream open at once, `max_clients` of them.
+    clients: Arc<Semaphore>,
+    max_clients: usize,
+}
+
+impl Settings {
+    /// The settings of `config`; the error names the key.
+    pub fn new(config: &HttpConfig) -> anyhow::Result<Settings> {
+        let allow_origin = match &config.allow_origin {
+            Some(origin) => Some(origin.parse().context("[http] allow_origin")?),
+            None => None,
+        };
+        Ok(Settings {
+            sse_capacity: config.sse_capacity,
+            sse_max_bytes: config.sse_max_bytes,
+            keep_alive: config.keep_alive,
+            allow_origin,
+            guard: guard::Guard::new(config).map_err(anyhow::Error::msg)?,
+            clients: Arc::new(Semaphore::new(
+                config.max_clients.min(Semaphore::MAX_PERMITS),
+            )),
+            max_clients: config.max_clients,
+        })
+    }
 }
 
 /// How long a stopping server waits for its connections before it is dropped.
@@ -104,13 +161,18 @@ pub fn spawn<S: ProcessStatusStorage + Clone>(
 
 /// The routes, for [`spawn`].
 pub fn router<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router {
+    let endpoint = Arc::new(endpoint);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/process-status/{entity}", get(process_status::<S>))
         .route("/channels/{*channel}", get(sse::channel::<S>))
-        .with_state(Arc::new(endpoint))
+        .layer(axum::middleware::from_fn_with_state(
+            endpoint.clone(),
+            guard::check::<S>,
+        ))
+        .with_state(endpoint)
 }
 
 type Shared<S> = State<Arc<Endpoint<S>>>;
@@ -200,7 +262,7 @@ async fn process_status<S: ProcessStatusStorage>(
 
 /// Lets pages of the configured origin read `response` from a browser.
 fn allow_origin<S>(endpoint: &Endpoint<S>, response: &mut Response) {
-    if let Some(origin) = &endpoint.allow_origin {
+    if let Some(origin) = &endpoint.settings.allow_origin {
         response
             .headers_mut()
             .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());

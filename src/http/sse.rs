@@ -9,25 +9,37 @@
 //!  data: {"channel":..,"dropped_at":..}       the last message; the stream then ends
 //! ```
 //!
-//! A client that falls `[http] sse_capacity` events behind is cut off by the bus
-//! ([`RecvError::Lagged`]): it receives every event before the gap, then `event: lagged`,
-//! and the response ends. It is never fed a gap silently; it re-subscribes (and re-reads the
-//! state it needs) to go on. A browser's `EventSource` reconnects by itself when a stream
-//! ends, so a page should `close()` it on `lagged` and decide what to re-read.
+//! A client that falls `[http] sse_capacity` events or `[http] sse_max_bytes` bytes of event
+//! JSON behind is cut off by the bus ([`RecvError::Lagged`]): it receives every event before
+//! the gap, then `event: lagged`, and the response ends. It is never fed a gap silently; it
+//! re-subscribes (and re-reads the state it needs) to go on. A browser's `EventSource`
+//! reconnects by itself when a stream ends, so a page should `close()` it on `lagged` and
+//! decide what to re-read. At most `[http] max_clients` streams are open at once; a client
+//! beyond them is answered 503.
+//!
+//! # One copy of an event for all clients
+//!
+//! An event is written as three body frames: `id: ..\ndata: `, its JSON, `\n\n`. The JSON
+//! frame is the [`Published::json`] the bus serialised once, cloned (a reference count),
+//! never copied: the server queues frames as they are (vectored writes), so the bytes a
+//! client has not read yet are shared with every other client of the event. Compact JSON
+//! holds no line break, so it is one `data:` line.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::{StatusCode, Uri};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Endpoint;
-use crate::pubsub::{RecvError, Subscription};
+use crate::pubsub::{Published, RecvError, Subscription};
 
 pub(super) async fn channel<S>(State(endpoint): State<Arc<Endpoint<S>>>, uri: Uri) -> Response {
     let Some(channel) = channel_name(uri.path()) else {
@@ -37,75 +49,117 @@ pub(super) async fn channel<S>(State(endpoint): State<Arc<Endpoint<S>>>, uri: Ur
         )
             .into_response();
     };
-    let subscription = endpoint.pubsub.subscribe(&channel, endpoint.sse_capacity);
-    let first = SseEvent::default().comment(format!("subscribed to {channel}"));
-    let events = stream::once(async move { Ok(first) })
-        .chain(follow(subscription, endpoint.shutdown.clone()));
-    let mut response = Sse::new(events)
-        .keep_alive(
-            KeepAlive::new()
-                .interval(endpoint.keep_alive)
-                .text("keep-alive"),
+    let settings = &endpoint.settings;
+    // Held as long as the stream is: dropped with it.
+    let Ok(place) = settings.clients.clone().try_acquire_owned() else {
+        let mut response = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({
+                "error": format!(
+                    "{} event streams are open, as many as [http] max_clients allows: \
+                     try again later, or raise [http] max_clients",
+                    settings.max_clients
+                ),
+            })),
         )
-        .into_response();
+            .into_response();
+        super::allow_origin(&endpoint, &mut response);
+        return response;
+    };
+    let subscription = endpoint.pubsub.subscribe_with_max_bytes(
+        &channel,
+        settings.sse_capacity,
+        settings.sse_max_bytes,
+    );
+    // A line break would end the comment; a channel name may hold one (a key value).
+    let shown = channel.replace('\r', "%0D").replace('\n', "%0A");
+    let first = Bytes::from(format!(": subscribed to {shown}\n\n"));
+    let frames = stream::once(async move { first })
+        .chain(follow(
+            subscription,
+            endpoint.shutdown.clone(),
+            settings.keep_alive,
+        ))
+        .map(move |frame| {
+            let _place = &place;
+            Ok::<_, Infallible>(frame)
+        });
+    let mut response = Response::new(Body::from_stream(frames));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     super::allow_origin(&endpoint, &mut response);
     response
 }
 
-/// The subscription's events until it ends, it is cut off (a last `lagged` message), or
+/// The subscription's events as body frames, a keep-alive comment after each `keep_alive`
+/// without one, until the subscription ends, it is cut off (a last `lagged` message), or
 /// `shutdown`.
 fn follow(
     subscription: Subscription,
     shutdown: CancellationToken,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
-    stream::unfold(Some((subscription, shutdown)), |state| async move {
+    keep_alive: Duration,
+) -> impl Stream<Item = Bytes> + Send {
+    stream::unfold(Some((subscription, shutdown)), move |state| async move {
         let (mut subscription, shutdown) = state?;
         let received = tokio::select! {
             biased;
             () = shutdown.cancelled() => return None,
-            received = subscription.recv() => received,
+            received = subscription.recv_published() => received,
+            () = tokio::time::sleep(keep_alive) => {
+                let frames = vec![Bytes::from_static(b": keep-alive\n\n")];
+                return Some((frames, Some((subscription, shutdown))));
+            }
         };
         match received {
-            Ok(event) => {
-                let (lsn, ordinal) = event.position();
-                let message = match serde_json::to_string(&*event) {
-                    Ok(data) => SseEvent::default()
-                        .id(format!("{lsn}#{ordinal}"))
-                        .data(data),
-                    // An event always serializes; should one not, say so rather than
-                    // skip it silently, and end the stream.
-                    Err(error) => {
-                        return Some((
-                            Ok(lagged_message(json!({
-                                "channel": subscription.channel(),
-                                "error": format!("serializing event {lsn}#{ordinal}: {error}"),
-                            }))),
-                            None,
-                        ));
-                    }
-                };
-                Some((Ok(message), Some((subscription, shutdown))))
-            }
+            Ok(published) => match event_frames(&published) {
+                Ok(frames) => Some((frames.to_vec(), Some((subscription, shutdown)))),
+                // An event always serializes; should one not, say so rather than skip it
+                // silently, and end the stream.
+                Err(error) => {
+                    let (lsn, ordinal) = published.event().position();
+                    let message = lagged_message(json!({
+                        "channel": subscription.channel(),
+                        "error": format!("serializing event {lsn}#{ordinal}: {error}"),
+                    }));
+                    Some((vec![message], None))
+                }
+            },
             Err(RecvError::Lagged {
                 channel,
                 dropped_at: (lsn, ordinal),
             }) => Some((
-                Ok(lagged_message(json!({
+                vec![lagged_message(json!({
                     "channel": channel,
                     "dropped_at": format!("{lsn}#{ordinal}"),
                     "message": "this client fell behind and was cut off; every event \
                                 before dropped_at was sent, none after: subscribe again \
                                 and re-read the state you need",
-                }))),
+                }))],
                 None,
             )),
             Err(RecvError::Closed) => None,
         }
     })
+    .flat_map(stream::iter)
 }
 
-fn lagged_message(data: serde_json::Value) -> SseEvent {
-    SseEvent::default().event("lagged").data(data.to_string())
+/// One event's message: its id and `data: ` line, the shared JSON, the blank line.
+fn event_frames(published: &Published) -> Result<[Bytes; 3], &str> {
+    let json = published.json()?;
+    let (lsn, ordinal) = published.event().position();
+    Ok([
+        Bytes::from(format!("id: {lsn}#{ordinal}\ndata: ")),
+        json.clone(),
+        Bytes::from_static(b"\n\n"),
+    ])
+}
+
+fn lagged_message(data: serde_json::Value) -> Bytes {
+    Bytes::from(format!("event: lagged\ndata: {data}\n\n"))
 }
 
 /// The channel named by a request path `/channels/<name>`, percent-decoded except for `%2F`,
@@ -143,7 +197,9 @@ fn channel_name(path: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::channel_name;
+    use super::*;
+    use crate::event::EventType;
+    use crate::pubsub::PubSub;
 
     #[test]
     fn channel_names_keep_encoded_separators_and_decode_the_rest() {
@@ -165,5 +221,38 @@ mod tests {
         );
         assert_eq!(channel_name("/channels/tags/%FF"), None);
         assert_eq!(channel_name("/other"), None);
+    }
+
+    #[tokio::test]
+    async fn every_stream_sends_the_one_serialisation_of_an_event() {
+        let bus = PubSub::new();
+        let shutdown = CancellationToken::new();
+        let streams = [
+            bus.subscribe_with_max_bytes("comments", 8, 1 << 20),
+            bus.subscribe_with_max_bytes("posts/1/comments", 8, 1 << 20),
+        ]
+        .map(|sub| Box::pin(follow(sub, shutdown.clone(), Duration::from_secs(3600))));
+        let event = Arc::new(crate::testing::event(
+            EventType::Insert,
+            "comments",
+            json!({"id": 1, "post_id": 1, "body": "x".repeat(100_000)}),
+            serde_json::Value::Null,
+            0,
+        ));
+        bus.publish(
+            &["comments".to_owned(), "posts/1/comments".to_owned()],
+            &event,
+        );
+        let mut pointers = Vec::new();
+        for mut frames in streams {
+            let id = frames.next().await.unwrap();
+            let (lsn, ordinal) = event.position();
+            assert_eq!(&id[..], format!("id: {lsn}#{ordinal}\ndata: ").as_bytes());
+            let data = frames.next().await.unwrap();
+            assert_eq!(&data[..], serde_json::to_vec(&*event).unwrap());
+            pointers.push(data.as_ptr());
+            assert_eq!(&frames.next().await.unwrap()[..], b"\n\n");
+        }
+        assert_eq!(pointers[0], pointers[1], "each stream has its own copy");
     }
 }

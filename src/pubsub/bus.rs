@@ -7,11 +7,20 @@
 //! receiver drains what it already has, sees the channel closed, finds the cell set and
 //! reports [`RecvError::Lagged`]. Since the sender is gone, nothing published later can reach
 //! the subscription, so it never sees an event after a gap.
+//!
+//! An event goes out as a [`Published`]: the `Arc<Event>` and one lazily filled cell for its
+//! JSON, shared by every subscriber of every channel it is published on, so that many
+//! subscribers serialising it (the Server-Sent Events clients) hold one copy of the bytes.
+//! A subscription may also be bounded in bytes ([`PubSub::subscribe_with_max_bytes`]): the
+//! bus then serialises the event before taking the lock, weighs it by its JSON, and cuts the
+//! subscription off as on `Full` when the bytes it has queued would pass the bound.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
@@ -52,18 +61,113 @@ pub struct EntityProcessed {
     pub timestamp: i64,
 }
 
+/// One published event as its subscribers receive it: the event, and its JSON (what
+/// `streamex tail` prints) serialised at most once for all of them. Cheap to clone: clones
+/// share the event and the JSON.
+#[derive(Clone)]
+pub struct Published(Arc<PublishedInner>);
+
+struct PublishedInner {
+    event: Arc<Event>,
+    json: OnceLock<Result<Bytes, String>>,
+}
+
+impl Published {
+    pub fn new(event: Arc<Event>) -> Self {
+        Published(Arc::new(PublishedInner {
+            event,
+            json: OnceLock::new(),
+        }))
+    }
+
+    pub fn event(&self) -> &Arc<Event> {
+        &self.0.event
+    }
+
+    /// `serde_json::to_vec(event)`, serialised on the first call and shared by every later
+    /// one, from any clone: every subscriber gets the same allocation. The error (an event
+    /// that does not serialise, which should not happen) is kept as its message.
+    pub fn json(&self) -> Result<&Bytes, &str> {
+        self.0
+            .json
+            .get_or_init(|| {
+                serde_json::to_vec(&*self.0.event)
+                    .map(Bytes::from)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(String::as_str)
+    }
+}
+
+impl fmt::Debug for Published {
+    // The position only: records hold row values.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (lsn, ordinal) = self.0.event.position();
+        f.debug_struct("Published")
+            .field("position", &format_args!("{lsn}#{ordinal}"))
+            .field(
+                "json_bytes",
+                &self.0.json.get().map(|j| j.as_ref().map(Bytes::len)),
+            )
+            .finish()
+    }
+}
+
+/// What an item weighs in a queue bounded in bytes.
+trait Weigh {
+    fn weight(&self) -> usize;
+}
+
+impl Weigh for Published {
+    fn weight(&self) -> usize {
+        self.json().map_or(0, Bytes::len)
+    }
+}
+
+impl Weigh for Arc<EntityProcessed> {
+    fn weight(&self) -> usize {
+        std::mem::size_of::<EntityProcessed>() + self.entity.len()
+    }
+}
+
 /// Where a subscription was cut off; set once, by the bus, before it drops the sender.
 type CutOff = Arc<OnceLock<(Lsn, u64)>>;
+
+/// The bytes a subscription's queue holds: added by the bus when it queues an item, taken
+/// off by the receiver when it takes the item out.
+type Queued = Arc<AtomicUsize>;
+
+/// A queue's bound in bytes.
+struct ByteBound {
+    max: usize,
+    queued: Queued,
+}
 
 /// The bus's end of one subscription.
 struct Slot<T> {
     tx: mpsc::Sender<T>,
     cut_off: CutOff,
+    bytes: Option<ByteBound>,
 }
 
-impl<T> Slot<T> {
-    /// Offers `item`; `false` when the slot must be removed (full: cut off; or closed).
+impl<T: Weigh> Slot<T> {
+    /// Offers `item`; `false` when the slot must be removed (full, in items or in bytes: cut
+    /// off; or closed).
     fn offer(&self, item: T, position: (Lsn, u64)) -> bool {
+        if let Some(bound) = &self.bytes {
+            let weight = item.weight();
+            // Only the receiver takes bytes off meanwhile, so this errs on the safe side.
+            let queued = bound.queued.load(Ordering::Acquire);
+            // One item larger than the bound still goes to a queue that holds nothing else,
+            // or a subscriber could never get it.
+            if queued > 0 && queued.saturating_add(weight) > bound.max {
+                let _ = self.cut_off.set(position);
+                return false;
+            }
+            // Added before the item is sent, so the receiver never takes off more than this.
+            bound.queued.fetch_add(weight, Ordering::AcqRel);
+        }
         match self.tx.try_send(item) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
@@ -78,7 +182,7 @@ impl<T> Slot<T> {
 }
 
 /// Offers `item` to every slot, in order, removing those that are full or closed.
-fn deliver<T: Clone>(slots: &mut Vec<Slot<T>>, item: &T, position: (Lsn, u64)) {
+fn deliver<T: Clone + Weigh>(slots: &mut Vec<Slot<T>>, item: &T, position: (Lsn, u64)) {
     slots.retain(|slot| slot.offer(item.clone(), position));
 }
 
@@ -86,20 +190,27 @@ fn deliver<T: Clone>(slots: &mut Vec<Slot<T>>, item: &T, position: (Lsn, u64)) {
 /// `usize::MAX >> 3`, and the queue is not preallocated, so this is no practical limit.
 const MAX_CAPACITY: usize = usize::MAX >> 4;
 
-/// A new subscription's two ends. The capacity is clamped to `1..=MAX_CAPACITY`.
-fn pair<T>(capacity: usize) -> (Slot<T>, mpsc::Receiver<T>, CutOff) {
+/// A new subscription's two ends, bounded in bytes too if `max_bytes` is given. The capacity
+/// is clamped to `1..=MAX_CAPACITY`.
+fn pair<T>(capacity: usize, max_bytes: Option<usize>) -> (Slot<T>, Inbox<T>) {
     let (tx, rx) = mpsc::channel(capacity.clamp(1, MAX_CAPACITY));
     let cut_off = CutOff::default();
-    let slot = Slot {
-        tx,
+    let bytes = max_bytes.map(|max| ByteBound {
+        max,
+        queued: Queued::default(),
+    });
+    let inbox = Inbox {
+        rx,
         cut_off: cut_off.clone(),
+        queued: bytes.as_ref().map(|b| b.queued.clone()),
+        channel: Arc::from(""),
     };
-    (slot, rx, cut_off)
+    (Slot { tx, cut_off, bytes }, inbox)
 }
 
 #[derive(Default)]
 struct State {
-    channels: HashMap<String, Vec<Slot<Arc<Event>>>>,
+    channels: HashMap<String, Vec<Slot<Published>>>,
     processed: Vec<Slot<Arc<EntityProcessed>>>,
 }
 
@@ -147,18 +258,37 @@ impl PubSub {
     /// A transient subscription to `channel` with a bounded queue of `capacity` events (at
     /// least 1). It is cut off if the queue is full when an event is published.
     pub fn subscribe(&self, channel: &str, capacity: usize) -> Subscription {
-        let (slot, rx, cut_off) = pair(capacity);
+        self.subscribe_bounded(channel, capacity, None)
+    }
+
+    /// [`subscribe`](Self::subscribe), with the queue bounded in bytes too: the subscription
+    /// is also cut off when an event's JSON ([`Published::json`]) would take the bytes it has
+    /// queued past `max_bytes`. An event larger than `max_bytes` still goes to a queue that
+    /// holds nothing else.
+    pub fn subscribe_with_max_bytes(
+        &self,
+        channel: &str,
+        capacity: usize,
+        max_bytes: usize,
+    ) -> Subscription {
+        self.subscribe_bounded(channel, capacity, Some(max_bytes))
+    }
+
+    fn subscribe_bounded(
+        &self,
+        channel: &str,
+        capacity: usize,
+        max_bytes: Option<usize>,
+    ) -> Subscription {
+        let (slot, mut inbox) = pair(capacity, max_bytes);
+        inbox.channel = Arc::from(channel);
         lock(&self.shared)
             .channels
             .entry(channel.to_owned())
             .or_default()
             .push(slot);
         Subscription {
-            inbox: Inbox {
-                rx,
-                cut_off,
-                channel: Arc::from(channel),
-            },
+            inbox,
             bus: Arc::downgrade(&self.shared),
         }
     }
@@ -167,18 +297,40 @@ impl PubSub {
     /// `channels`, in that order. Never blocks and never waits for a subscriber: one whose
     /// queue is full is cut off (see [`RecvError::Lagged`]). A channel nobody listens to costs
     /// one hash lookup. Events published by one thread reach each subscriber in publish order.
+    /// When a subscriber counts bytes, the event is serialised here, once, before the lock
+    /// is taken for delivery.
     pub fn publish(&self, channels: &[String], event: &Arc<Event>) {
+        let Some(counts_bytes) = self.listeners(channels) else {
+            return;
+        };
         let position = event.position();
+        let item = Published::new(event.clone());
+        if counts_bytes {
+            // Outside the lock: subscribing and leaving never wait behind a large event.
+            let _ = item.json();
+        }
         let mut state = lock(&self.shared);
         for channel in channels {
             let Some(slots) = state.channels.get_mut(channel.as_str()) else {
                 continue;
             };
-            deliver(slots, event, position);
+            deliver(slots, &item, position);
             if slots.is_empty() {
                 state.channels.remove(channel.as_str());
             }
         }
+    }
+
+    /// `None` when nobody listens to any of `channels`; else whether a listener counts bytes.
+    fn listeners(&self, channels: &[String]) -> Option<bool> {
+        let state = lock(&self.shared);
+        let mut slots = channels
+            .iter()
+            .filter_map(|channel| state.channels.get(channel.as_str()))
+            .flatten()
+            .peekable();
+        slots.peek()?;
+        Some(slots.any(|slot| slot.bytes.is_some()))
     }
 
     /// Publishes an [`EntityProcessed`] notice on [`PROCESSED_CHANNEL`], with the same
@@ -195,14 +347,11 @@ impl PubSub {
     /// A transient subscription to [`EntityProcessed`] notices, with a bounded queue of
     /// `capacity` notices (at least 1) and the same cut-off rule as [`subscribe`](Self::subscribe).
     pub fn subscribe_processed(&self, capacity: usize) -> ProcessedSubscription {
-        let (slot, rx, cut_off) = pair(capacity);
+        let (slot, mut inbox) = pair(capacity, None);
+        inbox.channel = Arc::from(PROCESSED_CHANNEL);
         lock(&self.shared).processed.push(slot);
         ProcessedSubscription {
-            inbox: Inbox {
-                rx,
-                cut_off,
-                channel: Arc::from(PROCESSED_CHANNEL),
-            },
+            inbox,
             bus: Arc::downgrade(&self.shared),
         }
     }
@@ -251,23 +400,33 @@ impl PubSub {
 struct Inbox<T> {
     rx: mpsc::Receiver<T>,
     cut_off: CutOff,
+    /// The bytes queued, when the queue is bounded in bytes.
+    queued: Option<Queued>,
     channel: Arc<str>,
 }
 
-impl<T> Inbox<T> {
+impl<T: Weigh> Inbox<T> {
     async fn recv(&mut self) -> Result<T, RecvError> {
         match self.rx.recv().await {
-            Some(item) => Ok(item),
+            Some(item) => Ok(self.taken(item)),
             None => Err(self.ended()),
         }
     }
 
     fn try_recv(&mut self) -> Result<Option<T>, RecvError> {
         match self.rx.try_recv() {
-            Ok(item) => Ok(Some(item)),
+            Ok(item) => Ok(Some(self.taken(item))),
             Err(TryRecvError::Empty) => Ok(None),
             Err(TryRecvError::Disconnected) => Err(self.ended()),
         }
+    }
+
+    /// `item`, its bytes taken off the queue's count.
+    fn taken(&self, item: T) -> T {
+        if let Some(queued) = &self.queued {
+            queued.fetch_sub(item.weight(), Ordering::AcqRel);
+        }
+        item
     }
 
     /// Why the channel is closed: cut off if the bus said so before dropping the sender.
@@ -288,7 +447,7 @@ impl<T> Inbox<T> {
 
 /// A transient subscription to one channel. Dropping it removes it from the bus at once.
 pub struct Subscription {
-    inbox: Inbox<Arc<Event>>,
+    inbox: Inbox<Published>,
     bus: Weak<Shared>,
 }
 
@@ -297,12 +456,17 @@ impl Subscription {
     /// [`RecvError::Lagged`] if the subscription was cut off (and again on every later
     /// call), or [`RecvError::Closed`] if the bus was dropped. Cancel-safe.
     pub async fn recv(&mut self) -> Result<Arc<Event>, RecvError> {
+        Ok(self.inbox.recv().await?.event().clone())
+    }
+
+    /// [`recv`](Self::recv), with the event's JSON shared with the other subscribers.
+    pub async fn recv_published(&mut self) -> Result<Published, RecvError> {
         self.inbox.recv().await
     }
 
     /// The next event if one is queued (`Ok(None)` if none is), without waiting.
     pub fn try_recv(&mut self) -> Result<Option<Arc<Event>>, RecvError> {
-        self.inbox.try_recv()
+        Ok(self.inbox.try_recv()?.map(|p| p.event().clone()))
     }
 
     /// The channel subscribed to.
@@ -441,6 +605,73 @@ mod tests {
         bus.publish(&names(&["posts"]), &e);
         assert!(Arc::ptr_eq(&a.recv().await.unwrap(), &e));
         assert!(Arc::ptr_eq(&b.recv().await.unwrap(), &e));
+    }
+
+    #[tokio::test]
+    async fn subscribers_share_one_serialisation_of_an_event() {
+        let bus = PubSub::new();
+        let mut a = bus.subscribe("posts", 4);
+        let mut b = bus.subscribe_with_max_bytes("posts/1", 4, 1 << 20);
+        let mut c = bus.subscribe("posts/1", 4);
+        let e = ev("posts", 1, 0);
+        bus.publish(&names(&["posts", "posts/1"]), &e);
+        let (a, b, c) = (
+            a.recv_published().await.unwrap(),
+            b.recv_published().await.unwrap(),
+            c.recv_published().await.unwrap(),
+        );
+        assert!(Arc::ptr_eq(a.event(), &e));
+        let json = a.json().unwrap();
+        assert_eq!(&json[..], serde_json::to_vec(&*e).unwrap());
+        // The same allocation, not equal copies.
+        for other in [&b, &c] {
+            assert_eq!(other.json().unwrap().as_ptr(), json.as_ptr());
+            assert_eq!(other.json().unwrap().len(), json.len());
+        }
+        assert!(!format!("{a:?}").contains("\"id\""), "{a:?}");
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_over_its_bytes_is_cut_off_with_lagged() {
+        let bus = PubSub::new();
+        let weight = Published::new(ev("posts", 1, 1)).json().unwrap().len();
+        // Room for three events' JSON, and far more events.
+        let mut slow = bus.subscribe_with_max_bytes("posts", 100, 3 * weight);
+        let mut reader = bus.subscribe_with_max_bytes("posts", 100, 3 * weight);
+        for i in 1..=5 {
+            bus.publish(&names(&["posts"]), &ev("posts", 1, i));
+            // One that takes each event out is never over.
+            assert_eq!(reader.recv().await.unwrap().ordinal, i);
+        }
+        for i in 1..=3 {
+            assert_eq!(slow.recv().await.unwrap().ordinal, i);
+        }
+        assert_eq!(
+            slow.recv().await.unwrap_err(),
+            RecvError::Lagged {
+                channel: "posts".into(),
+                dropped_at: (Lsn(0x1000), 4),
+            }
+        );
+        assert_eq!(bus.subscriber_count("posts"), 1);
+    }
+
+    #[tokio::test]
+    async fn an_event_over_the_byte_bound_goes_to_an_empty_queue_only() {
+        let bus = PubSub::new();
+        let mut sub = bus.subscribe_with_max_bytes("posts", 100, 1);
+        bus.publish(&names(&["posts"]), &ev("posts", 1, 0));
+        assert_eq!(sub.recv().await.unwrap().ordinal, 0);
+        bus.publish(&names(&["posts"]), &ev("posts", 1, 1));
+        bus.publish(&names(&["posts"]), &ev("posts", 1, 2));
+        assert_eq!(sub.recv().await.unwrap().ordinal, 1);
+        assert_eq!(
+            sub.recv().await.unwrap_err(),
+            RecvError::Lagged {
+                channel: "posts".into(),
+                dropped_at: (Lsn(0x1000), 2),
+            }
+        );
     }
 
     #[tokio::test]

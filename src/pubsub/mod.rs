@@ -53,11 +53,18 @@
 //! dropped silently: there is no drop-oldest, and a subscriber never sees an event after a
 //! gap. A cut-off listener re-subscribes (and re-reads whatever state it needs) if it wants
 //! to go on.
+//!
+//! A queue may be bounded in bytes as well ([`PubSub::subscribe_with_max_bytes`]; the HTTP
+//! endpoint's `[http] sse_max_bytes`): an event then weighs its JSON, and the subscriber is
+//! cut off the same way when its queued bytes would pass the bound. Every subscriber gets
+//! the same [`Published`] for an event, whose JSON is serialised once and shared, so a
+//! thousand slow listeners hold one copy of a large row, not a thousand.
 
 mod bus;
 mod channels;
 
 pub use bus::{
-    EntityProcessed, PROCESSED_CHANNEL, ProcessedSubscription, PubSub, RecvError, Subscription,
+    EntityProcessed, PROCESSED_CHANNEL, ProcessedSubscription, PubSub, Published, RecvError,
+    Subscription,
 };
 pub use channels::{ChannelSpec, channels, value_text};
