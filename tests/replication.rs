@@ -2,14 +2,19 @@
 //! reconnecting, acknowledgement, and the definite failures.
 
 mod common;
+#[path = "common/jsonb_text.rs"]
+mod jsonb_text;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{PATIENCE, Streaming, slot_for};
+use jsonb_text::jsonb_text;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgPool};
-use streamex::decode::Decoded;
+use streamex::decode::{Decoded, MAX_VALUE_DEPTH};
+use streamex::metrics::StreamStats;
 use streamex::replication::{Lsn, PublicationTables, SetupError, StreamError, setup};
 use streamex::testing::{self, Cluster, StopMode};
 use streamex::{Event, EventType};
@@ -657,5 +662,193 @@ async fn schema_changes_while_streaming_decode_with_the_new_shape() -> anyhow::R
         .fetch_one(&pool)
         .await?;
     assert_eq!(record(&events[3], "new"), now);
+    s.stop().await
+}
+
+/// A stream on `url` after `schema`, whose reconnects are counted in the returned stats.
+async fn counted_stream(url: &str, schema: &str) -> anyhow::Result<(Streaming, Arc<StreamStats>)> {
+    let pool = PgPool::connect(url).await?;
+    sqlx::raw_sql(schema).execute(&pool).await?;
+    setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
+    setup::ensure_slot(&pool, &slot_for(url)).await?;
+    let stats = Arc::new(StreamStats::default());
+    let counted = stats.clone();
+    let s = Streaming::attach(url, pool, |c| c.stats = counted).await?;
+    Ok((s, stats))
+}
+
+/// A jsonb document `depth` arrays and objects deep, in turn, around a leaf with a number the
+/// server normalises and a string with escapes.
+fn nested_jsonb(depth: usize) -> String {
+    let mut text = String::new();
+    for i in 0..depth {
+        text.push_str(if i % 2 == 0 { "[" } else { r#"{"k": "# });
+    }
+    text.push_str(r#"{"n": 1.50e1, "s": "tab\t \"q\" \u00e9"}"#);
+    for i in (0..depth).rev() {
+        text.push(if i % 2 == 0 { ']' } else { '}' });
+    }
+    text
+}
+
+#[tokio::test]
+async fn a_value_too_deep_to_decode_is_reported_and_the_stream_goes_on() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let (mut s, stats) = counted_stream(
+        &url,
+        "CREATE TABLE docs (id int PRIMARY KEY, doc jsonb, note text);",
+    )
+    .await?;
+    let pool = s.pool.clone();
+    // The server keeps jsonb some 10,000 levels deep; streamex decodes 256 (the leaf object
+    // counts as one level).
+    let too_deep = nested_jsonb(3000);
+    let at_limit = nested_jsonb(MAX_VALUE_DEPTH - 1);
+    for (id, doc) in [
+        (1, "{\"a\": 1}".to_owned()),
+        (2, too_deep),
+        (3, "[]".to_owned()),
+        (4, at_limit),
+    ] {
+        sqlx::query("INSERT INTO docs VALUES ($1, $2::jsonb, 'note')")
+            .bind(id)
+            .bind(doc)
+            .execute(&pool)
+            .await?;
+    }
+    sqlx::query("UPDATE docs SET note = 'later' WHERE id = 2")
+        .execute(&pool)
+        .await?;
+    let events = s.events(5).await?;
+    let ids: Vec<Value> = events
+        .iter()
+        .map(|e| record(e, "new")["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(1), json!(2), json!(3), json!(4), json!(2)]);
+    for (i, e) in events[..4].iter().enumerate() {
+        assert_eq!(
+            e.decode_error.is_some(),
+            i == 1,
+            "event {i}: {:?}",
+            e.decode_error
+        );
+    }
+    let bad = &events[1];
+    assert_eq!(bad.kind, EventType::Insert);
+    assert_eq!(record(bad, "new"), json!({"id": 2, "note": "note"}));
+    assert!(bad.unavailable_columns.is_empty());
+    assert!(bad.lsn <= bad.commit_lsn && bad.commit_lsn > events[0].commit_lsn);
+    let message = bad.decode_error.as_deref().unwrap();
+    assert!(
+        message.starts_with(&format!(
+            "column public.docs.doc of the change at {}",
+            bad.lsn
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("nested more than 256 levels deep"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("tab") && !message.contains('['),
+        "{message}"
+    );
+    // The update leaves the document as it was: unsent (a TOASTed value), or sent and
+    // reported again.
+    let later = &events[4];
+    assert_eq!(record(later, "new"), json!({"id": 2, "note": "later"}));
+    assert!(
+        later.unavailable_columns == ["doc"] || later.decode_error.is_some(),
+        "{later:?}"
+    );
+
+    // Just within the limit, the value is exactly what to_jsonb gives.
+    let want: String = sqlx::query_scalar("SELECT to_jsonb(d)::text FROM docs d WHERE id = 4")
+        .fetch_one(&pool)
+        .await?;
+    let got = Value::Object(events[3].new_record.clone().unwrap());
+    assert_eq!(jsonb_text(&got), want);
+    assert!(want.contains(r#""n": 15.0"#));
+    assert_eq!(stats.reconnects(), 0, "the stream never had to start over");
+    s.stop().await
+}
+
+/// A type created and dropped in the transaction that used it: the catalog no longer has it
+/// when the change is decoded, so its values come as their text.
+#[tokio::test]
+async fn a_type_dropped_before_its_rows_are_decoded_comes_as_text() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let (mut s, stats) = counted_stream(&url, POSTS).await?;
+    let pool = s.pool.clone();
+    sqlx::raw_sql(
+        "BEGIN;
+         CREATE TYPE mood AS ENUM ('a');
+         ALTER TABLE posts ADD COLUMN m mood;
+         INSERT INTO posts (id, title, m) VALUES (1, 'with mood', 'a');
+         ALTER TABLE posts DROP COLUMN m;
+         DROP TYPE mood;
+         COMMIT;",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query("INSERT INTO posts VALUES (2, 'after', 0)")
+        .execute(&pool)
+        .await?;
+    let events = s.events(2).await?;
+    assert_eq!(
+        record(&events[0], "new"),
+        json!({"id": 1, "title": "with mood", "likes": 0, "m": "a"})
+    );
+    assert_eq!(events[0].decode_error, None);
+    assert_eq!(
+        record(&events[1], "new"),
+        json!({"id": 2, "title": "after", "likes": 0})
+    );
+    assert_eq!(stats.reconnects(), 0, "no reconnect loop");
+    s.stop().await
+}
+
+#[tokio::test]
+async fn generated_columns_are_listed_as_unavailable() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let mut s = Streaming::start(
+        &url,
+        "CREATE TABLE items (id int PRIMARY KEY, price numeric, tax numeric GENERATED ALWAYS AS (price * 0.2) STORED,
+                             dropped int, label text, shout text GENERATED ALWAYS AS (upper(label)) STORED);
+         ALTER TABLE items DROP COLUMN dropped;
+         CREATE TABLE plain (id int PRIMARY KEY);
+         ALTER TABLE items REPLICA IDENTITY FULL;",
+    )
+    .await?;
+    let pool = s.pool.clone();
+    sqlx::raw_sql(
+        "INSERT INTO items (id, price, label) VALUES (1, 10, 'x');
+         UPDATE items SET price = 20 WHERE id = 1;
+         DELETE FROM items WHERE id = 1;
+         INSERT INTO plain VALUES (1);",
+    )
+    .execute(&pool)
+    .await?;
+    let events = s.events(4).await?;
+    let (insert, update, delete, plain) = (&events[0], &events[1], &events[2], &events[3]);
+    assert_eq!(
+        record(insert, "new"),
+        json!({"id": 1, "price": 10, "label": "x"})
+    );
+    assert_eq!(insert.unavailable_columns, ["tax", "shout"]);
+    assert_eq!(update.unavailable_columns, ["tax", "shout"]);
+    assert_eq!(record(update, "new")["price"], json!(20));
+    let changed: Vec<&str> = update
+        .changes
+        .as_ref()
+        .unwrap()
+        .0
+        .iter()
+        .map(|c| c.column.as_str())
+        .collect();
+    assert_eq!(changed, ["price"]);
+    assert!(delete.unavailable_columns.is_empty());
+    assert!(plain.unavailable_columns.is_empty());
     s.stop().await
 }

@@ -7,6 +7,10 @@
 //! always the output function: `bool::text` gives `true`, `char(n)::text` drops the padding,
 //! `inet::text` adds the mask.)
 
+#[path = "common/jsonb_text.rs"]
+mod jsonb_text;
+
+use jsonb_text::jsonb_text;
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row, ValueRef};
 use streamex::decode::{PgType, TypeCache, TypeError, text_to_json};
@@ -468,5 +472,94 @@ async fn types_with_a_json_cast_stay_text() -> anyhow::Result<()> {
     assert_eq!(jsonb, serde_json::json!({"a": "1"}));
     let text = bytes(&row.try_get_raw(1)?)?.unwrap_or_default();
     assert_eq!(text_to_json(&ty, text)?, serde_json::json!("\"a\"=>\"1\""));
+    Ok(())
+}
+/// The text output of `column` in the row of `table` with `id`, and `to_jsonb` of that row's
+/// column as text (`None` where `to_jsonb` refuses the value).
+async fn text_and_jsonb(
+    conn: &mut PgConnection,
+    table: &str,
+    column: &str,
+    id: i32,
+) -> anyhow::Result<(Vec<u8>, Option<String>)> {
+    let rows: Vec<PgRow> = sqlx::raw_sql(&format!("SELECT {column} FROM {table} WHERE id = {id}"))
+        .fetch_all(&mut *conn)
+        .await?;
+    let text = bytes(&rows[0].try_get_raw(0)?)?
+        .unwrap_or_default()
+        .to_vec();
+    let jsonb = match sqlx::raw_sql(&format!(
+        "SELECT (to_jsonb(t) -> '{column}')::text FROM {table} t WHERE id = {id}"
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    {
+        Ok(rows) => Some(String::from_utf8(
+            bytes(&rows[0].try_get_raw(0)?)?
+                .unwrap_or_default()
+                .to_vec(),
+        )?),
+        Err(_) => None,
+    };
+    Ok((text, jsonb))
+}
+
+/// Documents the server keeps and serde_json refuses: nested deeper than 128 levels (as
+/// `json`, with duplicate keys and numbers to normalise, and as `jsonb`), and `json` with
+/// lone surrogate escapes.
+#[tokio::test]
+async fn deep_documents_and_lone_surrogates_decode() -> anyhow::Result<()> {
+    let (pool, mut conn) = database(
+        r#"CREATE TABLE docs (id int PRIMARY KEY, js json, jb jsonb);
+           CREATE TABLE lone (id int PRIMARY KEY, js json, jsa json[]);
+           INSERT INTO lone VALUES (1, '["\ud800", "\udc00x", "\ud83d\ude00"]', ARRAY['"\udbff"']::json[]);"#,
+    )
+    .await?;
+    for (id, depth) in [(1, 129), (2, 200), (3, 255)] {
+        let mut doc = String::new();
+        for i in 0..depth {
+            doc.push_str(if i % 2 == 0 { "[" } else { r#"{"a": 0, "a":"# });
+        }
+        doc.push_str(r#"{"b": 1e2, "c": -0, "d": "\u00e9\n"}"#);
+        for i in (0..depth).rev() {
+            doc.push(if i % 2 == 0 { ']' } else { '}' });
+        }
+        sqlx::query("INSERT INTO docs VALUES ($1, $2::json, $2::jsonb)")
+            .bind(id)
+            .bind(&doc)
+            .execute(&pool)
+            .await?;
+        for (column, ty) in [("js", PgType::Json), ("jb", PgType::Jsonb)] {
+            let (text, want) = text_and_jsonb(&mut conn, "docs", column, id).await?;
+            let got = text_to_json(&ty, &text)
+                .map_err(|e| anyhow::anyhow!("docs.{column}, {depth} levels: {e}"))?;
+            let want = want.expect("to_jsonb takes it");
+            assert_eq!(jsonb_text(&got), want, "docs.{column}, {depth} levels");
+        }
+    }
+
+    // to_jsonb refuses a lone surrogate; to_json shows it as it is; streamex gives U+FFFD.
+    let (text, jsonb) = text_and_jsonb(&mut conn, "lone", "js", 1).await?;
+    assert_eq!(jsonb, None, "to_jsonb refuses a lone surrogate");
+    let to_json: String = sqlx::query_scalar("SELECT to_json(l)::text FROM lone l")
+        .fetch_one(&pool)
+        .await?;
+    assert!(
+        to_json.contains(r#""js":["\ud800", "\udc00x", "\ud83d\ude00"]"#),
+        "{to_json}"
+    );
+    assert_eq!(
+        text_to_json(&PgType::Json, &text)?,
+        serde_json::json!(["\u{FFFD}", "\u{FFFD}x", "😀"])
+    );
+    let (text, _) = text_and_jsonb(&mut conn, "lone", "jsa", 1).await?;
+    let array = PgType::Array {
+        element: std::sync::Arc::new(PgType::Json),
+        delimiter: b',',
+    };
+    assert_eq!(
+        text_to_json(&array, &text)?,
+        serde_json::json!(["\u{FFFD}"])
+    );
     Ok(())
 }

@@ -8,19 +8,33 @@
 //!
 //! The relation cache is filled by the Relation messages the server sends before a table's
 //! first change in each session (and again when the table changes), so it is cleared on every
-//! reconnect. Column types are resolved once through the catalog connection and cached.
+//! reconnect. Column types are resolved once through the catalog connection and cached; with
+//! each Relation message the catalog also says which of the table's columns are generated
+//! (PostgreSQL 15 sends no value for them: they are listed in `unavailable_columns`).
+//!
+//! # What stops the stream, and what does not
+//!
+//! Only what makes the stream itself unreadable is a [`DecoderError`]: a malformed message, a
+//! change to a relation the server has not described, a column count that disagrees, a value
+//! in binary format, or a catalog query that failed (transient: the session is retried). A
+//! value that cannot be converted does not stop anything: its column is left out of the
+//! record and the event's `decode_error` says which column of which change, and why (never
+//! the value). A column whose type no longer exists in the catalog (dropped after the change
+//! was written, in the same transaction) is decoded from its text, as a string, with a
+//! warning.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::Value;
+use tracing::warn;
 
 use super::pgoutput::{
     self, Begin, Commit, OldTuple, PgOutputMessage, ReplicaIdentity, Tuple, TupleValue,
 };
 use super::types::{PgType, TypeCache, TypeError};
-use super::value::{ValueError, text_to_json};
+use super::value::text_to_json;
 use crate::event::{Change, Changes, Event, EventType, Record};
 use crate::replication::{Lsn, PG_EPOCH_OFFSET_MICROS};
 
@@ -71,7 +85,19 @@ pub struct Table {
     /// The entity name its events carry (see [`crate::event::EntityName`]).
     pub entity: Arc<str>,
     pub replica_identity: ReplicaIdentity,
+    /// The columns the server sends, in the order of every tuple's values.
     pub columns: Vec<TableColumn>,
+    /// The generated columns (`GENERATED ALWAYS AS ... STORED`), in column order, as the
+    /// catalog had them when the Relation message was decoded. PostgreSQL 15 leaves them out
+    /// of its messages, so they are listed in every new record's `unavailable_columns`.
+    pub generated_columns: Vec<String>,
+}
+
+impl Table {
+    /// `schema.name`, for messages.
+    fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
 }
 
 /// One column of a [`Table`].
@@ -81,16 +107,24 @@ pub struct TableColumn {
     pub is_key: bool,
     pub type_oid: u32,
     pub ty: Arc<PgType>,
+    /// Why the column's values cannot be converted, when its type cannot be described (it
+    /// nests deeper than [`super::MAX_DEPTH`]): each of its values is then left out of its
+    /// record and reported in the event's `decode_error`.
+    pub unconvertible: Option<String>,
 }
 
 /// A message that could not be turned into events.
+///
+/// Each message is complete in itself, cause included, and none has a [`source`]: a chain
+/// printed with `{:#}` says each thing once, and so does a log line that shows the error.
+///
+/// [`source`]: std::error::Error::source
 #[derive(Debug, thiserror::Error)]
 pub enum DecoderError {
-    #[error("malformed pgoutput message at {lsn}: {source}")]
+    #[error("malformed pgoutput message at {lsn}: {error}")]
     Message {
         lsn: Lsn,
-        #[source]
-        source: pgoutput::DecodeError,
+        error: pgoutput::DecodeError,
     },
     #[error(
         "the change at {lsn} refers to relation {oid}, which the server has not described in a Relation message"
@@ -105,22 +139,17 @@ pub enum DecoderError {
         got: usize,
         expected: usize,
     },
-    #[error("looking up the type (oid {oid}) of column {table}.{column}: {source}")]
+    /// The catalog query for a column's type failed (only [`TypeError::Query`] comes here).
+    #[error("the type (oid {oid}) of column {table}.{column}: {error}")]
     Type {
         table: String,
         column: String,
         oid: u32,
-        #[source]
-        source: TypeError,
+        error: TypeError,
     },
-    #[error("column {table}.{column} of the change at {lsn}: {source}")]
-    Value {
-        table: String,
-        column: String,
-        lsn: Lsn,
-        #[source]
-        source: ValueError,
-    },
+    /// The catalog query for a table's generated columns failed.
+    #[error("looking up the generated columns of {table} in the catalog: {error}")]
+    GeneratedColumns { table: String, error: sqlx::Error },
     #[error(
         "column {table}.{column} of the change at {lsn} came in binary format, which streamex does not ask for"
     )]
@@ -132,9 +161,15 @@ pub enum DecoderError {
 }
 
 impl DecoderError {
-    /// Whether reconnecting may help: only a failed catalog look-up may be passing.
+    /// Whether reconnecting may help: only a failed catalog query may be passing.
     pub fn is_transient(&self) -> bool {
-        matches!(self, DecoderError::Type { .. })
+        matches!(
+            self,
+            DecoderError::Type {
+                error: TypeError::Query { .. },
+                ..
+            } | DecoderError::GeneratedColumns { .. }
+        )
     }
 }
 
@@ -154,6 +189,11 @@ pub struct Decoder {
     types: TypeCache,
     tx: Option<Transaction>,
     default_schema: Arc<str>,
+    /// `schema.name` of the types the server described in Type messages this session.
+    type_names: HashMap<u32, String>,
+    /// Whether Relation messages look generated columns up (only unit tests, whose pool never
+    /// connects, turn it off).
+    generated_lookup: bool,
 }
 
 impl Decoder {
@@ -165,7 +205,17 @@ impl Decoder {
             types: TypeCache::new(),
             tx: None,
             default_schema: crate::event::DEFAULT_SCHEMA.into(),
+            type_names: HashMap::new(),
+            generated_lookup: true,
         }
+    }
+
+    /// A decoder that asks the catalog nothing about generated columns, for tests whose pool
+    /// never connects (types stay builtin there).
+    #[cfg(test)]
+    fn offline(mut self) -> Self {
+        self.generated_lookup = false;
+        self
     }
 
     /// Tables of `schema` get an unqualified entity name (`public` by default).
@@ -179,6 +229,7 @@ impl Decoder {
     pub fn reset(&mut self) -> bool {
         self.tables.clear();
         self.types = TypeCache::new();
+        self.type_names.clear();
         self.tx.take().is_some()
     }
 
@@ -200,7 +251,7 @@ impl Decoder {
         out: &mut Vec<Decoded>,
     ) -> Result<(), DecoderError> {
         let message =
-            pgoutput::decode(data).map_err(|source| DecoderError::Message { lsn, source })?;
+            pgoutput::decode(data).map_err(|error| DecoderError::Message { lsn, error })?;
         match message {
             PgOutputMessage::Begin(Begin {
                 final_lsn,
@@ -239,7 +290,15 @@ impl Decoder {
                 });
             }
             PgOutputMessage::Origin(_) => {}
-            PgOutputMessage::Type(t) => self.types.invalidate(t.oid),
+            PgOutputMessage::Type(t) => {
+                self.types.invalidate(t.oid);
+                let name = if t.namespace.is_empty() {
+                    t.name
+                } else {
+                    format!("{}.{}", t.namespace, t.name)
+                };
+                self.type_names.insert(t.oid, name);
+            }
             PgOutputMessage::Relation(relation) => {
                 let schema: Arc<str> = if relation.namespace.is_empty() {
                     "pg_catalog".into()
@@ -249,25 +308,25 @@ impl Decoder {
                 let name: Arc<str> = relation.name.into();
                 let entity: Arc<str> =
                     crate::event::entity_name(&schema, &name, &self.default_schema).into();
+                let table = format!("{schema}.{name}");
                 let mut columns = Vec::with_capacity(relation.columns.len());
                 for column in relation.columns {
-                    let ty = self
-                        .types
-                        .resolve(&self.catalog, column.type_oid)
-                        .await
-                        .map_err(|source| DecoderError::Type {
-                            table: format!("{schema}.{name}"),
-                            column: column.name.clone(),
-                            oid: column.type_oid,
-                            source,
-                        })?;
+                    let (ty, unconvertible) = self.column_type(&table, &column).await?;
                     columns.push(TableColumn {
                         name: column.name,
                         is_key: column.is_key,
                         type_oid: column.type_oid,
                         ty,
+                        unconvertible,
                     });
                 }
+                let generated_columns = if self.generated_lookup {
+                    generated_columns(&self.catalog, relation.oid)
+                        .await
+                        .map_err(|error| DecoderError::GeneratedColumns { table, error })?
+                } else {
+                    Vec::new()
+                };
                 let key_columns: Arc<[String]> = columns
                     .iter()
                     .filter(|c| c.is_key)
@@ -283,29 +342,40 @@ impl Decoder {
                         entity,
                         replica_identity: relation.replica_identity,
                         columns,
+                        generated_columns,
                     }),
                 );
             }
             PgOutputMessage::Insert(insert) => {
                 let table = self.lookup(insert.relation, lsn)?;
-                let (new, unavailable) = row(&table, &insert.new, None, lsn)?;
+                let mut problems = Problems::default();
+                let (new, mut unavailable) = row(&table, &insert.new, None, lsn, &mut problems)?;
+                unavailable.extend(table.generated_columns.iter().cloned());
                 let event = self.event(EventType::Insert, &table, lsn, "Insert")?;
                 out.push(Decoded::Event(Event {
                     new_record: Some(new),
                     unavailable_columns: unavailable,
+                    decode_error: problems.into_message(),
                     ..event
                 }));
             }
             PgOutputMessage::Update(update) => {
                 let table = self.lookup(update.relation, lsn)?;
                 let event = self.event(EventType::Update, &table, lsn, "Update")?;
+                let mut problems = Problems::default();
                 let (old, old_is_full) = match &update.old {
-                    Some(OldTuple::Full(t)) => (Some(full_old(&table, t, lsn)?), true),
-                    Some(OldTuple::Key(t)) => (Some(key_only(&table, t, lsn)?), false),
+                    Some(OldTuple::Full(t)) => {
+                        (Some(full_old(&table, t, lsn, &mut problems)?), true)
+                    }
+                    Some(OldTuple::Key(t)) => {
+                        (Some(key_only(&table, t, lsn, &mut problems)?), false)
+                    }
                     None => (None, false),
                 };
                 let fill_from = if old_is_full { old.as_ref() } else { None };
-                let (new, unavailable) = row(&table, &update.new, fill_from, lsn)?;
+                let (new, mut unavailable) =
+                    row(&table, &update.new, fill_from, lsn, &mut problems)?;
+                unavailable.extend(table.generated_columns.iter().cloned());
                 let changes = if old_is_full {
                     old.as_ref().map(|old| diff(&table, old, &new))
                 } else {
@@ -322,18 +392,21 @@ impl Decoder {
                     old_record: old,
                     changes,
                     unavailable_columns: unavailable,
+                    decode_error: problems.into_message(),
                     ..event
                 }));
             }
             PgOutputMessage::Delete(delete) => {
                 let table = self.lookup(delete.relation, lsn)?;
                 let event = self.event(EventType::Delete, &table, lsn, "Delete")?;
+                let mut problems = Problems::default();
                 let old = match &delete.old {
-                    OldTuple::Full(t) => full_old(&table, t, lsn)?,
-                    OldTuple::Key(t) => key_only(&table, t, lsn)?,
+                    OldTuple::Full(t) => full_old(&table, t, lsn, &mut problems)?,
+                    OldTuple::Key(t) => key_only(&table, t, lsn, &mut problems)?,
                 };
                 out.push(Decoded::Event(Event {
                     old_record: Some(old),
+                    decode_error: problems.into_message(),
                     ..event
                 }));
             }
@@ -352,6 +425,53 @@ impl Decoder {
             }),
         }
         Ok(())
+    }
+
+    /// How a column of a Relation message converts. A type the catalog no longer has (dropped
+    /// later in the transaction that wrote the change) converts as text; one that nests too
+    /// deep to describe makes the column unconvertible. Only a failed query is an error.
+    async fn column_type(
+        &mut self,
+        table: &str,
+        column: &pgoutput::Column,
+    ) -> Result<(Arc<PgType>, Option<String>), DecoderError> {
+        let type_name = self
+            .type_names
+            .get(&column.type_oid)
+            .map_or("(not described by the server)", String::as_str);
+        match self.types.resolve(&self.catalog, column.type_oid).await {
+            Ok(ty) => Ok((ty, None)),
+            Err(TypeError::NotFound { oid }) => {
+                warn!(
+                    table,
+                    column = %column.name,
+                    type_oid = column.type_oid,
+                    type_name,
+                    missing_oid = oid,
+                    "the column's type is no longer in the catalog (dropped since the change was \
+                     written); its values are decoded from their text, as strings"
+                );
+                Ok((Arc::new(PgType::Text), None))
+            }
+            Err(error @ TypeError::TooDeep { .. }) => {
+                warn!(
+                    table,
+                    column = %column.name,
+                    type_oid = column.type_oid,
+                    type_name,
+                    error = %error,
+                    "the column's type cannot be described; its values are left out of events, \
+                     each of which says so in decode_error"
+                );
+                Ok((Arc::new(PgType::Text), Some(error.to_string())))
+            }
+            Err(error @ TypeError::Query { .. }) => Err(DecoderError::Type {
+                table: table.to_owned(),
+                column: column.name.clone(),
+                oid: column.type_oid,
+                error,
+            }),
+        }
     }
 
     fn lookup(&self, oid: u32, lsn: Lsn) -> Result<Arc<Table>, DecoderError> {
@@ -398,7 +518,7 @@ impl Decoder {
 fn check_width(table: &Table, tuple: &Tuple, lsn: Lsn) -> Result<(), DecoderError> {
     if tuple.0.len() != table.columns.len() {
         return Err(DecoderError::ColumnCount {
-            table: format!("{}.{}", table.schema, table.name),
+            table: table.qualified(),
             lsn,
             got: tuple.0.len(),
             expected: table.columns.len(),
@@ -407,28 +527,69 @@ fn check_width(table: &Table, tuple: &Tuple, lsn: Lsn) -> Result<(), DecoderErro
     Ok(())
 }
 
-/// Converts one sent value; `None` when it was not sent (unchanged TOAST).
+/// The values of one change that could not be converted, as the event's `decode_error` will
+/// say: column, position and reason, never the value.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, table: &Table, column: &TableColumn, lsn: Lsn, reason: &str) {
+        let table = table.qualified();
+        warn!(
+            table = %table,
+            column = %column.name,
+            lsn = %lsn,
+            reason,
+            "a value could not be decoded: its column is left out of the event, whose \
+             decode_error says so"
+        );
+        self.0.push(format!(
+            "column {table}.{} of the change at {lsn} could not be decoded and is left out \
+             of the record: {reason}",
+            column.name
+        ));
+    }
+
+    fn into_message(self) -> Option<String> {
+        (!self.0.is_empty()).then(|| self.0.join("; "))
+    }
+}
+
+/// One column's value in a change.
+enum Converted {
+    Value(Value),
+    /// Not sent (an unchanged TOASTed value).
+    Unsent,
+    /// Sent, but it could not be converted (noted in the [`Problems`]).
+    Undecodable,
+}
+
+/// Converts one sent value.
 fn value(
     table: &Table,
     column: &TableColumn,
     value: &TupleValue,
     lsn: Lsn,
-) -> Result<Option<Value>, DecoderError> {
+    problems: &mut Problems,
+) -> Result<Converted, DecoderError> {
     match value {
-        TupleValue::Null => Ok(Some(Value::Null)),
-        TupleValue::Unchanged => Ok(None),
+        TupleValue::Null => Ok(Converted::Value(Value::Null)),
+        TupleValue::Unchanged => Ok(Converted::Unsent),
         TupleValue::Text(text) => {
-            text_to_json(&column.ty, text)
-                .map(Some)
-                .map_err(|source| DecoderError::Value {
-                    table: format!("{}.{}", table.schema, table.name),
-                    column: column.name.clone(),
-                    lsn,
-                    source,
-                })
+            if let Some(reason) = &column.unconvertible {
+                problems.add(table, column, lsn, reason);
+                return Ok(Converted::Undecodable);
+            }
+            match text_to_json(&column.ty, text) {
+                Ok(v) => Ok(Converted::Value(v)),
+                Err(error) => {
+                    problems.add(table, column, lsn, &error.to_string());
+                    Ok(Converted::Undecodable)
+                }
+            }
         }
         TupleValue::Binary(_) => Err(DecoderError::Binary {
-            table: format!("{}.{}", table.schema, table.name),
+            table: table.qualified(),
             column: column.name.clone(),
             lsn,
         }),
@@ -436,22 +597,25 @@ fn value(
 }
 
 /// A new row; unchanged TOAST values are taken from `fill_from` (the full old row) when it
-/// has them, and are otherwise left out and listed.
+/// has them, and are otherwise left out and listed. Values that cannot be converted are left
+/// out and noted in `problems`.
 fn row(
     table: &Table,
     tuple: &Tuple,
     fill_from: Option<&Record>,
     lsn: Lsn,
+    problems: &mut Problems,
 ) -> Result<(Record, Vec<String>), DecoderError> {
     check_width(table, tuple, lsn)?;
     let mut record = Record::with_capacity(table.columns.len());
     let mut unavailable = Vec::new();
     for (column, v) in table.columns.iter().zip(&tuple.0) {
-        match value(table, column, v, lsn)? {
-            Some(v) => {
+        match value(table, column, v, lsn, problems)? {
+            Converted::Value(v) => {
                 record.insert(column.name.clone(), v);
             }
-            None => match fill_from.and_then(|old| old.get(&column.name)) {
+            Converted::Undecodable => {}
+            Converted::Unsent => match fill_from.and_then(|old| old.get(&column.name)) {
                 Some(old) => {
                     record.insert(column.name.clone(), old.clone());
                 }
@@ -464,23 +628,46 @@ fn row(
 
 /// The whole old row (REPLICA IDENTITY FULL). PostgreSQL flattens TOAST values into it, so an
 /// unsent value here would be unusual; it is left out.
-fn full_old(table: &Table, tuple: &Tuple, lsn: Lsn) -> Result<Record, DecoderError> {
-    row(table, tuple, None, lsn).map(|(record, _)| record)
+fn full_old(
+    table: &Table,
+    tuple: &Tuple,
+    lsn: Lsn,
+    problems: &mut Problems,
+) -> Result<Record, DecoderError> {
+    row(table, tuple, None, lsn, problems).map(|(record, _)| record)
 }
 
 /// The old key (REPLICA IDENTITY DEFAULT or USING INDEX): the server sends NULL for the
 /// columns outside the key, so only key columns are kept.
-fn key_only(table: &Table, tuple: &Tuple, lsn: Lsn) -> Result<Record, DecoderError> {
+fn key_only(
+    table: &Table,
+    tuple: &Tuple,
+    lsn: Lsn,
+    problems: &mut Problems,
+) -> Result<Record, DecoderError> {
     check_width(table, tuple, lsn)?;
     let mut record = Record::new();
     for (column, v) in table.columns.iter().zip(&tuple.0) {
         if column.is_key {
-            if let Some(v) = value(table, column, v, lsn)? {
+            if let Converted::Value(v) = value(table, column, v, lsn, problems)? {
                 record.insert(column.name.clone(), v);
             }
         }
     }
     Ok(record)
+}
+
+/// The generated columns of relation `oid`, in column order.
+async fn generated_columns(catalog: &sqlx::PgPool, oid: u32) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT attname::text FROM pg_catalog.pg_attribute \
+         WHERE attrelid = $1::int8::oid AND attnum > 0 AND NOT attisdropped \
+           AND attgenerated = 's' \
+         ORDER BY attnum",
+    )
+    .bind(i64::from(oid))
+    .fetch_all(catalog)
+    .await
 }
 
 /// The key columns of `record`.
@@ -524,7 +711,7 @@ mod tests {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .connect_lazy("postgres://nobody@127.0.0.1:1/none")
             .unwrap();
-        Decoder::new(pool)
+        Decoder::new(pool).offline()
     }
 
     /// Relation 16384 `public.docs (id int4 key, n int4, body text)`, REPLICA IDENTITY DEFAULT.
@@ -641,21 +828,256 @@ mod tests {
                 ..
             })
         ));
-        let bad_number = Msg::new(b'I')
+        let binary = Msg::new(b'I')
             .i32(16384)
             .u8(b'N')
             .i16(3)
-            .text(b"one")
-            .text(b"2")
+            .text(b"1")
+            .u8(b'b')
+            .i32(4)
+            .raw(&[0, 0, 0, 2])
             .text(b"x")
             .done();
-        let error = run(vec![begin(), relation(), bad_number])
+        assert!(matches!(
+            run(vec![begin(), relation(), binary]).await,
+            Err(DecoderError::Binary { .. })
+        ));
+        assert!(matches!(
+            run(vec![Bytes::from_static(b"Z")]).await,
+            Err(DecoderError::Message { .. })
+        ));
+    }
+
+    /// `public.docs (id int4 key, doc jsonb, note text)`, REPLICA IDENTITY FULL.
+    fn docs_relation() -> Bytes {
+        Msg::new(b'R')
+            .i32(16385)
+            .str("public")
+            .str("deep")
+            .u8(b'f')
+            .i16(3)
+            .u8(1)
+            .str("id")
+            .i32(23)
+            .i32(-1)
+            .u8(0)
+            .str("doc")
+            .i32(3802)
+            .i32(-1)
+            .u8(0)
+            .str("note")
+            .i32(25)
+            .i32(-1)
+            .done()
+    }
+
+    fn deep_doc(depth: usize) -> Vec<u8> {
+        format!("{}\"s3cr3t\"{}", "[".repeat(depth), "]".repeat(depth)).into_bytes()
+    }
+
+    fn events(out: &[Decoded]) -> Vec<&Event> {
+        out.iter()
+            .filter_map(|d| match d {
+                Decoded::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_value_that_cannot_be_converted_is_left_out_and_reported() {
+        let insert = |id: &[u8], doc: &[u8]| {
+            Msg::new(b'I')
+                .i32(16385)
+                .u8(b'N')
+                .i16(3)
+                .text(id)
+                .text(doc)
+                .text(b"note")
+                .done()
+        };
+        let too_deep = deep_doc(crate::decode::MAX_VALUE_DEPTH + 1);
+        let out = run(vec![
+            begin(),
+            docs_relation(),
+            insert(b"1", b"{}"),
+            insert(b"2", &too_deep),
+            insert(b"3", &deep_doc(crate::decode::MAX_VALUE_DEPTH)),
+            insert(b"one", b"[}"),
+            commit(),
+        ])
+        .await
+        .unwrap();
+        let events = events(&out);
+        assert_eq!(events.len(), 4);
+        assert_eq!(events[0].decode_error, None);
+        let bad = events[1];
+        assert_eq!(
+            (bad.kind, bad.ordinal, bad.lsn),
+            (EventType::Insert, 1, Lsn(0x103))
+        );
+        assert_eq!(
+            serde_json::to_value(&bad.new_record).unwrap(),
+            json!({"id": 2, "note": "note"})
+        );
+        assert!(bad.unavailable_columns.is_empty());
+        let message = bad.decode_error.as_deref().expect("decode_error is set");
+        assert_eq!(
+            message,
+            format!(
+                "column public.deep.doc of the change at 0/103 could not be decoded and is left \
+                 out of the record: jsonb: {}",
+                super::super::value::TOO_DEEP
+            )
+        );
+        // Just at the limit it decodes.
+        assert_eq!(events[2].decode_error, None);
+        assert!(events[2].new_record.as_ref().unwrap().contains_key("doc"));
+        // Two columns wrong: both are named; no value is.
+        let both = events[3].decode_error.as_deref().unwrap();
+        assert!(both.contains("public.deep.id ") && both.contains("public.deep.doc "));
+        assert!(both.contains("number: invalid number syntax"), "{both}");
+        assert_eq!(
+            serde_json::to_value(&events[3].new_record).unwrap(),
+            json!({"note": "note"})
+        );
+        for e in &events {
+            if let Some(m) = &e.decode_error {
+                assert!(!m.contains("s3cr3t") && !m.contains("one"), "{m}");
+            }
+        }
+        let Decoded::Commit { events: n, .. } = out.last().unwrap() else {
+            panic!("ends with a commit")
+        };
+        assert_eq!(*n, 4);
+    }
+
+    #[tokio::test]
+    async fn an_old_row_that_cannot_be_converted_is_reported_too() {
+        let too_deep = deep_doc(crate::decode::MAX_VALUE_DEPTH + 1);
+        let update = Msg::new(b'U')
+            .i32(16385)
+            .u8(b'O')
+            .i16(3)
+            .text(b"1")
+            .text(&too_deep)
+            .text(b"a")
+            .u8(b'N')
+            .i16(3)
+            .text(b"1")
+            .text(b"[]")
+            .text(b"b")
+            .done();
+        let delete = Msg::new(b'D')
+            .i32(16385)
+            .u8(b'O')
+            .i16(3)
+            .text(b"1")
+            .text(&too_deep)
+            .text(b"b")
+            .done();
+        let out = run(vec![begin(), docs_relation(), update, delete, commit()])
             .await
-            .unwrap_err();
-        assert!(matches!(error, DecoderError::Value { .. }), "{error}");
+            .unwrap();
+        let events = events(&out);
+        let update = events[0];
+        assert_eq!(
+            serde_json::to_value(&update.old_record).unwrap(),
+            json!({"id": 1, "note": "a"})
+        );
+        assert_eq!(
+            serde_json::to_value(&update.new_record).unwrap(),
+            json!({"id": 1, "doc": [], "note": "b"})
+        );
+        // Only what both rows have can be compared.
+        let changed: Vec<&str> = update
+            .changes
+            .as_ref()
+            .unwrap()
+            .0
+            .iter()
+            .map(|c| c.column.as_str())
+            .collect();
+        assert_eq!(changed, ["note"]);
         assert!(
-            !error.to_string().contains("one"),
-            "values never go into errors: {error}"
+            update
+                .decode_error
+                .as_deref()
+                .unwrap()
+                .contains("public.deep.doc ")
+        );
+        assert!(events[1].decode_error.is_some());
+        assert_eq!(
+            serde_json::to_value(&events[1].old_record).unwrap(),
+            json!({"id": 1, "note": "b"})
+        );
+    }
+
+    #[test]
+    fn error_chains_say_each_thing_once() {
+        use std::error::Error as _;
+        let value = super::super::text_to_json(&PgType::Json, b"{").unwrap_err();
+        let decode = pgoutput::decode(Bytes::from_static(b"B")).unwrap_err();
+        let errors = [
+            DecoderError::Message {
+                lsn: Lsn(0x10),
+                error: decode.clone(),
+            },
+            DecoderError::Type {
+                table: "public.t".into(),
+                column: "m".into(),
+                oid: 70_000,
+                error: TypeError::Query {
+                    oid: 70_000,
+                    error: sqlx::Error::PoolTimedOut,
+                },
+            },
+            DecoderError::GeneratedColumns {
+                table: "public.t".into(),
+                error: sqlx::Error::PoolTimedOut,
+            },
+        ];
+        for error in errors {
+            assert!(error.source().is_none(), "{error}");
+            let chain = format!("{:#}", anyhow::Error::from(error).context("streaming"));
+            let parts: Vec<&str> = chain.split(": ").collect();
+            let mut seen = std::collections::HashSet::new();
+            for part in &parts {
+                assert!(seen.insert(*part), "{part:?} twice in {chain:?}");
+            }
+            for cause in [decode.to_string(), sqlx::Error::PoolTimedOut.to_string()] {
+                assert!(chain.matches(&cause).count() <= 1, "{chain}");
+            }
+        }
+        assert_eq!(value.to_string(), "json: invalid json syntax");
+        assert!(value.source().is_none());
+    }
+
+    #[test]
+    fn only_a_failed_catalog_query_is_transient() {
+        let query = DecoderError::Type {
+            table: "public.t".into(),
+            column: "m".into(),
+            oid: 1,
+            error: TypeError::Query {
+                oid: 1,
+                error: sqlx::Error::PoolTimedOut,
+            },
+        };
+        assert!(query.is_transient());
+        let not_found = DecoderError::Type {
+            table: "public.t".into(),
+            column: "m".into(),
+            oid: 1,
+            error: TypeError::NotFound { oid: 1 },
+        };
+        assert!(!not_found.is_transient());
+        assert!(
+            !DecoderError::UnknownRelation {
+                lsn: Lsn(1),
+                oid: 1
+            }
+            .is_transient()
         );
     }
 

@@ -3,9 +3,22 @@
 //! ```text
 //! XLogData ─► pgoutput::decode ─► Decoder (relation cache, TypeCache) ─► Decoded items
 //!                                          └─ value::text_to_json per column
+//!                                               └─ json::parse for json and jsonb
 //! ```
+//!
+//! Each event's records hold the values PostgreSQL sent, converted as `to_jsonb` would (see
+//! `value.rs`). Two kinds of column are absent from a new record and listed in the event's
+//! `unavailable_columns`: an unchanged TOASTed value the server did not send (with no old row
+//! to take it from), and a generated column (`GENERATED ALWAYS AS ... STORED`), which
+//! PostgreSQL 15 never sends; the decoder learns those from the catalog with each Relation
+//! message. A value that cannot be converted (nested deeper than [`MAX_VALUE_DEPTH`], or text
+//! the conversion does not understand) does not stop the stream either: its column is left
+//! out and the event's `decode_error` says which column, where and why, never the value.
+//! Errors of the protocol itself (malformed messages, unknown relations, a wrong column count)
+//! still stop the session.
 
 mod decoder;
+mod json;
 mod pgoutput;
 mod types;
 mod value;
@@ -17,4 +30,4 @@ pub use pgoutput::{
     TupleValue, TypeMessage, Update, decode, pg_epoch_to_unix_micros,
 };
 pub use types::{MAX_DEPTH, PgType, TypeCache, TypeError};
-pub use value::{ValueError, text_to_json};
+pub use value::{MAX_VALUE_DEPTH, ValueError, text_to_json};

@@ -80,14 +80,14 @@ pub enum TypeError {
         /// The type being resolved when the limit was reached.
         oid: u32,
     },
-    /// The catalog query failed.
-    #[error("looking up type {oid} in the catalog: {source}")]
+    /// The catalog query failed. Its message includes the database error, which is therefore
+    /// not also given as the error's source.
+    #[error("the catalog query for type {oid} failed: {error}")]
     Query {
         /// The type looked up.
         oid: u32,
         /// The database error.
-        #[source]
-        source: sqlx::Error,
+        error: sqlx::Error,
     },
 }
 
@@ -277,7 +277,7 @@ impl TypeCache {
         if depth > MAX_DEPTH {
             return Err(TypeError::TooDeep { oid });
         }
-        let query_error = |source| TypeError::Query { oid, source };
+        let query_error = |error| TypeError::Query { oid, error };
         let row: Option<(String, i64, i64, i16, i64, Option<String>)> = sqlx::query_as(
             "SELECT t.typtype::text, t.typbasetype::int8, t.typelem::int8, t.typlen, \
                     t.typrelid::int8, e.typdelim::text \

@@ -33,10 +33,23 @@
 //!   string (`"\"a\"=>\"1\""`): the cast runs inside the server and cannot be redone from the
 //!   text. Find them with `SELECT castsource::regtype FROM pg_cast WHERE casttarget =
 //!   'json'::regtype AND castsource >= 16384 AND castmethod = 'f'`.
-//! - `json` and `jsonb` documents nested deeper than 127 levels give an error (the JSON
-//!   parser's recursion limit); PostgreSQL accepts them.
-//! - `json` numbers with an exponent beyond ±1000 give an error; so does `to_jsonb` (`numeric`
-//!   refuses them). `json` strings with `\u0000` convert, where `to_jsonb` fails.
+//! - Values nested deeper than [`MAX_VALUE_DEPTH`] (256) levels of arrays and objects, a
+//!   `json` or `jsonb` document counted with the arrays and composites around it, give an
+//!   error; PostgreSQL keeps `jsonb` some 10,000 levels deep. The limit keeps every stage that
+//!   clones, compares or serialises the value within a thread's stack (see the constant for the
+//!   measurements). Up to it, documents of any shape decode exactly: the JSON parser
+//!   (`json.rs`) uses no recursion.
+//! - `json` numbers with an exponent beyond ±1000 give an error. `to_jsonb` writes them out in
+//!   full (`numeric` takes up to 131,072 digits before the point), but ten bytes of text would
+//!   then grow into a hundred thousand: the cap keeps a small document from taking gigabytes.
+//! - `json` text the server keeps verbatim but `to_jsonb` refuses: a string with `\u0000`
+//!   converts to the NUL character; a lone surrogate escape (`\ud800` with no low surrogate
+//!   after it, or `\udc00` alone) becomes U+FFFD REPLACEMENT CHARACTER, because a Rust string
+//!   cannot hold a lone surrogate (`to_json` prints the escape as it is). This is the one place
+//!   where a value is not what its text says; a valid surrogate pair becomes its character.
+//!
+//! A value that gives an error does not stop the stream: the decoder leaves its column out of
+//! the record and names the column and the problem in the event's `decode_error`.
 //! - Time zones: `timestamptz` text is taken as written; it matches `to_jsonb` when both run
 //!   with the same `TimeZone` (streamex pins UTC). Offsets are widened to `+hh:mm` as
 //!   `to_jsonb` writes them.
@@ -46,6 +59,7 @@ use std::str::FromStr;
 
 use serde_json::{Map, Number, Value};
 
+use super::json;
 use super::types::PgType;
 
 /// Why a value's text could not be converted. The message names the type and the problem, and
@@ -58,7 +72,7 @@ pub struct ValueError {
 }
 
 impl ValueError {
-    fn new(type_name: &'static str, problem: &'static str) -> Self {
+    pub(super) fn new(type_name: &'static str, problem: &'static str) -> Self {
         ValueError { type_name, problem }
     }
 
@@ -73,15 +87,43 @@ impl ValueError {
     }
 }
 
+/// How deep a column value may nest: arrays and objects inside each other, counting the
+/// arrays and composites around a `json` or `jsonb` document (`[[1]]` is 2 levels). A value
+/// nested deeper is not decoded; the decoder leaves the column out of its record and says so
+/// in the event's `decode_error`. PostgreSQL itself keeps `jsonb` some 10,000 levels deep
+/// (with the default `max_stack_depth`), and `json` text without limit.
+///
+/// Why so few: serde_json's [`Value`] recurses once per level when it is cloned, compared,
+/// serialised or dropped, and so do operators and every stage that copies an event, on a
+/// tokio worker thread whose stack is 2 MiB. Measured with serde_json 1.0.154 (features
+/// `arbitrary_precision`, `preserve_order`) on a fresh 2 MiB thread, a value nested as
+/// objects overflows past 974 levels when cloned in a debug build (arrays: 1,920), past 1,318
+/// (arrays) in `serde_json::to_value`, 1,948 serialised, 3,037 compared, 6,872 dropped; in a
+/// release build past 3,631 cloned and 3,112 in `to_value` (objects), and 8,000 and more for
+/// the rest. 256 levels leave a margin of about 4× in a debug build and 12× in a release
+/// build for the stack that the caller already uses. The unit test
+/// `values_at_twice_the_limit_are_safe_on_a_small_stack` keeps half of that margin checked.
+pub const MAX_VALUE_DEPTH: usize = 256;
+
+/// The problem of a value deeper than [`MAX_VALUE_DEPTH`] (a literal: [`ValueError`] holds
+/// static text; a test checks that the number agrees).
+pub(super) const TOO_DEEP: &str =
+    "nested more than 256 levels deep (arrays and objects), deeper than streamex decodes";
+
 /// Arrays nest at most this deep (PostgreSQL's `MAXDIM`).
 const MAX_ARRAY_DIMS: usize = 6;
-/// `numeric` input refuses exponents beyond ±1000 (`NUMERIC_MAX_PRECISION`), so `to_jsonb`
-/// fails on such a `json` number; so do we, instead of writing a thousand zeros and more.
+/// The largest exponent a `json` number may have. `to_jsonb` writes `1e100000` out in full;
+/// we refuse it instead of growing a few bytes of text into a thousand zeros and more.
 const MAX_EXPONENT: i64 = 1000;
 
 /// Converts one value's text output to the JSON value `to_jsonb` gives for it (see the module
 /// documentation for the mapping).
 pub fn text_to_json(ty: &PgType, text: &[u8]) -> Result<Value, ValueError> {
+    convert(ty, text, 0)
+}
+
+/// [`text_to_json`] for a value that `outer` arrays and objects already hold.
+fn convert(ty: &PgType, text: &[u8], outer: usize) -> Result<Value, ValueError> {
     match ty {
         PgType::Text => Ok(Value::String(utf8(text, "text")?.to_owned())),
         PgType::Number => number(text),
@@ -93,22 +135,21 @@ pub fn text_to_json(ty: &PgType, text: &[u8]) -> Result<Value, ValueError> {
         PgType::Timestamp => timestamp(text, false),
         PgType::TimestampTz => timestamp(text, true),
         PgType::Date => Ok(Value::String(utf8(text, "date")?.to_owned())),
-        PgType::Jsonb => serde_json::from_slice(text)
-            .map_err(|_| ValueError::new("jsonb", "invalid json syntax")),
-        PgType::Json => json(text),
-        PgType::Array { element, delimiter } => array(element, *delimiter, text),
-        PgType::Composite { fields } => composite(fields, text),
+        PgType::Jsonb => json::parse(text, "jsonb", outer),
+        PgType::Json => json::parse(text, "json", outer),
+        PgType::Array { element, delimiter } => array(element, *delimiter, text, outer),
+        PgType::Composite { fields } => composite(fields, text, outer),
     }
 }
 
 /// Converts an element's or field's text, reusing its buffer when it had to be unescaped and
 /// the type keeps the text as it is.
-fn nested_to_json(ty: &PgType, text: Cow<'_, [u8]>) -> Result<Value, ValueError> {
+fn nested_to_json(ty: &PgType, text: Cow<'_, [u8]>, outer: usize) -> Result<Value, ValueError> {
     match (ty, text) {
         (PgType::Text, Cow::Owned(bytes)) => String::from_utf8(bytes)
             .map(Value::String)
             .map_err(|_| ValueError::new("text", "invalid utf-8")),
-        (ty, text) => text_to_json(ty, &text),
+        (ty, text) => convert(ty, &text, outer),
     }
 }
 
@@ -132,7 +173,7 @@ fn number(text: &[u8]) -> Result<Value, ValueError> {
 }
 
 /// A JSON number's text as `numeric` writes it, as a [`Value::Number`].
-fn numeric_value(
+pub(super) fn numeric_value(
     text: &[u8],
     parts: &NumberParts,
     type_name: &'static str,
@@ -151,7 +192,7 @@ fn numeric_value(
 }
 
 /// The pieces of a number in JSON syntax: `-? int (. frac)? ([eE] [+-]? exp)?`.
-struct NumberParts {
+pub(super) struct NumberParts {
     negative: bool,
     int: (usize, usize),
     frac: (usize, usize),
@@ -161,7 +202,7 @@ struct NumberParts {
 
 impl NumberParts {
     /// Splits `text` if it is a number in JSON syntax.
-    fn scan(text: &[u8]) -> Option<NumberParts> {
+    pub(super) fn scan(text: &[u8]) -> Option<NumberParts> {
         let mut pos = 0;
         let negative = text.first() == Some(&b'-');
         if negative {
@@ -295,41 +336,7 @@ fn to_usize(n: i64) -> usize {
 }
 
 // ---------------------------------------------------------------------------------------------
-// json and timestamps
-
-fn json(text: &[u8]) -> Result<Value, ValueError> {
-    let mut value: Value =
-        serde_json::from_slice(text).map_err(|_| ValueError::new("json", "invalid json syntax"))?;
-    normalize_json_numbers(&mut value)?;
-    Ok(value)
-}
-
-/// Rewrites numbers as `jsonb` stores them (through `numeric`). Duplicate keys were already
-/// resolved by the parser: the last one wins, as in `jsonb`.
-fn normalize_json_numbers(value: &mut Value) -> Result<(), ValueError> {
-    match value {
-        Value::Number(n) => {
-            let text = n.as_str().as_bytes();
-            let parts =
-                NumberParts::scan(text).ok_or(ValueError::new("json", "invalid number syntax"))?;
-            if !parts.is_canonical() {
-                *value = numeric_value(text, &parts, "json")?;
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                normalize_json_numbers(item)?;
-            }
-        }
-        Value::Object(map) => {
-            for (_, item) in map.iter_mut() {
-                normalize_json_numbers(item)?;
-            }
-        }
-        Value::Null | Value::Bool(_) | Value::String(_) => {}
-    }
-    Ok(())
-}
+// Timestamps
 
 /// `2024-01-02 03:04:05.5[+05[:30]][ BC]` → `2024-01-02T03:04:05.5[+05:00|+05:30][ BC]`.
 fn timestamp(text: &[u8], with_zone: bool) -> Result<Value, ValueError> {
@@ -391,7 +398,7 @@ fn array_error(problem: &'static str) -> ValueError {
     ValueError::new("array", problem)
 }
 
-fn array(element: &PgType, delimiter: u8, text: &[u8]) -> Result<Value, ValueError> {
+fn array(element: &PgType, delimiter: u8, text: &[u8], outer: usize) -> Result<Value, ValueError> {
     let mut pos = skip_space(text, 0);
     if text.get(pos) == Some(&b'[') {
         // Dimension decoration `[1:2][0:3]=`: to_jsonb ignores the bounds.
@@ -415,6 +422,7 @@ fn array(element: &PgType, delimiter: u8, text: &[u8]) -> Result<Value, ValueErr
         text,
         element,
         delimiter,
+        outer,
     };
     let (value, end) = parser.level(pos + 1, 1)?;
     if skip_space(text, end) != text.len() {
@@ -430,6 +438,8 @@ struct ArrayParser<'a> {
     text: &'a [u8],
     element: &'a PgType,
     delimiter: u8,
+    /// How many arrays and objects hold the whole array.
+    outer: usize,
 }
 
 impl ArrayParser<'_> {
@@ -464,7 +474,7 @@ impl ArrayParser<'_> {
                 let (item, end) = self.item(pos)?;
                 items.push(match item {
                     None => Value::Null,
-                    Some(bytes) => nested_to_json(self.element, bytes)?,
+                    Some(bytes) => nested_to_json(self.element, bytes, self.outer + depth)?,
                 });
                 pos = end;
             }
@@ -592,6 +602,7 @@ fn composite_error(problem: &'static str) -> ValueError {
 fn composite(
     fields: &[(String, std::sync::Arc<PgType>)],
     text: &[u8],
+    outer: usize,
 ) -> Result<Value, ValueError> {
     let mut pos = skip_space(text, 0);
     if text.get(pos) != Some(&b'(') {
@@ -603,7 +614,7 @@ fn composite(
         let (field, end) = composite_field(text, pos)?;
         let value = match field {
             None => Value::Null,
-            Some(bytes) => nested_to_json(ty, bytes)?,
+            Some(bytes) => nested_to_json(ty, bytes, outer + 1)?,
         };
         object.insert(name.clone(), value);
         let last = i + 1 == fields.len();
@@ -854,6 +865,64 @@ mod tests {
             err(&PgType::Json, b"[1e2000]").to_string(),
             "json: number exponent out of range"
         );
+    }
+
+    #[test]
+    fn the_depth_limit_counts_the_arrays_and_composites_around_a_document() {
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let jsonb_array = array_of(PgType::Jsonb);
+        // The array's own level, then the document's.
+        let ok = format!("{{\"{}\"}}", nested(MAX_VALUE_DEPTH - 1));
+        assert!(text_to_json(&jsonb_array, ok.as_bytes()).is_ok());
+        let deep = format!("{{\"{}\"}}", nested(MAX_VALUE_DEPTH));
+        assert_eq!(
+            err(&jsonb_array, deep.as_bytes()).to_string(),
+            format!("jsonb: {TOO_DEEP}")
+        );
+        let in_composite = composite_of(&[("doc", PgType::Json)]);
+        let ok = format!("(\"{}\")", nested(MAX_VALUE_DEPTH - 1));
+        assert!(text_to_json(&in_composite, ok.as_bytes()).is_ok());
+        let deep = format!("(\"{}\")", nested(MAX_VALUE_DEPTH));
+        assert_eq!(err(&in_composite, deep.as_bytes()).type_name(), "json");
+        assert_eq!(
+            conv(&PgType::Jsonb, &nested(MAX_VALUE_DEPTH)).to_string(),
+            nested(MAX_VALUE_DEPTH)
+        );
+    }
+
+    /// What every stage does with a value (clone, compare, serialise, debug-print, drop)
+    /// works at twice [`MAX_VALUE_DEPTH`] on a thread with tokio's 2 MiB worker stack, in the
+    /// build under test, whether the value nests objects or arrays: half of the margin the
+    /// constant's measurements give is kept checked.
+    #[test]
+    fn values_at_twice_the_limit_are_safe_on_a_small_stack() {
+        fn nested(depth: usize, objects: bool) -> Value {
+            let mut v = json!("leaf");
+            for _ in 0..depth {
+                v = if objects {
+                    json!({ "k": v })
+                } else {
+                    json!([v])
+                };
+            }
+            v
+        }
+        let worker = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                for objects in [true, false] {
+                    let v = nested(2 * MAX_VALUE_DEPTH, objects);
+                    let copy = v.clone();
+                    assert!(copy == v);
+                    let text = serde_json::to_string(&v).unwrap();
+                    assert_eq!(serde_json::to_value(&v).unwrap(), copy);
+                    assert!(format!("{v:?}").len() > text.len());
+                    drop(copy);
+                    drop(v);
+                }
+            })
+            .unwrap();
+        worker.join().expect("no stack overflow");
     }
 
     #[test]
