@@ -752,3 +752,53 @@ async fn resume_skip_current_sets_the_failed_event_aside() -> anyhow::Result<()>
     assert_eq!(rows, [(1, 0), (2, 2)]);
     Ok(())
 }
+
+/// A value streamex cannot decode (nested deeper than it decodes) is set aside for the
+/// operators that listen to its table, per their policy, and never stops the stream; a deep
+/// value it does decode comes back whole from the dead letters.
+#[tokio::test]
+async fn an_undecodable_change_is_dead_lettered_and_the_stream_goes_on() -> anyhow::Result<()> {
+    let kit = testing::OperatorTest::start(
+        "CREATE TABLE docs (id int PRIMARY KEY, doc jsonb NOT NULL);
+         CREATE TABLE doc_ids (id int PRIMARY KEY);",
+    )
+    .await?
+    .retry(streamex::config::RetryConfig {
+        retries: 0,
+        on_failure: streamex::config::FailurePolicy::DeadLetter,
+        ..Default::default()
+    });
+    let operator = std::sync::Arc::new(
+        streamex::operator::SqlOperator::builder("doc_ids")
+            .query("INSERT INTO doc_ids SELECT id FROM docs WHERE id = $1 ON CONFLICT DO NOTHING")
+            .id("docs", "id")
+            .build()?,
+    );
+    let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    kit.run(
+        operator,
+        &[
+            "INSERT INTO docs VALUES (1, '{}')",
+            &format!(
+                "INSERT INTO docs VALUES (2, '{}')",
+                nested(streamex::decode::MAX_VALUE_DEPTH * 10)
+            ),
+            "INSERT INTO docs VALUES (3, '[]')",
+        ],
+    )
+    .await?;
+    let ids: Vec<i32> = kit
+        .query_scalar("SELECT id FROM doc_ids ORDER BY id")
+        .await?;
+    assert_eq!(ids, [1, 3]);
+    let dead = streamex::status::list_dead_letters(kit.pool(), 10).await?;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].error.contains("could not be decoded"),
+        "{}",
+        dead[0].error
+    );
+    assert!(dead[0].event["decode_error"].is_string());
+    assert!(dead[0].event["new_record"].get("doc").is_none());
+    Ok(())
+}

@@ -40,6 +40,15 @@ pub(super) fn parse(
     type_name: &'static str,
     outer: usize,
 ) -> Result<Value, ValueError> {
+    parse_within(text, type_name, MAX_VALUE_DEPTH.saturating_sub(outer))
+}
+
+/// [`parse`] with room for `room` arrays and objects, one inside the other.
+pub(super) fn parse_within(
+    text: &[u8],
+    type_name: &'static str,
+    room: usize,
+) -> Result<Value, ValueError> {
     let text =
         std::str::from_utf8(text).map_err(|_| ValueError::new(type_name, "invalid utf-8"))?;
     let mut p = Parser {
@@ -48,8 +57,6 @@ pub(super) fn parse(
         pos: 0,
         type_name,
     };
-    // Arrays and objects this document may open, one inside the other.
-    let room = MAX_VALUE_DEPTH.saturating_sub(outer);
     let mut open: Vec<Open> = Vec::new();
     'value: loop {
         p.skip_space();

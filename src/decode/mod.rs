@@ -31,3 +31,10 @@ pub use pgoutput::{
 };
 pub use types::{MAX_DEPTH, PgType, TypeCache, TypeError};
 pub use value::{MAX_VALUE_DEPTH, ValueError, text_to_json};
+
+/// Parses an event's JSON form, as `streamex tail` prints it and `streamex.dead_letters`
+/// stores it: its values may be [`MAX_VALUE_DEPTH`] deep inside the event's own two levels
+/// (event, record), deeper than `serde_json` reads.
+pub fn event_json(text: &str) -> Result<serde_json::Value, ValueError> {
+    json::parse_within(text.as_bytes(), "event", MAX_VALUE_DEPTH + 2)
+}

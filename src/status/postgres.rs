@@ -664,7 +664,7 @@ pub async fn list_dead_letters<'c, E: PgExecutor<'c>>(
                 operator: row.try_get("operator").map_err(sql(CONTEXT))?,
                 commit_lsn: parse_lsn(CONTEXT, row.try_get("commit_lsn").map_err(sql(CONTEXT))?)?,
                 ordinal: ordinal_from_sql(CONTEXT, row.try_get("ordinal").map_err(sql(CONTEXT))?)?,
-                event: serde_json::from_str(event).map_err(|e| StatusError::Invalid {
+                event: crate::decode::event_json(event).map_err(|e| StatusError::Invalid {
                     context: CONTEXT,
                     detail: format!("event is not JSON: {e}"),
                 })?,
