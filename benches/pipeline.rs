@@ -666,7 +666,7 @@ async fn latency_run(
                 processed
                     .lock()
                     .expect("not poisoned")
-                    .push((notice.commit_lsn.0, now));
+                    .push((notice.position.commit_lsn.0, now));
             }
         }
     });

@@ -21,7 +21,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use crate::replication::Lsn;
+use crate::lsn::{Lsn, Position};
 
 /// A row as a JSON object of column name to value, each value exactly as PostgreSQL's
 /// `to_jsonb(row)` gives it (see [`crate::decode`] for the mapping).
@@ -195,8 +195,8 @@ impl Event {
     }
 
     /// The position that identifies this event and orders it among all others.
-    pub fn position(&self) -> (Lsn, u64) {
-        (self.commit_lsn, self.ordinal)
+    pub fn position(&self) -> Position {
+        Position::new(self.commit_lsn, self.ordinal)
     }
 
     /// The record that identifies the row: the new one, or the old one for a delete.

@@ -25,6 +25,7 @@ pub mod decode;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod lsn;
 pub mod metrics;
 pub mod operator;
 pub mod operators;
@@ -34,4 +35,4 @@ pub mod status;
 pub mod testing;
 
 pub use event::{Event, EventType};
-pub use replication::Lsn;
+pub use lsn::{Lsn, Position};

@@ -320,9 +320,9 @@ fn event_of(message: &Message) -> anyhow::Result<Event> {
         serde_json::to_string(&event)? == data,
         "not the JSON `streamex tail` prints: {data}"
     );
-    let (lsn, ordinal) = event.position();
+    let position = event.position();
     ensure!(
-        message.id.as_deref() == Some(format!("{lsn}#{ordinal}").as_str()),
+        message.id.as_deref() == Some(position.to_string().as_str()),
         "{message:?}"
     );
     Ok(event)

@@ -727,7 +727,7 @@ async fn resume_skip_current_sets_the_failed_event_aside() -> anyhow::Result<()>
     let skipped =
         streamex::status::set_operator_running_skipping(kit.pool(), "owner_notes").await?;
     assert_eq!(
-        skipped.map(|(lsn, ordinal)| (lsn.to_string(), ordinal as i64)),
+        skipped.map(|p| (p.commit_lsn.to_string(), p.ordinal as i64)),
         Some(halted_at.clone())
     );
     kit.run(

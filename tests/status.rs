@@ -6,11 +6,11 @@ use chrono::NaiveDate;
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use streamex::Lsn;
 use streamex::status::{
     self, MemoryStatus, OperatorRunState, PostgresStatus, ProcessStatusStorage, StatusBackend,
     StatusError, StatusItem, contract,
 };
+use streamex::{Lsn, Position};
 
 async fn fresh_pool() -> anyhow::Result<PgPool> {
     let url = streamex::testing::server().create_database().await?;
@@ -325,32 +325,37 @@ async fn epoch_micros_is_exact_in_any_session_time_zone() -> anyhow::Result<()> 
 #[tokio::test]
 async fn advance_checkpoint_moves_only_from_where_it_is_and_forwards() -> anyhow::Result<()> {
     let pool = migrated_pool().await?;
-    let at = |lsn, ordinal| Some((Lsn(lsn), ordinal));
-    assert!(status::advance_checkpoint(&pool, "op", None, (Lsn(0x10), 2)).await?);
+    let at = |lsn, ordinal| Some(Position::new(Lsn(lsn), ordinal));
+    assert!(status::advance_checkpoint(&pool, "op", None, Position::new(Lsn(0x10), 2)).await?);
     assert!(
-        !status::advance_checkpoint(&pool, "op", None, (Lsn(0x20), 0)).await?,
+        !status::advance_checkpoint(&pool, "op", None, Position::new(Lsn(0x20), 0)).await?,
         "there is one now"
     );
     assert!(
-        !status::advance_checkpoint(&pool, "op", at(0x10, 1), (Lsn(0x20), 0)).await?,
+        !status::advance_checkpoint(&pool, "op", at(0x10, 1), Position::new(Lsn(0x20), 0)).await?,
         "not where it is"
     );
     assert!(
-        !status::advance_checkpoint(&pool, "op", at(0x10, 2), (Lsn(0x10), 1)).await?,
+        !status::advance_checkpoint(&pool, "op", at(0x10, 2), Position::new(Lsn(0x10), 1)).await?,
         "backwards"
     );
     assert_eq!(
         status::load_checkpoint(&pool, "op").await?,
-        Some((Lsn(0x10), 2))
+        Some(Position::new(Lsn(0x10), 2))
     );
-    assert!(status::advance_checkpoint(&pool, "op", at(0x10, 2), (Lsn(0x20), 0)).await?);
+    assert!(
+        status::advance_checkpoint(&pool, "op", at(0x10, 2), Position::new(Lsn(0x20), 0)).await?
+    );
     assert_eq!(
         status::load_checkpoint(&pool, "op").await?,
-        Some((Lsn(0x20), 0))
+        Some(Position::new(Lsn(0x20), 0))
     );
     assert_eq!(status::load_checkpoint(&pool, "other").await?, None);
     // A checkpoint deleted by hand is written again.
-    assert!(status::advance_checkpoint(&pool, "other", at(0x10, 1), (Lsn(0x10), 2)).await?);
+    assert!(
+        status::advance_checkpoint(&pool, "other", at(0x10, 1), Position::new(Lsn(0x10), 2))
+            .await?
+    );
     Ok(())
 }
 
@@ -371,14 +376,17 @@ async fn store_checkpoint_never_moves_backwards() -> anyhow::Result<()> {
         !status::store_checkpoint(&pool, "op", Lsn(0x0F), 100).await?,
         "older lsn"
     );
-    assert_eq!(status::load_checkpoints(&pool).await?["op"], (Lsn(0x10), 5));
+    assert_eq!(
+        status::load_checkpoints(&pool).await?["op"],
+        Position::new(Lsn(0x10), 5)
+    );
     assert!(status::store_checkpoint(&pool, "op", Lsn(0x10), 6).await?);
     assert!(status::store_checkpoint(&pool, "op", Lsn(0x1_0000_0000), 0).await?);
     assert!(status::store_checkpoint(&pool, "other", Lsn(0x1), 0).await?);
     let checkpoints = status::load_checkpoints(&pool).await?;
     assert_eq!(checkpoints.len(), 2);
-    assert_eq!(checkpoints["op"], (Lsn(0x1_0000_0000), 0));
-    assert_eq!(checkpoints["other"], (Lsn(0x1), 0));
+    assert_eq!(checkpoints["op"], Position::new(Lsn(0x1_0000_0000), 0));
+    assert_eq!(checkpoints["other"], Position::new(Lsn(0x1), 0));
 
     let err = status::store_checkpoint(&pool, "op", Lsn(0x2_0000_0000), u64::MAX)
         .await
@@ -386,7 +394,7 @@ async fn store_checkpoint_never_moves_backwards() -> anyhow::Result<()> {
     assert!(matches!(err, StatusError::Invalid { .. }), "{err:?}");
     assert_eq!(
         status::load_checkpoints(&pool).await?["op"],
-        (Lsn(0x1_0000_0000), 0)
+        Position::new(Lsn(0x1_0000_0000), 0)
     );
     Ok(())
 }
@@ -526,7 +534,10 @@ async fn writes_in_a_callers_transaction_roll_back_and_commit_with_it() -> anyho
             StatusItem::new("posts", 10, Lsn(0x10)),
         ]
     );
-    assert_eq!(status::load_checkpoints(&pool).await?["op"], (Lsn(0x20), 1));
+    assert_eq!(
+        status::load_checkpoints(&pool).await?["op"],
+        Position::new(Lsn(0x20), 1)
+    );
     Ok(())
 }
 

@@ -436,8 +436,8 @@ pub async fn resume_command(args: ResumeArgs, shutdown: CancellationToken) -> an
     }
     if args.skip_current {
         match status::set_operator_running_skipping(&pool, &args.operator).await? {
-            Some((lsn, ordinal)) => println!(
-                "operator {:?} set to running; it sets the event at {lsn}#{ordinal} aside in \
+            Some(position) => println!(
+                "operator {:?} set to running; it sets the event at {position} aside in \
                  streamex.dead_letters instead of handling it",
                 args.operator
             ),

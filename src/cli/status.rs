@@ -97,8 +97,8 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
                 } else {
                     "running".into()
                 },
-                checkpoint_commit_lsn: checkpoint.map(|c| c.0),
-                checkpoint_ordinal: checkpoint.map(|c| c.1),
+                checkpoint_commit_lsn: checkpoint.map(|c| c.commit_lsn),
+                checkpoint_ordinal: checkpoint.map(|c| c.ordinal),
                 last_error: state.and_then(|s| s.last_error.clone()),
                 failed_at: state
                     .and_then(|s| Some(format!("{}#{}", s.failed_commit_lsn?, s.failed_ordinal?))),

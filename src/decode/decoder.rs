@@ -36,7 +36,7 @@ use super::pgoutput::{
 use super::types::{PgType, TypeCache, TypeError};
 use super::value::text_to_json;
 use crate::event::{Change, Changes, Event, EventType, Record};
-use crate::replication::{Lsn, PG_EPOCH_OFFSET_MICROS};
+use crate::lsn::{Lsn, PG_EPOCH_OFFSET_MICROS};
 
 /// What the decoder hands downstream, in WAL order.
 // Nearly every item is an Event: boxing it would only add an allocation per change.

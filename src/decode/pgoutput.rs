@@ -24,13 +24,12 @@
 
 use bytes::{Buf, Bytes};
 
-use crate::replication::Lsn;
+use crate::lsn::Lsn;
 
 /// The largest message [`decode`] accepts: 1 GiB, PostgreSQL's own limit for one value.
 pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
 
-/// Microseconds from the Unix epoch (1970-01-01) to the PostgreSQL epoch (2000-01-01 UTC).
-pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+pub use crate::lsn::PG_EPOCH_OFFSET_MICROS;
 
 /// Converts a PostgreSQL timestamp (microseconds since 2000-01-01 UTC) to microseconds since
 /// the Unix epoch, saturating at the ends of `i64`.

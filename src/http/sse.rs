@@ -120,21 +120,21 @@ fn follow(
                 // An event always serializes; should one not, say so rather than skip it
                 // silently, and end the stream.
                 Err(error) => {
-                    let (lsn, ordinal) = published.event().position();
+                    let position = published.event().position();
                     let message = lagged_message(json!({
                         "channel": subscription.channel(),
-                        "error": format!("serializing event {lsn}#{ordinal}: {error}"),
+                        "error": format!("serializing event {position}: {error}"),
                     }));
                     Some((vec![message], None))
                 }
             },
             Err(RecvError::Lagged {
                 channel,
-                dropped_at: (lsn, ordinal),
+                dropped_at,
             }) => Some((
                 vec![lagged_message(json!({
                     "channel": channel,
-                    "dropped_at": format!("{lsn}#{ordinal}"),
+                    "dropped_at": dropped_at.to_string(),
                     "message": "this client fell behind and was cut off; every event \
                                 before dropped_at was sent, none after: subscribe again \
                                 and re-read the state you need",
@@ -150,9 +150,9 @@ fn follow(
 /// One event's message: its id and `data: ` line, the shared JSON, the blank line.
 fn event_frames(published: &Published) -> Result<[Bytes; 3], &str> {
     let json = published.json()?;
-    let (lsn, ordinal) = published.event().position();
+    let position = published.event().position();
     Ok([
-        Bytes::from(format!("id: {lsn}#{ordinal}\ndata: ")),
+        Bytes::from(format!("id: {position}\ndata: ")),
         json.clone(),
         Bytes::from_static(b"\n\n"),
     ])
@@ -246,8 +246,8 @@ mod tests {
         let mut pointers = Vec::new();
         for mut frames in streams {
             let id = frames.next().await.unwrap();
-            let (lsn, ordinal) = event.position();
-            assert_eq!(&id[..], format!("id: {lsn}#{ordinal}\ndata: ").as_bytes());
+            let position = event.position();
+            assert_eq!(&id[..], format!("id: {position}\ndata: ").as_bytes());
             let data = frames.next().await.unwrap();
             assert_eq!(&data[..], serde_json::to_vec(&*event).unwrap());
             pointers.push(data.as_ptr());

@@ -354,8 +354,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     tally.event(&event.entity);
                     let item = Item {
                         timestamp: self.status_timestamp(&event),
-                        lsn: event.commit_lsn,
-                        ordinal: event.ordinal,
+                        position: event.position(),
                     };
                     match current.items.get_mut(&event.entity) {
                         Some((entry, _)) => entry.merge(item),
@@ -492,7 +491,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             .map(|(entity, item)| StatusItem {
                 entity: entity.to_string(),
                 timestamp: item.timestamp,
-                lsn: item.lsn,
+                lsn: item.position.commit_lsn,
             })
             .collect();
         if !items.is_empty() {
@@ -514,8 +513,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             for (entity, item) in ready.items {
                 self.pubsub.entity_processed(EntityProcessed {
                     entity: entity.to_string(),
-                    commit_lsn: item.lsn,
-                    ordinal: item.ordinal,
+                    position: item.position,
                     timestamp: item.timestamp,
                 });
             }

@@ -22,7 +22,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::replication::Lsn;
+use crate::lsn::{Lsn, Position};
 
 /// How many commits (and items per entity) may wait before the oldest are merged.
 pub(super) const MAX_PENDING: usize = 4096;
@@ -36,17 +36,14 @@ pub(super) struct Item {
     /// The process-status timestamp: the newest of the commit's events of the entity.
     pub timestamp: i64,
     /// The position of the commit's last event of the entity.
-    pub lsn: Lsn,
-    pub ordinal: u64,
+    pub position: Position,
 }
 
 impl Item {
     /// Takes in a later commit's item: the newest timestamp, the later position.
     pub fn merge(&mut self, newer: Item) {
         self.timestamp = self.timestamp.max(newer.timestamp);
-        if (newer.lsn, newer.ordinal) > (self.lsn, self.ordinal) {
-            (self.lsn, self.ordinal) = (newer.lsn, newer.ordinal);
-        }
+        self.position = self.position.max(newer.position);
     }
 }
 
@@ -157,8 +154,7 @@ mod tests {
     fn item(timestamp: i64, lsn: u64) -> Item {
         Item {
             timestamp,
-            lsn: Lsn(lsn),
-            ordinal: 0,
+            position: Position::new(Lsn(lsn), 0),
         }
     }
 
@@ -252,20 +248,17 @@ mod tests {
     fn merged_items_keep_the_newest_of_each() {
         let mut a = Item {
             timestamp: 5,
-            lsn: Lsn(8),
-            ordinal: 0,
+            position: Position::new(Lsn(8), 0),
         };
         a.merge(Item {
             timestamp: 3,
-            lsn: Lsn(18),
-            ordinal: 2,
+            position: Position::new(Lsn(18), 2),
         });
         assert_eq!(
             a,
             Item {
                 timestamp: 5,
-                lsn: Lsn(18),
-                ordinal: 2
+                position: Position::new(Lsn(18), 2),
             }
         );
     }

@@ -27,7 +27,7 @@ use super::engine::Board;
 use super::{Context, HandlerFuture, HandlerResult, Operator};
 use crate::config::{FailurePolicy, RetryConfig};
 use crate::event::Event;
-use crate::replication::Lsn;
+use crate::lsn::{Lsn, Position};
 use crate::status;
 
 /// What the dispatcher sends an operator.
@@ -64,10 +64,10 @@ pub(crate) struct Runner {
     pub batch_size: usize,
     pub one_per_transaction: bool,
     /// The last position durably handled: events at or before it are skipped (replays).
-    pub checkpoint: Option<(Lsn, u64)>,
+    pub checkpoint: Option<Position>,
     /// An event to set aside as a dead letter instead of handling it (`streamex resume
     /// --skip-current`).
-    pub skip: Option<(Lsn, u64)>,
+    pub skip: Option<Position>,
     pub board: Arc<Board>,
     pub shutdown: CancellationToken,
 }
@@ -187,7 +187,7 @@ impl Runner {
     async fn commit_with_checkpoint(
         &mut self,
         mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
-        position: (Lsn, u64),
+        position: Position,
     ) -> anyhow::Result<()> {
         if self.operator.transactional()
             && !status::advance_checkpoint(
@@ -581,7 +581,7 @@ mod tests {
                 retry: RetryConfig::default(),
                 batch_size,
                 one_per_transaction: batch_size == 1,
-                checkpoint: Some((Lsn(0x100), 1)),
+                checkpoint: Some(Position::new(Lsn(0x100), 1)),
                 skip: None,
                 board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
                 shutdown: CancellationToken::new(),
@@ -601,7 +601,7 @@ mod tests {
                 .await?;
             assert_eq!(applied, [4, 5], "batch size {batch_size}");
             let stored = status::load_checkpoint(&pool, "apply").await?;
-            assert_eq!(stored, Some((Lsn(0x100), 5)));
+            assert_eq!(stored, Some(Position::new(Lsn(0x100), 5)));
         }
         Ok(())
     }

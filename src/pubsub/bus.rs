@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
 use crate::event::Event;
-use crate::replication::Lsn;
+use crate::lsn::{Lsn, Position};
 
 /// The name of the channel [`EntityProcessed`] notices go to.
 pub const PROCESSED_CHANNEL: &str = "EntityProcessed";
@@ -34,16 +34,14 @@ pub const PROCESSED_CHANNEL: &str = "EntityProcessed";
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RecvError {
     /// The subscriber's queue was full when an item was published, so the subscriber was cut
-    /// off. `dropped_at` is the `(commit_lsn, ordinal)` of the first item it missed; it has
-    /// received every item before that one.
+    /// off. `dropped_at` is the position of the first item it missed; it has received every
+    /// item before that one.
     #[error(
-        "subscriber of {channel} fell behind and was cut off; first missed event at {}#{}",
-        dropped_at.0,
-        dropped_at.1
+        "subscriber of {channel} fell behind and was cut off; first missed event at {dropped_at}"
     )]
     Lagged {
         channel: String,
-        dropped_at: (Lsn, u64),
+        dropped_at: Position,
     },
     /// The bus was dropped; the subscriber has received everything published before.
     #[error("the publish/subscribe bus is closed")]
@@ -55,8 +53,8 @@ pub enum RecvError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntityProcessed {
     pub entity: String,
-    pub commit_lsn: Lsn,
-    pub ordinal: u64,
+    /// The entity's last processed event.
+    pub position: Position,
     /// The process-status timestamp, in microseconds since the Unix epoch.
     pub timestamp: i64,
 }
@@ -103,9 +101,9 @@ impl Published {
 impl fmt::Debug for Published {
     // The position only: records hold row values.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (lsn, ordinal) = self.0.event.position();
+        let position = self.0.event.position();
         f.debug_struct("Published")
-            .field("position", &format_args!("{lsn}#{ordinal}"))
+            .field("position", &format_args!("{position}"))
             .field(
                 "json_bytes",
                 &self.0.json.get().map(|j| j.as_ref().map(Bytes::len)),
@@ -132,7 +130,7 @@ impl Weigh for Arc<EntityProcessed> {
 }
 
 /// Where a subscription was cut off; set once, by the bus, before it drops the sender.
-type CutOff = Arc<OnceLock<(Lsn, u64)>>;
+type CutOff = Arc<OnceLock<Position>>;
 
 /// The bytes a subscription's queue holds: added by the bus when it queues an item, taken
 /// off by the receiver when it takes the item out.
@@ -154,7 +152,7 @@ struct Slot<T> {
 impl<T: Weigh> Slot<T> {
     /// Offers `item`; `false` when the slot must be removed (full, in items or in bytes: cut
     /// off; or closed).
-    fn offer(&self, item: T, position: (Lsn, u64)) -> bool {
+    fn offer(&self, item: T, position: Position) -> bool {
         if let Some(bound) = &self.bytes {
             let weight = item.weight();
             // Only the receiver takes bytes off meanwhile, so this errs on the safe side.
@@ -182,7 +180,7 @@ impl<T: Weigh> Slot<T> {
 }
 
 /// Offers `item` to every slot, in order, removing those that are full or closed.
-fn deliver<T: Clone + Weigh>(slots: &mut Vec<Slot<T>>, item: &T, position: (Lsn, u64)) {
+fn deliver<T: Clone + Weigh>(slots: &mut Vec<Slot<T>>, item: &T, position: Position) {
     slots.retain(|slot| slot.offer(item.clone(), position));
 }
 
@@ -336,7 +334,7 @@ impl PubSub {
     /// Publishes an [`EntityProcessed`] notice on [`PROCESSED_CHANNEL`], with the same
     /// cut-off rule as [`publish`](Self::publish).
     pub fn entity_processed(&self, notice: EntityProcessed) {
-        let position = (notice.commit_lsn, notice.ordinal);
+        let position = notice.position;
         let mut state = lock(&self.shared);
         if state.processed.is_empty() {
             return;
@@ -650,7 +648,7 @@ mod tests {
             slow.recv().await.unwrap_err(),
             RecvError::Lagged {
                 channel: "posts".into(),
-                dropped_at: (Lsn(0x1000), 4),
+                dropped_at: Position::new(Lsn(0x1000), 4),
             }
         );
         assert_eq!(bus.subscriber_count("posts"), 1);
@@ -669,7 +667,7 @@ mod tests {
             sub.recv().await.unwrap_err(),
             RecvError::Lagged {
                 channel: "posts".into(),
-                dropped_at: (Lsn(0x1000), 2),
+                dropped_at: Position::new(Lsn(0x1000), 2),
             }
         );
     }
@@ -701,7 +699,7 @@ mod tests {
         assert_eq!(slow.recv().await.unwrap().ordinal, 2);
         let lagged = RecvError::Lagged {
             channel: "posts".into(),
-            dropped_at: (Lsn(0x1000), 3),
+            dropped_at: Position::new(Lsn(0x1000), 3),
         };
         assert_eq!(slow.recv().await.unwrap_err(), lagged);
         // Sticky: nothing after the gap, ever.
@@ -802,8 +800,7 @@ mod tests {
         // No subscriber: nothing happens.
         bus.entity_processed(EntityProcessed {
             entity: "posts".into(),
-            commit_lsn: Lsn(1),
-            ordinal: 0,
+            position: Position::new(Lsn(1), 0),
             timestamp: 0,
         });
         let mut sub = bus.subscribe_processed(8);
@@ -811,8 +808,7 @@ mod tests {
         let notices: Vec<EntityProcessed> = (0..5)
             .map(|i| EntityProcessed {
                 entity: if i % 2 == 0 { "posts" } else { "comments" }.into(),
-                commit_lsn: Lsn(0x2000 + i),
-                ordinal: i,
+                position: Position::new(Lsn(0x2000 + i), i),
                 timestamp: 1_700_000_000_000_000 + i as i64,
             })
             .collect();
@@ -834,17 +830,16 @@ mod tests {
         for i in 0..3 {
             bus.entity_processed(EntityProcessed {
                 entity: "posts".into(),
-                commit_lsn: Lsn(0x3000),
-                ordinal: i,
+                position: Position::new(Lsn(0x3000), i),
                 timestamp: 0,
             });
         }
-        assert_eq!(sub.recv().await.unwrap().ordinal, 0);
+        assert_eq!(sub.recv().await.unwrap().position.ordinal, 0);
         assert_eq!(
             sub.recv().await.unwrap_err(),
             RecvError::Lagged {
                 channel: PROCESSED_CHANNEL.into(),
-                dropped_at: (Lsn(0x3000), 1),
+                dropped_at: Position::new(Lsn(0x3000), 1),
             }
         );
         assert_eq!(bus.processed_subscriber_count(), 0);
@@ -881,7 +876,7 @@ mod tests {
                 end,
                 RecvError::Lagged {
                     channel: "posts".into(),
-                    dropped_at: (Lsn(0x1000), next),
+                    dropped_at: Position::new(Lsn(0x1000), next),
                 }
             );
         }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
-use super::Lsn;
+use crate::lsn::Lsn;
 
 /// A cloneable handle to the stream's acknowledged position.
 #[derive(Clone, Debug, Default)]

@@ -22,7 +22,6 @@ mod ack;
 mod catalog;
 mod conn;
 mod error;
-mod lsn;
 mod params;
 mod protocol;
 mod relay;
@@ -30,17 +29,16 @@ pub mod setup;
 mod stream;
 mod tls;
 
+pub use crate::lsn::PG_EPOCH_OFFSET_MICROS;
+pub use crate::lsn::{Lsn, ParseLsnError};
 pub use ack::Acknowledger;
 pub use catalog::{catalog_connection, catalog_pool};
 pub use conn::{
     ConnectOptions, Connection, CopyMessage, CopyReader, CopyWriter, MAX_BACKEND_MESSAGE, SimpleRow,
 };
 pub use error::{DbError, ReplicationError};
-pub use lsn::{Lsn, ParseLsnError};
 pub use params::{ConnectParams, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PORT, Host};
-pub use protocol::{
-    PG_EPOCH_OFFSET_MICROS, ProtocolError, ServerMessage, StatusUpdate, now_unix_micros,
-};
+pub use protocol::{ProtocolError, ServerMessage, StatusUpdate, now_unix_micros};
 pub use setup::{PublicationTables, SetupError, SlotInfo};
 pub use stream::{Backoff, ReplicationStream, SESSION_SETTINGS, StreamConfig, StreamError, spawn};
 pub use tls::{SslMode, Transport};

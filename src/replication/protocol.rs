@@ -6,10 +6,9 @@
 
 use bytes::{Buf, Bytes};
 
-use super::Lsn;
+use crate::lsn::Lsn;
 
-/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 UTC).
-pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+pub use crate::lsn::PG_EPOCH_OFFSET_MICROS;
 
 /// A message from the walsender inside the CopyBoth stream.
 #[derive(Debug, Clone, PartialEq)]

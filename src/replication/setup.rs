@@ -6,7 +6,7 @@
 
 use sqlx::PgPool;
 
-use super::Lsn;
+use crate::lsn::Lsn;
 
 /// Which tables a publication covers.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 //! [`ProcessStatusStorage::reset`]); it panics, saying which rule broke, on the first violation.
 
 use super::{ProcessStatusStorage, StatusItem};
-use crate::replication::Lsn;
+use crate::lsn::Lsn;
 
 async fn sorted<S: ProcessStatusStorage>(storage: &S) -> Vec<StatusItem> {
     let mut items = storage.load().await.expect("load");

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{ProcessStatusStorage, StatusError, StatusItem};
-use crate::replication::Lsn;
+use crate::lsn::Lsn;
 
 /// Process status in this process's memory: lost on restart. Clones share the same map.
 #[derive(Clone, Debug, Default)]

@@ -71,7 +71,7 @@ pub mod postgres;
 
 use std::future::Future;
 
-use crate::replication::Lsn;
+use crate::lsn::Lsn;
 
 pub use error::StatusError;
 pub use memory::MemoryStatus;

@@ -14,7 +14,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{Connection, PgExecutor, PgPool, Row};
 
 use super::{ProcessStatusStorage, StatusError, StatusItem};
-use crate::replication::Lsn;
+use crate::lsn::{Lsn, Position};
 
 /// The embedded migrations in `sql/`.
 static MIGRATOR: Migrator = sqlx::migrate!("./sql");
@@ -278,11 +278,11 @@ impl ProcessStatusStorage for PostgresStatus {
 // ---------------------------------------------------------------------------------------------
 // Operator checkpoints.
 
-/// Every operator's checkpoint: operator → (commit LSN, ordinal) of the last event it has
-/// durably processed.
+/// Every operator's checkpoint: operator → the position of the last event it has durably
+/// processed.
 pub async fn load_checkpoints<'c, E: PgExecutor<'c>>(
     executor: E,
-) -> Result<HashMap<String, (Lsn, u64)>, StatusError> {
+) -> Result<HashMap<String, Position>, StatusError> {
     const CONTEXT: &str = "loading operator checkpoints";
     let rows = sqlx::query(
         "SELECT operator, commit_lsn::text AS commit_lsn, ordinal FROM streamex.operator_checkpoints",
@@ -302,7 +302,7 @@ pub async fn load_checkpoints<'c, E: PgExecutor<'c>>(
                 CONTEXT,
                 row.try_get("ordinal").map_err(StatusError::sql(CONTEXT))?,
             )?;
-            Ok((operator, (lsn, ordinal)))
+            Ok((operator, Position::new(lsn, ordinal)))
         })
         .collect()
 }
@@ -344,12 +344,15 @@ pub async fn store_checkpoint<'c, E: PgExecutor<'c>>(
 pub async fn advance_checkpoint<'c, E: PgExecutor<'c>>(
     executor: E,
     operator: &str,
-    from: Option<(Lsn, u64)>,
-    to: (Lsn, u64),
+    from: Option<Position>,
+    to: Position,
 ) -> Result<bool, StatusError> {
     const CONTEXT: &str = "storing an operator checkpoint";
     let (from_lsn, from_ordinal) = match from {
-        Some((lsn, ordinal)) => (Some(lsn_text(lsn)), Some(ordinal_to_sql(CONTEXT, ordinal)?)),
+        Some(p) => (
+            Some(lsn_text(p.commit_lsn)),
+            Some(ordinal_to_sql(CONTEXT, p.ordinal)?),
+        ),
         None => (None, None),
     };
     let result = sqlx::query(
@@ -361,8 +364,8 @@ pub async fn advance_checkpoint<'c, E: PgExecutor<'c>>(
            AND (EXCLUDED.commit_lsn, EXCLUDED.ordinal) > (c.commit_lsn, c.ordinal)",
     )
     .bind(operator)
-    .bind(lsn_text(to.0))
-    .bind(ordinal_to_sql(CONTEXT, to.1)?)
+    .bind(lsn_text(to.commit_lsn))
+    .bind(ordinal_to_sql(CONTEXT, to.ordinal)?)
     .bind(from_lsn)
     .bind(from_ordinal)
     .execute(executor)
@@ -375,7 +378,7 @@ pub async fn advance_checkpoint<'c, E: PgExecutor<'c>>(
 pub async fn load_checkpoint<'c, E: PgExecutor<'c>>(
     executor: E,
     operator: &str,
-) -> Result<Option<(Lsn, u64)>, StatusError> {
+) -> Result<Option<Position>, StatusError> {
     const CONTEXT: &str = "loading an operator checkpoint";
     let row: Option<(String, i64)> = sqlx::query_as(
         "SELECT commit_lsn::text, ordinal FROM streamex.operator_checkpoints WHERE operator = $1",
@@ -385,7 +388,7 @@ pub async fn load_checkpoint<'c, E: PgExecutor<'c>>(
     .await
     .map_err(StatusError::sql(CONTEXT))?;
     row.map(|(lsn, ordinal)| {
-        Ok((
+        Ok(Position::new(
             parse_lsn(CONTEXT, &lsn)?,
             ordinal_from_sql(CONTEXT, ordinal)?,
         ))
@@ -427,7 +430,7 @@ pub struct OperatorState {
     pub attempts: Option<u32>,
     /// An event to set aside as a dead letter instead of handling it, `(commit_lsn,
     /// ordinal)`: the one it halted on, when resumed with `--skip-current`.
-    pub skip: Option<(Lsn, u64)>,
+    pub skip: Option<Position>,
 }
 
 /// Every operator's state, by operator name. An operator without a row has never halted.
@@ -491,7 +494,9 @@ pub async fn load_operator_states<'c, E: PgExecutor<'c>>(
                 failed_commit_lsn,
                 failed_ordinal,
                 attempts,
-                skip: skip_lsn.zip(skip_ordinal),
+                skip: skip_lsn
+                    .zip(skip_ordinal)
+                    .map(|(lsn, ordinal)| Position::new(lsn, ordinal)),
             };
             Ok((operator, state))
         })
@@ -553,7 +558,7 @@ pub async fn set_operator_running<'c, E: PgExecutor<'c>>(
 pub async fn set_operator_running_skipping<'c, E: PgExecutor<'c>>(
     executor: E,
     operator: &str,
-) -> Result<Option<(Lsn, u64)>, StatusError> {
+) -> Result<Option<Position>, StatusError> {
     const CONTEXT: &str = "marking an operator running past its failed event";
     let row: Option<(String, i64)> = sqlx::query_as(
         "UPDATE streamex.operator_state SET \
@@ -568,7 +573,7 @@ pub async fn set_operator_running_skipping<'c, E: PgExecutor<'c>>(
     .await
     .map_err(StatusError::sql(CONTEXT))?;
     row.map(|(lsn, ordinal)| {
-        Ok((
+        Ok(Position::new(
             parse_lsn(CONTEXT, &lsn)?,
             ordinal_from_sql(CONTEXT, ordinal)?,
         ))

@@ -401,7 +401,10 @@ impl OperatorTest {
 
     /// `operator`'s checkpoint: the `(commit_lsn, ordinal)` of the last event it durably
     /// processed, if any.
-    pub async fn checkpoint(&self, operator: &str) -> Result<Option<(Lsn, u64)>, KitError> {
+    pub async fn checkpoint(
+        &self,
+        operator: &str,
+    ) -> Result<Option<crate::lsn::Position>, KitError> {
         let checkpoints = status::load_checkpoints(&self.pool)
             .await
             .map_err(|e| database("loading the operators' checkpoints", e))?;

@@ -19,7 +19,7 @@ pub use cluster::{
 pub use kit::{KitError, OperatorTest};
 
 use crate::event::{Event, EventType};
-use crate::replication::Lsn;
+use crate::lsn::Lsn;
 
 /// An event as the decoder would make it, for unit tests of handlers: `new` and `old` are
 /// JSON objects (the records) or `null`; `entity` is `table` (of `public`) or `schema.table`. It sits at position `(0/100, ordinal)` of a

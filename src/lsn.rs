@@ -1,4 +1,5 @@
-//! Log sequence numbers.
+//! Where things are in the write-ahead log: [`Lsn`], an event's [`Position`], and
+//! PostgreSQL's time epoch. A leaf module: every stage uses it, it uses none.
 
 use std::fmt;
 use std::str::FromStr;
@@ -61,6 +62,65 @@ impl<'de> Deserialize<'de> for Lsn {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC), in which the
+/// protocol gives times.
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// Where an event is among all others: its transaction's commit LSN, then its place in the
+/// transaction. Positions order events totally (WAL order), and identify them: the
+/// idempotency key of anything acting outside the database. Written `0/1A2B4F0#3`.
+///
+/// ```
+/// use streamex::{Lsn, Position};
+///
+/// let a = Position::new(Lsn(0x100), 7);
+/// let b = Position::new(Lsn(0x200), 0);
+/// assert!(a < b);
+/// assert_eq!(a.to_string(), "0/100#7");
+/// assert_eq!("0/100#7".parse::<Position>().unwrap(), a);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// Where the event's transaction commits.
+    pub commit_lsn: Lsn,
+    /// The event's place in its transaction, from 0.
+    pub ordinal: u64,
+}
+
+impl Position {
+    /// The position of the `ordinal`-th change of the transaction committing at `commit_lsn`.
+    pub const fn new(commit_lsn: Lsn, ordinal: u64) -> Self {
+        Position {
+            commit_lsn,
+            ordinal,
+        }
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.commit_lsn, self.ordinal)
+    }
+}
+
+/// A position that is not of the form `X/X#N`.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid position {0:?}: expected an LSN, '#' and an ordinal, such as 0/16B3748#0")]
+pub struct ParsePositionError(String);
+
+impl FromStr for Position {
+    type Err = ParsePositionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParsePositionError(s.to_owned());
+        let (lsn, ordinal) = s.split_once('#').ok_or_else(err)?;
+        Ok(Position {
+            commit_lsn: lsn.parse().map_err(|_| err())?,
+            ordinal: ordinal.parse().map_err(|_| err())?,
+        })
     }
 }
 
