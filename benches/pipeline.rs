@@ -46,7 +46,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use streamex::config::Config;
 use streamex::event::{Event, EventType};
-use streamex::operator::{Context, HandlerFuture, Operator, Subscription};
+use streamex::operator::{AnyOperator, Context, Delivery, Operator, Subscription};
 use streamex::pubsub::PubSub;
 use streamex::replication::ConnectParams;
 use streamex::status::{MemoryStatus, PostgresStatus};
@@ -596,17 +596,17 @@ impl Operator for Recorder {
         vec![Subscription::only("comments", &[EventType::Insert])]
     }
 
-    fn transactional(&self) -> bool {
-        false
+    fn delivery(&self) -> Delivery {
+        Delivery::AtLeastOnce
     }
 
-    fn handle<'a>(&'a self, event: &'a Event, _ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
+    async fn handle(&self, event: &Event, _ctx: &mut Context<'_>) -> anyhow::Result<()> {
         let now = now_micros();
         self.seen
             .lock()
             .expect("not poisoned")
             .push((event.commit_lsn.0, event.timestamp, now));
-        Box::pin(async { Ok(()) })
+        Ok(())
     }
 }
 
@@ -654,7 +654,7 @@ async fn latency_run(
     } else {
         Vec::new()
     };
-    operators.push(Arc::new(Recorder { seen: seen.clone() }));
+    operators.push(AnyOperator::new(Recorder { seen: seen.clone() }));
     let pubsub = PubSub::new();
     let mut processed_rx = pubsub.subscribe_processed(1 << 20);
     let processed = Arc::new(Mutex::new(Vec::<(u64, i64)>::new()));

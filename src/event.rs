@@ -194,6 +194,76 @@ impl Event {
         }
     }
 
+    /// Column `column` of the event's [`record`](Self::record) (the new row, or the old one
+    /// for a delete), as `T`: `event.get::<i64>("post_id")?`. The error names the column and
+    /// the table, never the value.
+    pub fn get<T: serde::de::DeserializeOwned>(&self, column: &str) -> Result<T, RecordError> {
+        let record = self.record().ok_or_else(|| self.no_record("a record"))?;
+        let value = record
+            .get(column)
+            .ok_or_else(|| RecordError::MissingColumn {
+                entity: self.entity.to_string(),
+                column: column.to_owned(),
+                unavailable: self.unavailable_columns.iter().any(|c| c == column),
+            })?;
+        T::deserialize(value).map_err(|_| RecordError::Type {
+            entity: self.entity.to_string(),
+            column: column.to_owned(),
+            expected: std::any::type_name::<T>(),
+            found: json_kind(value),
+        })
+    }
+
+    /// The new row as `T` (a struct deriving `serde::Deserialize`, its fields named after the
+    /// columns): `let post: Post = event.new_record_as()?`.
+    pub fn new_record_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, RecordError> {
+        let record = self
+            .new_record
+            .as_ref()
+            .ok_or_else(|| self.no_record("a new record"))?;
+        self.record_as(record)
+    }
+
+    /// The old row (its key columns under REPLICA IDENTITY DEFAULT) as `T`.
+    pub fn old_record_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, RecordError> {
+        let record = self
+            .old_record
+            .as_ref()
+            .ok_or_else(|| self.no_record("an old record"))?;
+        self.record_as(record)
+    }
+
+    fn record_as<T: serde::de::DeserializeOwned>(&self, record: &Record) -> Result<T, RecordError> {
+        let value = Value::Object(record.clone());
+        serde_path_to_error::deserialize(&value).map_err(|error| {
+            let path = error.path().to_string();
+            let column = path.split(['.', '[']).next().unwrap_or_default().to_owned();
+            match record.get(&column) {
+                Some(found) => RecordError::Type {
+                    entity: self.entity.to_string(),
+                    expected: std::any::type_name::<T>(),
+                    found: json_kind(found),
+                    column: path,
+                },
+                // serde names a missing field in its message ("missing field `title`"),
+                // which holds no value.
+                None => RecordError::Shape {
+                    entity: self.entity.to_string(),
+                    expected: std::any::type_name::<T>(),
+                    message: error.into_inner().to_string(),
+                },
+            }
+        })
+    }
+
+    fn no_record(&self, what: &'static str) -> RecordError {
+        RecordError::NoRecord {
+            entity: self.entity.to_string(),
+            kind: self.kind,
+            what,
+        }
+    }
+
     /// The position that identifies this event and orders it among all others.
     pub fn position(&self) -> Position {
         Position::new(self.commit_lsn, self.ordinal)
@@ -205,6 +275,58 @@ impl Event {
             EventType::Delete => self.old_record.as_ref(),
             _ => self.new_record.as_ref().or(self.old_record.as_ref()),
         }
+    }
+}
+
+/// A record that does not give what a handler asked of it. Names the table and the column,
+/// never a value (values would end up in logs).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The event has no such record (a truncate has none; a delete has no new one).
+    #[error("the {kind} event of {entity} has no {what}")]
+    NoRecord {
+        entity: String,
+        kind: EventType,
+        what: &'static str,
+    },
+    /// The record lacks the column.
+    #[error("the record of {entity} has no column {column:?}{}", if *unavailable {
+        " (its value was not sent: an unchanged TOASTed value, or a generated column; see unavailable_columns)"
+    } else {
+        " (an old record holds only the key columns unless the table has REPLICA IDENTITY FULL)"
+    })]
+    MissingColumn {
+        entity: String,
+        column: String,
+        unavailable: bool,
+    },
+    /// The column's value does not convert to the type asked for.
+    #[error("column {column} of {entity} is a JSON {found}, which does not convert to {expected}")]
+    Type {
+        entity: String,
+        column: String,
+        expected: &'static str,
+        found: &'static str,
+    },
+    /// The record does not have the shape of the type asked for.
+    #[error("the record of {entity} does not fit {expected}: {message}")]
+    Shape {
+        entity: String,
+        expected: &'static str,
+        message: String,
+    },
+}
+
+/// The kind of a JSON value, for messages.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
     }
 }
 
@@ -466,6 +588,54 @@ mod tests {
             "posts means the default schema's"
         );
         assert!(!event.is_entity("public.posts"));
+    }
+
+    #[test]
+    fn columns_and_records_convert_to_types_naming_the_column() {
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Post {
+            id: i64,
+            title: String,
+        }
+        let event = update();
+        assert_eq!(event.get::<i64>("id").unwrap(), 1);
+        assert_eq!(event.get::<String>("title").unwrap(), "New");
+        assert_eq!(
+            event.new_record_as::<Post>().unwrap(),
+            Post {
+                id: 1,
+                title: "New".into()
+            }
+        );
+        assert_eq!(event.old_record_as::<Post>().unwrap().title, "Old");
+        let error = event.get::<i64>("title").unwrap_err().to_string();
+        assert!(
+            error.contains("title") && error.contains("string") && !error.contains("New"),
+            "{error}"
+        );
+        let error = event.get::<i64>("nope").unwrap_err().to_string();
+        assert!(error.contains("nope") && error.contains("posts"), "{error}");
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Wrong {
+            id: i64,
+            title: i64,
+        }
+        let error = event.new_record_as::<Wrong>().unwrap_err().to_string();
+        assert!(error.contains("title") && !error.contains("New"), "{error}");
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Missing {
+            body: String,
+        }
+        let error = event.new_record_as::<Missing>().unwrap_err().to_string();
+        assert!(error.contains("body"), "{error}");
+        let mut truncate = update();
+        truncate.kind = EventType::Truncate;
+        truncate.new_record = None;
+        truncate.old_record = None;
+        let error = truncate.get::<i64>("id").unwrap_err().to_string();
+        assert!(error.contains("truncate"), "{error}");
     }
 
     #[test]

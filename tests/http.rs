@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail, ensure};
 use sqlx::{Connection as _, PgPool};
 use streamex::config::Config;
 use streamex::event::Event;
-use streamex::operator::{Context, HandlerFuture, Operator, Subscription};
+use streamex::operator::{AnyOperator, Context, Operator, Subscription};
 use streamex::pubsub::PubSub;
 use streamex::replication::ConnectParams;
 use streamex::status::{PostgresStatus, ProcessStatusStorage};
@@ -72,7 +72,7 @@ impl Service {
     async fn start<S: ProcessStatusStorage + Clone>(
         config: &Config,
         status: S,
-        operators: Vec<Arc<dyn Operator>>,
+        operators: Vec<AnyOperator>,
     ) -> anyhow::Result<Service> {
         let pubsub = PubSub::new();
         let inner = common::Service::start(config, status, pubsub.clone(), operators).await?;
@@ -457,13 +457,11 @@ impl Operator for Gate {
         vec![Subscription::all("posts")]
     }
 
-    fn handle<'a>(&'a self, _event: &'a Event, _ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            while !self.open.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Ok(())
-        })
+    async fn handle(&self, _event: &Event, _ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        while !self.open.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 }
 
@@ -474,7 +472,7 @@ async fn process_status_is_too_early_until_the_operators_are_done() -> anyhow::R
     sqlx::raw_sql(BLOG).execute(&pool).await?;
     let config = config(&url, free_port()?, CHANNELS, &[])?;
     let open = Arc::new(AtomicBool::new(false));
-    let gate: Arc<dyn Operator> = Arc::new(Gate { open: open.clone() });
+    let gate = AnyOperator::new(Gate { open: open.clone() });
     let service = Service::start(&config, PostgresStatus::new(pool.clone()), vec![gate]).await?;
     service.wait_for("/readyz", 200).await?;
 
@@ -558,13 +556,11 @@ impl Operator for Poisoned {
         vec![Subscription::all("posts")]
     }
 
-    fn handle<'a>(&'a self, event: &'a Event, _ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            if field(event, "title") == Some(&serde_json::json!("poison")) {
-                bail!("poisoned post");
-            }
-            Ok(())
-        })
+    async fn handle(&self, event: &Event, _ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        if field(event, "title") == Some(&serde_json::json!("poison")) {
+            bail!("poisoned post");
+        }
+        Ok(())
     }
 }
 
@@ -584,8 +580,10 @@ async fn a_halted_operator_makes_the_service_unready() -> anyhow::Result<()> {
         retry("dead_letter")
     );
     let config = config(&url, free_port()?, &text, &[])?;
-    let operators: Vec<Arc<dyn Operator>> =
-        vec![Arc::new(Poisoned("strict")), Arc::new(Poisoned("lenient"))];
+    let operators = vec![
+        AnyOperator::new(Poisoned("strict")),
+        AnyOperator::new(Poisoned("lenient")),
+    ];
     let service = Service::start(&config, PostgresStatus::new(pool.clone()), operators).await?;
     service.wait_for("/readyz", 200).await?;
 

@@ -10,7 +10,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use streamex::config::Config;
 use streamex::event::{Event, EventType};
-use streamex::operator::{Context, HandlerFuture, Operator, Subscription};
+use streamex::operator::{AnyOperator, Context, Delivery, Operator, Subscription};
 use streamex::pubsub::PubSub;
 use streamex::status::{
     MemoryStatus, PostgresStatus, ProcessStatusStorage, StatusError, StatusItem,
@@ -133,27 +133,25 @@ impl Operator for Recorder {
         self.subscriptions.clone()
     }
 
-    fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            tokio::time::sleep(self.delay).await;
-            let record = event.record().context("a record")?;
-            if record.get("title") == Some(&json!("poison")) && !self.cured.load(Ordering::SeqCst) {
-                anyhow::bail!("poisoned post");
-            }
-            if record.get("title") == Some(&json!("panic")) && !self.cured.load(Ordering::SeqCst) {
-                panic!("the handler panicked on purpose");
-            }
-            // Written in the operator's transaction: commits with the checkpoint, or not at all.
-            let id = record.get("id").and_then(|v| v.as_i64()).unwrap_or(-1);
-            sqlx::query("INSERT INTO handled (operator, kind, entity, id) VALUES ($1, $2, $3, $4)")
-                .bind(&self.name)
-                .bind(event.kind.as_str())
-                .bind(&*event.entity)
-                .bind(id)
-                .execute(ctx.db())
-                .await?;
-            Ok(())
-        })
+    async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        tokio::time::sleep(self.delay).await;
+        let record = event.record().context("a record")?;
+        if record.get("title") == Some(&json!("poison")) && !self.cured.load(Ordering::SeqCst) {
+            anyhow::bail!("poisoned post");
+        }
+        if record.get("title") == Some(&json!("panic")) && !self.cured.load(Ordering::SeqCst) {
+            panic!("the handler panicked on purpose");
+        }
+        // Written in the operator's transaction: commits with the checkpoint, or not at all.
+        let id = record.get("id").and_then(|v| v.as_i64()).unwrap_or(-1);
+        sqlx::query("INSERT INTO handled (operator, kind, entity, id) VALUES ($1, $2, $3, $4)")
+            .bind(&self.name)
+            .bind(event.kind.as_str())
+            .bind(&*event.entity)
+            .bind(id)
+            .execute(ctx.db()?)
+            .await?;
+        Ok(())
     }
 }
 
@@ -218,7 +216,10 @@ async fn operators_see_only_what_they_listen_to_and_entity_processed_follows_bot
         &config,
         status.clone(),
         pubsub.clone(),
-        vec![inserts.clone(), slow.clone()],
+        vec![
+            AnyOperator::new(inserts.clone()),
+            AnyOperator::new(slow.clone()),
+        ],
     )
     .await?;
     sqlx::raw_sql(
@@ -282,7 +283,10 @@ async fn a_failing_operator_is_retried_halted_and_resumed_while_others_go_on() -
         &config,
         PostgresStatus::new(pool.clone()),
         PubSub::new(),
-        vec![fragile.clone(), sturdy.clone()],
+        vec![
+            AnyOperator::new(fragile.clone()),
+            AnyOperator::new(sturdy.clone()),
+        ],
     )
     .await?;
     sqlx::raw_sql(
@@ -364,7 +368,7 @@ async fn a_failing_event_goes_to_the_dead_letters_and_the_operator_goes_on() -> 
         &config,
         MemoryStatus::new(),
         PubSub::new(),
-        vec![fragile.clone()],
+        vec![AnyOperator::new(fragile.clone())],
     )
     .await?;
     sqlx::raw_sql(
@@ -465,7 +469,13 @@ async fn a_publication_of_all_tables_leaves_streamex_own_tables_out() -> anyhow:
     let pubsub = PubSub::new();
     let mut processed = pubsub.subscribe_processed(1024);
     let status = PostgresStatus::new(pool.clone());
-    let service = Service::start(&config, status, pubsub, vec![posts.clone()]).await?;
+    let service = Service::start(
+        &config,
+        status,
+        pubsub,
+        vec![AnyOperator::new(posts.clone())],
+    )
+    .await?;
     // Post 2 is written after post 1's process status was stored, so once post 2 is
     // processed, that status write has been read from the WAL too.
     for id in [1, 2] {
@@ -549,13 +559,13 @@ impl Operator for Counter {
         vec![Subscription::all("posts")]
     }
 
-    fn transactional(&self) -> bool {
-        false
+    fn delivery(&self) -> Delivery {
+        Delivery::AtLeastOnce
     }
 
-    fn handle<'a>(&'a self, _event: &'a Event, _ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
+    async fn handle(&self, _event: &Event, _ctx: &mut Context<'_>) -> anyhow::Result<()> {
         self.0.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(()) })
+        Ok(())
     }
 }
 
@@ -581,7 +591,13 @@ async fn a_backlog_of_small_commits_is_stored_in_groups() -> anyhow::Result<()> 
     let pubsub = PubSub::new();
     let mut processed = pubsub.subscribe_processed(4096);
     let counter = Arc::new(Counter::default());
-    let service = Service::start(&config, status.clone(), pubsub, vec![counter.clone()]).await?;
+    let service = Service::start(
+        &config,
+        status.clone(),
+        pubsub,
+        vec![AnyOperator::new(counter.clone())],
+    )
+    .await?;
     let last: i64 = sqlx::query_scalar("SELECT max(id) FROM posts")
         .fetch_one(&pool)
         .await?;

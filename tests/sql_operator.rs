@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use streamex::event::{Event, EventType};
-use streamex::operator::{Context, Operator, SqlOperator};
+use streamex::operator::{Operator, SqlOperator};
 use streamex::testing::{self, OperatorTest};
 
 const SCHEMA: &str = "
@@ -100,14 +100,11 @@ async fn insert_tags(pool: &PgPool) -> anyhow::Result<Vec<Arc<Event>>> {
 /// `operator.handle_batch(events)` in a transaction of its own, committed when it succeeds.
 async fn run_batch(
     pool: &PgPool,
-    operator: &dyn Operator,
+    operator: &impl Operator,
     events: &[Arc<Event>],
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let mut ctx = Context {
-        tx: Some(&mut *tx),
-        attempt: 1,
-    };
+    let mut ctx = testing::context(&mut tx);
     operator.handle_batch(events, &mut ctx).await?;
     tx.commit().await?;
     Ok(())
@@ -188,9 +185,9 @@ async fn a_statement_that_cannot_be_prepared_falls_back_to_one_by_one() -> anyho
             .build()?,
     );
     let events = insert_tags(pool).await?;
-    let error = run_batch(pool, &*operator, &events).await.unwrap_err();
+    let error = run_batch(pool, &operator, &events).await.unwrap_err();
     assert!(format!("{error:#}").contains("preparing"), "{error:#}");
-    run_batch(pool, &*operator, &events).await?;
+    run_batch(pool, &operator, &events).await?;
     let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM tag_counts")
         .fetch_one(pool)
         .await?;

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, StatusBackendKind};
 use crate::metrics::Phase;
-use crate::operator::{Engine, EngineExit, Operator, OperatorReport, OperatorSpec};
+use crate::operator::{AnyOperator, Engine, EngineExit, OperatorReport, OperatorSpec};
 use crate::pubsub::PubSub;
 use crate::replication::{
     self, Acknowledger, ConnectParams, PublicationTables, StreamConfig, setup,
@@ -185,7 +185,7 @@ pub async fn run_service<S: ProcessStatusStorage + Clone>(
     pool: PgPool,
     status: S,
     pubsub: PubSub,
-    operators: Vec<Arc<dyn Operator>>,
+    operators: Vec<AnyOperator>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     check_published(config, &pool, &operators).await?;
@@ -241,7 +241,7 @@ pub async fn run_service<S: ProcessStatusStorage + Clone>(
 async fn check_published(
     config: &Config,
     pool: &PgPool,
-    operators: &[Arc<dyn Operator>],
+    operators: &[AnyOperator],
 ) -> anyhow::Result<()> {
     let mut wanted: Vec<(String, String, &str)> = Vec::new();
     for operator in operators {

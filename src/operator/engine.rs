@@ -27,9 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use super::Subscription;
 use super::progress::{Item, Listeners, Pending, Waiting};
 use super::runner::{Input, Runner};
-use super::{Operator, Subscription};
 use crate::config::RetryConfig;
 use crate::decode::Decoded;
 use crate::event::{Event, EventType};
@@ -40,7 +40,7 @@ use crate::status::{self, OperatorRunState, ProcessStatusStorage, StatusItem};
 
 /// An operator as the engine runs it.
 pub struct OperatorSpec {
-    pub operator: Arc<dyn Operator>,
+    pub operator: super::AnyOperator,
     pub retry: RetryConfig,
     pub one_per_transaction: bool,
 }
@@ -267,7 +267,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             let (tx, rx) = mpsc::channel(self.inbox_capacity.max(1));
             let runner = Runner {
                 index,
-                operator: spec.operator.clone(),
+                operator: spec.operator.0.clone(),
                 pool: self.pool.clone(),
                 retry: spec.retry,
                 batch_size: if spec.one_per_transaction {

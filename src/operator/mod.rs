@@ -13,7 +13,8 @@
 //!   in order, through [`Operator::handle_batch`]). Different
 //!   operators run concurrently; a slow one slows the WAL reader once its bounded inbox is
 //!   full, and never loses or reorders an event.
-//! - A transactional operator (the default) gets a database transaction in its [`Context`];
+//! - An operator that delivers exactly once (the default) gets a database transaction in its
+//!   [`Context`];
 //!   streamex writes the operator's checkpoint `(commit_lsn, ordinal)` in that same
 //!   transaction and commits both together. After a crash the operator resumes after its
 //!   checkpoint, so its writes to the database are applied exactly once.
@@ -37,12 +38,6 @@ pub use engine::{
 pub use sql::{SqlOperator, SqlOperatorBuilder};
 
 use crate::event::{Event, EventType};
-
-/// What a handler returns: any error, which triggers the retry policy.
-pub type HandlerResult = Result<(), anyhow::Error>;
-
-/// A boxed handler future (operators are looked up by name, so the trait is object safe).
-pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'a>>;
 
 /// The entity and event types an operator listens to.
 ///
@@ -85,31 +80,128 @@ impl Subscription {
     }
 }
 
-/// What a handler gets besides the event.
-pub struct Context<'a> {
-    /// The database transaction this event's effects go into, with the operator's checkpoint;
-    /// `None` for an operator that is not [`Operator::transactional`].
-    pub tx: Option<&'a mut sqlx::PgConnection>,
-    /// 1 on the first try, then 2, 3, ... on retries.
-    pub attempt: u32,
+/// How an operator's effects reach the world, and so what streamex promises about them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// The operator writes to the database through [`Context::db`], a transaction that
+    /// streamex commits together with the operator's checkpoint: each event's effects are
+    /// applied **exactly once**, even across crashes.
+    #[default]
+    ExactlyOnce,
+    /// The operator acts outside the database and gets no transaction: each event is handled
+    /// **at least once** (again after a crash, until the slot has moved past it). Use
+    /// [`Event::position`] as the idempotency key.
+    AtLeastOnce,
 }
 
-impl Context<'_> {
-    /// The transaction's connection.
-    ///
-    /// # Panics
-    /// When the operator declared itself not transactional.
-    pub fn db(&mut self) -> &mut sqlx::PgConnection {
-        self.tx
-            .as_deref_mut()
-            .expect("Context::db called by an operator that is not transactional")
+/// What a handler gets besides the event.
+pub struct Context<'a> {
+    tx: Option<&'a mut sqlx::PgConnection>,
+    attempt: u32,
+    operator: &'a str,
+}
+
+impl<'a> Context<'a> {
+    pub(crate) fn new(
+        tx: Option<&'a mut sqlx::PgConnection>,
+        attempt: u32,
+        operator: &'a str,
+    ) -> Self {
+        Context {
+            tx,
+            attempt,
+            operator,
+        }
     }
+
+    /// The transaction this event's effects go into, committed with the operator's
+    /// checkpoint. An error for an operator that delivers [`Delivery::AtLeastOnce`].
+    pub fn db(&mut self) -> Result<&mut sqlx::PgConnection, NoTransaction> {
+        match self.tx.as_deref_mut() {
+            Some(tx) => Ok(tx),
+            None => Err(NoTransaction {
+                operator: self.operator.to_owned(),
+            }),
+        }
+    }
+
+    /// 1 on the first try of this event, then 2, 3, ... on retries.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+/// [`Context::db`] was called by an operator that has no transaction.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "operator {operator} has no transaction: it delivers at least once (Operator::delivery); \
+     Context::db is for operators that deliver exactly once"
+)]
+pub struct NoTransaction {
+    operator: String,
 }
 
 /// A user-written reaction to change events.
 ///
-/// Implement it, register a constructor in `src/operators/mod.rs`, and name it in the
-/// configuration's `[[operators]]`.
+/// Implement it with plain `async fn`s, and hand it to the service
+/// ([`crate::Service::builder`]), or register it under its name
+/// ([`crate::cli::Registry`]) so that a configuration can name it.
+///
+/// # Guarantees
+///
+/// - `handle` (or `handle_batch`) is called with the events the operator subscribes to, in
+///   WAL order; different operators run concurrently, each at its own pace.
+/// - [`Delivery::ExactlyOnce`] (the default): what the handler writes through
+///   [`Context::db`] commits together with the operator's checkpoint, so it is applied
+///   exactly once, across crashes and restarts. A failed or panicking handler rolls back and
+///   is called again for the same event (up to the retry policy).
+/// - [`Delivery::AtLeastOnce`]: no transaction; an event may be handled again after a crash.
+///
+/// ```
+/// use streamex::event::{Event, EventType};
+/// use streamex::operator::{Context, Operator, Subscription};
+///
+/// /// Keeps `post_titles (id, title)` in step with `posts`.
+/// struct PostTitles;
+///
+/// impl Operator for PostTitles {
+///     fn name(&self) -> &str {
+///         "post_titles"
+///     }
+///
+///     fn subscriptions(&self) -> Vec<Subscription> {
+///         vec![Subscription::all("posts")]
+///     }
+///
+///     async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+///         let id: i64 = event.get("id")?;
+///         match event.kind {
+///             EventType::Delete => {
+///                 sqlx::query("DELETE FROM post_titles WHERE id = $1")
+///                     .bind(id)
+///                     .execute(ctx.db()?)
+///                     .await?;
+///             }
+///             EventType::Truncate => {
+///                 sqlx::query("TRUNCATE post_titles").execute(ctx.db()?).await?;
+///             }
+///             _ => {
+///                 let title: String = event.get("title")?;
+///                 sqlx::query(
+///                     "INSERT INTO post_titles VALUES ($1, $2)
+///                      ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title",
+///                 )
+///                 .bind(id)
+///                 .bind(title)
+///                 .execute(ctx.db()?)
+///                 .await?;
+///             }
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
 pub trait Operator: Send + Sync + 'static {
     /// The name it is registered and configured under; also the key of its checkpoint.
     fn name(&self) -> &str;
@@ -117,18 +209,22 @@ pub trait Operator: Send + Sync + 'static {
     /// The entities and event types it listens to.
     fn subscriptions(&self) -> Vec<Subscription>;
 
-    /// Whether it writes to the database through [`Context::db`] (and so gets exactly-once
-    /// application with its checkpoint in the same transaction). Default: true.
-    fn transactional(&self) -> bool {
-        true
+    /// How its effects are applied: [`Delivery::ExactlyOnce`] (the default) or
+    /// [`Delivery::AtLeastOnce`].
+    fn delivery(&self) -> Delivery {
+        Delivery::ExactlyOnce
     }
 
     /// Handles one event. An error (or a panic) rolls back the transaction and triggers the
     /// retry policy. Called again for the same event after a failure or a crash.
-    fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a>;
+    fn handle(
+        &self,
+        event: &Event,
+        ctx: &mut Context<'_>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
-    /// Handles several events, in WAL order, in one transaction: the runner calls it when more
-    /// than one event is waiting (a transactional operator only). The default calls
+    /// Handles several events, in WAL order, in one transaction: called when more than one
+    /// event is waiting (for an operator that delivers exactly once). The default calls
     /// [`handle`](Operator::handle) for each; override it to write a whole batch with fewer
     /// statements (sum per key, one statement with arrays, skip repeated recomputations).
     ///
@@ -136,16 +232,122 @@ pub trait Operator: Send + Sync + 'static {
     /// transaction is rolled back and the events are handled again one by one with
     /// [`handle`](Operator::handle), each in its own transaction, so that a failing event is
     /// isolated and the retry policy applies to it alone.
+    fn handle_batch(
+        &self,
+        events: &[Arc<Event>],
+        ctx: &mut Context<'_>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async move {
+            for event in events {
+                self.handle(event, ctx).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+impl<T: Operator> Operator for Arc<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        (**self).subscriptions()
+    }
+
+    fn delivery(&self) -> Delivery {
+        (**self).delivery()
+    }
+
+    fn handle(
+        &self,
+        event: &Event,
+        ctx: &mut Context<'_>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        (**self).handle(event, ctx)
+    }
+
+    fn handle_batch(
+        &self,
+        events: &[Arc<Event>],
+        ctx: &mut Context<'_>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        (**self).handle_batch(events, ctx)
+    }
+}
+
+/// A handler's future, boxed so that operators of different types can sit in one list.
+pub(crate) type HandlerFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+
+/// [`Operator`] with its futures boxed: what the engine holds. Implemented for every operator.
+pub(crate) trait DynOperator: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn subscriptions(&self) -> Vec<Subscription>;
+    fn delivery(&self) -> Delivery;
+    fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a>;
+    fn handle_batch<'a>(
+        &'a self,
+        events: &'a [Arc<Event>],
+        ctx: &'a mut Context<'_>,
+    ) -> HandlerFuture<'a>;
+}
+
+impl<T: Operator> DynOperator for T {
+    fn name(&self) -> &str {
+        Operator::name(self)
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        Operator::subscriptions(self)
+    }
+
+    fn delivery(&self) -> Delivery {
+        Operator::delivery(self)
+    }
+
+    fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
+        Box::pin(Operator::handle(self, event, ctx))
+    }
+
     fn handle_batch<'a>(
         &'a self,
         events: &'a [Arc<Event>],
         ctx: &'a mut Context<'_>,
     ) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            for event in events {
-                self.handle(event, ctx).await?;
-            }
-            Ok(())
-        })
+        Box::pin(Operator::handle_batch(self, events, ctx))
+    }
+}
+
+/// Any operator, ready to be run beside operators of other types: what the service, the
+/// registry and the testing kit take. Cheap to clone (it is shared).
+#[derive(Clone)]
+pub struct AnyOperator(pub(crate) Arc<dyn DynOperator>);
+
+impl AnyOperator {
+    /// Wraps `operator`.
+    pub fn new(operator: impl Operator) -> Self {
+        AnyOperator(Arc::new(operator))
+    }
+
+    /// Its [`Operator::name`].
+    pub fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    /// Its [`Operator::subscriptions`].
+    pub fn subscriptions(&self) -> Vec<Subscription> {
+        self.0.subscriptions()
+    }
+}
+
+impl std::fmt::Debug for AnyOperator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AnyOperator").field(&self.name()).finish()
+    }
+}
+
+impl<T: Operator> From<T> for AnyOperator {
+    fn from(operator: T) -> Self {
+        AnyOperator::new(operator)
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! # Batches and failures
 //!
-//! A transactional operator runs up to `batch_size` waiting events in one transaction and
+//! An operator that delivers exactly once runs up to `batch_size` waiting events in one transaction and
 //! writes its checkpoint (the last event's position) at the end of it. When any event of the
 //! batch fails, the transaction is rolled back and the batch's events are run again one by one,
 //! each in its own transaction with its own checkpoint, so the failing event is isolated, the
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::engine::Board;
-use super::{Context, HandlerFuture, HandlerResult, Operator};
+use super::{Context, Delivery, DynOperator, HandlerFuture};
 use crate::config::{FailurePolicy, RetryConfig};
 use crate::event::Event;
 use crate::lsn::{Lsn, Position};
@@ -58,7 +58,7 @@ pub(crate) enum RunnerExit {
 
 pub(crate) struct Runner {
     pub index: usize,
-    pub operator: Arc<dyn Operator>,
+    pub operator: Arc<dyn DynOperator>,
     pub pool: PgPool,
     pub retry: RetryConfig,
     pub batch_size: usize,
@@ -137,7 +137,7 @@ impl Runner {
         if events.is_empty() {
             return Handled::Done;
         }
-        if self.operator.transactional()
+        if self.exactly_once()
             && !self.one_per_transaction
             && events.len() > 1
             && events.iter().all(|e| e.decode_error.is_none())
@@ -173,23 +173,26 @@ impl Runner {
     async fn try_batch(&mut self, events: &[Arc<Event>]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         wait_visible(&mut tx, events.iter().map(|e| e.xid)).await?;
-        let mut ctx = Context {
-            tx: Some(&mut *tx),
-            attempt: 1,
-        };
+        let mut ctx = Context::new(Some(&mut *tx), 1, self.operator.name());
         guarded(self.operator.handle_batch(events, &mut ctx)).await?;
         let last = events.last().map(|e| e.position()).unwrap_or_default();
         self.commit_with_checkpoint(tx, last).await
     }
 
-    /// Stores the checkpoint `position` in `tx` (for a transactional operator), commits, and
+    /// Whether its effects go into a transaction with its checkpoint.
+    fn exactly_once(&self) -> bool {
+        self.operator.delivery() == Delivery::ExactlyOnce
+    }
+
+    /// Stores the checkpoint `position` in `tx` (for an operator that delivers exactly once),
+    /// commits, and
     /// from then on skips events at or before it.
     async fn commit_with_checkpoint(
         &mut self,
         mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
         position: Position,
     ) -> anyhow::Result<()> {
-        if self.operator.transactional()
+        if self.exactly_once()
             && !status::advance_checkpoint(
                 &mut *tx,
                 self.operator.name(),
@@ -335,8 +338,8 @@ impl Runner {
     }
 
     async fn attempt(&mut self, event: &Event, attempt: u32) -> anyhow::Result<()> {
-        if !self.operator.transactional() {
-            let mut ctx = Context { tx: None, attempt };
+        if !self.exactly_once() {
+            let mut ctx = Context::new(None, attempt, self.operator.name());
             guarded(self.operator.handle(event, &mut ctx)).await?;
             // Kept in memory only: after a crash such an operator sees replays (at least once).
             self.checkpoint = Some(event.position());
@@ -344,10 +347,7 @@ impl Runner {
         }
         let mut tx = self.pool.begin().await?;
         wait_visible(&mut tx, [event.xid]).await?;
-        let mut ctx = Context {
-            tx: Some(&mut *tx),
-            attempt,
-        };
+        let mut ctx = Context::new(Some(&mut *tx), attempt, self.operator.name());
         guarded(self.operator.handle(event, &mut ctx)).await?;
         self.commit_with_checkpoint(tx, event.position()).await
     }
@@ -500,7 +500,7 @@ fn visible(xid: u32, xmax: u64, in_progress: &[u64]) -> bool {
 
 /// Runs a handler future, turning a panic into an error so that it goes through the retry
 /// policy instead of taking the service down.
-async fn guarded(mut future: HandlerFuture<'_>) -> HandlerResult {
+async fn guarded(mut future: HandlerFuture<'_>) -> anyhow::Result<()> {
     std::future::poll_fn(|cx| {
         match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
             Ok(poll) => poll,
@@ -524,7 +524,7 @@ mod tests {
     /// Records each event it handles in `applied`, in its transaction.
     struct Apply;
 
-    impl Operator for Apply {
+    impl super::super::Operator for Apply {
         fn name(&self) -> &str {
             "apply"
         }
@@ -533,14 +533,12 @@ mod tests {
             Vec::new()
         }
 
-        fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
-            Box::pin(async move {
-                sqlx::query("INSERT INTO applied VALUES ($1)")
-                    .bind(i64::try_from(event.ordinal)?)
-                    .execute(ctx.db())
-                    .await?;
-                Ok(())
-            })
+        async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+            sqlx::query("INSERT INTO applied VALUES ($1)")
+                .bind(i64::try_from(event.ordinal)?)
+                .execute(ctx.db()?)
+                .await?;
+            Ok(())
         }
     }
 

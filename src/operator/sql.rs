@@ -27,7 +27,7 @@ use serde_json::Value;
 use sqlx::{Executor, TypeInfo};
 use tracing::warn;
 
-use super::{Context, HandlerFuture, Operator, Subscription};
+use super::{Context, Operator, Subscription};
 use crate::event::{Event, EventType};
 
 /// How `$1` is bound: as the type the server expects for it, asked once per statement.
@@ -590,11 +590,9 @@ impl Operator for SqlOperator {
             .collect()
     }
 
-    fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            let steps = self.actions(event)?;
-            self.run(ctx.db(), &steps).await
-        })
+    async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        let steps = self.actions(event)?;
+        self.run(ctx.db()?, &steps).await
     }
 
     /// The batch's statements, each run once per id where running them one event at a time
@@ -603,15 +601,13 @@ impl Operator for SqlOperator {
     /// transactions are visible), so the second of two runs of the same statement for the
     /// same id, with no other statement for that id in between, changes nothing. A delete
     /// between two recomputations of an id keeps all three.
-    fn handle_batch<'a>(
-        &'a self,
-        events: &'a [Arc<Event>],
-        ctx: &'a mut Context<'_>,
-    ) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            let steps = self.plan(events)?;
-            self.run(ctx.db(), &steps).await
-        })
+    async fn handle_batch(
+        &self,
+        events: &[Arc<Event>],
+        ctx: &mut Context<'_>,
+    ) -> anyhow::Result<()> {
+        let steps = self.plan(events)?;
+        self.run(ctx.db()?, &steps).await
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context as _;
 
 use crate::event::Event;
-use crate::operator::{Context, HandlerFuture, Operator, Subscription};
+use crate::operator::{Context, Delivery, Operator, Subscription};
 
 /// See the module documentation.
 #[derive(Debug, Clone)]
@@ -55,12 +55,12 @@ impl Operator for CountEvents {
         self.entities.iter().map(|e| Subscription::all(e)).collect()
     }
 
-    fn transactional(&self) -> bool {
-        false
+    fn delivery(&self) -> Delivery {
+        Delivery::AtLeastOnce
     }
 
-    fn handle<'a>(&'a self, _event: &'a Event, _ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
+    async fn handle(&self, _event: &Event, _ctx: &mut Context<'_>) -> anyhow::Result<()> {
         self.count.fetch_add(1, Ordering::Relaxed);
-        Box::pin(async { Ok(()) })
+        Ok(())
     }
 }

@@ -8,7 +8,6 @@ mod count;
 mod tallies;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 
@@ -16,31 +15,35 @@ pub use count::CountEvents;
 pub use tallies::PostCommentTallies;
 
 use crate::config::OperatorConfig;
-use crate::operator::{Operator, SqlOperator};
+use crate::operator::{AnyOperator, SqlOperator};
 
 /// Builds a Rust operator from its configuration entry.
-pub type Constructor = fn(&OperatorConfig) -> anyhow::Result<Arc<dyn Operator>>;
+pub type Constructor = fn(&OperatorConfig) -> anyhow::Result<AnyOperator>;
 
 /// Every Rust operator, by name.
 pub fn registry() -> BTreeMap<&'static str, Constructor> {
     let mut registry: BTreeMap<&'static str, Constructor> = BTreeMap::new();
-    registry.insert("post_comment_tallies", |_| Ok(Arc::new(PostCommentTallies)));
+    registry.insert("post_comment_tallies", |_| {
+        Ok(AnyOperator::new(PostCommentTallies))
+    });
     registry.insert("count_events", |config| {
-        Ok(Arc::new(CountEvents::from_settings(&config.settings)?))
+        Ok(AnyOperator::new(CountEvents::from_settings(
+            &config.settings,
+        )?))
     });
     registry
 }
 
 /// Builds the operators the configuration names: declarative ones (with `query`) from their
 /// entry, Rust ones from the registry.
-pub fn build(configs: &[OperatorConfig]) -> anyhow::Result<Vec<Arc<dyn Operator>>> {
+pub fn build(configs: &[OperatorConfig]) -> anyhow::Result<Vec<AnyOperator>> {
     let registry = registry();
     configs
         .iter()
         .map(|config| {
             if config.query.is_some() {
                 let op = SqlOperator::from_config(config)?;
-                return Ok(Arc::new(op) as Arc<dyn Operator>);
+                return Ok(AnyOperator::new(op));
             }
             let Some(constructor) = registry.get(config.name.as_str()) else {
                 let known: Vec<&str> = registry.keys().copied().collect();

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use serde_json::Value;
 
 use crate::event::{Event, EventType};
-use crate::operator::{Context, HandlerFuture, Operator, Subscription};
+use crate::operator::{Context, Operator, Subscription};
 
 /// See the module documentation.
 #[derive(Debug, Default)]
@@ -89,45 +89,41 @@ impl Operator for PostCommentTallies {
         )]
     }
 
-    fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            if event.kind == EventType::Truncate {
-                return reset(ctx.db()).await;
+    async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        if event.kind == EventType::Truncate {
+            return reset(ctx.db()?).await;
+        }
+        for (post, n) in deltas(event)? {
+            if n != 0 {
+                add(ctx.db()?, post, n).await?;
             }
-            for (post, n) in deltas(event)? {
-                if n != 0 {
-                    add(ctx.db(), post, n).await?;
-                }
-            }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     /// The batch's deltas summed per post and written in one statement: the same rows as one
     /// upsert per event (a post whose deltas sum to 0 still gets its row, as it would).
-    fn handle_batch<'a>(
-        &'a self,
-        events: &'a [Arc<Event>],
-        ctx: &'a mut Context<'_>,
-    ) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            // Summed between truncates, which reset everything before them.
-            for run in events.split_inclusive(|e| e.kind == EventType::Truncate) {
-                let mut sums: BTreeMap<i64, i32> = BTreeMap::new();
-                for event in run {
-                    for (post, n) in deltas(event)? {
-                        if let (Some(post), true) = (post, n != 0) {
-                            *sums.entry(post).or_default() += n;
-                        }
+    async fn handle_batch(
+        &self,
+        events: &[Arc<Event>],
+        ctx: &mut Context<'_>,
+    ) -> anyhow::Result<()> {
+        // Summed between truncates, which reset everything before them.
+        for run in events.split_inclusive(|e| e.kind == EventType::Truncate) {
+            let mut sums: BTreeMap<i64, i32> = BTreeMap::new();
+            for event in run {
+                for (post, n) in deltas(event)? {
+                    if let (Some(post), true) = (post, n != 0) {
+                        *sums.entry(post).or_default() += n;
                     }
                 }
-                add_many(ctx.db(), sums).await?;
-                if run.last().is_some_and(|e| e.kind == EventType::Truncate) {
-                    reset(ctx.db()).await?;
-                }
             }
-            Ok(())
-        })
+            add_many(ctx.db()?, sums).await?;
+            if run.last().is_some_and(|e| e.kind == EventType::Truncate) {
+                reset(ctx.db()?).await?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -33,7 +33,6 @@
 //! last error. Retries are quick in the kit (10 ms doubling to 100 ms, 3 retries) so that a
 //! failing operator halts in well under a second; see [`OperatorTest::retry`].
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -43,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ClusterError, server};
 use crate::config::{Config, ConfigError, RetryConfig};
-use crate::operator::Operator;
+use crate::operator::AnyOperator;
 use crate::pubsub::PubSub;
 use crate::replication::{ConnectParams, Lsn};
 use crate::status::{self, OperatorRunState, PostgresStatus};
@@ -284,10 +283,10 @@ impl OperatorTest {
     /// service stops with an error, or after the kit's patience.
     pub async fn run(
         &self,
-        operator: Arc<dyn Operator>,
+        operator: impl Into<AnyOperator>,
         statements: &[&str],
     ) -> Result<(), KitError> {
-        self.run_all(vec![operator], statements).await
+        self.run_all(vec![operator.into()], statements).await
     }
 
     /// As [`run`](Self::run), for the operator configured under `name` in the configuration
@@ -322,7 +321,7 @@ impl OperatorTest {
     /// As [`run`](Self::run), for several operators at once.
     pub async fn run_all(
         &self,
-        operators: Vec<Arc<dyn Operator>>,
+        operators: Vec<AnyOperator>,
         statements: &[&str],
     ) -> Result<(), KitError> {
         let _one_at_a_time = self.running.lock().await;

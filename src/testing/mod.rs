@@ -60,6 +60,12 @@ pub fn event(
     }
 }
 
+/// A handler's [`crate::operator::Context`] on `conn` (a transaction of the test's own), for
+/// calling an operator's `handle` or `handle_batch` directly in a unit test.
+pub fn context(conn: &mut sqlx::PgConnection) -> crate::operator::Context<'_> {
+    crate::operator::Context::new(Some(conn), 1, "test")
+}
+
 /// The server the tests of this process share.
 #[derive(Debug)]
 pub enum TestServer {

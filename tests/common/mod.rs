@@ -359,7 +359,7 @@ impl Service {
         config: &streamex::config::Config,
         status: S,
         pubsub: streamex::pubsub::PubSub,
-        operators: Vec<std::sync::Arc<dyn streamex::operator::Operator>>,
+        operators: Vec<streamex::operator::AnyOperator>,
     ) -> anyhow::Result<Service> {
         let params = ConnectParams::parse(&config.database_url)?;
         // The pool `streamex run` makes, TLS and all.
