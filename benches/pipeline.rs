@@ -16,7 +16,7 @@
 //!    (e) (d) with `one_event_per_transaction = true`. After (d) and (e) the derived tables are
 //!    compared with what posts and comments say they should be.
 //! 2. **Latency.** Writer tasks insert single-row comments at `--rate` transactions/s for
-//!    `--latency-seconds`, while the service runs in-process (`streamex::cli::run_service`).
+//!    `--latency-seconds`, while the service runs in-process (`streamex::Service`).
 //!    For each commit: *delivered* = wall clock when an extra non-transactional recording
 //!    operator gets the event, minus the commit time the server wrote in the WAL (pgoutput's
 //!    commit timestamp, same machine clock); *processed* = wall clock of the first
@@ -46,12 +46,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use streamex::config::Config;
 use streamex::event::{Event, EventType};
-use streamex::operator::{AnyOperator, Context, Delivery, Operator, Subscription};
+use streamex::operator::{Context, Delivery, Operator, Subscription};
 use streamex::pubsub::PubSub;
-use streamex::replication::ConnectParams;
-use streamex::status::{MemoryStatus, PostgresStatus};
 use streamex::testing::Cluster;
-use tokio_util::sync::CancellationToken;
 
 const SCHEMA: &str = include_str!("../examples/blog/schema.sql");
 const BLOG_CONFIG: &str = include_str!("../config/streamex.toml");
@@ -213,7 +210,8 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
             }
             "b" => {
                 let mut cmd = streamex_command(&args.wrap);
-                cmd.args(["tail", "--database-url", &url, "--slot", &slot]);
+                cmd.args(["tail", "--database-url", &url, "--slot", &slot])
+                    .args(["--publication", "streamex"]);
                 ("(b) streamex tail -> /dev/null", cmd)
             }
             "c" | "d" | "e" => {
@@ -645,16 +643,7 @@ async fn latency_run(
         );
         Config::parse(&text, "latency.toml", env)?
     };
-    let params = ConnectParams::parse(url)?;
-    let service_pool = streamex::replication::catalog_pool(&params, 8).await?;
-    streamex::cli::prepare(&config, &service_pool).await?;
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let mut operators = if blog {
-        streamex::operators::build(&config.operators)?
-    } else {
-        Vec::new()
-    };
-    operators.push(AnyOperator::new(Recorder { seen: seen.clone() }));
     let pubsub = PubSub::new();
     let mut processed_rx = pubsub.subscribe_processed(1 << 20);
     let processed = Arc::new(Mutex::new(Vec::<(u64, i64)>::new()));
@@ -670,22 +659,18 @@ async fn latency_run(
             }
         }
     });
-    let stop = CancellationToken::new();
-    let service = tokio::spawn({
-        let (config, pool, pubsub, stop) =
-            (config.clone(), service_pool.clone(), pubsub, stop.clone());
-        async move {
-            if blog {
-                let status = PostgresStatus::new(pool.clone());
-                streamex::cli::run_service(&config, params, pool, status, pubsub, operators, stop)
-                    .await
-            } else {
-                let status = MemoryStatus::new();
-                streamex::cli::run_service(&config, params, pool, status, pubsub, operators, stop)
-                    .await
-            }
-        }
-    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // The configured status backend: PostgreSQL for the blog, memory for the counting run.
+    let service = streamex::Service::builder()
+        .config(config)
+        .registry(streamex::operators::registry())
+        .operator(Recorder { seen: seen.clone() })
+        .pubsub(pubsub)
+        .build()
+        .await?;
+    let service = tokio::spawn(service.run(async {
+        let _ = stop_rx.await;
+    }));
     tokio::time::sleep(Duration::from_secs(1)).await; // let it connect and start streaming
 
     let (written, elapsed) = steady_load(pool, url, args.rate, args.latency_seconds).await?;
@@ -709,10 +694,9 @@ async fn latency_run(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.cancel();
+    let _ = stop_tx.send(());
     service.await??;
     listener.abort();
-    service_pool.close().await;
     sqlx::query("SELECT pg_drop_replication_slot($1)")
         .bind(slot)
         .execute(pool)

@@ -31,8 +31,10 @@ pub mod operator;
 pub mod operators;
 pub mod pubsub;
 pub mod replication;
+mod service;
 pub mod status;
 pub mod testing;
 
 pub use event::{Event, EventType};
 pub use lsn::{Lsn, Position};
+pub use service::{Service, ServiceBuilder, ServiceError, ServiceHandle};

@@ -14,10 +14,8 @@ use streamex::config::Config;
 use streamex::event::Event;
 use streamex::operator::{AnyOperator, Context, Operator, Subscription};
 use streamex::pubsub::PubSub;
-use streamex::replication::ConnectParams;
 use streamex::status::{PostgresStatus, ProcessStatusStorage};
 use streamex::testing;
-use tokio_util::sync::CancellationToken;
 
 mod common;
 
@@ -1229,21 +1227,12 @@ async fn a_busy_port_stops_start_up_naming_the_setting() -> anyhow::Result<()> {
     let url = testing::server().create_database().await?;
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let config = config(&url, taken.local_addr()?.port(), CHANNELS, &[])?;
-    let params = ConnectParams::parse(&url)?;
-    let pool = PgPool::connect(&url).await?;
-    streamex::cli::prepare(&config, &pool).await?;
-    let error = streamex::cli::run_service(
-        &config,
-        params,
-        pool.clone(),
-        PostgresStatus::new(pool),
-        PubSub::new(),
-        Vec::new(),
-        CancellationToken::new(),
-    )
-    .await
-    .expect_err("the port is taken");
-    let message = format!("{error:#}");
+    let service = streamex::Service::builder().config(config).build().await?;
+    let error = service
+        .run(std::future::pending())
+        .await
+        .expect_err("the port is taken");
+    let message = streamex::error::chain(&anyhow::Error::from(error));
     assert!(
         message.contains("[http] listen") && message.contains("STREAMEX_HTTP__LISTEN"),
         "{message}"

@@ -591,7 +591,7 @@ async fn an_invalidated_slot_is_refused_with_what_was_lost() -> anyhow::Result<(
         "test.toml",
         std::iter::empty(),
     )?;
-    streamex::cli::prepare(&config, &pool).await?;
+    common::prepare(&config).await?;
     let slot = setup::slot_info(&pool, &slot_for(&url)).await?.unwrap();
     assert_ne!(slot.wal_status.as_deref(), Some("lost"));
     Ok(())

@@ -580,7 +580,7 @@ async fn a_backlog_of_small_commits_is_stored_in_groups() -> anyhow::Result<()> 
     sqlx::raw_sql(HANDLED).execute(&pool).await?;
     let config = minimal_config(&url, "tables = [\"posts\"]")?;
     // The slot first, so that the backlog is waiting when the service starts.
-    streamex::cli::prepare(&config, &pool).await?;
+    common::prepare(&config).await?;
     for id in 1..=COMMITS {
         sqlx::query("INSERT INTO posts (id, title) VALUES ($1, 'p')")
             .bind(i64::try_from(id)?)

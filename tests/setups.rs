@@ -347,17 +347,15 @@ async fn the_publication_follows_the_configured_tables() -> anyhow::Result<()> {
     };
     let with_tables =
         |tables: &str| config_text(&url, &format!("database_url = \"x\"\ntables = [{tables}]"));
-    streamex::cli::prepare(&with_tables(r#""posts""#)?, &pool).await?;
+    common::prepare(&with_tables(r#""posts""#)?).await?;
     assert_eq!(published().await?, ["posts"]);
-    streamex::cli::prepare(&with_tables(r#""posts", "comments""#)?, &pool).await?;
+    common::prepare(&with_tables(r#""posts", "comments""#)?).await?;
     assert_eq!(published().await?, ["comments", "posts"]);
-    streamex::cli::prepare(&with_tables(r#""comments""#)?, &pool).await?;
+    common::prepare(&with_tables(r#""comments""#)?).await?;
     assert_eq!(published().await?, ["comments"]);
 
     // A publication of some tables does not silently become one of all tables.
-    let error = streamex::cli::prepare(&with_tables("")?, &pool)
-        .await
-        .unwrap_err();
+    let error = common::prepare(&with_tables("")?).await.unwrap_err();
     let message = format!("{error:#}");
     assert!(
         message.contains("every table") && message.contains("publication"),
@@ -378,10 +376,9 @@ async fn the_publication_follows_the_configured_tables() -> anyhow::Result<()> {
         PubSub::new(),
         operators,
     )
-    .await?
-    .stop()
     .await
-    .unwrap_err();
+    .err()
+    .context("the service started")?;
     let message = format!("{error:#}");
     assert!(
         message.contains("titles")
@@ -401,8 +398,8 @@ async fn concurrent_setups_all_succeed() -> anyhow::Result<()> {
     for _ in 0..4 {
         let (url, config) = (url.clone(), config.clone());
         tasks.push(tokio::spawn(async move {
-            let pool = PgPool::connect(&url).await?;
-            streamex::cli::prepare(&config, &pool).await
+            let _ = url;
+            common::prepare(&config).await
         }));
     }
     for task in tasks {

@@ -12,11 +12,10 @@ use anyhow::Context;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::service::{prepare, run_service};
+use crate::Service;
 use crate::config::Config;
-use crate::pubsub::PubSub;
+use crate::operator::Registry;
 use crate::replication::{ConnectParams, setup};
-use crate::status::PostgresStatus;
 use crate::testing::{Cluster, create_database_at};
 
 const SCHEMA: &str = include_str!("../../examples/blog/schema.sql");
@@ -40,7 +39,11 @@ pub struct DemoArgs {
     http: Option<std::net::SocketAddr>,
 }
 
-pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    args: DemoArgs,
+    registry: &Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (cluster, admin_url) = match &args.database_url {
         Some(url) => (None, url.clone()),
         None => {
@@ -55,42 +58,104 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let url = create_database_at(&admin_url)
         .await
         .context("creating the demo database")?;
-    let pool = PgPool::connect(&url).await?;
+    let result = demo(&args, registry, &url, shutdown).await;
+    // On your server, the demo's database and slot go whatever happened (a slot left behind
+    // would hold WAL forever); a private cluster goes as a whole.
+    let removed = match cluster {
+        None => remove(&admin_url, &url).await,
+        Some(cluster) => {
+            tokio::task::spawn_blocking(move || drop(cluster)).await?;
+            println!("private cluster removed");
+            Ok(())
+        }
+    };
+    result.and(removed)
+}
+
+/// Drops the demo's slot and database from the server of `admin_url`.
+async fn remove(admin_url: &str, url: &str) -> anyhow::Result<()> {
+    let database = url.rsplit('/').next().unwrap_or_default().to_owned();
+    let admin = PgPool::connect(admin_url)
+        .await
+        .context("connecting to remove the demo's database and slot")?;
+    // The service's walsender may take a moment to go after it stops.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dropped = sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE slot_name = $1 AND NOT active",
+        )
+        .bind(&database)
+        .execute(&admin)
+        .await;
+        let left: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+        )
+        .bind(&database)
+        .fetch_one(&admin)
+        .await?;
+        if !left {
+            break;
+        }
+        if Instant::now() > deadline {
+            dropped?;
+            anyhow::bail!(
+                "the demo's replication slot {database:?} is still in use; drop it with \
+                 SELECT pg_drop_replication_slot('{database}') or it keeps WAL"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        setup::quote_ident(&database)
+    ))
+    .execute(&admin)
+    .await
+    .with_context(|| format!("dropping the demo's database {database:?}"))?;
+    println!("database {database} and its slot removed");
+    Ok(())
+}
+
+/// The demo on the fresh database `url`, until `shutdown` or its time is up.
+async fn demo(
+    args: &DemoArgs,
+    registry: &Registry,
+    url: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let pool = PgPool::connect(url).await?;
     sqlx::raw_sql(SCHEMA).execute(&pool).await?;
     let slot = url.rsplit('/').next().unwrap_or("streamex").to_owned();
     let mut overrides = vec![
-        ("STREAMEX_DATABASE_URL".to_owned(), url.clone()),
+        ("STREAMEX_DATABASE_URL".to_owned(), url.to_owned()),
         ("STREAMEX_SLOT".to_owned(), slot.clone()),
     ];
     if let Some(address) = args.http {
         overrides.push(("STREAMEX_HTTP__LISTEN".to_owned(), address.to_string()));
     }
     let config = Config::parse(CONFIG, "config/streamex.toml", overrides)?;
-    prepare(&config, &pool).await?;
-    let params = ConnectParams::parse(&url)?;
+    let params = ConnectParams::parse(url)?;
+    let service = Service::builder()
+        .config(config.clone())
+        .registry(registry.clone())
+        .build_until(shutdown.clone())
+        .await?;
     println!(
         "database {} ready: blog schema, publication {:?}, slot {:?}",
         params.redacted_url(),
         config.publication,
         slot
     );
-
     if let Some(address) = args.http {
         println!(
             "HTTP endpoint: http://{address}/metrics, /readyz, /process-status/comments?timestamp=..., \
              and live events with `curl -N http://{address}/channels/comments`"
         );
     }
-    let pubsub = PubSub::new();
-    let mut comments = pubsub.subscribe("comments", 64);
+    let mut comments = service.handle().pubsub().subscribe("comments", 64);
     let stop = shutdown.child_token();
-    let service = tokio::spawn({
-        let (config, pool, pubsub, stop) =
-            (config.clone(), pool.clone(), pubsub.clone(), stop.clone());
-        let operators = crate::operators::build(&config.operators)?;
-        let status = PostgresStatus::new(pool.clone());
-        async move { run_service(&config, params, pool, status, pubsub, operators, stop).await }
-    });
+    let running = tokio::spawn(service.run_until(stop.clone()));
     let written = Arc::new(AtomicU64::new(0));
     let writer = tokio::spawn(write_activity(
         pool.clone(),
@@ -113,7 +178,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         {
             break;
         }
-        if service.is_finished() {
+        if running.is_finished() {
             break;
         }
         let total = written.load(Ordering::Relaxed);
@@ -128,14 +193,11 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         while let Ok(Some(_)) = comments.try_recv() {}
     }
     stop.cancel();
-    writer.await??;
-    service.await??;
+    let written = writer.await?;
+    running.await??;
+    written?;
     println!("stopped cleanly");
-    drop(pool);
-    if let Some(cluster) = cluster {
-        tokio::task::spawn_blocking(move || drop(cluster)).await?;
-        println!("private cluster removed");
-    }
+    pool.close().await;
     Ok(())
 }
 

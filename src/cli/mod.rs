@@ -1,4 +1,23 @@
-//! The `streamex` command line: argument parsing and one module per command.
+//! The `streamex` command line, for the stock binary and for yours.
+//!
+//! [`main`] is the whole of a binary: it parses the arguments, sets up logging, handles
+//! SIGINT/SIGTERM, runs the command with the operators of the [`Registry`] it is given, and
+//! returns the exit code. The stock `streamex` is `cli::main(streamex::operators::registry())`;
+//! a binary of your own passes a registry with your operators, and gets every command with
+//! them: `run`, `setup`, `status`, `resume`, `tail`, `demo`.
+//!
+//! ```no_run
+//! use streamex::operator::Registry;
+//! # use streamex::operators::PostCommentTallies as MyOperator;
+//!
+//! fn main() -> std::process::ExitCode {
+//!     streamex::cli::main(
+//!         Registry::new()
+//!             .register("post_comment_tallies", || MyOperator)
+//!             .merge(streamex::operators::registry()),
+//!     )
+//! }
+//! ```
 //!
 //! Commands return `anyhow::Result`: this is the edge where typed errors become messages for
 //! a person.
@@ -8,31 +27,35 @@ mod service;
 mod status;
 mod tail;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
 
-pub use service::{ConfigArgs, connect, prepare, run_service};
+use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
+
+use crate::operator::Registry;
 
 /// Change-data-capture operator service for PostgreSQL.
 #[derive(Debug, Parser)]
 #[command(name = "streamex", version, about, long_about = None)]
-pub struct Cli {
+struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true, env = "STREAMEX_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    log_format: LogFormat,
     #[command(subcommand)]
-    pub command: Command,
+    command: Command,
 }
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// One line per event, for a person.
     Human,
+    /// One JSON object per event, for a log collector.
     Json,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+enum Command {
     /// The blog example end to end on a private PostgreSQL cluster: service, operators, live
     /// figures. Ctrl-C stops it and removes the cluster.
     Demo(demo::DemoArgs),
@@ -49,30 +72,88 @@ pub enum Command {
     Resume(service::ResumeArgs),
 }
 
-/// Runs the command until it ends or `shutdown` is cancelled.
-pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Demo(args) => demo::run(args, shutdown).await,
-        Command::Tail(args) => tail::run(args, shutdown).await,
-        Command::Setup(args) => service::setup_command(args, shutdown).await,
-        Command::Run(args) => service::run_command(args, shutdown).await,
-        Command::Status(args) => status::status_command(args, shutdown).await,
-        Command::Resume(args) => service::resume_command(args, shutdown).await,
+/// The whole `streamex` command line with `registry`'s operators: parses the arguments, sets
+/// up logging ([`init_logging`]), runs the command until it ends or a signal asks it to stop
+/// (SIGINT or SIGTERM: what is in flight is finished, progress stored and acknowledged; a
+/// second signal exits at once), and returns the exit code (1 with the error on stderr).
+pub fn main(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        run(cli.command, &registry, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", crate::error::chain(&error));
+            ExitCode::FAILURE
+        }
     }
 }
 
+/// Runs the command until it ends or `shutdown` is cancelled.
+async fn run(
+    command: Command,
+    registry: &Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    match command {
+        Command::Demo(args) => demo::run(args, registry, shutdown).await,
+        Command::Tail(args) => tail::run(args, shutdown).await,
+        Command::Setup(args) => service::setup_command(args, registry, shutdown).await,
+        Command::Run(args) => service::run_command(args, registry, shutdown).await,
+        Command::Status(args) => status::status_command(args, registry, shutdown).await,
+        Command::Resume(args) => service::resume_command(args, registry, shutdown).await,
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM; a second signal exits at once.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    for round in 0..2 {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        if round == 0 {
+            tracing::info!("shutting down: finishing what is in flight");
+            shutdown.cancel();
+        }
+    }
+    tracing::warn!("second signal: exiting without a clean shutdown");
+    std::process::exit(130);
+}
+
 /// Sets up `tracing` on stderr: the level from `RUST_LOG` (default `info`, sqlx `warn`),
-/// human or JSON.
+/// human or JSON; colours only when stderr is a terminal. Does nothing when the program has
+/// set up a subscriber of its own.
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     // sqlx reports server notices ("schema already exists, skipping") at info: too chatty.
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }

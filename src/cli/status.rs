@@ -7,10 +7,12 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::service::{ConfigArgs, InstanceLock, connect};
+use super::service::{ConfigArgs, connect};
 use crate::config::StatusBackendKind;
 use crate::event::micros_rfc3339;
+use crate::operator::Registry;
 use crate::replication::{Lsn, SlotInfo, setup};
+use crate::service::InstanceLock;
 use crate::status::{self, OperatorRunState, PostgresStatus, ProcessStatusStorage};
 
 #[derive(Debug, clap::Args)]
@@ -61,8 +63,12 @@ struct DeadLetterLine {
     count: i64,
 }
 
-pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (config, params, pool) = connect(&args.config, &shutdown).await?;
+pub async fn status_command(
+    args: StatusArgs,
+    registry: &Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (config, params, pool) = connect(&args.config, registry, &shutdown).await?;
     let slot = setup::slot_info(&pool, &config.slot).await?;
     // The migration creates every table in one transaction: one of them stands for all.
     let has_schema: bool =

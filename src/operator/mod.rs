@@ -25,6 +25,7 @@
 
 mod engine;
 mod progress;
+mod registry;
 mod runner;
 mod sql;
 
@@ -35,6 +36,7 @@ use std::sync::Arc;
 pub use engine::{
     Engine, EngineError, EngineExit, OperatorReport, OperatorSpec, OperatorStateKind,
 };
+pub use registry::{Registry, RegistryError};
 pub use sql::{SqlOperator, SqlOperatorBuilder};
 
 use crate::event::{Event, EventType};

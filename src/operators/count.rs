@@ -6,10 +6,16 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::Context as _;
-
 use crate::event::Event;
 use crate::operator::{Context, Delivery, Operator, Subscription};
+
+/// `[[operators]] settings` of `count_events`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountSettings {
+    /// The tables whose events it counts (default: posts and comments).
+    pub entities: Option<Vec<String>>,
+}
 
 /// See the module documentation.
 #[derive(Debug, Clone)]
@@ -19,6 +25,7 @@ pub struct CountEvents {
 }
 
 impl CountEvents {
+    /// Counts the events of `entities`.
     pub fn new(entities: &[&str]) -> Self {
         CountEvents {
             entities: entities.iter().map(|e| (*e).to_owned()).collect(),
@@ -26,18 +33,14 @@ impl CountEvents {
         }
     }
 
-    pub fn from_settings(settings: &toml::Table) -> anyhow::Result<Self> {
-        let entities = match settings.get("entities") {
-            None => vec!["posts".to_owned(), "comments".to_owned()],
-            Some(value) => value
-                .clone()
-                .try_into::<Vec<String>>()
-                .context("settings.entities must be a list of table names")?,
-        };
-        Ok(CountEvents {
-            entities,
+    /// From its `[[operators]]` settings.
+    pub fn from_settings(settings: CountSettings) -> Self {
+        CountEvents {
+            entities: settings
+                .entities
+                .unwrap_or_else(|| vec!["posts".to_owned(), "comments".to_owned()]),
             count: Arc::default(),
-        })
+        }
     }
 
     /// How many events it has seen.

@@ -42,9 +42,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ClusterError, server};
 use crate::config::{Config, ConfigError, RetryConfig};
-use crate::operator::AnyOperator;
+use crate::operator::{AnyOperator, Registry};
 use crate::pubsub::PubSub;
-use crate::replication::{ConnectParams, Lsn};
+use crate::replication::Lsn;
 use crate::status::{self, OperatorRunState, PostgresStatus};
 
 /// The kit's marker table (its schema is `streamex_testing`).
@@ -147,6 +147,7 @@ pub struct OperatorTest {
     config: Config,
     retry: Option<RetryConfig>,
     patience: Duration,
+    registry: Registry,
     running: Mutex<()>,
 }
 
@@ -202,7 +203,7 @@ impl OperatorTest {
                 })
                 .collect();
             tune(&mut config);
-            crate::cli::prepare(&config, &pool).await?;
+            crate::service::prepare(&config, &pool).await?;
             anyhow::Ok(config)
         };
         let config = setup.await.map_err(KitError::Setup)?;
@@ -212,6 +213,7 @@ impl OperatorTest {
             config,
             retry: None,
             patience: Duration::from_secs(60),
+            registry: crate::operators::registry(),
             running: Mutex::new(()),
         })
     }
@@ -228,6 +230,13 @@ impl OperatorTest {
         self.config.process_status.timestamp_field = given.process_status.timestamp_field;
         self.config.replication.batch_size = given.replication.batch_size;
         Ok(self)
+    }
+
+    /// The Rust operators [`run_configured`](Self::run_configured) may name (by default those
+    /// that ship with streamex, [`crate::operators::registry`]).
+    pub fn with_registry(mut self, registry: Registry) -> OperatorTest {
+        self.registry = registry;
+        self
     }
 
     /// The retry policy of every operator the kit runs, in place of the kit's quick one
@@ -291,7 +300,7 @@ impl OperatorTest {
 
     /// As [`run`](Self::run), for the operator configured under `name` in the configuration
     /// given to [`with_config`](Self::with_config): a declarative one, or a Rust one from
-    /// the registry ([`crate::operators::registry`]).
+    /// the registry ([`with_registry`](Self::with_registry)).
     pub async fn run_configured(&self, name: &str, statements: &[&str]) -> Result<(), KitError> {
         let Some(entry) = self.config.operators.iter().find(|o| o.name == name) else {
             let known: Vec<&str> = self
@@ -309,12 +318,13 @@ impl OperatorTest {
                 },
             });
         };
-        let operators = crate::operators::build(std::slice::from_ref(entry)).map_err(|source| {
-            KitError::Build {
+        let operators = self
+            .registry
+            .build(std::slice::from_ref(entry))
+            .map_err(|source| KitError::Build {
                 name: name.to_owned(),
-                source,
-            }
-        })?;
+                source: source.into(),
+            })?;
         self.run_all(operators, statements).await
     }
 
@@ -330,18 +340,21 @@ impl OperatorTest {
 
         let names: Vec<String> = operators.iter().map(|o| o.name().to_owned()).collect();
         let config = self.run_config();
-        let params = ConnectParams::parse(&config.database_url)
-            .map_err(|e| database("parsing the test database's URL", e))?;
         let pubsub = PubSub::new();
         let mut through = pubsub.processed_through();
         let stop = CancellationToken::new();
+        let service = crate::Service::builder()
+            .config(config)
+            .configured_operators(false)
+            .operators(operators)
+            .pubsub(pubsub)
+            .status(PostgresStatus::new(self.pool.clone()))
+            .build()
+            .await
+            .map_err(|e| KitError::Service(e.into()))?;
         let mut service = tokio::spawn({
-            let (pool, stop) = (self.pool.clone(), stop.clone());
-            let status = PostgresStatus::new(pool.clone());
-            async move {
-                crate::cli::run_service(&config, params, pool, status, pubsub, operators, stop)
-                    .await
-            }
+            let stop = stop.clone();
+            async move { service.run_until(stop).await.map_err(anyhow::Error::from) }
         });
 
         let deadline = tokio::time::Instant::now() + self.patience;

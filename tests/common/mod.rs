@@ -354,6 +354,16 @@ pub struct Service {
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+/// What `streamex setup` does for `config`: the streamex schema, the publication, the slot.
+pub async fn prepare(config: &streamex::config::Config) -> anyhow::Result<()> {
+    streamex::Service::builder()
+        .config(config.clone())
+        .registry(streamex::operators::registry())
+        .build()
+        .await?;
+    Ok(())
+}
+
 impl Service {
     pub async fn start<S: streamex::status::ProcessStatusStorage + Clone>(
         config: &streamex::config::Config,
@@ -361,16 +371,22 @@ impl Service {
         pubsub: streamex::pubsub::PubSub,
         operators: Vec<streamex::operator::AnyOperator>,
     ) -> anyhow::Result<Service> {
-        let params = ConnectParams::parse(&config.database_url)?;
-        // The pool `streamex run` makes, TLS and all.
-        let pool = replication::catalog_pool(&params, 8).await?;
-        streamex::cli::prepare(config, &pool).await?;
+        let service = streamex::Service::builder()
+            .config(config.clone())
+            .configured_operators(false)
+            .operators(operators)
+            .pubsub(pubsub)
+            .status(status)
+            .build()
+            .await?;
         let stop = CancellationToken::new();
         let task = tokio::spawn({
-            let (config, stop) = (config.clone(), stop.clone());
+            let stop = stop.clone();
             async move {
-                streamex::cli::run_service(&config, params, pool, status, pubsub, operators, stop)
+                service
+                    .run(stop.cancelled_owned())
                     .await
+                    .map_err(anyhow::Error::from)
             }
         });
         Ok(Service { stop, task })

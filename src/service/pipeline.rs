@@ -1,0 +1,144 @@
+//! The running service: the instance lock, then the stream feeding the engine, again after a
+//! resumed operator or a lost lock, until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::lock::InstanceLock;
+use crate::config::Config;
+use crate::metrics::Phase;
+use crate::operator::{Engine, EngineExit, OperatorReport};
+use crate::replication::{self, Acknowledger, ConnectParams, StreamConfig, setup};
+use crate::status::ProcessStatusStorage;
+
+/// Waits for the instance lock, then streams, until `shutdown`; takes the lock again when it
+/// is lost.
+pub(super) async fn run_pipeline<S: ProcessStatusStorage + Clone>(
+    config: &Config,
+    params: ConnectParams,
+    pool: PgPool,
+    engine: Arc<Engine<S>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        // One active instance per slot: the others wait here as standbys.
+        engine.metrics.set_phase(Phase::Standby);
+        let Some(lock) = InstanceLock::acquire(&pool, &config.slot, &shutdown).await? else {
+            return Ok(()); // shut down while standing by
+        };
+        engine.metrics.set_phase(Phase::Active);
+        // Losing the lock's connection means another instance may take over: stop processing
+        // at once, then stand by for the lock again.
+        let lost = CancellationToken::new();
+        let watch = tokio::spawn(lock.watch(lost.clone(), shutdown.clone()));
+        let active = {
+            let both = shutdown.child_token();
+            let (lost, both2) = (lost.clone(), both.clone());
+            tokio::spawn(async move {
+                lost.cancelled().await;
+                both2.cancel();
+            });
+            both
+        };
+        let summary = tokio::spawn(log_summaries(engine.reporter()));
+        let result = stream_until_shutdown(config, params.clone(), &pool, &engine, &active).await;
+        summary.abort();
+        watch.abort();
+        if shutdown.is_cancelled() || !lost.is_cancelled() {
+            return result;
+        }
+        warn!(
+            slot = %config.slot,
+            error = %result.err().map(|e| crate::error::chain(&e)).unwrap_or_default(),
+            "lost the connection holding the instance lock (a server restart, or the connection \
+             was ended): stopped processing; taking the lock again, or standing by if another \
+             instance has it"
+        );
+    }
+}
+
+/// Logs one line per operator every minute: the person on call sees progress without asking.
+async fn log_summaries(report: impl Fn() -> Vec<OperatorReport>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        for r in report() {
+            info!(
+                operator = %r.name,
+                state = ?r.state,
+                done_through = %r.done_through,
+                events = r.events,
+                retries = r.retries,
+                dead_letters = r.dead_letters,
+                "summary"
+            );
+        }
+    }
+}
+
+async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
+    config: &Config,
+    params: ConnectParams,
+    pool: &PgPool,
+    engine: &Engine<S>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let slot = loop {
+            match setup::slot_info(pool, &config.slot).await {
+                Ok(slot) => break slot,
+                Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                    warn!(error = %e, "reading the slot failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let slot =
+            slot.with_context(|| format!("replication slot {:?} disappeared", config.slot))?;
+        let start = slot.confirmed_flush_lsn.unwrap_or_default();
+        let ack = Acknowledger::starting_at(start);
+        let mut stream_config =
+            StreamConfig::new(params.clone(), &config.slot, &config.publication);
+        stream_config.status_interval = config.replication.status_interval;
+        stream_config.reconnect.initial = config.replication.reconnect_initial;
+        stream_config.reconnect.max = config.replication.reconnect_max;
+        stream_config.capacity = config.replication.channel_capacity;
+        stream_config.stats = engine.metrics.stream.clone();
+        stream_config.default_schema = config.default_schema.clone();
+        let stop = shutdown.child_token();
+        let stream = replication::spawn(stream_config, pool.clone(), ack.clone(), stop.clone());
+        let exit = engine
+            .run(stream.items, ack.clone(), start, shutdown.clone())
+            .await;
+        stop.cancel();
+        let streamed = stream.task.await.context("the replication task panicked")?;
+        let exit = exit?;
+        match exit {
+            EngineExit::Shutdown => {
+                streamed?;
+                info!(acknowledged = %ack.acknowledged(), "stopped cleanly");
+                return Ok(());
+            }
+            EngineExit::StreamEnded => {
+                streamed?;
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                bail!("the replication stream ended unexpectedly");
+            }
+            EngineExit::Resumed(name) => {
+                info!(operator = %name, "restarting the pipeline from the slot's position");
+            }
+        }
+    }
+}

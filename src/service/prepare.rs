@@ -1,0 +1,110 @@
+//! Set-up: what `streamex setup` does and `streamex run` does first. The streamex schema
+//! (migrations), the publication brought in line with the configuration, the slot; then the
+//! check that every operator listens to a published table.
+
+use anyhow::{Context as _, bail};
+use sqlx::PgPool;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::operator::AnyOperator;
+use crate::replication::{PublicationTables, setup};
+use crate::status;
+
+/// Key of the session-level advisory lock that serialises set-ups of one database (ASCII
+/// "strmxset"): instances started together would otherwise race to create the same objects.
+const SETUP_LOCK: i64 = 0x7374_726d_7873_6574;
+
+/// Creates the streamex schema, the publication and the slot when missing; brings the
+/// publication in line with the configuration; checks the rest. Safe to run from several
+/// processes at once: they take turns.
+pub(crate) async fn prepare(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    setup::check_server(pool).await?;
+    // A connection of its own: the lock is released when it closes, whatever happens.
+    let mut lock = pool
+        .acquire()
+        .await
+        .context("connecting to take the set-up lock")?
+        .detach();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(SETUP_LOCK)
+        .execute(&mut lock)
+        .await
+        .context("taking the set-up lock")?;
+    let result = prepare_locked(config, pool).await;
+    let _ = lock.close().await;
+    result
+}
+
+async fn prepare_locked(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
+    status::migrate(pool).await?;
+    let tables = config.table_list();
+    let tables = if tables.is_empty() {
+        PublicationTables::All
+    } else {
+        PublicationTables::Tables(tables)
+    };
+    setup::ensure_publication(pool, &config.publication, &tables).await?;
+    for (schema, table, missing) in setup::tables_without_identity(pool, &tables).await? {
+        warn!(schema, table, "published table: {missing}");
+    }
+    let (slot, created) = match setup::ensure_slot(pool, &config.slot).await {
+        Err(setup::SetupError::SlotInvalidated { slot, confirmed })
+            if config.replication.recreate_invalidated_slot =>
+        {
+            warn!(
+                slot = %slot,
+                lost_from = %confirmed,
+                "replication slot was invalidated (its WAL was removed); recreating it as \
+                 configured: the changes made from lost_from until now are not seen, rebuild \
+                 what is derived from them"
+            );
+            setup::drop_slot(pool, &slot).await?;
+            setup::ensure_slot(pool, &slot).await?
+        }
+        other => other?,
+    };
+    if !created {
+        info!(slot = %slot.name, confirmed = ?slot.confirmed_flush_lsn, "using existing replication slot");
+    }
+    Ok(())
+}
+
+/// Refuses operators that listen to a table the publication does not publish: they would
+/// never see an event, and the slot would move past that table's changes.
+pub(super) async fn check_published(
+    config: &Config,
+    pool: &PgPool,
+    operators: &[AnyOperator],
+) -> anyhow::Result<()> {
+    let mut wanted: Vec<(String, String, &str)> = Vec::new();
+    for operator in operators {
+        for subscription in operator.subscriptions() {
+            let name = crate::event::EntityName::parse(&subscription.entity)
+                .with_context(|| format!("operator {}", operator.name()))?;
+            let schema = name.schema_or(&config.default_schema).to_owned();
+            wanted.push((schema, name.table, operator.name()));
+        }
+    }
+    let pairs: Vec<(String, String)> = wanted
+        .iter()
+        .map(|(schema, table, _)| (schema.clone(), table.clone()))
+        .collect();
+    let missing = setup::unpublished(pool, &config.publication, &pairs).await?;
+    if let Some((schema, table)) = missing.first() {
+        let operator = wanted
+            .iter()
+            .find(|(s, t, _)| s == schema && t == table)
+            .map_or("?", |w| w.2);
+        bail!(
+            "operator {operator} listens to {schema}.{table}, which publication {:?} does not \
+             publish: add \"{}\" to `tables` (or correct the operator's table name; a name without \
+             a schema means default_schema {:?})",
+            config.publication,
+            crate::event::entity_name(schema, table, &config.default_schema),
+            config.default_schema
+        );
+    }
+    Ok(())
+}
