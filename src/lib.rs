@@ -20,6 +20,7 @@
 //!   kit for testing an operator.
 
 pub mod cli;
+mod cluster;
 pub mod config;
 pub mod decode;
 pub mod error;
@@ -33,6 +34,7 @@ pub mod pubsub;
 pub mod replication;
 mod service;
 pub mod status;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use event::{Event, EventType};

@@ -16,7 +16,7 @@ use crate::Service;
 use crate::config::Config;
 use crate::operator::Registry;
 use crate::replication::{ConnectParams, setup};
-use crate::testing::{Cluster, create_database_at};
+use crate::cluster::{Cluster, create_database_at};
 
 const SCHEMA: &str = include_str!("../../examples/blog/schema.sql");
 const CONFIG: &str = include_str!("../../config/streamex.toml");

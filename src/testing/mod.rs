@@ -1,4 +1,6 @@
-//! A private PostgreSQL cluster for tests and demos, and a testing kit for operators.
+//! A private PostgreSQL cluster for tests, and a testing kit for operators (the `testing`
+//! feature: `streamex = { version = "..", features = ["testing"] }` in your crate's
+//! `[dev-dependencies]`).
 //!
 //! Tests share one cluster per test binary ([`server`]) and take a fresh database each
 //! ([`TestServer::create_database`]). Set `STREAMEX_TEST_DATABASE_URL` to a superuser URL of a
@@ -8,12 +10,11 @@
 //! operator run through the real pipeline over a list of SQL statements, and your derived
 //! tables to assert on. [`event`] makes an event by hand, for unit tests of a handler.
 
-mod cluster;
 mod kit;
 
 use std::sync::OnceLock;
 
-pub use cluster::{
+pub use crate::cluster::{
     Cluster, ClusterBuilder, ClusterError, StopMode, create_database_at, find_bindir,
 };
 pub use kit::{KitError, OperatorTest};

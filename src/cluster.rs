@@ -1,3 +1,5 @@
+// Used by `streamex demo`; the rest is for tests, through `streamex::testing`.
+#![cfg_attr(not(feature = "testing"), allow(dead_code))]
 //! A private PostgreSQL cluster, started from the machine's own PostgreSQL binaries.
 //!
 //! ```text
