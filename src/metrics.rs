@@ -20,7 +20,7 @@
 //! mix their figures.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -30,8 +30,30 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::operator::{OperatorReport, OperatorStateKind};
-use crate::replication::{Lsn, SlotInfo};
+use crate::lsn::Lsn;
+use crate::replication::SlotInfo;
+pub use crate::replication::StreamStats;
+
+/// An operator's state as the engine sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorStateKind {
+    Running,
+    Halted,
+}
+
+/// What the engine knows of one operator, for status and metrics.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OperatorReport {
+    pub name: String,
+    pub state: OperatorStateKind,
+    /// Every commit up to this end position is done.
+    pub done_through: Lsn,
+    pub events: u64,
+    pub retries: u64,
+    pub dead_letters: u64,
+    pub last_error: Option<String>,
+}
 
 type EntityLabel = [(&'static str, String); 1];
 
@@ -49,38 +71,6 @@ pub enum Phase {
     Standby = 1,
     /// Holding the instance lock: the pipeline runs.
     Active = 2,
-}
-
-/// The replication stream's own figures, updated by the stream task.
-#[derive(Debug, Default)]
-pub struct StreamStats {
-    streaming: AtomicBool,
-    reconnects: AtomicU64,
-}
-
-impl StreamStats {
-    /// A session has started streaming (`START_REPLICATION` accepted).
-    pub fn streaming(&self) {
-        self.streaming.store(true, Ordering::Relaxed);
-    }
-
-    /// The session ended (shutdown, or a failure that may be retried).
-    pub fn ended(&self) {
-        self.streaming.store(false, Ordering::Relaxed);
-    }
-
-    /// A new session is about to be tried after a transient failure.
-    pub fn reconnecting(&self) {
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn is_streaming(&self) -> bool {
-        self.streaming.load(Ordering::Relaxed)
-    }
-
-    pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
 }
 
 /// One commit being timed from its commit time to the end of its processing.

@@ -13,10 +13,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::Service;
+use crate::cluster::{Cluster, create_database_at};
 use crate::config::Config;
 use crate::operator::Registry;
 use crate::replication::{ConnectParams, setup};
-use crate::cluster::{Cluster, create_database_at};
 
 const SCHEMA: &str = include_str!("../../examples/blog/schema.sql");
 const CONFIG: &str = include_str!("../../config/streamex.toml");

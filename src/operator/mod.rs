@@ -23,6 +23,9 @@
 //! - The slot is acknowledged up to a commit only when every operator has durably finished
 //!   every event up to it (or dead-lettered it) and the process status covering it is stored.
 
+mod board;
+mod coordinator;
+mod dispatch;
 mod engine;
 mod progress;
 mod registry;
@@ -33,9 +36,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-pub use engine::{
-    Engine, EngineError, EngineExit, OperatorReport, OperatorSpec, OperatorStateKind,
-};
+pub use crate::metrics::{OperatorReport, OperatorStateKind};
+pub use engine::{Engine, EngineError, EngineExit, OperatorSpec};
 pub use registry::{Registry, RegistryError};
 pub use sql::{SqlOperator, SqlOperatorBuilder};
 

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use super::engine::Board;
+use super::board::Board;
 use super::{Context, Delivery, DynOperator, HandlerFuture};
 use crate::config::{FailurePolicy, RetryConfig};
 use crate::event::Event;

@@ -26,6 +26,7 @@ mod params;
 mod protocol;
 mod relay;
 pub mod setup;
+mod stats;
 mod stream;
 mod tls;
 
@@ -40,5 +41,6 @@ pub use error::{DbError, ReplicationError};
 pub use params::{ConnectParams, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PORT, Host};
 pub use protocol::{ProtocolError, ServerMessage, StatusUpdate, now_unix_micros};
 pub use setup::{PublicationTables, SetupError, SlotInfo};
+pub use stats::StreamStats;
 pub use stream::{Backoff, ReplicationStream, SESSION_SETTINGS, StreamConfig, StreamError, spawn};
 pub use tls::{SslMode, Transport};

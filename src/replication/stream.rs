@@ -43,9 +43,9 @@ use super::conn::{ConnectOptions, Connection, CopyMessage, CopyReader, CopyWrite
 use super::params::ConnectParams;
 use super::protocol::{ServerMessage, StatusUpdate, now_unix_micros};
 use super::setup::{self, SetupError, quote_ident, quote_literal};
+use super::stats::StreamStats;
 use super::{Acknowledger, Lsn, ProtocolError, ReplicationError};
 use crate::decode::{Decoded, Decoder, DecoderError};
-use crate::metrics::StreamStats;
 
 /// Session settings pinned through the startup packet, so that values are decoded under
 /// the settings the decoder expects whatever the server's defaults are.

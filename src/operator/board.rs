@@ -1,0 +1,115 @@
+//! The progress board: what each operator's task has durably done, read by the coordinator
+//! (to store process status and acknowledge), `/metrics` and `streamex status`.
+//!
+//! ```text
+//!  runner i ──► advance(i, end) / count / retried / dead_lettered / halt ──► Board (atomics)
+//!                                                     │
+//!  coordinator ◄── done(i), done_through() = min ─────┘──► reports() ──► /metrics, ServiceHandle
+//! ```
+//!
+//! Every figure only moves forward (done positions with `fetch_max`), so a reader never sees
+//! an operator go back.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+use crate::lsn::Lsn;
+use crate::metrics::{OperatorReport, OperatorStateKind};
+
+/// Shared progress of the operators.
+#[derive(Debug)]
+pub(crate) struct Board {
+    done: Vec<AtomicU64>,
+    events: Vec<AtomicU64>,
+    retries: Vec<AtomicU64>,
+    dead: Vec<AtomicU64>,
+    halted: Vec<Mutex<Option<String>>>,
+    names: Vec<String>,
+    pub(super) changed: Notify,
+}
+
+impl Board {
+    pub(super) fn new(names: Vec<String>, start: Lsn) -> Self {
+        let n = names.len();
+        let atomics = |v: u64| (0..n).map(|_| AtomicU64::new(v)).collect::<Vec<_>>();
+        Board {
+            done: atomics(start.0),
+            events: atomics(0),
+            retries: atomics(0),
+            dead: atomics(0),
+            halted: (0..n).map(|_| Mutex::new(None)).collect(),
+            names,
+            changed: Notify::new(),
+        }
+    }
+
+    /// How far operator `index` is done: the end of the last commit it has finished.
+    pub(super) fn done(&self, index: usize) -> Lsn {
+        Lsn(self.done[index].load(Ordering::Acquire))
+    }
+
+    pub(crate) fn advance(&self, index: usize, end: Lsn) {
+        self.done[index].fetch_max(end.0, Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn count(&self, index: usize, n: usize) {
+        self.events[index].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn retried(&self, index: usize) {
+        self.retries[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dead_lettered(&self, index: usize) {
+        self.dead[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn halt(&self, index: usize, error: String) {
+        *self.halted[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+        self.changed.notify_one();
+    }
+
+    pub(super) fn is_halted(&self, index: usize) -> bool {
+        self.halted[index]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// The end of the last commit every operator is done with.
+    pub(super) fn done_through(&self) -> Lsn {
+        Lsn(self
+            .done
+            .iter()
+            .map(|d| d.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn reports(&self) -> Vec<OperatorReport> {
+        (0..self.names.len())
+            .map(|i| {
+                let error = self.halted[i]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                OperatorReport {
+                    name: self.names[i].clone(),
+                    state: if error.is_some() {
+                        OperatorStateKind::Halted
+                    } else {
+                        OperatorStateKind::Running
+                    },
+                    done_through: Lsn(self.done[i].load(Ordering::Acquire)),
+                    events: self.events[i].load(Ordering::Relaxed),
+                    retries: self.retries[i].load(Ordering::Relaxed),
+                    dead_letters: self.dead[i].load(Ordering::Relaxed),
+                    last_error: error,
+                }
+            })
+            .collect()
+    }
+}

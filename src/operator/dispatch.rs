@@ -1,0 +1,244 @@
+//! The dispatcher: reads decoded items in WAL order and hands each event to the inboxes of
+//! the operators that subscribe to it (waiting while one is full: backpressure), to the
+//! pub/sub (never waiting), and each commit's process-status items to the coordinator.
+//!
+//! ```text
+//!  Decoded ──► dispatch ──► inbox per operator (bounded: a full one makes the dispatcher wait)
+//!                 │  └───► pubsub channels (transient listeners; cut off, never waited for)
+//!                 └─ per commit: Commit marker to every inbox, then Pending ──► coordinator
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Subscription;
+use super::board::Board;
+use super::engine::{Engine, EngineExit};
+use super::progress::{Item, Listeners, Pending};
+use super::runner::Input;
+use crate::decode::Decoded;
+use crate::event::{Event, EventType};
+use crate::pubsub::{self, ChannelSpec};
+use crate::status::{self, ProcessStatusStorage};
+
+impl<S: ProcessStatusStorage + Clone> Engine<S> {
+    /// Reads decoded items and hands them out, until shutdown or the end of the stream.
+    pub(super) async fn dispatch(
+        &self,
+        items: &mut mpsc::Receiver<Decoded>,
+        inboxes: &mut [Option<mpsc::Sender<Input>>],
+        board: &Board,
+        pending: mpsc::Sender<Pending>,
+        shutdown: &CancellationToken,
+    ) -> EngineExit {
+        let subscriptions: Vec<Vec<Subscription>> = self
+            .operators
+            .iter()
+            .map(|o| o.operator.subscriptions())
+            .collect();
+        let mut specs: HashMap<Arc<str>, ChannelSpec> = HashMap::new();
+        let mut routes = Routes::default();
+        let mut current = Pending::default();
+        let mut channels: Vec<String> = Vec::new();
+        let mut tally = self.metrics.tally();
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return EngineExit::Shutdown,
+                item = items.recv() => match item {
+                    Some(item) => item,
+                    None => return EngineExit::StreamEnded,
+                },
+            };
+            match item {
+                Decoded::Begin { .. } | Decoded::Interrupted => {
+                    current.items.clear();
+                    tally.discard();
+                }
+                Decoded::Message { .. } => {}
+                Decoded::Event(event) if *event.schema == *status::SCHEMA => {}
+                Decoded::Event(event) => {
+                    let event = Arc::new(event);
+                    tally.event(&event.entity);
+                    let item = Item {
+                        timestamp: self.status_timestamp(&event),
+                        position: event.position(),
+                    };
+                    match current.items.get_mut(&event.entity) {
+                        Some((entry, _)) => entry.merge(item),
+                        None => {
+                            let listeners = routes.listeners(&subscriptions, &event);
+                            current
+                                .items
+                                .insert(event.entity.clone(), (item, listeners));
+                        }
+                    }
+
+                    if self.pubsub.channel_count() > 0 {
+                        let spec =
+                            specs
+                                .entry(event.entity.clone())
+                                .or_insert_with(|| ChannelSpec {
+                                    key_columns: event.key_columns.to_vec(),
+                                    scopes: self
+                                        .scopes
+                                        .get(&*event.entity)
+                                        .cloned()
+                                        .unwrap_or_default(),
+                                });
+                        channels.clear();
+                        channels.extend(pubsub::channels(&event, spec));
+                        self.pubsub.publish(&channels, &event);
+                    }
+                    for &index in routes.operators(&subscriptions, &event).iter() {
+                        if !send(&mut inboxes[index], Input::Event(event.clone()), shutdown).await {
+                            if shutdown.is_cancelled() {
+                                return EngineExit::Shutdown;
+                            }
+                            debug_assert!(board.is_halted(index));
+                        }
+                    }
+                }
+                Decoded::Commit {
+                    end_lsn, timestamp, ..
+                } => {
+                    tally.commit(end_lsn, timestamp);
+                    for inbox in inboxes.iter_mut() {
+                        if !send(inbox, Input::Commit { end_lsn }, shutdown).await
+                            && shutdown.is_cancelled()
+                        {
+                            return EngineExit::Shutdown;
+                        }
+                    }
+                    current.end_lsn = end_lsn;
+                    let done = std::mem::take(&mut current);
+                    tokio::select! {
+                        biased;
+                        sent = pending.send(done) => if sent.is_err() {
+                            return EngineExit::StreamEnded;
+                        },
+                        _ = shutdown.cancelled() => return EngineExit::Shutdown,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The process-status timestamp of an event: the configured record field (µs since the
+    /// Unix epoch), else the commit time; never later than the commit time. A row whose
+    /// field lies in the future (`updated_at = '2099-01-01'`) would otherwise make every later
+    /// write look processed: what has been processed is bounded by the commits processed.
+    fn status_timestamp(&self, event: &Event) -> i64 {
+        event
+            .record()
+            .and_then(|r| r.get(&self.timestamp_field))
+            .and_then(parse_timestamp)
+            .map_or(event.timestamp, |ts| ts.min(event.timestamp))
+    }
+}
+
+/// Which operators get an event, cached per entity and event type (the dispatcher asks for
+/// every event; the subscriptions are matched once).
+#[derive(Default)]
+struct Routes {
+    by_kind: HashMap<(Arc<str>, EventType), Arc<[usize]>>,
+    listeners: HashMap<Arc<str>, Listeners>,
+}
+
+impl Routes {
+    /// The operators a subscription of which matches `event`.
+    fn operators(&mut self, subscriptions: &[Vec<Subscription>], event: &Event) -> Arc<[usize]> {
+        self.by_kind
+            .entry((event.entity.clone(), event.kind))
+            .or_insert_with(|| {
+                (0..subscriptions.len())
+                    .filter(|&i| subscriptions[i].iter().any(|s| s.matches(event)))
+                    .collect()
+            })
+            .clone()
+    }
+
+    /// The operators that listen to `event`'s entity, whatever the event type: those whose
+    /// progress decides the entity's process status.
+    fn listeners(&mut self, subscriptions: &[Vec<Subscription>], event: &Event) -> Listeners {
+        self.listeners
+            .entry(event.entity.clone())
+            .or_insert_with(|| {
+                (0..subscriptions.len())
+                    .filter(|&i| subscriptions[i].iter().any(|s| event.is_entity(&s.entity)))
+                    .collect()
+            })
+            .clone()
+    }
+}
+
+/// Sends to an inbox, waiting while it is full. Returns false when the operator's task has
+/// stopped (it halted; its inbox is then dropped) or on shutdown.
+async fn send(
+    inbox: &mut Option<mpsc::Sender<Input>>,
+    input: Input,
+    shutdown: &CancellationToken,
+) -> bool {
+    let Some(sender) = inbox else {
+        return false;
+    };
+    let sent = tokio::select! {
+        biased;
+        sent = sender.send(input) => sent.is_ok(),
+        _ = shutdown.cancelled() => return false,
+    };
+    if !sent {
+        *inbox = None;
+    }
+    sent
+}
+
+/// A record field as a process-status timestamp in µs since the Unix epoch: a timestamp or
+/// timestamptz as `to_jsonb` writes them, or a number (taken as µs).
+fn parse_timestamp(value: &serde_json::Value) -> Option<i64> {
+    use chrono::{DateTime, NaiveDateTime};
+    match value {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => DateTime::parse_from_rfc3339(s)
+            .map(|t| t.timestamp_micros())
+            .ok()
+            .or_else(|| {
+                NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                    .ok()
+                    .map(|t| t.and_utc().timestamp_micros())
+            }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_record_timestamps_as_to_jsonb_writes_them() {
+        assert_eq!(
+            parse_timestamp(&json!("2024-01-02T03:04:05.123456+00:00")),
+            Some(1_704_164_645_123_456)
+        );
+        assert_eq!(
+            parse_timestamp(&json!("2024-01-02T05:04:05.123456+02:00")),
+            Some(1_704_164_645_123_456)
+        );
+        assert_eq!(
+            parse_timestamp(&json!("2024-01-02T03:04:05.123456")),
+            Some(1_704_164_645_123_456)
+        );
+        assert_eq!(
+            parse_timestamp(&json!("2024-01-02T03:04:05")),
+            Some(1_704_164_645_000_000)
+        );
+        assert_eq!(parse_timestamp(&json!(42)), Some(42));
+        assert_eq!(parse_timestamp(&json!("infinity")), None);
+        assert_eq!(parse_timestamp(&json!(null)), None);
+    }
+}
