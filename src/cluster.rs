@@ -26,27 +26,40 @@ use std::time::{Duration, Instant};
 
 /// What went wrong while starting or driving the private cluster.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClusterError {
+    /// No `initdb`/`pg_ctl` could be found.
     #[error(
         "no PostgreSQL server binaries found: looked in $STREAMEX_PG_BINDIR, $PATH, `pg_config --bindir` \
          and /usr/lib/postgresql/*/bin; install the PostgreSQL server package (Debian: postgresql) \
          or set STREAMEX_PG_BINDIR to the directory holding initdb and pg_ctl"
     )]
     NoBinaries,
+    /// Running as root without a `postgres` user to run the server as.
     #[error(
         "running as root, but there is no `postgres` user to run the server as (PostgreSQL refuses to run as root): \
          create one with `useradd --system postgres`"
     )]
     NoPostgresUser,
+    /// A PostgreSQL program (initdb, pg_ctl) failed.
     #[error("{step} failed: {detail}")]
-    Command { step: String, detail: String },
-    #[error("{step}: {source}")]
+    Command {
+        /// What was run.
+        step: String,
+        /// Its output.
+        detail: String,
+    },
+    /// A file or process operation failed.
+    #[error("{step}")]
     Io {
+        /// What was being done.
         step: &'static str,
+        /// Why it failed.
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
+    /// A query on the cluster failed.
+    #[error(transparent)]
     Sql(#[from] sqlx::Error),
 }
 
@@ -122,6 +135,7 @@ impl Cluster {
         Self::builder().start()
     }
 
+    /// A cluster to configure before it starts (settings, pg_hba.conf, files).
     pub fn builder() -> ClusterBuilder {
         ClusterBuilder::default()
     }

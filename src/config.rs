@@ -15,17 +15,33 @@ use serde::{Deserialize, Deserializer};
 
 /// A configuration that could not be read, with the key and the fix.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
-    #[error("reading the configuration file {path}: {source}")]
+    /// The file could not be read.
+    #[error("reading the configuration file {path}")]
     Read {
+        /// The file.
         path: String,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// A key of the file is unknown or has a bad value.
     #[error("configuration file {path}: {message}")]
-    Invalid { path: String, message: String },
+    Invalid {
+        /// The file (or what stands for it).
+        path: String,
+        /// The key and what is wrong with it.
+        message: String,
+    },
+    /// A `STREAMEX_*` variable does not name a key or has a bad value.
     #[error("environment variable {var}: {message}")]
-    Env { var: String, message: String },
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 /// The whole configuration.
@@ -48,8 +64,10 @@ pub struct Config {
     /// process status (`comments` is `public.comments`; `archive.comments` must be named so).
     #[serde(default = "default_schema")]
     pub default_schema: String,
+    /// `[replication]`: the stream's timing and capacities.
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// `[process_status]`: where process status is kept.
     #[serde(default)]
     pub process_status: ProcessStatusConfig,
     /// Retry policy for every operator, unless an operator sets its own.
@@ -83,8 +101,11 @@ pub struct ReplicationConfig {
     /// `wal_sender_timeout`).
     #[serde(deserialize_with = "duration")]
     pub status_interval: Duration,
+    /// The first wait before reconnecting after a transient failure; it doubles up to
+    /// `reconnect_max`.
     #[serde(deserialize_with = "duration")]
     pub reconnect_initial: Duration,
+    /// The longest wait before reconnecting.
     #[serde(deserialize_with = "duration")]
     pub reconnect_max: Duration,
     /// Decoded items that may wait between the reader and the operators.
@@ -206,6 +227,7 @@ impl HttpConfig {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps `secret`.
     pub fn new(secret: impl Into<String>) -> Self {
         Secret(secret.into())
     }
@@ -263,7 +285,9 @@ impl<'de> Deserialize<'de> for Secret {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StatusBackendKind {
+    /// In the process: lost on restart.
     Memory,
+    /// The `streamex.process_status` table, which applications can read.
     #[default]
     Postgres,
 }
@@ -272,6 +296,7 @@ pub enum StatusBackendKind {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessStatusConfig {
+    /// `"postgres"` (the default) or `"memory"`.
     pub backend: StatusBackendKind,
     /// The record field holding the row's timestamp; the commit time when a table has none.
     pub timestamp_field: String,
@@ -301,12 +326,17 @@ pub enum FailurePolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
+    /// The wait before the first retry.
     #[serde(deserialize_with = "duration")]
     pub initial: Duration,
+    /// By how much each wait grows.
     pub multiplier: f64,
+    /// The longest wait.
     #[serde(deserialize_with = "duration")]
     pub max: Duration,
+    /// How many times a failing event is tried again before `on_failure` applies.
     pub retries: u32,
+    /// What happens then.
     pub on_failure: FailurePolicy,
 }
 
@@ -402,6 +432,21 @@ pub struct OperatorConfig {
 }
 
 impl Config {
+    /// A configuration for `database_url` with every other setting at its default (the
+    /// slot and publication `streamex`, every table published, no operators): set the
+    /// fields you need, then give it to [`crate::Service::builder`].
+    pub fn new(database_url: &str) -> Config {
+        Config::parse(
+            &format!(
+                "database_url = {}",
+                toml::Value::String(database_url.to_owned())
+            ),
+            "Config::new",
+            std::iter::empty(),
+        )
+        .expect("the defaults are valid")
+    }
+
     /// Reads `path`, applies `STREAMEX_*` environment overrides, and checks the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

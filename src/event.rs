@@ -31,13 +31,18 @@ pub type Record = serde_json::Map<String, Value>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventType {
+    /// A new row.
     Insert,
+    /// A changed row.
     Update,
+    /// A deleted row.
     Delete,
+    /// The table was truncated (the event has no records).
     Truncate,
 }
 
 impl EventType {
+    /// `insert`, `update`, `delete` or `truncate`, as the JSON form writes it.
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::Insert => "insert",
@@ -57,8 +62,11 @@ impl std::fmt::Display for EventType {
 /// One column whose value an update changed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Change {
+    /// The column.
     pub column: String,
+    /// Its value before the update.
     pub old_value: Value,
+    /// Its value after.
     pub new_value: Value,
 }
 
@@ -73,6 +81,7 @@ impl Changes {
         self.0.iter().find(|c| c.column == column)
     }
 
+    /// Whether no column changed.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -122,7 +131,28 @@ impl<'de> Deserialize<'de> for Changes {
 }
 
 /// One committed change to one row, or one truncated table.
+///
+/// Its fields are public to read; new fields may be added, so an event is built by the
+/// decoder (or, in tests, by `streamex::testing::event`), not by hand.
+///
+/// ```
+/// # fn example(event: &streamex::Event) -> anyhow::Result<()> {
+/// use streamex::EventType;
+///
+/// #[derive(serde::Deserialize)]
+/// struct Comment { id: i64, post_id: i64, body: String }
+///
+/// if event.is_entity("comments") && event.kind == EventType::Insert {
+///     let comment: Comment = event.new_record_as()?;
+///     let post_id: i64 = event.get("post_id")?;
+///     assert_eq!(comment.post_id, post_id);
+///     println!("comment {} at {}: {}", comment.id, event.position(), comment.body);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Event {
     /// insert, update, delete or truncate.
     #[serde(rename = "type")]
@@ -286,8 +316,11 @@ pub enum RecordError {
     /// The event has no such record (a truncate has none; a delete has no new one).
     #[error("the {kind} event of {entity} has no {what}")]
     NoRecord {
+        /// The event's entity.
         entity: String,
+        /// The event's type.
         kind: EventType,
+        /// The record asked for.
         what: &'static str,
     },
     /// The record lacks the column.
@@ -297,23 +330,33 @@ pub enum RecordError {
         " (an old record holds only the key columns unless the table has REPLICA IDENTITY FULL)"
     })]
     MissingColumn {
+        /// The event's entity.
         entity: String,
+        /// The column asked for.
         column: String,
+        /// Whether it is listed in `unavailable_columns` (not sent).
         unavailable: bool,
     },
     /// The column's value does not convert to the type asked for.
     #[error("column {column} of {entity} is a JSON {found}, which does not convert to {expected}")]
     Type {
+        /// The event's entity.
         entity: String,
+        /// The column (a path into it for nested values).
         column: String,
+        /// The Rust type asked for.
         expected: &'static str,
+        /// The JSON kind of the value (never the value).
         found: &'static str,
     },
     /// The record does not have the shape of the type asked for.
     #[error("the record of {entity} does not fit {expected}: {message}")]
     Shape {
+        /// The event's entity.
         entity: String,
+        /// The Rust type asked for.
         expected: &'static str,
+        /// What serde said (a missing field's name).
         message: String,
     },
 }
@@ -448,6 +491,8 @@ pub mod micros_rfc3339 {
     use chrono::{DateTime, SecondsFormat};
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
+    /// `micros` as RFC 3339 (`2026-11-22T07:33:00.123456Z`); the number itself when out of
+    /// range.
     pub fn format(micros: i64) -> String {
         match DateTime::from_timestamp_micros(micros) {
             Some(t) => t.to_rfc3339_opts(SecondsFormat::Micros, true),
@@ -455,10 +500,12 @@ pub mod micros_rfc3339 {
         }
     }
 
+    /// Serialises µs as [`format()`] writes them.
     pub fn serialize<S: Serializer>(micros: &i64, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(&format(*micros))
     }
 
+    /// Reads RFC 3339 back into µs since the Unix epoch.
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         DateTime::parse_from_rfc3339(&s)

@@ -1,36 +1,55 @@
-//! streamex: a change-data-capture operator service for PostgreSQL.
+//! streamex: a change-data-capture operator service for PostgreSQL, as a library.
+//!
+//! It reads the write-ahead log through a logical replication slot (`pgoutput`), turns every
+//! committed change into a typed [`Event`], publishes it on an in-process [`pubsub`], runs the
+//! [`operator`]s you write (Rust, or declared in SQL) to keep derived tables and side effects
+//! up to date, and records per-entity process [`status`], so that it resumes exactly after a
+//! crash and your application can ask, in SQL, whether its write has been processed yet.
+//!
+//! # Using it
+//!
+//! - Write operators: [`operator::Operator`] with plain `async fn`s, or a declarative
+//!   [`operator::SqlOperator`].
+//! - Run them: [`Service::builder`] in your own program, or [`cli::main`] with a
+//!   [`operator::Registry`] of your operators, which gives your binary every `streamex`
+//!   command.
+//! - Test them: `streamex::testing::OperatorTest` (the `testing` feature) runs an operator
+//!   through the real pipeline against a private PostgreSQL.
 //!
 //! # Layout
 //!
 //! Data flows one way, and each step is a module:
 //!
 //! ```text
-//! replication ──► decode ──► event ──► (pubsub ──► operator ──► status) ──► ack back to replication
+//! replication ──► decode ──► event ──► operator (dispatch ─► runners ─► coordinator) ──► status
+//!      ▲                        └────► pubsub (channels, EntityProcessed)                  │
+//!      └────────────────────── acknowledgement of what is durably done ◄─────────────────┘
+//! service: wires them (connect, set up, instance lock, pipeline); cli: the command line
 //! ```
 //!
-//! - [`replication`]: the replication connection (startup, authentication, TLS), the CopyBoth
-//!   stream, standby status updates and acknowledgement, publication and slot set-up.
-//! - [`decode`]: the pgoutput decoder, the relation and type caches, and the conversion of
-//!   PostgreSQL text values to JSON exactly as `to_jsonb` gives them.
-//! - [`event`]: the typed change event every later stage works on.
-//! - [`metrics`] and [`http`]: the optional HTTP endpoint (Prometheus metrics, health,
-//!   process status, Server-Sent Events of the pub/sub channels).
-//! - [`cli`]: the `streamex` command line.
-//! - [`testing`]: a private PostgreSQL cluster for tests and demos, and `OperatorTest`, the
-//!   kit for testing an operator.
+//! Leaf modules every stage uses: [`lsn`] (`Lsn`, `Position`), [`error`] (error chains and
+//! their retry class), [`config`]. The façade is [`Service`], [`operator`], [`event`],
+//! [`config`], [`status`], [`pubsub`], [`cli`] and `testing`; `replication`, `decode`,
+//! `metrics` and `http` are internals, public only for streamex's own integration tests.
+
+#![warn(missing_docs)]
 
 pub mod cli;
 mod cluster;
 pub mod config;
+#[doc(hidden)]
 pub mod decode;
 pub mod error;
 pub mod event;
+#[doc(hidden)]
 pub mod http;
 pub mod lsn;
+#[doc(hidden)]
 pub mod metrics;
 pub mod operator;
 pub mod operators;
 pub mod pubsub;
+#[doc(hidden)]
 pub mod replication;
 mod service;
 pub mod status;

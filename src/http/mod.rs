@@ -14,7 +14,7 @@
 //!
 //! The server is started by `run_service` when configured and stops with the service's
 //! shutdown token; open event streams end on the same token, so they never hold shutdown up.
-//! Every request but the probes passes [`guard`] first: the `Host` check against DNS
+//! Every request but the probes passes `guard` first: the `Host` check against DNS
 //! rebinding, then the bearer token when `[http] token` is set.
 //!
 //! # Slow clients

@@ -37,7 +37,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use crate::metrics::{OperatorReport, OperatorStateKind};
-pub use engine::{Engine, EngineError, EngineExit, OperatorSpec};
+pub(crate) use engine::{Engine, EngineExit, OperatorSpec};
 pub use registry::{Registry, RegistryError};
 pub use sql::{SqlOperator, SqlOperatorBuilder};
 
@@ -150,7 +150,7 @@ pub struct NoTransaction {
 ///
 /// Implement it with plain `async fn`s, and hand it to the service
 /// ([`crate::Service::builder`]), or register it under its name
-/// ([`crate::cli::Registry`]) so that a configuration can name it.
+/// ([`Registry`]) so that a configuration can name it.
 ///
 /// # Guarantees
 ///

@@ -25,19 +25,39 @@ pub enum RegistryError {
         "operators.{name}: no operator is registered under this name: registered Rust operators \
          are {known}; a declarative operator needs `query` and `id`"
     )]
-    Unknown { name: String, known: String },
+    Unknown {
+        /// The name in the configuration.
+        name: String,
+        /// The registered names.
+        known: String,
+    },
     /// The operator's `settings` do not fit what its constructor takes.
     #[error("operators.{name}.settings: {message}")]
-    Settings { name: String, message: String },
+    Settings {
+        /// The operator.
+        name: String,
+        /// The setting and what is wrong with it.
+        message: String,
+    },
     /// The constructor failed.
     #[error("operators.{name}: {message}")]
-    Build { name: String, message: String },
+    Build {
+        /// The operator.
+        name: String,
+        /// Why it could not be built.
+        message: String,
+    },
     /// The operator calls itself something else than the name it is registered under.
     #[error(
         "operators.{name}: the operator registered as {name:?} calls itself {actual:?} \
          (Operator::name); make them the same: the name is also its checkpoint's key"
     )]
-    NameMismatch { name: String, actual: String },
+    NameMismatch {
+        /// The registered name.
+        name: String,
+        /// What its `Operator::name` says.
+        actual: String,
+    },
 }
 
 /// Rust operators by name, so that a configuration can name them.

@@ -271,6 +271,7 @@ impl SqlOperatorBuilder {
         self
     }
 
+    /// The operator; an error names what is missing or inconsistent.
     pub fn build(self) -> anyhow::Result<SqlOperator> {
         let query = self
             .query
@@ -312,6 +313,7 @@ enum Step {
 const RECOMPUTE_CHUNK: usize = 10_000;
 
 impl SqlOperator {
+    /// A builder for the declarative operator `name`.
     pub fn builder(name: &str) -> SqlOperatorBuilder {
         SqlOperatorBuilder {
             name: name.to_owned(),

@@ -40,7 +40,9 @@ pub enum RecvError {
         "subscriber of {channel} fell behind and was cut off; first missed event at {dropped_at}"
     )]
     Lagged {
+        /// The channel it was subscribed to.
         channel: String,
+        /// The first event it did not get.
         dropped_at: Position,
     },
     /// The bus was dropped; the subscriber has received everything published before.
@@ -52,6 +54,7 @@ pub enum RecvError {
 /// `EntityProcessed` message), published on [`PROCESSED_CHANNEL`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntityProcessed {
+    /// The entity (see [`crate::event::Event::entity`]).
     pub entity: String,
     /// The entity's last processed event.
     pub position: Position,
@@ -71,6 +74,7 @@ struct PublishedInner {
 }
 
 impl Published {
+    /// `event`, not serialised yet.
     pub fn new(event: Arc<Event>) -> Self {
         Published(Arc::new(PublishedInner {
             event,
@@ -78,6 +82,7 @@ impl Published {
         }))
     }
 
+    /// The event.
     pub fn event(&self) -> &Arc<Event> {
         &self.0.event
     }
@@ -249,6 +254,7 @@ impl fmt::Debug for PubSub {
 }
 
 impl PubSub {
+    /// A bus with no subscribers.
     pub fn new() -> Self {
         Self::default()
     }

@@ -9,7 +9,9 @@ pub enum StatusError {
     /// A query failed; `context` says which.
     #[error("{context}: {error}")]
     Sql {
+        /// What was being done.
         context: &'static str,
+        /// The query's error.
         error: sqlx::Error,
     },
     /// Applying the embedded migrations failed.
@@ -19,7 +21,9 @@ pub enum StatusError {
     /// LSN or JSON document read from the database).
     #[error("{context}: {detail}")]
     Invalid {
+        /// What was being done.
         context: &'static str,
+        /// What is wrong with the value.
         detail: String,
     },
 }

@@ -13,6 +13,7 @@ pub struct MemoryStatus {
 }
 
 impl MemoryStatus {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }

@@ -67,6 +67,7 @@ pub const SCHEMA: &str = "streamex";
 
 mod error;
 mod memory;
+#[doc(hidden)]
 pub mod postgres;
 
 use std::future::Future;
@@ -75,11 +76,14 @@ use crate::lsn::Lsn;
 
 pub use error::StatusError;
 pub use memory::MemoryStatus;
+pub use postgres::{DeadLetter, OperatorRunState, OperatorState, PostgresStatus};
+// The queries on the streamex schema, for the engine and streamex's own tests.
+#[doc(hidden)]
 pub use postgres::{
-    DeadLetter, OperatorRunState, OperatorState, PostgresStatus, advance_checkpoint,
-    clear_operator_skip, insert_dead_letter, is_processed, list_dead_letters, load_checkpoint,
-    load_checkpoints, load_items, load_operator_states, migrate, reset_items, set_operator_halted,
-    set_operator_running, set_operator_running_skipping, store_checkpoint, store_item, store_items,
+    advance_checkpoint, clear_operator_skip, insert_dead_letter, is_processed, list_dead_letters,
+    load_checkpoint, load_checkpoints, load_items, load_operator_states, migrate, reset_items,
+    set_operator_halted, set_operator_running, set_operator_running_skipping, store_checkpoint,
+    store_item, store_items,
 };
 
 /// One entity's process status.
@@ -94,6 +98,7 @@ pub struct StatusItem {
 }
 
 impl StatusItem {
+    /// `entity` processed up to `timestamp` (µs since the Unix epoch) and `lsn`.
     pub fn new(entity: impl Into<String>, timestamp: i64, lsn: Lsn) -> Self {
         StatusItem {
             entity: entity.into(),
@@ -142,7 +147,9 @@ pub trait ProcessStatusStorage: Send + Sync + 'static {
 /// [`ProcessStatusStorage`] and `main` picks the variant.
 #[derive(Clone, Debug)]
 pub enum StatusBackend {
+    /// `[process_status] backend = "memory"`.
     Memory(MemoryStatus),
+    /// `[process_status] backend = "postgres"`.
     Postgres(PostgresStatus),
 }
 

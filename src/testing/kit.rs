@@ -55,59 +55,99 @@ const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// What went wrong in an [`OperatorTest`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KitError {
+    /// The private cluster could not start, or the database could not be created.
     #[error("starting the test server or creating the test database")]
     Server(#[from] ClusterError),
+    /// The test database refused the connection.
     #[error("connecting to the test database {url}")]
     Connect {
+        /// The database's URL.
         url: String,
+        /// Why.
         #[source]
         source: sqlx::Error,
     },
+    /// The schema given to [`OperatorTest::start`] failed.
     #[error("applying the schema given to OperatorTest::start")]
     Schema(#[source] sqlx::Error),
+    /// Setting up streamex on the test database failed.
     #[error("setting up the test database (streamex schema, publication, slot)")]
     Setup(#[source] anyhow::Error),
+    /// The configuration given to [`OperatorTest::with_config`] is not valid.
     #[error("the configuration given to OperatorTest::with_config")]
     Config(#[from] ConfigError),
+    /// [`OperatorTest::run_configured`] names an operator the configuration lacks.
     #[error(
         "no operator named {name:?} in the configuration given to OperatorTest::with_config; \
          configured operators: {known}"
     )]
-    UnknownOperator { name: String, known: String },
+    UnknownOperator {
+        /// The name asked for.
+        name: String,
+        /// The configured names.
+        known: String,
+    },
+    /// A configured operator could not be built.
     #[error("building operator {name:?} from its configuration")]
     Build {
+        /// The operator.
         name: String,
+        /// Why.
         #[source]
         source: anyhow::Error,
     },
+    /// One of a run's statements failed.
     #[error("statement {number} of {count} failed: {statement}")]
     Statement {
         /// 1-based.
         number: usize,
+        /// How many statements the run had.
         count: usize,
+        /// The statement.
         statement: String,
+        /// The server's error.
         #[source]
         source: sqlx::Error,
     },
+    /// An operator halted during the run.
     #[error("operator {operator:?} halted: {error}")]
-    Halted { operator: String, error: String },
+    Halted {
+        /// The operator.
+        operator: String,
+        /// Its last error.
+        error: String,
+    },
+    /// The service stopped with an error.
     #[error("the service stopped with an error")]
     Service(#[source] anyhow::Error),
+    /// The operators had not caught up within the kit's patience.
     #[error(
         "operators {operators} had not processed everything written after {waited:?}; \
          RUST_LOG=streamex=debug shows what they were doing"
     )]
-    Timeout { operators: String, waited: Duration },
+    Timeout {
+        /// The operators run.
+        operators: String,
+        /// How long the run waited.
+        waited: Duration,
+    },
+    /// A query of the kit's own failed.
     #[error("{what}")]
     Database {
+        /// What the kit was doing.
         what: &'static str,
+        /// Why it failed.
         #[source]
         source: anyhow::Error,
     },
+    /// A query of the test's ([`OperatorTest::query_as`]) failed.
     #[error("query failed: {sql}")]
     Query {
+        /// The query.
         sql: String,
+        /// The server's error.
         #[source]
         source: sqlx::Error,
     },
@@ -119,14 +159,13 @@ pub enum KitError {
 /// database, so unique across the shared cluster). Runs on one kit happen one at a time.
 ///
 /// ```no_run
-/// use std::sync::Arc;
 /// use streamex::operators::PostCommentTallies;
 /// use streamex::testing::OperatorTest;
 ///
 /// # async fn example() -> anyhow::Result<()> {
 /// let kit = OperatorTest::start(include_str!("../../examples/blog/schema.sql")).await?;
 /// kit.run(
-///     Arc::new(PostCommentTallies),
+///     PostCommentTallies,
 ///     &[
 ///         "INSERT INTO posts (id, title) VALUES (1, 'one')",
 ///         "INSERT INTO comments (post_id) VALUES (1), (1)",
