@@ -469,6 +469,7 @@ impl Config {
         let mut table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+        let mut from_env: Vec<(String, String)> = Vec::new();
         for (var, value) in env {
             let Some(key) = var.strip_prefix("STREAMEX_") else {
                 continue;
@@ -485,10 +486,24 @@ impl Config {
                 var: var.clone(),
                 message,
             })?;
+            from_env.push((path.join("."), var));
         }
-        let mut config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| invalid(e.message().to_owned()))?;
+        let names = operator_names(&table);
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = readable_key(&e.path().to_string(), &names);
+                let message = e.inner().message().trim_end().to_owned();
+                match from_env.iter().find(|(k, _)| *k == key) {
+                    Some((_, var)) => ConfigError::Env {
+                        var: var.clone(),
+                        message: format!("{key}: {message}"),
+                    },
+                    None => invalid(match line_of(text, &key) {
+                        Some(line) => format!("{key} (line {line}): {message}"),
+                        None => format!("{key}: {message}"),
+                    }),
+                }
+            })?;
         config.normalize_names().map_err(invalid)?;
         config.validate().map_err(invalid)?;
         Ok(config)
@@ -727,6 +742,70 @@ impl Config {
             })
             .collect()
     }
+}
+
+/// The `name` of each `[[operators]]` entry, in order, to name them in errors.
+fn operator_names(table: &toml::Table) -> Vec<String> {
+    table
+        .get("operators")
+        .and_then(|v| v.as_array())
+        .map(|entries| {
+            entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    e.get("name")
+                        .and_then(|n| n.as_str())
+                        .map_or_else(|| format!("#{}", i + 1), str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A serde path (`operators[1].retry.max`) as the key a person writes
+/// (`operators.post_comment_tallies.retry.max`).
+fn readable_key(path: &str, operators: &[String]) -> String {
+    let mut key = path.to_owned();
+    for (i, name) in operators.iter().enumerate() {
+        key = key.replace(&format!("operators[{i}]"), &format!("operators.{name}"));
+    }
+    if key == "." {
+        key.clear();
+    }
+    key
+}
+
+/// The line of `text` where `key` (`retry.on_failure`) is set: under its section's header
+/// (`[retry]`), the line that assigns its last part; for a key without such a line (a whole
+/// section), the header's line. `None` when it cannot be found (a key from an inline table).
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let (name, section) = parts.split_last()?;
+    let section = section.join(".");
+    let mut current = String::new();
+    let mut header_line = None;
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            current = line
+                .trim_matches(|c| c == '[' || c == ']')
+                .replace('"', "")
+                .trim()
+                .to_owned();
+            if current == key {
+                header_line = header_line.or(Some(number + 1));
+            }
+            continue;
+        }
+        let assigned = line
+            .split_once('=')
+            .map(|(k, _)| k.trim().trim_matches('"'));
+        if assigned == Some(*name) && current == section {
+            return Some(number + 1);
+        }
+    }
+    header_line
 }
 
 /// Refuses `value` of `key` outside `min..=max`.
@@ -1000,6 +1079,46 @@ mod tests {
         assert!(err.to_string().contains("http.allow_origin"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[http]\nsse_capacity = 0"), &[]).unwrap_err();
         assert!(err.to_string().contains("http.sse_capacity"), "{err}");
+    }
+
+    #[test]
+    fn value_errors_name_the_key_and_where_it_came_from() {
+        let err = parse(
+            &format!("{MINIMAL}\n[retry]\nretries = 3\non_failure = \"deadletter\""),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("test.toml")
+                && err.contains("retry.on_failure (line 4)")
+                && err.contains("dead_letter"),
+            "{err}"
+        );
+        let err = parse(&format!("{MINIMAL}\n[retry]\nmax = 10"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retry.max (line 3)"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[retry]\ninitial = \"10 sec\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("retry.initial") && err.contains("duration"),
+            "{err}"
+        );
+        let err = parse(MINIMAL, &[("STREAMEX_REPLICATION__BATCH_SIZE", "abc")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("environment variable STREAMEX_REPLICATION__BATCH_SIZE")
+                && err.contains("replication.batch_size")
+                && !err.contains("test.toml"),
+            "{err}"
+        );
+        let text =
+            format!("{MINIMAL}\n[[operators]]\nname = \"tallies\"\n[operators.retry]\nmax = 5");
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("operators.tallies.retry.max"), "{err}");
     }
 
     #[test]
