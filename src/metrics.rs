@@ -38,8 +38,20 @@ pub use crate::replication::StreamStats;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OperatorStateKind {
+    /// Handling events.
     Running,
+    /// Stopped on an error until `streamex resume`.
     Halted,
+}
+
+impl OperatorStateKind {
+    /// `running` or `halted`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OperatorStateKind::Running => "running",
+            OperatorStateKind::Halted => "halted",
+        }
+    }
 }
 
 /// What the engine knows of one operator, for status and metrics.

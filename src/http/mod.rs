@@ -140,7 +140,9 @@ pub fn spawn<S: ProcessStatusStorage + Clone>(
     let address = listener.local_addr().ok();
     let app = router(endpoint);
     tokio::spawn(async move {
-        info!(address = ?address, "http endpoint listening");
+        if let Some(address) = address {
+            info!(%address, "http endpoint listening");
+        }
         let stopped = shutdown.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned());
         let mut server = std::pin::pin!(server.into_future());

@@ -207,7 +207,7 @@ impl Runner {
             let stored = status::load_checkpoint(&self.pool, self.operator.name()).await?;
             warn!(
                 operator = self.operator.name(),
-                expected = ?self.checkpoint, stored = ?stored,
+                expected = %display_position(self.checkpoint), stored = %display_position(stored),
                 "the stored checkpoint moved under this operator (a lost commit reply, or \
                  another instance's last transaction); rolled back and going on after it"
             );
@@ -418,6 +418,11 @@ impl Runner {
         .await?;
         self.commit_with_checkpoint(tx, event.position()).await
     }
+}
+
+/// A checkpoint for a log line: its position, or `none`.
+fn display_position(position: Option<Position>) -> String {
+    position.map_or_else(|| "none".to_owned(), |p| p.to_string())
 }
 
 /// Whether `error` comes from the database being unreachable or restarting (a lost

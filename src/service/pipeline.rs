@@ -71,7 +71,7 @@ async fn log_summaries(report: impl Fn() -> Vec<OperatorReport>) {
         for r in report() {
             info!(
                 operator = %r.name,
-                state = ?r.state,
+                state = r.state.as_str(),
                 done_through = %r.done_through,
                 events = r.events,
                 retries = r.retries,

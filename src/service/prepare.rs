@@ -66,7 +66,11 @@ async fn prepare_locked(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
         other => other?,
     };
     if !created {
-        info!(slot = %slot.name, confirmed = ?slot.confirmed_flush_lsn, "using existing replication slot");
+        info!(
+            slot = %slot.name,
+            confirmed = %slot.confirmed_flush_lsn.map(|l| l.to_string()).unwrap_or_default(),
+            "using existing replication slot"
+        );
     }
     Ok(())
 }
