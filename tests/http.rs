@@ -518,7 +518,8 @@ async fn process_status_is_too_early_until_the_operators_are_done() -> anyhow::R
         assert_eq!(status, 200, "{timestamp}: {body}");
         assert!(body.contains("\"processed\":true"), "{body}");
     }
-    // One µs later, and an hour later, are not processed; nor is an entity never seen.
+    // One µs later, and an hour later, are not processed; a table that is not published does
+    // not exist for the endpoint.
     assert_eq!(ask((micros + 1).to_string()).await?.0, 425);
     let later: String = sqlx::query_scalar("SELECT to_json(now() + interval '1 hour') #>> '{}'")
         .fetch_one(&pool)
@@ -527,7 +528,7 @@ async fn process_status_is_too_early_until_the_operators_are_done() -> anyhow::R
     let (status, _) = service
         .get(&format!("/process-status/nothing?timestamp={micros}"))
         .await?;
-    assert_eq!(status, 425);
+    assert_eq!(status, 404);
 
     // A bad or missing timestamp is the client's mistake, said plainly.
     let (status, body) = ask("yesterday".to_owned()).await?;

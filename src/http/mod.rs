@@ -72,6 +72,10 @@ pub struct Endpoint<S> {
     /// The catalog pool, for the slot's figures at scrape time.
     pub pool: PgPool,
     pub slot: String,
+    /// The publication, to answer 404 for an entity it does not publish.
+    pub publication: String,
+    /// The schema of unqualified entity names.
+    pub default_schema: String,
     pub status: S,
     pub pubsub: PubSub,
     /// What `[http]` sets.
@@ -170,6 +174,13 @@ pub fn router<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router 
         .route("/metrics", get(metrics::<S>))
         .route("/process-status/{entity}", get(process_status::<S>))
         .route("/channels/{*channel}", get(sse::channel::<S>))
+        .fallback(|uri: axum::http::Uri| async move {
+            not_found(format!(
+                "no endpoint {}: the endpoints are /healthz, /readyz, /metrics, \
+                 /process-status/{{entity}} and /channels/{{channel}}",
+                uri.path()
+            ))
+        })
         .layer(axum::middleware::from_fn_with_state(
             endpoint.clone(),
             guard::check::<S>,
@@ -271,11 +282,61 @@ fn allow_origin<S>(endpoint: &Endpoint<S>, response: &mut Response) {
     }
 }
 
+/// A 404 with a JSON reason.
+fn not_found(message: String) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({ "error": message })),
+    )
+        .into_response()
+}
+
+/// `entity` in its canonical form (`public.posts` is `posts`) when the publication publishes
+/// it; otherwise the 404 to answer, naming it.
+pub(super) async fn published_entity<S>(
+    endpoint: &Endpoint<S>,
+    entity: &str,
+) -> Result<String, Response> {
+    let unknown = || {
+        not_found(format!(
+            "no published table {entity:?}: publication {:?} does not publish it (an entity is \
+             `table` for a table of {:?}, `schema.table` otherwise)",
+            endpoint.publication, endpoint.default_schema
+        ))
+    };
+    let Ok(name) = crate::event::EntityName::parse(entity) else {
+        return Err(unknown());
+    };
+    let schema = name.schema_or(&endpoint.default_schema).to_owned();
+    let published: Result<bool, sqlx::Error> = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_publication_tables
+                         WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+    )
+    .bind(&endpoint.publication)
+    .bind(&schema)
+    .bind(&name.table)
+    .fetch_one(&endpoint.pool)
+    .await;
+    match published {
+        Ok(true) => Ok(name.canonical(&endpoint.default_schema)),
+        Ok(false) => Err(unknown()),
+        Err(error) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": format!("reading the publication's tables: {error}") })),
+        )
+            .into_response()),
+    }
+}
+
 async fn check_processed<S: ProcessStatusStorage>(
     endpoint: &Endpoint<S>,
     entity: String,
     query: ProcessStatusQuery,
 ) -> Response {
+    let entity = match published_entity(endpoint, &entity).await {
+        Ok(entity) => entity,
+        Err(response) => return response,
+    };
     let bad = |message: String| {
         (
             StatusCode::BAD_REQUEST,

@@ -49,6 +49,12 @@ pub(super) async fn channel<S>(State(endpoint): State<Arc<Endpoint<S>>>, uri: Ur
         )
             .into_response();
     };
+    // The channel's first part names a table (`comments`, `posts/42/comments`).
+    let first = channel.split('/').next().unwrap_or_default();
+    if let Err(mut response) = super::published_entity(&endpoint, first).await {
+        super::allow_origin(&endpoint, &mut response);
+        return response;
+    }
     let settings = &endpoint.settings;
     // Held as long as the stream is: dropped with it.
     let Ok(place) = settings.clients.clone().try_acquire_owned() else {

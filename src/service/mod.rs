@@ -293,6 +293,8 @@ impl<S: ProcessStatusStorage + Clone> Service<S> {
             engine: self.engine.clone(),
             pool: self.pool.clone(),
             slot: self.config.slot.clone(),
+            publication: self.config.publication.clone(),
+            default_schema: self.config.default_schema.clone(),
             http: self.config.http.clone(),
             stopped: self.stopped.clone(),
         }
@@ -355,6 +357,8 @@ pub struct ServiceHandle<S: ProcessStatusStorage = StatusBackend> {
     engine: Arc<Engine<S>>,
     pool: PgPool,
     slot: String,
+    publication: String,
+    default_schema: String,
     http: crate::config::HttpConfig,
     stopped: CancellationToken,
 }
@@ -365,6 +369,8 @@ impl<S: ProcessStatusStorage> Clone for ServiceHandle<S> {
             engine: self.engine.clone(),
             pool: self.pool.clone(),
             slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            default_schema: self.default_schema.clone(),
             http: self.http.clone(),
             stopped: self.stopped.clone(),
         }
@@ -411,6 +417,8 @@ impl<S: ProcessStatusStorage + Clone> ServiceHandle<S> {
             reporter: Arc::new(self.engine.reporter()),
             pool: self.pool.clone(),
             slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            default_schema: self.default_schema.clone(),
             status: self.engine.status.clone(),
             pubsub: self.engine.pubsub.clone(),
             settings: crate::http::Settings::new(&self.http)
