@@ -799,3 +799,39 @@ async fn an_undecodable_change_is_dead_lettered_and_the_stream_goes_on() -> anyh
     assert!(dead[0].event["new_record"].get("doc").is_none());
     Ok(())
 }
+
+/// `streamex setup` checks a declarative operator's statements and id columns, naming the
+/// operator, instead of failing at the first event.
+#[tokio::test]
+async fn setup_refuses_a_declarative_operator_that_cannot_run() -> anyhow::Result<()> {
+    let (url, _pool) = database(BLOG).await?;
+    let dir = tempfile::tempdir()?;
+    let base = common::blog_config(&url, &slot_for(&url));
+    for (broken, expected) in [
+        (
+            "INSERT INTO post_with_comments_counts",
+            "INSERT INTO post_with_comment_counts",
+        ),
+        (
+            r#"id = { posts = "id", comments = "post_id" }"#,
+            r#"id = { posts = "idd", comments = "post_id" }"#,
+        ),
+    ] {
+        let text = base.replacen(broken, expected, 1);
+        assert_ne!(text, base);
+        let config = dir.path().join("streamex.toml");
+        std::fs::write(&config, text)?;
+        let output = common::streamex_command("warn")
+            .args(["setup", "--config"])
+            .arg(&config)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "setup accepted {expected}");
+        assert!(
+            stderr.contains("post_with_comments_counts")
+                && (stderr.contains("post_with_comment_counts") || stderr.contains("idd")),
+            "{stderr}"
+        );
+    }
+    Ok(())
+}

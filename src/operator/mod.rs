@@ -219,6 +219,18 @@ pub trait Operator: Send + Sync + 'static {
         Delivery::ExactlyOnce
     }
 
+    /// Checks, before the service runs, what can be checked against the database: that the
+    /// operator's statements prepare, that the columns it reads exist. An error stops
+    /// start-up (and `streamex setup`) naming the operator, instead of surfacing at the first
+    /// event. `db` is an ordinary connection, not a transaction kept. Default: nothing.
+    fn check(
+        &self,
+        db: &mut sqlx::PgConnection,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        let _ = db;
+        async { Ok(()) }
+    }
+
     /// Handles one event. An error (or a panic) rolls back the transaction and triggers the
     /// retry policy. Called again for the same event after a failure or a crash.
     fn handle(
@@ -263,6 +275,13 @@ impl<T: Operator> Operator for Arc<T> {
         (**self).delivery()
     }
 
+    fn check(
+        &self,
+        db: &mut sqlx::PgConnection,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send {
+        (**self).check(db)
+    }
+
     fn handle(
         &self,
         event: &Event,
@@ -288,6 +307,7 @@ pub(crate) trait DynOperator: Send + Sync + 'static {
     fn name(&self) -> &str;
     fn subscriptions(&self) -> Vec<Subscription>;
     fn delivery(&self) -> Delivery;
+    fn check<'a>(&'a self, db: &'a mut sqlx::PgConnection) -> HandlerFuture<'a>;
     fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a>;
     fn handle_batch<'a>(
         &'a self,
@@ -307,6 +327,10 @@ impl<T: Operator> DynOperator for T {
 
     fn delivery(&self) -> Delivery {
         Operator::delivery(self)
+    }
+
+    fn check<'a>(&'a self, db: &'a mut sqlx::PgConnection) -> HandlerFuture<'a> {
+        Box::pin(Operator::check(self, db))
     }
 
     fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
@@ -341,6 +365,11 @@ impl AnyOperator {
     /// Its [`Operator::subscriptions`].
     pub fn subscriptions(&self) -> Vec<Subscription> {
         self.0.subscriptions()
+    }
+
+    /// Its [`Operator::check`].
+    pub async fn check(&self, db: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+        self.0.check(db).await
     }
 }
 

@@ -592,6 +592,43 @@ impl Operator for SqlOperator {
             .collect()
     }
 
+    /// Prepares `query` and `delete_query` (a misspelled table or column fails here, not at
+    /// the first event) and checks that each `id` column exists in its table.
+    async fn check(&self, db: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+        for (what, statement) in std::iter::once(("query", &self.query))
+            .chain(self.delete_query.as_ref().map(|d| ("delete_query", d)))
+        {
+            statement
+                .param(db)
+                .await
+                .map_err(|e| anyhow!("{what} does not prepare: {}", crate::error::chain(&e)))?;
+        }
+        for (entity, field) in &self.ids {
+            let name = crate::event::EntityName::parse(entity)?;
+            let table = match &name.schema {
+                Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(&name.table)),
+                None => quote_ident(&name.table),
+            };
+            let found: (bool, bool) = sqlx::query_as(
+                "SELECT to_regclass($1) IS NOT NULL,
+                        EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1)
+                                   AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+            )
+            .bind(&table)
+            .bind(field)
+            .fetch_one(&mut *db)
+            .await?;
+            match found {
+                (false, _) => bail!("id names table {entity:?}, which does not exist"),
+                (true, false) => {
+                    bail!("id takes $1 from column {field:?} of {entity}, which has no such column")
+                }
+                (true, true) => {}
+            }
+        }
+        Ok(())
+    }
+
     async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
         let steps = self.actions(event)?;
         self.run(ctx.db()?, &steps).await

@@ -208,6 +208,9 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
         prepare::check_published(&config, &pool, &operators)
             .await
             .map_err(ServiceError::Setup)?;
+        prepare::check_operators(&pool, &operators)
+            .await
+            .map_err(ServiceError::Setup)?;
         let status = (self.status)(&config, &pool);
         Ok(Service::assemble(
             config,

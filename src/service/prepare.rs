@@ -112,3 +112,22 @@ pub(super) async fn check_published(
     }
     Ok(())
 }
+
+/// Runs each operator's own check ([`crate::operator::Operator::check`]) against the
+/// database; the error names the operator.
+pub(super) async fn check_operators(
+    pool: &PgPool,
+    operators: &[AnyOperator],
+) -> anyhow::Result<()> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("connecting to check the operators")?;
+    for operator in operators {
+        operator
+            .check(&mut conn)
+            .await
+            .with_context(|| format!("operator {}", operator.name()))?;
+    }
+    Ok(())
+}
