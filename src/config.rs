@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::backoff::Backoff;
+
 /// A configuration that could not be read, with the key and the fix.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -128,6 +130,14 @@ impl Default for ReplicationConfig {
             batch_size: 500,
             recreate_invalidated_slot: false,
         }
+    }
+}
+
+impl ReplicationConfig {
+    /// The waits between replication sessions: `reconnect_initial`, doubling, at most
+    /// `reconnect_max`.
+    pub fn reconnect(&self) -> Backoff {
+        Backoff::new(self.reconnect_initial, 2.0, self.reconnect_max)
     }
 }
 
@@ -353,13 +363,17 @@ impl Default for RetryConfig {
 }
 
 impl RetryConfig {
-    /// The wait before retry number `attempt` (1 for the first retry).
+    /// The waits between the retries of one event: `initial`, `multiplier` times longer each
+    /// time, at most `max`.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(self.initial, self.multiplier, self.max)
+    }
+
+    /// The wait before retry number `attempt` (1 for the first retry): the `attempt`-th wait
+    /// of [`RetryConfig::backoff`].
     pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = self
-            .multiplier
-            .powi(i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX));
-        let secs = (self.initial.as_secs_f64() * factor).min(self.max.as_secs_f64());
-        Duration::from_secs_f64(secs.max(0.0))
+        let skip = usize::try_from(attempt.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.backoff().nth(skip).unwrap_or(self.max)
     }
 }
 
@@ -1169,6 +1183,17 @@ mod tests {
         assert_eq!(retry.delay(2), Duration::from_secs(1));
         assert_eq!(retry.delay(5), Duration::from_secs(8));
         assert_eq!(retry.delay(6), Duration::from_secs(10));
+        assert_eq!(retry.delay(1_000), Duration::from_secs(10));
+        // 0 reads as the first retry, as it always has.
+        assert_eq!(retry.delay(0), Duration::from_millis(500));
+        let mut backoff = retry.backoff();
+        for attempt in 1..=8 {
+            assert_eq!(backoff.next(), Some(retry.delay(attempt)), "{attempt}");
+        }
+        let reconnect = ReplicationConfig::default().reconnect();
+        let waits: Vec<Duration> = reconnect.take(8).collect();
+        assert_eq!(waits[0], Duration::from_millis(500));
+        assert_eq!(waits[7], Duration::from_secs(30));
     }
 
     #[test]

@@ -27,13 +27,15 @@
 //! service: wires them (connect, set up, instance lock, pipeline); cli: the command line
 //! ```
 //!
-//! Leaf modules every stage uses: [`lsn`] (`Lsn`, `Position`), [`error`] (error chains and
-//! their retry class), [`config`]. The façade is [`Service`], [`operator`], [`event`],
+//! Leaf modules every stage uses: [`lsn`] (`Lsn`, `Position`), [`backoff`] (the waits of every
+//! retry loop), [`error`] (error chains, and the one transient/definite classification of
+//! server and I/O errors), [`config`]. The façade is [`Service`], [`operator`], [`event`],
 //! [`config`], [`status`], [`pubsub`], [`cli`] and `testing`; `replication`, `decode`,
 //! `metrics` and `http` are internals, public only for streamex's own integration tests.
 
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod cli;
 mod cluster;
 pub mod config;

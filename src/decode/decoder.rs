@@ -161,15 +161,20 @@ pub enum DecoderError {
 }
 
 impl DecoderError {
-    /// Whether reconnecting may help: only a failed catalog query may be passing.
+    /// Whether reconnecting may help: only a catalog query may fail in passing, when
+    /// [`crate::error::is_transient_sqlx`] says its error is transient. The messages
+    /// themselves do not change when they are decoded again.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
+        match self {
             DecoderError::Type {
-                error: TypeError::Query { .. },
+                error: TypeError::Query { error, .. },
                 ..
-            } | DecoderError::GeneratedColumns { .. }
-        )
+            }
+            | DecoderError::GeneratedColumns { error, .. } => {
+                crate::error::is_transient_sqlx(error)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -927,7 +932,7 @@ mod tests {
             format!(
                 "column public.deep.doc of the change at 0/103 could not be decoded and is left \
                  out of the record: jsonb: {}",
-                super::super::value::TOO_DEEP
+                super::super::value_error::TOO_DEEP
             )
         );
         // Just at the limit it decodes.
@@ -1065,6 +1070,14 @@ mod tests {
             },
         };
         assert!(query.is_transient());
+        let generated = |error| DecoderError::GeneratedColumns {
+            table: "public.t".into(),
+            error,
+        };
+        assert!(generated(sqlx::Error::PoolTimedOut).is_transient());
+        // A closed pool means shutting down; a missing row will be missing again.
+        assert!(!generated(sqlx::Error::PoolClosed).is_transient());
+        assert!(!generated(sqlx::Error::RowNotFound).is_transient());
         let not_found = DecoderError::Type {
             table: "public.t".into(),
             column: "m".into(),

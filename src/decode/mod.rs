@@ -16,12 +16,26 @@
 //! out and the event's `decode_error` says which column, where and why, never the value.
 //! Errors of the protocol itself (malformed messages, unknown relations, a wrong column count)
 //! still stop the session.
+//!
+//! # Layout
+//!
+//! Imports point one way, from the decoder down to the leaves, and nothing here imports from
+//! `replication` (positions and the PostgreSQL epoch are [`crate::lsn`]'s):
+//!
+//! - `decoder` (relation cache, events) → `pgoutput`, `types`, `value`
+//! - `value` (`to_jsonb` of a value's text) → `json`, `numeric`, `types`, `value_error`
+//! - `json` (`json`/`jsonb` documents) → `numeric`, `value_error`
+//! - `numeric` (numbers as `numeric` writes them) → `value_error`
+//! - leaves: `pgoutput` (the messages), `types` (type descriptions), `value_error`
+//!   ([`ValueError`], [`MAX_VALUE_DEPTH`])
 
 mod decoder;
 mod json;
+mod numeric;
 mod pgoutput;
 mod types;
 mod value;
+mod value_error;
 
 pub use decoder::{Decoded, Decoder, DecoderError, Table, TableColumn};
 pub use pgoutput::{
@@ -30,7 +44,8 @@ pub use pgoutput::{
     TupleValue, TypeMessage, Update, decode, pg_epoch_to_unix_micros,
 };
 pub use types::{MAX_DEPTH, PgType, TypeCache, TypeError};
-pub use value::{MAX_VALUE_DEPTH, ValueError, text_to_json};
+pub use value::text_to_json;
+pub use value_error::{MAX_VALUE_DEPTH, ValueError};
 
 /// Parses an event's JSON form, as `streamex tail` prints it and `streamex.dead_letters`
 /// stores it: its values may be [`MAX_VALUE_DEPTH`] deep inside the event's own two levels

@@ -1,8 +1,8 @@
 //! The PostgreSQL wire protocol for the replication connection: startup, authentication,
 //! simple queries and CopyBoth.
 //!
-//! Frontend messages are encoded by `postgres-protocol`; backend messages are framed here
-//! (tag byte, Int32 length including itself, body) into a `BytesMut` read in large chunks,
+//! Frontend messages are encoded by `postgres-protocol`; backend messages are read into a
+//! `BytesMut` in large chunks and taken out of it by frame.rs's synchronous [`try_frame`],
 //! so that a CopyData payload is handed out as a `Bytes` slice of the read buffer, without a
 //! copy and without one system call per message.
 //!
@@ -44,12 +44,9 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::error::{DbError, ReplicationError};
+use super::frame::{Frame, frame_size, try_frame};
 use super::params::ConnectParams;
 use super::tls::Transport;
-
-/// The largest backend message accepted: PostgreSQL's own limit on a field (1 GiB) plus room
-/// for the message around it. Anything larger is a protocol error.
-pub const MAX_BACKEND_MESSAGE: usize = (1 << 30) + (1 << 20);
 
 /// How much room to make in the read buffer before each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -73,13 +70,6 @@ impl ConnectOptions {
     }
 }
 
-/// One backend message: its tag and its body (without tag and length).
-#[derive(Debug)]
-struct Message {
-    tag: u8,
-    body: Bytes,
-}
-
 /// Reads framed backend messages from a byte stream.
 struct MessageReader<R> {
     io: R,
@@ -101,40 +91,16 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
     }
 
     /// The next message, reading more from the stream only when the buffer holds no complete
-    /// message.
-    async fn next(&mut self) -> Result<Message, ReplicationError> {
+    /// message ([`try_frame`] says).
+    async fn next(&mut self) -> Result<Frame, ReplicationError> {
         loop {
-            let mut want = READ_CHUNK;
-            if self.buf.len() >= 5 {
-                let tag = self.buf[0];
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-                let len = usize::try_from(len)
-                    .ok()
-                    .filter(|&len| len >= 4)
-                    .ok_or_else(|| {
-                        ReplicationError::Protocol(format!(
-                            "backend message '{}' announces an invalid length {len}",
-                            tag.escape_ascii()
-                        ))
-                    })?;
-                if len > MAX_BACKEND_MESSAGE {
-                    return Err(ReplicationError::Protocol(format!(
-                        "backend message '{}' announces {len} bytes, more than the limit of \
-                         {MAX_BACKEND_MESSAGE}",
-                        tag.escape_ascii()
-                    )));
-                }
-                let total = len + 1;
-                if self.buf.len() >= total {
-                    let mut frame = self.buf.split_to(total);
-                    frame.advance(5);
-                    return Ok(Message {
-                        tag,
-                        body: frame.freeze(),
-                    });
-                }
-                want = want.max(total - self.buf.len());
+            if let Some(frame) = try_frame(&mut self.buf)? {
+                return Ok(frame);
             }
+            let want = match frame_size(&self.buf)? {
+                Some(total) => READ_CHUNK.max(total.saturating_sub(self.buf.len())),
+                None => READ_CHUNK,
+            };
             // Read in big chunks; a large message gets its whole (already bounded) size.
             let spare = self.buf.capacity() - self.buf.len();
             if spare < READ_CHUNK / 4 || spare < want - READ_CHUNK {
@@ -923,6 +889,7 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_bad_lengths_before_allocating() {
+        // frame.rs checks the lengths; the reader must ask before it makes room.
         for len in [3i32, -1, i32::MAX] {
             let mut bytes = vec![b'd'];
             bytes.extend_from_slice(&len.to_be_bytes());
@@ -940,16 +907,6 @@ mod tests {
         send::<CopyReader>();
         send::<CopyWriter>();
         send::<Transport>();
-    }
-
-    #[tokio::test]
-    async fn rejects_a_message_just_over_the_limit() {
-        let len = i32::try_from(MAX_BACKEND_MESSAGE + 1).unwrap();
-        let mut bytes = vec![b'd'];
-        bytes.extend_from_slice(&len.to_be_bytes());
-        let mut reader = MessageReader::new(&bytes[..], BytesMut::new());
-        let e = reader.next().await.unwrap_err();
-        assert!(e.to_string().contains("more than the limit"), "{e}");
     }
 
     /// An AsyncRead over a byte slice that counts its reads.

@@ -2,7 +2,8 @@
 //!
 //! Every failure is a [`ReplicationError`]. Callers decide between "retry later" and "stop
 //! and tell the operator" with [`ReplicationError::is_transient`], which classifies server
-//! errors by SQLSTATE only (never by message text, which is translated by `lc_messages`).
+//! errors by SQLSTATE only (never by message text, which is translated by `lc_messages`),
+//! through the crate's one classification in [`crate::error`].
 //!
 //! Messages are lowercase, name the object concerned and, where there is one, the fix. No
 //! error ever contains the password: errors are built from the parsed parameters, never from
@@ -77,9 +78,10 @@ impl DbError {
         })
     }
 
-    /// Whether this SQLSTATE means the failure may go away by itself (retry later).
+    /// Whether this SQLSTATE means the failure may go away by itself (retry later), as
+    /// [`crate::error::is_transient_sqlstate`] says.
     pub fn is_transient(&self) -> bool {
-        sqlstate_is_transient(&self.code)
+        crate::error::is_transient_sqlstate(&self.code)
     }
 }
 
@@ -94,23 +96,6 @@ impl fmt::Display for DbError {
         }
         Ok(())
     }
-}
-
-/// Transient SQLSTATEs: connection exceptions (class 08), the server shutting down or
-/// starting up, too many connections, a slot in use by another walsender, serialization
-/// failures and deadlocks.
-fn sqlstate_is_transient(code: &str) -> bool {
-    code.starts_with("08")
-        || matches!(
-            code,
-            "57P01" // admin_shutdown
-                | "57P02" // crash_shutdown
-                | "57P03" // cannot_connect_now
-                | "53300" // too_many_connections
-                | "55006" // object_in_use
-                | "40001" // serialization_failure
-                | "40P01" // deadlock_detected
-        )
 }
 
 /// Everything that can go wrong on the replication connection.
@@ -194,14 +179,14 @@ pub enum ReplicationError {
 }
 
 impl ReplicationError {
-    /// Whether retrying later may succeed: I/O failures, timeouts and transient SQLSTATEs
-    /// (class 08, 57P01, 57P02, 57P03, 53300, 55006, 40001, 40P01). Everything else
+    /// Whether retrying later may succeed: I/O failures but a denied permission, timeouts and
+    /// transient SQLSTATEs, as [`crate::error`] classifies them. Everything else
     /// (authentication, missing database, privileges, TLS verification, bad URL, protocol
     /// violations) needs a person to fix something.
     pub fn is_transient(&self) -> bool {
         match self {
             ReplicationError::Connect { source, .. } | ReplicationError::Io { source, .. } => {
-                source.kind() != std::io::ErrorKind::PermissionDenied
+                crate::error::is_transient_io(source)
             }
             ReplicationError::Timeout { .. } => true,
             ReplicationError::Server { error, .. } => error.is_transient(),
@@ -381,6 +366,11 @@ mod tests {
             source: std::io::ErrorKind::UnexpectedEof.into(),
         };
         assert!(eof.is_transient());
+        let denied = ReplicationError::Connect {
+            target: "/run/postgresql/.s.PGSQL.5432".to_owned(),
+            source: std::io::ErrorKind::PermissionDenied.into(),
+        };
+        assert!(!denied.is_transient());
         let timeout = ReplicationError::Timeout {
             context: "connecting".to_owned(),
             after: Duration::from_secs(10),

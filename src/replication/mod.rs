@@ -8,20 +8,35 @@
 //!                  status task ◄──────────── flush position ◄──────────────────┘
 //! ```
 //!
-//! - [`ConnectParams`]: a `postgres://` URL parsed as libpq does (params.rs).
-//! - [`Transport`] and [`SslMode`]: TCP, Unix socket or TLS, negotiated as libpq (tls.rs).
+//! - [`ConnectParams`] and [`SslMode`]: a `postgres://` URL parsed as libpq does (params.rs).
+//! - [`Transport`]: TCP, Unix socket or TLS, negotiated as libpq says `sslmode` (tls.rs).
 //! - [`catalog_pool`]: the SQL pool beside it, whose TLS is tls.rs's too whenever the server's
 //!   certificate is verified, through a relay (catalog.rs, relay.rs).
 //! - [`Connection`]: startup, authentication, simple queries, and the switch into CopyBoth
-//!   mode as a [`CopyReader`] and a [`CopyWriter`] (conn.rs).
+//!   mode as a [`CopyReader`] and a [`CopyWriter`] (conn.rs), reading backend messages that
+//!   frame.rs takes out of the read buffer, without I/O.
 //! - [`ReplicationError`]: typed errors, classified as transient or definite (error.rs).
 //! - [`spawn`]: the stream itself, with status updates, acknowledgement and reconnects
 //!   (stream.rs); [`setup`]: publication and slot.
+//!
+//! # Layout
+//!
+//! Imports between the files point one way, from the stream down to the leaves:
+//!
+//! - `stream` → `conn`, `params`, `protocol`, `setup`, `ack`, `error`; outside, the decoder
+//!   ([`crate::decode`], which imports nothing from here), [`crate::backoff`], `stats`
+//!   (its figures, which [`crate::metrics`] reads) and `config::parse_duration`
+//! - `catalog` → `relay`, `tls`, `params`; `relay` → `tls`, `params`, `error`
+//! - `conn` → `tls`, `params`, `frame`, `error`; `tls` → `params`, `error`
+//! - `frame` → `error`; `params` → `error`
+//! - leaves: `error`, `ack`, `protocol`, `setup`, which use only the crate's leaves
+//!   ([`crate::lsn`], [`crate::error`])
 
 mod ack;
 mod catalog;
 mod conn;
 mod error;
+mod frame;
 mod params;
 mod protocol;
 mod relay;
@@ -30,17 +45,17 @@ mod stats;
 mod stream;
 mod tls;
 
+pub use crate::backoff::Backoff;
 pub use crate::lsn::PG_EPOCH_OFFSET_MICROS;
 pub use crate::lsn::{Lsn, ParseLsnError};
 pub use ack::Acknowledger;
 pub use catalog::{catalog_connection, catalog_pool};
-pub use conn::{
-    ConnectOptions, Connection, CopyMessage, CopyReader, CopyWriter, MAX_BACKEND_MESSAGE, SimpleRow,
-};
+pub use conn::{ConnectOptions, Connection, CopyMessage, CopyReader, CopyWriter, SimpleRow};
 pub use error::{DbError, ReplicationError};
-pub use params::{ConnectParams, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PORT, Host};
+pub use frame::MAX_BACKEND_MESSAGE;
+pub use params::{ConnectParams, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PORT, Host, SslMode};
 pub use protocol::{ProtocolError, ServerMessage, StatusUpdate, now_unix_micros};
 pub use setup::{PublicationTables, SetupError, SlotInfo};
 pub use stats::StreamStats;
-pub use stream::{Backoff, ReplicationStream, SESSION_SETTINGS, StreamConfig, StreamError, spawn};
-pub use tls::{SslMode, Transport};
+pub use stream::{ReplicationStream, SESSION_SETTINGS, StreamConfig, StreamError, spawn};
+pub use tls::Transport;

@@ -31,7 +31,6 @@ use std::time::Duration;
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 
 use super::error::ReplicationError;
-use super::tls::SslMode;
 
 /// The default PostgreSQL port.
 pub const DEFAULT_PORT: u16 = 5432;
@@ -60,6 +59,71 @@ impl fmt::Display for Host {
             Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
             Host::Unix(dir) => write!(f, "{}", dir.display()),
         }
+    }
+}
+
+/// Whether and how to use TLS, as libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SslMode {
+    /// Never use TLS.
+    Disable,
+    /// Use TLS when the server offers it (libpq's default; `allow` is read as this).
+    #[default]
+    Prefer,
+    /// Use TLS or fail; the certificate is not verified unless a root certificate is present.
+    Require,
+    /// Use TLS and verify the certificate chain, not the host name.
+    VerifyCa,
+    /// Use TLS and verify the certificate chain and the host name.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The name as written in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the connection fails without TLS.
+    pub fn requires_tls(self) -> bool {
+        matches!(
+            self,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        )
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = ReplicationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(ReplicationError::InvalidUrl {
+                    reason: format!(
+                        "invalid sslmode \"{other}\": accepted values are disable, allow, prefer, \
+                         require, verify-ca, verify-full"
+                    ),
+                });
+            }
+        })
     }
 }
 
@@ -474,6 +538,22 @@ mod tests {
         assert_eq!(p.application_name.as_deref(), Some("streamex test"));
         assert_eq!(p.connect_timeout, Some(Duration::from_secs(3)));
         assert_eq!(p.target(), "10.1.2.3:6543");
+    }
+
+    #[test]
+    fn sslmode_round_trips() {
+        for mode in [
+            SslMode::Disable,
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ] {
+            assert_eq!(mode.as_str().parse::<SslMode>().unwrap(), mode);
+        }
+        assert_eq!("allow".parse::<SslMode>().unwrap(), SslMode::Prefer);
+        assert!(!SslMode::Prefer.requires_tls());
+        assert!(SslMode::Require.requires_tls());
     }
 
     #[test]

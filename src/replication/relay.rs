@@ -46,10 +46,11 @@ use super::params::ConnectParams;
 use super::tls::Transport;
 
 /// SQLSTATE sent to sqlx for a transient failure to reach the server:
-/// sqlclient_unable_to_establish_sqlconnection, class 08, which every classifier retries.
+/// sqlclient_unable_to_establish_sqlconnection, class 08, which
+/// [`crate::error::is_transient_sqlstate`] retries.
 pub const TRANSIENT: &str = "08001";
 /// SQLSTATE sent to sqlx for a failure retrying cannot mend: system_error ("external to
-/// PostgreSQL itself"), which no classifier retries.
+/// PostgreSQL itself"), which [`crate::error::is_transient_sqlstate`] does not retry.
 pub const DEFINITE: &str = "58000";
 
 /// PostgreSQL's own limit on a startup packet (MAX_STARTUP_PACKET_LENGTH).

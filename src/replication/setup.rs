@@ -105,28 +105,15 @@ impl SetupError {
     /// needs a person to fix it.
     pub fn is_transient(&self) -> bool {
         match self {
-            SetupError::Sql { source, .. } => is_transient_sql(source),
+            SetupError::Sql { source, .. } => crate::error::is_transient_sqlx(source),
             _ => false,
         }
     }
 }
 
-/// Whether a sqlx error is a passing one: I/O, a pool timeout, or a server SQLSTATE of class
-/// 08 (connection), 57P0x (shutdown, starting up), 53300 (too many connections), 55006 (in use)
-/// or 40001/40P01 (serialisation, deadlock).
-pub fn is_transient_sql(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08")
-                || matches!(
-                    code.as_ref(),
-                    "57P01" | "57P02" | "57P03" | "53300" | "55006" | "40001" | "40P01"
-                )
-        }),
-        _ => false,
-    }
-}
+/// Whether a sqlx error is a passing one: the crate's one classification,
+/// [`crate::error::is_transient_sqlx`], under the name set-up's callers know it by.
+pub use crate::error::is_transient_sqlx as is_transient_sql;
 
 fn sql(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SetupError {
     let context = context.into();

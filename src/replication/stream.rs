@@ -45,6 +45,7 @@ use super::protocol::{ServerMessage, StatusUpdate, now_unix_micros};
 use super::setup::{self, SetupError, quote_ident, quote_literal};
 use super::stats::StreamStats;
 use super::{Acknowledger, Lsn, ProtocolError, ReplicationError};
+use crate::backoff::Backoff;
 use crate::decode::{Decoded, Decoder, DecoderError};
 
 /// Session settings pinned through the startup packet, so that values are decoded under
@@ -58,30 +59,6 @@ pub const SESSION_SETTINGS: [(&str, &str); 6] = [
     ("bytea_output", "hex"),
 ];
 
-/// Exponential backoff between reconnection attempts.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-    pub multiplier: f64,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(30),
-            multiplier: 2.0,
-        }
-    }
-}
-
-impl Backoff {
-    fn next(&self, current: Duration) -> Duration {
-        current.mul_f64(self.multiplier).min(self.max)
-    }
-}
-
 /// What to stream and how.
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
@@ -94,6 +71,9 @@ pub struct StreamConfig {
     /// The longest time between two status updates; it is kept under a third of the server's
     /// `wal_sender_timeout`.
     pub status_interval: Duration,
+    /// The wait before each new session after a transient failure (500 ms, doubling, at
+    /// most 30 s, unless set); it starts again from `initial` once a session has lasted a
+    /// minute.
     pub reconnect: Backoff,
     /// How many decoded items may wait in the channel before the reader waits.
     pub capacity: usize,
@@ -114,7 +94,7 @@ impl StreamConfig {
             publication: publication.to_owned(),
             temporary_slot: false,
             status_interval: Duration::from_secs(10),
-            reconnect: Backoff::default(),
+            reconnect: Backoff::new(Duration::from_millis(500), 2.0, Duration::from_secs(30)),
             capacity: 4096,
             drain_timeout: Duration::from_secs(30),
             stats: Arc::default(),
@@ -185,7 +165,7 @@ async fn run(
 ) -> Result<(), StreamError> {
     let mut decoder = Decoder::new(catalog.clone()).default_schema(&config.default_schema);
     let mut delivered = Lsn::ZERO;
-    let mut backoff = config.reconnect.initial;
+    let mut backoff = config.reconnect.clone();
     let mut reconnects: u64 = 0;
     loop {
         let started = Instant::now();
@@ -214,22 +194,22 @@ async fn run(
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(60) {
-            backoff = config.reconnect.initial;
+            backoff.reset();
         }
+        let wait = backoff.next().unwrap_or(backoff.max);
         reconnects += 1;
         config.stats.reconnecting();
         warn!(
             slot = %config.slot,
             error = %error,
-            retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+            retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
             reconnects,
             "replication session ended; reconnecting"
         );
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
-        backoff = config.reconnect.next(backoff);
     }
 }
 
@@ -492,23 +472,5 @@ async fn status_task(
             sent_flush = flushed;
             sent_at = Instant::now();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap() {
-        let backoff = Backoff {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(2),
-            multiplier: 2.0,
-        };
-        let second = backoff.next(backoff.initial);
-        assert_eq!(second, Duration::from_secs(1));
-        assert_eq!(backoff.next(second), Duration::from_secs(2));
-        assert_eq!(backoff.next(Duration::from_secs(2)), Duration::from_secs(2));
     }
 }

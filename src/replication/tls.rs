@@ -27,11 +27,9 @@
 //! The SQL pool's connections go through this same code whenever the certificate is verified
 //! (relay.rs explains how, and why sqlx's own TLS will not do).
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -46,72 +44,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::error::ReplicationError;
-use super::params::{ConnectParams, Host};
-
-/// Whether and how to use TLS, as libpq's `sslmode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum SslMode {
-    /// Never use TLS.
-    Disable,
-    /// Use TLS when the server offers it (libpq's default; `allow` is read as this).
-    #[default]
-    Prefer,
-    /// Use TLS or fail; the certificate is not verified unless a root certificate is present.
-    Require,
-    /// Use TLS and verify the certificate chain, not the host name.
-    VerifyCa,
-    /// Use TLS and verify the certificate chain and the host name.
-    VerifyFull,
-}
-
-impl SslMode {
-    /// The name as written in a URL.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-
-    /// Whether the connection fails without TLS.
-    pub fn requires_tls(self) -> bool {
-        matches!(
-            self,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
-        )
-    }
-}
-
-impl fmt::Display for SslMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SslMode {
-    type Err = ReplicationError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "disable" => SslMode::Disable,
-            "allow" | "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            other => {
-                return Err(ReplicationError::InvalidUrl {
-                    reason: format!(
-                        "invalid sslmode \"{other}\": accepted values are disable, allow, prefer, \
-                         require, verify-ca, verify-full"
-                    ),
-                });
-            }
-        })
-    }
-}
+use super::params::{ConnectParams, Host, SslMode};
 
 /// A connected byte stream to the server.
 #[derive(Debug)]
@@ -631,22 +564,6 @@ impl AsyncWrite for Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sslmode_round_trips() {
-        for mode in [
-            SslMode::Disable,
-            SslMode::Prefer,
-            SslMode::Require,
-            SslMode::VerifyCa,
-            SslMode::VerifyFull,
-        ] {
-            assert_eq!(mode.as_str().parse::<SslMode>().unwrap(), mode);
-        }
-        assert_eq!("allow".parse::<SslMode>().unwrap(), SslMode::Prefer);
-        assert!(!SslMode::Prefer.requires_tls());
-        assert!(SslMode::Require.requires_tls());
-    }
 
     #[test]
     fn missing_root_certificate_file_is_a_clear_error() {

@@ -53,42 +53,19 @@ impl StatusError {
         }
     }
 
-    /// Whether trying again later may succeed: I/O errors, pool time-outs, and the SQLSTATEs
-    /// for a lost connection (class 08), a server shutting down or starting
-    /// (57P01, 57P02, 57P03), serialization failures (40001), deadlocks (40P01) and too many
-    /// connections (53300).
+    /// Whether trying again later may succeed, as [`crate::error::is_transient_sqlx`] says
+    /// of the sqlx error underneath (a lost connection, a server restarting, a pool time-out,
+    /// a serialization failure...). A value that could not be stored and a migration that
+    /// does not apply are definite.
     pub fn is_transient(&self) -> bool {
-        match self.sqlx_error() {
-            Some(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => true,
-            Some(sqlx::Error::Database(db)) => db.code().is_some_and(|c| transient_sqlstate(&c)),
-            _ => false,
-        }
+        self.sqlx_error()
+            .is_some_and(crate::error::is_transient_sqlx)
     }
-}
-
-fn transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08")
-        || matches!(
-            code,
-            "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300"
-        )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn transient_codes() {
-        for code in [
-            "08000", "08006", "08P01", "57P01", "57P02", "57P03", "40001", "40P01", "53300",
-        ] {
-            assert!(transient_sqlstate(code), "{code}");
-        }
-        for code in ["23505", "42P01", "57014", "22P02", "53100"] {
-            assert!(!transient_sqlstate(code), "{code}");
-        }
-    }
 
     #[test]
     fn io_and_pool_timeout_are_transient() {
