@@ -130,7 +130,7 @@ async fn a_failing_statement_is_named_in_the_error() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn a_halting_operator_fails_the_run_with_its_last_error() -> anyhow::Result<()> {
+async fn a_statement_that_cannot_prepare_is_refused_before_the_run() -> anyhow::Result<()> {
     let kit = OperatorTest::start(SCHEMA).await?;
     let broken = SqlOperator::builder("broken")
         .query("UPDATE no_such_table SET n = n + 1 WHERE id = $1")
@@ -143,10 +143,36 @@ async fn a_halting_operator_fails_the_run_with_its_last_error() -> anyhow::Resul
         )
         .await
         .unwrap_err();
+    let KitError::Service(error) = &error else {
+        panic!("expected the service to refuse the operator, got {error:?}");
+    };
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("broken") && text.contains("no_such_table"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_halting_operator_fails_the_run_with_its_last_error() -> anyhow::Result<()> {
+    let kit = OperatorTest::start(SCHEMA).await?;
+    // Prepares (so the check passes) but fails on every event.
+    let broken = SqlOperator::builder("broken")
+        .query("UPDATE posts SET title = title || (1 / (id - id))::text WHERE id = $1")
+        .id("posts", "id")
+        .build()?;
+    let error = kit
+        .run(
+            Arc::new(broken),
+            &["INSERT INTO posts (title) VALUES ('p')"],
+        )
+        .await
+        .unwrap_err();
     match &error {
         KitError::Halted { operator, error } => {
             assert_eq!(operator, "broken");
-            assert!(error.contains("no_such_table"), "{error}");
+            assert!(error.contains("division by zero"), "{error}");
         }
         other => panic!("expected a halt, got {other:?}"),
     }
