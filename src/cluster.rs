@@ -190,7 +190,9 @@ impl Cluster {
             ("port", self.port.to_string()),
             ("unix_socket_directories", self.dir.display().to_string()),
             ("wal_level", "logical".to_owned()),
-            ("max_replication_slots", "64".to_owned()),
+            // Every test of the integration binary takes a database with a slot or two on
+            // the one shared cluster, and nothing drops them before the cluster goes.
+            ("max_replication_slots", "512".to_owned()),
             ("max_wal_senders", "64".to_owned()),
             ("max_connections", "200".to_owned()),
             ("wal_sender_timeout", "10s".to_owned()),

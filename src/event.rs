@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::lsn::{Lsn, Position};
 
 /// A row as a JSON object of column name to value, each value exactly as PostgreSQL's
-/// `to_jsonb(row)` gives it (see [`crate::decode`] for the mapping).
+/// `to_jsonb(row)` gives it (the README's "What an event looks like" gives the mapping).
 pub type Record = serde_json::Map<String, Value>;
 
 /// The kind of change an [`Event`] reports.

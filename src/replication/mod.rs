@@ -25,7 +25,7 @@
 //!
 //! - `stream` → `conn`, `params`, `protocol`, `setup`, `ack`, `error`; outside, the decoder
 //!   ([`crate::decode`], which imports nothing from here), [`crate::backoff`], `stats`
-//!   (its figures, which [`crate::metrics`] reads) and `config::parse_duration`
+//!   (its figures, which the metrics module reads) and `config::parse_duration`
 //! - `catalog` → `relay`, `tls`, `params`; `relay` → `tls`, `params`, `error`
 //! - `conn` → `tls`, `params`, `frame`, `error`; `tls` → `params`, `error`
 //! - `frame` → `error`; `params` → `error`

@@ -2,7 +2,7 @@
 //! stream of inserts, updates and deletes: afterwards every derived row must equal what
 //! `posts` and `comments` say, tallies included (nothing lost, nothing applied twice).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

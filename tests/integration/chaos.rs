@@ -7,7 +7,7 @@
 //!
 //! The run is random but repeatable: the seed is printed; set STREAMEX_CHAOS_SEED to repeat it.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -17,7 +17,7 @@ use streamex::status::{
 };
 use streamex::testing;
 
-mod common;
+use crate::common;
 
 use common::{BLOG, PATIENCE, Service, derived_mismatches, settle, slot_for};
 

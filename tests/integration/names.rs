@@ -1,7 +1,7 @@
 //! Hostile names (mixed case, spaces, quotes) are quoted everywhere; tables without a key
 //! behave as PostgreSQL makes them behave, and setup says so.
 
-mod common;
+use crate::common;
 
 use common::{Streaming, slot_for};
 use serde_json::json;

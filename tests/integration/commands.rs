@@ -1,6 +1,6 @@
 //! `streamex setup`, `status` and `resume`, and configuration errors, run as the real binary.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod jsonb_text;
+
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,7 +15,7 @@ use streamex::replication::{
 use tokio_util::sync::CancellationToken;
 
 /// The blog example's schema.
-pub const BLOG: &str = include_str!("../../examples/blog/schema.sql");
+pub const BLOG: &str = include_str!("../../../examples/blog/schema.sql");
 
 /// How long a test waits for something that should come before it gives up; a guard against
 /// hanging, not a measure of speed.
@@ -204,7 +206,7 @@ pub fn seed_from_env(var: &str) -> u64 {
 
 /// The example configuration (`config/streamex.toml`) with `database_url` and `slot` replaced.
 pub fn blog_config(database_url: &str, slot: &str) -> String {
-    let example = include_str!("../../config/streamex.toml");
+    let example = include_str!("../../../config/streamex.toml");
     let config = example
         .replace(
             "database_url = \"postgres://postgres@127.0.0.1:5432/blog\"",

@@ -7,8 +7,7 @@
 //! always the output function: `bool::text` gives `true`, `char(n)::text` drops the padding,
 //! `inet::text` adds the mask.)
 
-#[path = "common/jsonb_text.rs"]
-mod jsonb_text;
+use crate::common::jsonb_text;
 
 use jsonb_text::jsonb_text;
 use sqlx::postgres::{PgPoolOptions, PgRow};

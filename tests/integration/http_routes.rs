@@ -7,7 +7,7 @@ use streamex::Service;
 use streamex::config::Config;
 use streamex::testing;
 
-mod common;
+use crate::common;
 
 use common::{BLOG, slot_for};
 

@@ -9,7 +9,7 @@ use streamex::replication::{
 };
 use streamex::testing::{self, Cluster};
 
-mod common;
+use crate::common;
 
 use common::{Ca, encoded, tls_cluster};
 

@@ -1,9 +1,8 @@
 //! The replication core against a real PostgreSQL: events, their order, TOAST, truncate,
 //! reconnecting, acknowledgement, and the definite failures.
 
-mod common;
-#[path = "common/jsonb_text.rs"]
-mod jsonb_text;
+use crate::common;
+use crate::common::jsonb_text;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -11,7 +11,7 @@ use streamex::pubsub::PubSub;
 use streamex::status::PostgresStatus;
 use streamex::testing;
 
-mod common;
+use crate::common;
 
 use common::{BLOG, PATIENCE, Service, derived_mismatches, settle, slot_for};
 

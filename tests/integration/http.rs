@@ -17,7 +17,7 @@ use streamex::pubsub::PubSub;
 use streamex::status::{PostgresStatus, ProcessStatusStorage};
 use streamex::testing;
 
-mod common;
+use crate::common;
 
 use common::{BLOG, PATIENCE, settle, slot_for};
 
@@ -47,7 +47,7 @@ fn blog_config(url: &str, port: u16) -> anyhow::Result<Config> {
     config(
         url,
         port,
-        include_str!("../config/streamex.toml"),
+        include_str!("../../config/streamex.toml"),
         &[
             ("STREAMEX_RETRY__INITIAL", "10ms"),
             ("STREAMEX_RETRY__MAX", "20ms"),
@@ -1269,7 +1269,7 @@ source.onmessage = (message) => {{
 }
 
 #[tokio::test]
-#[ignore = "needs Debian's chromium: cargo test --test http -- --ignored"]
+#[ignore = "needs Debian's chromium: cargo test --test integration -- --ignored browser"]
 async fn a_browser_follows_a_channel_with_event_source() -> anyhow::Result<()> {
     match std::process::Command::new("chromium")
         .arg("--version")

@@ -8,8 +8,8 @@ use streamex::operator::SqlOperator;
 use streamex::operators::PostCommentTallies;
 use streamex::testing::{KitError, OperatorTest};
 
-const SCHEMA: &str = include_str!("../examples/blog/schema.sql");
-const CONFIG: &str = include_str!("../config/streamex.toml");
+const SCHEMA: &str = include_str!("../../examples/blog/schema.sql");
+const CONFIG: &str = include_str!("../../config/streamex.toml");
 
 const TALLIES: &str = "SELECT post_id, comments FROM post_comment_tallies ORDER BY 1";
 const COUNTS: &str = "SELECT id, title, comments_count FROM post_with_comments_counts ORDER BY 1";
