@@ -106,7 +106,7 @@ pub async fn resume_command(
         );
     }
     status::migrate(&pool).await?;
-    let states = status::load_operator_states(&pool).await?;
+    let states = status::load_operator_states(&pool, &config.slot).await?;
     if !states
         .get(&args.operator)
         .is_some_and(|s| s.state == status::OperatorRunState::Halted)
@@ -115,7 +115,7 @@ pub async fn resume_command(
         return Ok(());
     }
     if args.skip_current {
-        match status::set_operator_running_skipping(&pool, &args.operator).await? {
+        match status::set_operator_running_skipping(&pool, &config.slot, &args.operator).await? {
             Some(position) => println!(
                 "operator {:?} set to running; it sets the event at {position} aside in \
                  streamex.dead_letters instead of handling it",
@@ -129,7 +129,7 @@ pub async fn resume_command(
         }
         return Ok(());
     }
-    status::set_operator_running(&pool, &args.operator).await?;
+    status::set_operator_running(&pool, &config.slot, &args.operator).await?;
     println!(
         "operator {:?} set to running; a running service picks it up within seconds and replays from the slot's position",
         args.operator

@@ -82,10 +82,10 @@ pub async fn status_command(
             StatusBackendKind::Memory => Vec::new(),
         };
         (
-            status::load_checkpoints(&pool).await?,
-            status::load_operator_states(&pool).await?,
+            status::load_checkpoints(&pool, &config.slot).await?,
+            status::load_operator_states(&pool, &config.slot).await?,
             items,
-            count_dead_letters(&pool).await?,
+            count_dead_letters(&pool, &config.slot).await?,
         )
     } else {
         Default::default()
@@ -146,11 +146,13 @@ pub async fn status_command(
     Ok(())
 }
 
-/// Dead letters per operator.
-async fn count_dead_letters(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(String, i64)>> {
+/// Dead letters per operator of `slot`.
+async fn count_dead_letters(pool: &sqlx::PgPool, slot: &str) -> anyhow::Result<Vec<(String, i64)>> {
     sqlx::query_as(
-        "SELECT operator, count(*) FROM streamex.dead_letters GROUP BY operator ORDER BY operator",
+        "SELECT operator, count(*) FROM streamex.dead_letters WHERE slot = $1
+          GROUP BY operator ORDER BY operator",
     )
+    .bind(slot)
     .fetch_all(pool)
     .await
     .context("counting dead letters")

@@ -136,7 +136,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             if halted.is_empty() {
                 continue;
             }
-            let Ok(states) = status::load_operator_states(&self.pool).await else {
+            let Ok(states) = status::load_operator_states(&self.pool, &self.slot).await else {
                 continue;
             };
             for index in halted {

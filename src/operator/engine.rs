@@ -67,6 +67,9 @@ pub enum EngineError {
 /// Runs operators over a stream of decoded items.
 pub struct Engine<S: ProcessStatusStorage> {
     pub pool: PgPool,
+    /// The replication slot: the key, with the operator's name, of checkpoints, operator state
+    /// and dead letters.
+    pub slot: Arc<str>,
     pub status: S,
     pub pubsub: PubSub,
     pub operators: Vec<OperatorSpec>,
@@ -83,9 +86,16 @@ pub struct Engine<S: ProcessStatusStorage> {
 }
 
 impl<S: ProcessStatusStorage + Clone> Engine<S> {
-    pub fn new(pool: PgPool, status: S, pubsub: PubSub, operators: Vec<OperatorSpec>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        slot: &str,
+        status: S,
+        pubsub: PubSub,
+        operators: Vec<OperatorSpec>,
+    ) -> Self {
         Engine {
             pool,
+            slot: slot.into(),
             status,
             pubsub,
             operators,
@@ -120,8 +130,8 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         start: Lsn,
         shutdown: CancellationToken,
     ) -> Result<EngineExit, EngineError> {
-        let checkpoints = status::load_checkpoints(&self.pool).await?;
-        let states = status::load_operator_states(&self.pool).await?;
+        let checkpoints = status::load_checkpoints(&self.pool, &self.slot).await?;
+        let states = status::load_operator_states(&self.pool, &self.slot).await?;
         let names: Vec<String> = self
             .operators
             .iter()
@@ -152,6 +162,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 index,
                 operator: spec.operator.0.clone(),
                 pool: self.pool.clone(),
+                slot: self.slot.clone(),
                 retry: spec.retry,
                 batch_size: if spec.one_per_transaction {
                     1

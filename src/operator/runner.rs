@@ -60,6 +60,8 @@ pub(crate) struct Runner {
     pub index: usize,
     pub operator: Arc<dyn DynOperator>,
     pub pool: PgPool,
+    /// The replication slot, which with the operator's name keys its rows.
+    pub slot: Arc<str>,
     pub retry: RetryConfig,
     pub batch_size: usize,
     pub one_per_transaction: bool,
@@ -195,6 +197,7 @@ impl Runner {
         if self.exactly_once()
             && !status::advance_checkpoint(
                 &mut *tx,
+                &self.slot,
                 self.operator.name(),
                 self.checkpoint,
                 position,
@@ -204,7 +207,8 @@ impl Runner {
             // Some of these events were applied by a transaction this task did not see
             // commit: roll back, and go on after what is stored.
             drop(tx);
-            let stored = status::load_checkpoint(&self.pool, self.operator.name()).await?;
+            let stored =
+                status::load_checkpoint(&self.pool, &self.slot, self.operator.name()).await?;
             warn!(
                 operator = self.operator.name(),
                 expected = %display_position(self.checkpoint), stored = %display_position(stored),
@@ -302,6 +306,7 @@ impl Runner {
                 );
                 let stored = status::set_operator_halted(
                     &self.pool,
+                    &self.slot,
                     &name,
                     &message,
                     event.commit_lsn,
@@ -362,15 +367,15 @@ impl Runner {
                 let mut tx = self.pool.begin().await?;
                 status::insert_dead_letter(
                     &mut *tx,
+                    &self.slot,
                     &name,
-                    event.commit_lsn,
-                    event.ordinal,
+                    event.position(),
                     &json,
                     "set aside by `streamex resume --skip-current`",
                     0,
                 )
                 .await?;
-                status::clear_operator_skip(&mut *tx, &name).await?;
+                status::clear_operator_skip(&mut *tx, &self.slot, &name).await?;
                 self.commit_with_checkpoint(tx, event.position()).await
             };
             match attempt.await {
@@ -408,9 +413,9 @@ impl Runner {
         let mut tx = self.pool.begin().await?;
         status::insert_dead_letter(
             &mut *tx,
+            &self.slot,
             self.operator.name(),
-            event.commit_lsn,
-            event.ordinal,
+            event.position(),
             &json,
             error,
             attempts,
@@ -576,11 +581,12 @@ mod tests {
                 .execute(&pool)
                 .await?;
             // This task has done events 0 and 1; the database says 0 to 3 are done.
-            status::store_checkpoint(&pool, "apply", Lsn(0x100), 3).await?;
+            status::store_checkpoint(&pool, "s", "apply", Lsn(0x100), 3).await?;
             let runner = Runner {
                 index: 0,
                 operator: Arc::new(Apply),
                 pool: pool.clone(),
+                slot: "s".into(),
                 retry: RetryConfig::default(),
                 batch_size,
                 one_per_transaction: batch_size == 1,
@@ -603,7 +609,7 @@ mod tests {
                 .fetch_all(&pool)
                 .await?;
             assert_eq!(applied, [4, 5], "batch size {batch_size}");
-            let stored = status::load_checkpoint(&pool, "apply").await?;
+            let stored = status::load_checkpoint(&pool, "s", "apply").await?;
             assert_eq!(stored, Some(Position::new(Lsn(0x100), 5)));
         }
         Ok(())
@@ -631,6 +637,7 @@ mod tests {
                 index: 0,
                 operator: Arc::new(Apply),
                 pool: pool.clone(),
+                slot: "s".into(),
                 retry: RetryConfig {
                     on_failure: policy,
                     ..RetryConfig::default()

@@ -272,7 +272,7 @@ impl<S: ProcessStatusStorage + Clone> Service<S> {
                 }
             })
             .collect();
-        let mut engine = Engine::new(pool.clone(), status, pubsub, specs);
+        let mut engine = Engine::new(pool.clone(), &config.slot, status, pubsub, specs);
         engine.batch_size = config.replication.batch_size;
         engine.timestamp_field = config.process_status.timestamp_field.clone();
         for (entity, e) in &config.entities {

@@ -72,6 +72,21 @@ async fn prepare_locked(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
             "using existing replication slot"
         );
     }
+    // Rows from before operator state was kept per slot that the migration could not
+    // attribute (the database had no slot then) are this configuration's: it is the first to
+    // set up since.
+    let adopted = status::adopt_unkeyed_rows(pool, &slot.name).await?;
+    if !adopted.is_empty() {
+        warn!(
+            slot = %slot.name,
+            checkpoints = adopted.checkpoints,
+            operator_states = adopted.states,
+            dead_letters = adopted.dead_letters,
+            "adopted operator checkpoints, states and dead letters written before they were kept \
+             per slot (the database had no slot when the schema was migrated): they are this \
+             slot's now; check `streamex status`"
+        );
+    }
     Ok(())
 }
 

@@ -48,15 +48,24 @@
 //!                               lsn pg_lsn, updated_at timestamptz
 //! streamex.processed(entity text, ts timestamptz) → boolean
 //! streamex.epoch_micros(ts timestamptz) → bigint      exact µs since the Unix epoch
-//! streamex.operator_checkpoints operator text PK, commit_lsn pg_lsn, ordinal bigint,
-//!                               updated_at timestamptz
-//! streamex.operator_state       operator text PK, state 'running' | 'halted', last_error text,
+//! streamex.operator_checkpoints slot text, operator text, PK (slot, operator),
+//!                               commit_lsn pg_lsn, ordinal bigint, updated_at timestamptz
+//! streamex.operator_state       slot text, operator text, PK (slot, operator),
+//!                               state 'running' | 'halted', last_error text,
 //!                               error_at timestamptz, failed_commit_lsn pg_lsn,
-//!                               failed_ordinal bigint, attempts int
-//! streamex.dead_letters         id bigserial PK, operator text, commit_lsn pg_lsn,
+//!                               failed_ordinal bigint, attempts int,
+//!                               skip_commit_lsn pg_lsn, skip_ordinal bigint
+//! streamex.dead_letters         id bigserial PK, slot text, operator text, commit_lsn pg_lsn,
 //!                               ordinal bigint, event jsonb, error text, attempts int,
-//!                               created_at timestamptz, UNIQUE (operator, commit_lsn, ordinal)
+//!                               created_at timestamptz,
+//!                               UNIQUE (slot, operator, commit_lsn, ordinal)
 //! ```
+//!
+//! Checkpoints, operator state and dead letters are kept per replication slot (the
+//! configuration's `slot`): two configurations with different slots on one database may run
+//! operators of the same name, and each has its own progress and halts. Every query on them
+//! takes the slot. Rows from before this was so are adopted as `sql/0003_*.sql` explains
+//! ([`adopt_unkeyed_rows`]).
 
 pub mod contract;
 
@@ -76,14 +85,14 @@ use crate::lsn::Lsn;
 
 pub use error::StatusError;
 pub use memory::MemoryStatus;
-pub use postgres::{DeadLetter, OperatorRunState, OperatorState, PostgresStatus};
+pub use postgres::{Adopted, DeadLetter, OperatorRunState, OperatorState, PostgresStatus};
 // The queries on the streamex schema, for the engine and streamex's own tests.
 #[doc(hidden)]
 pub use postgres::{
-    advance_checkpoint, clear_operator_skip, insert_dead_letter, is_processed, list_dead_letters,
-    load_checkpoint, load_checkpoints, load_items, load_operator_states, migrate, reset_items,
-    set_operator_halted, set_operator_running, set_operator_running_skipping, store_checkpoint,
-    store_item, store_items,
+    adopt_unkeyed_rows, advance_checkpoint, clear_operator_skip, count_unkeyed_rows,
+    insert_dead_letter, is_processed, list_dead_letters, load_checkpoint, load_checkpoints,
+    load_items, load_operator_states, migrate, reset_items, set_operator_halted,
+    set_operator_running, set_operator_running_skipping, store_checkpoint, store_item, store_items,
 };
 
 /// One entity's process status.

@@ -278,15 +278,18 @@ impl ProcessStatusStorage for PostgresStatus {
 // ---------------------------------------------------------------------------------------------
 // Operator checkpoints.
 
-/// Every operator's checkpoint: operator → the position of the last event it has durably
-/// processed.
+/// Every checkpoint of `slot`'s operators: operator → the position of the last event it has
+/// durably processed.
 pub async fn load_checkpoints<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
 ) -> Result<HashMap<String, Position>, StatusError> {
     const CONTEXT: &str = "loading operator checkpoints";
     let rows = sqlx::query(
-        "SELECT operator, commit_lsn::text AS commit_lsn, ordinal FROM streamex.operator_checkpoints",
+        "SELECT operator, commit_lsn::text AS commit_lsn, ordinal \
+           FROM streamex.operator_checkpoints WHERE slot = $1",
     )
+    .bind(slot)
     .fetch_all(executor)
     .await
     .map_err(StatusError::sql(CONTEXT))?;
@@ -307,33 +310,35 @@ pub async fn load_checkpoints<'c, E: PgExecutor<'c>>(
         .collect()
 }
 
-/// Stores `operator`'s checkpoint. Never moves backwards: an existing checkpoint is only
+/// Stores `operator`'s checkpoint on `slot`. Never moves backwards: an existing checkpoint is only
 /// replaced by a greater `(commit_lsn, ordinal)`. Returns whether the checkpoint moved
 /// (false when it was already at or past this position).
 pub async fn store_checkpoint<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
     operator: &str,
     commit_lsn: Lsn,
     ordinal: u64,
 ) -> Result<bool, StatusError> {
     const CONTEXT: &str = "storing an operator checkpoint";
     let result = sqlx::query(
-        "INSERT INTO streamex.operator_checkpoints AS c (operator, commit_lsn, ordinal) \
-         VALUES ($1, $2::text::pg_lsn, $3) \
-         ON CONFLICT (operator) DO UPDATE SET \
+        "INSERT INTO streamex.operator_checkpoints AS c (slot, operator, commit_lsn, ordinal) \
+         VALUES ($4, $1, $2::text::pg_lsn, $3) \
+         ON CONFLICT (slot, operator) DO UPDATE SET \
              commit_lsn = EXCLUDED.commit_lsn, ordinal = EXCLUDED.ordinal, updated_at = now() \
          WHERE (EXCLUDED.commit_lsn, EXCLUDED.ordinal) > (c.commit_lsn, c.ordinal)",
     )
     .bind(operator)
     .bind(lsn_text(commit_lsn))
     .bind(ordinal_to_sql(CONTEXT, ordinal)?)
+    .bind(slot)
     .execute(executor)
     .await
     .map_err(StatusError::sql(CONTEXT))?;
     Ok(result.rows_affected() > 0)
 }
 
-/// Moves `operator`'s checkpoint from `from` (`None`: it has none yet) to `to`, only if it is
+/// Moves `operator`'s checkpoint on `slot` from `from` (`None`: it has none yet) to `to`, only if it is
 /// still at `from`, or has no row (deleted by hand): a compare-and-set inside the operator's
 /// transaction. Returns false, having
 /// changed nothing, when the stored checkpoint is elsewhere: another instance (one that lost
@@ -343,6 +348,7 @@ pub async fn store_checkpoint<'c, E: PgExecutor<'c>>(
 /// the second one sees the first one's checkpoint, so it fails.
 pub async fn advance_checkpoint<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
     operator: &str,
     from: Option<Position>,
     to: Position,
@@ -356,9 +362,9 @@ pub async fn advance_checkpoint<'c, E: PgExecutor<'c>>(
         None => (None, None),
     };
     let result = sqlx::query(
-        "INSERT INTO streamex.operator_checkpoints AS c (operator, commit_lsn, ordinal) \
-         VALUES ($1, $2::text::pg_lsn, $3) \
-         ON CONFLICT (operator) DO UPDATE SET \
+        "INSERT INTO streamex.operator_checkpoints AS c (slot, operator, commit_lsn, ordinal) \
+         VALUES ($6, $1, $2::text::pg_lsn, $3) \
+         ON CONFLICT (slot, operator) DO UPDATE SET \
              commit_lsn = EXCLUDED.commit_lsn, ordinal = EXCLUDED.ordinal, updated_at = now() \
          WHERE c.commit_lsn = $4::text::pg_lsn AND c.ordinal = $5 \
            AND (EXCLUDED.commit_lsn, EXCLUDED.ordinal) > (c.commit_lsn, c.ordinal)",
@@ -368,22 +374,26 @@ pub async fn advance_checkpoint<'c, E: PgExecutor<'c>>(
     .bind(ordinal_to_sql(CONTEXT, to.ordinal)?)
     .bind(from_lsn)
     .bind(from_ordinal)
+    .bind(slot)
     .execute(executor)
     .await
     .map_err(StatusError::sql(CONTEXT))?;
     Ok(result.rows_affected() > 0)
 }
 
-/// `operator`'s stored checkpoint, if it has one.
+/// `operator`'s stored checkpoint on `slot`, if it has one.
 pub async fn load_checkpoint<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
     operator: &str,
 ) -> Result<Option<Position>, StatusError> {
     const CONTEXT: &str = "loading an operator checkpoint";
     let row: Option<(String, i64)> = sqlx::query_as(
-        "SELECT commit_lsn::text, ordinal FROM streamex.operator_checkpoints WHERE operator = $1",
+        "SELECT commit_lsn::text, ordinal FROM streamex.operator_checkpoints \
+          WHERE slot = $2 AND operator = $1",
     )
     .bind(operator)
+    .bind(slot)
     .fetch_optional(executor)
     .await
     .map_err(StatusError::sql(CONTEXT))?;
@@ -433,17 +443,20 @@ pub struct OperatorState {
     pub skip: Option<Position>,
 }
 
-/// Every operator's state, by operator name. An operator without a row has never halted.
+/// The state of every operator of `slot`, by operator name. An operator without a row has
+/// never halted.
 pub async fn load_operator_states<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
 ) -> Result<HashMap<String, OperatorState>, StatusError> {
     const CONTEXT: &str = "loading operator states";
     let rows = sqlx::query(
         "SELECT operator, state, last_error, streamex.epoch_micros(error_at) AS error_at, \
                 failed_commit_lsn::text AS failed_commit_lsn, failed_ordinal, attempts, \
                 skip_commit_lsn::text AS skip_commit_lsn, skip_ordinal \
-           FROM streamex.operator_state",
+           FROM streamex.operator_state WHERE slot = $1",
     )
+    .bind(slot)
     .fetch_all(executor)
     .await
     .map_err(StatusError::sql(CONTEXT))?;
@@ -503,10 +516,11 @@ pub async fn load_operator_states<'c, E: PgExecutor<'c>>(
         .collect()
 }
 
-/// Marks `operator` halted on `error` at the event `(commit_lsn, ordinal)` after `attempts`
+/// Marks `operator` of `slot` halted on `error` at the event `(commit_lsn, ordinal)` after `attempts`
 /// tries, with `error_at = now()`. Idempotent: the row is created or replaced.
 pub async fn set_operator_halted<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
     operator: &str,
     error: &str,
     commit_lsn: Lsn,
@@ -516,9 +530,10 @@ pub async fn set_operator_halted<'c, E: PgExecutor<'c>>(
     const CONTEXT: &str = "marking an operator halted";
     sqlx::query(
         "INSERT INTO streamex.operator_state AS o \
-             (operator, state, last_error, error_at, failed_commit_lsn, failed_ordinal, attempts) \
-         VALUES ($1, 'halted', $2, now(), $3::text::pg_lsn, $4, $5) \
-         ON CONFLICT (operator) DO UPDATE SET \
+             (slot, operator, state, last_error, error_at, failed_commit_lsn, failed_ordinal, \
+              attempts) \
+         VALUES ($6, $1, 'halted', $2, now(), $3::text::pg_lsn, $4, $5) \
+         ON CONFLICT (slot, operator) DO UPDATE SET \
              state = 'halted', last_error = EXCLUDED.last_error, error_at = EXCLUDED.error_at, \
              failed_commit_lsn = EXCLUDED.failed_commit_lsn, \
              failed_ordinal = EXCLUDED.failed_ordinal, attempts = EXCLUDED.attempts",
@@ -528,35 +543,40 @@ pub async fn set_operator_halted<'c, E: PgExecutor<'c>>(
     .bind(lsn_text(commit_lsn))
     .bind(ordinal_to_sql(CONTEXT, ordinal)?)
     .bind(attempts_to_sql(CONTEXT, attempts)?)
+    .bind(slot)
     .execute(executor)
     .await
     .map_err(StatusError::sql(CONTEXT))?;
     Ok(())
 }
 
-/// Marks `operator` running and clears its error fields. Idempotent.
+/// Marks `operator` of `slot` running and clears its error fields. Idempotent.
 pub async fn set_operator_running<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
     operator: &str,
 ) -> Result<(), StatusError> {
     sqlx::query(
-        "INSERT INTO streamex.operator_state AS o (operator, state) VALUES ($1, 'running') \
-         ON CONFLICT (operator) DO UPDATE SET \
+        "INSERT INTO streamex.operator_state AS o (slot, operator, state) \
+         VALUES ($2, $1, 'running') \
+         ON CONFLICT (slot, operator) DO UPDATE SET \
              state = 'running', last_error = NULL, error_at = NULL, \
              failed_commit_lsn = NULL, failed_ordinal = NULL, attempts = NULL",
     )
     .bind(operator)
+    .bind(slot)
     .execute(executor)
     .await
     .map_err(StatusError::sql("marking an operator running"))?;
     Ok(())
 }
 
-/// Marks a halted `operator` running, to set aside the event it halted on as a dead letter
+/// Marks a halted `operator` of `slot` running, to set aside the event it halted on as a dead letter
 /// when it meets it again (`streamex resume --skip-current`). Returns that event's position;
 /// `None` when the operator is not halted on an event (nothing is changed then).
 pub async fn set_operator_running_skipping<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
     operator: &str,
 ) -> Result<Option<Position>, StatusError> {
     const CONTEXT: &str = "marking an operator running past its failed event";
@@ -565,10 +585,11 @@ pub async fn set_operator_running_skipping<'c, E: PgExecutor<'c>>(
              state = 'running', skip_commit_lsn = failed_commit_lsn, skip_ordinal = failed_ordinal, \
              last_error = NULL, error_at = NULL, failed_commit_lsn = NULL, failed_ordinal = NULL, \
              attempts = NULL \
-         WHERE operator = $1 AND state = 'halted' AND failed_commit_lsn IS NOT NULL \
+         WHERE slot = $2 AND operator = $1 AND state = 'halted' AND failed_commit_lsn IS NOT NULL \
          RETURNING skip_commit_lsn::text, skip_ordinal",
     )
     .bind(operator)
+    .bind(slot)
     .fetch_optional(executor)
     .await
     .map_err(StatusError::sql(CONTEXT))?;
@@ -581,16 +602,18 @@ pub async fn set_operator_running_skipping<'c, E: PgExecutor<'c>>(
     .transpose()
 }
 
-/// Forgets the event `operator` was to set aside (it has been).
+/// Forgets the event `operator` of `slot` was to set aside (it has been).
 pub async fn clear_operator_skip<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
     operator: &str,
 ) -> Result<(), StatusError> {
     sqlx::query(
         "UPDATE streamex.operator_state SET skip_commit_lsn = NULL, skip_ordinal = NULL \
-         WHERE operator = $1",
+         WHERE slot = $2 AND operator = $1",
     )
     .bind(operator)
+    .bind(slot)
     .execute(executor)
     .await
     .map_err(StatusError::sql("clearing an operator's event to skip"))?;
@@ -615,39 +638,42 @@ pub struct DeadLetter {
     pub created_at_micros: i64,
 }
 
-/// Sets the event `(commit_lsn, ordinal)` aside for `operator`. Idempotent: a dead letter
-/// already stored for the same (operator, commit_lsn, ordinal), as after a replay, is left as
-/// it is. Returns whether a row was inserted.
+/// Sets the event at `at` aside for `operator` of `slot`. Idempotent: a dead letter already
+/// stored for the same (slot, operator, commit_lsn, ordinal), as after a replay, is left as it
+/// is. Returns whether a row was inserted.
 pub async fn insert_dead_letter<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
     operator: &str,
-    commit_lsn: Lsn,
-    ordinal: u64,
+    at: Position,
     event: &serde_json::Value,
     error: &str,
     attempts: u32,
 ) -> Result<bool, StatusError> {
     const CONTEXT: &str = "storing a dead letter";
     let result = sqlx::query(
-        "INSERT INTO streamex.dead_letters (operator, commit_lsn, ordinal, event, error, attempts) \
-         VALUES ($1, $2::text::pg_lsn, $3, $4::text::jsonb, $5, $6) \
-         ON CONFLICT (operator, commit_lsn, ordinal) DO NOTHING",
+        "INSERT INTO streamex.dead_letters \
+             (slot, operator, commit_lsn, ordinal, event, error, attempts) \
+         VALUES ($7, $1, $2::text::pg_lsn, $3, $4::text::jsonb, $5, $6) \
+         ON CONFLICT (slot, operator, commit_lsn, ordinal) DO NOTHING",
     )
     .bind(operator)
-    .bind(lsn_text(commit_lsn))
-    .bind(ordinal_to_sql(CONTEXT, ordinal)?)
+    .bind(lsn_text(at.commit_lsn))
+    .bind(ordinal_to_sql(CONTEXT, at.ordinal)?)
     .bind(event.to_string())
     .bind(error)
     .bind(attempts_to_sql(CONTEXT, attempts)?)
+    .bind(slot)
     .execute(executor)
     .await
     .map_err(StatusError::sql(CONTEXT))?;
     Ok(result.rows_affected() > 0)
 }
 
-/// Up to `limit` dead letters, oldest first.
+/// Up to `limit` dead letters of `slot`'s operators, oldest first.
 pub async fn list_dead_letters<'c, E: PgExecutor<'c>>(
     executor: E,
+    slot: &str,
     limit: i64,
 ) -> Result<Vec<DeadLetter>, StatusError> {
     const CONTEXT: &str = "listing dead letters";
@@ -655,9 +681,10 @@ pub async fn list_dead_letters<'c, E: PgExecutor<'c>>(
     let rows = sqlx::query(
         "SELECT id, operator, commit_lsn::text AS commit_lsn, ordinal, event::text AS event, \
                 error, attempts, streamex.epoch_micros(created_at) AS created_at \
-           FROM streamex.dead_letters ORDER BY id LIMIT $1",
+           FROM streamex.dead_letters WHERE slot = $2 ORDER BY id LIMIT $1",
     )
     .bind(limit)
+    .bind(slot)
     .fetch_all(executor)
     .await
     .map_err(sql(CONTEXT))?;
@@ -682,4 +709,81 @@ pub async fn list_dead_letters<'c, E: PgExecutor<'c>>(
             })
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows from before operator state was kept per slot.
+
+/// The rows [`adopt_unkeyed_rows`] gave a slot, per table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adopted {
+    pub checkpoints: u64,
+    pub states: u64,
+    pub dead_letters: u64,
+}
+
+impl Adopted {
+    /// Whether nothing was adopted.
+    pub fn is_empty(&self) -> bool {
+        self.checkpoints == 0 && self.states == 0 && self.dead_letters == 0
+    }
+}
+
+/// Gives `slot` the rows from before operator state was kept per slot that migration 0003
+/// could not attribute (slot `''`: the database had no logical pgoutput slot when it ran; see
+/// `sql/0003_operator_state_per_slot.sql`). One statement, so that two instances of different
+/// slots cannot split them: the first one takes them all. A row whose operator already has a
+/// row of its own on `slot` is left where it is (the slot's own row is the newer).
+pub async fn adopt_unkeyed_rows<'c, E: PgExecutor<'c>>(
+    executor: E,
+    slot: &str,
+) -> Result<Adopted, StatusError> {
+    const CONTEXT: &str = "adopting operator rows from before they were kept per slot";
+    let (checkpoints, states, dead_letters): (i64, i64, i64) = sqlx::query_as(
+        "WITH c AS (
+             UPDATE streamex.operator_checkpoints AS o SET slot = $1
+              WHERE o.slot = '' AND NOT EXISTS (
+                    SELECT 1 FROM streamex.operator_checkpoints AS k
+                     WHERE k.slot = $1 AND k.operator = o.operator)
+             RETURNING 1),
+         s AS (
+             UPDATE streamex.operator_state AS o SET slot = $1
+              WHERE o.slot = '' AND NOT EXISTS (
+                    SELECT 1 FROM streamex.operator_state AS k
+                     WHERE k.slot = $1 AND k.operator = o.operator)
+             RETURNING 1),
+         d AS (
+             UPDATE streamex.dead_letters AS o SET slot = $1
+              WHERE o.slot = '' AND NOT EXISTS (
+                    SELECT 1 FROM streamex.dead_letters AS k
+                     WHERE k.slot = $1 AND k.operator = o.operator
+                       AND k.commit_lsn = o.commit_lsn AND k.ordinal = o.ordinal)
+             RETURNING 1)
+         SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM s), (SELECT count(*) FROM d)",
+    )
+    .bind(slot)
+    .fetch_one(executor)
+    .await
+    .map_err(StatusError::sql(CONTEXT))?;
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    Ok(Adopted {
+        checkpoints: count(checkpoints),
+        states: count(states),
+        dead_letters: count(dead_letters),
+    })
+}
+
+/// How many rows from before operator state was kept per slot still wait for a slot to adopt
+/// them (see [`adopt_unkeyed_rows`]).
+pub async fn count_unkeyed_rows<'c, E: PgExecutor<'c>>(executor: E) -> Result<i64, StatusError> {
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM streamex.operator_checkpoints WHERE slot = '')
+              + (SELECT count(*) FROM streamex.operator_state WHERE slot = '')
+              + (SELECT count(*) FROM streamex.dead_letters WHERE slot = '')",
+    )
+    .fetch_one(executor)
+    .await
+    .map_err(StatusError::sql(
+        "counting operator rows from before they were kept per slot",
+    ))
 }

@@ -445,7 +445,7 @@ impl OperatorTest {
     /// Sets a halted operator running again (as `streamex resume`): the next run gives it
     /// the events it has not processed, from its checkpoint on.
     pub async fn resume(&self, operator: &str) -> Result<(), KitError> {
-        status::set_operator_running(&self.pool, operator)
+        status::set_operator_running(&self.pool, &self.config.slot, operator)
             .await
             .map_err(|e| database("marking the operator running", e))
     }
@@ -456,7 +456,7 @@ impl OperatorTest {
         &self,
         operator: &str,
     ) -> Result<Option<crate::lsn::Position>, KitError> {
-        let checkpoints = status::load_checkpoints(&self.pool)
+        let checkpoints = status::load_checkpoints(&self.pool, &self.config.slot)
             .await
             .map_err(|e| database("loading the operators' checkpoints", e))?;
         Ok(checkpoints.get(operator).copied())
@@ -535,7 +535,7 @@ impl OperatorTest {
 
     /// The first of `names` that is halted, as the error a run returns.
     async fn halted(&self, names: &[String]) -> Result<Option<KitError>, KitError> {
-        let states = status::load_operator_states(&self.pool)
+        let states = status::load_operator_states(&self.pool, &self.config.slot)
             .await
             .map_err(|e| database("checking whether the operators halted", e))?;
         Ok(names.iter().find_map(|name| {

@@ -22,6 +22,16 @@ fn streamex(args: &[&str], config: &Path) -> anyhow::Result<Output> {
 
 /// The example configuration for database `url`, written to a file in `dir`.
 fn write_config(dir: &Path, url: &str, extra: &str) -> anyhow::Result<std::path::PathBuf> {
+    write_config_on(dir, url, &slot_for(url), extra)
+}
+
+/// The example configuration for database `url` and slot `slot`, written to a file in `dir`.
+fn write_config_on(
+    dir: &Path,
+    url: &str,
+    slot: &str,
+    extra: &str,
+) -> anyhow::Result<std::path::PathBuf> {
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/streamex.toml"))?;
     let text = example
@@ -29,10 +39,7 @@ fn write_config(dir: &Path, url: &str, extra: &str) -> anyhow::Result<std::path:
             "database_url = \"postgres://postgres@127.0.0.1:5432/blog\"",
             &format!("database_url = {url:?}"),
         )
-        .replace(
-            "slot = \"streamex\"",
-            &format!("slot = {:?}", slot_for(url)),
-        );
+        .replace("slot = \"streamex\"", &format!("slot = {slot:?}"));
     let path = dir.join("streamex.toml");
     std::fs::write(&path, format!("{extra}\n{text}"))?;
     Ok(path)
@@ -69,6 +76,7 @@ async fn setup_status_and_resume_work_and_never_show_the_password() -> anyhow::R
 
     streamex::status::set_operator_halted(
         &pool,
+        &slot_for(&url),
         "post_comment_tallies",
         "boom: the tallies table is gone",
         Lsn(0x1234),
@@ -397,4 +405,82 @@ async fn setup_within_patience(config: &Path) -> anyhow::Result<Output> {
         setup.kill()?;
     }
     Ok(setup.wait_with_output()?)
+}
+
+/// The operator `name` of a `status --json` report.
+fn operator<'r>(report: &'r Value, name: &str) -> &'r Value {
+    report["operators"]
+        .as_array()
+        .and_then(|operators| operators.iter().find(|o| o["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// Two configurations on one database, each with its own slot and the same operators: what
+/// the operators of one have done (their checkpoints) is not the other's.
+#[tokio::test]
+async fn two_slots_on_one_database_keep_their_operators_apart() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let slot_b = format!("{}_b", slot_for(&url));
+    let config_a = write_config(dir_a.path(), &url, "")?;
+    let config_b = write_config_on(dir_b.path(), &url, &slot_b, "")?;
+    common::setup_service(&config_a)?;
+    common::setup_service(&config_b)?;
+
+    // Only the first configuration runs, over a post with a comment.
+    let log = dir_a.path().join("run.log");
+    let mut run = common::spawn_service(&config_a, &log, "warn")?;
+    let written = async {
+        sqlx::raw_sql(
+            "INSERT INTO posts (id, title) VALUES (1, 'one');
+             INSERT INTO comments (post_id) VALUES (1);",
+        )
+        .execute(&pool)
+        .await?;
+        common::settle(&pool).await
+    }
+    .await;
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own running child.
+    unsafe { libc::kill(libc::pid_t::try_from(run.id())?, libc::SIGTERM) };
+    let exit = run.wait()?;
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    written.map_err(|e| anyhow::anyhow!("{e}\nservice log:\n{logged}"))?;
+    assert!(exit.success(), "{exit}\n{logged}");
+
+    let report = |config: &Path| -> anyhow::Result<Value> {
+        let out = streamex(&["status", "--json"], config)?;
+        assert!(out.status.success(), "status failed: {}", text(&out));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let (a, b) = (report(&config_a)?, report(&config_b)?);
+    for name in ["post_comment_tallies", "post_with_comments_counts"] {
+        assert!(
+            operator(&a, name)["checkpoint_commit_lsn"].is_string(),
+            "{name} has a checkpoint on the slot that ran it: {a:#}"
+        );
+        assert_eq!(
+            operator(&b, name)["checkpoint_commit_lsn"],
+            Value::Null,
+            "{name} never ran on slot {slot_b}: {b:#}"
+        );
+    }
+    let keyed: Vec<(String, String)> =
+        sqlx::query_as("SELECT slot, operator FROM streamex.operator_checkpoints ORDER BY 2")
+            .fetch_all(&pool)
+            .await?;
+    let slot_a = slot_for(&url);
+    assert_eq!(
+        keyed,
+        [
+            (slot_a.clone(), "post_comment_tallies".to_owned()),
+            (slot_a, "post_with_comments_counts".to_owned())
+        ]
+    );
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&slot_b)
+        .execute(&pool)
+        .await?;
+    Ok(())
 }

@@ -333,7 +333,7 @@ async fn a_failing_operator_is_retried_halted_and_resumed_while_others_go_on() -
 
     // Fix the cause, resume: the operator replays from the slot and finishes; nothing twice.
     fragile.cured.store(true, Ordering::SeqCst);
-    streamex::status::set_operator_running(&pool, "fragile").await?;
+    streamex::status::set_operator_running(&pool, &config.slot, "fragile").await?;
     eventually("the resumed operator finishing", || async {
         Ok(fragile.seen(&pool).await?.len() == 3)
     })

@@ -722,7 +722,8 @@ async fn resume_skip_current_sets_the_failed_event_aside() -> anyhow::Result<()>
     .fetch_one(kit.pool())
     .await?;
     let skipped =
-        streamex::status::set_operator_running_skipping(kit.pool(), "owner_notes").await?;
+        streamex::status::set_operator_running_skipping(kit.pool(), kit.slot(), "owner_notes")
+            .await?;
     assert_eq!(
         skipped.map(|p| (p.commit_lsn.to_string(), p.ordinal as i64)),
         Some(halted_at.clone())
@@ -788,7 +789,7 @@ async fn an_undecodable_change_is_dead_lettered_and_the_stream_goes_on() -> anyh
         .query_scalar("SELECT id FROM doc_ids ORDER BY id")
         .await?;
     assert_eq!(ids, [1, 3]);
-    let dead = streamex::status::list_dead_letters(kit.pool(), 10).await?;
+    let dead = streamex::status::list_dead_letters(kit.pool(), kit.slot(), 10).await?;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert!(
         dead[0].error.contains("could not be decoded"),

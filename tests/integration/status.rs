@@ -12,6 +12,10 @@ use streamex::status::{
 };
 use streamex::{Lsn, Position};
 
+/// The slot the tests of the free functions key their rows on (no slot of that name need
+/// exist).
+const SLOT: &str = "s";
+
 async fn fresh_pool() -> anyhow::Result<PgPool> {
     let url = streamex::testing::server().create_database().await?;
     Ok(PgPoolOptions::new()
@@ -326,35 +330,46 @@ async fn epoch_micros_is_exact_in_any_session_time_zone() -> anyhow::Result<()> 
 async fn advance_checkpoint_moves_only_from_where_it_is_and_forwards() -> anyhow::Result<()> {
     let pool = migrated_pool().await?;
     let at = |lsn, ordinal| Some(Position::new(Lsn(lsn), ordinal));
-    assert!(status::advance_checkpoint(&pool, "op", None, Position::new(Lsn(0x10), 2)).await?);
     assert!(
-        !status::advance_checkpoint(&pool, "op", None, Position::new(Lsn(0x20), 0)).await?,
+        status::advance_checkpoint(&pool, SLOT, "op", None, Position::new(Lsn(0x10), 2)).await?
+    );
+    assert!(
+        !status::advance_checkpoint(&pool, SLOT, "op", None, Position::new(Lsn(0x20), 0)).await?,
         "there is one now"
     );
     assert!(
-        !status::advance_checkpoint(&pool, "op", at(0x10, 1), Position::new(Lsn(0x20), 0)).await?,
+        !status::advance_checkpoint(&pool, SLOT, "op", at(0x10, 1), Position::new(Lsn(0x20), 0))
+            .await?,
         "not where it is"
     );
     assert!(
-        !status::advance_checkpoint(&pool, "op", at(0x10, 2), Position::new(Lsn(0x10), 1)).await?,
+        !status::advance_checkpoint(&pool, SLOT, "op", at(0x10, 2), Position::new(Lsn(0x10), 1))
+            .await?,
         "backwards"
     );
     assert_eq!(
-        status::load_checkpoint(&pool, "op").await?,
+        status::load_checkpoint(&pool, SLOT, "op").await?,
         Some(Position::new(Lsn(0x10), 2))
     );
     assert!(
-        status::advance_checkpoint(&pool, "op", at(0x10, 2), Position::new(Lsn(0x20), 0)).await?
+        status::advance_checkpoint(&pool, SLOT, "op", at(0x10, 2), Position::new(Lsn(0x20), 0))
+            .await?
     );
     assert_eq!(
-        status::load_checkpoint(&pool, "op").await?,
+        status::load_checkpoint(&pool, SLOT, "op").await?,
         Some(Position::new(Lsn(0x20), 0))
     );
-    assert_eq!(status::load_checkpoint(&pool, "other").await?, None);
+    assert_eq!(status::load_checkpoint(&pool, SLOT, "other").await?, None);
     // A checkpoint deleted by hand is written again.
     assert!(
-        status::advance_checkpoint(&pool, "other", at(0x10, 1), Position::new(Lsn(0x10), 2))
-            .await?
+        status::advance_checkpoint(
+            &pool,
+            SLOT,
+            "other",
+            at(0x10, 1),
+            Position::new(Lsn(0x10), 2)
+        )
+        .await?
     );
     Ok(())
 }
@@ -362,38 +377,38 @@ async fn advance_checkpoint_moves_only_from_where_it_is_and_forwards() -> anyhow
 #[tokio::test]
 async fn store_checkpoint_never_moves_backwards() -> anyhow::Result<()> {
     let pool = migrated_pool().await?;
-    assert!(status::load_checkpoints(&pool).await?.is_empty());
-    assert!(status::store_checkpoint(&pool, "op", Lsn(0x10), 5).await?);
+    assert!(status::load_checkpoints(&pool, SLOT).await?.is_empty());
+    assert!(status::store_checkpoint(&pool, SLOT, "op", Lsn(0x10), 5).await?);
     assert!(
-        !status::store_checkpoint(&pool, "op", Lsn(0x10), 5).await?,
+        !status::store_checkpoint(&pool, SLOT, "op", Lsn(0x10), 5).await?,
         "same position"
     );
     assert!(
-        !status::store_checkpoint(&pool, "op", Lsn(0x10), 4).await?,
+        !status::store_checkpoint(&pool, SLOT, "op", Lsn(0x10), 4).await?,
         "older ordinal"
     );
     assert!(
-        !status::store_checkpoint(&pool, "op", Lsn(0x0F), 100).await?,
+        !status::store_checkpoint(&pool, SLOT, "op", Lsn(0x0F), 100).await?,
         "older lsn"
     );
     assert_eq!(
-        status::load_checkpoints(&pool).await?["op"],
+        status::load_checkpoints(&pool, SLOT).await?["op"],
         Position::new(Lsn(0x10), 5)
     );
-    assert!(status::store_checkpoint(&pool, "op", Lsn(0x10), 6).await?);
-    assert!(status::store_checkpoint(&pool, "op", Lsn(0x1_0000_0000), 0).await?);
-    assert!(status::store_checkpoint(&pool, "other", Lsn(0x1), 0).await?);
-    let checkpoints = status::load_checkpoints(&pool).await?;
+    assert!(status::store_checkpoint(&pool, SLOT, "op", Lsn(0x10), 6).await?);
+    assert!(status::store_checkpoint(&pool, SLOT, "op", Lsn(0x1_0000_0000), 0).await?);
+    assert!(status::store_checkpoint(&pool, SLOT, "other", Lsn(0x1), 0).await?);
+    let checkpoints = status::load_checkpoints(&pool, SLOT).await?;
     assert_eq!(checkpoints.len(), 2);
     assert_eq!(checkpoints["op"], Position::new(Lsn(0x1_0000_0000), 0));
     assert_eq!(checkpoints["other"], Position::new(Lsn(0x1), 0));
 
-    let err = status::store_checkpoint(&pool, "op", Lsn(0x2_0000_0000), u64::MAX)
+    let err = status::store_checkpoint(&pool, SLOT, "op", Lsn(0x2_0000_0000), u64::MAX)
         .await
         .expect_err("an ordinal beyond bigint");
     assert!(matches!(err, StatusError::Invalid { .. }), "{err:?}");
     assert_eq!(
-        status::load_checkpoints(&pool).await?["op"],
+        status::load_checkpoints(&pool, SLOT).await?["op"],
         Position::new(Lsn(0x1_0000_0000), 0)
     );
     Ok(())
@@ -404,10 +419,11 @@ async fn operator_state_halts_survives_a_new_pool_and_runs_again() -> anyhow::Re
     let url = streamex::testing::server().create_database().await?;
     let pool = PgPool::connect(&url).await?;
     status::migrate(&pool).await?;
-    assert!(status::load_operator_states(&pool).await?.is_empty());
-    status::set_operator_halted(&pool, "mailer", "first", Lsn(0x1), 1, 1).await?;
+    assert!(status::load_operator_states(&pool, SLOT).await?.is_empty());
+    status::set_operator_halted(&pool, SLOT, "mailer", "first", Lsn(0x1), 1, 1).await?;
     status::set_operator_halted(
         &pool,
+        SLOT,
         "mailer",
         "boom: smtp refused",
         Lsn(0x2_0000_00AB),
@@ -415,12 +431,12 @@ async fn operator_state_halts_survives_a_new_pool_and_runs_again() -> anyhow::Re
         3,
     )
     .await?;
-    status::set_operator_running(&pool, "indexer").await?;
+    status::set_operator_running(&pool, SLOT, "indexer").await?;
     pool.close().await;
 
     // As after a restart.
     let pool = PgPool::connect(&url).await?;
-    let states = status::load_operator_states(&pool).await?;
+    let states = status::load_operator_states(&pool, SLOT).await?;
     assert_eq!(states.len(), 2);
     let mailer = &states["mailer"];
     assert_eq!(mailer.operator, "mailer");
@@ -438,8 +454,8 @@ async fn operator_state_halts_survives_a_new_pool_and_runs_again() -> anyhow::Re
     assert_eq!(states["indexer"].state, OperatorRunState::Running);
     assert_eq!(states["indexer"].last_error, None);
 
-    status::set_operator_running(&pool, "mailer").await?;
-    let mailer = &status::load_operator_states(&pool).await?["mailer"];
+    status::set_operator_running(&pool, SLOT, "mailer").await?;
+    let mailer = &status::load_operator_states(&pool, SLOT).await?["mailer"];
     assert_eq!(mailer.state, OperatorRunState::Running);
     assert_eq!(mailer.last_error, None);
     assert_eq!(mailer.error_at_micros, None);
@@ -456,20 +472,36 @@ async fn dead_letter_insert_is_idempotent() -> anyhow::Result<()> {
         r#"{"type":"insert","table":"posts","new_record":{"id":1,"price":12345678901234567890.123456789,"title":"héllo"}}"#,
     )?;
     assert!(
-        status::insert_dead_letter(&pool, "mailer", Lsn(0x1_0000_0010), 2, &event, "boom", 5)
-            .await?
+        status::insert_dead_letter(
+            &pool,
+            SLOT,
+            "mailer",
+            Position::new(Lsn(0x1_0000_0010), 2),
+            &event,
+            "boom",
+            5
+        )
+        .await?
     );
     assert!(
-        !status::insert_dead_letter(&pool, "mailer", Lsn(0x1_0000_0010), 2, &event, "again", 6)
-            .await?,
+        !status::insert_dead_letter(
+            &pool,
+            SLOT,
+            "mailer",
+            Position::new(Lsn(0x1_0000_0010), 2),
+            &event,
+            "again",
+            6
+        )
+        .await?,
         "a replay must not duplicate the dead letter"
     );
     assert!(
         status::insert_dead_letter(
             &pool,
+            SLOT,
             "mailer",
-            Lsn(0x1_0000_0010),
-            3,
+            Position::new(Lsn(0x1_0000_0010), 3),
             &json!({"n": 3}),
             "x",
             1
@@ -477,10 +509,19 @@ async fn dead_letter_insert_is_idempotent() -> anyhow::Result<()> {
         .await?
     );
     assert!(
-        status::insert_dead_letter(&pool, "indexer", Lsn(0x1_0000_0010), 2, &event, "y", 1).await?
+        status::insert_dead_letter(
+            &pool,
+            SLOT,
+            "indexer",
+            Position::new(Lsn(0x1_0000_0010), 2),
+            &event,
+            "y",
+            1
+        )
+        .await?
     );
 
-    let letters = status::list_dead_letters(&pool, 10).await?;
+    let letters = status::list_dead_letters(&pool, SLOT, 10).await?;
     assert_eq!(letters.len(), 3);
     let first = &letters[0];
     assert_eq!(first.operator, "mailer");
@@ -491,7 +532,221 @@ async fn dead_letter_insert_is_idempotent() -> anyhow::Result<()> {
     assert_eq!(first.attempts, 5);
     assert!(first.created_at_micros > 0);
     assert!(letters[0].id < letters[1].id && letters[1].id < letters[2].id);
-    assert_eq!(status::list_dead_letters(&pool, 1).await?.len(), 1);
+    assert_eq!(status::list_dead_letters(&pool, SLOT, 1).await?.len(), 1);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per slot.
+
+/// Two slots on one database with an operator of the same name: its checkpoint, its halt and
+/// its dead letters on one slot are not the other's.
+#[tokio::test]
+async fn operator_rows_of_one_slot_are_not_another_slot_s() -> anyhow::Result<()> {
+    let pool = migrated_pool().await?;
+    assert!(status::store_checkpoint(&pool, "a", "mailer", Lsn(0x30), 1).await?);
+    // The same position on the other slot is a move there: not "already at or past it".
+    assert!(status::store_checkpoint(&pool, "b", "mailer", Lsn(0x10), 0).await?);
+    assert!(
+        status::advance_checkpoint(
+            &pool,
+            "b",
+            "mailer",
+            Some(Position::new(Lsn(0x10), 0)),
+            Position::new(Lsn(0x20), 0)
+        )
+        .await?,
+        "b's checkpoint moves from where b left it, whatever a's is"
+    );
+    assert_eq!(
+        status::load_checkpoint(&pool, "a", "mailer").await?,
+        Some(Position::new(Lsn(0x30), 1))
+    );
+    assert_eq!(
+        status::load_checkpoints(&pool, "b").await?["mailer"],
+        Position::new(Lsn(0x20), 0)
+    );
+
+    status::set_operator_halted(&pool, "a", "mailer", "smtp refused", Lsn(0x31), 0, 6).await?;
+    assert_eq!(
+        status::load_operator_states(&pool, "a").await?["mailer"].state,
+        OperatorRunState::Halted
+    );
+    assert!(status::load_operator_states(&pool, "b").await?.is_empty());
+    assert_eq!(
+        status::set_operator_running_skipping(&pool, "b", "mailer").await?,
+        None,
+        "not halted on b"
+    );
+    status::set_operator_running(&pool, "b", "mailer").await?;
+    assert_eq!(
+        status::load_operator_states(&pool, "a").await?["mailer"].state,
+        OperatorRunState::Halted,
+        "resuming on b leaves a halted"
+    );
+
+    let event = json!({"id": 1});
+    for slot in ["a", "b"] {
+        assert!(
+            status::insert_dead_letter(
+                &pool,
+                slot,
+                "mailer",
+                Position::new(Lsn(0x31), 0),
+                &event,
+                "x",
+                6
+            )
+            .await?,
+            "the same event is a dead letter of each slot"
+        );
+    }
+    assert_eq!(status::list_dead_letters(&pool, "a", 10).await?.len(), 1);
+    assert!(status::list_dead_letters(&pool, "c", 10).await?.is_empty());
+    Ok(())
+}
+
+/// A database migrated by a streamex from before operator state was kept per slot: 0001 and
+/// 0002 only, applied as sqlx applies them, with `search_path = streamex`.
+async fn migrated_before_slots(url: &str) -> anyhow::Result<PgPool> {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir()?;
+    for file in ["0001_streamex.sql", "0002_skip_current.sql"] {
+        std::fs::copy(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("sql")
+                .join(file),
+            dir.path().join(file),
+        )?;
+    }
+    let old = sqlx::migrate::Migrator::new(dir.path()).await?;
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    sqlx::raw_sql("CREATE SCHEMA streamex; SET search_path TO streamex")
+        .execute(&mut conn)
+        .await?;
+    old.run(&mut conn).await?;
+    conn.close().await?;
+    let pool = PgPool::connect(url).await?;
+    sqlx::raw_sql(
+        "INSERT INTO streamex.operator_checkpoints (operator, commit_lsn, ordinal)
+              VALUES ('tallies', '0/100', 3);
+         INSERT INTO streamex.operator_state
+              (operator, state, last_error, error_at, failed_commit_lsn, failed_ordinal, attempts)
+              VALUES ('tallies', 'halted', 'boom', now(), '0/200', 1, 4);
+         INSERT INTO streamex.dead_letters (operator, commit_lsn, ordinal, event, error, attempts)
+              VALUES ('counts', '0/150', 0, '{}', 'bad', 2);",
+    )
+    .execute(&pool)
+    .await?;
+    Ok(pool)
+}
+
+/// `(table, slot, operator)` of every checkpoint, state and dead letter.
+async fn keyed_rows(pool: &PgPool) -> anyhow::Result<Vec<(String, String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT 'checkpoint', slot, operator FROM streamex.operator_checkpoints
+         UNION ALL SELECT 'state', slot, operator FROM streamex.operator_state
+         UNION ALL SELECT 'dead letter', slot, operator FROM streamex.dead_letters
+         ORDER BY 1, 2, 3",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+fn rows(slots: &[&str]) -> Vec<(String, String, String)> {
+    let mut rows = Vec::new();
+    for (table, operator) in [
+        ("checkpoint", "tallies"),
+        ("dead letter", "counts"),
+        ("state", "tallies"),
+    ] {
+        for slot in slots {
+            rows.push((table.to_owned(), (*slot).to_owned(), operator.to_owned()));
+        }
+    }
+    rows
+}
+
+async fn create_slot(pool: &PgPool, name: &str) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+async fn drop_slot(pool: &PgPool, name: &str) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Rows written before operator state was kept per slot are adopted by the slot that was in
+/// use: the database's one slot when there is one (whatever slot the configuration that
+/// migrates names), each of several, or, with none, the slot of the first configuration to
+/// set up.
+#[tokio::test]
+async fn rows_from_before_slots_are_adopted_by_the_slot_in_use() -> anyhow::Result<()> {
+    let service = |url: &str, slot: &str| {
+        let mut config = streamex::config::Config::new(url);
+        config.slot = slot.to_owned();
+        async move {
+            streamex::Service::builder().config(config).build().await?;
+            anyhow::Ok(())
+        }
+    };
+
+    // One slot: the rows are its, though the configuration that migrates names another.
+    let url = streamex::testing::server().create_database().await?;
+    let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+    let pool = migrated_before_slots(&url).await?;
+    let (in_use, configured) = (format!("{name}_old"), format!("{name}_new"));
+    create_slot(&pool, &in_use).await?;
+    service(&url, &configured).await?;
+    assert_eq!(keyed_rows(&pool).await?, rows(&[&in_use]));
+    let states = status::load_operator_states(&pool, &in_use).await?;
+    assert_eq!(states["tallies"].last_error.as_deref(), Some("boom"));
+    assert!(
+        status::load_operator_states(&pool, &configured)
+            .await?
+            .is_empty()
+    );
+    drop_slot(&pool, &in_use).await?;
+    drop_slot(&pool, &configured).await?;
+
+    // Several slots shared the rows: each gets them.
+    let url = streamex::testing::server().create_database().await?;
+    let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+    let pool = migrated_before_slots(&url).await?;
+    let (one, two) = (format!("{name}_1"), format!("{name}_2"));
+    create_slot(&pool, &one).await?;
+    create_slot(&pool, &two).await?;
+    status::migrate(&pool).await?;
+    assert_eq!(keyed_rows(&pool).await?, rows(&[&one, &two]));
+    assert_eq!(status::count_unkeyed_rows(&pool).await?, 0);
+    drop_slot(&pool, &one).await?;
+    drop_slot(&pool, &two).await?;
+
+    // No slot: the migration cannot tell; the first configuration to set up adopts them.
+    let url = streamex::testing::server().create_database().await?;
+    let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+    let pool = migrated_before_slots(&url).await?;
+    status::migrate(&pool).await?;
+    assert_eq!(keyed_rows(&pool).await?, rows(&[""]));
+    assert_eq!(status::count_unkeyed_rows(&pool).await?, 3);
+    service(&url, &name).await?;
+    assert_eq!(keyed_rows(&pool).await?, rows(&[&name]));
+    let later = format!("{name}_later");
+    service(&url, &later).await?;
+    assert_eq!(
+        keyed_rows(&pool).await?,
+        rows(&[&name]),
+        "a second configuration adopts nothing"
+    );
+    drop_slot(&pool, &name).await?;
+    drop_slot(&pool, &later).await?;
     Ok(())
 }
 
@@ -509,9 +764,18 @@ async fn writes_in_a_callers_transaction_roll_back_and_commit_with_it() -> anyho
     let mut tx = pool.begin().await?;
     status::store_items(&mut *tx, &items).await?;
     status::store_item(&mut *tx, "users", 1, Lsn(1)).await?;
-    status::store_checkpoint(&mut *tx, "op", Lsn(0x20), 1).await?;
-    status::set_operator_halted(&mut *tx, "op", "boom", Lsn(0x20), 2, 3).await?;
-    status::insert_dead_letter(&mut *tx, "op", Lsn(0x20), 2, &json!({}), "boom", 3).await?;
+    status::store_checkpoint(&mut *tx, SLOT, "op", Lsn(0x20), 1).await?;
+    status::set_operator_halted(&mut *tx, SLOT, "op", "boom", Lsn(0x20), 2, 3).await?;
+    status::insert_dead_letter(
+        &mut *tx,
+        SLOT,
+        "op",
+        Position::new(Lsn(0x20), 2),
+        &json!({}),
+        "boom",
+        3,
+    )
+    .await?;
     // Visible inside the transaction...
     assert_eq!(status::load_items(&mut *tx).await?.len(), 3);
     assert!(status::is_processed(&mut *tx, "posts", 10).await?);
@@ -519,13 +783,13 @@ async fn writes_in_a_callers_transaction_roll_back_and_commit_with_it() -> anyho
 
     // ...and gone with it.
     assert!(status::load_items(&pool).await?.is_empty());
-    assert!(status::load_checkpoints(&pool).await?.is_empty());
-    assert!(status::load_operator_states(&pool).await?.is_empty());
-    assert!(status::list_dead_letters(&pool, 10).await?.is_empty());
+    assert!(status::load_checkpoints(&pool, SLOT).await?.is_empty());
+    assert!(status::load_operator_states(&pool, SLOT).await?.is_empty());
+    assert!(status::list_dead_letters(&pool, SLOT, 10).await?.is_empty());
 
     let mut tx = pool.begin().await?;
     status::store_items(&mut *tx, &items).await?;
-    status::store_checkpoint(&mut *tx, "op", Lsn(0x20), 1).await?;
+    status::store_checkpoint(&mut *tx, SLOT, "op", Lsn(0x20), 1).await?;
     tx.commit().await?;
     assert_eq!(
         status::load_items(&pool).await?,
@@ -535,7 +799,7 @@ async fn writes_in_a_callers_transaction_roll_back_and_commit_with_it() -> anyho
         ]
     );
     assert_eq!(
-        status::load_checkpoints(&pool).await?["op"],
+        status::load_checkpoints(&pool, SLOT).await?["op"],
         Position::new(Lsn(0x20), 1)
     );
     Ok(())
