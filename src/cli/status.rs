@@ -1,7 +1,11 @@
-//! `streamex status`: what the person on call needs first. The slot and the WAL it holds,
-//! each operator's position and state, the process status, the dead letters.
+//! `streamex status`: what the person on call needs first. Whether an instance is active, the
+//! slot and the WAL it holds, each operator's position and state (every operator with rows for
+//! this slot, those the configuration no longer names marked so), the process status, the dead
+//! letters.
+//!
+//! It only reads: it takes no lock and migrates nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -27,13 +31,20 @@ pub struct StatusArgs {
 #[derive(Debug, Serialize)]
 struct Report {
     database: String,
+    /// Whether a `streamex run` holds the slot's instance lock: only then do operators run.
+    instance_active: bool,
     /// The backend pid of the active `streamex run` (the holder of the slot's instance lock).
     active_instance_pid: Option<i32>,
     /// The backend pids of instances waiting to take over (their lock connections).
     standby_instance_pids: Vec<i32>,
     slot_name: String,
     slot: Option<SlotInfo>,
+    /// Every operator of the configuration, then every other one with rows for this slot.
     operators: Vec<OperatorLine>,
+    /// Rows from before operator state was kept per slot that no slot has adopted yet.
+    unadopted_rows: i64,
+    /// The streamex schema is older than this binary (no per-slot operator state yet).
+    schema_outdated: bool,
     process_status_backend: &'static str,
     process_status: Vec<EntityLine>,
     dead_letters: Vec<DeadLetterLine>,
@@ -42,11 +53,22 @@ struct Report {
 #[derive(Debug, Serialize)]
 struct OperatorLine {
     name: String,
+    /// Whether the configuration's `[[operators]]` name it. One that it does not name is not
+    /// run with this configuration, so it holds nothing back: the engine acknowledges the slot
+    /// over the operators it runs only.
+    in_config: bool,
+    /// The stored state, `running` or `halted`. `running` means "runs while an instance is
+    /// active"; see `processing`.
     state: String,
+    /// Whether it is processing now: running, in the configuration, and an instance active.
+    processing: bool,
     checkpoint_commit_lsn: Option<Lsn>,
     checkpoint_ordinal: Option<u64>,
+    /// Bytes of WAL the server has written after the checkpoint's commit.
+    checkpoint_behind_wal_bytes: Option<u64>,
     last_error: Option<String>,
     failed_at: Option<String>,
+    dead_letters: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,55 +93,85 @@ pub async fn status_command(
     let (config, params, pool) = connect(&args.config, registry, &shutdown).await?;
     let slot = setup::slot_info(&pool, &config.slot).await?;
     // The migration creates every table in one transaction: one of them stands for all.
-    let has_schema: bool =
-        sqlx::query_scalar("SELECT to_regclass('streamex.process_status') IS NOT NULL")
-            .fetch_one(&pool)
-            .await
-            .context("looking for the streamex schema")?;
-    let (checkpoints, states, items, dead) = if has_schema {
-        let items = match config.process_status.backend {
-            StatusBackendKind::Postgres => PostgresStatus::new(pool.clone()).load().await?,
-            StatusBackendKind::Memory => Vec::new(),
-        };
+    let (has_schema, per_slot): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('streamex.process_status') IS NOT NULL,
+                EXISTS (SELECT 1 FROM information_schema.columns
+                         WHERE table_schema = 'streamex' AND table_name = 'operator_state'
+                           AND column_name = 'slot')",
+    )
+    .fetch_one(&pool)
+    .await
+    .context("looking for the streamex schema")?;
+    let items = match (has_schema, config.process_status.backend) {
+        (true, StatusBackendKind::Postgres) => PostgresStatus::new(pool.clone()).load().await?,
+        _ => Vec::new(),
+    };
+    let (checkpoints, states, dead, unadopted_rows) = if per_slot {
         (
             status::load_checkpoints(&pool, &config.slot).await?,
             status::load_operator_states(&pool, &config.slot).await?,
-            items,
             count_dead_letters(&pool, &config.slot).await?,
+            status::count_unkeyed_rows(&pool).await?,
         )
     } else {
         Default::default()
     };
-    let operators = config
-        .operators
+    let active_instance_pid = InstanceLock::holder(&pool, &config.slot).await?;
+    let instance_active = active_instance_pid.is_some();
+    let current_wal: Option<String> = sqlx::query_scalar(
+        "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                     ELSE pg_current_wal_lsn() END::text",
+    )
+    .fetch_one(&pool)
+    .await
+    .context("reading the server's WAL position")?;
+    let current_wal: Option<Lsn> = current_wal.and_then(|text| text.parse().ok());
+
+    // The configuration's operators in its order, then the others with rows for this slot.
+    let configured: Vec<&str> = config.operators.iter().map(|o| o.name.as_str()).collect();
+    let others: BTreeSet<&str> = checkpoints
+        .keys()
+        .chain(states.keys())
+        .chain(dead.keys())
+        .map(String::as_str)
+        .filter(|name| !configured.contains(name))
+        .collect();
+    let operators = configured
         .iter()
-        .map(|o| {
-            let checkpoint = checkpoints.get(&o.name);
-            let state = states.get(&o.name);
+        .map(|name| (*name, true))
+        .chain(others.into_iter().map(|name| (name, false)))
+        .map(|(name, in_config)| {
+            let checkpoint = checkpoints.get(name);
+            let state = states.get(name);
+            let halted = state.is_some_and(|s| s.state == OperatorRunState::Halted);
             OperatorLine {
-                name: o.name.clone(),
-                state: if state.is_some_and(|s| s.state == OperatorRunState::Halted) {
-                    "halted".into()
-                } else {
-                    "running".into()
-                },
+                name: name.to_owned(),
+                in_config,
+                state: if halted { "halted" } else { "running" }.into(),
+                processing: in_config && !halted && instance_active,
                 checkpoint_commit_lsn: checkpoint.map(|c| c.commit_lsn),
                 checkpoint_ordinal: checkpoint.map(|c| c.ordinal),
+                checkpoint_behind_wal_bytes: checkpoint
+                    .zip(current_wal)
+                    .map(|(c, wal)| wal.0.saturating_sub(c.commit_lsn.0)),
                 last_error: state.and_then(|s| s.last_error.clone()),
                 failed_at: state
                     .and_then(|s| Some(format!("{}#{}", s.failed_commit_lsn?, s.failed_ordinal?))),
+                dead_letters: dead.get(name).copied().unwrap_or(0),
             }
         })
         .collect();
-    let active_instance_pid = InstanceLock::holder(&pool, &config.slot).await?;
     let report = Report {
         database: params.redacted_url(),
+        instance_active,
         active_instance_pid,
         standby_instance_pids: InstanceLock::standbys(&pool, &config.slot, active_instance_pid)
             .await?,
         slot_name: config.slot.clone(),
         slot,
         operators,
+        unadopted_rows,
+        schema_outdated: has_schema && !per_slot,
         process_status_backend: match config.process_status.backend {
             StatusBackendKind::Postgres => "postgres",
             StatusBackendKind::Memory => "memory",
@@ -146,16 +198,20 @@ pub async fn status_command(
     Ok(())
 }
 
-/// Dead letters per operator of `slot`.
-async fn count_dead_letters(pool: &sqlx::PgPool, slot: &str) -> anyhow::Result<Vec<(String, i64)>> {
-    sqlx::query_as(
+/// Dead letters per operator of `slot`, by name.
+async fn count_dead_letters(
+    pool: &sqlx::PgPool,
+    slot: &str,
+) -> anyhow::Result<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT operator, count(*) FROM streamex.dead_letters WHERE slot = $1
           GROUP BY operator ORDER BY operator",
     )
     .bind(slot)
     .fetch_all(pool)
     .await
-    .context("counting dead letters")
+    .context("counting dead letters")?;
+    Ok(rows.into_iter().collect())
 }
 
 fn bytes(n: i64) -> String {
@@ -185,7 +241,17 @@ fn render(report: &Report, has_schema: bool) -> String {
             );
         }
         None => {
-            let _ = writeln!(out, "instance  none running for this slot");
+            let _ = writeln!(
+                out,
+                "instance  NONE ACTIVE for this slot: nothing is processed until `streamex run` starts"
+            );
+            if let Some(pid) = report.slot.as_ref().and_then(|s| s.active_pid) {
+                let _ = writeln!(
+                    out,
+                    "          yet the slot is streaming to walsender pid {pid}: another client \
+                     (`streamex tail --slot`, or a program of your own) is reading it"
+                );
+            }
         }
     }
     if !report.standby_instance_pids.is_empty() {
@@ -238,12 +304,45 @@ fn render(report: &Report, has_schema: bool) -> String {
             out,
             "schema    streamex does not exist yet: run `streamex setup`"
         );
+    } else if report.schema_outdated {
+        let _ = writeln!(
+            out,
+            "schema    streamex predates per-slot operator state: run `streamex setup` to migrate \
+             it (operator state is left out below)"
+        );
+    }
+    if report.unadopted_rows > 0 {
+        let _ = writeln!(
+            out,
+            "note      {} operator rows from before they were kept per slot belong to no slot yet: \
+             the next `streamex setup` or `run` adopts them for its slot",
+            report.unadopted_rows
+        );
     }
     let _ = writeln!(out, "operators");
+    let label = |o: &OperatorLine| {
+        if o.in_config {
+            o.name.clone()
+        } else {
+            format!("{} (not in config)", o.name)
+        }
+    };
+    let state = |o: &OperatorLine| match (o.state.as_str(), o.in_config, report.instance_active) {
+        ("halted", _, _) => "halted",
+        (_, false, _) => "not run",
+        (_, true, true) => "running",
+        (_, true, false) => "will run (no instance active)",
+    };
     let width = report
         .operators
         .iter()
-        .map(|o| o.name.len())
+        .map(|o| label(o).len())
+        .max()
+        .unwrap_or(0);
+    let state_width = report
+        .operators
+        .iter()
+        .map(|o| state(o).len())
         .max()
         .unwrap_or(0);
     for o in &report.operators {
@@ -251,10 +350,20 @@ fn render(report: &Report, has_schema: bool) -> String {
             (Some(lsn), Some(ordinal)) => format!("{lsn}#{ordinal}"),
             _ => "-".into(),
         };
+        let behind = o
+            .checkpoint_behind_wal_bytes
+            .map(|n| {
+                format!(
+                    ", {} behind the WAL",
+                    bytes(i64::try_from(n).unwrap_or(i64::MAX))
+                )
+            })
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  {:width$}  {:8} checkpoint {checkpoint}",
-            o.name, o.state
+            "  {:width$}  {:state_width$}  checkpoint {checkpoint}{behind}",
+            label(o),
+            state(o)
         );
         if o.state == "halted" {
             let _ = writeln!(
@@ -264,10 +373,38 @@ fn render(report: &Report, has_schema: bool) -> String {
                 o.failed_at.as_deref().unwrap_or("-"),
                 o.last_error.as_deref().unwrap_or("-")
             );
+            if o.in_config {
+                let _ = writeln!(
+                    out,
+                    "  {:width$}  the slot cannot move past it: fix the cause, then `streamex resume {}`",
+                    "", o.name
+                );
+            }
+        }
+        if !o.in_config {
+            let pad = "";
             let _ = writeln!(
                 out,
-                "  {:width$}  the slot cannot move past it: fix the cause, then `streamex resume {}`",
-                "", o.name
+                "  {pad:width$}  not run by this configuration, so it holds nothing back: the slot \
+                 is acknowledged without it"
+            );
+            let _ = writeln!(
+                out,
+                "  {pad:width$}  added back, it starts at the slot's position (what came in between \
+                 is not replayed to it){}",
+                if o.state == "halted" {
+                    ", and halted until resumed"
+                } else {
+                    ""
+                }
+            );
+            let _ = writeln!(
+                out,
+                "  {pad:width$}  to forget it: DELETE FROM streamex.operator_state WHERE slot = '{}' \
+                 AND operator = '{}'; likewise streamex.operator_checkpoints and \
+                 streamex.dead_letters",
+                report.slot_name.replace('\'', "''"),
+                o.name.replace('\'', "''")
             );
         }
     }

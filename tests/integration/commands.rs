@@ -208,9 +208,13 @@ async fn status_names_the_active_instance() -> anyhow::Result<()> {
         application.starts_with("streamex instance "),
         "{application}"
     );
+    let active = report(&config)?;
+    assert_eq!(active["standby_instance_pids"], serde_json::json!([]));
+    assert_eq!(active["instance_active"], true, "{active:#}");
     assert_eq!(
-        report(&config)?["standby_instance_pids"],
-        serde_json::json!([])
+        operator(&active, "post_comment_tallies")["processing"],
+        true,
+        "{active:#}"
     );
 
     // A second instance on the same slot waits as a standby, and is listed as one.
@@ -482,5 +486,83 @@ async fn two_slots_on_one_database_keep_their_operators_apart() -> anyhow::Resul
         .bind(&slot_b)
         .execute(&pool)
         .await?;
+    Ok(())
+}
+
+/// With no instance running, `status` says so and calls no operator running; an operator
+/// with rows for the slot that the configuration no longer names is listed, marked, with what
+/// it holds back (nothing) and how to forget it.
+#[tokio::test]
+async fn status_says_no_instance_runs_and_lists_operators_left_out_of_the_config()
+-> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &url, "")?;
+    common::setup_service(&config)?;
+    let slot = slot_for(&url);
+    streamex::status::set_operator_halted(
+        &pool,
+        &slot,
+        "retired_mailer",
+        "smtp refused",
+        Lsn(0x42),
+        0,
+        6,
+    )
+    .await?;
+    streamex::status::store_checkpoint(&pool, &slot, "retired_mailer", Lsn(0x40), 2).await?;
+    // The same name on another slot is not this configuration's.
+    streamex::status::set_operator_running(&pool, "another_slot", "other_slots_operator").await?;
+
+    let out = streamex(&["status", "--json"], &config)?;
+    assert!(out.status.success(), "status failed: {}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["instance_active"], false, "{report:#}");
+    let counts = operator(&report, "post_with_comments_counts");
+    assert_eq!(counts["state"], "running", "{report:#}");
+    assert_eq!(counts["processing"], false, "{report:#}");
+    assert_eq!(counts["in_config"], true, "{report:#}");
+    let retired = operator(&report, "retired_mailer");
+    assert_eq!(retired["in_config"], false, "{report:#}");
+    assert_eq!(retired["state"], "halted", "{report:#}");
+    assert_eq!(retired["checkpoint_commit_lsn"], "0/40", "{report:#}");
+    assert!(
+        retired["checkpoint_behind_wal_bytes"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{report:#}"
+    );
+    assert_eq!(
+        operator(&report, "other_slots_operator"),
+        &Value::Null,
+        "{report:#}"
+    );
+
+    let out = streamex(&["status"], &config)?;
+    let human = text(&out);
+    assert!(
+        human.contains("instance  NONE ACTIVE for this slot"),
+        "{human}"
+    );
+    assert!(
+        human.contains("post_with_comments_counts")
+            && human.contains("will run (no instance active)"),
+        "{human}"
+    );
+    assert!(!human.contains("  running  "), "{human}");
+    assert!(human.contains("retired_mailer (not in config)"), "{human}");
+    assert!(human.contains("holds nothing back"), "{human}");
+    assert!(
+        human.contains(&format!(
+            "DELETE FROM streamex.operator_state WHERE slot = '{slot}' AND operator = 'retired_mailer'"
+        )),
+        "{human}"
+    );
+    assert!(
+        !human.contains("streamex resume retired_mailer"),
+        "resume refuses an operator the configuration lacks: {human}"
+    );
     Ok(())
 }
