@@ -207,7 +207,8 @@ pub struct NoTransaction {
 /// }
 /// ```
 pub trait Operator: Send + Sync + 'static {
-    /// The name it is registered and configured under; also the key of its checkpoint.
+    /// The name it is registered and configured under; with the slot, also the key of its
+    /// checkpoint, its state and its dead letters.
     fn name(&self) -> &str;
 
     /// The entities and event types it listens to.
