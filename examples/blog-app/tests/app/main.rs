@@ -1,8 +1,10 @@
 //! blog-app's tests, in one binary so that the private PostgreSQL cluster starts once: the
 //! operator through the real pipeline (streamex::testing::OperatorTest), its settings as
-//! config.toml gives them, and the application's own binary.
+//! config.toml gives them, the application's own binary, and the service embedded with
+//! `Service::builder()`.
 
 mod binary;
+mod embedded;
 mod post_titles;
 mod settings;
 
