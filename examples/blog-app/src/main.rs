@@ -1,5 +1,5 @@
-//! The blog-app binary: every streamex command (`setup`, `run`, `status`, `resume`, `tail`,
-//! `demo`) with the application's operators.
+//! The blog-app binary: the streamex commands (`setup`, `run`, `status`, `resume`, `tail`)
+//! with the application's operators; `demo` runs streamex's own blog example.
 //!
 //! ```sh
 //! blog-app setup --config config.toml
