@@ -8,16 +8,24 @@
 //!
 //! ```no_run
 //! use streamex::operator::Registry;
-//! # use streamex::operators::PostCommentTallies as MyOperator;
+//! # use streamex::{event::Event, operator::{Context, Operator, Subscription}};
+//! # struct MyOperator;
+//! # impl Operator for MyOperator {
+//! #     fn name(&self) -> &str { "my_operator" }
+//! #     fn subscriptions(&self) -> Vec<Subscription> { vec![Subscription::all("posts")] }
+//! #     async fn handle(&self, _: &Event, _: &mut Context<'_>) -> anyhow::Result<()> { Ok(()) }
+//! # }
 //!
 //! fn main() -> std::process::ExitCode {
 //!     streamex::cli::main(
-//!         Registry::new()
-//!             .register("post_comment_tallies", || MyOperator)
-//!             .merge(streamex::operators::registry()),
+//!         streamex::operators::registry()
+//!             .merge(Registry::new().register("my_operator", || MyOperator)),
 //!     )
 //! }
 //! ```
+//!
+//! `examples/blog-app` in streamex's repository is such a binary, with an operator of its
+//! own, its configuration, its schema and its tests.
 //!
 //! Commands return `anyhow::Result`: this is the edge where typed errors become messages for
 //! a person.

@@ -5,7 +5,7 @@
 //! [[operators]] name = "y", query = "..."   ──► SqlOperator::from_config (no registration)
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -32,11 +32,16 @@ pub enum RegistryError {
         known: String,
     },
     /// The operator's `settings` do not fit what its constructor takes.
-    #[error("operators.{name}.settings: {message}")]
+    #[error(
+        "operators.{name}.settings{}: {message}",
+        key.as_ref().map(|key| format!(".{key}")).unwrap_or_default()
+    )]
     Settings {
         /// The operator.
         name: String,
-        /// The setting and what is wrong with it.
+        /// The setting at fault (`uppercase`, `limits.max`), when it is one setting.
+        key: Option<String>,
+        /// What is wrong with it.
         message: String,
     },
     /// The constructor failed.
@@ -46,6 +51,18 @@ pub enum RegistryError {
         name: String,
         /// Why it could not be built.
         message: String,
+    },
+    /// Two operators were registered under one name ([`Registry::register`],
+    /// [`Registry::register_with`] or [`Registry::merge`]): one would silently stand in for
+    /// the other.
+    #[error(
+        "operator {name:?} is registered twice (Registry::register, register_with or merge), so \
+         one would silently replace the other: to put an operator of yours in place of another \
+         of that name, remove that one first with Registry::without({name:?})"
+    )]
+    Duplicate {
+        /// The name registered more than once.
+        name: String,
     },
     /// The operator calls itself something else than the name it is registered under.
     #[error(
@@ -61,6 +78,13 @@ pub enum RegistryError {
 }
 
 /// Rust operators by name, so that a configuration can name them.
+///
+/// A name is registered once: registering it again, or merging two registries that both
+/// have it, makes [`build`](Self::build) refuse the registry naming the operator (the name
+/// is also the key of the operator's checkpoint, so a silent replacement would hand one
+/// operator's progress to another). To run your own operator under a name another registry
+/// already uses, say so with [`without`](Self::without):
+/// `streamex::operators::registry().without("post_comment_tallies").register(..)`.
 ///
 /// ```
 /// use serde::Deserialize;
@@ -90,6 +114,8 @@ pub enum RegistryError {
 #[derive(Clone, Default)]
 pub struct Registry {
     constructors: BTreeMap<String, Constructor>,
+    /// Names registered more than once: `build` refuses the registry while there are any.
+    duplicates: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -105,7 +131,8 @@ impl Registry {
     }
 
     /// Registers an operator without settings under `name`, which must be its
-    /// [`Operator::name`]; `build` makes it.
+    /// [`Operator::name`]; `build` makes it. A name already registered makes
+    /// [`build`](Self::build) fail ([`RegistryError::Duplicate`]).
     pub fn register<O: Operator>(
         self,
         name: &str,
@@ -117,7 +144,8 @@ impl Registry {
     /// Registers an operator under `name` (which must be its [`Operator::name`]), made by
     /// `build` from its entry's `settings` table read as `S` (a type deriving
     /// `serde::Deserialize`); a setting that does not fit is refused naming
-    /// `operators.NAME.settings`.
+    /// `operators.NAME.settings.KEY`. A name already registered makes
+    /// [`build`](Self::build) fail ([`RegistryError::Duplicate`]).
     pub fn register_with<S, O>(
         mut self,
         name: &str,
@@ -130,12 +158,15 @@ impl Registry {
         let owned = name.to_owned();
         let constructor: Constructor = Arc::new(move |settings: &toml::Table| {
             let settings: S =
-                toml::Value::Table(settings.clone())
-                    .try_into()
-                    .map_err(|e: toml::de::Error| RegistryError::Settings {
+                serde_path_to_error::deserialize(toml::Value::Table(settings.clone())).map_err(
+                    |e: serde_path_to_error::Error<toml::de::Error>| RegistryError::Settings {
                         name: owned.clone(),
-                        message: e.message().to_owned(),
-                    })?;
+                        // "." is the table as a whole (a missing field names itself in the
+                        // message).
+                        key: Some(e.path().to_string()).filter(|path| path != "."),
+                        message: e.inner().message().to_owned(),
+                    },
+                )?;
             let operator = build(settings).map_err(|e| RegistryError::Build {
                 name: owned.clone(),
                 message: crate::error::chain(&e),
@@ -149,13 +180,49 @@ impl Registry {
             }
             Ok(AnyOperator::new(operator))
         });
-        self.constructors.insert(name.to_owned(), constructor);
+        if self
+            .constructors
+            .insert(name.to_owned(), constructor)
+            .is_some()
+        {
+            self.duplicates.insert(name.to_owned());
+        }
         self
     }
 
-    /// Takes in every operator `other` registers (replacing those of the same name).
+    /// Takes in every operator `other` registers. A name both registries have makes
+    /// [`build`](Self::build) fail ([`RegistryError::Duplicate`]): to replace one of this
+    /// registry's operators with one of `other`'s, remove it first with
+    /// [`without`](Self::without).
     pub fn merge(mut self, other: Registry) -> Self {
-        self.constructors.extend(other.constructors);
+        self.duplicates.extend(other.duplicates);
+        for (name, constructor) in other.constructors {
+            if self
+                .constructors
+                .insert(name.clone(), constructor)
+                .is_some()
+            {
+                self.duplicates.insert(name);
+            }
+        }
+        self
+    }
+
+    /// This registry without the operator registered under `name` (if any): the explicit
+    /// way to register an operator of your own under a name another registry uses.
+    ///
+    /// ```
+    /// # use streamex::operators::PostCommentTallies as MyTallies;
+    /// use streamex::operator::Registry;
+    ///
+    /// let registry = streamex::operators::registry()
+    ///     .without("post_comment_tallies")
+    ///     .register("post_comment_tallies", || MyTallies);
+    /// assert!(registry.build(&[]).is_ok());
+    /// ```
+    pub fn without(mut self, name: &str) -> Self {
+        self.constructors.remove(name);
+        self.duplicates.remove(name);
         self
     }
 
@@ -166,7 +233,13 @@ impl Registry {
 
     /// The operators `configs` name: declarative ones (with `query`) from their entry, Rust
     /// ones from this registry with their settings.
+    ///
+    /// Fails on the first entry that cannot be built, naming it, and on a registry with a name
+    /// registered twice ([`RegistryError::Duplicate`]) whatever `configs` name.
     pub fn build(&self, configs: &[OperatorConfig]) -> Result<Vec<AnyOperator>, RegistryError> {
+        if let Some(name) = self.duplicates.first() {
+            return Err(RegistryError::Duplicate { name: name.clone() });
+        }
         configs
             .iter()
             .map(|config| {
@@ -198,5 +271,114 @@ impl Registry {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::event::Event;
+    use crate::operator::{Context, Subscription};
+
+    struct Named(&'static str);
+
+    impl Operator for Named {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn subscriptions(&self) -> Vec<Subscription> {
+            vec![Subscription::all("posts")]
+        }
+        async fn handle(&self, _: &Event, _: &mut Context<'_>) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn configs(toml: &str) -> Vec<OperatorConfig> {
+        Config::parse(
+            &format!("database_url = \"postgres://localhost/db\"\n{toml}"),
+            "test",
+            [],
+        )
+        .expect("a valid configuration")
+        .operators
+    }
+
+    #[test]
+    fn a_name_registered_twice_is_refused_naming_it() {
+        let twice = Registry::new()
+            .register("post_titles", || Named("post_titles"))
+            .register("post_titles", || Named("post_titles"));
+        let error = twice.build(&[]).unwrap_err();
+        assert!(
+            matches!(&error, RegistryError::Duplicate { name } if name == "post_titles"),
+            "{error}"
+        );
+        assert!(error.to_string().contains("Registry::without"), "{error}");
+    }
+
+    #[test]
+    fn merging_two_registries_with_one_name_is_refused_whatever_the_configuration_names() {
+        let mine =
+            Registry::new().register("post_comment_tallies", || Named("post_comment_tallies"));
+        let merged = crate::operators::registry().merge(mine);
+        // Even a configuration naming only another operator: the registry itself is wrong.
+        let error = merged
+            .build(&configs("[[operators]]\nname = \"count_events\""))
+            .unwrap_err();
+        assert!(
+            matches!(&error, RegistryError::Duplicate { name } if name == "post_comment_tallies"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn without_lets_an_operator_of_ones_own_take_a_name() {
+        struct Mine;
+        impl Operator for Mine {
+            fn name(&self) -> &str {
+                "post_comment_tallies"
+            }
+            fn subscriptions(&self) -> Vec<Subscription> {
+                vec![Subscription::all("mine")]
+            }
+            async fn handle(&self, _: &Event, _: &mut Context<'_>) -> anyhow::Result<()> {
+                Ok(())
+            }
+        }
+        let registry = crate::operators::registry()
+            .without("post_comment_tallies")
+            .merge(Registry::new().register("post_comment_tallies", || Mine));
+        let built = registry
+            .build(&configs("[[operators]]\nname = \"post_comment_tallies\""))
+            .unwrap();
+        assert_eq!(built.len(), 1);
+        assert_eq!(built[0].subscriptions(), [Subscription::all("mine")]);
+        assert_eq!(
+            registry.names().collect::<Vec<_>>(),
+            ["count_events", "post_comment_tallies"]
+        );
+    }
+
+    #[test]
+    fn a_setting_of_the_wrong_type_is_refused_naming_its_key() {
+        #[derive(serde::Deserialize)]
+        struct Settings {
+            #[allow(dead_code)]
+            uppercase: bool,
+        }
+        let registry = Registry::new().register_with("named", |_: Settings| Ok(Named("named")));
+        let error = registry
+            .build(&configs(
+                "[[operators]]\nname = \"named\"\nsettings = { uppercase = \"yes\" }",
+            ))
+            .unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.starts_with("operators.named.settings.uppercase: "),
+            "{message}"
+        );
+        assert!(message.contains("boolean"), "{message}");
     }
 }
