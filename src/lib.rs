@@ -61,3 +61,11 @@ pub mod testing;
 pub use event::{Event, EventType};
 pub use lsn::{Lsn, Position};
 pub use service::{Service, ServiceBuilder, ServiceError, ServiceHandle};
+
+/// The sqlx streamex is built with: an operator's `Context::db()` is a connection of this
+/// version, so a crate that names sqlx types in its operators uses this one (or the same
+/// 0.8 release).
+pub use sqlx;
+
+/// The axum streamex is built with: [`ServiceHandle::router`] is a `Router` of this version.
+pub use axum;

@@ -165,8 +165,10 @@ pub fn spawn<S: ProcessStatusStorage + Clone>(
     })
 }
 
-/// The routes, for [`spawn`].
-pub fn router<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router {
+/// The routes, for [`spawn`] and for merging into a user's own router: no fallback of
+/// their own (axum merges two routers only when at most one has a fallback), the [`guard`]
+/// on every route.
+pub fn routes<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router {
     let endpoint = Arc::new(endpoint);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -174,18 +176,22 @@ pub fn router<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router 
         .route("/metrics", get(metrics::<S>))
         .route("/process-status/{entity}", get(process_status::<S>))
         .route("/channels/{*channel}", get(sse::channel::<S>))
-        .fallback(|uri: axum::http::Uri| async move {
-            not_found(format!(
-                "no endpoint {}: the endpoints are /healthz, /readyz, /metrics, \
-                 /process-status/{{entity}} and /channels/{{channel}}",
-                uri.path()
-            ))
-        })
         .layer(axum::middleware::from_fn_with_state(
             endpoint.clone(),
             guard::check::<S>,
         ))
         .with_state(endpoint)
+}
+
+/// The stock endpoint: [`routes`] and a short JSON 404 for any other path.
+pub fn router<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router {
+    routes(endpoint).fallback(|uri: axum::http::Uri| async move {
+        not_found(format!(
+            "no endpoint {}: the endpoints are /healthz, /readyz, /metrics, \
+             /process-status/{{entity}} and /channels/{{channel}}",
+            uri.path()
+        ))
+    })
 }
 
 type Shared<S> = State<Arc<Endpoint<S>>>;

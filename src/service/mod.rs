@@ -407,9 +407,11 @@ impl<S: ProcessStatusStorage + Clone> ServiceHandle<S> {
     /// The HTTP endpoint's routes (`/metrics`, `/healthz`, `/readyz`,
     /// `/process-status/{entity}`, `/channels/{channel}`) with the `[http]` settings of the
     /// configuration (token, allowed hosts, limits), to serve or merge into your own axum
-    /// `Router`. Their event streams end when the service stops.
+    /// `Router`. Their event streams end when the service stops. The routes have no fallback,
+    /// so they merge into a router that has its own (the `streamex` binary's endpoint answers
+    /// other paths with a JSON 404).
     pub fn router(&self) -> Result<axum::Router, ServiceError> {
-        Ok(crate::http::router(
+        Ok(crate::http::routes(
             self.endpoint().map_err(ServiceError::Config)?,
         ))
     }

@@ -346,6 +346,16 @@ async fn probes_follow_standby_then_streaming_and_metrics_count_the_rows() -> an
     let service = Service::start(&config, PostgresStatus::new(pool.clone()), operators).await?;
 
     assert_eq!(service.get("/healthz").await?.0, 200);
+    // Any other path: a short JSON 404 naming it.
+    let (status, body) = service.get("/nowhere").await?;
+    assert_eq!(status, 404, "{body}");
+    let reason: serde_json::Value = serde_json::from_str(&body)?;
+    assert!(
+        reason["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/nowhere")),
+        "{body}"
+    );
     let (status, body) = service.get("/readyz").await?;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("standby"), "{body}");
