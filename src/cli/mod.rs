@@ -119,8 +119,8 @@ async fn run(
         Command::Tail(args) => tail::run(args, shutdown).await,
         Command::Setup(args) => service::setup_command(args, registry, shutdown).await,
         Command::Run(args) => service::run_command(args, registry, shutdown).await,
-        Command::Status(args) => status::status_command(args, registry, shutdown).await,
-        Command::Resume(args) => service::resume_command(args, registry, shutdown).await,
+        Command::Status(args) => status::status_command(args, shutdown).await,
+        Command::Resume(args) => service::resume_command(args, shutdown).await,
     }
 }
 

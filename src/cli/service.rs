@@ -33,13 +33,14 @@ pub(super) fn load(args: &ConfigArgs, registry: &Registry) -> anyhow::Result<Con
     Ok(config)
 }
 
-/// [`load`], then a pool on the configured database, retrying while it is unreachable.
+/// The configuration, without building its operators (`status` and `resume` must work when
+/// an operator's settings are what is broken), then a pool on the configured database,
+/// retrying while it is unreachable.
 pub(super) async fn connect(
     args: &ConfigArgs,
-    registry: &Registry,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Config, ConnectParams, PgPool)> {
-    let config = load(args, registry)?;
+    let config = Config::load(&args.config)?;
     let params = ConnectParams::parse(&config.database_url).context("database_url")?;
     let pool = crate::service::connect(&params, shutdown).await?;
     Ok((config, params, pool))
@@ -90,23 +91,23 @@ pub struct ResumeArgs {
     pub config: ConfigArgs,
 }
 
-pub async fn resume_command(
-    args: ResumeArgs,
-    registry: &Registry,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let (config, _, pool) = connect(&args.config, registry, &shutdown).await?;
-    if !config.operators.iter().any(|o| o.name == args.operator) {
+pub async fn resume_command(args: ResumeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (config, _, pool) = connect(&args.config, &shutdown).await?;
+    status::migrate(&pool).await?;
+    let states = status::load_operator_states(&pool, &config.slot).await?;
+    // An operator left out of the configuration may still have a halt stored for this slot.
+    if !config.operators.iter().any(|o| o.name == args.operator)
+        && !states.contains_key(&args.operator)
+    {
         let names: Vec<&str> = config.operators.iter().map(|o| o.name.as_str()).collect();
         bail!(
-            "no operator {:?} in {}: configured operators are {}",
+            "no operator {:?} in {} nor stored for slot {:?}: configured operators are {}",
             args.operator,
             args.config.config.display(),
+            config.slot,
             names.join(", ")
         );
     }
-    status::migrate(&pool).await?;
-    let states = status::load_operator_states(&pool, &config.slot).await?;
     if !states
         .get(&args.operator)
         .is_some_and(|s| s.state == status::OperatorRunState::Halted)

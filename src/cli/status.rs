@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use super::service::{ConfigArgs, connect};
 use crate::config::StatusBackendKind;
 use crate::event::micros_rfc3339;
-use crate::operator::Registry;
 use crate::replication::{Lsn, SlotInfo, setup};
 use crate::service::InstanceLock;
 use crate::status::{self, OperatorRunState, PostgresStatus, ProcessStatusStorage};
@@ -85,12 +84,8 @@ struct DeadLetterLine {
     count: i64,
 }
 
-pub async fn status_command(
-    args: StatusArgs,
-    registry: &Registry,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let (config, params, pool) = connect(&args.config, registry, &shutdown).await?;
+pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (config, params, pool) = connect(&args.config, &shutdown).await?;
     let slot = setup::slot_info(&pool, &config.slot).await?;
     // The migration creates every table in one transaction: one of them stands for all.
     let (has_schema, per_slot): (bool, bool) = sqlx::query_as(

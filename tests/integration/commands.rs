@@ -566,3 +566,52 @@ async fn status_says_no_instance_runs_and_lists_operators_left_out_of_the_config
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn status_and_resume_work_when_an_operator_s_settings_are_what_is_broken()
+-> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &url, "")?;
+    common::setup_service(&config)?;
+    let slot = slot_for(&url);
+    streamex::status::set_operator_halted(
+        &pool,
+        &slot,
+        "post_comment_tallies",
+        "disk full",
+        Lsn(0x42),
+        0,
+        6,
+    )
+    .await?;
+    // Now an operator's settings are wrong: run and setup refuse the configuration...
+    let mut text_of_config = std::fs::read_to_string(&config)?;
+    text_of_config.push_str(
+        "\n[[operators]]\nname = \"count_events\"\nsettings = { entities = \"posts\" }\n",
+    );
+    std::fs::write(&config, text_of_config)?;
+    let out = streamex(&["setup"], &config)?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("count_events"), "{}", text(&out));
+
+    // ...but the commands for finding out what is wrong still answer.
+    let out = streamex(&["status", "--json"], &config)?;
+    assert!(out.status.success(), "status failed: {}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        operator(&report, "post_comment_tallies")["state"],
+        "halted",
+        "{report:#}"
+    );
+    let out = streamex(&["resume", "post_comment_tallies"], &config)?;
+    assert!(out.status.success(), "resume failed: {}", text(&out));
+    let states = streamex::status::load_operator_states(&pool, &slot).await?;
+    assert_eq!(
+        states["post_comment_tallies"].state,
+        streamex::status::OperatorRunState::Running
+    );
+    Ok(())
+}
