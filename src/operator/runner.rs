@@ -25,6 +25,7 @@ use tracing::{error, warn};
 
 use super::board::Board;
 use super::{Context, Delivery, DynOperator, HandlerFuture};
+use crate::backoff::Backoff;
 use crate::config::{FailurePolicy, RetryConfig};
 use crate::event::Event;
 use crate::lsn::{Lsn, Position};
@@ -223,11 +224,19 @@ impl Runner {
         Ok(())
     }
 
+    /// The waits while the database is unreachable or restarting: from the retry policy's
+    /// `initial`, doubling (whatever its `multiplier`, which is for a failing event), at most
+    /// its `max`. Waiting for the database spends none of an event's retries.
+    fn outage_backoff(&self) -> Backoff {
+        Backoff::new(self.retry.initial, 2.0, self.retry.max)
+    }
+
     /// One event in its own transaction (or none), with retries and the failure policy.
     async fn handle_one(&mut self, event: &Event) -> Handled {
         let name = self.operator.name().to_owned();
         let mut attempt = 1;
-        let mut outage_wait = std::time::Duration::ZERO;
+        let mut retries = self.retry.backoff();
+        let mut outage = self.outage_backoff();
         loop {
             if !self.is_new(event) {
                 // Applied in the meantime (see CheckpointMoved): nothing left to do.
@@ -239,7 +248,7 @@ impl Runner {
                     "the change could not be decoded, so it was not given to the operator: {undecodable}"
                 );
                 attempt = attempt.max(self.retry.retries + 1);
-                match self.give_up(event, message, attempt).await {
+                match self.give_up(event, message, attempt, &mut outage).await {
                     Some(handled) => return handled,
                     None => continue,
                 }
@@ -255,21 +264,21 @@ impl Runner {
             if is_database_outage(&error) {
                 // The database is unreachable or restarting: not the event's fault. Wait and
                 // try again without spending the retries that lead to halt or dead letter.
-                outage_wait = (outage_wait * 2).clamp(self.retry.initial, self.retry.max);
+                let wait = outage.next().unwrap_or(outage.max);
                 warn!(
                     operator = %name, error = %message,
-                    retry_in_ms = u64::try_from(outage_wait.as_millis()).unwrap_or(u64::MAX),
+                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                     "database unavailable; retrying"
                 );
                 tokio::select! {
-                    _ = tokio::time::sleep(outage_wait) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
                 }
                 continue;
             }
-            outage_wait = std::time::Duration::ZERO;
+            outage.reset();
             if attempt <= self.retry.retries {
-                let wait = self.retry.delay(attempt);
+                let wait = retries.next().unwrap_or(retries.max);
                 warn!(
                     operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
                     attempt, error = %message,
@@ -284,7 +293,7 @@ impl Runner {
                 attempt += 1;
                 continue;
             }
-            if let Some(handled) = self.give_up(event, message, attempt).await {
+            if let Some(handled) = self.give_up(event, message, attempt, &mut outage).await {
                 return handled;
             }
         }
@@ -292,8 +301,14 @@ impl Runner {
 
     /// Applies the failure policy to `event`, which failed `attempts` times with `message`:
     /// halt, or store it as a dead letter and go on. `None` when the dead letter could not be
-    /// stored (after a wait): the caller tries again, never skipping the event.
-    async fn give_up(&mut self, event: &Event, message: String, attempts: u32) -> Option<Handled> {
+    /// stored (after a wait from `outage`): the caller tries again, never skipping the event.
+    async fn give_up(
+        &mut self,
+        event: &Event,
+        message: String,
+        attempts: u32,
+        outage: &mut Backoff,
+    ) -> Option<Handled> {
         let name = self.operator.name().to_owned();
         match self.retry.on_failure {
             FailurePolicy::Halt => {
@@ -332,9 +347,14 @@ impl Runner {
                 }
                 Err(e) => {
                     // The dead letter could not be stored: keep trying, never skip.
-                    warn!(operator = %name, error = %crate::error::chain(&e), "storing a dead letter failed; retrying");
+                    let wait = outage.next().unwrap_or(outage.max);
+                    warn!(
+                        operator = %name, error = %crate::error::chain(&e),
+                        retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "storing a dead letter failed; retrying"
+                    );
                     tokio::select! {
-                        _ = tokio::time::sleep(self.retry.max) => None,
+                        _ = tokio::time::sleep(wait) => None,
                         _ = self.shutdown.cancelled() => Some(Handled::Stop(RunnerExit::Interrupted)),
                     }
                 }
@@ -361,6 +381,7 @@ impl Runner {
     /// handling it, and forgets that it was to be skipped: one transaction with the checkpoint.
     async fn set_aside(&mut self, event: &Event) -> Handled {
         let name = self.operator.name().to_owned();
+        let mut outage = self.outage_backoff();
         loop {
             let attempt = async {
                 let json = serde_json::to_value(event)?;
@@ -392,10 +413,12 @@ impl Runner {
                     }
                 }
                 Err(error) => {
+                    let wait = outage.next().unwrap_or(outage.max);
                     warn!(operator = %name, error = %crate::error::chain(&error),
+                          retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                           "setting an event aside failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(self.retry.max) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
                     }
                 }
@@ -437,7 +460,7 @@ fn is_database_outage(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
             .downcast_ref::<sqlx::Error>()
-            .is_some_and(crate::replication::setup::is_transient_sql)
+            .is_some_and(crate::error::is_transient_sqlx)
             || cause
                 .downcast_ref::<status::StatusError>()
                 .is_some_and(status::StatusError::is_transient)
