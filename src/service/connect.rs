@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::ServiceError;
 use crate::backoff::Backoff;
-use crate::replication::{self, ConnectParams};
+use crate::replication::{self, ConnectParams, Host};
 
 /// The waits between attempts while the database is unreachable.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(500), 2.0, Duration::from_secs(30));
@@ -74,6 +74,16 @@ pub(crate) fn explain(params: &ConnectParams, error: sqlx::Error, setting: &str)
              port in {setting}",
             params.target()
         ),
+        sqlx::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::NotFound
+                && matches!(params.host, Host::Unix(_)) =>
+        {
+            format!(
+                "; no server socket at {}: start the server, or fix the host and port in \
+                 {setting}",
+                params.target()
+            )
+        }
         _ => String::new(),
     };
     anyhow::Error::new(error).context(format!("connecting to {}{fix}", params.redacted_url()))
