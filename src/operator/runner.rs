@@ -21,7 +21,7 @@ use std::task::Poll;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::board::Board;
 use super::{Context, Delivery, DynOperator, HandlerFuture};
@@ -73,6 +73,9 @@ pub(crate) struct Runner {
     pub skip: Option<Position>,
     pub board: Arc<Board>,
     pub shutdown: CancellationToken,
+    /// The failure last logged at warn, until an event succeeds: a retry failing the same
+    /// way is logged at debug, so a failing statement shows once, not on every retry.
+    pub reported: Option<String>,
 }
 
 /// The outcome of handling one event with its retries.
@@ -151,12 +154,14 @@ impl Runner {
                     return Handled::Done;
                 }
                 Err(error) => {
+                    let message = crate::error::chain(&error);
                     warn!(
                         operator = self.operator.name(),
                         events = events.len(),
-                        error = %crate::error::chain(&error),
+                        error = %message,
                         "batch failed; running its events one by one"
                     );
+                    self.reported = Some(message);
                 }
             }
         }
@@ -255,7 +260,10 @@ impl Runner {
             }
             let result = self.attempt(event, attempt).await;
             let error = match result {
-                Ok(()) => return Handled::Done,
+                Ok(()) => {
+                    self.reported = None;
+                    return Handled::Done;
+                }
                 // Run it again now if it is not among the events already applied.
                 Err(error) if error.is::<CheckpointMoved>() => continue,
                 Err(error) => error,
@@ -279,12 +287,22 @@ impl Runner {
             outage.reset();
             if attempt <= self.retry.retries {
                 let wait = retries.next().unwrap_or(retries.max);
-                warn!(
-                    operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
-                    attempt, error = %message,
-                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                    "operator failed; retrying"
-                );
+                let retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                if self.reported.as_ref() == Some(&message) {
+                    debug!(
+                        operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                        attempt, retries = self.retry.retries, error = %message, retry_in_ms,
+                        "operator failed again, the same way; retrying"
+                    );
+                } else {
+                    warn!(
+                        operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                        attempt, retries = self.retry.retries, error = %message, retry_in_ms,
+                        "operator failed; retrying (retries failing the same way are logged at \
+                         debug)"
+                    );
+                    self.reported = Some(message);
+                }
                 self.board.retried(self.index);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -337,11 +355,12 @@ impl Runner {
             }
             FailurePolicy::DeadLetter => match self.dead_letter(event, &message, attempts).await {
                 Ok(()) => {
-                    warn!(
+                    error!(
                         operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
                         attempts, error = %message,
                         "event stored in streamex.dead_letters; going on"
                     );
+                    self.reported = None;
                     self.board.dead_lettered(self.index);
                     Some(Handled::Done)
                 }
@@ -617,6 +636,7 @@ mod tests {
                 skip: None,
                 board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
                 shutdown: CancellationToken::new(),
+                reported: None,
             };
             let (tx, rx) = mpsc::channel(16);
             for ordinal in 2..6 {
@@ -671,6 +691,7 @@ mod tests {
                 skip: None,
                 board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
                 shutdown: CancellationToken::new(),
+                reported: None,
             };
             let (tx, rx) = mpsc::channel(16);
             for ordinal in 0..3 {
