@@ -13,6 +13,11 @@
 //! applies: `halt` stores the failure, stops this task and leaves its position (and so the
 //! slot) where it is; `dead_letter` stores the event in `streamex.dead_letters` together with
 //! the checkpoint, in one transaction, and goes on.
+//!
+//! The error is logged at warn when an event first fails and at error when the policy
+//! applies; a retry failing the same way is logged at debug, so that a failing statement
+//! shows twice in the log, not once per retry. A database that cannot be reached is not the
+//! event's failure: the event waits ([`Runner::outage_backoff`]) without spending retries.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
