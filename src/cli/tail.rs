@@ -34,9 +34,11 @@ pub struct TailArgs {
 
 pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let params = ConnectParams::parse(&args.database_url).context("--database-url")?;
-    let catalog = replication::catalog_pool(&params, 2)
+    // Once, as `run` connects (a refused connection is said at once, not after the pool's
+    // time-out), but without waiting for the server: tail is run by a person, who is told.
+    let catalog = crate::service::connect_once(&params, 2)
         .await
-        .with_context(|| format!("connecting to {}", params.redacted_url()))?;
+        .map_err(|e| crate::service::explain_connect(&params, e, "--database-url"))?;
     setup::check_server(&catalog).await?;
     let temporary = args.slot.is_none();
     let slot = args

@@ -17,11 +17,16 @@ use tracing::{info, warn};
 use super::board::Board;
 use super::engine::{Engine, EngineError};
 use super::progress::{Pending, Ready, Waiting};
+use crate::backoff::Backoff;
 use crate::pubsub::EntityProcessed;
 use crate::replication::Acknowledger;
 use crate::status::{self, OperatorRunState, ProcessStatusStorage, StatusItem};
 
 impl<S: ProcessStatusStorage + Clone> Engine<S> {
+    /// The waits between attempts to store process status while the database cannot.
+    const STATUS_RETRY: Backoff =
+        Backoff::new(Duration::from_millis(200), 2.0, Duration::from_secs(10));
+
     /// Stores process status and acknowledges, in WAL order, for the commits every operator
     /// is done with. Ends when the dispatcher is gone and every runner has stopped, after a
     /// last pass over what they finished.
@@ -89,17 +94,21 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             })
             .collect();
         if !items.is_empty() {
-            let mut delay = Duration::from_millis(200);
+            let mut backoff = Self::STATUS_RETRY;
             loop {
                 match self.status.items_processed(&items).await {
                     Ok(()) => break,
                     Err(e) if e.is_transient() => {
-                        warn!(error = %e, "storing process status failed; retrying");
+                        let wait = backoff.next().unwrap_or(backoff.max);
+                        warn!(
+                            error = %e,
+                            retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                            "storing process status failed; retrying"
+                        );
                         tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
+                            _ = tokio::time::sleep(wait) => {}
                             _ = shutdown.cancelled() => return Ok(false),
                         }
-                        delay = (delay * 2).min(Duration::from_secs(10));
                     }
                     Err(e) => return Err(e.into()),
                 }

@@ -174,6 +174,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 skip: states.get(name).and_then(|s| s.skip),
                 board: board.clone(),
                 shutdown: shutdown.clone(),
+                reported: None,
             };
             // A halted runner returns and drops its inbox; the dispatcher then skips it.
             tracker.spawn(runner.run(rx));

@@ -13,6 +13,11 @@
 //! applies: `halt` stores the failure, stops this task and leaves its position (and so the
 //! slot) where it is; `dead_letter` stores the event in `streamex.dead_letters` together with
 //! the checkpoint, in one transaction, and goes on.
+//!
+//! The error is logged at warn when an event first fails and at error when the policy
+//! applies; a retry failing the same way is logged at debug, so that a failing statement
+//! shows twice in the log, not once per retry. A database that cannot be reached is not the
+//! event's failure: the event waits ([`Runner::outage_backoff`]) without spending retries.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -21,10 +26,11 @@ use std::task::Poll;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::board::Board;
 use super::{Context, Delivery, DynOperator, HandlerFuture};
+use crate::backoff::Backoff;
 use crate::config::{FailurePolicy, RetryConfig};
 use crate::event::Event;
 use crate::lsn::{Lsn, Position};
@@ -72,6 +78,9 @@ pub(crate) struct Runner {
     pub skip: Option<Position>,
     pub board: Arc<Board>,
     pub shutdown: CancellationToken,
+    /// The failure last logged at warn, until an event succeeds: a retry failing the same
+    /// way is logged at debug, so a failing statement shows once, not on every retry.
+    pub reported: Option<String>,
 }
 
 /// The outcome of handling one event with its retries.
@@ -150,12 +159,14 @@ impl Runner {
                     return Handled::Done;
                 }
                 Err(error) => {
+                    let message = crate::error::chain(&error);
                     warn!(
                         operator = self.operator.name(),
                         events = events.len(),
-                        error = %crate::error::chain(&error),
+                        error = %message,
                         "batch failed; running its events one by one"
                     );
+                    self.reported = Some(message);
                 }
             }
         }
@@ -223,11 +234,19 @@ impl Runner {
         Ok(())
     }
 
+    /// The waits while the database is unreachable or restarting: from the retry policy's
+    /// `initial`, doubling (whatever its `multiplier`, which is for a failing event), at most
+    /// its `max`. Waiting for the database spends none of an event's retries.
+    fn outage_backoff(&self) -> Backoff {
+        Backoff::new(self.retry.initial, 2.0, self.retry.max)
+    }
+
     /// One event in its own transaction (or none), with retries and the failure policy.
     async fn handle_one(&mut self, event: &Event) -> Handled {
         let name = self.operator.name().to_owned();
         let mut attempt = 1;
-        let mut outage_wait = std::time::Duration::ZERO;
+        let mut retries = self.retry.backoff();
+        let mut outage = self.outage_backoff();
         loop {
             if !self.is_new(event) {
                 // Applied in the meantime (see CheckpointMoved): nothing left to do.
@@ -239,14 +258,17 @@ impl Runner {
                     "the change could not be decoded, so it was not given to the operator: {undecodable}"
                 );
                 attempt = attempt.max(self.retry.retries + 1);
-                match self.give_up(event, message, attempt).await {
+                match self.give_up(event, message, attempt, &mut outage).await {
                     Some(handled) => return handled,
                     None => continue,
                 }
             }
             let result = self.attempt(event, attempt).await;
             let error = match result {
-                Ok(()) => return Handled::Done,
+                Ok(()) => {
+                    self.reported = None;
+                    return Handled::Done;
+                }
                 // Run it again now if it is not among the events already applied.
                 Err(error) if error.is::<CheckpointMoved>() => continue,
                 Err(error) => error,
@@ -255,27 +277,37 @@ impl Runner {
             if is_database_outage(&error) {
                 // The database is unreachable or restarting: not the event's fault. Wait and
                 // try again without spending the retries that lead to halt or dead letter.
-                outage_wait = (outage_wait * 2).clamp(self.retry.initial, self.retry.max);
+                let wait = outage.next().unwrap_or(outage.max);
                 warn!(
                     operator = %name, error = %message,
-                    retry_in_ms = u64::try_from(outage_wait.as_millis()).unwrap_or(u64::MAX),
+                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                     "database unavailable; retrying"
                 );
                 tokio::select! {
-                    _ = tokio::time::sleep(outage_wait) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
                 }
                 continue;
             }
-            outage_wait = std::time::Duration::ZERO;
+            outage.reset();
             if attempt <= self.retry.retries {
-                let wait = self.retry.delay(attempt);
-                warn!(
-                    operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
-                    attempt, error = %message,
-                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                    "operator failed; retrying"
-                );
+                let wait = retries.next().unwrap_or(retries.max);
+                let retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                if self.reported.as_ref() == Some(&message) {
+                    debug!(
+                        operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                        attempt, retries = self.retry.retries, error = %message, retry_in_ms,
+                        "operator failed again, the same way; retrying"
+                    );
+                } else {
+                    warn!(
+                        operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                        attempt, retries = self.retry.retries, error = %message, retry_in_ms,
+                        "operator failed; retrying (retries failing the same way are logged at \
+                         debug)"
+                    );
+                    self.reported = Some(message);
+                }
                 self.board.retried(self.index);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -284,7 +316,7 @@ impl Runner {
                 attempt += 1;
                 continue;
             }
-            if let Some(handled) = self.give_up(event, message, attempt).await {
+            if let Some(handled) = self.give_up(event, message, attempt, &mut outage).await {
                 return handled;
             }
         }
@@ -292,8 +324,14 @@ impl Runner {
 
     /// Applies the failure policy to `event`, which failed `attempts` times with `message`:
     /// halt, or store it as a dead letter and go on. `None` when the dead letter could not be
-    /// stored (after a wait): the caller tries again, never skipping the event.
-    async fn give_up(&mut self, event: &Event, message: String, attempts: u32) -> Option<Handled> {
+    /// stored (after a wait from `outage`): the caller tries again, never skipping the event.
+    async fn give_up(
+        &mut self,
+        event: &Event,
+        message: String,
+        attempts: u32,
+        outage: &mut Backoff,
+    ) -> Option<Handled> {
         let name = self.operator.name().to_owned();
         match self.retry.on_failure {
             FailurePolicy::Halt => {
@@ -322,19 +360,25 @@ impl Runner {
             }
             FailurePolicy::DeadLetter => match self.dead_letter(event, &message, attempts).await {
                 Ok(()) => {
-                    warn!(
+                    error!(
                         operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
                         attempts, error = %message,
                         "event stored in streamex.dead_letters; going on"
                     );
+                    self.reported = None;
                     self.board.dead_lettered(self.index);
                     Some(Handled::Done)
                 }
                 Err(e) => {
                     // The dead letter could not be stored: keep trying, never skip.
-                    warn!(operator = %name, error = %crate::error::chain(&e), "storing a dead letter failed; retrying");
+                    let wait = outage.next().unwrap_or(outage.max);
+                    warn!(
+                        operator = %name, error = %crate::error::chain(&e),
+                        retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "storing a dead letter failed; retrying"
+                    );
                     tokio::select! {
-                        _ = tokio::time::sleep(self.retry.max) => None,
+                        _ = tokio::time::sleep(wait) => None,
                         _ = self.shutdown.cancelled() => Some(Handled::Stop(RunnerExit::Interrupted)),
                     }
                 }
@@ -361,6 +405,7 @@ impl Runner {
     /// handling it, and forgets that it was to be skipped: one transaction with the checkpoint.
     async fn set_aside(&mut self, event: &Event) -> Handled {
         let name = self.operator.name().to_owned();
+        let mut outage = self.outage_backoff();
         loop {
             let attempt = async {
                 let json = serde_json::to_value(event)?;
@@ -392,10 +437,12 @@ impl Runner {
                     }
                 }
                 Err(error) => {
+                    let wait = outage.next().unwrap_or(outage.max);
                     warn!(operator = %name, error = %crate::error::chain(&error),
+                          retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                           "setting an event aside failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(self.retry.max) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
                     }
                 }
@@ -437,7 +484,7 @@ fn is_database_outage(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
             .downcast_ref::<sqlx::Error>()
-            .is_some_and(crate::replication::setup::is_transient_sql)
+            .is_some_and(crate::error::is_transient_sqlx)
             || cause
                 .downcast_ref::<status::StatusError>()
                 .is_some_and(status::StatusError::is_transient)
@@ -594,6 +641,7 @@ mod tests {
                 skip: None,
                 board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
                 shutdown: CancellationToken::new(),
+                reported: None,
             };
             let (tx, rx) = mpsc::channel(16);
             for ordinal in 2..6 {
@@ -648,6 +696,7 @@ mod tests {
                 skip: None,
                 board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
                 shutdown: CancellationToken::new(),
+                reported: None,
             };
             let (tx, rx) = mpsc::channel(16);
             for ordinal in 0..3 {

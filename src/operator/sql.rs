@@ -328,6 +328,14 @@ impl SqlOperator {
         }
     }
 
+    /// The configuration key of the statement `which` runs, for messages.
+    fn statement_key(&self, which: Which) -> &'static str {
+        match (which, &self.delete_query) {
+            (Which::Delete, Some(_)) => "delete_query",
+            _ => "query",
+        }
+    }
+
     /// What a batch does, in order: each event's steps, less the repetitions (see
     /// [`Operator::handle_batch`] on this type). A truncate starts over: what came before it
     /// is no longer a repetition of what comes after.
@@ -504,7 +512,10 @@ impl SqlOperator {
         }
         if direct {
             for (which, id) in ids {
-                self.statement(*which).run(conn, id).await?;
+                self.statement(*which)
+                    .run(conn, id)
+                    .await
+                    .with_context(|| format!("running {}", self.statement_key(*which)))?;
             }
             return Ok(());
         }

@@ -45,7 +45,6 @@ mod stats;
 mod stream;
 mod tls;
 
-pub use crate::backoff::Backoff;
 pub use crate::lsn::PG_EPOCH_OFFSET_MICROS;
 pub use crate::lsn::{Lsn, ParseLsnError};
 pub use ack::Acknowledger;

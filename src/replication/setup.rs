@@ -111,10 +111,6 @@ impl SetupError {
     }
 }
 
-/// Whether a sqlx error is a passing one: the crate's one classification,
-/// [`crate::error::is_transient_sqlx`], under the name set-up's callers know it by.
-pub use crate::error::is_transient_sqlx as is_transient_sql;
-
 fn sql(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SetupError {
     let context = context.into();
     move |source| SetupError::Sql { context, source }

@@ -1,5 +1,8 @@
 //! Connecting to the database, retrying while it is unreachable; a definite refusal (a wrong
 //! password, no pg_hba.conf entry, a missing database) is said with its fix.
+//!
+//! `run`, `setup` and `status` wait for the database ([`connect`]); `tail` tries once
+//! ([`connect_once`]) and says why it could not, in the same words ([`explain`]).
 
 use std::time::Duration;
 
@@ -8,31 +11,26 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::ServiceError;
-use crate::replication::{self, ConnectParams, setup};
+use crate::backoff::Backoff;
+use crate::replication::{self, ConnectParams, Host};
+
+/// The waits between attempts while the database is unreachable.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(500), 2.0, Duration::from_secs(30));
 
 /// A pool on the database `params` names, once it answers.
 pub(crate) async fn connect(
     params: &ConnectParams,
     shutdown: &CancellationToken,
 ) -> Result<PgPool, ServiceError> {
-    let mut wait = Duration::from_millis(500);
+    let mut backoff = RETRY;
     loop {
-        // One plain connection first: it fails at once when nothing listens, where a pool
-        // would keep trying for its whole acquire timeout before saying anything.
-        let attempt = async {
-            use sqlx::Connection as _;
-            replication::catalog_connection(params)
-                .await?
-                .close()
-                .await?;
-            replication::catalog_pool(params, 8).await
-        };
-        match attempt.await {
+        match connect_once(params, 8).await {
             Ok(pool) => return Ok(pool),
-            Err(e) if setup::is_transient_sql(&e) && !shutdown.is_cancelled() => {
+            Err(e) if crate::error::is_transient_sqlx(&e) && !shutdown.is_cancelled() => {
+                let wait = backoff.next().unwrap_or(backoff.max);
                 warn!(
                     database = %params.redacted_url(),
-                    error = %e,
+                    error = %crate::error::chain(&explain(params, e, "database_url")),
                     retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                     "database unreachable; retrying"
                 );
@@ -40,26 +38,53 @@ pub(crate) async fn connect(
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => return Err(ServiceError::Shutdown),
                 }
-                wait = (wait * 2).min(Duration::from_secs(30));
             }
-            Err(e) => {
-                let fix = match &e {
-                    sqlx::Error::Database(db) => match db.code().as_deref() {
-                        Some("28P01") => "; check the user and password in database_url",
-                        Some("28000") => {
-                            "; the server's pg_hba.conf has no entry for this user, database and \
-                             address: add one, or connect as another role"
-                        }
-                        Some("3D000") => "; the database in database_url does not exist: create it",
-                        _ => "",
-                    },
-                    _ => "",
-                };
-                return Err(ServiceError::Connect(
-                    anyhow::Error::new(e)
-                        .context(format!("connecting to {}{fix}", params.redacted_url())),
-                ));
-            }
+            Err(e) => return Err(ServiceError::Connect(explain(params, e, "database_url"))),
         }
     }
+}
+
+/// A pool of at most `max` connections on the database `params` names, in one attempt.
+///
+/// One plain connection first: it fails at once when nothing listens, where a pool would keep
+/// trying for its whole acquire timeout before saying anything (and then only "timed out").
+pub(crate) async fn connect_once(params: &ConnectParams, max: u32) -> Result<PgPool, sqlx::Error> {
+    use sqlx::Connection as _;
+    replication::catalog_connection(params)
+        .await?
+        .close()
+        .await?;
+    replication::catalog_pool(params, max).await
+}
+
+/// A failed connection as a person reads it: the database tried, the fix when it is known,
+/// then the error. `setting` is where the URL came from (`database_url`, `--database-url`).
+pub(crate) fn explain(params: &ConnectParams, error: sqlx::Error, setting: &str) -> anyhow::Error {
+    let fix = match &error {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01") => format!("; check the user and password in {setting}"),
+            Some("28000") => "; the server's pg_hba.conf has no entry for this user, database and \
+                              address: add one, or connect as another role"
+                .to_owned(),
+            Some("3D000") => format!("; the database in {setting} does not exist: create it"),
+            _ => String::new(),
+        },
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => format!(
+            "; connection refused: nothing listens on {}: start the server, or fix the host and \
+             port in {setting}",
+            params.target()
+        ),
+        sqlx::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::NotFound
+                && matches!(params.host, Host::Unix(_)) =>
+        {
+            format!(
+                "; no server socket at {}: start the server, or fix the host and port in \
+                 {setting}",
+                params.target()
+            )
+        }
+        _ => String::new(),
+    };
+    anyhow::Error::new(error).context(format!("connecting to {}{fix}", params.redacted_url()))
 }

@@ -7,6 +7,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
+
 /// The session-level advisory lock, keyed on the slot's name, that makes one instance per
 /// slot the active one. PostgreSQL releases it when the holder's connection ends, even when
 /// the holder is killed, so a standby takes over within a poll interval.
@@ -16,6 +18,8 @@ pub(crate) struct InstanceLock {
 
 impl InstanceLock {
     const POLL: Duration = Duration::from_secs(1);
+    /// The waits between attempts while the database cannot be reached.
+    const OUTAGE: Backoff = Backoff::new(Duration::from_millis(250), 2.0, Duration::from_secs(10));
 
     /// Takes the lock, waiting as a standby while another instance holds it. `None` when
     /// `shutdown` came first.
@@ -31,7 +35,7 @@ impl InstanceLock {
             .clone()
             .application_name(&Self::application_name(slot));
         let mut announced = false;
-        let mut outage = Duration::ZERO;
+        let mut outage = Self::OUTAGE;
         let mut conn: Option<sqlx::PgConnection> = None;
         loop {
             let attempt = async {
@@ -55,7 +59,7 @@ impl InstanceLock {
                     return Ok(Some(InstanceLock { conn }));
                 }
                 Ok(false) => {
-                    outage = Duration::ZERO;
+                    outage.reset();
                     if !announced {
                         info!(
                             slot,
@@ -68,18 +72,17 @@ impl InstanceLock {
                         _ = shutdown.cancelled() => return Ok(None),
                     }
                 }
-                Err(error) if crate::replication::setup::is_transient_sql(&error) => {
+                Err(error) if crate::error::is_transient_sqlx(&error) => {
                     // The server is restarting or unreachable: connect again, with backoff.
                     conn = None;
-                    outage =
-                        (outage * 2).clamp(Duration::from_millis(250), Duration::from_secs(10));
+                    let wait = outage.next().unwrap_or(outage.max);
                     warn!(
                         slot, error = %error,
-                        retry_in_ms = u64::try_from(outage.as_millis()).unwrap_or(u64::MAX),
+                        retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                         "cannot reach the database to take the instance lock; retrying"
                     );
                     tokio::select! {
-                        _ = tokio::time::sleep(outage) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.cancelled() => return Ok(None),
                     }
                 }

@@ -49,7 +49,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub(crate) use connect::connect;
+pub(crate) use connect::{connect, connect_once, explain as explain_connect};
 pub(crate) use lock::InstanceLock;
 pub(crate) use prepare::prepare;
 

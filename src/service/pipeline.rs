@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::lock::InstanceLock;
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::metrics::Phase;
 use crate::operator::{Engine, EngineExit, OperatorReport};
@@ -82,6 +83,10 @@ async fn log_summaries(report: impl Fn() -> Vec<OperatorReport>) {
     }
 }
 
+/// The waits between attempts to read the slot while the database cannot answer: one
+/// second each.
+const SLOT_RETRY: Backoff = Backoff::new(Duration::from_secs(1), 1.0, Duration::from_secs(1));
+
 async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
     config: &Config,
     params: ConnectParams,
@@ -90,13 +95,19 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
+        let mut backoff = SLOT_RETRY;
         let slot = loop {
             match setup::slot_info(pool, &config.slot).await {
                 Ok(slot) => break slot,
                 Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
-                    warn!(error = %e, "reading the slot failed; retrying");
+                    let wait = backoff.next().unwrap_or(backoff.max);
+                    warn!(
+                        error = %e,
+                        retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "reading the slot failed; retrying"
+                    );
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.cancelled() => return Ok(()),
                     }
                 }
@@ -110,8 +121,7 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
         let mut stream_config =
             StreamConfig::new(params.clone(), &config.slot, &config.publication);
         stream_config.status_interval = config.replication.status_interval;
-        stream_config.reconnect.initial = config.replication.reconnect_initial;
-        stream_config.reconnect.max = config.replication.reconnect_max;
+        stream_config.reconnect = config.replication.reconnect();
         stream_config.capacity = config.replication.channel_capacity;
         stream_config.stats = engine.metrics.stream.clone();
         stream_config.default_schema = config.default_schema.clone();

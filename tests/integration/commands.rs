@@ -615,3 +615,78 @@ async fn status_and_resume_work_when_an_operator_s_settings_are_what_is_broken()
     );
     Ok(())
 }
+
+/// A declarative operator whose statement fails on every event, with three retries: the
+/// error is logged in full when it first fails and again when the operator halts, not on
+/// every retry.
+#[tokio::test]
+async fn a_failing_statement_is_logged_once_then_at_the_halt() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("streamex.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = {url:?}\nslot = {:?}\ntables = [\"posts\"]\n\n\
+             [[operators]]\nname = \"broken\"\n\
+             query = \"UPDATE posts SET title = title || (1 / (id - id))::text WHERE id = $1\"\n\
+             id = {{ posts = \"id\" }}\n\
+             [operators.retry]\ninitial = \"10ms\"\nmax = \"20ms\"\nretries = 3\n\
+             on_failure = \"halt\"\n",
+            slot_for(&url)
+        ),
+    )?;
+    common::setup_service(&config)?;
+    sqlx::query("INSERT INTO posts (title) VALUES ('p')")
+        .execute(&pool)
+        .await?;
+    let log = dir.path().join("run.log");
+    let mut run = common::spawn_service(&config, &log, "info")?;
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let halted = loop {
+        let halted: Option<(Option<String>, Option<i32>)> = sqlx::query_as(
+            "SELECT last_error, attempts FROM streamex.operator_state
+              WHERE operator = 'broken' AND state = 'halted'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap_or(None);
+        if let Some(halted) = halted {
+            break halted;
+        }
+        if std::time::Instant::now() > deadline {
+            break (None, None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own running child.
+    unsafe { libc::kill(libc::pid_t::try_from(run.id())?, libc::SIGTERM) };
+    run.wait()?;
+    let logged = std::fs::read_to_string(&log)?;
+    assert!(
+        halted
+            .0
+            .as_deref()
+            .is_some_and(|e| e.contains("division by zero")),
+        "never halted: {halted:?}\n{logged}"
+    );
+    assert_eq!(halted.1, Some(4), "{logged}");
+    let lines: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("division by zero"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{logged}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("operator failed; retrying"),
+        "{logged}"
+    );
+    assert!(
+        lines[1].contains("ERROR") && lines[1].contains("operator halted"),
+        "{logged}"
+    );
+    // The statement that failed is named.
+    assert!(lines[0].contains("running query"), "{logged}");
+    Ok(())
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::Connection as _;
 use streamex::replication::{
-    self, ConnectOptions, ConnectParams, Connection, CopyMessage, ReplicationError, setup,
+    self, ConnectOptions, ConnectParams, Connection, CopyMessage, ReplicationError,
 };
 use streamex::testing::{self, Cluster};
 
@@ -635,7 +635,7 @@ async fn the_pool_verifies_the_server_as_libpq_does() -> anyhow::Result<()> {
     )))
     .await
     .unwrap_err();
-    assert!(setup::is_transient_sql(&e), "{e:?}");
+    assert!(streamex::error::is_transient_sqlx(&e), "{e:?}");
     assert!(
         e.to_string().contains(&format!("127.0.0.1:{closed}")),
         "{e}"
@@ -645,7 +645,7 @@ async fn the_pool_verifies_the_server_as_libpq_does() -> anyhow::Result<()> {
     let e = replication::catalog_pool(&url("127.0.0.1", "verify-full", &ca_file), 2)
         .await
         .unwrap_err();
-    assert!(!setup::is_transient_sql(&e), "{e:?}");
+    assert!(!streamex::error::is_transient_sqlx(&e), "{e:?}");
     let text = e.to_string();
     assert!(
         text.contains("127.0.0.1") && text.contains("not valid for this host name"),
@@ -657,7 +657,7 @@ async fn the_pool_verifies_the_server_as_libpq_does() -> anyhow::Result<()> {
         let e = replication::catalog_pool(&url("localhost", mode, &other_ca_file), 2)
             .await
             .unwrap_err();
-        assert!(!setup::is_transient_sql(&e), "{mode}: {e:?}");
+        assert!(!streamex::error::is_transient_sqlx(&e), "{mode}: {e:?}");
         let text = e.to_string();
         assert!(
             text.contains("not signed by a trusted certificate authority")

@@ -109,6 +109,28 @@ async fn a_bad_url_is_refused_with_the_setting_named() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Nothing listens on the port: tail says so at once, naming the address, as `run` does,
+/// instead of waiting out a pool's time-out and saying only that it timed out.
+#[test]
+fn a_refused_connection_is_said_at_once_with_the_address() -> anyhow::Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let output = tail(&[
+        "--database-url",
+        &format!("postgres://postgres@127.0.0.1:{port}/x"),
+    ])
+    .stderr(Stdio::piped())
+    .output()?;
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("connection refused"), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("--database-url"), "{stderr}");
+    assert!(!stderr.contains("timed out"), "{stderr}");
+    Ok(())
+}
+
 /// Waits for `child` and returns its exit status with its peak resident memory in bytes: the
 /// kernel's high-water mark (`VmHWM` in /proc), which only grows, read until it exits.
 /// (wait4's `ru_maxrss` would not do: a child spawned with vfork inherits the high-water mark
