@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
-use crate::lsn::Lsn;
+use crate::lsn::{Lsn, Position};
 use crate::metrics::{OperatorReport, OperatorStateKind};
 
 /// Shared progress of the operators.
@@ -28,6 +28,10 @@ pub(crate) struct Board {
     halted: Vec<Mutex<Option<String>>>,
     names: Vec<String>,
     pub(super) changed: Notify,
+    /// An operator whose folded window failed, and the position through which its events
+    /// must come again unfolded (see `RunnerExit::Replay`).
+    replay: Mutex<Option<(usize, Position)>>,
+    replay_wanted: Notify,
 }
 
 impl Board {
@@ -42,6 +46,8 @@ impl Board {
             halted: (0..n).map(|_| Mutex::new(None)).collect(),
             names,
             changed: Notify::new(),
+            replay: Mutex::new(None),
+            replay_wanted: Notify::new(),
         }
     }
 
@@ -70,6 +76,26 @@ impl Board {
     pub(crate) fn halt(&self, index: usize, error: String) {
         *self.halted[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
         self.changed.notify_one();
+    }
+
+    /// Operator `index` needs its events through `through` again, unfolded.
+    pub(crate) fn replay(&self, index: usize, through: Position) {
+        let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        if replay.is_none() {
+            *replay = Some((index, through));
+        }
+        drop(replay);
+        self.replay_wanted.notify_one();
+    }
+
+    /// Waits until an operator needs a replay: its name and the position.
+    pub(super) async fn replay_wanted(&self) -> (String, Position) {
+        loop {
+            if let Some((index, through)) = *self.replay.lock().unwrap_or_else(|p| p.into_inner()) {
+                return (self.names[index].clone(), through);
+            }
+            self.replay_wanted.notified().await;
+        }
     }
 
     pub(super) fn is_halted(&self, index: usize) -> bool {

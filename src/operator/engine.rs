@@ -31,7 +31,7 @@ use super::progress::Pending;
 use super::runner::{Input, Runner};
 use crate::config::RetryConfig;
 use crate::decode::Decoded;
-use crate::lsn::Lsn;
+use crate::lsn::{Lsn, Position};
 use crate::metrics::Metrics;
 use crate::metrics::OperatorReport;
 use crate::pubsub::PubSub;
@@ -55,6 +55,9 @@ pub enum EngineExit {
     /// A halted operator was resumed (`streamex resume`): run again from the slot's position
     /// so that it gets the events it missed.
     Resumed(String),
+    /// A folded window of this operator failed: run again from the slot's position, this
+    /// operator handling its events through the position without folding.
+    Replay(String, Position),
 }
 
 /// A failure of the engine itself (not of an operator, which the retry policy handles).
@@ -83,6 +86,9 @@ pub struct Engine<S: ProcessStatusStorage> {
     /// What `/metrics` reports; counted (cheaply) whether or not `[http]` is on.
     pub metrics: Arc<Metrics>,
     reports: Arc<Mutex<Option<Arc<Board>>>>,
+    /// Per operator, the position through which its events are handled without folding on
+    /// the next run (after its folded window failed).
+    unfolded: Mutex<HashMap<String, Position>>,
 }
 
 impl<S: ProcessStatusStorage + Clone> Engine<S> {
@@ -105,6 +111,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             inbox_capacity: 1024,
             metrics: Arc::default(),
             reports: Arc::default(),
+            unfolded: Mutex::default(),
         }
     }
 
@@ -157,7 +164,12 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 inboxes.push(None);
                 continue;
             }
-            let (tx, rx) = mpsc::channel(self.inbox_capacity.max(1));
+            // Room for a whole batch, so that `batch_size` is what a batch can reach.
+            let (tx, rx) = mpsc::channel(
+                self.inbox_capacity
+                    .max(self.batch_size.saturating_add(1))
+                    .max(1),
+            );
             let runner = Runner {
                 index,
                 operator: spec.operator.0.clone(),
@@ -174,6 +186,13 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 skip: states.get(name).and_then(|s| s.skip),
                 board: board.clone(),
                 shutdown: shutdown.clone(),
+                clock: self.metrics.stream.clone(),
+                unfolded_through: self
+                    .unfolded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(name)
+                    .copied(),
                 reported: None,
             };
             // A halted runner returns and drops its inbox; the dispatcher then skips it.
@@ -196,6 +215,13 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 let exit = tokio::select! {
                     exit = self.dispatch(&mut items, &mut inboxes, &board, pending_tx, &shutdown) => exit,
                     name = self.watch_resume(&board, &names, &shutdown) => EngineExit::Resumed(name),
+                    (name, through) = board.replay_wanted() => {
+                        self.unfolded
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(name.clone(), through);
+                        EngineExit::Replay(name, through)
+                    }
                 };
                 // Closing the inboxes lets every runner finish what it holds and stop.
                 inboxes.clear();

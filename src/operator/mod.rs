@@ -261,6 +261,13 @@ pub trait Operator: Send + Sync + 'static {
             Ok(())
         }
     }
+
+    /// streamex's declarative operator, whose waiting events the runner folds into one
+    /// recomputation per id while it is behind. Not for other operators.
+    #[doc(hidden)]
+    fn as_sql(&self) -> Option<&SqlOperator> {
+        None
+    }
 }
 
 impl<T: Operator> Operator for Arc<T> {
@@ -298,6 +305,10 @@ impl<T: Operator> Operator for Arc<T> {
     ) -> impl Future<Output = anyhow::Result<()>> + Send {
         (**self).handle_batch(events, ctx)
     }
+
+    fn as_sql(&self) -> Option<&SqlOperator> {
+        (**self).as_sql()
+    }
 }
 
 /// A handler's future, boxed so that operators of different types can sit in one list.
@@ -315,6 +326,7 @@ pub(crate) trait DynOperator: Send + Sync + 'static {
         events: &'a [Arc<Event>],
         ctx: &'a mut Context<'_>,
     ) -> HandlerFuture<'a>;
+    fn as_sql(&self) -> Option<&SqlOperator>;
 }
 
 impl<T: Operator> DynOperator for T {
@@ -344,6 +356,10 @@ impl<T: Operator> DynOperator for T {
         ctx: &'a mut Context<'_>,
     ) -> HandlerFuture<'a> {
         Box::pin(Operator::handle_batch(self, events, ctx))
+    }
+
+    fn as_sql(&self) -> Option<&SqlOperator> {
+        Operator::as_sql(self)
     }
 }
 

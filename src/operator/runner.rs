@@ -34,6 +34,7 @@ use crate::backoff::Backoff;
 use crate::config::{FailurePolicy, RetryConfig};
 use crate::event::Event;
 use crate::lsn::{Lsn, Position};
+use crate::replication::StreamStats;
 use crate::status;
 
 /// What the dispatcher sends an operator.
@@ -60,6 +61,9 @@ pub(crate) enum RunnerExit {
     Interrupted,
     /// The retries ran out under the `halt` policy.
     Halted,
+    /// A folded window failed: the events up to this position must come again (from the
+    /// slot) and be handled without folding, so that the failing one is found.
+    Replay(Position),
 }
 
 pub(crate) struct Runner {
@@ -78,9 +82,33 @@ pub(crate) struct Runner {
     pub skip: Option<Position>,
     pub board: Arc<Board>,
     pub shutdown: CancellationToken,
+    /// The server's clock (through the replication stream), against which commit times
+    /// tell how far behind the operator is.
+    pub clock: Arc<StreamStats>,
+    /// Events up to here are not folded: they come again after a folded window failed.
+    pub unfolded_through: Option<Position>,
     /// The failure last logged at warn, until an event succeeds: a retry failing the same
     /// way is logged at debug, so a failing statement shows once, not on every retry.
     pub reported: Option<String>,
+}
+
+/// How long behind the server's clock an event's commit must be for the operator to count as
+/// behind, and fold what is waiting.
+const FOLD_BEHIND_MICROS: i64 = 250_000;
+/// How long a folded window stays open, at most.
+const FOLD_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+/// How many statements a folded window holds, at most (each is an id and its statement).
+const FOLD_MAX_STEPS: usize = 50_000;
+
+/// What [`Runner::fold_window`] did with an input.
+enum Window {
+    /// Folded a window and committed it; `next` ended it and is to be handled next.
+    Folded {
+        next: Option<Input>,
+    },
+    /// Not folded (the operator is not behind, or does not fold): handle it as usual.
+    NotFolded(Input),
+    Stop(RunnerExit),
 }
 
 /// The outcome of handling one event with its retries.
@@ -92,9 +120,28 @@ enum Handled {
 impl Runner {
     pub async fn run(mut self, mut inbox: mpsc::Receiver<Input>) -> RunnerExit {
         let mut batch: Vec<Input> = Vec::with_capacity(self.batch_size + 1);
+        // An input taken from the inbox that ended a folded window, handled next.
+        let mut held: Option<Input> = None;
         loop {
-            let Some(first) = inbox.recv().await else {
-                return RunnerExit::Drained;
+            let first = match held.take() {
+                Some(input) => input,
+                None => match inbox.recv().await {
+                    Some(input) => input,
+                    None => return RunnerExit::Drained,
+                },
+            };
+            let first = match self.fold_window(first, &mut inbox).await {
+                Window::Folded { next } => {
+                    held = next;
+                    continue;
+                }
+                Window::Stop(exit) => {
+                    if let RunnerExit::Replay(through) = exit {
+                        self.board.replay(self.index, through);
+                    }
+                    return exit;
+                }
+                Window::NotFolded(first) => first,
             };
             batch.push(first);
             let mut events = usize::from(matches!(batch[0], Input::Event(_)));
@@ -138,6 +185,138 @@ impl Runner {
                 self.board.advance(self.index, end);
             }
         }
+    }
+
+    /// Whether `event` may start or join a folded window.
+    fn foldable(&self, event: &Event) -> bool {
+        event.decode_error.is_none()
+            && self.skip != Some(event.position())
+            && self
+                .unfolded_through
+                .is_none_or(|through| event.position() > through)
+    }
+
+    /// Whether the operator is behind at `event`: its commit is a while ago by the server's
+    /// clock (so what is waiting, in the inbox or still in the slot, is worth folding).
+    fn behind(&self, event: &Event) -> bool {
+        self.clock.server_now().saturating_sub(event.timestamp) > FOLD_BEHIND_MICROS
+    }
+
+    /// For a declarative operator that is behind: folds `first` and the events that follow it
+    /// (waiting for more while it is behind, up to [`FOLD_WINDOW`] and [`FOLD_MAX_STEPS`])
+    /// into one recomputation per id, keeping the ids, not the events, and runs them with the
+    /// checkpoint of the last event in one transaction. The database ends as handling the
+    /// events one by one would: a recomputation reads the tables as they are now, so only
+    /// the last one of an id in a row counts (see `Folded`). On failure, the events come
+    /// again from the slot and are handled without folding ([`RunnerExit::Replay`]), so that
+    /// the failing one meets the retry and failure policy alone.
+    async fn fold_window(&mut self, first: Input, inbox: &mut mpsc::Receiver<Input>) -> Window {
+        let operator = self.operator.clone();
+        let Some(sql) = operator.as_sql() else {
+            return Window::NotFolded(first);
+        };
+        let Input::Event(event) = &first else {
+            return Window::NotFolded(first);
+        };
+        if !self.exactly_once()
+            || self.one_per_transaction
+            || !self.is_new(event)
+            || !self.foldable(event)
+            || !self.behind(event)
+        {
+            return Window::NotFolded(first);
+        }
+        let mut folded = super::sql::Folded::default();
+        if !sql.fold(&mut folded, event) {
+            return Window::NotFolded(first);
+        }
+        let mut last = event.position();
+        let mut behind = true;
+        let mut xids = vec![event.xid];
+        let mut events = 1;
+        let mut done_through = None;
+        let closes = tokio::time::Instant::now() + FOLD_WINDOW;
+        let next = loop {
+            if folded.len() >= FOLD_MAX_STEPS {
+                break None;
+            }
+            let input = match inbox.try_recv() {
+                Ok(input) => input,
+                Err(mpsc::error::TryRecvError::Disconnected) => break None,
+                Err(mpsc::error::TryRecvError::Empty) if !behind => break None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(closes, inbox.recv()).await {
+                        Ok(Some(input)) => input,
+                        Ok(None) | Err(_) => break None,
+                    }
+                }
+            };
+            match input {
+                Input::Commit { end_lsn } => done_through = Some(end_lsn),
+                Input::Event(event) => {
+                    if !self.is_new(&event) {
+                        continue;
+                    }
+                    if !self.foldable(&event) || !sql.fold(&mut folded, &event) {
+                        break Some(Input::Event(event));
+                    }
+                    last = event.position();
+                    if xids.last() != Some(&event.xid) {
+                        xids.push(event.xid);
+                    }
+                    events += 1;
+                    behind = self.behind(&event);
+                }
+            }
+            if tokio::time::Instant::now() >= closes {
+                break None;
+            }
+        };
+
+        let mut outage = self.outage_backoff();
+        loop {
+            let result = async {
+                let mut tx = self.pool.begin().await?;
+                wait_visible(&mut tx, xids.iter().copied()).await?;
+                sql.run_folded(&mut tx, &folded).await?;
+                self.commit_with_checkpoint(tx, last).await
+            }
+            .await;
+            let error = match result {
+                Ok(()) => break,
+                Err(error) => error,
+            };
+            if is_database_outage(&error) {
+                let wait = outage.next().unwrap_or(outage.max);
+                warn!(
+                    operator = self.operator.name(), error = %crate::error::chain(&error),
+                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "database unavailable; retrying"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = self.shutdown.cancelled() => return Window::Stop(RunnerExit::Interrupted),
+                }
+            }
+            if !error.is::<CheckpointMoved>() {
+                warn!(
+                    operator = self.operator.name(), events, through = %last,
+                    error = %crate::error::chain(&error),
+                    "a folded window failed; its events come again from the slot, one by one"
+                );
+            }
+            return Window::Stop(RunnerExit::Replay(last));
+        }
+        self.reported = None;
+        self.board.count(self.index, events);
+        debug!(
+            operator = self.operator.name(), events, statements = folded.len(), through = %last,
+            "folded a window"
+        );
+        if let Some(end) = done_through {
+            self.board.advance(self.index, end);
+        }
+        Window::Folded { next }
     }
 
     fn is_new(&self, event: &Event) -> bool {
@@ -642,6 +821,8 @@ mod tests {
                 board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
                 shutdown: CancellationToken::new(),
                 reported: None,
+                clock: Arc::default(),
+                unfolded_through: None,
             };
             let (tx, rx) = mpsc::channel(16);
             for ordinal in 2..6 {
@@ -697,6 +878,8 @@ mod tests {
                 board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
                 shutdown: CancellationToken::new(),
                 reported: None,
+                clock: Arc::default(),
+                unfolded_through: None,
             };
             let (tx, rx) = mpsc::channel(16);
             for ordinal in 0..3 {

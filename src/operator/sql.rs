@@ -309,6 +309,40 @@ enum Step {
     RecomputeAll,
 }
 
+/// The steps of events, less the repetitions, without the events: a batch's plan, or a
+/// window the runner folds while the operator is behind (it keeps the ids, not the events).
+/// Each id's statements keep their order (a query after a delete_query of the same id is
+/// kept, a repeated one is not); a truncate's step keeps its place.
+#[derive(Debug, Default)]
+pub(crate) struct Folded {
+    /// The statement last planned for each id since the last truncate step.
+    last: HashMap<String, Which>,
+    steps: Vec<Step>,
+}
+
+impl Folded {
+    fn push(&mut self, steps: Vec<Step>) {
+        for step in steps {
+            match step {
+                Step::Run(which, id) => {
+                    if self.last.insert(id.to_string(), which) != Some(which) {
+                        self.steps.push(Step::Run(which, id));
+                    }
+                }
+                other => {
+                    self.last.clear();
+                    self.steps.push(other);
+                }
+            }
+        }
+    }
+
+    /// How many statements (or truncate steps) it holds.
+    pub(crate) fn len(&self) -> usize {
+        self.steps.len()
+    }
+}
+
 /// How many ids a recomputation of every id sends in one round trip.
 const RECOMPUTE_CHUNK: usize = 10_000;
 
@@ -340,24 +374,32 @@ impl SqlOperator {
     /// [`Operator::handle_batch`] on this type). A truncate starts over: what came before it
     /// is no longer a repetition of what comes after.
     fn plan(&self, events: &[Arc<Event>]) -> anyhow::Result<Vec<Step>> {
-        let mut last: HashMap<String, Which> = HashMap::new();
-        let mut todo: Vec<Step> = Vec::new();
+        let mut folded = Folded::default();
         for event in events {
-            for step in self.actions(event)? {
-                match step {
-                    Step::Run(which, id) => {
-                        if last.insert(id.to_string(), which) != Some(which) {
-                            todo.push(Step::Run(which, id));
-                        }
-                    }
-                    other => {
-                        last.clear();
-                        todo.push(other);
-                    }
-                }
-            }
+            folded.push(self.actions(event)?);
         }
-        Ok(todo)
+        Ok(folded.steps)
+    }
+
+    /// Adds `event`'s steps to `folded`, as [`plan`](Self::plan) would; `false` (and nothing
+    /// added) when the event must go through the failure policy on its own.
+    pub(crate) fn fold(&self, folded: &mut Folded, event: &Event) -> bool {
+        match self.actions(event) {
+            Ok(steps) => {
+                folded.push(steps);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Runs what `folded` holds.
+    pub(crate) async fn run_folded(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        folded: &Folded,
+    ) -> anyhow::Result<()> {
+        self.run(conn, &folded.steps).await
     }
 
     /// The id field of `event`'s entity, if the operator listens to it.
@@ -584,6 +626,10 @@ fn quote_ident(name: &str) -> String {
 impl Operator for SqlOperator {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn as_sql(&self) -> Option<&SqlOperator> {
+        Some(self)
     }
 
     fn subscriptions(&self) -> Vec<Subscription> {

@@ -17,11 +17,18 @@ pub enum ServerMessage {
     XLogData {
         wal_start: Lsn,
         wal_end: Lsn,
+        /// The server's clock when it sent the message, in microseconds since 2000-01-01.
+        clock: i64,
         data: Bytes,
     },
     /// The server is alive; `wal_end` is how far it has decoded and sent. When
     /// `reply_requested`, it wants a status update at once or it will consider us gone.
-    Keepalive { wal_end: Lsn, reply_requested: bool },
+    Keepalive {
+        wal_end: Lsn,
+        /// The server's clock when it sent the message, in microseconds since 2000-01-01.
+        clock: i64,
+        reply_requested: bool,
+    },
 }
 
 /// A CopyData payload that is not a well-formed XLogData or keepalive.
@@ -58,19 +65,21 @@ impl ServerMessage {
             b'w' => {
                 let wal_start = Lsn(buf.get_u64());
                 let wal_end = Lsn(buf.get_u64());
-                let _server_clock = buf.get_i64();
+                let clock = buf.get_i64();
                 Ok(ServerMessage::XLogData {
                     wal_start,
                     wal_end,
+                    clock,
                     data: buf,
                 })
             }
             _ => {
                 let wal_end = Lsn(buf.get_u64());
-                let _server_clock = buf.get_i64();
+                let clock = buf.get_i64();
                 let reply_requested = buf.get_u8() != 0;
                 Ok(ServerMessage::Keepalive {
                     wal_end,
+                    clock,
                     reply_requested,
                 })
             }
@@ -129,6 +138,7 @@ mod tests {
             ServerMessage::XLogData {
                 wal_start: Lsn(0x1_0000_0020),
                 wal_end: Lsn(0x1_0000_0040),
+                clock: 7,
                 data: Bytes::from_static(b"Bpayload"),
             }
         );
@@ -139,12 +149,13 @@ mod tests {
         for flag in [0u8, 1] {
             let mut raw = vec![b'k'];
             raw.extend_from_slice(&0x55u64.to_be_bytes());
-            raw.extend_from_slice(&0i64.to_be_bytes());
+            raw.extend_from_slice(&9i64.to_be_bytes());
             raw.push(flag);
             assert_eq!(
                 ServerMessage::parse(Bytes::from(raw)).unwrap(),
                 ServerMessage::Keepalive {
                     wal_end: Lsn(0x55),
+                    clock: 9,
                     reply_requested: flag == 1
                 }
             );

@@ -360,8 +360,12 @@ impl Session<'_> {
             };
             match ServerMessage::parse(data)? {
                 ServerMessage::XLogData {
-                    wal_start, data, ..
+                    wal_start,
+                    clock,
+                    data,
+                    ..
                 } => {
+                    self.config.stats.server_clock(clock);
                     self.decoder.decode(wal_start, data, &mut out).await?;
                     for item in out.drain(..) {
                         let end = match &item {
@@ -383,8 +387,10 @@ impl Session<'_> {
                 }
                 ServerMessage::Keepalive {
                     wal_end,
+                    clock,
                     reply_requested,
                 } => {
+                    self.config.stats.server_clock(clock);
                     received.fetch_max(wal_end.0, Ordering::Relaxed);
                     if !self.decoder.in_transaction() && self.ack.acknowledged() >= *self.delivered
                     {

@@ -149,6 +149,13 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
             EngineExit::Resumed(name) => {
                 info!(operator = %name, "restarting the pipeline from the slot's position");
             }
+            EngineExit::Replay(name, through) => {
+                info!(
+                    operator = %name, %through,
+                    "restarting the pipeline from the slot's position: the operator handles \
+                     its events through there one by one, unfolded"
+                );
+            }
         }
     }
 }

@@ -260,9 +260,12 @@ impl OperatorTest {
     /// Takes from configuration `toml` (the text of a `streamex.toml`) its `[[operators]]`,
     /// for [`run_configured`](Self::run_configured), and what shapes how they run:
     /// `[retry]`'s `on_failure`, `[entities]`, `[process_status] timestamp_field` and
-    /// `[replication] batch_size`. The database, slot, publication and tables stay the kit's.
+    /// `[replication] batch_size`. The database, slot, publication and tables stay the kit's
+    /// (`database_url` may be left out).
     pub fn with_config(mut self, toml: &str) -> Result<OperatorTest, KitError> {
-        let given = Config::parse(toml, "the configuration given to OperatorTest", [])?;
+        // The database is the kit's: a configuration without `database_url` is complete.
+        let database = [("STREAMEX_DATABASE_URL".to_owned(), self.url.clone())];
+        let given = Config::parse(toml, "the configuration given to OperatorTest", database)?;
         self.config.operators = given.operators;
         self.config.entities = given.entities;
         self.config.retry.on_failure = given.retry.on_failure;

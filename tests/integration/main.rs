@@ -13,6 +13,7 @@ mod commands;
 mod connect;
 mod crash;
 mod demo;
+mod folding;
 mod harness;
 mod http;
 mod http_routes;
