@@ -36,7 +36,9 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
     let params = ConnectParams::parse(&args.database_url).context("--database-url")?;
     // Once, as `run` connects (a refused connection is said at once, not after the pool's
     // time-out), but without waiting for the server: tail is run by a person, who is told.
-    let catalog = crate::service::connect_once(&params, 2)
+    // (One connection of the pool is kept for tail's whole life when it has a publication of
+    // its own: see below.)
+    let catalog = crate::service::connect_once(&params, 3)
         .await
         .map_err(|e| crate::service::explain_connect(&params, e, "--database-url"))?;
     setup::check_server(&catalog).await?;
@@ -59,7 +61,7 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
                      or leave it out to read every table"
                 );
             }
-            (name.clone(), false)
+            (name.clone(), None)
         }
         None if !temporary => bail!(
             "--slot needs --publication: a slot decodes its WAL through a publication that \
@@ -67,7 +69,15 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
              the slot's publication (the one `streamex setup` made: `streamex` unless configured)"
         ),
         None => {
-            let name = format!("streamex_tail_{}", std::process::id());
+            // Named after a session held open while tail runs, so that a publication left by
+            // a tail that could not drop it (killed, or stopped by a second signal) is known
+            // for one: its session is gone. Such leftovers are dropped here.
+            let mut keeper = catalog.acquire().await?;
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *keeper)
+                .await?;
+            drop_leftover_publications(&catalog).await;
+            let name = format!("{TAIL_PUBLICATION_PREFIX}{pid}");
             setup::ensure_publication(&catalog, &name, &PublicationTables::All)
                 .await
                 .with_context(|| {
@@ -76,7 +86,7 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
                          superuser; otherwise name an existing publication with --publication)"
                     )
                 })?;
-            (name, true)
+            (name, Some(keeper))
         }
     };
     let result = stream(
@@ -89,7 +99,8 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
         shutdown,
     )
     .await;
-    if own {
+    if let Some(keeper) = own {
+        drop(keeper);
         let dropped = sqlx::query(&format!(
             "DROP PUBLICATION IF EXISTS {}",
             setup::quote_ident(&publication)
@@ -102,6 +113,45 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     result
+}
+
+/// The name of tail's temporary publications, before the backend pid of the session that
+/// keeps it.
+const TAIL_PUBLICATION_PREFIX: &str = "streamex_tail_";
+
+/// Drops the temporary publications of tails whose session is gone (best effort: a failure is
+/// logged, and changes nothing for this tail).
+async fn drop_leftover_publications(catalog: &sqlx::PgPool) {
+    let leftovers: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+        "SELECT pubname FROM pg_publication
+          WHERE pubname ~ ('^' || $1 || '[0-9]{1,10}$')
+            AND substr(pubname, length($1) + 1)::bigint
+                NOT IN (SELECT pid FROM pg_stat_activity)",
+    )
+    .bind(TAIL_PUBLICATION_PREFIX)
+    .fetch_all(catalog)
+    .await;
+    let leftovers = match leftovers {
+        Ok(names) => names,
+        Err(error) => {
+            tracing::debug!(error = %error, "could not look for publications earlier tails left");
+            return;
+        }
+    };
+    for name in leftovers {
+        let dropped = sqlx::query(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            setup::quote_ident(&name)
+        ))
+        .execute(catalog)
+        .await;
+        match dropped {
+            Ok(_) => tracing::info!(publication = %name,
+                "dropped a temporary publication an earlier tail left (its session is gone)"),
+            Err(error) => tracing::warn!(publication = %name, error = %error,
+                "could not drop a temporary publication an earlier tail left"),
+        }
+    }
 }
 
 async fn stream(

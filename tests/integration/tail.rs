@@ -222,3 +222,56 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn without_publication_tail_uses_its_own_and_drops_those_earlier_tails_left()
+-> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql("CREATE TABLE notes (id serial PRIMARY KEY, body text)")
+        .execute(&pool)
+        .await?;
+    // One left by a tail whose session is gone (no backend has this pid), one of a tail
+    // still running (this test's session stands for its keeper).
+    let mut live = pool.acquire().await?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *live)
+        .await?;
+    sqlx::raw_sql(&format!(
+        "CREATE PUBLICATION streamex_tail_2147483000 FOR ALL TABLES;
+         CREATE PUBLICATION streamex_tail_{pid} FOR ALL TABLES;"
+    ))
+    .execute(&pool)
+    .await?;
+
+    let mut child = tail(&["--database-url", &url, "--limit", "1"]).spawn()?;
+    // Its slot starts when it starts: write until it has printed one change and ended.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "tail never ended");
+        sqlx::query("INSERT INTO notes (body) VALUES ('x')")
+            .execute(&pool)
+            .await?;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(status.success(), "tail exited with {status}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out)?;
+    let line: Value = serde_json::from_str(out.lines().next().unwrap_or("null"))?;
+    assert_eq!(line["entity"], "notes", "{out}");
+
+    let publications: Vec<String> =
+        sqlx::query_scalar("SELECT pubname::text FROM pg_publication ORDER BY 1")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(
+        publications,
+        [format!("streamex_tail_{pid}")],
+        "tail's own is dropped, the leftover too, a live tail's is kept, and none other is made"
+    );
+    drop(live);
+    Ok(())
+}
