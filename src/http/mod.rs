@@ -170,12 +170,7 @@ pub fn spawn<S: ProcessStatusStorage + Clone>(
 /// on every route.
 pub fn routes<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router {
     let endpoint = Arc::new(endpoint);
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz::<S>))
-        .route("/metrics", get(metrics::<S>))
-        .route("/process-status/{entity}", get(process_status::<S>))
-        .route("/channels/{*channel}", get(sse::channel::<S>))
+    endpoints::<S>()
         .layer(axum::middleware::from_fn_with_state(
             endpoint.clone(),
             guard::check::<S>,
@@ -183,15 +178,32 @@ pub fn routes<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router 
         .with_state(endpoint)
 }
 
-/// The stock endpoint: [`routes`] and a short JSON 404 for any other path.
+/// The stock endpoint: [`routes`] and a short JSON 404 for any other path, behind the same
+/// [`guard`] (an unknown Host is refused before a path is looked at).
 pub fn router<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router {
-    routes(endpoint).fallback(|uri: axum::http::Uri| async move {
-        not_found(format!(
-            "no endpoint {}: the endpoints are /healthz, /readyz, /metrics, \
-             /process-status/{{entity}} and /channels/{{channel}}",
-            uri.path()
+    let endpoint = Arc::new(endpoint);
+    endpoints::<S>()
+        .fallback(|uri: axum::http::Uri| async move {
+            not_found(format!(
+                "no endpoint {}: the endpoints are /healthz, /readyz, /metrics, \
+                 /process-status/{{entity}} and /channels/{{channel}}",
+                uri.path()
+            ))
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            endpoint.clone(),
+            guard::check::<S>,
         ))
-    })
+        .with_state(endpoint)
+}
+
+fn endpoints<S: ProcessStatusStorage + Clone>() -> Router<Arc<Endpoint<S>>> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz::<S>))
+        .route("/metrics", get(metrics::<S>))
+        .route("/process-status/{entity}", get(process_status::<S>))
+        .route("/channels/{*channel}", get(sse::channel::<S>))
 }
 
 type Shared<S> = State<Arc<Endpoint<S>>>;
