@@ -16,6 +16,7 @@ mod demo;
 mod harness;
 mod http;
 mod http_routes;
+mod lease;
 mod names;
 mod replication;
 mod service;
