@@ -94,7 +94,14 @@ async fn a_frozen_active_instance_is_replaced_and_writes_nothing_once_woken() ->
     let config_for = |name: &str| -> anyhow::Result<std::path::PathBuf> {
         let path = dir.path().join(format!("{name}.toml"));
         let text = common::blog_config(&format!("{url}?application_name={name}"), &slot);
-        std::fs::write(&path, format!("{text}\n[lock]\nlease = \"{lease}\"\n"))?;
+        anyhow::ensure!(
+            text.contains("lease = \"30s\""),
+            "the example's [lock] lease line moved"
+        );
+        std::fs::write(
+            &path,
+            text.replace("lease = \"30s\"", &format!("lease = {lease:?}")),
+        )?;
         Ok(path)
     };
     let (config_a, config_b) = (config_for("instance_a")?, config_for("instance_b")?);
