@@ -69,6 +69,9 @@ pub struct Config {
     /// `[replication]`: the stream's timing and capacities.
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// `[lock]`: the instance lock that makes one instance per slot the active one.
+    #[serde(default)]
+    pub lock: LockConfig,
     /// `[process_status]`: where process status is kept.
     #[serde(default)]
     pub process_status: ProcessStatusConfig,
@@ -138,6 +141,27 @@ impl ReplicationConfig {
     /// `reconnect_max`.
     pub fn reconnect(&self) -> Backoff {
         Backoff::new(self.reconnect_initial, 2.0, self.reconnect_max)
+    }
+}
+
+/// `[lock]`: the instance lock, a lease the active instance renews (`src/service/lock.rs`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LockConfig {
+    /// How long the server keeps the lock of an instance that stopped renewing it (frozen,
+    /// paused, cut off): a standby takes over about this long after the active instance
+    /// stops. The active instance renews it every third of this, stops writing when a
+    /// renewal fails or comes too late, and the server ends any of its transactions left idle
+    /// this long.
+    #[serde(deserialize_with = "duration")]
+    pub lease: Duration,
+}
+
+impl Default for LockConfig {
+    fn default() -> Self {
+        LockConfig {
+            lease: Duration::from_secs(30),
+        }
     }
 }
 
@@ -672,6 +696,12 @@ impl Config {
             r.reconnect_initial,
             Duration::from_secs(3600),
         )?;
+        within_time(
+            "lock.lease",
+            self.lock.lease,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )?;
         let retries = std::iter::once(("retry".to_owned(), &self.retry)).chain(
             self.operators
                 .iter()
@@ -933,6 +963,9 @@ mod tests {
         assert_eq!(config.retry.on_failure, FailurePolicy::Halt);
         assert_eq!(config.process_status.backend, StatusBackendKind::Postgres);
         assert_eq!(config.process_status.timestamp_field, "updated_at");
+        assert_eq!(config.lock.lease, Duration::from_secs(30));
+        let config = parse(&format!("{MINIMAL}\n[lock]\nlease = \"3s\""), &[]).unwrap();
+        assert_eq!(config.lock.lease, Duration::from_secs(3));
     }
 
     #[test]
@@ -1158,6 +1191,8 @@ mod tests {
                 "[replication]\nreconnect_initial = \"10s\"\nreconnect_max = \"1s\"",
                 "replication.reconnect_max",
             ),
+            ("[lock]\nlease = \"500ms\"", "lock.lease"),
+            ("[lock]\nlease = \"2h\"", "lock.lease"),
             ("[retry]\nmultiplier = -1.0", "retry.multiplier"),
             ("[retry]\nretries = 100000", "retry.retries"),
             ("[retry]\nmax = \"30d\"", "retry.max"),

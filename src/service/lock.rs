@@ -1,19 +1,101 @@
-//! One active instance per slot: a session-level advisory lock keyed on the slot's name.
+//! One active instance per slot: a session-level advisory lock keyed on the slot's name,
+//! held as a lease.
+//!
+//! ```text
+//! standby:  pg_try_advisory_lock every second ──► taken ──► end the slot's leftover walsender
+//!                                                            │
+//! active:   renew every lease/3 (SELECT 1) ◄─────────────────┘
+//!             │ renewal fails, or is not answered before lease after the last one was sent
+//!             ▼
+//!           stop processing at once, stand by for the lock again
+//! server:   ends the lock's session when it sits idle for the lease (idle_session_timeout),
+//!           which releases the lock, and any of the instance's transactions idle as long
+//!           (idle_in_transaction_session_timeout)
+//! ```
+//!
+//! # Why a lease
+//!
+//! PostgreSQL releases a session lock when the session ends. A killed holder's session ends
+//! at once, but a frozen one (SIGSTOP, a VM paused, a process starved for minutes) keeps its
+//! socket open, so without a lease the standby would wait for as long as the freeze lasts.
+//! With the lease, the server ends the session of a holder that stopped renewing it, and a
+//! standby takes over about `[lock] lease` later. The holder itself counts from the moment it
+//! sent its last successful renewal, which is before the server starts counting, so it
+//! knows its lease is over no later than the server does.
+//!
+//! The instance that wakes up after its lease ran out may still finish what it was doing
+//! before it notices: its operators' checkpoints are a compare-and-set
+//! (`status::advance_checkpoint`), so a write based on a checkpoint the new active instance
+//! has moved is rolled back; process status only moves forward; its replication session was
+//! ended when the new instance took the lock, and the slot, now streamed by the new
+//! instance, refuses it (55006), so it acknowledges nothing.
+//!
+//! # PostgreSQL 13
+//!
+//! `idle_session_timeout` came in PostgreSQL 14. On 13 the lock's session instead stays in
+//! an open transaction that holds no snapshot and no transaction id, ended by
+//! `idle_in_transaction_session_timeout`; each renewal commits it and opens the next, so it
+//! never looks old to monitoring.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::PgPool;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 
 /// The session-level advisory lock, keyed on the slot's name, that makes one instance per
-/// slot the active one. PostgreSQL releases it when the holder's connection ends, even when
-/// the holder is killed, so a standby takes over within a poll interval.
+/// slot the active one, held as a lease of `lease`: see the module's documentation.
 pub(crate) struct InstanceLock {
     conn: sqlx::PgConnection,
+    lease: Duration,
+    /// How the server ends the session when it is not renewed.
+    kind: LeaseKind,
+    /// When the last successful renewal (or the start of the lease) was sent.
+    renewed: Instant,
+}
+
+/// How the server ends the lock's session once the holder stops renewing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LeaseKind {
+    /// `idle_session_timeout` (PostgreSQL 14 and later): the session is idle between renewals.
+    IdleSession,
+    /// `idle_in_transaction_session_timeout` (PostgreSQL 13): the session sits in an open
+    /// transaction between renewals.
+    IdleTransaction,
+}
+
+impl LeaseKind {
+    /// For the server whose `server_version_num` is `version`.
+    fn for_server(version: i32) -> LeaseKind {
+        if version >= 140_000 {
+            LeaseKind::IdleSession
+        } else {
+            LeaseKind::IdleTransaction
+        }
+    }
+
+    /// The statements that start the lease on the lock's session.
+    fn start(self, lease: Duration) -> String {
+        let ms = lease.as_millis();
+        match self {
+            LeaseKind::IdleSession => format!("SET idle_session_timeout = {ms}"),
+            LeaseKind::IdleTransaction => {
+                format!("SET idle_in_transaction_session_timeout = {ms}; BEGIN")
+            }
+        }
+    }
+
+    /// The statement that renews it.
+    fn renew(self) -> &'static str {
+        match self {
+            LeaseKind::IdleSession => "SELECT 1",
+            LeaseKind::IdleTransaction => "COMMIT; BEGIN",
+        }
+    }
 }
 
 impl InstanceLock {
@@ -21,11 +103,12 @@ impl InstanceLock {
     /// The waits between attempts while the database cannot be reached.
     const OUTAGE: Backoff = Backoff::new(Duration::from_millis(250), 2.0, Duration::from_secs(10));
 
-    /// Takes the lock, waiting as a standby while another instance holds it. `None` when
-    /// `shutdown` came first.
+    /// Takes the lock, waiting as a standby while another instance holds it, and starts its
+    /// lease of `lease`. `None` when `shutdown` came first.
     pub(super) async fn acquire(
         pool: &PgPool,
         slot: &str,
+        lease: Duration,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<InstanceLock>> {
         use sqlx::Connection as _;
@@ -43,22 +126,44 @@ impl InstanceLock {
                     Some(c) => c,
                     None => conn.insert(sqlx::PgConnection::connect_with(&options).await?),
                 };
-                sqlx::query_scalar::<_, bool>(
+                let taken = sqlx::query_scalar::<_, bool>(
                     "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
                 )
                 .bind(format!("streamex slot {slot}"))
-                .fetch_one(c)
-                .await
+                .fetch_one(&mut *c)
+                .await?;
+                if !taken {
+                    return Ok(None);
+                }
+                end_leftover_walsender(c, slot).await;
+                let sent = Instant::now();
+                let kind = start_lease(c, lease).await?;
+                Ok::<_, sqlx::Error>(Some((kind, sent)))
             };
             match attempt.await {
-                Ok(true) => {
+                Ok(Some((kind, renewed))) => {
                     if announced {
                         info!(slot, "the active instance is gone; taking over");
                     }
+                    if kind == LeaseKind::IdleTransaction {
+                        info!(
+                            slot,
+                            lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+                            "PostgreSQL 13 has no idle_session_timeout: the instance lock's \
+                             session is held in an open transaction that \
+                             idle_in_transaction_session_timeout ends (it holds no snapshot \
+                             and is renewed with COMMIT; BEGIN)"
+                        );
+                    }
                     let conn = conn.take().expect("connected when the lock was taken");
-                    return Ok(Some(InstanceLock { conn }));
+                    return Ok(Some(InstanceLock {
+                        conn,
+                        lease,
+                        kind,
+                        renewed,
+                    }));
                 }
-                Ok(false) => {
+                Ok(None) => {
                     outage.reset();
                     if !announced {
                         info!(
@@ -73,7 +178,8 @@ impl InstanceLock {
                     }
                 }
                 Err(error) if crate::error::is_transient_sqlx(&error) => {
-                    // The server is restarting or unreachable: connect again, with backoff.
+                    // The server is restarting or unreachable: connect again (which lets go
+                    // of a lock taken on the failed connection), with backoff.
                     conn = None;
                     let wait = outage.next().unwrap_or(outage.max);
                     warn!(
@@ -135,18 +241,269 @@ impl InstanceLock {
         .context("looking for the active instance's lock")
     }
 
-    /// Checks the lock's connection until `shutdown`; cancels `lost` if it fails.
+    /// Renews the lease every third of it until `shutdown`; cancels `lost` when a renewal
+    /// fails or the lease has run out before it could be renewed (the process was paused, or
+    /// the server did not answer in time): from then on another instance may be active.
     pub(super) async fn watch(mut self, lost: CancellationToken, shutdown: CancellationToken) {
+        let every = self.lease / 3;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Self::POLL * 2) => {}
+                _ = tokio::time::sleep(every) => {}
                 _ = shutdown.cancelled() => return,
             }
-            if let Err(error) = sqlx::query("SELECT 1").execute(&mut self.conn).await {
-                warn!(error = %error, "the instance lock's connection failed");
+            let now = Instant::now();
+            let expires = self.renewed + self.lease;
+            let Some(left) = expires.checked_duration_since(now).filter(|d| !d.is_zero()) else {
+                warn!(
+                    late_ms =
+                        u64::try_from(now.duration_since(expires).as_millis()).unwrap_or(u64::MAX),
+                    "the instance lock's lease ran out before it was renewed (this process was \
+                     paused or starved): the server ends the lock's session and another \
+                     instance may be active; stopped processing"
+                );
                 lost.cancel();
                 return;
+            };
+            match tokio::time::timeout(left, renew(&mut self.conn, self.kind)).await {
+                Ok(Ok(_)) => self.renewed = now,
+                Ok(Err(error)) => {
+                    warn!(error = %error, "the instance lock's connection failed");
+                    lost.cancel();
+                    return;
+                }
+                Err(_) => {
+                    warn!(
+                        lease_ms = u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX),
+                        "the instance lock's renewal was not answered before the lease ran \
+                         out: another instance may be active; stopped processing"
+                    );
+                    lost.cancel();
+                    return;
+                }
             }
         }
+    }
+
+    /// Has the server end, after `lease` idle, the transactions of the pool's sessions
+    /// (`idle_in_transaction_session_timeout`), so that a transaction an instance left open
+    /// when it froze cannot block the instance that takes over, nor commit once it wakes.
+    /// The sessions the pool opens from now on get the setting, and those it has now are set
+    /// (one busy for over a second, which only happens when the service is used before it
+    /// runs, keeps the server's default).
+    pub(super) async fn bound_transactions(pool: &PgPool, lease: Duration) {
+        let ms = lease.as_millis();
+        let options = pool
+            .connect_options()
+            .as_ref()
+            .clone()
+            .options([("idle_in_transaction_session_timeout", ms)]);
+        pool.set_connect_options(options);
+        let mut held = Vec::new();
+        for _ in 0..pool.size() {
+            match tokio::time::timeout(Duration::from_secs(1), pool.acquire()).await {
+                Ok(Ok(conn)) => held.push(conn),
+                _ => break,
+            }
+        }
+        let set = format!("SET idle_in_transaction_session_timeout = {ms}");
+        for conn in &mut held {
+            if let Err(error) = sqlx::Executor::execute(&mut **conn, set.as_str()).await {
+                warn!(error = %error, "could not bound the transactions of a pooled connection");
+            }
+        }
+    }
+}
+
+/// Starts the lease of `lease` on the lock's session. Only the holder's session has the
+/// timeout: a standby's would be ended while it waits (it is idle between polls).
+async fn start_lease(
+    conn: &mut sqlx::PgConnection,
+    lease: Duration,
+) -> Result<LeaseKind, sqlx::Error> {
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+        .fetch_one(&mut *conn)
+        .await?;
+    let kind = LeaseKind::for_server(version);
+    begin_lease(conn, lease, kind).await?;
+    Ok(kind)
+}
+
+/// Starts the lease as `kind` says, as a simple query (`kind.start` may be two statements).
+async fn begin_lease(
+    conn: &mut sqlx::PgConnection,
+    lease: Duration,
+    kind: LeaseKind,
+) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(conn, kind.start(lease).as_str()).await?;
+    Ok(())
+}
+
+/// One renewal of the lease, `kind`'s statement(s) as a simple query.
+async fn renew(conn: &mut sqlx::PgConnection, kind: LeaseKind) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(conn, kind.renew()).await?;
+    Ok(())
+}
+
+/// Ends the walsender still streaming from `slot`, if any. Only the lock's holder streams,
+/// so whoever streams when the lock is taken is left over from an instance that lost it (one
+/// frozen or cut off, whose walsender would hold the slot until `wal_sender_timeout`).
+/// Failing to is not fatal: the slot is then taken when the walsender times out.
+async fn end_leftover_walsender(conn: &mut sqlx::PgConnection, slot: &str) {
+    let ended = sqlx::query_as::<_, (i32, bool)>(
+        "SELECT active_pid, pg_terminate_backend(active_pid) FROM pg_replication_slots
+          WHERE slot_name = $1 AND active_pid IS NOT NULL AND active_pid <> pg_backend_pid()",
+    )
+    .bind(slot)
+    .fetch_optional(conn)
+    .await;
+    match ended {
+        Ok(None) => {}
+        Ok(Some((pid, true))) => info!(
+            slot,
+            pid,
+            "ended the replication session left streaming from the slot by the previous active instance"
+        ),
+        Ok(Some((pid, false))) => warn!(
+            slot,
+            pid,
+            "the replication session left on the slot by the previous active instance had already ended"
+        ),
+        Err(error) => warn!(
+            slot, error = %error,
+            "could not end the replication session left on the slot by the previous active \
+             instance: the slot is taken once its wal_sender_timeout ends it (grant the role \
+             pg_signal_backend, or use the role that owns that session)"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection as _;
+
+    use super::*;
+
+    /// A session of its own that takes `slot`'s lock, if it is free, and starts a lease of
+    /// `lease` as `kind`.
+    async fn take(
+        url: &str,
+        slot: &str,
+        lease: Duration,
+        kind: LeaseKind,
+    ) -> anyhow::Result<Option<sqlx::PgConnection>> {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let taken: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(format!("streamex slot {slot}"))
+                .fetch_one(&mut conn)
+                .await?;
+        if !taken {
+            return Ok(None);
+        }
+        begin_lease(&mut conn, lease, kind).await?;
+        Ok(Some(conn))
+    }
+
+    /// Both ways of holding the lease (the PostgreSQL 13 one on every server), on the real
+    /// server: renewed, the lock stays; no longer renewed, the server ends the session and
+    /// another takes the lock. The waiting session, idle between its attempts, is not ended.
+    #[tokio::test]
+    async fn the_server_ends_a_lease_that_is_no_longer_renewed() -> anyhow::Result<()> {
+        let url = crate::testing::server().create_database().await?;
+        let pool = PgPool::connect(&url).await?;
+        let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+            .fetch_one(&pool)
+            .await?;
+        let mut kinds = vec![LeaseKind::IdleTransaction];
+        if version >= 140_000 {
+            kinds.push(LeaseKind::IdleSession);
+        }
+        let lease = Duration::from_secs(1);
+        for kind in kinds {
+            let slot = format!("lease_{kind:?}").to_lowercase();
+            let mut holder = take(&url, &slot, lease, kind).await?.expect("a free lock");
+            for _ in 0..6 {
+                tokio::time::sleep(lease / 3).await;
+                renew(&mut holder, kind).await?;
+                assert!(
+                    take(&url, &slot, lease, kind).await?.is_none(),
+                    "{kind:?}: another session took the lock of a holder that renews it"
+                );
+            }
+            // The holder stops renewing: the server ends its session and the lock is free.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let standby = loop {
+                if let Some(conn) = take(&url, &slot, lease, kind).await? {
+                    break conn;
+                }
+                assert!(Instant::now() < deadline, "{kind:?}: the lease never ended");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert!(
+                renew(&mut holder, kind).await.is_err(),
+                "{kind:?}: the session whose lease ended still answers"
+            );
+            drop(standby);
+        }
+        Ok(())
+    }
+
+    /// A holder that wakes up after its lease ran out (it was paused) stops at once, before
+    /// anything else, without asking the server.
+    #[tokio::test]
+    async fn a_holder_woken_after_its_lease_ran_out_stops_at_once() -> anyhow::Result<()> {
+        let url = crate::testing::server().create_database().await?;
+        let lease = Duration::from_secs(3);
+        let kind = LeaseKind::IdleTransaction;
+        let conn = take(&url, "woken", lease, kind)
+            .await?
+            .expect("a free lock");
+        let lock = InstanceLock {
+            conn,
+            lease,
+            kind,
+            renewed: Instant::now() - lease * 2,
+        };
+        let (lost, shutdown) = (CancellationToken::new(), CancellationToken::new());
+        let watch = tokio::spawn(lock.watch(lost.clone(), shutdown.clone()));
+        tokio::time::timeout(lease * 2, lost.cancelled())
+            .await
+            .expect("a lease that ran out is lost at the first renewal");
+        watch.await?;
+        Ok(())
+    }
+
+    /// After `bound_transactions`, every session of the pool, the idle ones opened before it
+    /// included, has its transaction ended by the server once it sits idle for the lease.
+    #[tokio::test]
+    async fn the_pool_s_idle_transactions_end_with_the_lease() -> anyhow::Result<()> {
+        let url = crate::testing::server().create_database().await?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await?;
+        let (first, second) = (pool.acquire().await?, pool.acquire().await?);
+        drop((first, second));
+        InstanceLock::bound_transactions(&pool, Duration::from_secs(1)).await;
+        for _ in 0..2 {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT 1").execute(&mut *tx).await?;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert!(
+                sqlx::query("SELECT 1").execute(&mut *tx).await.is_err(),
+                "a transaction left idle longer than the lease goes on"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn postgres_13_holds_the_lease_in_a_transaction() {
+        assert_eq!(LeaseKind::for_server(130_016), LeaseKind::IdleTransaction);
+        assert_eq!(LeaseKind::for_server(140_000), LeaseKind::IdleSession);
+        assert_eq!(
+            LeaseKind::IdleSession.start(Duration::from_secs(30)),
+            "SET idle_session_timeout = 30000"
+        );
     }
 }

@@ -26,15 +26,17 @@ pub(super) async fn run_pipeline<S: ProcessStatusStorage + Clone>(
     engine: Arc<Engine<S>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let lease = config.lock.lease;
+    InstanceLock::bound_transactions(&pool, lease).await;
     loop {
         // One active instance per slot: the others wait here as standbys.
         engine.metrics.set_phase(Phase::Standby);
-        let Some(lock) = InstanceLock::acquire(&pool, &config.slot, &shutdown).await? else {
+        let Some(lock) = InstanceLock::acquire(&pool, &config.slot, lease, &shutdown).await? else {
             return Ok(()); // shut down while standing by
         };
         engine.metrics.set_phase(Phase::Active);
-        // Losing the lock's connection means another instance may take over: stop processing
-        // at once, then stand by for the lock again.
+        // Losing the lock's connection, or its lease running out, means another instance may
+        // take over: stop processing at once, then stand by for the lock again.
         let lost = CancellationToken::new();
         let watch = tokio::spawn(lock.watch(lost.clone(), shutdown.clone()));
         let active = {
@@ -56,8 +58,8 @@ pub(super) async fn run_pipeline<S: ProcessStatusStorage + Clone>(
         warn!(
             slot = %config.slot,
             error = %result.err().map(|e| crate::error::chain(&e)).unwrap_or_default(),
-            "lost the connection holding the instance lock (a server restart, or the connection \
-             was ended): stopped processing; taking the lock again, or standing by if another \
+            "lost the instance lock (a server restart, the connection was ended, or its lease ran \
+             out): stopped processing; taking the lock again, or standing by if another \
              instance has it"
         );
     }

@@ -17,6 +17,7 @@ mod folding;
 mod harness;
 mod http;
 mod http_routes;
+mod lease;
 mod names;
 mod replication;
 mod service;

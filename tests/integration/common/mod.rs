@@ -226,7 +226,10 @@ pub fn streamex_command(log: &str) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_streamex"));
     command.env("RUST_LOG", log);
     for (var, _) in std::env::vars() {
-        if var.starts_with("STREAMEX_CRASH_") || var.starts_with("STREAMEX_CHAOS_") {
+        if var.starts_with("STREAMEX_CRASH_")
+            || var.starts_with("STREAMEX_CHAOS_")
+            || var.starts_with("STREAMEX_LEASE_")
+        {
             command.env_remove(var);
         }
     }
