@@ -37,13 +37,13 @@ mod tail;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::operator::Registry;
 
 /// Change-data-capture operator service for PostgreSQL.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "streamex", version, about, long_about = None)]
 struct Cli {
     /// Log format on stderr.
@@ -84,26 +84,96 @@ enum Command {
 /// up logging ([`init_logging`]), runs the command until it ends or a signal asks it to stop
 /// (SIGINT or SIGTERM: what is in flight is finished, progress stored and acknowledged; a
 /// second signal exits at once), and returns the exit code (1 with the error on stderr).
+/// [`App`] does the same under your binary's own name and version.
 pub fn main(registry: Registry) -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: starting the async runtime: {error}");
-            return ExitCode::FAILURE;
+    App::new(registry).main()
+}
+
+/// [`main`] for a binary of your own, under its name, version and description in `--help`,
+/// `--version` and usage errors:
+///
+/// ```no_run
+/// fn main() -> std::process::ExitCode {
+///     streamex::cli::App::new(streamex::operators::registry())
+///         .name("blog-app")
+///         .version(env!("CARGO_PKG_VERSION"))
+///         .about("The blog application's change-data-capture service")
+///         .main()
+/// }
+/// ```
+#[derive(Clone)]
+pub struct App {
+    registry: Registry,
+    name: Option<&'static str>,
+    version: Option<&'static str>,
+    about: Option<&'static str>,
+}
+
+impl App {
+    /// The command line with `registry`'s operators, as `streamex` until renamed.
+    pub fn new(registry: Registry) -> Self {
+        App {
+            registry,
+            name: None,
+            version: None,
+            about: None,
         }
-    };
-    let result = runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
-        run(cli.command, &registry, shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {}", crate::error::chain(&error));
-            ExitCode::FAILURE
+    }
+
+    /// The binary's name.
+    pub fn name(mut self, name: &'static str) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    /// The version `--version` prints.
+    pub fn version(mut self, version: &'static str) -> Self {
+        self.version = Some(version);
+        self
+    }
+
+    /// The line `--help` starts with.
+    pub fn about(mut self, about: &'static str) -> Self {
+        self.about = Some(about);
+        self
+    }
+
+    /// Parses the arguments and runs the command, as [`main`] does.
+    pub fn main(self) -> ExitCode {
+        let mut command = Cli::command();
+        if let Some(name) = self.name {
+            command = command.name(name).bin_name(name);
+        }
+        if let Some(version) = self.version {
+            command = command.version(version);
+        }
+        if let Some(about) = self.about {
+            command = command.about(about);
+        }
+        let cli = match Cli::from_arg_matches(&command.get_matches()) {
+            Ok(cli) => cli,
+            Err(error) => error.exit(),
+        };
+        init_logging(cli.log_format);
+        let runtime = match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                eprintln!("error: starting the async runtime: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let registry = self.registry;
+        let result = runtime.block_on(async {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            run(cli.command, &registry, shutdown).await
+        });
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {}", crate::error::chain(&error));
+                ExitCode::FAILURE
+            }
         }
     }
 }

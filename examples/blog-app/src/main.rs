@@ -9,5 +9,9 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    streamex::cli::main(blog_app::registry())
+    streamex::cli::App::new(blog_app::registry())
+        .name("blog-app")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("The blog application: streamex with the post_titles operator")
+        .main()
 }

@@ -193,3 +193,22 @@ async fn setup_refuses_a_wrong_setting_and_a_missing_table_naming_them() -> anyh
     );
     Ok(())
 }
+
+#[test]
+fn the_binary_goes_by_its_own_name_and_version() -> anyhow::Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_blog-app"))
+        .arg("--version")
+        .output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        concat!("blog-app ", env!("CARGO_PKG_VERSION"))
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_blog-app"))
+        .arg("--help")
+        .output()?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Usage: blog-app"), "{help}");
+    assert!(help.contains("post_titles operator"), "{help}");
+    Ok(())
+}
