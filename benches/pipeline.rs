@@ -195,19 +195,10 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     for c in only.iter().copied() {
         let slot = format!("bench_{c}");
         let (label, mut command): (&'static str, Command) = match c {
-            "a" => {
-                // The cluster's own directory, else $PATH (the server may be run by wrappers).
-                let own = cluster.bindir().join("pg_recvlogical");
-                let mut cmd = Command::new(if own.is_file() {
-                    own
-                } else {
-                    PathBuf::from("pg_recvlogical")
-                });
-                cmd.args(["-d", &url, "--slot", &slot, "--start", "-F", "1", "-s", "1"])
-                    .args(["-o", "proto_version=1", "-o", "publication_names=streamex"])
-                    .args(["-f", "/dev/null"]);
-                ("(a) pg_recvlogical -> /dev/null", cmd)
-            }
+            "a" => (
+                "(a) pg_recvlogical -> /dev/null",
+                recvlogical(cluster, &url, &slot),
+            ),
             "b" => {
                 let mut cmd = streamex_command(&args.wrap);
                 cmd.args(["tail", "--database-url", &url, "--slot", &slot])
@@ -302,6 +293,21 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     eprintln!("written to {}", args.out.display());
     pool.close().await;
     Ok(())
+}
+
+/// `pg_recvlogical` reading `slot` to /dev/null, acknowledging every second.
+fn recvlogical(cluster: &Cluster, url: &str, slot: &str) -> Command {
+    // The cluster's own directory, else $PATH (the server may be run by wrappers).
+    let own = cluster.bindir().join("pg_recvlogical");
+    let mut cmd = Command::new(if own.is_file() {
+        own
+    } else {
+        PathBuf::from("pg_recvlogical")
+    });
+    cmd.args(["-d", url, "--slot", slot, "--start", "-F", "1", "-s", "1"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=streamex"])
+        .args(["-f", "/dev/null"]);
+    cmd
 }
 
 fn streamex_command(wrap: &[String]) -> Command {
