@@ -319,9 +319,9 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
             );
         }
         for (hot, rows, per_post) in plan {
-            match hot_aggregates(cluster, &pool, dir.path(), args, rows, per_post).await {
+            match hot_aggregates(cluster, &pool, dir.path(), args, hot, rows, per_post).await {
                 Ok((shape, checks)) => {
-                    shapes.push(Shape { hot, ..shape });
+                    shapes.push(shape);
                     shape_checks.extend(checks);
                 }
                 Err(e) => shape_checks.push(format!(
@@ -739,6 +739,7 @@ async fn hot_aggregates(
     admin: &PgPool,
     dir: &Path,
     args: &Args,
+    hot: bool,
     rows: u64,
     per_post: u64,
 ) -> anyhow::Result<(Shape, Vec<String>)> {
@@ -845,7 +846,10 @@ async fn hot_aggregates(
     );
     drains.push(d);
     let recomputes = recomputes(&pool).await?;
-    let what = format!("{label}, {per_post} comments per post");
+    let what = format!(
+        "{label}, {} backlog, {per_post} comments per post",
+        if hot { "hot" } else { "sweep" }
+    );
     checks.push(check_derived(&pool, &what).await?);
     let log = std::fs::read_to_string(&log_path)?;
     if log.contains("ERROR") || log.contains("panicked") {
@@ -860,7 +864,7 @@ async fn hot_aggregates(
         .execute(admin)
         .await?;
     let shape = Shape {
-        hot: false,
+        hot,
         posts,
         per_post,
         drains,
