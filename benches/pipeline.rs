@@ -24,6 +24,13 @@
 //!    stored, just before the slot is acknowledged), minus the same commit time.
 //! 3. **Huge transaction.** One transaction of `--huge-rows` comment inserts, drained by
 //!    configuration (c): time and peak RSS.
+//! 4. **Hot aggregates.** Backlogs of comment inserts only (1,000 to a transaction, dealt
+//!    round-robin over posts written before the slots), each in a database of its own whose
+//!    tables have autovacuum off: the *hot* backlog of `--hot-rows` with 2,000 comments per
+//!    post, then one backlog of `--sweep-rows` per entry of `--comments-per-post`. Each is
+//!    drained by (a) and (d) as above; also the whole server's CPU, the recomputes of the
+//!    declarative operator (rows written to its table, from `pg_stat_user_tables`), and the
+//!    derived tables checked.
 //!
 //! The `streamex` binary is `CARGO_BIN_EXE_streamex`, which `cargo bench` builds in the
 //! `bench` profile (the release profile's settings, with `debug = 1`).
@@ -32,7 +39,10 @@
 //! `--rate N` (5000), `--skip-latency`, `--max-seconds S` (300, per drain: a consumer still
 //! running then is stopped and its rate estimated from the WAL it confirmed), `--only a,b,..`
 //! (drain consumers to run; skips latency and the huge transaction), `--wrap "CMD ARGS"`
-//! (prefix for the streamex children, e.g. `valgrind --tool=callgrind`), `--out PATH`.
+//! (prefix for the streamex children, e.g. `valgrind --tool=callgrind`), `--out PATH`,
+//! `--hot-rows N` (200000; 0 for none), `--sweep-rows N` (100000; 0 for none),
+//! `--comments-per-post LIST` (6,100,2000,20000; `none`). The hot aggregates run unless
+//! `--only` is given; with `--only`, when one of their three options is.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -43,7 +53,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use streamex::config::Config;
 use streamex::event::{Event, EventType};
 use streamex::operator::{Context, Delivery, Operator, Subscription};
@@ -70,6 +80,14 @@ struct Args {
     latency: Option<Vec<String>>,
     wrap: Vec<String>,
     out: PathBuf,
+    /// Rows of the hot-aggregate backlog (0: none).
+    hot_rows: u64,
+    /// Rows of each backlog of the sweep over comments per post.
+    sweep_rows: u64,
+    /// Comments each post ends with, one sweep backlog each.
+    comments_per_post: Vec<u64>,
+    /// A hot-aggregate option was given: the shapes run even with `--only`.
+    shapes_asked: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -84,6 +102,10 @@ fn parse_args() -> anyhow::Result<Args> {
         latency: None,
         wrap: Vec::new(),
         out: PathBuf::new(),
+        hot_rows: 200_000,
+        sweep_rows: 100_000,
+        comments_per_post: vec![6, 100, 2_000, 20_000],
+        shapes_asked: false,
     };
     let mut out = None;
     let mut it = std::env::args().skip(1);
@@ -100,6 +122,25 @@ fn parse_args() -> anyhow::Result<Args> {
             "--latency" => args.latency = Some(value()?.split(',').map(str::to_owned).collect()),
             "--wrap" => args.wrap = value()?.split_whitespace().map(str::to_owned).collect(),
             "--out" => out = Some(PathBuf::from(value()?)),
+            "--hot-rows" => {
+                args.hot_rows = value()?.parse()?;
+                args.shapes_asked = true;
+            }
+            "--sweep-rows" => {
+                args.sweep_rows = value()?.parse()?;
+                args.shapes_asked = true;
+            }
+            "--comments-per-post" => {
+                let list = value()?;
+                args.comments_per_post = if list == "none" {
+                    Vec::new()
+                } else {
+                    list.split(',')
+                        .map(|n| n.trim().parse::<u64>().map(|n| n.max(1)))
+                        .collect::<Result<_, _>>()?
+                };
+                args.shapes_asked = true;
+            }
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown argument {other:?}"),
         }
@@ -139,8 +180,20 @@ struct Drain {
     seconds: f64,
     cpu: f64,
     walsender_cpu: Option<f64>,
+    /// Every server process: walsender, the consumer's backends, the rest.
+    server_cpu: Option<f64>,
     rss_kib: i64,
     partial: bool,
+}
+
+/// One hot-aggregate backlog and its drains, (a) then (d).
+struct Shape {
+    hot: bool,
+    posts: u64,
+    per_post: u64,
+    drains: Vec<Drain>,
+    /// Rows written to `post_with_comments_counts` during (d): one per recompute.
+    recomputes: Option<i64>,
 }
 
 struct Report {
@@ -151,6 +204,8 @@ struct Report {
     latency_note: String,
     huge: Option<(u64, Drain)>,
     backlog_note: String,
+    shapes: Vec<Shape>,
+    shape_checks: Vec<String>,
 }
 
 async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
@@ -176,17 +231,24 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     for c in &only {
         create_slot(&pool, &format!("bench_{c}")).await?;
     }
-    let started = Instant::now();
-    let (changes, last_commit) = write_backlog(&pool, args.rows).await?;
-    let write_secs = started.elapsed().as_secs_f64();
-    let backlog_note = format!(
-        "Backlog: {changes} changes in {} transactions of 1,000 (per transaction: 100 post \
-         inserts, 600 comment inserts, 150 comment updates, 50 post updates, 100 comment \
-         deletes), written in {write_secs:.1} s ({:.0} changes/s).",
-        changes / 1000,
-        changes as f64 / write_secs
-    );
-    eprintln!("{backlog_note}");
+    // The latency runs take their posts from the backlog; the hot aggregates have their own.
+    let latency_asked = args.latency.is_some() && !args.skip_latency;
+    let (changes, last_commit, backlog_note) = if only.is_empty() && !latency_asked {
+        (0, String::new(), String::new())
+    } else {
+        let started = Instant::now();
+        let (changes, last_commit) = write_backlog(&pool, args.rows).await?;
+        let write_secs = started.elapsed().as_secs_f64();
+        let note = format!(
+            "Backlog: {changes} changes in {} transactions of 1,000 (per transaction: 100 post \
+             inserts, 600 comment inserts, 150 comment updates, 50 post updates, 100 comment \
+             deletes), written in {write_secs:.1} s ({:.0} changes/s).",
+            changes / 1000,
+            changes as f64 / write_secs
+        );
+        eprintln!("{note}");
+        (changes, last_commit, note)
+    };
 
     let dir = tempfile::tempdir()?;
     let configs = write_configs(dir.path(), &url)?;
@@ -195,19 +257,10 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     for c in only.iter().copied() {
         let slot = format!("bench_{c}");
         let (label, mut command): (&'static str, Command) = match c {
-            "a" => {
-                // The cluster's own directory, else $PATH (the server may be run by wrappers).
-                let own = cluster.bindir().join("pg_recvlogical");
-                let mut cmd = Command::new(if own.is_file() {
-                    own
-                } else {
-                    PathBuf::from("pg_recvlogical")
-                });
-                cmd.args(["-d", &url, "--slot", &slot, "--start", "-F", "1", "-s", "1"])
-                    .args(["-o", "proto_version=1", "-o", "publication_names=streamex"])
-                    .args(["-f", "/dev/null"]);
-                ("(a) pg_recvlogical -> /dev/null", cmd)
-            }
+            "a" => (
+                "(a) pg_recvlogical -> /dev/null",
+                recvlogical(cluster, &url, &slot),
+            ),
             "b" => {
                 let mut cmd = streamex_command(&args.wrap);
                 cmd.args(["tail", "--database-url", &url, "--slot", &slot])
@@ -251,6 +304,34 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
             .await?;
     }
 
+    let mut shapes = Vec::new();
+    let mut shape_checks = Vec::new();
+    if args.only.is_none() || args.shapes_asked {
+        let mut plan = Vec::new();
+        if args.hot_rows > 0 {
+            plan.push((true, args.hot_rows, HOT_COMMENTS_PER_POST));
+        }
+        if args.sweep_rows > 0 {
+            plan.extend(
+                args.comments_per_post
+                    .iter()
+                    .map(|&n| (false, args.sweep_rows, n)),
+            );
+        }
+        for (hot, rows, per_post) in plan {
+            match hot_aggregates(cluster, &pool, dir.path(), args, hot, rows, per_post).await {
+                Ok((shape, checks)) => {
+                    shapes.push(shape);
+                    shape_checks.extend(checks);
+                }
+                Err(e) => shape_checks.push(format!(
+                    "**WARNING** the backlog of {rows} rows, {per_post} comments per post, \
+                     failed: {e:#}"
+                )),
+            }
+        }
+    }
+
     let mut latency = Vec::new();
     let mut latency_note = String::new();
     let mut huge = None;
@@ -285,6 +366,8 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         latency_note,
         huge,
         backlog_note,
+        shapes,
+        shape_checks,
     };
     let mut text = render(&report, args);
     println!("{text}");
@@ -302,6 +385,21 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     eprintln!("written to {}", args.out.display());
     pool.close().await;
     Ok(())
+}
+
+/// `pg_recvlogical` reading `slot` to /dev/null, acknowledging every second.
+fn recvlogical(cluster: &Cluster, url: &str, slot: &str) -> Command {
+    // The cluster's own directory, else $PATH (the server may be run by wrappers).
+    let own = cluster.bindir().join("pg_recvlogical");
+    let mut cmd = Command::new(if own.is_file() {
+        own
+    } else {
+        PathBuf::from("pg_recvlogical")
+    });
+    cmd.args(["-d", url, "--slot", slot, "--start", "-F", "1", "-s", "1"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=streamex"])
+        .args(["-f", "/dev/null"]);
+    cmd
 }
 
 fn streamex_command(wrap: &[String]) -> Command {
@@ -461,6 +559,7 @@ async fn drain(
     .bind(slot)
     .fetch_one(pool)
     .await?;
+    let server_before = server_cpu_seconds(pool).await?;
     let started = Instant::now();
     let child = command.spawn().context("starting the consumer")?;
     let pid = i32::try_from(child.id())?;
@@ -492,6 +591,10 @@ async fn drain(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
+    let server_cpu = server_cpu_seconds(pool)
+        .await?
+        .zip(server_before)
+        .map(|(after, before)| after - before);
     // SAFETY: kill has no memory-safety preconditions; `pid` is our own child.
     unsafe { libc::kill(pid, libc::SIGINT) };
     let usage = tokio::task::spawn_blocking(move || reap(pid, Duration::from_secs(60))).await??;
@@ -502,6 +605,7 @@ async fn drain(
         seconds,
         cpu: usage.0,
         walsender_cpu,
+        server_cpu,
         rss_kib: usage.1,
         partial,
     })
@@ -543,14 +647,55 @@ fn reap(pid: i32, grace: Duration) -> anyhow::Result<(f64, i64)> {
     }
 }
 
-/// User + system CPU seconds of a process so far, from /proc.
-fn process_cpu_seconds(pid: i32) -> Option<f64> {
+/// The fields of `/proc/<pid>/stat` after the command name: `[1]` is the parent's pid,
+/// `[11]`..`[14]` utime, stime, cutime, cstime in clock ticks.
+fn proc_stat(pid: i32) -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let fields = stat.rsplit_once(')')?.1.split_whitespace();
+    // The state (a letter) is field 0: kept as 0 so that the indices stay those of proc(5).
+    Some(fields.map(|f| f.parse().unwrap_or(0)).collect())
+}
+
+fn ticks_to_seconds(ticks: u64) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(ticks / hz as f64)
+    ticks as f64 / hz as f64
+}
+
+/// User + system CPU seconds of a process so far, from /proc.
+fn process_cpu_seconds(pid: i32) -> Option<f64> {
+    let fields = proc_stat(pid)?;
+    Some(ticks_to_seconds(fields.get(11)? + fields.get(12)?))
+}
+
+/// User + system CPU seconds of the whole server so far: the postmaster (found as the parent of
+/// this pool's backend), its live children, and those it has reaped (its cutime and cstime).
+async fn server_cpu_seconds(pool: &PgPool) -> anyhow::Result<Option<f64>> {
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(pool)
+        .await?;
+    let Some(postmaster) = proc_stat(backend).and_then(|f| Some(*f.get(1)?)) else {
+        return Ok(None);
+    };
+    let Some(own) = proc_stat(i32::try_from(postmaster)?) else {
+        return Ok(None);
+    };
+    let mut ticks: u64 = own.get(11..15).map_or(0, |t| t.iter().sum());
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if let Some(f) = proc_stat(pid) {
+            if f.get(1) == Some(&postmaster) {
+                ticks += f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0);
+            }
+        }
+    }
+    Ok(Some(ticks_to_seconds(ticks)))
 }
 
 /// Compares the derived tables with posts and comments; a line saying so.
@@ -578,6 +723,195 @@ async fn check_derived(pool: &PgPool, label: &str) -> anyhow::Result<String> {
              post_comment_tallies (a partial drain leaves them incomplete)"
         )
     })
+}
+
+/// Comments each post of the hot-aggregate backlog ends with (the issue's 100 posts of 2,000).
+const HOT_COMMENTS_PER_POST: u64 = 2_000;
+/// The `application_name` of the bench's own connections to a hot-aggregate database.
+const BENCH_APP: &str = "pipeline-bench";
+
+/// A backlog of comment inserts only, 1,000 to a transaction, dealt round-robin over
+/// `rows / per_post` posts so that each post ends with `per_post` comments, in a database of
+/// its own whose tables have autovacuum off. Drained by (a) and by (d), each from its own slot
+/// created after the posts; returns the figures and the lines of the derived-table checks.
+async fn hot_aggregates(
+    cluster: &Cluster,
+    admin: &PgPool,
+    dir: &Path,
+    args: &Args,
+    hot: bool,
+    rows: u64,
+    per_post: u64,
+) -> anyhow::Result<(Shape, Vec<String>)> {
+    let url = cluster.create_database().await?;
+    let database = url.rsplit('/').next().unwrap_or_default().to_owned();
+    let options: PgConnectOptions = url.parse()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.application_name(BENCH_APP))
+        .await?;
+    sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+    streamex::status::migrate(&pool).await?;
+    // Autovacuum would run at a moment that depends on the machine and change what the
+    // recomputes read (the visibility map, dead tuples): off for every table written.
+    sqlx::raw_sql(
+        "CREATE PUBLICATION streamex FOR TABLE posts, comments;
+         ALTER TABLE posts SET (autovacuum_enabled = false);
+         ALTER TABLE comments SET (autovacuum_enabled = false);
+         ALTER TABLE post_with_comments_counts SET (autovacuum_enabled = false);
+         ALTER TABLE post_comment_tallies SET (autovacuum_enabled = false);
+         ALTER TABLE streamex.process_status SET (autovacuum_enabled = false);
+         ALTER TABLE streamex.operator_checkpoints SET (autovacuum_enabled = false);",
+    )
+    .execute(&pool)
+    .await?;
+    let posts = (rows / per_post).max(1);
+    let total = posts * per_post;
+    let first: i64 = sqlx::query_scalar(
+        "WITH p AS (INSERT INTO posts (title, body)
+                      SELECT 'post ' || g, 'body of the post' FROM generate_series(1, $1) g
+                      RETURNING id)
+         SELECT min(id) FROM p",
+    )
+    .bind(i64::try_from(posts)?)
+    .fetch_one(&pool)
+    .await?;
+    let slots = ["bench_hot_a", "bench_hot_d"];
+    for slot in slots {
+        create_slot(&pool, slot).await?;
+    }
+    eprintln!("writing {total} comment inserts over {posts} posts ({per_post} each)...");
+    let started = Instant::now();
+    let mut last = String::new();
+    for start in (0..total).step_by(1000) {
+        let end = (start + 1000).min(total);
+        let mut tx = pool.begin().await?;
+        let n = sqlx::query(
+            "INSERT INTO comments (post_id, body)
+               SELECT $1 + g % $2, 'a comment' FROM generate_series($3, $4) g",
+        )
+        .bind(first)
+        .bind(i64::try_from(posts)?)
+        .bind(i64::try_from(start)?)
+        .bind(i64::try_from(end - 1)?)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n != end - start {
+            bail!(
+                "a backlog transaction inserted {n} comments, not {}",
+                end - start
+            );
+        }
+        last = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    eprintln!("  written in {:.1} s", started.elapsed().as_secs_f64());
+
+    let max = Duration::from_secs(args.max_seconds);
+    let mut drains = Vec::new();
+    let mut checks = Vec::new();
+    let mut cmd = recvlogical(cluster, &url, slots[0]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    eprintln!("draining (a) pg_recvlogical...");
+    let a = drain(
+        &pool,
+        "(a) pg_recvlogical -> /dev/null",
+        slots[0],
+        &last,
+        total,
+        cmd,
+        max,
+    );
+    drains.push(a.await?);
+    let log_path = dir.join(format!("hot-{per_post}-{total}.log"));
+    let mut cmd = streamex_command(&args.wrap);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(Path::new(ROOT).join("config/streamex.toml"))
+        .env("STREAMEX_DATABASE_URL", &url)
+        .env("STREAMEX_SLOT", slots[1])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?);
+    let label = "(d) run: blog operators, pg status";
+    eprintln!("draining {label}...");
+    let d = drain(&pool, label, slots[1], &last, total, cmd, max).await?;
+    eprintln!(
+        "  {:.2} s, {:.0} rows/s ({:.2} x (a))",
+        d.seconds,
+        d.events / d.seconds,
+        (d.events / d.seconds) / (drains[0].events / drains[0].seconds)
+    );
+    drains.push(d);
+    let recomputes = recomputes(&pool).await?;
+    let what = format!(
+        "{label}, {} backlog, {per_post} comments per post",
+        if hot { "hot" } else { "sweep" }
+    );
+    checks.push(check_derived(&pool, &what).await?);
+    let log = std::fs::read_to_string(&log_path)?;
+    if log.contains("ERROR") || log.contains("panicked") {
+        checks.push(format!("{what}: errors in its log:\n{}", tail(&log, 10)));
+    }
+
+    for slot in slots {
+        drop_slot(&pool, slot).await?;
+    }
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .execute(admin)
+        .await?;
+    let shape = Shape {
+        hot,
+        posts,
+        per_post,
+        drains,
+        recomputes,
+    };
+    Ok((shape, checks))
+}
+
+/// Rows written to `post_with_comments_counts` (inserted or updated: one per recompute), once
+/// the service's backends are gone (they report their statistics as they exit).
+async fn recomputes(pool: &PgPool) -> anyhow::Result<Option<i64>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut previous = None;
+    loop {
+        let (others, written): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND backend_type = 'client backend'
+                        AND application_name <> $1),
+                    (SELECT n_tup_ins + n_tup_upd FROM pg_stat_user_tables
+                      WHERE relid = 'post_with_comments_counts'::regclass)",
+        )
+        .bind(BENCH_APP)
+        .fetch_one(pool)
+        .await?;
+        // Settled: no other backend left, and the same figure twice in a row.
+        if (others == 0 && previous == Some(written)) || Instant::now() >= deadline {
+            return Ok(written);
+        }
+        previous = (others == 0).then_some(written);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Drops a slot once its consumer's walsender has let go of it (at most 10 s).
+async fn drop_slot(pool: &PgPool, slot: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let result = sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(slot)
+            .execute(pool)
+            .await;
+        match result {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// Records, for each comment insert, its commit LSN, commit time and when it arrived.
@@ -898,6 +1232,81 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The hot-aggregate section: one line per backlog and consumer.
+fn render_shapes(s: &mut String, r: &Report, args: &Args) {
+    let list: Vec<String> = args.comments_per_post.iter().map(u64::to_string).collect();
+    let _ = writeln!(
+        s,
+        "\n## Hot aggregates\n\n\
+         `cargo bench --bench pipeline -- --hot-rows {} --sweep-rows {} --comments-per-post {}` \
+         (this section's options)\n\n\
+         Backlogs of comment inserts only, in transactions of 1,000, dealt round-robin over \
+         posts written before the slots were created, so that each post ends with the given \
+         number of comments: the *hot* backlog ({HOT_COMMENTS_PER_POST} comments per post), \
+         then a sweep over comments per post at a fixed number of rows. The more comments per \
+         post, the fewer posts a transaction touches (each touches min(posts, 1,000)) and the \
+         more comments each recompute of the declarative operator `post_with_comments_counts` \
+         counts. Each backlog is written to a database of its own whose tables all have \
+         **autovacuum off** (`ALTER TABLE ... SET (autovacuum_enabled = false)`), so the \
+         figures do not depend on when autovacuum runs (nor is a visibility map ever set: each \
+         `count(*)` visits the heap for every comment it counts). (a) is `pg_recvlogical`, \
+         (d) `streamex run --config config/streamex.toml` (both blog operators, process \
+         status in PostgreSQL), each from its own slot; after (d) the derived tables are \
+         checked. *CPU s (server)*: every server process, the walsender and the service's \
+         backends included. *Recomputes*: rows written to `post_with_comments_counts` \
+         (`n_tup_ins + n_tup_upd` in `pg_stat_user_tables`), one per recompute.\n\n\
+         | backlog | comments per post | posts | consumer | rows | seconds | rows/s | vs (a) | CPU s (consumer) | CPU s (server) | peak RSS MiB | recomputes | rows per recompute |\n\
+         | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        args.hot_rows,
+        args.sweep_rows,
+        if list.is_empty() {
+            "none".to_owned()
+        } else {
+            list.join(",")
+        },
+    );
+    for shape in &r.shapes {
+        let base = shape
+            .drains
+            .iter()
+            .find(|d| d.label.starts_with("(a)"))
+            .map(|d| d.events / d.seconds);
+        for d in &shape.drains {
+            let rate = d.events / d.seconds;
+            let (recomputes, per) = match (d.label.starts_with("(d)"), shape.recomputes) {
+                (true, Some(n)) if n > 0 => (n.to_string(), format!("{:.1}", d.events / n as f64)),
+                (true, Some(n)) => (n.to_string(), "-".to_owned()),
+                _ => ("-".to_owned(), "-".to_owned()),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {}{} | {:.0} | {:.2} | {:.0} | {} | {:.2} | {} | {:.1} | {} | {} |",
+                if shape.hot { "hot" } else { "sweep" },
+                shape.per_post,
+                shape.posts,
+                d.label,
+                if d.partial {
+                    " (stopped at --max-seconds; rows estimated from the WAL confirmed)"
+                } else {
+                    ""
+                },
+                d.events,
+                d.seconds,
+                rate,
+                base.map_or("-".to_owned(), |b| format!("{:.2}", rate / b)),
+                d.cpu,
+                d.server_cpu.map_or("-".to_owned(), |c| format!("{c:.2}")),
+                d.rss_kib as f64 / 1024.0,
+                recomputes,
+                per,
+            );
+        }
+    }
+    for check in &r.shape_checks {
+        let _ = writeln!(s, "\n{check}");
+    }
+}
+
 fn render(r: &Report, args: &Args) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# streamex pipeline benchmark\n");
@@ -914,12 +1323,14 @@ fn render(r: &Report, args: &Args) -> String {
         }
     );
     let _ = writeln!(s, "Machine: {}\n", r.machine);
-    let _ = writeln!(s, "## Drain a backlog\n\n{}\n", r.backlog_note);
-    let _ = writeln!(
-        s,
-        "| consumer | events | seconds | events/s | vs (a) | CPU s (consumer) | CPU s (walsender) | peak RSS MiB |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    );
+    if !r.drains.is_empty() {
+        let _ = writeln!(s, "## Drain a backlog\n\n{}\n", r.backlog_note);
+        let _ = writeln!(
+            s,
+            "| consumer | events | seconds | events/s | vs (a) | CPU s (consumer) | CPU s (walsender) | peak RSS MiB |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+    }
     let base = r
         .drains
         .iter()
@@ -948,6 +1359,9 @@ fn render(r: &Report, args: &Args) -> String {
     }
     for check in &r.checks {
         let _ = writeln!(s, "\n{check}");
+    }
+    if !r.shapes.is_empty() || !r.shape_checks.is_empty() {
+        render_shapes(&mut s, r, args);
     }
     if !r.latency.is_empty() {
         let _ = writeln!(
