@@ -44,6 +44,10 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         let mut current = Pending::default();
         let mut channels: Vec<String> = Vec::new();
         let mut tally = self.metrics.tally();
+        // The last event handed out. After a reconnection inside a transaction the stream
+        // sends it again from its start: operators and channels already have the events up
+        // to here, so only process status (which starts the transaction over) sees them again.
+        let mut handed_out: Option<crate::lsn::Position> = None;
         loop {
             let item = tokio::select! {
                 biased;
@@ -76,6 +80,10 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                                 .insert(event.entity.clone(), (item, listeners));
                         }
                     }
+                    if handed_out.is_some_and(|done| event.position() <= done) {
+                        continue;
+                    }
+                    handed_out = Some(event.position());
 
                     if self.pubsub.channel_count() > 0 {
                         let spec =

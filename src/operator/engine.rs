@@ -193,6 +193,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     .unwrap_or_else(|p| p.into_inner())
                     .get(name)
                     .copied(),
+                received: None,
                 reported: None,
             };
             // A halted runner returns and drops its inbox; the dispatcher then skips it.

@@ -87,6 +87,10 @@ pub(crate) struct Runner {
     pub clock: Arc<StreamStats>,
     /// Events up to here are not folded: they come again after a folded window failed.
     pub unfolded_through: Option<Position>,
+    /// The greatest position taken from the inbox: an event at or before it is a second copy
+    /// (the stream reconnected inside a transaction and sent it again from its start) and is
+    /// dropped, since the first copy is handled, or being handled, in order before it.
+    pub received: Option<Position>,
     /// The failure last logged at warn, until an event succeeds: a retry failing the same
     /// way is logged at debug, so a failing statement shows once, not on every retry.
     pub reported: Option<String>,
@@ -126,7 +130,10 @@ impl Runner {
             let first = match held.take() {
                 Some(input) => input,
                 None => match inbox.recv().await {
-                    Some(input) => input,
+                    Some(input) => match self.fresh(input) {
+                        Some(input) => input,
+                        None => continue,
+                    },
                     None => return RunnerExit::Drained,
                 },
             };
@@ -148,6 +155,9 @@ impl Runner {
             while events < self.batch_size {
                 match inbox.try_recv() {
                     Ok(input) => {
+                        let Some(input) = self.fresh(input) else {
+                            continue;
+                        };
                         events += usize::from(matches!(input, Input::Event(_)));
                         batch.push(input);
                     }
@@ -185,6 +195,18 @@ impl Runner {
                 self.board.advance(self.index, end);
             }
         }
+    }
+
+    /// `input`, unless it is the second copy of an event already taken (see `received`).
+    fn fresh(&mut self, input: Input) -> Option<Input> {
+        if let Input::Event(event) = &input {
+            let position = event.position();
+            if self.received.is_some_and(|received| position <= received) {
+                return None;
+            }
+            self.received = Some(position);
+        }
+        Some(input)
     }
 
     /// Whether `event` may start or join a folded window.
@@ -250,6 +272,9 @@ impl Runner {
                         Ok(None) | Err(_) => break None,
                     }
                 }
+            };
+            let Some(input) = self.fresh(input) else {
+                continue;
             };
             match input {
                 Input::Commit { end_lsn } => done_through = Some(end_lsn),
@@ -790,6 +815,61 @@ mod tests {
         ))
     }
 
+    /// The stream reconnected inside a transaction and sent it again from its start while
+    /// the first copy was still waiting in the inbox: each event is applied once, in a batch
+    /// and one by one alike.
+    #[tokio::test]
+    async fn a_transaction_sent_again_after_a_reconnection_is_applied_once() -> anyhow::Result<()> {
+        let url = crate::testing::server().create_database().await?;
+        let pool = PgPool::connect(&url).await?;
+        status::migrate(&pool).await?;
+        sqlx::query("CREATE TABLE applied (ordinal bigint)")
+            .execute(&pool)
+            .await?;
+        for batch_size in [500, 1] {
+            sqlx::query("TRUNCATE applied").execute(&pool).await?;
+            sqlx::query("DELETE FROM streamex.operator_checkpoints")
+                .execute(&pool)
+                .await?;
+            let runner = Runner {
+                index: 0,
+                operator: Arc::new(Apply),
+                pool: pool.clone(),
+                slot: "s".into(),
+                retry: RetryConfig::default(),
+                batch_size,
+                one_per_transaction: batch_size == 1,
+                checkpoint: None,
+                skip: None,
+                board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
+                shutdown: CancellationToken::new(),
+                reported: None,
+                clock: Arc::default(),
+                unfolded_through: None,
+                received: None,
+            };
+            let (tx, rx) = mpsc::channel(16);
+            // Events 0 to 2, the reconnection, then the whole transaction again.
+            for ordinal in [0, 1, 2, 0, 1, 2, 3] {
+                tx.send(Input::Event(event(ordinal))).await?;
+            }
+            tx.send(Input::Commit {
+                end_lsn: Lsn(0x200),
+            })
+            .await?;
+            drop(tx);
+            assert_eq!(runner.run(rx).await, RunnerExit::Drained);
+            let applied: Vec<i64> =
+                sqlx::query_scalar("SELECT ordinal FROM applied ORDER BY ordinal")
+                    .fetch_all(&pool)
+                    .await?;
+            assert_eq!(applied, [0, 1, 2, 3], "batch size {batch_size}");
+            let stored = status::load_checkpoint(&pool, "s", "apply").await?;
+            assert_eq!(stored, Some(Position::new(Lsn(0x100), 3)));
+        }
+        Ok(())
+    }
+
     /// A task whose checkpoint is behind the stored one (another instance's last transaction,
     /// or its own commit whose reply was lost, applied some of its events) applies only the
     /// events after the stored checkpoint, in a batch and one by one alike.
@@ -823,6 +903,7 @@ mod tests {
                 reported: None,
                 clock: Arc::default(),
                 unfolded_through: None,
+                received: None,
             };
             let (tx, rx) = mpsc::channel(16);
             for ordinal in 2..6 {
@@ -880,6 +961,7 @@ mod tests {
                 reported: None,
                 clock: Arc::default(),
                 unfolded_through: None,
+                received: None,
             };
             let (tx, rx) = mpsc::channel(16);
             for ordinal in 0..3 {
