@@ -47,6 +47,7 @@ use super::error::{DbError, ReplicationError};
 use super::frame::{Frame, frame_size, try_frame};
 use super::params::ConnectParams;
 use super::tls::Transport;
+use super::version::ServerVersion;
 
 /// How much room to make in the read buffer before each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -475,6 +476,13 @@ impl Connection {
     /// `server_encoding`, `TimeZone`, `integer_datetimes`...).
     pub fn server_parameter(&self, name: &str) -> Option<&str> {
         self.parameters.get(name).map(String::as_str)
+    }
+
+    /// The server's version, from the `server_version` it reported at startup (`None` when
+    /// it reported none, or one that does not start with a version number).
+    pub fn server_version(&self) -> Option<ServerVersion> {
+        self.server_parameter("server_version")
+            .and_then(ServerVersion::parse)
     }
 
     /// The process id of the server backend (walsender) serving this connection.

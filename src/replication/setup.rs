@@ -6,6 +6,7 @@
 
 use sqlx::PgPool;
 
+use super::version::{OLDEST_SUPPORTED_MAJOR, ServerVersion};
 use crate::lsn::Lsn;
 
 /// Which tables a publication covers.
@@ -21,6 +22,12 @@ pub enum PublicationTables {
 /// or a failed query.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    #[error(
+        "the server runs PostgreSQL {version}; streamex needs PostgreSQL {OLDEST_SUPPORTED_MAJOR} \
+         or later (for publish_via_partition_root and pg_replication_slots.wal_status): upgrade \
+         the server, or set database_url to a server of version {OLDEST_SUPPORTED_MAJOR} or later"
+    )]
+    UnsupportedVersion { version: String },
     #[error(
         "wal_level is '{current}'; logical replication needs 'logical': set wal_level = logical in \
          postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart the server"
@@ -130,8 +137,10 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// Checks that the server can do logical replication for the connected role.
+/// Checks that the server can do logical replication for the connected role: a supported
+/// version, `wal_level = logical`, a role that may replicate.
 pub async fn check_server(pool: &PgPool) -> Result<(), SetupError> {
+    server_version(pool).await?;
     let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
         .fetch_one(pool)
         .await
@@ -149,6 +158,30 @@ pub async fn check_server(pool: &PgPool) -> Result<(), SetupError> {
         return Err(SetupError::NotReplicationRole { role });
     }
     Ok(())
+}
+
+/// The server's version (`server_version_num`); an unsupported one is an error that says so.
+pub async fn server_version(pool: &PgPool) -> Result<ServerVersion, SetupError> {
+    let num: String = sqlx::query_scalar("SELECT current_setting('server_version_num')")
+        .fetch_one(pool)
+        .await
+        .map_err(sql("reading server_version_num"))?;
+    let version = ServerVersion::parse_num(&num).ok_or_else(|| SetupError::UnsupportedVersion {
+        version: format!("{num:?} (server_version_num, not a number)"),
+    })?;
+    supported(version)?;
+    Ok(version)
+}
+
+/// `version` if streamex supports it, else [`SetupError::UnsupportedVersion`].
+pub fn supported(version: ServerVersion) -> Result<ServerVersion, SetupError> {
+    if version.is_supported() {
+        Ok(version)
+    } else {
+        Err(SetupError::UnsupportedVersion {
+            version: version.to_string(),
+        })
+    }
 }
 
 async fn database(pool: &PgPool) -> Result<String, SetupError> {
@@ -583,5 +616,17 @@ mod tests {
         assert_eq!(quote_ident("Posts"), "\"Posts\"");
         assert_eq!(quote_ident("a\"b c"), "\"a\"\"b c\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn an_old_server_is_refused_with_the_versions_streamex_supports() {
+        let error = supported(ServerVersion::from_num(120_022)).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("PostgreSQL 12.22") && message.contains("PostgreSQL 13 or later"),
+            "{message}"
+        );
+        assert!(!error.is_transient());
+        assert!(supported(ServerVersion::from_num(130_000)).is_ok());
     }
 }
