@@ -321,16 +321,20 @@ pub async fn ensure_publication(
             .await
             .map_err(sql("reading the publication's tables"))?;
             // Publications of whole schemas (FOR TABLES IN SCHEMA, PostgreSQL 15+) are replaced
-            // by the list too.
-            let schemas: i64 = sqlx::query_scalar(
-                "SELECT CASE WHEN to_regclass('pg_catalog.pg_publication_namespace') IS NULL THEN 0
-                        ELSE (SELECT count(*) FROM pg_publication_namespace pn
-                                JOIN pg_publication p ON p.oid = pn.pnpubid WHERE p.pubname = $1) END",
-            )
-            .bind(name)
-            .fetch_one(pool)
-            .await
-            .map_err(sql("reading the publication's schemas"))?;
+            // by the list too. Before 15 there is no catalog of them to ask (a query naming it
+            // fails to parse, whatever CASE surrounds it).
+            let schemas: i64 = if server_version(pool).await?.publication_schemas() {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_publication_namespace pn
+                       JOIN pg_publication p ON p.oid = pn.pnpubid WHERE p.pubname = $1",
+                )
+                .bind(name)
+                .fetch_one(pool)
+                .await
+                .map_err(sql("reading the publication's schemas"))?
+            } else {
+                0
+            };
             let want: std::collections::BTreeSet<&(String, String)> = list.iter().collect();
             let have: std::collections::BTreeSet<&(String, String)> = current.iter().collect();
             sync.added = want.difference(&have).map(|t| qualified(t)).collect();

@@ -7,6 +7,7 @@
 //! | --- | --- | --- |
 //! | 13 | `publish_via_partition_root`, `pg_replication_slots.wal_status` | needed: older servers are refused ([`ServerVersion::is_supported`]) |
 //! | 14 | pgoutput `messages` (logical decoding messages, `pg_logical_emit_message`) | asked for from 14 on; a 13 server sends none and refuses the option |
+//! | 15 | publications of whole schemas (`FOR TABLES IN SCHEMA`, `pg_publication_namespace`) | looked for from 15 on, when a publication is set to the configured tables |
 //!
 //! Options streamex never sends, on any version: `streaming` (large transactions arrive
 //! whole, at their commit, which is what the decoder of protocol version 1 reads), `binary`
@@ -90,6 +91,12 @@ impl ServerVersion {
         self.major() >= 14
     }
 
+    /// Whether a publication may publish whole schemas (`FOR TABLES IN SCHEMA`, catalog
+    /// `pg_publication_namespace`; PostgreSQL 15 and later).
+    pub fn publication_schemas(self) -> bool {
+        self.major() >= 15
+    }
+
     /// The options of `START_REPLICATION ... LOGICAL` for pgoutput on this server besides
     /// `publication_names`, each a name and its value (unquoted). Every option is one this
     /// version knows: a server refuses an option it does not know.
@@ -140,6 +147,14 @@ mod tests {
                 "{version}"
             );
         }
+    }
+
+    #[test]
+    fn publications_of_schemas_are_looked_for_from_15_on() {
+        assert!(!ServerVersion::from_num(130_023).publication_schemas());
+        assert!(!ServerVersion::from_num(140_023).publication_schemas());
+        assert!(ServerVersion::from_num(150_000).publication_schemas());
+        assert!(ServerVersion::from_num(180_004).publication_schemas());
     }
 
     #[test]
