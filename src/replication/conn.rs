@@ -650,7 +650,11 @@ pub struct CopyReader {
 impl CopyReader {
     /// The next CopyData payload, or [`CopyMessage::Done`] once the server has ended the copy.
     /// Notices are logged and skipped, ParameterStatus is skipped, an ErrorResponse is
-    /// returned as [`ReplicationError::Server`].
+    /// returned as [`ReplicationError::Server`]. So is a WARNING of SQLSTATE 55000 (object
+    /// not in prerequisite state): PostgreSQL 18's pgoutput sends it ("skipped loading
+    /// publication") when a publication it reads does not exist at a point of the WAL, and
+    /// goes on streaming without that publication's changes, where older versions end the
+    /// stream with an error. Streaming on would skip those changes silently.
     ///
     /// After the first `Done` the caller normally stops; further calls skip what follows
     /// (CommandComplete, ReadyForQuery) returning `Done` again, and once ReadyForQuery has
@@ -682,7 +686,15 @@ impl CopyReader {
                         error: Box::new(DbError::parse(&message.body)?),
                     });
                 }
-                b'N' => log_notice(&message.body),
+                b'N' => match DbError::parse(&message.body) {
+                    Ok(notice) if notice.severity == "WARNING" && notice.code == "55000" => {
+                        return Err(ReplicationError::Server {
+                            context: "the replication stream failed".to_owned(),
+                            error: Box::new(notice),
+                        });
+                    }
+                    _ => log_notice(&message.body),
+                },
                 b'S' => {}
                 // After CopyDone a result set may follow (a timeline switch).
                 b'T' | b'D' if self.done => {}

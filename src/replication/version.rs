@@ -8,6 +8,8 @@
 //! | 13 | `publish_via_partition_root`, `pg_replication_slots.wal_status` | needed: older servers are refused ([`ServerVersion::is_supported`]) |
 //! | 14 | pgoutput `messages` (logical decoding messages, `pg_logical_emit_message`) | asked for from 14 on; a 13 server sends none and refuses the option |
 //! | 15 | publications of whole schemas (`FOR TABLES IN SCHEMA`, `pg_publication_namespace`) | looked for from 15 on, when a publication is set to the configured tables |
+//! | 18 | pgoutput skips a publication missing at a point of the WAL with a WARNING (SQLSTATE 55000) and streams on without its changes, where older versions end the stream with an error | the warning ends the stream as the error does before 18 (see `CopyReader::next`) |
+//! | 18 | `publish_generated_columns` (pg_publication.pubgencols) | set to `stored`: stored generated columns are streamed (before 18 they are listed in `unavailable_columns`), and a REPLICA IDENTITY FULL table with one may be updated (one with a virtual generated column, new in 18, still may not) |
 //!
 //! Options streamex never sends, on any version: `streaming` (large transactions arrive
 //! whole, at their commit, which is what the decoder of protocol version 1 reads), `binary`
@@ -97,6 +99,12 @@ impl ServerVersion {
         self.major() >= 15
     }
 
+    /// Whether a publication may publish stored generated columns
+    /// (`publish_generated_columns`; PostgreSQL 18 and later).
+    pub fn publishes_generated_columns(self) -> bool {
+        self.major() >= 18
+    }
+
     /// The options of `START_REPLICATION ... LOGICAL` for pgoutput on this server besides
     /// `publication_names`, each a name and its value (unquoted). Every option is one this
     /// version knows: a server refuses an option it does not know.
@@ -155,6 +163,12 @@ mod tests {
         assert!(!ServerVersion::from_num(140_023).publication_schemas());
         assert!(ServerVersion::from_num(150_000).publication_schemas());
         assert!(ServerVersion::from_num(180_004).publication_schemas());
+    }
+
+    #[test]
+    fn generated_columns_are_published_from_18_on() {
+        assert!(!ServerVersion::from_num(170_010).publishes_generated_columns());
+        assert!(ServerVersion::from_num(180_000).publishes_generated_columns());
     }
 
     #[test]
