@@ -215,8 +215,18 @@ impl PublicationSync {
 /// The options every streamex publication has: every kind of change, and the changes of a
 /// partition published as changes of its partitioned (root) table, so that an operator on
 /// `measurements` sees the rows of `measurements_2024` (and of partitions attached later).
-const PUBLICATION_OPTIONS: &str =
-    "publish = 'insert, update, delete, truncate', publish_via_partition_root = true";
+/// From PostgreSQL 18 on, stored generated columns too: there a table whose replica identity
+/// holds a generated column the publication leaves out (REPLICA IDENTITY FULL) refuses
+/// updates and deletes (SQLSTATE 42P10), and events carry the columns' values.
+fn publication_options(version: ServerVersion) -> String {
+    let mut options =
+        "publish = 'insert, update, delete, truncate', publish_via_partition_root = true"
+            .to_owned();
+    if version.publishes_generated_columns() {
+        options.push_str(", publish_generated_columns = stored");
+    }
+    options
+}
 
 /// `schema.table` for messages.
 fn qualified((schema, table): &(String, String)) -> String {
@@ -251,6 +261,8 @@ pub async fn ensure_publication(
             }
         }
     }
+    let version = server_version(pool).await?;
+    let options = publication_options(version);
     let mut sync = PublicationSync::default();
     if !publication_exists(pool, name).await? {
         let target = match tables {
@@ -261,7 +273,7 @@ pub async fn ensure_publication(
             }
         };
         let statement = format!(
-            "CREATE PUBLICATION {} FOR {target} WITH ({PUBLICATION_OPTIONS})",
+            "CREATE PUBLICATION {} FOR {target} WITH ({options})",
             quote_ident(name)
         );
         match sqlx::query(&statement).execute(pool).await {
@@ -282,10 +294,17 @@ pub async fn ensure_publication(
             }
         }
     }
-    let (all_tables, via_root, every_change): (bool, bool, bool) = sqlx::query_as(
-        "SELECT puballtables, pubviaroot, pubinsert AND pubupdate AND pubdelete AND pubtruncate
-           FROM pg_publication WHERE pubname = $1",
-    )
+    // pubgencols exists from PostgreSQL 18 on.
+    let generated = if version.publishes_generated_columns() {
+        "pubgencols = 's'"
+    } else {
+        "true"
+    };
+    let (all_tables, via_root, publishes_all): (bool, bool, bool) = sqlx::query_as(&format!(
+        "SELECT puballtables, pubviaroot,
+                pubinsert AND pubupdate AND pubdelete AND pubtruncate AND {generated}
+           FROM pg_publication WHERE pubname = $1"
+    ))
     .bind(name)
     .fetch_one(pool)
     .await
@@ -323,7 +342,7 @@ pub async fn ensure_publication(
             // Publications of whole schemas (FOR TABLES IN SCHEMA, PostgreSQL 15+) are replaced
             // by the list too. Before 15 there is no catalog of them to ask (a query naming it
             // fails to parse, whatever CASE surrounds it).
-            let schemas: i64 = if server_version(pool).await?.publication_schemas() {
+            let schemas: i64 = if version.publication_schemas() {
                 sqlx::query_scalar(
                     "SELECT count(*) FROM pg_publication_namespace pn
                        JOIN pg_publication p ON p.oid = pn.pnpubid WHERE p.pubname = $1",
@@ -358,8 +377,8 @@ pub async fn ensure_publication(
             }
         }
     }
-    if !via_root || !every_change {
-        sqlx::query(&alter(format!("SET ({PUBLICATION_OPTIONS})")))
+    if !via_root || !publishes_all {
+        sqlx::query(&alter(format!("SET ({options})")))
             .execute(pool)
             .await
             .map_err(sql(format!(
@@ -367,9 +386,9 @@ pub async fn ensure_publication(
             )))?;
         tracing::warn!(
             publication = name,
-            options = PUBLICATION_OPTIONS,
-            "publication options changed: every kind of change is published, and partitions as \
-             their partitioned table"
+            options = %options,
+            "publication options changed: every kind of change is published, partitions as \
+             their partitioned table (and from PostgreSQL 18 stored generated columns)"
         );
         sync.options_changed = true;
     }
