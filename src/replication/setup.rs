@@ -423,20 +423,27 @@ const NO_KEY_DEFAULT: &str = "no primary key and REPLICA IDENTITY DEFAULT: updat
 const IDENTITY_NOTHING: &str = "REPLICA IDENTITY NOTHING: updates and deletes will be refused; \
      no <entity>/<id> channel (ALTER TABLE ... REPLICA IDENTITY DEFAULT with a primary key, FULL \
      or USING INDEX)";
+const VIRTUAL_GENERATED_FULL: &str = "REPLICA IDENTITY FULL with a virtual generated column \
+     (PostgreSQL 18), which no publication can publish: updates and deletes will be refused (make \
+     the column STORED, or give the table a primary key under REPLICA IDENTITY DEFAULT, or \
+     USING INDEX)";
 
 /// The published tables (for [`PublicationTables::All`]: every user table) whose updates and
 /// deletes PostgreSQL refuses once they are in a publication that publishes them (SQLSTATE
 /// 55000): those without a primary key under REPLICA IDENTITY DEFAULT, and those with REPLICA
-/// IDENTITY NOTHING. Each `(schema, table, what is missing)`, in name order; tables that do
+/// IDENTITY NOTHING; and on PostgreSQL 18 (42P10) those under REPLICA IDENTITY FULL with a
+/// virtual generated column. Each `(schema, table, what is missing)`, in name order; tables that do
 /// not exist are left out.
 pub async fn tables_without_identity(
     pool: &PgPool,
     tables: &PublicationTables,
 ) -> Result<Vec<(String, String, &'static str)>, SetupError> {
     const COLUMNS: &str = "SELECT n.nspname::text, c.relname::text, c.relreplident::text,
-               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+               EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = c.oid AND a.attgenerated = 'v' AND NOT a.attisdropped)
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace";
-    let rows: Vec<(String, String, String, bool)> = match tables {
+    let rows: Vec<(String, String, String, bool, bool)> = match tables {
         PublicationTables::All => {
             // The tables FOR ALL TABLES publishes: ordinary and partitioned user tables.
             sqlx::query_as(&format!(
@@ -464,10 +471,11 @@ pub async fn tables_without_identity(
     .map_err(sql("reading the published tables' replica identities"))?;
     Ok(rows
         .into_iter()
-        .filter_map(|(schema, table, identity, primary)| {
+        .filter_map(|(schema, table, identity, primary, virtual_generated)| {
             let missing = match identity.as_str() {
                 "d" if !primary => NO_KEY_DEFAULT,
                 "n" => IDENTITY_NOTHING,
+                "f" if virtual_generated => VIRTUAL_GENERATED_FULL,
                 _ => return None,
             };
             Some((schema, table, missing))
