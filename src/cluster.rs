@@ -440,11 +440,11 @@ fn server_owner() -> Result<Option<(u32, u32)>, ClusterError> {
     Ok(Some((uid, gid)))
 }
 
-/// Where initdb and pg_ctl are: `$STREAMEX_PG_BINDIR`, `$PATH`, `pg_config --bindir`, or the
-/// newest `/usr/lib/postgresql/*/bin`.
+/// Where initdb and pg_ctl are: `$STREAMEX_PG_BINDIR` (unless empty), `$PATH`,
+/// `pg_config --bindir`, or the newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bindir() -> Option<PathBuf> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    if let Some(dir) = std::env::var_os("STREAMEX_PG_BINDIR") {
+    if let Some(dir) = std::env::var_os("STREAMEX_PG_BINDIR").filter(|dir| !dir.is_empty()) {
         let dir = PathBuf::from(dir);
         return has_tools(&dir).then_some(dir);
     }

@@ -9,8 +9,9 @@
 //! The relation cache is filled by the Relation messages the server sends before a table's
 //! first change in each session (and again when the table changes), so it is cleared on every
 //! reconnect. Column types are resolved once through the catalog connection and cached; with
-//! each Relation message the catalog also says which of the table's columns are generated
-//! (PostgreSQL 15 sends no value for them: they are listed in `unavailable_columns`).
+//! each Relation message the catalog also says which of the table's columns are generated;
+//! those the server sends no value for (every one before PostgreSQL 18, virtual ones on 18)
+//! are listed in `unavailable_columns`.
 //!
 //! # What stops the stream, and what does not
 //!
@@ -87,9 +88,10 @@ pub struct Table {
     pub replica_identity: ReplicaIdentity,
     /// The columns the server sends, in the order of every tuple's values.
     pub columns: Vec<TableColumn>,
-    /// The generated columns (`GENERATED ALWAYS AS ... STORED`), in column order, as the
-    /// catalog had them when the Relation message was decoded. PostgreSQL 15 leaves them out
-    /// of its messages, so they are listed in every new record's `unavailable_columns`.
+    /// The generated columns the server leaves out of its messages, in column order, as the
+    /// catalog had them when the Relation message was decoded: every one before PostgreSQL
+    /// 18; on 18, where streamex publishes stored ones, the virtual ones. They are listed in
+    /// every new record's `unavailable_columns`.
     pub generated_columns: Vec<String>,
 }
 
@@ -326,9 +328,13 @@ impl Decoder {
                     });
                 }
                 let generated_columns = if self.generated_lookup {
-                    generated_columns(&self.catalog, relation.oid)
+                    let mut generated = generated_columns(&self.catalog, relation.oid)
                         .await
-                        .map_err(|error| DecoderError::GeneratedColumns { table, error })?
+                        .map_err(|error| DecoderError::GeneratedColumns { table, error })?;
+                    // The ones the server sends (stored ones, from PostgreSQL 18 under
+                    // publish_generated_columns = stored) are ordinary columns of the record.
+                    generated.retain(|name| !columns.iter().any(|c| &c.name == name));
+                    generated
                 } else {
                     Vec::new()
                 };
@@ -662,12 +668,13 @@ fn key_only(
     Ok(record)
 }
 
-/// The generated columns of relation `oid`, in column order.
+/// The generated columns of relation `oid` (stored, and from PostgreSQL 18 virtual), in
+/// column order.
 async fn generated_columns(catalog: &sqlx::PgPool, oid: u32) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT attname::text FROM pg_catalog.pg_attribute \
          WHERE attrelid = $1::int8::oid AND attnum > 0 AND NOT attisdropped \
-           AND attgenerated = 's' \
+           AND attgenerated <> '' \
          ORDER BY attnum",
     )
     .bind(i64::from(oid))

@@ -47,6 +47,7 @@ use super::error::{DbError, ReplicationError};
 use super::frame::{Frame, frame_size, try_frame};
 use super::params::ConnectParams;
 use super::tls::Transport;
+use super::version::ServerVersion;
 
 /// How much room to make in the read buffer before each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -477,6 +478,13 @@ impl Connection {
         self.parameters.get(name).map(String::as_str)
     }
 
+    /// The server's version, from the `server_version` it reported at startup (`None` when
+    /// it reported none, or one that does not start with a version number).
+    pub fn server_version(&self) -> Option<ServerVersion> {
+        self.server_parameter("server_version")
+            .and_then(ServerVersion::parse)
+    }
+
     /// The process id of the server backend (walsender) serving this connection.
     pub fn backend_pid(&self) -> i32 {
         self.backend_pid
@@ -642,7 +650,11 @@ pub struct CopyReader {
 impl CopyReader {
     /// The next CopyData payload, or [`CopyMessage::Done`] once the server has ended the copy.
     /// Notices are logged and skipped, ParameterStatus is skipped, an ErrorResponse is
-    /// returned as [`ReplicationError::Server`].
+    /// returned as [`ReplicationError::Server`]. So is a WARNING of SQLSTATE 55000 (object
+    /// not in prerequisite state): PostgreSQL 18's pgoutput sends it ("skipped loading
+    /// publication") when a publication it reads does not exist at a point of the WAL, and
+    /// goes on streaming without that publication's changes, where older versions end the
+    /// stream with an error. Streaming on would skip those changes silently.
     ///
     /// After the first `Done` the caller normally stops; further calls skip what follows
     /// (CommandComplete, ReadyForQuery) returning `Done` again, and once ReadyForQuery has
@@ -674,7 +686,15 @@ impl CopyReader {
                         error: Box::new(DbError::parse(&message.body)?),
                     });
                 }
-                b'N' => log_notice(&message.body),
+                b'N' => match DbError::parse(&message.body) {
+                    Ok(notice) if notice.severity == "WARNING" && notice.code == "55000" => {
+                        return Err(ReplicationError::Server {
+                            context: "the replication stream failed".to_owned(),
+                            error: Box::new(notice),
+                        });
+                    }
+                    _ => log_notice(&message.body),
+                },
                 b'S' => {}
                 // After CopyDone a result set may follow (a timeline switch).
                 b'T' | b'D' if self.done => {}

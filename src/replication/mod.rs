@@ -17,20 +17,23 @@
 //!   frame.rs takes out of the read buffer, without I/O.
 //! - [`ReplicationError`]: typed errors, classified as transient or definite (error.rs).
 //! - [`spawn`]: the stream itself, with status updates, acknowledgement and reconnects
-//!   (stream.rs); [`setup`]: publication and slot.
+//!   (stream.rs); [`setup`]: publication and slot; [`ServerVersion`]: what differs between
+//!   the supported PostgreSQL versions (version.rs).
 //!
 //! # Layout
 //!
 //! Imports between the files point one way, from the stream down to the leaves:
 //!
-//! - `stream` → `conn`, `params`, `protocol`, `setup`, `ack`, `error`; outside, the decoder
-//!   ([`crate::decode`], which imports nothing from here), [`crate::backoff`], `stats`
-//!   (its figures, which the metrics module reads) and `config::parse_duration`
+//! - `stream` → `conn`, `params`, `protocol`, `setup`, `version`, `ack`, `error`; outside,
+//!   the decoder ([`crate::decode`], which imports nothing from here), [`crate::backoff`],
+//!   `stats` (its figures, which the metrics module reads) and `config::parse_duration`
 //! - `catalog` → `relay`, `tls`, `params`; `relay` → `tls`, `params`, `error`
-//! - `conn` → `tls`, `params`, `frame`, `error`; `tls` → `params`, `error`
+//! - `conn` → `tls`, `params`, `frame`, `error`, `version`; `tls` → `params`, `error`
 //! - `frame` → `error`; `params` → `error`
-//! - leaves: `error`, `ack`, `protocol`, `setup`, which use only the crate's leaves
-//!   ([`crate::lsn`], [`crate::error`])
+//! - `setup` → `version`
+//! - leaves: `error`, `ack`, `protocol`, `version` (the server's version and what streamex
+//!   asks of it because of it), which use only the crate's leaves ([`crate::lsn`],
+//!   [`crate::error`])
 
 mod ack;
 mod catalog;
@@ -44,6 +47,7 @@ pub mod setup;
 mod stats;
 mod stream;
 mod tls;
+mod version;
 
 pub use crate::lsn::PG_EPOCH_OFFSET_MICROS;
 pub use crate::lsn::{Lsn, ParseLsnError};
@@ -58,3 +62,4 @@ pub use setup::{PublicationTables, SetupError, SlotInfo};
 pub use stats::StreamStats;
 pub use stream::{ReplicationStream, SESSION_SETTINGS, StreamConfig, StreamError, spawn};
 pub use tls::Transport;
+pub use version::{OLDEST_SUPPORTED_MAJOR, ServerVersion};

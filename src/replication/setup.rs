@@ -6,6 +6,7 @@
 
 use sqlx::PgPool;
 
+use super::version::{OLDEST_SUPPORTED_MAJOR, ServerVersion};
 use crate::lsn::Lsn;
 
 /// Which tables a publication covers.
@@ -21,6 +22,12 @@ pub enum PublicationTables {
 /// or a failed query.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    #[error(
+        "the server runs PostgreSQL {version}; streamex needs PostgreSQL {OLDEST_SUPPORTED_MAJOR} \
+         or later (for publish_via_partition_root and pg_replication_slots.wal_status): upgrade \
+         the server, or set database_url to a server of version {OLDEST_SUPPORTED_MAJOR} or later"
+    )]
+    UnsupportedVersion { version: String },
     #[error(
         "wal_level is '{current}'; logical replication needs 'logical': set wal_level = logical in \
          postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart the server"
@@ -126,8 +133,10 @@ pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// Checks that the server can do logical replication for the connected role.
+/// Checks that the server can do logical replication for the connected role: a supported
+/// version, `wal_level = logical`, a role that may replicate.
 pub async fn check_server(pool: &PgPool) -> Result<(), SetupError> {
+    server_version(pool).await?;
     let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
         .fetch_one(pool)
         .await
@@ -145,6 +154,30 @@ pub async fn check_server(pool: &PgPool) -> Result<(), SetupError> {
         return Err(SetupError::NotReplicationRole { role });
     }
     Ok(())
+}
+
+/// The server's version (`server_version_num`); an unsupported one is an error that says so.
+pub async fn server_version(pool: &PgPool) -> Result<ServerVersion, SetupError> {
+    let num: String = sqlx::query_scalar("SELECT current_setting('server_version_num')")
+        .fetch_one(pool)
+        .await
+        .map_err(sql("reading server_version_num"))?;
+    let version = ServerVersion::parse_num(&num).ok_or_else(|| SetupError::UnsupportedVersion {
+        version: format!("{num:?} (server_version_num, not a number)"),
+    })?;
+    supported(version)?;
+    Ok(version)
+}
+
+/// `version` if streamex supports it, else [`SetupError::UnsupportedVersion`].
+pub fn supported(version: ServerVersion) -> Result<ServerVersion, SetupError> {
+    if version.is_supported() {
+        Ok(version)
+    } else {
+        Err(SetupError::UnsupportedVersion {
+            version: version.to_string(),
+        })
+    }
 }
 
 async fn database(pool: &PgPool) -> Result<String, SetupError> {
@@ -178,8 +211,18 @@ impl PublicationSync {
 /// The options every streamex publication has: every kind of change, and the changes of a
 /// partition published as changes of its partitioned (root) table, so that an operator on
 /// `measurements` sees the rows of `measurements_2024` (and of partitions attached later).
-const PUBLICATION_OPTIONS: &str =
-    "publish = 'insert, update, delete, truncate', publish_via_partition_root = true";
+/// From PostgreSQL 18 on, stored generated columns too: there a table whose replica identity
+/// holds a generated column the publication leaves out (REPLICA IDENTITY FULL) refuses
+/// updates and deletes (SQLSTATE 42P10), and events carry the columns' values.
+fn publication_options(version: ServerVersion) -> String {
+    let mut options =
+        "publish = 'insert, update, delete, truncate', publish_via_partition_root = true"
+            .to_owned();
+    if version.publishes_generated_columns() {
+        options.push_str(", publish_generated_columns = stored");
+    }
+    options
+}
 
 /// `schema.table` for messages.
 fn qualified((schema, table): &(String, String)) -> String {
@@ -214,6 +257,8 @@ pub async fn ensure_publication(
             }
         }
     }
+    let version = server_version(pool).await?;
+    let options = publication_options(version);
     let mut sync = PublicationSync::default();
     if !publication_exists(pool, name).await? {
         let target = match tables {
@@ -224,7 +269,7 @@ pub async fn ensure_publication(
             }
         };
         let statement = format!(
-            "CREATE PUBLICATION {} FOR {target} WITH ({PUBLICATION_OPTIONS})",
+            "CREATE PUBLICATION {} FOR {target} WITH ({options})",
             quote_ident(name)
         );
         match sqlx::query(&statement).execute(pool).await {
@@ -245,10 +290,17 @@ pub async fn ensure_publication(
             }
         }
     }
-    let (all_tables, via_root, every_change): (bool, bool, bool) = sqlx::query_as(
-        "SELECT puballtables, pubviaroot, pubinsert AND pubupdate AND pubdelete AND pubtruncate
-           FROM pg_publication WHERE pubname = $1",
-    )
+    // pubgencols exists from PostgreSQL 18 on.
+    let generated = if version.publishes_generated_columns() {
+        "pubgencols = 's'"
+    } else {
+        "true"
+    };
+    let (all_tables, via_root, publishes_all): (bool, bool, bool) = sqlx::query_as(&format!(
+        "SELECT puballtables, pubviaroot,
+                pubinsert AND pubupdate AND pubdelete AND pubtruncate AND {generated}
+           FROM pg_publication WHERE pubname = $1"
+    ))
     .bind(name)
     .fetch_one(pool)
     .await
@@ -284,16 +336,20 @@ pub async fn ensure_publication(
             .await
             .map_err(sql("reading the publication's tables"))?;
             // Publications of whole schemas (FOR TABLES IN SCHEMA, PostgreSQL 15+) are replaced
-            // by the list too.
-            let schemas: i64 = sqlx::query_scalar(
-                "SELECT CASE WHEN to_regclass('pg_catalog.pg_publication_namespace') IS NULL THEN 0
-                        ELSE (SELECT count(*) FROM pg_publication_namespace pn
-                                JOIN pg_publication p ON p.oid = pn.pnpubid WHERE p.pubname = $1) END",
-            )
-            .bind(name)
-            .fetch_one(pool)
-            .await
-            .map_err(sql("reading the publication's schemas"))?;
+            // by the list too. Before 15 there is no catalog of them to ask (a query naming it
+            // fails to parse, whatever CASE surrounds it).
+            let schemas: i64 = if version.publication_schemas() {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_publication_namespace pn
+                       JOIN pg_publication p ON p.oid = pn.pnpubid WHERE p.pubname = $1",
+                )
+                .bind(name)
+                .fetch_one(pool)
+                .await
+                .map_err(sql("reading the publication's schemas"))?
+            } else {
+                0
+            };
             let want: std::collections::BTreeSet<&(String, String)> = list.iter().collect();
             let have: std::collections::BTreeSet<&(String, String)> = current.iter().collect();
             sync.added = want.difference(&have).map(|t| qualified(t)).collect();
@@ -317,8 +373,8 @@ pub async fn ensure_publication(
             }
         }
     }
-    if !via_root || !every_change {
-        sqlx::query(&alter(format!("SET ({PUBLICATION_OPTIONS})")))
+    if !via_root || !publishes_all {
+        sqlx::query(&alter(format!("SET ({options})")))
             .execute(pool)
             .await
             .map_err(sql(format!(
@@ -326,9 +382,9 @@ pub async fn ensure_publication(
             )))?;
         tracing::warn!(
             publication = name,
-            options = PUBLICATION_OPTIONS,
-            "publication options changed: every kind of change is published, and partitions as \
-             their partitioned table"
+            options = %options,
+            "publication options changed: every kind of change is published, partitions as \
+             their partitioned table (and from PostgreSQL 18 stored generated columns)"
         );
         sync.options_changed = true;
     }
@@ -363,20 +419,27 @@ const NO_KEY_DEFAULT: &str = "no primary key and REPLICA IDENTITY DEFAULT: updat
 const IDENTITY_NOTHING: &str = "REPLICA IDENTITY NOTHING: updates and deletes will be refused; \
      no <entity>/<id> channel (ALTER TABLE ... REPLICA IDENTITY DEFAULT with a primary key, FULL \
      or USING INDEX)";
+const VIRTUAL_GENERATED_FULL: &str = "REPLICA IDENTITY FULL with a virtual generated column \
+     (PostgreSQL 18), which no publication can publish: updates and deletes will be refused (make \
+     the column STORED, or give the table a primary key under REPLICA IDENTITY DEFAULT, or \
+     USING INDEX)";
 
 /// The published tables (for [`PublicationTables::All`]: every user table) whose updates and
 /// deletes PostgreSQL refuses once they are in a publication that publishes them (SQLSTATE
 /// 55000): those without a primary key under REPLICA IDENTITY DEFAULT, and those with REPLICA
-/// IDENTITY NOTHING. Each `(schema, table, what is missing)`, in name order; tables that do
+/// IDENTITY NOTHING; and on PostgreSQL 18 (42P10) those under REPLICA IDENTITY FULL with a
+/// virtual generated column. Each `(schema, table, what is missing)`, in name order; tables that do
 /// not exist are left out.
 pub async fn tables_without_identity(
     pool: &PgPool,
     tables: &PublicationTables,
 ) -> Result<Vec<(String, String, &'static str)>, SetupError> {
     const COLUMNS: &str = "SELECT n.nspname::text, c.relname::text, c.relreplident::text,
-               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+               EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = c.oid AND a.attgenerated = 'v' AND NOT a.attisdropped)
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace";
-    let rows: Vec<(String, String, String, bool)> = match tables {
+    let rows: Vec<(String, String, String, bool, bool)> = match tables {
         PublicationTables::All => {
             // The tables FOR ALL TABLES publishes: ordinary and partitioned user tables.
             sqlx::query_as(&format!(
@@ -404,10 +467,11 @@ pub async fn tables_without_identity(
     .map_err(sql("reading the published tables' replica identities"))?;
     Ok(rows
         .into_iter()
-        .filter_map(|(schema, table, identity, primary)| {
+        .filter_map(|(schema, table, identity, primary, virtual_generated)| {
             let missing = match identity.as_str() {
                 "d" if !primary => NO_KEY_DEFAULT,
                 "n" => IDENTITY_NOTHING,
+                "f" if virtual_generated => VIRTUAL_GENERATED_FULL,
                 _ => return None,
             };
             Some((schema, table, missing))
@@ -579,5 +643,17 @@ mod tests {
         assert_eq!(quote_ident("Posts"), "\"Posts\"");
         assert_eq!(quote_ident("a\"b c"), "\"a\"\"b c\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn an_old_server_is_refused_with_the_versions_streamex_supports() {
+        let error = supported(ServerVersion::from_num(120_022)).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("PostgreSQL 12.22") && message.contains("PostgreSQL 13 or later"),
+            "{message}"
+        );
+        assert!(!error.is_transient());
+        assert!(supported(ServerVersion::from_num(130_000)).is_ok());
     }
 }

@@ -44,6 +44,7 @@ use super::params::ConnectParams;
 use super::protocol::{ServerMessage, StatusUpdate, now_unix_micros};
 use super::setup::{self, SetupError, quote_ident, quote_literal};
 use super::stats::StreamStats;
+use super::version::ServerVersion;
 use super::{Acknowledger, Lsn, ProtocolError, ReplicationError};
 use crate::backoff::Backoff;
 use crate::decode::{Decoded, Decoder, DecoderError};
@@ -282,6 +283,7 @@ impl Session<'_> {
             },
         )
         .await?;
+        let version = server_version(&mut conn).await?;
         if config.temporary_slot {
             conn.simple_query(&format!(
                 "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
@@ -291,11 +293,7 @@ impl Session<'_> {
         }
         let interval = status_interval(&mut conn, config.status_interval).await?;
         let start = (*self.delivered).max(self.ack.acknowledged());
-        let command = format!(
-            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true')",
-            quote_ident(&config.slot),
-            quote_literal(&quote_ident(&config.publication)),
-        );
+        let command = start_replication_command(&config.slot, &config.publication, start, version);
         let (mut reader, writer) = conn.start_copy_both(&command).await?;
         info!(
             slot = %config.slot,
@@ -405,6 +403,48 @@ impl Session<'_> {
     }
 }
 
+/// The server's version, from what it reported at startup (else `SHOW server_version_num`);
+/// an unsupported one is a definite [`SetupError::UnsupportedVersion`].
+async fn server_version(conn: &mut Connection) -> Result<ServerVersion, StreamError> {
+    let version = match conn.server_version() {
+        Some(version) => version,
+        None => {
+            let rows = conn.simple_query("SHOW server_version_num").await?;
+            let text = rows.first().and_then(|row| row.get_index(0)).unwrap_or("");
+            ServerVersion::parse_num(text).ok_or_else(|| {
+                ReplicationError::Protocol(format!(
+                    "the server reported no usable version: server_version_num is {text:?}"
+                ))
+            })?
+        }
+    };
+    Ok(setup::supported(version)?)
+}
+
+/// `START_REPLICATION` of `slot` from `start`, reading `publication`, with the pgoutput
+/// options the server's version takes.
+fn start_replication_command(
+    slot: &str,
+    publication: &str,
+    start: Lsn,
+    version: ServerVersion,
+) -> String {
+    let mut options: Vec<String> = version
+        .pgoutput_options()
+        .into_iter()
+        .map(|(name, value)| format!("{name} {}", quote_literal(value)))
+        .collect();
+    options.push(format!(
+        "publication_names {}",
+        quote_literal(&quote_ident(publication))
+    ));
+    format!(
+        "START_REPLICATION SLOT {} LOGICAL {start} ({})",
+        quote_ident(slot),
+        options.join(", ")
+    )
+}
+
 /// The interval between status updates: the configured one, but at most a third of the
 /// server's `wal_sender_timeout` (0 means no timeout).
 async fn status_interval(
@@ -478,5 +518,25 @@ async fn status_task(
             sent_flush = flushed;
             sent_at = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_replication_takes_the_options_of_the_servers_version() {
+        let start = Lsn(0x16_B374_D848);
+        assert_eq!(
+            start_replication_command("s", "p", start, ServerVersion::from_num(130_023)),
+            "START_REPLICATION SLOT \"s\" LOGICAL 16/B374D848 \
+             (proto_version '1', publication_names '\"p\"')"
+        );
+        assert_eq!(
+            start_replication_command("My slot", "it's", start, ServerVersion::from_num(170_010)),
+            "START_REPLICATION SLOT \"My slot\" LOGICAL 16/B374D848 \
+             (proto_version '1', messages 'true', publication_names '\"it''s\"')"
+        );
     }
 }

@@ -5,7 +5,8 @@
 //! equal what `posts` and `comments` say, tallies included, and process status must cover the
 //! last change.
 //!
-//! The run is random but repeatable: the seed is printed; set STREAMEX_CHAOS_SEED to repeat it.
+//! The run is random but repeatable: the seed is printed; set STREAMEX_CHAOS_SEED to repeat it
+//! (with the same STREAMEX_CHAOS_EVENTS, the number of chaos events: 20 unless set).
 
 use crate::common;
 
@@ -271,16 +272,24 @@ async fn chaos_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
         }));
     }
 
-    // The chaos, in a random order.
-    let mut plan = vec![Chaos::Kill; 10];
-    plan.extend([
-        Chaos::Restart(StopMode::Fast),
-        Chaos::Restart(StopMode::Immediate),
-        Chaos::Restart(StopMode::Fast),
-        Chaos::Restart(StopMode::Immediate),
-    ]);
-    plan.extend([Chaos::Cut; 4]);
-    plan.extend([Chaos::Takeover; 2]);
+    // The chaos, in a random order: STREAMEX_CHAOS_EVENTS events (20 unless set; the version
+    // matrix runs fewer), half of them SIGKILLs, a fifth server restarts (fast and immediate
+    // in turn), a fifth cut connections and a tenth standby takeovers; at least one of each
+    // (two restarts, one of each mode).
+    let events: usize = std::env::var("STREAMEX_CHAOS_EVENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let mut plan = vec![Chaos::Kill; (events / 2).max(1)];
+    plan.extend(
+        [StopMode::Fast, StopMode::Immediate]
+            .into_iter()
+            .cycle()
+            .take((events / 5).max(2))
+            .map(Chaos::Restart),
+    );
+    plan.extend(vec![Chaos::Cut; (events / 5).max(1)]);
+    plan.extend(vec![Chaos::Takeover; (events / 10).max(1)]);
     for i in (1..plan.len()).rev() {
         let j = usize::try_from(rng.below(u64::try_from(i)? + 1))?;
         plan.swap(i, j);

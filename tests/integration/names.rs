@@ -250,6 +250,62 @@ async fn setup_names_the_tables_whose_updates_and_deletes_would_be_refused() -> 
 }
 
 #[tokio::test]
+async fn setup_names_full_identity_tables_with_virtual_generated_columns() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+        .fetch_one(&pool)
+        .await?;
+    if version < 180_000 {
+        eprintln!(
+            "skipped: virtual generated columns exist from PostgreSQL 18 on, this is {version} \
+             (server_version_num)"
+        );
+        return Ok(());
+    }
+    sqlx::raw_sql(
+        "CREATE TABLE virt (id int, a int, b int GENERATED ALWAYS AS (a * 2) VIRTUAL);
+         ALTER TABLE virt REPLICA IDENTITY FULL;
+         CREATE TABLE stored (id int, a int, b int GENERATED ALWAYS AS (a * 2) STORED);
+         ALTER TABLE stored REPLICA IDENTITY FULL;
+         CREATE TABLE keyed_virt (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) VIRTUAL);
+         INSERT INTO virt (id, a) VALUES (1, 1);",
+    )
+    .execute(&pool)
+    .await?;
+    let tables = PublicationTables::Tables(public(&["virt", "stored", "keyed_virt"]));
+    let found = tables_without_identity(&pool, &tables).await?;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].0.as_str(), found[0].1.as_str()),
+        ("public", "virt")
+    );
+    assert!(
+        found[0].2.contains("virtual generated column"),
+        "{}",
+        found[0].2
+    );
+    assert!(found[0].2.contains("updates and deletes will be refused"));
+    // As the server says, once the table is published.
+    setup::ensure_publication(&pool, "streamex", &tables).await?;
+    let refused = sqlx::query("UPDATE virt SET a = 2")
+        .execute(&pool)
+        .await
+        .expect_err("PostgreSQL 18 refuses it");
+    assert_eq!(
+        refused
+            .as_database_error()
+            .and_then(|e| e.code())
+            .as_deref(),
+        Some("42P10")
+    );
+    sqlx::query("UPDATE stored SET a = 2")
+        .execute(&pool)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn streamex_setup_warns_about_tables_without_identity() -> anyhow::Result<()> {
     let url = testing::server().create_database().await?;
     let pool = PgPool::connect(&url).await?;

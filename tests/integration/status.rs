@@ -814,11 +814,27 @@ async fn a_terminated_connection_is_a_transient_error() -> anyhow::Result<()> {
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut conn)
         .await?;
-    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(pid)
         .fetch_one(&pool)
         .await?;
     assert!(terminated);
+    // Until it is gone (pg_terminate_backend's own wait, its second argument, needs
+    // PostgreSQL 14).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+    )
+    .bind(pid)
+    .fetch_one(&pool)
+    .await?
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "backend {pid} still runs 10 s after pg_terminate_backend"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let err = status::load_items(&mut conn)
         .await
         .expect_err("the connection was terminated");

@@ -461,6 +461,9 @@ pub fn tls_cluster(ca: &Ca, names: &[&str]) -> anyhow::Result<streamex::testing:
              hostssl all scram_user 127.0.0.1/32 scram-sha-256\n\
              host all all 127.0.0.1/32 trust\n",
         )
+        // scram_user's password must be stored for SCRAM: the default until PostgreSQL 14
+        // was md5, which the scram-sha-256 line above refuses.
+        .setting("password_encryption", "scram-sha-256")
         .setting("ssl", "on")
         .setting("ssl_cert_file", "server.crt")
         .setting("ssl_key_file", "server.key")
