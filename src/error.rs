@@ -97,12 +97,18 @@ pub fn is_transient_io(error: &io::Error) -> bool {
 /// - `PoolClosed` is definite: the pool is closed only when the process is shutting down,
 ///   and waiting for it to reopen would wait for ever. Callers stop and let shutdown finish.
 ///
-/// The rest (TLS configuration, protocol, decoding a column, a missing row, a migration that
-/// does not apply) is definite.
+/// - a protocol error in answer to the TLS request that opens a connection: a server shutting
+///   down closes the socket there (seen as `unexpected response from SSLRequest: 0x00`).
+///
+/// The rest (TLS configuration, other protocol errors, decoding a column, a missing row, a
+/// migration that does not apply) is definite.
 pub fn is_transient_sqlx(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_sqlstate(&code)),
         sqlx::Error::Io(error) => is_transient_io(error),
+        sqlx::Error::Protocol(message) => {
+            message.starts_with("unexpected response from SSLRequest")
+        }
         sqlx::Error::PoolTimedOut => true,
         sqlx::Error::PoolClosed => false,
         _ => false,

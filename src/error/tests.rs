@@ -120,3 +120,11 @@ fn sqlx_errors() {
     assert!(!is_transient_sqlx(&sqlx::Error::Protocol("x".into())));
     assert!(!is_transient_sqlx(&sqlx::Error::WorkerCrashed));
 }
+
+#[test]
+fn a_connection_closed_in_answer_to_the_tls_request_is_transient() {
+    let closing = sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into());
+    assert!(is_transient_sqlx(&closing));
+    let other = sqlx::Error::Protocol("unknown message type: 'X'".into());
+    assert!(!is_transient_sqlx(&other));
+}
