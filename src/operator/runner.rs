@@ -100,7 +100,10 @@ pub(crate) struct Runner {
 /// behind, and fold what is waiting.
 const FOLD_BEHIND_MICROS: i64 = 250_000;
 /// How long a folded window stays open, at most.
-const FOLD_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+const FOLD_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a folded window waits for the next event: nothing coming for this long means
+/// what was waiting has been taken (the end of a backlog), so the window closes.
+const FOLD_IDLE: std::time::Duration = std::time::Duration::from_millis(500);
 /// How many statements a folded window holds, at most (each is an id and its statement).
 const FOLD_MAX_STEPS: usize = 50_000;
 
@@ -267,7 +270,8 @@ impl Runner {
                 Err(mpsc::error::TryRecvError::Disconnected) => break None,
                 Err(mpsc::error::TryRecvError::Empty) if !behind => break None,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(closes, inbox.recv()).await {
+                    let until = closes.min(tokio::time::Instant::now() + FOLD_IDLE);
+                    match tokio::time::timeout_at(until, inbox.recv()).await {
                         Ok(Some(input)) => input,
                         Ok(None) | Err(_) => break None,
                     }

@@ -75,22 +75,25 @@ async fn a_hot_backlog_is_recomputed_about_once_per_id_and_ends_exact() -> anyho
     let kit = OperatorTest::start(SCHEMA).await?;
     let backlog = hot_backlog(100);
     let statements: Vec<&str> = backlog.iter().map(String::as_str).collect();
-    // The kit commits the statements before the service starts: the operator starts behind.
-    kit.run(Arc::new(post_counts(-1)), &statements).await?;
+    // The backlog is committed a while before the service starts: the operator starts
+    // behind (by more than the 250 ms that makes it fold).
+    kit.execute(&statements).await?;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    kit.run(Arc::new(post_counts(-1)), &[]).await?;
 
     let truth: Vec<(i64, i64)> = kit.query_as(TRUTH).await?;
     let derived: Vec<(i64, i64)> = kit.query_as(DERIVED).await?;
     assert_eq!(derived, truth);
     // 10,000 comment events over 20 posts: handled in batches of 500 (the batch size), every
-    // batch recomputes every post, at least 400 recomputations; folded, each window
-    // recomputes each post once.
+    // batch recomputes every post, at least 400 recomputations (461 measured); folded, each
+    // window (up to 2 s) recomputes each post once (21 to 41 measured on a quiet machine).
     let recomputes: Vec<i64> = kit.query_scalar("SELECT count(*) FROM recomputes").await?;
     eprintln!(
         "{} recomputations for 10,000 comment events on 20 posts",
         recomputes[0]
     );
     assert!(
-        recomputes[0] < 200,
+        recomputes[0] < 400,
         "{} recomputations for 20 posts: the backlog was not folded",
         recomputes[0]
     );
@@ -120,7 +123,9 @@ async fn a_failing_folded_window_comes_again_unfolded_and_only_the_poison_is_set
         .with_config("[retry]\non_failure = \"dead_letter\"\n")?;
     let backlog = hot_backlog(20);
     let statements: Vec<&str> = backlog.iter().map(String::as_str).collect();
-    kit.run(Arc::new(post_counts(13)), &statements).await?;
+    kit.execute(&statements).await?;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    kit.run(Arc::new(post_counts(13)), &[]).await?;
 
     // Every post but the poisoned one is exact; the poisoned one was never written.
     let truth: Vec<(i64, i64)> = kit.query_as(TRUTH).await?;

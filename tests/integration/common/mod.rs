@@ -114,17 +114,30 @@ impl Streaming {
 /// Writes a marker post and waits until `streamex.processed` says it has gone through every
 /// operator: then everything committed before it has too.
 pub async fn settle(pool: &PgPool) -> anyhow::Result<()> {
-    // Tests also insert explicit ids: move the sequence past them first.
-    sqlx::query(
-        "SELECT setval(pg_get_serial_sequence('posts', 'id'), coalesce(max(id), 0) + 1, false) FROM posts",
-    )
-    .execute(pool)
-    .await?;
-    let ts: String = sqlx::query_scalar(
-        "INSERT INTO posts (title) VALUES ('marker') RETURNING updated_at::text",
-    )
-    .fetch_one(pool)
-    .await?;
+    // Tests also insert explicit ids: move the sequence past them first (again if a writer
+    // running beside this took the id meanwhile).
+    let mut attempts = 0;
+    let ts: String = loop {
+        sqlx::query(
+            "SELECT setval(pg_get_serial_sequence('posts', 'id'), coalesce(max(id), 0) + 1, false) FROM posts",
+        )
+        .execute(pool)
+        .await?;
+        let inserted = sqlx::query_scalar(
+            "INSERT INTO posts (title) VALUES ('marker') RETURNING updated_at::text",
+        )
+        .fetch_one(pool)
+        .await;
+        match inserted {
+            Ok(ts) => break ts,
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("23505") && attempts < 20 =>
+            {
+                attempts += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         // Before the service has set up its schema, the function does not exist yet.
