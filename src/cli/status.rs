@@ -286,6 +286,15 @@ fn render(report: &Report, has_schema: bool) -> String {
                 slot.lag_bytes.map(bytes).unwrap_or_else(|| "-".into()),
                 slot.wal_status.as_deref().unwrap_or("-"),
             );
+            let _ = writeln!(
+                out,
+                "          failover {}",
+                match slot.failover {
+                    Some(true) => "yes: synchronized to standbys that ask for it",
+                    Some(false) => "NO: a promoted standby would not have this slot",
+                    None => "not available before PostgreSQL 17: a failover loses the slot",
+                }
+            );
             if slot.wal_status.as_deref() == Some("lost") {
                 let _ = writeln!(
                     out,

@@ -505,6 +505,9 @@ pub struct SlotInfo {
     pub retained_bytes: Option<i64>,
     /// Bytes of WAL written after the slot's confirmed position: how far behind it is.
     pub lag_bytes: Option<i64>,
+    /// Whether the slot is synchronized to standbys so that it survives a failover
+    /// (PostgreSQL 17 and later; `None` before).
+    pub failover: Option<bool>,
 }
 
 /// Reads slot `name`, if it exists.
@@ -513,8 +516,10 @@ pub async fn slot_info(pool: &PgPool, name: &str) -> Result<Option<SlotInfo>, Se
         "SELECT slot_name::text, plugin::text, database::text, temporary, active_pid,
                 restart_lsn::text, confirmed_flush_lsn::text, wal_status,
                 pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
-                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
-           FROM pg_replication_slots WHERE slot_name = $1",
+                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
+                -- A column from PostgreSQL 17 on: read through the row's JSON, NULL before.
+                (to_jsonb(s) ->> 'failover')::bool
+           FROM pg_replication_slots s WHERE slot_name = $1",
     )
     .bind(name)
     .fetch_optional(pool)
@@ -531,6 +536,7 @@ pub async fn slot_info(pool: &PgPool, name: &str) -> Result<Option<SlotInfo>, Se
         wal_status: r.7,
         retained_bytes: r.8,
         lag_bytes: r.9,
+        failover: r.10,
     }))
 }
 
@@ -545,6 +551,7 @@ type SlotRow = (
     Option<String>,
     Option<i64>,
     Option<i64>,
+    Option<bool>,
 );
 
 /// Checks that slot `name` can be streamed from here: right plugin, this database, not
@@ -581,14 +588,19 @@ pub async fn check_slot(pool: &PgPool, slot: &SlotInfo) -> Result<(), SetupError
 pub async fn ensure_slot(pool: &PgPool, name: &str) -> Result<(SlotInfo, bool), SetupError> {
     let mut created = false;
     if slot_info(pool, name).await?.is_none() {
-        let result = sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
-            .bind(name)
-            .execute(pool)
-            .await;
+        // From PostgreSQL 17 on, a failover slot: synchronized to standbys that ask for it
+        // (`sync_replication_slots`), so that it survives the promotion of one.
+        let failover = server_version(pool).await?.failover_slots();
+        let create = if failover {
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+        } else {
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+        };
+        let result = sqlx::query(create).bind(name).execute(pool).await;
         match result {
             Ok(_) => {
                 created = true;
-                tracing::info!(slot = name, "created replication slot");
+                tracing::info!(slot = name, failover, "created replication slot");
             }
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42710") => {}
             Err(e) => return Err(sql(format!("creating replication slot {name:?}"))(e)),
@@ -601,7 +613,38 @@ pub async fn ensure_slot(pool: &PgPool, name: &str) -> Result<(SlotInfo, bool), 
             database: String::new(),
         })?;
     check_slot(pool, &slot).await?;
+    warn_about_failover(pool, &slot).await;
     Ok((slot, created))
+}
+
+/// What a failover of the server would do to the slot, when it would lose it or the standby
+/// could get ahead of it: logged, not refused (a server without standbys needs none of it).
+async fn warn_about_failover(pool: &PgPool, slot: &SlotInfo) {
+    match slot.failover {
+        None => {}
+        Some(false) => tracing::info!(
+            slot = %slot.name,
+            "the slot is not a failover slot (it was made before streamex made failover slots, \
+             or by hand): a promoted standby will not have it. Drop it while streamex is \
+             stopped and let `streamex setup` make it again, or run ALTER_REPLICATION_SLOT \
+             with FAILOVER true on a replication connection"
+        ),
+        Some(true) => {
+            let standbys: Result<String, _> =
+                sqlx::query_scalar("SELECT current_setting('synchronized_standby_slots')")
+                    .fetch_one(pool)
+                    .await;
+            if standbys.is_ok_and(|s| s.trim().is_empty()) {
+                tracing::info!(
+                    slot = %slot.name,
+                    "synchronized_standby_slots is empty on this server: streamex may be sent \
+                     changes a standby has not received yet, and after that standby's \
+                     promotion its copy of the slot would be behind what streamex acknowledged. \
+                     Set it to the standbys' physical slots (see the README's failover notes)"
+                );
+            }
+        }
+    }
 }
 
 /// Drops slot `name` (it must not be in use).

@@ -99,6 +99,12 @@ impl ServerVersion {
         self.major() >= 15
     }
 
+    /// Whether a logical slot can be synchronized to physical standbys, so that it survives
+    /// the promotion of one (`failover`; PostgreSQL 17 and later).
+    pub fn failover_slots(self) -> bool {
+        self.major() >= 17
+    }
+
     /// Whether a publication may publish stored generated columns
     /// (`publish_generated_columns`; PostgreSQL 18 and later).
     pub fn publishes_generated_columns(self) -> bool {
@@ -230,5 +236,12 @@ mod tests {
         assert_eq!(ServerVersion(130_000).to_string(), "13.0");
         assert_eq!(ServerVersion(90_624).to_string(), "9.6.24");
         assert_eq!(ServerVersion(170_010).major(), 17);
+    }
+
+    #[test]
+    fn slots_fail_over_from_17_on() {
+        assert!(!ServerVersion::from_num(160_004).failover_slots());
+        assert!(ServerVersion::from_num(170_000).failover_slots());
+        assert!(ServerVersion::from_num(180_004).failover_slots());
     }
 }

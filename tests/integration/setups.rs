@@ -836,3 +836,47 @@ async fn setup_refuses_a_declarative_operator_that_cannot_run() -> anyhow::Resul
     }
     Ok(())
 }
+
+/// From PostgreSQL 17 on, setup makes a failover slot (synchronized to standbys that ask for
+/// it), and `status` says whether a failover would keep the slot; before 17 it says that one
+/// would lose it.
+#[tokio::test]
+async fn the_slot_is_a_failover_slot_where_the_server_has_them() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("streamex.toml");
+    std::fs::write(&path, common::blog_config(&url, &slot_for(&url)))?;
+    common::setup_service(&path)?;
+
+    let major: i32 =
+        sqlx::query_scalar("SELECT current_setting('server_version_num')::int / 10000")
+            .fetch_one(&pool)
+            .await?;
+    let info = streamex::replication::setup::slot_info(&pool, &slot_for(&url))
+        .await?
+        .context("setup made no slot")?;
+    let status = common::streamex_command("warn")
+        .args(["status", "--config"])
+        .arg(&path)
+        .output()?;
+    let status = String::from_utf8_lossy(&status.stdout);
+    if major >= 17 {
+        assert_eq!(info.failover, Some(true), "PostgreSQL {major}");
+        let synced: bool =
+            sqlx::query_scalar("SELECT failover FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(slot_for(&url))
+                .fetch_one(&pool)
+                .await?;
+        assert!(synced);
+        assert!(status.contains("failover yes"), "{status}");
+    } else {
+        assert_eq!(info.failover, None, "PostgreSQL {major}");
+        assert!(
+            status.contains("failover not available before PostgreSQL 17"),
+            "{status}"
+        );
+    }
+    Ok(())
+}
