@@ -49,6 +49,34 @@ async fn prepare_locked(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
     for (schema, table, missing) in setup::tables_without_identity(pool, &tables).await? {
         warn!(schema, table, "published table: {missing}");
     }
+    // A slot that is gone while operators have checkpoints on it (a failover to a standby
+    // that had no copy of it, or a slot dropped by hand): a new one would start from now, and
+    // what was written in between would be missed without a word.
+    if setup::slot_info(pool, &config.slot).await?.is_none() {
+        let checkpoints = status::load_checkpoints(pool, &config.slot).await?;
+        if let Some(furthest) = checkpoints.values().max() {
+            if !config.replication.recreate_invalidated_slot {
+                bail!(
+                    "replication slot {:?} does not exist, but operators {} have checkpoints on \
+                     it (the furthest at {furthest}): it was lost (a failover to a standby \
+                     without a copy of it, before PostgreSQL 17 or without a failover slot) or \
+                     dropped. A new slot would start from now: what was written since is not \
+                     seen. To go on anyway, set replication.recreate_invalidated_slot = true \
+                     (and rebuild what is derived); to start over, delete this slot's rows from \
+                     streamex.operator_checkpoints",
+                    config.slot,
+                    checkpoints.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            warn!(
+                slot = %config.slot,
+                lost_after = %furthest,
+                "replication slot is gone though operators have checkpoints on it; creating a \
+                 new one as configured (replication.recreate_invalidated_slot): the changes \
+                 written since are not seen, rebuild what is derived from them"
+            );
+        }
+    }
     let (slot, created) = match setup::ensure_slot(pool, &config.slot).await {
         Err(setup::SetupError::SlotInvalidated { slot, confirmed })
             if config.replication.recreate_invalidated_slot =>

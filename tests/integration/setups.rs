@@ -880,3 +880,62 @@ async fn the_slot_is_a_failover_slot_where_the_server_has_them() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// A slot that is gone while operators have checkpoints on it (a failover that lost it, or a
+/// drop by hand) is not silently made again from now: setup refuses, naming the slot and the
+/// setting that accepts the loss.
+#[tokio::test]
+async fn a_lost_slot_with_checkpoints_is_not_recreated_without_saying_so() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let slot = slot_for(&url);
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("streamex.toml");
+    std::fs::write(&path, common::blog_config(&url, &slot))?;
+    common::setup_service(&path)?;
+    streamex::status::store_checkpoint(
+        &pool,
+        &slot,
+        "post_comment_tallies",
+        streamex::Lsn(0x4000),
+        3,
+    )
+    .await?;
+    streamex::replication::setup::drop_slot(&pool, &slot).await?;
+
+    let refused = common::streamex_command("warn")
+        .args(["setup", "--config"])
+        .arg(&path)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&slot)
+            && stderr.contains("post_comment_tallies")
+            && stderr.contains("replication.recreate_invalidated_slot"),
+        "{stderr}"
+    );
+    assert!(
+        streamex::replication::setup::slot_info(&pool, &slot)
+            .await?
+            .is_none(),
+        "no slot was made"
+    );
+
+    let accepted = common::streamex_command("warn")
+        .args(["setup", "--config"])
+        .arg(&path)
+        .env("STREAMEX_REPLICATION__RECREATE_INVALIDATED_SLOT", "true")
+        .output()?;
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&accepted.stderr).contains("not seen"),
+        "the loss is logged"
+    );
+    Ok(())
+}
