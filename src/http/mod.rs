@@ -166,8 +166,8 @@ pub fn spawn<S: ProcessStatusStorage + Clone>(
 }
 
 /// The routes, for [`spawn`] and for merging into a user's own router: no fallback of
-/// their own (axum merges two routers only when at most one has a fallback), the [`guard`]
-/// on every route.
+/// their own (axum merges two routers only when at most one has a fallback), the Host and
+/// token guard on every route.
 pub fn routes<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router {
     let endpoint = Arc::new(endpoint);
     endpoints::<S>()
@@ -179,7 +179,7 @@ pub fn routes<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router 
 }
 
 /// The stock endpoint: [`routes`] and a short JSON 404 for any other path, behind the same
-/// [`guard`] (an unknown Host is refused before a path is looked at).
+/// Host and token guard (an unknown Host is refused before a path is looked at).
 pub fn router<S: ProcessStatusStorage + Clone>(endpoint: Endpoint<S>) -> Router {
     let endpoint = Arc::new(endpoint);
     endpoints::<S>()
