@@ -19,6 +19,7 @@ mod http;
 mod http_routes;
 mod lease;
 mod names;
+mod reconnect;
 mod replication;
 mod service;
 mod setups;
