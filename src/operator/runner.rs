@@ -819,6 +819,27 @@ mod tests {
         ))
     }
 
+    /// A task running [`Apply`] on `pool` for slot `s`, with nothing done yet.
+    fn apply_runner(pool: &PgPool, batch_size: usize) -> Runner {
+        Runner {
+            index: 0,
+            operator: Arc::new(Apply),
+            pool: pool.clone(),
+            slot: "s".into(),
+            retry: RetryConfig::default(),
+            batch_size,
+            one_per_transaction: batch_size == 1,
+            checkpoint: None,
+            skip: None,
+            board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
+            shutdown: CancellationToken::new(),
+            reported: None,
+            clock: Arc::default(),
+            unfolded_through: None,
+            received: None,
+        }
+    }
+
     /// The stream reconnected inside a transaction and sent it again from its start while
     /// the first copy was still waiting in the inbox: each event is applied once, in a batch
     /// and one by one alike.
@@ -835,23 +856,7 @@ mod tests {
             sqlx::query("DELETE FROM streamex.operator_checkpoints")
                 .execute(&pool)
                 .await?;
-            let runner = Runner {
-                index: 0,
-                operator: Arc::new(Apply),
-                pool: pool.clone(),
-                slot: "s".into(),
-                retry: RetryConfig::default(),
-                batch_size,
-                one_per_transaction: batch_size == 1,
-                checkpoint: None,
-                skip: None,
-                board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
-                shutdown: CancellationToken::new(),
-                reported: None,
-                clock: Arc::default(),
-                unfolded_through: None,
-                received: None,
-            };
+            let runner = apply_runner(&pool, batch_size);
             let (tx, rx) = mpsc::channel(16);
             // Events 0 to 2, the reconnection, then the whole transaction again.
             for ordinal in [0, 1, 2, 0, 1, 2, 3] {
@@ -893,21 +898,8 @@ mod tests {
             // This task has done events 0 and 1; the database says 0 to 3 are done.
             status::store_checkpoint(&pool, "s", "apply", Lsn(0x100), 3).await?;
             let runner = Runner {
-                index: 0,
-                operator: Arc::new(Apply),
-                pool: pool.clone(),
-                slot: "s".into(),
-                retry: RetryConfig::default(),
-                batch_size,
-                one_per_transaction: batch_size == 1,
                 checkpoint: Some(Position::new(Lsn(0x100), 1)),
-                skip: None,
-                board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
-                shutdown: CancellationToken::new(),
-                reported: None,
-                clock: Arc::default(),
-                unfolded_through: None,
-                received: None,
+                ..apply_runner(&pool, batch_size)
             };
             let (tx, rx) = mpsc::channel(16);
             for ordinal in 2..6 {
@@ -948,24 +940,11 @@ mod tests {
             .execute(&pool)
             .await?;
             let runner = Runner {
-                index: 0,
-                operator: Arc::new(Apply),
-                pool: pool.clone(),
-                slot: "s".into(),
                 retry: RetryConfig {
                     on_failure: policy,
                     ..RetryConfig::default()
                 },
-                batch_size: 500,
-                one_per_transaction: false,
-                checkpoint: None,
-                skip: None,
-                board: Arc::new(Board::new(vec!["apply".into()], Lsn(0))),
-                shutdown: CancellationToken::new(),
-                reported: None,
-                clock: Arc::default(),
-                unfolded_through: None,
-                received: None,
+                ..apply_runner(&pool, 500)
             };
             let (tx, rx) = mpsc::channel(16);
             for ordinal in 0..3 {
