@@ -95,6 +95,18 @@ fn ordinal_from_sql(context: &'static str, ordinal: i64) -> Result<u64, StatusEr
     })
 }
 
+/// A position stored as its commit LSN's text and its ordinal.
+fn position_from_sql(
+    context: &'static str,
+    lsn: &str,
+    ordinal: i64,
+) -> Result<Position, StatusError> {
+    Ok(Position::new(
+        parse_lsn(context, lsn)?,
+        ordinal_from_sql(context, ordinal)?,
+    ))
+}
+
 fn attempts_to_sql(context: &'static str, attempts: u32) -> Result<i32, StatusError> {
     i32::try_from(attempts).map_err(|_| StatusError::Invalid {
         context,
@@ -397,13 +409,8 @@ pub async fn load_checkpoint<'c, E: PgExecutor<'c>>(
     .fetch_optional(executor)
     .await
     .map_err(StatusError::sql(CONTEXT))?;
-    row.map(|(lsn, ordinal)| {
-        Ok(Position::new(
-            parse_lsn(CONTEXT, &lsn)?,
-            ordinal_from_sql(CONTEXT, ordinal)?,
-        ))
-    })
-    .transpose()
+    row.map(|(lsn, ordinal)| position_from_sql(CONTEXT, &lsn, ordinal))
+        .transpose()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -593,13 +600,8 @@ pub async fn set_operator_running_skipping<'c, E: PgExecutor<'c>>(
     .fetch_optional(executor)
     .await
     .map_err(StatusError::sql(CONTEXT))?;
-    row.map(|(lsn, ordinal)| {
-        Ok(Position::new(
-            parse_lsn(CONTEXT, &lsn)?,
-            ordinal_from_sql(CONTEXT, ordinal)?,
-        ))
-    })
-    .transpose()
+    row.map(|(lsn, ordinal)| position_from_sql(CONTEXT, &lsn, ordinal))
+        .transpose()
 }
 
 /// Forgets the event `operator` of `slot` was to set aside (it has been).
