@@ -100,7 +100,11 @@ impl Fleet {
     fn spawn(&mut self) -> anyhow::Result<()> {
         self.started += 1;
         let log = self.dir.join(format!("instance-{:02}.log", self.started));
-        let child = spawn_service(&self.config, &log, "info")?;
+        let child = spawn_service(
+            &self.config,
+            &log,
+            &std::env::var("STREAMEX_CHAOS_LOG").unwrap_or_else(|_| "info".into()),
+        )?;
         self.running.push((child, log));
         Ok(())
     }
@@ -220,7 +224,11 @@ async fn chaos_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
         "the cluster's URL has no 127.0.0.1:port: {url}"
     );
 
-    let dir = tempfile::tempdir()?;
+    // STREAMEX_CHAOS_KEEP=1 keeps the instances' whole logs (the failure report has their ends).
+    let dir = tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("STREAMEX_CHAOS_KEEP").is_some())
+        .tempdir()?;
+    eprintln!("chaos logs in {}", dir.path().display());
     let config = dir.path().join("streamex.toml");
     let text = common::blog_config(&proxied, &common::slot_for(&url))
         .replace(
