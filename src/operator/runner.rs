@@ -26,7 +26,7 @@ use std::task::Poll;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, trace, warn};
 
 use super::board::Board;
 use super::{Context, Delivery, DynOperator, HandlerFuture};
@@ -397,7 +397,25 @@ impl Runner {
         let mut ctx = Context::new(Some(&mut *tx), 1, self.operator.name());
         guarded(self.operator.handle_batch(events, &mut ctx)).await?;
         let last = events.last().map(|e| e.position()).unwrap_or_default();
-        self.commit_with_checkpoint(tx, last).await
+        let from = self.checkpoint;
+        self.commit_with_checkpoint(tx, last).await?;
+        self.trace_applied(from, events.iter().map(|e| &**e));
+        Ok(())
+    }
+
+    /// At trace level, which events a committed transaction applied (`xid:ordinal` each) and
+    /// the checkpoint it moved: with the WAL, this tells a doubled or lost event's story.
+    fn trace_applied<'e>(&self, from: Option<Position>, events: impl Iterator<Item = &'e Event>) {
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let applied: Vec<String> = events.map(|e| format!("{}:{}", e.xid, e.ordinal)).collect();
+            trace!(
+                operator = self.operator.name(),
+                from = %display_position(from),
+                to = %display_position(self.checkpoint),
+                events = %applied.join(","),
+                "applied"
+            );
+        }
     }
 
     /// Whether its effects go into a transaction with its checkpoint.
@@ -606,7 +624,10 @@ impl Runner {
         wait_visible(&mut tx, [event.xid]).await?;
         let mut ctx = Context::new(Some(&mut *tx), attempt, self.operator.name());
         guarded(self.operator.handle(event, &mut ctx)).await?;
-        self.commit_with_checkpoint(tx, event.position()).await
+        let from = self.checkpoint;
+        self.commit_with_checkpoint(tx, event.position()).await?;
+        self.trace_applied(from, std::iter::once(event));
+        Ok(())
     }
 
     /// Stores the event `streamex resume --skip-current` named as a dead letter, without

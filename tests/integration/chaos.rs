@@ -7,6 +7,13 @@
 //!
 //! The run is random but repeatable: the seed is printed; set STREAMEX_CHAOS_SEED to repeat it
 //! (with the same STREAMEX_CHAOS_EVENTS, the number of chaos events: 20 unless set).
+//!
+//! For chasing a failure: STREAMEX_CHAOS_KEEP=1 keeps the instances' logs in the printed
+//! directory, with `audit.tsv` (every change in the WAL, from a second slot decoding with
+//! test_decoding; STREAMEX_CHAOS_NO_AUDIT=1 leaves that slot out) and `wrong-tallies.tsv`
+//! (post, truth, tally); STREAMEX_CHAOS_LOG sets the instances' log filter (with
+//! `streamex::operator::runner=trace` each committed transaction of an operator is logged
+//! with the events it applied, as `xid:ordinal`).
 
 use crate::common;
 
@@ -243,6 +250,15 @@ async fn chaos_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
     std::fs::write(&config, text)?;
     // The slot must exist before the first change the derived tables are checked against.
     common::setup_service(&config)?;
+    // With STREAMEX_CHAOS_KEEP, a second slot keeps the whole WAL's story (test_decoding) for
+    // the kept directory: which event a wrong tally missed or got twice.
+    let keep = std::env::var_os("STREAMEX_CHAOS_KEEP").is_some()
+        && std::env::var_os("STREAMEX_CHAOS_NO_AUDIT").is_none();
+    if keep {
+        sqlx::query("SELECT pg_create_logical_replication_slot('chaos_audit', 'test_decoding')")
+            .execute(&pool)
+            .await?;
+    }
 
     // The workload: two writers, all along, straight to the cluster; a failed transaction is
     // dropped and the next one tried once the server is back.
@@ -437,6 +453,32 @@ async fn chaos_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
     };
     settled.map_err(|e| anyhow::anyhow!(report(&e.to_string())))?;
 
+    if keep {
+        let changes: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_changes('chaos_audit', \
+             NULL, NULL, 'include-xids', '1', 'skip-empty-xacts', '1')",
+        )
+        .fetch_all(&pool)
+        .await?;
+        let text: String = changes
+            .iter()
+            .map(|(lsn, xid, data)| format!("{lsn}\t{xid}\t{data}\n"))
+            .collect();
+        std::fs::write(dir.path().join("audit.tsv"), text)?;
+        let wrong: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT coalesce(truth.id, t.post_id), coalesce(truth.n, 0), coalesce(t.comments, 0)::bigint
+               FROM (SELECT p.id, count(c.id) AS n FROM posts p LEFT JOIN comments c ON c.post_id = p.id GROUP BY p.id) truth
+               FULL JOIN post_comment_tallies t ON t.post_id = truth.id
+              WHERE coalesce(t.comments, 0) <> coalesce(truth.n, 0)",
+        )
+        .fetch_all(&pool)
+        .await?;
+        let text: String = wrong
+            .iter()
+            .map(|(post, truth, tally)| format!("{post}\t{truth}\t{tally}\n"))
+            .collect();
+        std::fs::write(dir.path().join("wrong-tallies.tsv"), text)?;
+    }
     let (counts, tallies) = derived_mismatches(&pool).await?;
     let (too_high, too_low): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE coalesce(t.comments, 0) > coalesce(truth.n, 0)),
