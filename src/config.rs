@@ -467,6 +467,10 @@ pub struct OperatorConfig {
     /// Run each event in its own transaction instead of batching (slower; for comparison).
     #[serde(default)]
     pub one_event_per_transaction: bool,
+    /// Whether the operator's first run on the slot starts with the rows that already exist
+    /// (as `read` events); unset, the operator says (a Rust operator's
+    /// `Operator::backfill`, true unless it says otherwise; true for a declarative one).
+    pub backfill: Option<bool>,
 }
 
 impl Config {

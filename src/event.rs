@@ -39,16 +39,20 @@ pub enum EventType {
     Delete,
     /// The table was truncated (the event has no records).
     Truncate,
+    /// A row that existed when the operator's backfill read its table (see
+    /// [`crate::operator::Operator::backfill`]): the record is the row as `to_jsonb` gives it.
+    Read,
 }
 
 impl EventType {
-    /// `insert`, `update`, `delete` or `truncate`, as the JSON form writes it.
+    /// `insert`, `update`, `delete`, `truncate` or `read`, as the JSON form writes it.
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::Insert => "insert",
             EventType::Update => "update",
             EventType::Delete => "delete",
             EventType::Truncate => "truncate",
+            EventType::Read => "read",
         }
     }
 }

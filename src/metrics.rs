@@ -42,14 +42,17 @@ pub enum OperatorStateKind {
     Running,
     /// Stopped on an error until `streamex resume`.
     Halted,
+    /// Reading the rows that existed before its first run (its backfill).
+    Backfilling,
 }
 
 impl OperatorStateKind {
-    /// `running` or `halted`.
+    /// `running`, `halted` or `backfilling`.
     pub fn as_str(&self) -> &'static str {
         match self {
             OperatorStateKind::Running => "running",
             OperatorStateKind::Halted => "halted",
+            OperatorStateKind::Backfilling => "backfilling",
         }
     }
 }
@@ -65,6 +68,10 @@ pub struct OperatorReport {
     pub retries: u64,
     pub dead_letters: u64,
     pub last_error: Option<String>,
+    /// While it backfills: the rows handled so far.
+    pub backfill_rows: Option<u64>,
+    /// While it backfills: the rows its tables hold, as the statistics estimate.
+    pub backfill_estimate: Option<u64>,
 }
 
 type EntityLabel = [(&'static str, String); 1];
@@ -330,7 +337,7 @@ impl Collector for Snapshot {
             let g = ConstGauge::new(0u64);
             let mut metric = encoder.encode_descriptor(
                 "operator_state",
-                "1 for the state an operator is in (running or halted), 0 for the others",
+                "1 for the state an operator is in (running, halted or backfilling), 0 for the others",
                 None,
                 g.metric_type(),
             )?;
@@ -338,10 +345,32 @@ impl Collector for Snapshot {
                 for (state, kind) in [
                     ("running", OperatorStateKind::Running),
                     ("halted", OperatorStateKind::Halted),
+                    ("backfilling", OperatorStateKind::Backfilling),
                 ] {
                     let labels = [("operator", o.name.as_str()), ("state", state)];
                     ConstGauge::new(u64::from(o.state == kind))
                         .encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+        for (name, help, value) in [
+            (
+                "operator_backfill_rows",
+                "Rows a backfilling operator has handled so far",
+                (|o: &OperatorReport| o.backfill_rows) as fn(&OperatorReport) -> Option<u64>,
+            ),
+            (
+                "operator_backfill_rows_estimated",
+                "Rows the tables of a backfilling operator hold, as the statistics estimate",
+                |o: &OperatorReport| o.backfill_estimate,
+            ),
+        ] {
+            let g = ConstGauge::new(0u64);
+            let mut metric = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+            for o in ops {
+                if let Some(v) = value(o) {
+                    ConstGauge::new(v)
+                        .encode(metric.encode_family(&[("operator", o.name.as_str())])?)?;
                 }
             }
         }
@@ -478,6 +507,8 @@ mod tests {
             retries: 2,
             dead_letters: 1,
             last_error: Some("boom".into()),
+            backfill_rows: None,
+            backfill_estimate: None,
         };
         let text = metrics.render(vec![report], None);
         for line in [

@@ -26,6 +26,8 @@ pub(crate) struct Board {
     retries: Vec<AtomicU64>,
     dead: Vec<AtomicU64>,
     halted: Vec<Mutex<Option<String>>>,
+    /// Per operator backfilling in this run: `(rows done, rows estimated)`.
+    backfill: Vec<Mutex<Option<(u64, u64)>>>,
     names: Vec<String>,
     pub(super) changed: Notify,
     /// An operator whose folded window failed, and the position through which its events
@@ -44,6 +46,7 @@ impl Board {
             retries: atomics(0),
             dead: atomics(0),
             halted: (0..n).map(|_| Mutex::new(None)).collect(),
+            backfill: (0..n).map(|_| Mutex::new(None)).collect(),
             names,
             changed: Notify::new(),
             replay: Mutex::new(None),
@@ -76,6 +79,31 @@ impl Board {
     pub(crate) fn halt(&self, index: usize, error: String) {
         *self.halted[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
         self.changed.notify_one();
+    }
+
+    /// Operator `index` backfills in this run (it gets no inbox; its done position stays).
+    pub(crate) fn backfill_started(&self, index: usize, estimate: u64) {
+        *self.backfill[index]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((0, estimate));
+    }
+
+    /// Operator `index`'s backfill has handled `rows` rows.
+    pub(crate) fn backfill_rows(&self, index: usize, rows: u64) {
+        if let Some((done, _)) = self.backfill[index]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            *done = rows;
+        }
+    }
+
+    pub(super) fn is_backfilling(&self, index: usize) -> bool {
+        self.backfill[index]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// Operator `index` needs its events through `through` again, unfolded.
@@ -122,13 +150,18 @@ impl Board {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
+                let backfill = *self.backfill[i].lock().unwrap_or_else(|p| p.into_inner());
                 OperatorReport {
                     name: self.names[i].clone(),
                     state: if error.is_some() {
                         OperatorStateKind::Halted
+                    } else if backfill.is_some() {
+                        OperatorStateKind::Backfilling
                     } else {
                         OperatorStateKind::Running
                     },
+                    backfill_rows: backfill.map(|(rows, _)| rows),
+                    backfill_estimate: backfill.map(|(_, estimate)| estimate),
                     done_through: Lsn(self.done[i].load(Ordering::Acquire)),
                     events: self.events[i].load(Ordering::Relaxed),
                     retries: self.retries[i].load(Ordering::Relaxed),

@@ -106,7 +106,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                             if shutdown.is_cancelled() {
                                 return EngineExit::Shutdown;
                             }
-                            debug_assert!(board.is_halted(index));
+                            debug_assert!(board.is_halted(index) || board.is_backfilling(index));
                         }
                     }
                 }

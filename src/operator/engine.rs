@@ -24,8 +24,9 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{error, warn};
 
+use super::backfill::{self, Backfills, Outcome};
 use super::board::Board;
 use super::progress::Pending;
 use super::runner::{Input, Runner};
@@ -35,7 +36,7 @@ use crate::lsn::{Lsn, Position};
 use crate::metrics::Metrics;
 use crate::metrics::OperatorReport;
 use crate::pubsub::PubSub;
-use crate::replication::Acknowledger;
+use crate::replication::{Acknowledger, ConnectParams};
 use crate::status::{self, OperatorRunState, ProcessStatusStorage};
 
 /// An operator as the engine runs it.
@@ -43,6 +44,8 @@ pub struct OperatorSpec {
     pub operator: super::AnyOperator,
     pub retry: RetryConfig,
     pub one_per_transaction: bool,
+    /// Whether its first run on the slot starts with a backfill (see `backfill.rs`).
+    pub backfill: bool,
 }
 
 /// Why the engine stopped without an error.
@@ -58,6 +61,9 @@ pub enum EngineExit {
     /// A folded window of this operator failed: run again from the slot's position, this
     /// operator handling its events through the position without folding.
     Replay(String, Position),
+    /// Operators backfilled (or their backfill failed and is to be tried again): run again
+    /// from the slot's position, so that they get the changes after their snapshot.
+    Backfilled(Vec<String>),
 }
 
 /// A failure of the engine itself (not of an operator, which the retry policy handles).
@@ -89,6 +95,13 @@ pub struct Engine<S: ProcessStatusStorage> {
     /// Per operator, the position through which its events are handled without folding on
     /// the next run (after its folded window failed).
     unfolded: Mutex<HashMap<String, Position>>,
+    /// Where a backfill exports its snapshot (a replication connection); without it, no
+    /// operator backfills.
+    pub params: Option<ConnectParams>,
+    /// The schema whose tables' entities are unqualified (for a backfill's events).
+    pub default_schema: String,
+    /// Per operator, how many backfills in a row have failed (the retry policy counts them).
+    backfill_failures: Mutex<HashMap<String, u32>>,
 }
 
 impl<S: ProcessStatusStorage + Clone> Engine<S> {
@@ -112,6 +125,9 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             metrics: Arc::default(),
             reports: Arc::default(),
             unfolded: Mutex::default(),
+            params: None,
+            default_schema: crate::event::DEFAULT_SCHEMA.to_owned(),
+            backfill_failures: Mutex::default(),
         }
     }
 
@@ -149,6 +165,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
 
         let tracker = TaskTracker::new();
         let mut inboxes: Vec<Option<mpsc::Sender<Input>>> = Vec::new();
+        let mut jobs: Vec<backfill::Job> = Vec::new();
         for (index, spec) in self.operators.iter().enumerate() {
             let name = spec.operator.name();
             if let Some(state) = states
@@ -161,6 +178,18 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     index,
                     state.last_error.clone().unwrap_or_else(|| "halted".into()),
                 );
+                inboxes.push(None);
+                continue;
+            }
+            if spec.backfill && self.params.is_some() && !checkpoints.contains_key(name) {
+                // Its first run on the slot: it reads the existing rows first, and gets no
+                // inbox meanwhile (its done position stays at `start`, holding the slot).
+                board.backfill_started(index, 0);
+                jobs.push(backfill::Job {
+                    index,
+                    operator: spec.operator.0.clone(),
+                    retry: spec.retry,
+                });
                 inboxes.push(None);
                 continue;
             }
@@ -216,6 +245,9 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 let exit = tokio::select! {
                     exit = self.dispatch(&mut items, &mut inboxes, &board, pending_tx, &shutdown) => exit,
                     name = self.watch_resume(&board, &names, &shutdown) => EngineExit::Resumed(name),
+                    names = self.backfill(&board, &jobs, &shutdown), if !jobs.is_empty() => {
+                        EngineExit::Backfilled(names)
+                    }
                     (name, through) = board.replay_wanted() => {
                         self.unfolded
                             .lock()
@@ -234,5 +266,103 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         );
         coordinated?;
         Ok(exit)
+    }
+}
+
+impl<S: ProcessStatusStorage + Clone> Engine<S> {
+    /// Runs this run's backfills, then returns the operators whose backfill ended (done, or
+    /// failed and to be tried again after a wait, or halted after the retry policy's last
+    /// try): the engine then runs again from the slot's position.
+    async fn backfill(
+        &self,
+        board: &Board,
+        jobs: &[backfill::Job],
+        shutdown: &CancellationToken,
+    ) -> Vec<String> {
+        let Some(params) = &self.params else {
+            return std::future::pending().await;
+        };
+        let backfills = Backfills {
+            pool: &self.pool,
+            params,
+            slot: &self.slot,
+            default_schema: &self.default_schema,
+            board,
+            shutdown,
+        };
+        let names = jobs.iter().map(|j| j.operator.name().to_owned()).collect();
+        let outcomes = match backfills.run(jobs).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                warn!(error = %crate::error::chain(&error), "backfill could not start; trying again");
+                jobs.iter()
+                    .map(|_| Outcome::Failed(anyhow::anyhow!("{error:#}")))
+                    .collect()
+            }
+        };
+        if shutdown.is_cancelled() {
+            return std::future::pending().await;
+        }
+        let mut wait = std::time::Duration::ZERO;
+        for (job, outcome) in jobs.iter().zip(outcomes) {
+            let name = job.operator.name();
+            let Outcome::Failed(failure) = outcome else {
+                self.backfill_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(name);
+                continue;
+            };
+            let message = crate::error::chain(&failure);
+            let outage = backfill::is_outage(&failure);
+            let halt = failure.is::<backfill::Halt>();
+            let failures = {
+                let mut all = self
+                    .backfill_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let n = all.entry(name.to_owned()).or_default();
+                if !outage {
+                    *n += 1;
+                }
+                *n
+            };
+            if halt || failures > job.retry.retries {
+                error!(
+                    operator = name, attempts = failures, error = %message,
+                    "operator halted: its backfill failed every time (rolled back each time;                      `streamex resume {name}` tries it again)"
+                );
+                let stored = status::set_operator_halted(
+                    &self.pool,
+                    &self.slot,
+                    name,
+                    &message,
+                    Lsn::ZERO,
+                    0,
+                    failures,
+                )
+                .await;
+                if let Err(e) = stored {
+                    error!(operator = name, error = %e, "could not store the halt; it is in this log only");
+                }
+                board.halt(job.index, message);
+                self.backfill_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(name);
+            } else {
+                let next = job.retry.delay(failures.max(1));
+                wait = wait.max(next);
+                warn!(
+                    operator = name, attempt = failures, retries = job.retry.retries, error = %message,
+                    retry_in_ms = u64::try_from(next.as_millis()).unwrap_or(u64::MAX),
+                    "backfill failed and was rolled back; it starts again from a new snapshot"
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => names,
+            _ = shutdown.cancelled() => std::future::pending().await,
+        }
     }
 }

@@ -23,6 +23,7 @@
 //! - The slot is acknowledged up to a commit only when every operator has durably finished
 //!   every event up to it (or dead-lettered it) and the process status covering it is stored.
 
+mod backfill;
 mod board;
 mod coordinator;
 mod dispatch;
@@ -77,10 +78,18 @@ impl Subscription {
 
     /// Whether `event` is one of these.
     pub fn matches(&self, event: &Event) -> bool {
-        event.is_entity(&self.entity)
-            && (self.types.is_empty()
-                || event.kind == EventType::Truncate
-                || self.types.contains(&event.kind))
+        event.is_entity(&self.entity) && self.takes(event.kind)
+    }
+
+    /// Whether events of type `kind` of the entity are delivered: every type when `types` is
+    /// empty, a truncate always, a backfill's [`EventType::Read`] when `types` has it or
+    /// [`EventType::Insert`] (a row that was there before is, to an operator of inserts, a row
+    /// inserted before it started), and otherwise the types listed.
+    pub fn takes(&self, kind: EventType) -> bool {
+        self.types.is_empty()
+            || kind == EventType::Truncate
+            || self.types.contains(&kind)
+            || (kind == EventType::Read && self.types.contains(&EventType::Insert))
     }
 }
 
@@ -220,6 +229,15 @@ pub trait Operator: Send + Sync + 'static {
         Delivery::ExactlyOnce
     }
 
+    /// Whether, on its first run on a slot (no checkpoint yet), it first gets every row that
+    /// exists in the tables it subscribes to, as [`EventType::Read`] events, before the
+    /// changes after them (see the `backfill` module of the engine for how the two meet
+    /// exactly). Default: true. `[[operators]] backfill = false` in the configuration
+    /// overrides it.
+    fn backfill(&self) -> bool {
+        true
+    }
+
     /// Checks, before the service runs, what can be checked against the database: that the
     /// operator's statements prepare, that the columns it reads exist. An error stops
     /// start-up (and `streamex setup`) naming the operator, instead of surfacing at the first
@@ -283,6 +301,10 @@ impl<T: Operator> Operator for Arc<T> {
         (**self).delivery()
     }
 
+    fn backfill(&self) -> bool {
+        (**self).backfill()
+    }
+
     fn check(
         &self,
         db: &mut sqlx::PgConnection,
@@ -319,6 +341,7 @@ pub(crate) trait DynOperator: Send + Sync + 'static {
     fn name(&self) -> &str;
     fn subscriptions(&self) -> Vec<Subscription>;
     fn delivery(&self) -> Delivery;
+    fn backfill(&self) -> bool;
     fn check<'a>(&'a self, db: &'a mut sqlx::PgConnection) -> HandlerFuture<'a>;
     fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a>;
     fn handle_batch<'a>(
@@ -340,6 +363,10 @@ impl<T: Operator> DynOperator for T {
 
     fn delivery(&self) -> Delivery {
         Operator::delivery(self)
+    }
+
+    fn backfill(&self) -> bool {
+        Operator::backfill(self)
     }
 
     fn check<'a>(&'a self, db: &'a mut sqlx::PgConnection) -> HandlerFuture<'a> {

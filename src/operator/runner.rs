@@ -786,7 +786,7 @@ fn visible(xid: u32, xmax: u64, in_progress: &[u64]) -> bool {
 
 /// Runs a handler future, turning a panic into an error so that it goes through the retry
 /// policy instead of taking the service down.
-async fn guarded(mut future: HandlerFuture<'_>) -> anyhow::Result<()> {
+pub(super) async fn guarded(mut future: HandlerFuture<'_>) -> anyhow::Result<()> {
     std::future::poll_fn(|cx| {
         match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
             Ok(poll) => poll,

@@ -504,8 +504,12 @@ impl SqlOperator {
     }
 
     /// The query for every id found in the source tables now: after a TRUNCATE of one of
-    /// them, every derived row may have changed.
-    async fn recompute_all(&self, conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+    /// them, every derived row may have changed; in a backfill, every id is new. Returns how
+    /// many ids.
+    pub(crate) async fn recompute_all(
+        &self,
+        conn: &mut sqlx::PgConnection,
+    ) -> anyhow::Result<usize> {
         let mut all: std::collections::BTreeSet<String> = Default::default();
         for (entity, field) in &self.ids {
             let name = crate::event::EntityName::parse(entity)?;
@@ -520,7 +524,7 @@ impl SqlOperator {
             ))
             .fetch_all(&mut *conn)
             .await
-            .with_context(|| format!("reading every {field} of {entity} after a truncate"))?;
+            .with_context(|| format!("reading every {field} of {entity}"))?;
             all.extend(ids);
         }
         let all: Vec<(Which, Value)> = all
@@ -530,7 +534,7 @@ impl SqlOperator {
         for chunk in all.chunks(RECOMPUTE_CHUNK) {
             self.run_ids(conn, chunk).await?;
         }
-        Ok(())
+        Ok(all.len())
     }
 
     /// Each `(statement, id)` in order: bound directly when there are few of them, else (or

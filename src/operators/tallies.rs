@@ -3,7 +3,8 @@
 //! Keeps `post_comment_tallies (post_id, comments)` by adding 1 for each inserted comment and
 //! subtracting 1 for each deleted one (and moving 1 when a comment changes post). It is not
 //! idempotent on purpose: a tally that is right after crashes shows that each event was
-//! applied exactly once. Needs `comments` with REPLICA IDENTITY FULL, so that a delete carries
+//! applied exactly once. Its first run on a slot counts the comments that already exist (the
+//! backfill's `read` events, +1 each). Needs `comments` with REPLICA IDENTITY FULL, so that a delete carries
 //! the comment's `post_id`. A TRUNCATE of `comments` sets every tally to 0.
 
 use std::collections::BTreeMap;
@@ -59,7 +60,11 @@ const RESET: &str = "UPDATE post_comment_tallies SET comments = 0 WHERE comments
 /// What one comment event adds to which posts.
 fn deltas(event: &Event) -> anyhow::Result<[(Option<i64>, i32); 2]> {
     Ok(match event.kind {
-        EventType::Insert => [(post_id(event.new_record.as_ref(), "new")?, 1), (None, 0)],
+        // A comment that existed before the operator's first run (its backfill) counts as
+        // one inserted then.
+        EventType::Insert | EventType::Read => {
+            [(post_id(event.new_record.as_ref(), "new")?, 1), (None, 0)]
+        }
         EventType::Delete => [
             (post_id(event.old_record.as_ref(), "deleted")?, -1),
             (None, 0),

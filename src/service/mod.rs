@@ -95,6 +95,9 @@ pub struct ServiceBuilder<S = StatusBackend> {
     /// Whether the configuration's `[[operators]]` are built and run (the testing kit runs
     /// the operators it is given, with their entries' options).
     configured_operators: bool,
+    /// Whether operators without a checkpoint backfill, whatever they and the configuration
+    /// say (unset: they and `[[operators]] backfill` decide).
+    backfill: Option<bool>,
 }
 
 impl Default for ServiceBuilder {
@@ -106,6 +109,7 @@ impl Default for ServiceBuilder {
             status: Box::new(StatusBackend::from_config),
             pubsub: PubSub::new(),
             configured_operators: true,
+            backfill: None,
         }
     }
 }
@@ -156,7 +160,17 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
             status: Box::new(move |_, _| status),
             pubsub: self.pubsub,
             configured_operators: self.configured_operators,
+            backfill: self.backfill,
         }
+    }
+
+    /// Whether the operators' first run on the slot starts with a backfill of the rows that
+    /// exist (see [`Operator::backfill`](crate::operator::Operator::backfill)), for every
+    /// operator, whatever the operators and `[[operators]] backfill` say. Unset (the
+    /// default), each operator's own choice applies, then its configuration entry's.
+    pub fn backfill(mut self, backfill: bool) -> Self {
+        self.backfill = Some(backfill);
+        self
     }
 
     /// Whether the configuration's `[[operators]]` are built and run (the default). With
@@ -219,6 +233,7 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
             status,
             self.pubsub,
             operators,
+            self.backfill,
         ))
     }
 }
@@ -260,6 +275,7 @@ impl<S: ProcessStatusStorage + Clone> Service<S> {
         status: S,
         pubsub: PubSub,
         operators: Vec<AnyOperator>,
+        backfill: Option<bool>,
     ) -> Self {
         let specs = operators
             .into_iter()
@@ -268,12 +284,17 @@ impl<S: ProcessStatusStorage + Clone> Service<S> {
                 OperatorSpec {
                     retry: entry.and_then(|c| c.retry).unwrap_or(config.retry),
                     one_per_transaction: entry.is_some_and(|c| c.one_event_per_transaction),
+                    backfill: backfill
+                        .or_else(|| entry.and_then(|c| c.backfill))
+                        .unwrap_or_else(|| operator.0.backfill()),
                     operator,
                 }
             })
             .collect();
         let mut engine = Engine::new(pool.clone(), &config.slot, status, pubsub, specs);
         engine.batch_size = config.replication.batch_size;
+        engine.params = Some(params.clone());
+        engine.default_schema = config.default_schema.clone();
         engine.timestamp_field = config.process_status.timestamp_field.clone();
         for (entity, e) in &config.entities {
             // Checked when the configuration was read.

@@ -151,6 +151,13 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
             EngineExit::Resumed(name) => {
                 info!(operator = %name, "restarting the pipeline from the slot's position");
             }
+            EngineExit::Backfilled(names) => {
+                info!(
+                    operators = %names.join(", "),
+                    "restarting the pipeline from the slot's position: the backfilled operators \
+                     get the changes after their snapshot"
+                );
+            }
             EngineExit::Replay(name, through) => {
                 info!(
                     operator = %name, %through,

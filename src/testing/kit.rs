@@ -187,6 +187,7 @@ pub struct OperatorTest {
     retry: Option<RetryConfig>,
     patience: Duration,
     registry: Registry,
+    backfill: bool,
     running: Mutex<()>,
 }
 
@@ -253,8 +254,19 @@ impl OperatorTest {
             retry: None,
             patience: Duration::from_secs(60),
             registry: crate::operators::registry(),
+            backfill: false,
             running: Mutex::new(()),
         })
+    }
+
+    /// Whether an operator's first run starts with a backfill of the rows that exist (see
+    /// [`Operator::backfill`](crate::operator::Operator::backfill)). Off by default: a run
+    /// hands the operator the statements' changes as events, which is what a test of its
+    /// reactions wants; with it on, the first run reads the tables as they are after the
+    /// statements instead (as `read` events), and later runs get the changes.
+    pub fn backfill(mut self, on: bool) -> Self {
+        self.backfill = on;
+        self
     }
 
     /// Takes from configuration `toml` (the text of a `streamex.toml`) its `[[operators]]`,
@@ -388,6 +400,7 @@ impl OperatorTest {
         let service = crate::Service::builder()
             .config(config)
             .configured_operators(false)
+            .backfill(self.backfill)
             .operators(operators)
             .pubsub(pubsub)
             .status(PostgresStatus::new(self.pool.clone()))

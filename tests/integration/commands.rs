@@ -632,7 +632,7 @@ async fn a_failing_statement_is_logged_once_then_at_the_halt() -> anyhow::Result
             "database_url = {url:?}\nslot = {:?}\ntables = [\"posts\"]\n\n\
              [[operators]]\nname = \"broken\"\n\
              query = \"UPDATE posts SET title = title || (1 / (id - id))::text WHERE id = $1\"\n\
-             id = {{ posts = \"id\" }}\n\
+             id = {{ posts = \"id\" }}\nbackfill = false\n\
              [operators.retry]\ninitial = \"10ms\"\nmax = \"20ms\"\nretries = 3\n\
              on_failure = \"halt\"\n",
             slot_for(&url)

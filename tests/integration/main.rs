@@ -7,6 +7,7 @@
 
 mod common;
 
+mod backfill;
 mod blog_operators;
 mod chaos;
 mod commands;

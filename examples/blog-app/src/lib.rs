@@ -109,7 +109,8 @@ impl Operator for PostTitles {
 
     async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
         match event.kind {
-            EventType::Insert | EventType::Update => {
+            // A read is a post that existed before the operator's first run (its backfill).
+            EventType::Insert | EventType::Update | EventType::Read => {
                 let post: Post = event.new_record_as()?;
                 // An update that changes the key carries the old key: that row goes.
                 if event.kind == EventType::Update && event.old_record.is_some() {

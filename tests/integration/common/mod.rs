@@ -389,9 +389,12 @@ impl Service {
         pubsub: streamex::pubsub::PubSub,
         operators: Vec<streamex::operator::AnyOperator>,
     ) -> anyhow::Result<Service> {
+        // These tests are of what operators make of changes: the rows written before an
+        // operator's first run come as changes too (backfill.rs tests the backfill).
         let service = streamex::Service::builder()
             .config(config.clone())
             .configured_operators(false)
+            .backfill(false)
             .operators(operators)
             .pubsub(pubsub)
             .status(status)

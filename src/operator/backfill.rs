@@ -1,0 +1,551 @@
+//! Backfill: an operator's first run on a slot starts with the rows that already exist, then
+//! goes on with the changes after them, with nothing missed and nothing doubled between the two.
+//!
+//! ```text
+//!  pipeline run from S (the slot's confirmed position)
+//!    ├─ operators with a checkpoint ──► stream as usual (the slot stays at S for now)
+//!    └─ operators without one (backfill on): no inbox, done held at S
+//!         │  export a snapshot with a temporary slot ──► consistent point P (≥ S)
+//!         │  per operator, one REPEATABLE READ transaction importing it:
+//!         │     every row of each subscribed table (cursor, chunks) ──► handle_batch(read events)
+//!         │     checkpoint R = just before P ──► COMMIT
+//!         └─ when every backfill has committed: run the pipeline again from the slot (≤ S ≤ P)
+//!               events of transactions committed before P ≤ R: skipped; at or after P: handled
+//! ```
+//!
+//! # Why it is exact
+//!
+//! - The exported snapshot holds exactly the transactions whose commit record comes before
+//!   the temporary slot's consistent point `P`, and none at or after it (that is what
+//!   `EXPORT_SNAPSHOT` promises: a slot starting at `P` sends precisely the others).
+//! - The rows read are the state after the transactions before `P`. The read events carry the
+//!   position `(P - 1, i)`, and the checkpoint stored with the operator's writes is
+//!   `R = (P - 1, MAX)`: every event of a transaction committed before `P` has a position
+//!   `(commit_lsn, ordinal) ≤ R` and is skipped by the runner, every event of one committed at
+//!   or after `P` is after `R` and is handled. Each change therefore reaches the operator
+//!   exactly once: inside the rows it reads, or as an event, never both and never neither.
+//! - Those later events still reach it: while an operator backfills, its done position stays
+//!   at `S`, where the run started, so the coordinator never acknowledges the slot past `S`
+//!   (`S ≤ P`: the slot was confirmed before the snapshot was taken); the run after the
+//!   backfill starts from the slot, at or before `S`.
+//! - Reads, the operator's writes and its checkpoint are one transaction. A crash or an error
+//!   at any point rolls all of it back; the next run finds no checkpoint and backfills again,
+//!   from a new snapshot. The checkpoint is a compare-and-set from "none", so two instances
+//!   cannot both commit a backfill. Whatever the operator reads inside the transaction (a
+//!   declarative operator's recomputation reads the source tables) is the same snapshot.
+//! - An incremental operator (the blog's tallies: +1 per insert, -1 per delete) therefore ends
+//!   exact: `count at P` from the reads, plus every change after `P` once.
+//!
+//! # What it costs the server
+//!
+//! The backfill's transaction holds one snapshot for as long as it reads (the xmin horizon:
+//! vacuum cannot remove rows deleted after it started, on any table), and `ACCESS SHARE` locks
+//! on the tables it reads (DDL and TRUNCATE on them wait). The slot keeps the WAL from `S`
+//! until the backfill commits. The temporary slot exists only until every backfill has
+//! imported the snapshot. Rows are read through a cursor, [`CHUNK`] at a time, so memory
+//! stays bounded whatever the tables' sizes.
+//!
+//! A declarative operator recomputes every id found in its tables (one statement per id, as
+//! after a TRUNCATE) instead of one per row; an operator that delivers at least once reads
+//! in a read-only snapshot transaction and gets no transaction of its own, and its
+//! checkpoint is stored once it has handled every row.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::board::Board;
+use super::{Context, Delivery, DynOperator};
+use crate::event::{EntityName, Event, EventType, Record};
+use crate::lsn::{Lsn, Position};
+use crate::replication::{ConnectParams, ExportedSnapshot};
+use crate::status;
+
+/// How many rows are fetched, and handed to the operator, at a time.
+pub(crate) const CHUNK: usize = 5_000;
+
+/// How often a running backfill logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// One operator to backfill.
+pub(crate) struct Job {
+    pub index: usize,
+    pub operator: Arc<dyn DynOperator>,
+    /// The retry policy, which counts failed backfills.
+    pub retry: crate::config::RetryConfig,
+}
+
+/// How one operator's backfill ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Committed with its checkpoint.
+    Done,
+    /// Another instance stored a checkpoint first: nothing committed here.
+    Superseded,
+    /// Failed (everything rolled back).
+    Failed(anyhow::Error),
+}
+
+/// What every backfill of a run shares.
+pub(crate) struct Backfills<'a> {
+    pub pool: &'a PgPool,
+    pub params: &'a ConnectParams,
+    pub slot: &'a str,
+    pub default_schema: &'a str,
+    pub board: &'a Board,
+    pub shutdown: &'a CancellationToken,
+}
+
+/// The checkpoint a backfill whose snapshot's consistent point is `point` stores: after every
+/// event of a transaction committed before `point`, before every other.
+pub(crate) fn checkpoint_for(point: Lsn) -> Position {
+    Position::new(read_lsn(point), i64::MAX as u64)
+}
+
+/// The commit position of a backfill's read events: just before the consistent point (which
+/// no commit record can start at, records being aligned).
+fn read_lsn(point: Lsn) -> Lsn {
+    Lsn(point.0.saturating_sub(1))
+}
+
+impl Backfills<'_> {
+    /// Runs `jobs` on one exported snapshot, concurrently; one outcome per job, in order.
+    /// An error before any of them started (the snapshot could not be exported) is returned
+    /// as is.
+    pub async fn run(&self, jobs: &[Job]) -> anyhow::Result<Vec<Outcome>> {
+        let snapshot = ExportedSnapshot::create(self.params).await.context(
+            "exporting a snapshot for the backfill (a temporary replication slot: it needs a \
+             free max_replication_slots and max_wal_senders entry)",
+        )?;
+        info!(
+            operators = %jobs.iter().map(|j| j.operator.name()).collect::<Vec<_>>().join(", "),
+            point = %snapshot.point,
+            "backfill: reading the existing rows under a snapshot; the changes from this \
+             position on come from the slot afterwards"
+        );
+        // Every transaction imports the snapshot while its exporting connection is open.
+        let mut started = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            started.push(self.begin(job, &snapshot.name).await);
+        }
+        let point = snapshot.point;
+        drop(snapshot);
+        let runs = jobs.iter().zip(started).map(|(job, begun)| async move {
+            match begun {
+                Ok(tx) => self.backfill(job, tx, point).await,
+                Err(e) => Outcome::Failed(e),
+            }
+        });
+        Ok(futures_util::future::join_all(runs).await)
+    }
+
+    /// A REPEATABLE READ transaction on the exported snapshot.
+    async fn begin(
+        &self,
+        job: &Job,
+        snapshot: &str,
+    ) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        let read_only = if job.operator.delivery() == Delivery::ExactlyOnce {
+            ""
+        } else {
+            ", READ ONLY"
+        };
+        sqlx::query(&format!(
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ{read_only}"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "SET TRANSACTION SNAPSHOT {}",
+            crate::replication::setup::quote_literal(snapshot)
+        ))
+        .execute(&mut *tx)
+        .await
+        .context("importing the backfill's snapshot")?;
+        Ok(tx)
+    }
+
+    async fn backfill(
+        &self,
+        job: &Job,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        point: Lsn,
+    ) -> Outcome {
+        let name = job.operator.name().to_owned();
+        let began = Instant::now();
+        let read = async {
+            let rows = if let Some(sql) = job.operator.as_sql() {
+                // A declarative operator's reaction to every row is the recomputation of every
+                // id found in its tables: one statement per id instead of one per row.
+                sql.recompute_all(&mut tx).await? as u64
+            } else {
+                self.read_tables(job, &mut tx, point, began).await?
+            };
+            let checkpoint = checkpoint_for(point);
+            let stored = if job.operator.delivery() == Delivery::ExactlyOnce {
+                status::advance_checkpoint(&mut *tx, self.slot, &name, None, checkpoint).await?
+            } else {
+                status::advance_checkpoint(self.pool, self.slot, &name, None, checkpoint).await?
+            };
+            if !stored {
+                return Ok(None);
+            }
+            tx.commit().await?;
+            Ok::<_, anyhow::Error>(Some(rows))
+        };
+        let result = tokio::select! {
+            result = read => result,
+            _ = self.shutdown.cancelled() => {
+                return Outcome::Failed(anyhow::anyhow!("stopped before the backfill ended"));
+            }
+        };
+        match result {
+            Ok(Some(rows)) => {
+                let secs = began.elapsed().as_secs_f64();
+                info!(
+                    operator = %name, rows, seconds = format!("{secs:.1}"),
+                    rows_per_second = format!("{:.0}", rows as f64 / secs.max(1e-6)),
+                    checkpoint = %checkpoint_for(point),
+                    "backfill done"
+                );
+                Outcome::Done
+            }
+            Ok(None) => {
+                warn!(operator = %name, "another instance stored this operator's checkpoint first: its backfill is theirs; rolled back");
+                Outcome::Superseded
+            }
+            Err(e) => Outcome::Failed(e),
+        }
+    }
+
+    /// Hands every row of each table the operator subscribes to (for read events) to it, in
+    /// chunks, inside `tx`. Returns how many.
+    async fn read_tables(
+        &self,
+        job: &Job,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        point: Lsn,
+        began: Instant,
+    ) -> anyhow::Result<u64> {
+        let mut entities: Vec<String> = job
+            .operator
+            .subscriptions()
+            .into_iter()
+            .filter(|s| s.takes(EventType::Read))
+            .map(|s| s.entity)
+            .collect();
+        entities.dedup();
+        let tables = {
+            let mut tables = Vec::new();
+            for entity in &entities {
+                tables.push(self.table(tx, entity).await?);
+            }
+            tables
+        };
+        let estimate: u64 = tables.iter().map(|t| t.estimate).sum();
+        self.board.backfill_started(job.index, estimate);
+        let timestamp: i64 =
+            sqlx::query_scalar("SELECT (extract(epoch FROM now()) * 1000000)::int8")
+                .fetch_one(&mut **tx)
+                .await?;
+        let mut rows: u64 = 0;
+        let mut logged = Instant::now();
+        for table in &tables {
+            let only = if table.partitioned { "" } else { "ONLY " };
+            sqlx::query(&format!(
+                "DECLARE streamex_backfill NO SCROLL CURSOR FOR \
+                 SELECT to_jsonb(t)::text FROM {only}{} t",
+                table.sql_name
+            ))
+            .execute(&mut **tx)
+            .await
+            .with_context(|| format!("reading {}", table.entity))?;
+            loop {
+                let texts: Vec<String> =
+                    sqlx::query_scalar(&format!("FETCH {CHUNK} FROM streamex_backfill"))
+                        .fetch_all(&mut **tx)
+                        .await
+                        .with_context(|| format!("reading {}", table.entity))?;
+                if texts.is_empty() {
+                    break;
+                }
+                let mut events = Vec::with_capacity(texts.len());
+                for text in texts {
+                    let record: Record = serde_json::from_str(&text)
+                        .with_context(|| format!("a row of {} as JSON", table.entity))?;
+                    events.push(Arc::new(Event {
+                        kind: EventType::Read,
+                        schema: table.schema.clone(),
+                        entity: table.entity.clone(),
+                        table: table.name.clone(),
+                        new_record: Some(record),
+                        old_record: None,
+                        changes: None,
+                        unavailable_columns: Vec::new(),
+                        timestamp,
+                        lsn: point,
+                        commit_lsn: read_lsn(point),
+                        xid: 0,
+                        ordinal: rows,
+                        decode_error: None,
+                        key_columns: table.key_columns.clone(),
+                    }));
+                    rows += 1;
+                }
+                self.handle_chunk(job, tx, &events).await?;
+                self.board.backfill_rows(job.index, rows);
+                if logged.elapsed() >= PROGRESS_EVERY {
+                    logged = Instant::now();
+                    log_progress(job.operator.name(), rows, estimate, began);
+                }
+            }
+            sqlx::query("CLOSE streamex_backfill")
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(rows)
+    }
+
+    /// Hands `events` to the operator as one batch, inside a savepoint of `tx`. When the batch
+    /// fails, it is rolled back to the savepoint and the rows are handled one by one, each in
+    /// its own savepoint, with the retry policy: a row that fails every time is stored as a
+    /// dead letter (in `tx`, so only if the backfill commits) under `dead_letter`, or halts
+    /// the operator under `halt` ([`Halt`]); a database outage fails the whole backfill.
+    async fn handle_chunk(
+        &self,
+        job: &Job,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        events: &[Arc<Event>],
+    ) -> anyhow::Result<()> {
+        let name = job.operator.name();
+        let exactly_once = job.operator.delivery() == Delivery::ExactlyOnce;
+        let savepoint = |what: &'static str| exactly_once.then_some(what);
+        savepoint_step(tx, savepoint("SAVEPOINT")).await?;
+        let batch = {
+            let mut ctx = Context::new(exactly_once.then_some(&mut **tx), 1, name);
+            super::runner::guarded(job.operator.handle_batch(events, &mut ctx)).await
+        };
+        let error = match batch {
+            Ok(()) => return savepoint_step(tx, savepoint("RELEASE SAVEPOINT")).await,
+            Err(error) => error,
+        };
+        if is_outage(&error) {
+            return Err(error);
+        }
+        savepoint_step(tx, savepoint("ROLLBACK TO SAVEPOINT")).await?;
+        warn!(
+            operator = name, rows = events.len(), error = %crate::error::chain(&error),
+            "a chunk of the backfill failed; handling its rows one by one"
+        );
+        for event in events {
+            let mut attempt = 1;
+            loop {
+                savepoint_step(tx, savepoint("SAVEPOINT")).await?;
+                let result = {
+                    let mut ctx = Context::new(exactly_once.then_some(&mut **tx), attempt, name);
+                    super::runner::guarded(job.operator.handle(event, &mut ctx)).await
+                };
+                let error = match result {
+                    Ok(()) => {
+                        savepoint_step(tx, savepoint("RELEASE SAVEPOINT")).await?;
+                        break;
+                    }
+                    Err(error) => error,
+                };
+                if is_outage(&error) {
+                    return Err(error);
+                }
+                savepoint_step(tx, savepoint("ROLLBACK TO SAVEPOINT")).await?;
+                let message = format!(
+                    "operator {name} failed on a row of {} during its backfill: {}",
+                    event.entity,
+                    crate::error::chain(&error)
+                );
+                if attempt <= job.retry.retries {
+                    tokio::time::sleep(job.retry.delay(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                match job.retry.on_failure {
+                    crate::config::FailurePolicy::Halt => {
+                        return Err(Halt(message).into());
+                    }
+                    crate::config::FailurePolicy::DeadLetter => {
+                        let json = serde_json::to_value(&**event)?;
+                        if exactly_once {
+                            status::insert_dead_letter(
+                                &mut **tx,
+                                self.slot,
+                                name,
+                                event.position(),
+                                &json,
+                                &message,
+                                attempt,
+                            )
+                            .await?;
+                        } else {
+                            status::insert_dead_letter(
+                                self.pool,
+                                self.slot,
+                                name,
+                                event.position(),
+                                &json,
+                                &message,
+                                attempt,
+                            )
+                            .await?;
+                        }
+                        tracing::error!(
+                            operator = name, entity = %event.entity, attempts = attempt, error = %message,
+                            "backfill row stored in streamex.dead_letters; going on"
+                        );
+                        self.board.dead_lettered(job.index);
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The table an entity names, as the backfill reads it.
+    async fn table(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        entity: &str,
+    ) -> anyhow::Result<Table> {
+        let parsed = EntityName::parse(entity)?;
+        let schema = parsed
+            .schema
+            .clone()
+            .unwrap_or_else(|| self.default_schema.to_owned());
+        let sql_name = format!(
+            "{}.{}",
+            crate::replication::setup::quote_ident(&schema),
+            crate::replication::setup::quote_ident(&parsed.table)
+        );
+        // The key columns as the stream's events carry them: the replica identity's (the
+        // primary key by default, every column under FULL, none under NOTHING).
+        let found: Option<(String, bool, Vec<String>, i64)> = sqlx::query_as(
+            "SELECT c.relkind::text, c.relkind = 'p',
+                    array(SELECT a.attname::text FROM pg_attribute a
+                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                             AND (c.relreplident = 'f' OR a.attnum = ANY (
+                                  SELECT unnest(i.indkey::int2[]) FROM pg_index i
+                                   WHERE i.indrelid = c.oid
+                                     AND ((c.relreplident = 'd' AND i.indisprimary)
+                                       OR (c.relreplident = 'i' AND i.indisreplident))))
+                           ORDER BY a.attnum),
+                    (SELECT coalesce(sum(greatest(p.reltuples, 0)), 0)::int8
+                       FROM pg_class p WHERE p.oid IN (SELECT relid FROM pg_partition_tree(c.oid)))
+               FROM pg_class c WHERE c.oid = to_regclass($1)",
+        )
+        .bind(&sql_name)
+        .fetch_optional(&mut **tx)
+        .await
+        .with_context(|| format!("looking up table {entity} for the backfill"))?;
+        let Some((_, partitioned, key_columns, estimate)) = found else {
+            anyhow::bail!("table {entity} ({sql_name}) does not exist: it cannot be backfilled");
+        };
+        Ok(Table {
+            entity: crate::event::entity_name(&schema, &parsed.table, self.default_schema).into(),
+            schema: schema.into(),
+            name: parsed.table.into(),
+            sql_name,
+            partitioned,
+            key_columns: key_columns.into(),
+            estimate: u64::try_from(estimate).unwrap_or(0),
+        })
+    }
+}
+
+/// Runs `<what> streamex_backfill_rows` (a savepoint step) in `tx`, when there is one.
+async fn savepoint_step(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    what: Option<&'static str>,
+) -> anyhow::Result<()> {
+    if let Some(what) = what {
+        sqlx::query(&format!("{what} streamex_backfill_rows"))
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// A row failed every retry under the `halt` policy: the operator halts (its backfill is
+/// rolled back and runs again, from a new snapshot, once it is resumed).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Halt(pub String);
+
+/// Whether `error` comes from the database being unreachable or restarting.
+pub(crate) fn is_outage(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(crate::error::is_transient_sqlx)
+            || cause
+                .downcast_ref::<status::StatusError>()
+                .is_some_and(status::StatusError::is_transient)
+    })
+}
+
+/// A table a backfill reads.
+struct Table {
+    entity: Arc<str>,
+    schema: Arc<str>,
+    name: Arc<str>,
+    /// `"schema"."table"`.
+    sql_name: String,
+    /// A partitioned table is read with its partitions; another without its inheritance
+    /// children (which are tables of their own).
+    partitioned: bool,
+    key_columns: Arc<[String]>,
+    /// The rows the statistics expect (`reltuples`).
+    estimate: u64,
+}
+
+fn log_progress(operator: &str, rows: u64, estimate: u64, began: Instant) {
+    let secs = began.elapsed().as_secs_f64().max(1e-6);
+    let rate = rows as f64 / secs;
+    let left = estimate.saturating_sub(rows);
+    info!(
+        operator,
+        rows,
+        estimated = estimate,
+        rows_per_second = format!("{rate:.0}"),
+        seconds_left = format!("{:.0}", left as f64 / rate.max(1e-6)),
+        "backfilling"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checkpoint_splits_transactions_at_the_consistent_point() {
+        let point = Lsn(0x1_6B37_4D48);
+        let checkpoint = checkpoint_for(point);
+        let before = Position::new(Lsn(point.0 - 8), 3);
+        let at = Position::new(point, 0);
+        let after = Position::new(Lsn(point.0 + 0x30), 0);
+        assert!(
+            before <= checkpoint,
+            "committed before the point: in the snapshot"
+        );
+        assert!(
+            at > checkpoint,
+            "committed at the point: not in the snapshot"
+        );
+        assert!(after > checkpoint);
+        // Every read event's position is at or before the checkpoint.
+        assert!(Position::new(read_lsn(point), 1_000_000) <= checkpoint);
+        assert_eq!(checkpoint_for(Lsn(0)).commit_lsn, Lsn(0));
+    }
+}

@@ -1,0 +1,389 @@
+//! Backfill: the blog example started beside a database that already holds rows, with writers
+//! going on and the service SIGKILLed during the backfill; a new operator added to a service
+//! that has run before; a row that fails during a backfill. Every derived table must end
+//! exactly as PostgreSQL's own answer says, tallies included (+1/-1 per event: a row counted
+//! both from the snapshot and as a change, or by neither, shows).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::{self, BLOG, PATIENCE, Rng, blog_activity, derived_mismatches, settle};
+use sqlx::PgPool;
+use streamex::config::Config;
+use streamex::event::{Event, EventType};
+use streamex::operator::{Context, Operator, Subscription};
+use streamex::status::MemoryStatus;
+
+/// `posts` and `comments` filled with `posts` posts of `per_post` comments each, in one
+/// statement each (the comments spread over the posts, as time would spread them).
+async fn existing_rows(pool: &PgPool, posts: i64, per_post: i64) -> anyhow::Result<()> {
+    sqlx::query("INSERT INTO posts (title) SELECT 'old ' || i FROM generate_series(1, $1) i")
+        .bind(posts)
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO comments (post_id, body)
+         SELECT 1 + (i % $1), 'old' FROM generate_series(1, $1 * $2) i",
+    )
+    .bind(posts)
+    .bind(per_post)
+    .execute(pool)
+    .await?;
+    sqlx::query("ANALYZE posts, comments").execute(pool).await?;
+    Ok(())
+}
+
+/// How many operators have a checkpoint (have finished their backfill).
+async fn checkpoints(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM streamex.operator_checkpoints \
+          WHERE to_regclass('streamex.operator_checkpoints') IS NOT NULL",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+fn log_contains(path: &Path, needle: &str) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|text| text.contains(needle))
+}
+
+/// Two writers of the chaos test's mixed workload until `stop`; returns the committed changes.
+fn writers(pool: &PgPool, seed: u64, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..2u32)
+        .map(|w| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            let mut rng = Rng(seed.rotate_left(11 + 7 * w) | 1);
+            tokio::spawn(async move {
+                let mut changes = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = blog_activity(&pool, &mut rng).await {
+                        changes += n;
+                    }
+                    tokio::time::sleep(Duration::from_millis(rng.below(10))).await;
+                }
+                changes
+            })
+        })
+        .collect()
+}
+
+/// The blog example as shipped (both operators backfill) on a database with `posts` posts of
+/// `per_post` comments: writers go on all along, and the service is SIGKILLed `kills` times
+/// while it backfills.
+async fn backfills_exactly(
+    posts: i64,
+    per_post: i64,
+    kills: usize,
+    kill_within_ms: u64,
+) -> anyhow::Result<()> {
+    let seed = common::seed_from_env("STREAMEX_BACKFILL_SEED");
+    eprintln!("backfill test seed {seed} (repeat with STREAMEX_BACKFILL_SEED={seed})");
+    let mut rng = Rng(seed | 1);
+    let url = streamex::testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    existing_rows(&pool, posts, per_post).await?;
+
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("streamex.toml");
+    std::fs::write(&config, common::blog_config(&url, &common::slot_for(&url)))?;
+    common::setup_service(&config)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writers(&pool, seed, &stop);
+
+    let mut killed = 0;
+    for round in 0..=kills {
+        let log = dir.path().join(format!("run-{round}.log"));
+        let mut run = common::spawn_service(&config, &log, "info")?;
+        if round == kills {
+            // The last one runs to the end.
+            let deadline = Instant::now() + PATIENCE;
+            while checkpoints(&pool).await? < 2 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stop.store(true, Ordering::Relaxed);
+            let mut changes = 0;
+            for w in writing {
+                changes += w.await?;
+            }
+            let settled = settle(&pool).await;
+            // SAFETY: kill has no memory-safety preconditions; the pid is our own child.
+            unsafe { libc::kill(libc::pid_t::try_from(run.id())?, libc::SIGTERM) };
+            let status = run.wait()?;
+            let text = std::fs::read_to_string(&log)?;
+            settled.map_err(|e| anyhow::anyhow!("{e}\n{text}"))?;
+            anyhow::ensure!(
+                status.success(),
+                "SIGTERM should end it cleanly: {status}\n{text}"
+            );
+            let (counts, tallies) = derived_mismatches(&pool).await?;
+            let (all_posts, all_comments): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM posts), (SELECT count(*) FROM comments)",
+            )
+            .fetch_one(&pool)
+            .await?;
+            eprintln!(
+                "backfill of {posts} posts and {} comments: {killed} of {kills} SIGKILLs during it, {changes} \
+                 changes written beside it; at the end {all_posts} posts, {all_comments} comments; \
+                 {counts} wrong counts, {tallies} wrong tallies",
+                posts * per_post
+            );
+            anyhow::ensure!(
+                (counts, tallies) == (0, 0),
+                "{counts} rows of post_with_comments_counts and {tallies} of \
+                 post_comment_tallies differ from posts and comments\n{text}"
+            );
+            return Ok(());
+        }
+        // Killed while it reads: once the backfill has begun, within `kill_within_ms`.
+        let deadline = Instant::now() + PATIENCE;
+        while !log_contains(&log, "backfill: reading") {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the backfill never began\n{}",
+                std::fs::read_to_string(&log)?
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.below(kill_within_ms))).await;
+        run.kill()?;
+        run.wait()?;
+        if checkpoints(&pool).await? < 2 {
+            killed += 1;
+        }
+    }
+    unreachable!("the last round returns")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_database_is_backfilled_exactly_under_writers_and_a_kill() -> anyhow::Result<()> {
+    backfills_exactly(200, 10, 1, 150).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_thousand_comments_are_backfilled_exactly_under_writers_and_kills()
+-> anyhow::Result<()> {
+    backfills_exactly(20_000, 10, 2, 1500).await
+}
+
+/// Counts what it is given, by type, into `seen (operator, kind, id)`.
+#[derive(Clone)]
+struct Seen {
+    name: &'static str,
+    entity: &'static str,
+    poison: Option<i64>,
+}
+
+impl Operator for Seen {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        vec![Subscription::only(self.entity, &[EventType::Insert])]
+    }
+
+    async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        let id: i64 = event.get("id")?;
+        anyhow::ensure!(Some(id) != self.poison, "row {id} is poison");
+        sqlx::query("INSERT INTO seen (operator, kind, id) VALUES ($1, $2, $3)")
+            .bind(self.name)
+            .bind(event.kind.as_str())
+            .bind(id)
+            .execute(ctx.db()?)
+            .await?;
+        Ok(())
+    }
+}
+
+const SEEN: &str = "CREATE TABLE seen (operator text, kind text, id bigint)";
+
+fn config(url: &str) -> anyhow::Result<Config> {
+    let mut config = Config::new(url);
+    config.slot = common::slot_for(url);
+    config.tables = vec!["posts".into(), "comments".into()];
+    Ok(config)
+}
+
+async fn start(
+    config: &Config,
+    operators: Vec<streamex::operator::AnyOperator>,
+) -> anyhow::Result<(
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let service = streamex::Service::builder()
+        .config(config.clone())
+        .configured_operators(false)
+        .operators(operators)
+        .status(MemoryStatus::new())
+        .build()
+        .await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            service
+                .run(stop.cancelled_owned())
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    });
+    Ok((stop, task))
+}
+
+async fn eventually(
+    what: &str,
+    mut check: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await? {
+        anyhow::ensure!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_added_later_reads_the_rows_then_the_changes_while_the_first_goes_on()
+-> anyhow::Result<()> {
+    let url = streamex::testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql(SEEN).execute(&pool).await?;
+    sqlx::query("INSERT INTO posts (id, title) SELECT i, 'p' FROM generate_series(1, 100) i")
+        .execute(&pool)
+        .await?;
+    let config = config(&url)?;
+    let first = Seen {
+        name: "first",
+        entity: "posts",
+        poison: None,
+    };
+    let second = Seen {
+        name: "second",
+        entity: "posts",
+        poison: None,
+    };
+
+    // The first operator's first run: the 100 posts as read events.
+    let (stop, task) = start(&config, vec![first.clone().into()]).await?;
+    let count = |operator: &'static str, kind: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM seen WHERE operator = $1 AND kind = $2",
+            )
+            .bind(operator)
+            .bind(kind)
+            .fetch_one(&pool)
+            .await
+        }
+    };
+    eventually("the first operator's backfill", async || {
+        Ok(count("first", "read").await? == 100)
+    })
+    .await?;
+    sqlx::query("INSERT INTO posts (id, title) SELECT i, 'p' FROM generate_series(101, 150) i")
+        .execute(&pool)
+        .await?;
+    eventually("the first operator's inserts", async || {
+        Ok(count("first", "insert").await? == 50)
+    })
+    .await?;
+    stop.cancel();
+    task.await??;
+
+    // Written while no instance runs: in the slot, for the first operator.
+    sqlx::query("INSERT INTO posts (id, title) SELECT i, 'p' FROM generate_series(151, 170) i")
+        .execute(&pool)
+        .await?;
+    // The second operator joins: it reads every post there is, while the first gets the 20
+    // inserts from the slot and what follows.
+    let (stop, task) = start(&config, vec![first.into(), second.into()]).await?;
+    eventually("the second operator's backfill", async || {
+        Ok(count("second", "read").await? == 170)
+    })
+    .await?;
+    sqlx::query("INSERT INTO posts (id, title) SELECT i, 'p' FROM generate_series(171, 180) i")
+        .execute(&pool)
+        .await?;
+    eventually("both operators' last inserts", async || {
+        Ok(count("first", "insert").await? == 80 && count("second", "insert").await? == 10)
+    })
+    .await?;
+    stop.cancel();
+    task.await??;
+    // Nothing twice, nothing of another kind: every post once per operator.
+    let per_id: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT operator, count(DISTINCT id), count(*) FROM seen GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        per_id,
+        [
+            ("first".to_owned(), 180, 180),
+            ("second".to_owned(), 180, 180)
+        ]
+    );
+    assert_eq!(count("first", "read").await?, 100);
+    assert_eq!(count("second", "read").await?, 170);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_row_of_a_backfill_is_a_dead_letter_and_the_others_are_read() -> anyhow::Result<()>
+{
+    let url = streamex::testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql(SEEN).execute(&pool).await?;
+    sqlx::query("INSERT INTO posts (id, title) SELECT i, 'p' FROM generate_series(1, 12000) i")
+        .execute(&pool)
+        .await?;
+    let mut config = config(&url)?;
+    config.retry.on_failure = streamex::config::FailurePolicy::DeadLetter;
+    config.retry.retries = 1;
+    config.retry.initial = Duration::from_millis(10);
+    let fragile = Seen {
+        name: "fragile",
+        entity: "posts",
+        poison: Some(7777),
+    };
+    let (stop, task) = start(&config, vec![fragile.into()]).await?;
+    let letters = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (serde_json::Value, String)>(
+                "SELECT event, error FROM streamex.dead_letters WHERE operator = 'fragile'",
+            )
+            .fetch_all(&pool)
+            .await
+        }
+    };
+    eventually("the poison row's dead letter", async || {
+        Ok(!letters().await?.is_empty())
+    })
+    .await?;
+    let seen: (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT id) FROM seen WHERE kind = 'read'")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(seen, (11_999, 11_999));
+    let letters = letters().await?;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].0["type"], serde_json::json!("read"));
+    assert_eq!(letters[0].0["new_record"]["id"], serde_json::json!(7777));
+    assert!(
+        letters[0].1.contains("row 7777 is poison"),
+        "{}",
+        letters[0].1
+    );
+    stop.cancel();
+    task.await??;
+    Ok(())
+}
