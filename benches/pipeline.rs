@@ -32,6 +32,10 @@
 //!    declarative operator (rows written to its table, from `pg_stat_user_tables`), and the
 //!    derived tables checked.
 //!
+//! 5. **Backfill.** `--backfill-rows` comments (a tenth as many posts) that exist before any
+//!    slot, read by `COPY ... TO STDOUT` and backfilled by `streamex run` with `count_events`
+//!    and with the blog operators, each timed until its checkpoints are stored.
+//!
 //! The `streamex` binary is `CARGO_BIN_EXE_streamex`, which `cargo bench` builds in the
 //! `bench` profile (the release profile's settings, with `debug = 1`).
 //!
@@ -41,7 +45,8 @@
 //! (drain consumers to run; skips latency and the huge transaction), `--wrap "CMD ARGS"`
 //! (prefix for the streamex children, e.g. `valgrind --tool=callgrind`), `--out PATH`,
 //! `--hot-rows N` (200000; 0 for none), `--sweep-rows N` (100000; 0 for none),
-//! `--comments-per-post LIST` (6,100,2000,20000; `none`). The hot aggregates run unless
+//! `--comments-per-post LIST` (6,100,2000,20000; `none`), `--backfill-rows N` (1000000; 0 for
+//! none; runs unless `--only` is given without it). The hot aggregates run unless
 //! `--only` is given; with `--only`, when one of their three options is.
 
 use std::fmt::Write as _;
@@ -88,6 +93,10 @@ struct Args {
     comments_per_post: Vec<u64>,
     /// A hot-aggregate option was given: the shapes run even with `--only`.
     shapes_asked: bool,
+    /// Comments of the backfill's table (0: none); a tenth as many posts.
+    backfill_rows: u64,
+    /// `--backfill-rows` was given: the backfill runs even with `--only`.
+    backfill_asked: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -106,6 +115,8 @@ fn parse_args() -> anyhow::Result<Args> {
         sweep_rows: 100_000,
         comments_per_post: vec![6, 100, 2_000, 20_000],
         shapes_asked: false,
+        backfill_rows: 1_000_000,
+        backfill_asked: false,
     };
     let mut out = None;
     let mut it = std::env::args().skip(1);
@@ -140,6 +151,10 @@ fn parse_args() -> anyhow::Result<Args> {
                         .collect::<Result<_, _>>()?
                 };
                 args.shapes_asked = true;
+            }
+            "--backfill-rows" => {
+                args.backfill_rows = value()?.parse()?;
+                args.backfill_asked = true;
             }
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown argument {other:?}"),
@@ -206,6 +221,8 @@ struct Report {
     backlog_note: String,
     shapes: Vec<Shape>,
     shape_checks: Vec<String>,
+    /// The backfill section's table rows and notes.
+    backfill: Vec<String>,
 }
 
 async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
@@ -332,6 +349,14 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         }
     }
 
+    let mut backfill = Vec::new();
+    if (args.only.is_none() || args.backfill_asked) && args.backfill_rows > 0 {
+        match backfill_bench(cluster, dir.path(), args).await {
+            Ok(lines) => backfill = lines,
+            Err(e) => checks.push(format!("**WARNING** the backfill bench failed: {e:#}")),
+        }
+    }
+
     let mut latency = Vec::new();
     let mut latency_note = String::new();
     let mut huge = None;
@@ -368,6 +393,7 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         backlog_note,
         shapes,
         shape_checks,
+        backfill,
     };
     let mut text = render(&report, args);
     println!("{text}");
@@ -385,6 +411,163 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     eprintln!("written to {}", args.out.display());
     pool.close().await;
     Ok(())
+}
+
+/// The backfill: `--backfill-rows` comments over a tenth as many posts, existing before any
+/// slot. Reference: `COPY ... TO STDOUT` of both tables, read to the end. Then, each from a
+/// slot of its own, `streamex run` with `count_events` (memory status) and with the blog
+/// operators, timed from the start of the process until every operator's checkpoint is
+/// stored (its backfill committed), then stopped.
+async fn backfill_bench(cluster: &Cluster, dir: &Path, args: &Args) -> anyhow::Result<Vec<String>> {
+    use futures_util::StreamExt as _;
+    let url = cluster.create_database().await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await?;
+    sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+    let comments = args.backfill_rows;
+    let posts = (comments / 10).max(1);
+    eprintln!("backfill: writing {posts} posts and {comments} comments...");
+    sqlx::query("INSERT INTO posts (title) SELECT 'p ' || i FROM generate_series(1, $1) i")
+        .bind(i64::try_from(posts)?)
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO comments (post_id, body) SELECT 1 + i % $1, 'c' FROM generate_series(1, $2) i",
+    )
+    .bind(i64::try_from(posts)?)
+    .bind(i64::try_from(comments)?)
+    .execute(&pool)
+    .await?;
+    sqlx::raw_sql("VACUUM ANALYZE posts; VACUUM ANALYZE comments")
+        .execute(&pool)
+        .await?;
+    let rows = posts + comments;
+
+    let mut copy_secs = 0.0;
+    let mut copy_bytes = 0usize;
+    {
+        let mut conn = pool.acquire().await?;
+        let started = Instant::now();
+        for table in ["posts", "comments"] {
+            let mut out = conn
+                .copy_out_raw(&format!("COPY {table} TO STDOUT"))
+                .await?;
+            while let Some(chunk) = out.next().await {
+                copy_bytes += chunk?.len();
+            }
+        }
+        copy_secs += started.elapsed().as_secs_f64();
+    }
+    let copy_rate = rows as f64 / copy_secs;
+    let mut lines = vec![format!(
+        "| `COPY posts, comments TO STDOUT` | {rows} | {copy_secs:.2} | {copy_rate:.0} | 1.00 | \
+         ({:.0} MiB) |",
+        copy_bytes as f64 / 1_048_576.0
+    )];
+
+    for (label, operators, config) in [
+        (
+            "`streamex run`: count_events, memory status",
+            1,
+            format!(
+                "database_url = {url:?}\nslot = \"bench_backfill_c\"\npublication = \"streamex\"\n\
+                 tables = [\"posts\", \"comments\"]\n\n[process_status]\nbackend = \"memory\"\n\n\
+                 [[operators]]\nname = \"count_events\"\n"
+            ),
+        ),
+        (
+            "`streamex run`: the blog operators, pg status",
+            2,
+            BLOG_CONFIG
+                .replace(
+                    "database_url = \"postgres://postgres@127.0.0.1:5432/blog\"",
+                    &format!("database_url = {url:?}"),
+                )
+                .replace("slot = \"streamex\"", "slot = \"bench_backfill_d\""),
+        ),
+    ] {
+        let path = dir.join(format!("backfill-{operators}.toml"));
+        std::fs::write(&path, &config)?;
+        let log = dir.join(format!("backfill-{operators}.log"));
+        let mut cmd = streamex_command(&args.wrap);
+        cmd.env("RUST_LOG", "info")
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        eprintln!("backfilling with {label}...");
+        let started = Instant::now();
+        let child = cmd.spawn()?;
+        let pid = i32::try_from(child.id())?;
+        let slot = if operators == 1 {
+            "bench_backfill_c"
+        } else {
+            "bench_backfill_d"
+        };
+        let deadline = started + Duration::from_secs(args.max_seconds);
+        let done = loop {
+            let stored: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM streamex.operator_checkpoints WHERE slot = $1 \
+                  AND to_regclass('streamex.operator_checkpoints') IS NOT NULL",
+            )
+            .bind(slot)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+            if stored >= operators {
+                break true;
+            }
+            if Instant::now() > deadline || try_reap(pid)?.is_some() {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let secs = started.elapsed().as_secs_f64();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own running child.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        let (cpu, rss_kib) = reap(pid, Duration::from_secs(30))?;
+        std::mem::forget(child);
+        if !done {
+            lines.push(format!(
+                "| {label} | {rows} | did not finish in {secs:.0} s (log: {}) | | | |",
+                tail(&std::fs::read_to_string(&log).unwrap_or_default(), 5)
+            ));
+            continue;
+        }
+        let rate = rows as f64 / secs;
+        lines.push(format!(
+            "| {label} | {rows} | {secs:.2} | {rate:.0} | {:.2} | CPU {cpu:.1} s, peak RSS {:.0} MiB |",
+            rate / copy_rate,
+            rss_kib as f64 / 1024.0
+        ));
+        if operators == 2 {
+            let (counts, tallies) = {
+                let counts: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM posts p LEFT JOIN post_with_comments_counts d ON d.id = p.id \
+                      WHERE d.comments_count IS DISTINCT FROM (SELECT count(*) FROM comments c WHERE c.post_id = p.id)",
+                )
+                .fetch_one(&pool)
+                .await?;
+                let tallies: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM (SELECT post_id, count(*) AS n FROM comments GROUP BY 1) truth \
+                      FULL JOIN post_comment_tallies t USING (post_id) \
+                      WHERE coalesce(truth.n, 0) <> coalesce(t.comments, 0)",
+                )
+                .fetch_one(&pool)
+                .await?;
+                (counts, tallies)
+            };
+            lines.push(format!(
+                "\nAfter the blog operators' backfill: {counts} wrong rows in \
+                 post_with_comments_counts, {tallies} in post_comment_tallies."
+            ));
+        }
+    }
+    pool.close().await;
+    Ok(lines)
 }
 
 /// `pg_recvlogical` reading `slot` to /dev/null, acknowledging every second.
@@ -508,9 +691,14 @@ fn write_configs(dir: &Path, url: &str) -> anyhow::Result<Configs> {
     let count_text = format!(
         "database_url = {url:?}\nslot = \"bench\"\npublication = \"streamex\"\n\
          tables = [\"posts\", \"comments\"]\n\n[process_status]\nbackend = \"memory\"\n\n\
-         [[operators]]\nname = \"count_events\"\n"
+         [[operators]]\nname = \"count_events\"\nbackfill = false\n"
     );
-    let blog_one = BLOG_CONFIG
+    // The drains measure streaming a backlog: no operator backfills the rows already there.
+    let blog = BLOG_CONFIG.replace("backfill = true", "backfill = false");
+    if blog.matches("backfill = false").count() != 2 {
+        bail!("config/streamex.toml changed: could not set backfill = false");
+    }
+    let blog_one = blog
         .replace(
             "name = \"post_with_comments_counts\"\n",
             "name = \"post_with_comments_counts\"\none_event_per_transaction = true\n",
@@ -524,11 +712,12 @@ fn write_configs(dir: &Path, url: &str) -> anyhow::Result<Configs> {
     }
     let configs = Configs {
         count: dir.join("count.toml"),
-        blog: Path::new(ROOT).join("config/streamex.toml"),
+        blog: dir.join("blog.toml"),
         blog_one: dir.join("blog_one.toml"),
         count_text,
     };
     std::fs::write(&configs.count, &configs.count_text)?;
+    std::fs::write(&configs.blog, blog)?;
     std::fs::write(&configs.blog_one, blog_one)?;
     Ok(configs)
 }
@@ -828,9 +1017,15 @@ async fn hot_aggregates(
     drains.push(a.await?);
     let log_path = dir.join(format!("hot-{per_post}-{total}.log"));
     let mut cmd = streamex_command(&args.wrap);
+    // The posts are there before the slots: streamed, not backfilled.
+    let config_path = dir.join("hot-blog.toml");
+    std::fs::write(
+        &config_path,
+        BLOG_CONFIG.replace("backfill = true", "backfill = false"),
+    )?;
     cmd.arg("run")
         .arg("--config")
-        .arg(Path::new(ROOT).join("config/streamex.toml"))
+        .arg(&config_path)
         .env("STREAMEX_DATABASE_URL", &url)
         .env("STREAMEX_SLOT", slots[1])
         .stdout(Stdio::null())
@@ -998,6 +1193,7 @@ async fn latency_run(
     let service = streamex::Service::builder()
         .config(config)
         .registry(streamex::operators::registry())
+        .backfill(false)
         .operator(Recorder { seen: seen.clone() })
         .pubsub(pubsub)
         .build()
@@ -1359,6 +1555,25 @@ fn render(r: &Report, args: &Args) -> String {
     }
     for check in &r.checks {
         let _ = writeln!(s, "\n{check}");
+    }
+    if !r.backfill.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Backfill\n\n\
+             `cargo bench --bench pipeline -- --backfill-rows {}` (this section's option)\n\n\
+             Comments over a tenth as many posts, all there before any slot; *rows* counts both \
+             tables. The reference is `COPY posts TO STDOUT` then `COPY comments TO STDOUT`, \
+             read to the end over one connection. Each `streamex run` backfills from a slot of \
+             its own and is timed from the start of its process (connecting, setting up and the \
+             snapshot included) until every operator's checkpoint is stored, that is, its \
+             backfill committed.\n\n\
+             | reader | rows | seconds | rows/s | vs COPY | notes |\n\
+             | --- | ---: | ---: | ---: | ---: | --- |",
+            args.backfill_rows
+        );
+        for line in &r.backfill {
+            let _ = writeln!(s, "{line}");
+        }
     }
     if !r.shapes.is_empty() || !r.shape_checks.is_empty() {
         render_shapes(&mut s, r, args);
