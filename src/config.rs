@@ -459,6 +459,9 @@ pub struct OperatorConfig {
     /// truncate of a `delete_with` table is an error, since only this can say which derived
     /// rows must go).
     pub truncate_query: Option<String>,
+    /// Declarative form: the statement(s) `streamex rebuild` runs, with no parameter, in the
+    /// backfill's transaction before every id is recomputed (a DELETE of every derived row).
+    pub reset_query: Option<String>,
     /// This operator's retry policy, replacing `[retry]`.
     pub retry: Option<RetryConfig>,
     /// Settings passed to a Rust operator's constructor.
@@ -746,10 +749,11 @@ impl Config {
                 && (!op.id.is_empty()
                     || !op.delete_with.is_empty()
                     || op.delete_query.is_some()
-                    || op.truncate_query.is_some())
+                    || op.truncate_query.is_some()
+                    || op.reset_query.is_some())
             {
                 return Err(format!(
-                    "operators.{}: id, delete_with, delete_query and truncate_query belong to a declarative operator, which needs `query`",
+                    "operators.{}: id, delete_with, delete_query, truncate_query and reset_query belong to a declarative operator, which needs `query`",
                     op.name
                 ));
             }

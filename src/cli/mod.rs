@@ -4,7 +4,7 @@
 //! SIGINT/SIGTERM, runs the command with the operators of the [`Registry`] it is given, and
 //! returns the exit code. The stock `streamex` is `cli::main(streamex::operators::registry())`;
 //! a binary of your own passes a registry with your operators, and gets every command with
-//! them: `run`, `setup`, `status`, `resume`, `tail`, `demo`.
+//! them: `run`, `setup`, `status`, `resume`, `backfill`, `rebuild`, `tail`, `demo`.
 //!
 //! ```no_run
 //! use streamex::operator::Registry;
@@ -78,6 +78,12 @@ enum Command {
     Status(status::StatusArgs),
     /// Restart a halted operator.
     Resume(service::ResumeArgs),
+    /// Re-send an operator the rows that exist (as `read` events), then the changes after
+    /// them: for derived state a row's event recomputes.
+    Backfill(service::BackfillArgs),
+    /// Reset an operator (its reset: `reset_query`, or a Rust operator's `reset`) and backfill
+    /// it, in one transaction: for incremental derived state.
+    Rebuild(service::BackfillArgs),
 }
 
 /// The whole `streamex` command line with `registry`'s operators: parses the arguments, sets
@@ -191,6 +197,8 @@ async fn run(
         Command::Run(args) => service::run_command(args, registry, shutdown).await,
         Command::Status(args) => status::status_command(args, shutdown).await,
         Command::Resume(args) => service::resume_command(args, shutdown).await,
+        Command::Backfill(args) => service::backfill_command(args, registry, false, shutdown).await,
+        Command::Rebuild(args) => service::backfill_command(args, registry, true, shutdown).await,
     }
 }
 

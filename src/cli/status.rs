@@ -68,6 +68,10 @@ struct OperatorLine {
     last_error: Option<String>,
     failed_at: Option<String>,
     dead_letters: i64,
+    /// `backfill` or `rebuild` asked for and not done yet.
+    backfill_request: Option<String>,
+    /// The running (or last unfinished) backfill's progress, as a line.
+    backfill_progress: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,6 +157,24 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
                 failed_at: state
                     .and_then(|s| Some(format!("{}#{}", s.failed_commit_lsn?, s.failed_ordinal?))),
                 dead_letters: dead.get(name).copied().unwrap_or(0),
+                backfill_request: state.and_then(|s| {
+                    s.backfill_request.as_ref().map(|r| {
+                        let what = if r.rebuild { "rebuild" } else { "backfill" };
+                        match &r.tables {
+                            Some(tables) => format!("{what} of {}", tables.join(", ")),
+                            None => what.to_owned(),
+                        }
+                    })
+                }),
+                backfill_progress: state.and_then(|s| {
+                    s.backfill_progress.as_ref().map(|p| {
+                        format!(
+                            "{}, updated {}",
+                            super::service::progress_line(p),
+                            micros_rfc3339::format(p.updated_at_micros)
+                        )
+                    })
+                }),
             }
         })
         .collect();
@@ -369,6 +391,15 @@ fn render(report: &Report, has_schema: bool) -> String {
             label(o),
             state(o)
         );
+        if let Some(progress) = &o.backfill_progress {
+            let _ = writeln!(out, "  {:width$}  backfilling: {progress}", "");
+        } else if let Some(request) = &o.backfill_request {
+            let _ = writeln!(
+                out,
+                "  {:width$}  {request} asked for: a running instance starts it within a second",
+                ""
+            );
+        }
         if o.state == "halted" {
             let _ = writeln!(
                 out,

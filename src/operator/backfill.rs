@@ -36,6 +36,16 @@
 //! - An incremental operator (the blog's tallies: +1 per insert, -1 per delete) therefore ends
 //!   exact: `count at P` from the reads, plus every change after `P` once.
 //!
+//! # Backfill and rebuild on demand
+//!
+//! `streamex rebuild` runs the operator's reset in the same transaction, before the reads: the
+//! state is then the one a first run would have, and the checkpoint moves to `R` as above.
+//! `streamex backfill` (no reset) is for recomputable state: the checkpoint stays where it
+//! was, so after the rows the operator gets again every change since that checkpoint. Each
+//! is recomputed from the tables as they are, and a delete in between (whose row the
+//! snapshot no longer has, so the reads cannot show it) removes its derived row as it did the
+//! first time.
+//!
 //! # What it costs the server
 //!
 //! The backfill's transaction holds one snapshot for as long as it reads (the xmin horizon:
@@ -70,6 +80,8 @@ pub(crate) const CHUNK: usize = 5_000;
 
 /// How often a running backfill logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// How often it stores its progress for `streamex status` and the commands' display.
+const STORE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// One operator to backfill.
 pub(crate) struct Job {
@@ -77,6 +89,11 @@ pub(crate) struct Job {
     pub operator: Arc<dyn DynOperator>,
     /// The retry policy, which counts failed backfills.
     pub retry: crate::config::RetryConfig,
+    /// Its stored checkpoint (a backfill asked for with `streamex backfill` or `rebuild`
+    /// replaces it; a first one has none).
+    pub checkpoint: Option<Position>,
+    /// What `streamex backfill` / `rebuild` asked for, if that is why it runs.
+    pub request: Option<status::BackfillRequest>,
 }
 
 /// How one operator's backfill ended.
@@ -178,24 +195,51 @@ impl Backfills<'_> {
     ) -> Outcome {
         let name = job.operator.name().to_owned();
         let began = Instant::now();
+        let exactly_once = job.operator.delivery() == Delivery::ExactlyOnce;
+        let tables = job.request.as_ref().and_then(|r| r.tables.as_deref());
         let read = async {
+            if job.request.as_ref().is_some_and(|r| r.rebuild) {
+                let mut ctx = Context::new(exactly_once.then_some(&mut *tx), 1, &name);
+                super::runner::guarded(job.operator.reset(&mut ctx))
+                    .await
+                    .map_err(|e| {
+                        anyhow::Error::new(Halt(format!("the rebuild's reset failed: {e:#}")))
+                    })?;
+            }
             let rows = if let Some(sql) = job.operator.as_sql() {
                 // A declarative operator's reaction to every row is the recomputation of every
                 // id found in its tables: one statement per id instead of one per row.
-                sql.recompute_all(&mut tx).await? as u64
+                self.progress(job, 0, 0, true).await;
+                sql.recompute_tables(&mut tx, tables).await? as u64
             } else {
-                self.read_tables(job, &mut tx, point, began).await?
+                self.read_tables(job, &mut tx, point, began, tables).await?
             };
             let checkpoint = checkpoint_for(point);
-            let stored = if job.operator.delivery() == Delivery::ExactlyOnce {
-                status::advance_checkpoint(&mut *tx, self.slot, &name, None, checkpoint).await?
+            let from = job.checkpoint;
+            // `streamex backfill` of an operator that has run: its state is recomputable, so
+            // the changes since its checkpoint come again after the rows (a delete in between,
+            // which the rows cannot show, is applied then); only a first run or a rebuild
+            // (whose reset cleared everything) starts at the snapshot's point.
+            let keep = from.is_some() && job.request.as_ref().is_some_and(|r| !r.rebuild);
+            let stored = if keep {
+                true
+            } else if exactly_once {
+                status::advance_checkpoint(&mut *tx, self.slot, &name, from, checkpoint).await?
             } else {
-                status::advance_checkpoint(self.pool, self.slot, &name, None, checkpoint).await?
+                status::advance_checkpoint(self.pool, self.slot, &name, from, checkpoint).await?
             };
             if !stored {
                 return Ok(None);
             }
+            if job.request.is_some() {
+                status::finish_backfill(&mut *tx, self.slot, &name).await?;
+            }
             tx.commit().await?;
+            // The progress row is written outside the transaction (a row it updated would
+            // be a serialization failure for it): gone once the backfill is.
+            if let Err(e) = status::clear_backfill_progress(self.pool, self.slot, &name).await {
+                tracing::debug!(operator = %name, error = %e, "could not clear the backfill's progress");
+            }
             Ok::<_, anyhow::Error>(Some(rows))
         };
         let result = tokio::select! {
@@ -231,6 +275,7 @@ impl Backfills<'_> {
         tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
         point: Lsn,
         began: Instant,
+        only: Option<&[String]>,
     ) -> anyhow::Result<u64> {
         let mut entities: Vec<String> = job
             .operator
@@ -238,6 +283,7 @@ impl Backfills<'_> {
             .into_iter()
             .filter(|s| s.takes(EventType::Read))
             .map(|s| s.entity)
+            .filter(|entity| only.is_none_or(|only| only.contains(entity)))
             .collect();
         entities.dedup();
         let tables = {
@@ -249,12 +295,14 @@ impl Backfills<'_> {
         };
         let estimate: u64 = tables.iter().map(|t| t.estimate).sum();
         self.board.backfill_started(job.index, estimate);
+        self.progress(job, 0, estimate, true).await;
         let timestamp: i64 =
             sqlx::query_scalar("SELECT (extract(epoch FROM now()) * 1000000)::int8")
                 .fetch_one(&mut **tx)
                 .await?;
         let mut rows: u64 = 0;
         let mut logged = Instant::now();
+        let mut stored = Instant::now();
         for table in &tables {
             let only = if table.partitioned { "" } else { "ONLY " };
             sqlx::query(&format!(
@@ -299,6 +347,10 @@ impl Backfills<'_> {
                 }
                 self.handle_chunk(job, tx, &events).await?;
                 self.board.backfill_rows(job.index, rows);
+                if stored.elapsed() >= STORE_PROGRESS_EVERY {
+                    stored = Instant::now();
+                    self.progress(job, rows, estimate, false).await;
+                }
                 if logged.elapsed() >= PROGRESS_EVERY {
                     logged = Instant::now();
                     log_progress(job.operator.name(), rows, estimate, began);
@@ -309,6 +361,23 @@ impl Backfills<'_> {
                 .await?;
         }
         Ok(rows)
+    }
+
+    /// Stores how far `job` is, outside its transaction (for `streamex status`); a failure to
+    /// is logged at debug only: the progress is for display.
+    async fn progress(&self, job: &Job, rows: u64, estimate: u64, started: bool) {
+        if let Err(e) = status::store_backfill_progress(
+            self.pool,
+            self.slot,
+            job.operator.name(),
+            rows,
+            estimate,
+            started,
+        )
+        .await
+        {
+            tracing::debug!(operator = job.operator.name(), error = %e, "could not store the backfill's progress");
+        }
     }
 
     /// Hands `events` to the operator as one batch, inside a savepoint of `tx`. When the batch
@@ -442,7 +511,8 @@ impl Backfills<'_> {
                                        OR (c.relreplident = 'i' AND i.indisreplident))))
                            ORDER BY a.attnum),
                     (SELECT coalesce(sum(greatest(p.reltuples, 0)), 0)::int8
-                       FROM pg_class p WHERE p.oid IN (SELECT relid FROM pg_partition_tree(c.oid)))
+                       FROM pg_class p
+                      WHERE p.oid = c.oid OR p.oid IN (SELECT relid FROM pg_partition_tree(c.oid)))
                FROM pg_class c WHERE c.oid = to_regclass($1)",
         )
         .bind(&sql_name)

@@ -24,7 +24,7 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::backfill::{self, Backfills, Outcome};
 use super::board::Board;
@@ -181,7 +181,10 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 inboxes.push(None);
                 continue;
             }
-            if spec.backfill && self.params.is_some() && !checkpoints.contains_key(name) {
+            let request = states.get(name).and_then(|s| s.backfill_request.clone());
+            if self.params.is_some()
+                && (request.is_some() || (spec.backfill && !checkpoints.contains_key(name)))
+            {
                 // Its first run on the slot: it reads the existing rows first, and gets no
                 // inbox meanwhile (its done position stays at `start`, holding the slot).
                 board.backfill_started(index, 0);
@@ -189,6 +192,8 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     index,
                     operator: spec.operator.0.clone(),
                     retry: spec.retry,
+                    checkpoint: checkpoints.get(name).copied(),
+                    request,
                 });
                 inboxes.push(None);
                 continue;
@@ -248,6 +253,10 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     names = self.backfill(&board, &jobs, &shutdown), if !jobs.is_empty() => {
                         EngineExit::Backfilled(names)
                     }
+                    name = self.watch_backfill_requests(&board, &names, &shutdown) => {
+                        info!(operator = %name, "a backfill was asked for (`streamex backfill` or `rebuild`); restarting the pipeline to run it");
+                        EngineExit::Backfilled(vec![name])
+                    }
                     (name, through) = board.replay_wanted() => {
                         self.unfolded
                             .lock()
@@ -270,6 +279,39 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
 }
 
 impl<S: ProcessStatusStorage + Clone> Engine<S> {
+    /// Waits until a backfill is asked for an operator that is neither backfilling nor halted
+    /// in this run; returns its name.
+    async fn watch_backfill_requests(
+        &self,
+        board: &Board,
+        names: &[String],
+        shutdown: &CancellationToken,
+    ) -> String {
+        if self.params.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                _ = shutdown.cancelled() => return std::future::pending().await,
+            }
+            let Ok(states) = status::load_operator_states(&self.pool, &self.slot).await else {
+                continue;
+            };
+            for (index, name) in names.iter().enumerate() {
+                if board.is_backfilling(index) || board.is_halted(index) {
+                    continue;
+                }
+                if states
+                    .get(name)
+                    .is_some_and(|s| s.backfill_request.is_some())
+                {
+                    return name.clone();
+                }
+            }
+        }
+    }
+
     /// Runs this run's backfills, then returns the operators whose backfill ended (done, or
     /// failed and to be tried again after a wait, or halted after the retry policy's last
     /// try): the engine then runs again from the slot's position.

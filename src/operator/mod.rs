@@ -280,6 +280,24 @@ pub trait Operator: Send + Sync + 'static {
         }
     }
 
+    /// Clears what the operator has derived, for `streamex rebuild`: called in the
+    /// transaction that then backfills it (see [`backfill`](Operator::backfill)), so the
+    /// rebuilt state replaces the old one in one commit. For derived state that re-sent rows
+    /// cannot simply overwrite (a tally adds, it does not set). Default: an error saying the
+    /// operator has none; `streamex backfill`, which re-sends the rows without a reset, suits
+    /// state that a row's event recomputes.
+    fn reset(&self, ctx: &mut Context<'_>) -> impl Future<Output = anyhow::Result<()>> + Send {
+        let _ = ctx;
+        let name = self.name().to_owned();
+        async move {
+            anyhow::bail!(
+                "operator {name} has no reset (Operator::reset), which `streamex rebuild` runs \
+                 before its backfill: give it one, or use `streamex backfill` when re-sent rows \
+                 overwrite what it derived"
+            )
+        }
+    }
+
     /// streamex's declarative operator, whose waiting events the runner folds into one
     /// recomputation per id while it is behind. Not for other operators.
     #[doc(hidden)]
@@ -328,6 +346,10 @@ impl<T: Operator> Operator for Arc<T> {
         (**self).handle_batch(events, ctx)
     }
 
+    fn reset(&self, ctx: &mut Context<'_>) -> impl Future<Output = anyhow::Result<()>> + Send {
+        (**self).reset(ctx)
+    }
+
     fn as_sql(&self) -> Option<&SqlOperator> {
         (**self).as_sql()
     }
@@ -349,6 +371,7 @@ pub(crate) trait DynOperator: Send + Sync + 'static {
         events: &'a [Arc<Event>],
         ctx: &'a mut Context<'_>,
     ) -> HandlerFuture<'a>;
+    fn reset<'a>(&'a self, ctx: &'a mut Context<'_>) -> HandlerFuture<'a>;
     fn as_sql(&self) -> Option<&SqlOperator>;
 }
 
@@ -383,6 +406,10 @@ impl<T: Operator> DynOperator for T {
         ctx: &'a mut Context<'_>,
     ) -> HandlerFuture<'a> {
         Box::pin(Operator::handle_batch(self, events, ctx))
+    }
+
+    fn reset<'a>(&'a self, ctx: &'a mut Context<'_>) -> HandlerFuture<'a> {
+        Box::pin(Operator::reset(self, ctx))
     }
 
     fn as_sql(&self) -> Option<&SqlOperator> {

@@ -228,6 +228,8 @@ pub struct SqlOperator {
     delete_with: Vec<String>,
     delete_query: Option<Statement>,
     truncate_query: Option<String>,
+    /// What `streamex rebuild` runs before the backfill (no parameter).
+    reset_query: Option<String>,
     /// A statement the server would not `PREPARE` (a `CALL`, say): batches then run the
     /// statements one by one.
     unpreparable: AtomicBool,
@@ -242,9 +244,18 @@ pub struct SqlOperatorBuilder {
     delete_with: Vec<String>,
     delete_query: Option<String>,
     truncate_query: Option<String>,
+    reset_query: Option<String>,
 }
 
 impl SqlOperatorBuilder {
+    /// What `streamex rebuild` runs, in the backfill's transaction, before it recomputes every
+    /// id (no parameter; it may hold several statements): typically a `DELETE` of every
+    /// derived row, so that rows whose source is gone go too.
+    pub fn on_reset(mut self, sql: &str) -> Self {
+        self.reset_query = Some(sql.to_owned());
+        self
+    }
+
     /// The statement run with `$1` bound to the event's id.
     pub fn query(mut self, sql: &str) -> Self {
         self.query = Some(sql.to_owned());
@@ -292,6 +303,7 @@ impl SqlOperatorBuilder {
             delete_with: self.delete_with,
             delete_query: self.delete_query.map(Statement::new),
             truncate_query: self.truncate_query,
+            reset_query: self.reset_query,
             unpreparable: AtomicBool::new(false),
         })
     }
@@ -510,8 +522,21 @@ impl SqlOperator {
         &self,
         conn: &mut sqlx::PgConnection,
     ) -> anyhow::Result<usize> {
+        self.recompute_tables(conn, None).await
+    }
+
+    /// [`recompute_all`](Self::recompute_all), for the ids found in `only` of its tables
+    /// (every one when `None`).
+    pub(crate) async fn recompute_tables(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        only: Option<&[String]>,
+    ) -> anyhow::Result<usize> {
         let mut all: std::collections::BTreeSet<String> = Default::default();
         for (entity, field) in &self.ids {
+            if only.is_some_and(|only| !only.contains(entity)) {
+                continue;
+            }
             let name = crate::event::EntityName::parse(entity)?;
             let table = match &name.schema {
                 Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(&name.table)),
@@ -618,6 +643,7 @@ impl SqlOperator {
         builder.delete_with = config.delete_with.clone();
         builder.delete_query = config.delete_query.clone();
         builder.truncate_query = config.truncate_query.clone();
+        builder.reset_query = config.reset_query.clone();
         builder.build()
     }
 }
@@ -634,6 +660,22 @@ impl Operator for SqlOperator {
 
     fn as_sql(&self) -> Option<&SqlOperator> {
         Some(self)
+    }
+
+    async fn reset(&self, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        let Some(sql) = &self.reset_query else {
+            bail!(
+                "operator {} has no reset_query, which `streamex rebuild` runs before its \
+                 backfill: set one (for example a DELETE of every derived row), or use \
+                 `streamex backfill`, which recomputes every id without it",
+                self.name
+            );
+        };
+        ctx.db()?
+            .execute(sqlx::raw_sql(sql))
+            .await
+            .with_context(|| format!("running reset_query {sql:?}"))?;
+        Ok(())
     }
 
     fn subscriptions(&self) -> Vec<Subscription> {

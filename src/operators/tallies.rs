@@ -106,6 +106,16 @@ impl Operator for PostCommentTallies {
         Ok(())
     }
 
+    /// `streamex rebuild post_comment_tallies`: every tally goes, then the backfill counts
+    /// the comments again.
+    async fn reset(&self, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM post_comment_tallies")
+            .execute(ctx.db()?)
+            .await
+            .context("clearing post_comment_tallies for a rebuild")?;
+        Ok(())
+    }
+
     /// The batch's deltas summed per post and written in one statement: the same rows as one
     /// upsert per event (a post whose deltas sum to 0 still gets its row, as it would).
     async fn handle_batch(

@@ -85,14 +85,18 @@ use crate::lsn::Lsn;
 
 pub use error::StatusError;
 pub use memory::MemoryStatus;
-pub use postgres::{Adopted, DeadLetter, OperatorRunState, OperatorState, PostgresStatus};
+pub use postgres::{
+    Adopted, BackfillProgress, BackfillRequest, DeadLetter, OperatorRunState, OperatorState,
+    PostgresStatus,
+};
 // The queries on the streamex schema, for the engine and streamex's own tests.
 #[doc(hidden)]
 pub use postgres::{
-    adopt_unkeyed_rows, advance_checkpoint, clear_operator_skip, count_unkeyed_rows,
-    insert_dead_letter, is_processed, list_dead_letters, load_checkpoint, load_checkpoints,
-    load_items, load_operator_states, migrate, reset_items, set_operator_halted,
-    set_operator_running, set_operator_running_skipping, store_checkpoint, store_item, store_items,
+    adopt_unkeyed_rows, advance_checkpoint, clear_backfill_progress, clear_operator_skip,
+    count_unkeyed_rows, finish_backfill, insert_dead_letter, is_processed, list_dead_letters,
+    load_checkpoint, load_checkpoints, load_items, load_operator_states, migrate, request_backfill,
+    reset_items, set_operator_halted, set_operator_running, set_operator_running_skipping,
+    store_backfill_progress, store_checkpoint, store_item, store_items,
 };
 
 /// One entity's process status.

@@ -448,6 +448,116 @@ pub struct OperatorState {
     /// An event to set aside as a dead letter instead of handling it, `(commit_lsn,
     /// ordinal)`: the one it halted on, when resumed with `--skip-current`.
     pub skip: Option<Position>,
+    /// A backfill asked for (`streamex backfill` / `rebuild`) and not yet done.
+    pub backfill_request: Option<BackfillRequest>,
+    /// The progress of the operator's running (or last unfinished) backfill.
+    pub backfill_progress: Option<BackfillProgress>,
+}
+
+/// A backfill asked for with `streamex backfill` or `streamex rebuild`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackfillRequest {
+    /// Run the operator's reset first (`rebuild`).
+    pub rebuild: bool,
+    /// Only these tables (`--table`); `None`: every table the operator subscribes to.
+    pub tables: Option<Vec<String>>,
+}
+
+/// How far a backfill is, as it last stored it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackfillProgress {
+    pub rows: u64,
+    /// The rows its tables held, as the statistics estimate.
+    pub estimate: u64,
+    /// When it started and when it last stored its progress, µs since the Unix epoch.
+    pub started_at_micros: i64,
+    pub updated_at_micros: i64,
+}
+
+/// Asks the running service (or the next `streamex run`) to backfill `operator` of `slot`
+/// again (`rebuild`: after its reset), with only `tables` when given.
+pub async fn request_backfill<'c, E: PgExecutor<'c>>(
+    executor: E,
+    slot: &str,
+    operator: &str,
+    rebuild: bool,
+    tables: Option<&[String]>,
+) -> Result<(), StatusError> {
+    sqlx::query(
+        "INSERT INTO streamex.operator_state (slot, operator, state, backfill_request, backfill_tables) \
+         VALUES ($1, $2, 'running', $3, $4) \
+         ON CONFLICT (slot, operator) DO UPDATE SET \
+             backfill_request = EXCLUDED.backfill_request, backfill_tables = EXCLUDED.backfill_tables",
+    )
+    .bind(slot)
+    .bind(operator)
+    .bind(if rebuild { "rebuild" } else { "backfill" })
+    .bind(tables)
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql("storing a backfill request"))?;
+    Ok(())
+}
+
+/// Clears `operator`'s backfill request: in the backfill's own transaction.
+pub async fn finish_backfill<'c, E: PgExecutor<'c>>(
+    executor: E,
+    slot: &str,
+    operator: &str,
+) -> Result<(), StatusError> {
+    sqlx::query(
+        "UPDATE streamex.operator_state SET backfill_request = NULL, backfill_tables = NULL \
+          WHERE slot = $1 AND operator = $2 AND backfill_request IS NOT NULL",
+    )
+    .bind(slot)
+    .bind(operator)
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql("clearing a finished backfill's request"))?;
+    Ok(())
+}
+
+/// Forgets `operator`'s backfill progress, once the backfill has committed.
+pub async fn clear_backfill_progress<'c, E: PgExecutor<'c>>(
+    executor: E,
+    slot: &str,
+    operator: &str,
+) -> Result<(), StatusError> {
+    sqlx::query("DELETE FROM streamex.backfill_progress WHERE slot = $1 AND operator = $2")
+        .bind(slot)
+        .bind(operator)
+        .execute(executor)
+        .await
+        .map_err(StatusError::sql("clearing a backfill's progress"))?;
+    Ok(())
+}
+
+/// Stores how far `operator`'s running backfill is (outside its transaction, so that others
+/// see it); `started` says it has just begun.
+pub async fn store_backfill_progress<'c, E: PgExecutor<'c>>(
+    executor: E,
+    slot: &str,
+    operator: &str,
+    rows: u64,
+    estimate: u64,
+    started: bool,
+) -> Result<(), StatusError> {
+    sqlx::query(
+        "INSERT INTO streamex.backfill_progress AS b (slot, operator, rows, estimate, started_at, updated_at) \
+         VALUES ($1, $2, $3, $4, now(), now()) \
+         ON CONFLICT (slot, operator) DO UPDATE SET rows = EXCLUDED.rows, \
+             estimate = EXCLUDED.estimate, updated_at = now(), \
+             started_at = CASE WHEN $5 THEN now() ELSE b.started_at END",
+    )
+    .bind(slot)
+    .bind(operator)
+    .bind(i64::try_from(rows).unwrap_or(i64::MAX))
+    .bind(i64::try_from(estimate).unwrap_or(i64::MAX))
+    .bind(started)
+    .execute(executor)
+    .await
+    .map_err(StatusError::sql("storing a backfill's progress"))?;
+    Ok(())
 }
 
 /// The state of every operator of `slot`, by operator name. An operator without a row has
@@ -460,8 +570,21 @@ pub async fn load_operator_states<'c, E: PgExecutor<'c>>(
     let rows = sqlx::query(
         "SELECT operator, state, last_error, streamex.epoch_micros(error_at) AS error_at, \
                 failed_commit_lsn::text AS failed_commit_lsn, failed_ordinal, attempts, \
-                skip_commit_lsn::text AS skip_commit_lsn, skip_ordinal \
-           FROM streamex.operator_state WHERE slot = $1",
+                skip_commit_lsn::text AS skip_commit_lsn, skip_ordinal, \
+                backfill_request, backfill_tables, b.rows AS backfill_rows, \
+                b.estimate AS backfill_estimate, \
+                streamex.epoch_micros(b.started_at) AS backfill_started_at, \
+                streamex.epoch_micros(b.updated_at) AS backfill_updated_at \
+           FROM streamex.operator_state o \
+           LEFT JOIN streamex.backfill_progress b USING (slot, operator) \
+          WHERE slot = $1 \
+         UNION ALL \
+         SELECT b.operator, 'running', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+                b.rows, b.estimate, streamex.epoch_micros(b.started_at), \
+                streamex.epoch_micros(b.updated_at) \
+           FROM streamex.backfill_progress b \
+          WHERE b.slot = $1 AND NOT EXISTS (SELECT 1 FROM streamex.operator_state o \
+                                             WHERE o.slot = b.slot AND o.operator = b.operator)",
     )
     .bind(slot)
     .fetch_all(executor)
@@ -517,6 +640,36 @@ pub async fn load_operator_states<'c, E: PgExecutor<'c>>(
                 skip: skip_lsn
                     .zip(skip_ordinal)
                     .map(|(lsn, ordinal)| Position::new(lsn, ordinal)),
+                backfill_request: row
+                    .try_get::<Option<&str>, _>("backfill_request")
+                    .map_err(sql(CONTEXT))?
+                    .map(|request| {
+                        Ok::<_, StatusError>(BackfillRequest {
+                            rebuild: request == "rebuild",
+                            tables: row.try_get("backfill_tables").map_err(sql(CONTEXT))?,
+                        })
+                    })
+                    .transpose()?,
+                backfill_progress: match (
+                    row.try_get::<Option<i64>, _>("backfill_rows")
+                        .map_err(sql(CONTEXT))?,
+                    row.try_get::<Option<i64>, _>("backfill_estimate")
+                        .map_err(sql(CONTEXT))?,
+                    row.try_get::<Option<i64>, _>("backfill_started_at")
+                        .map_err(sql(CONTEXT))?,
+                    row.try_get::<Option<i64>, _>("backfill_updated_at")
+                        .map_err(sql(CONTEXT))?,
+                ) {
+                    (Some(rows), estimate, Some(started), Some(updated)) => {
+                        Some(BackfillProgress {
+                            rows: u64::try_from(rows).unwrap_or(0),
+                            estimate: estimate.and_then(|e| u64::try_from(e).ok()).unwrap_or(0),
+                            started_at_micros: started,
+                            updated_at_micros: updated,
+                        })
+                    }
+                    _ => None,
+                },
             };
             Ok((operator, state))
         })

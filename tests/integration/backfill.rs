@@ -37,12 +37,13 @@ async fn existing_rows(pool: &PgPool, posts: i64, per_post: i64) -> anyhow::Resu
 
 /// How many operators have a checkpoint (have finished their backfill).
 async fn checkpoints(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM streamex.operator_checkpoints \
-          WHERE to_regclass('streamex.operator_checkpoints') IS NOT NULL",
+    // Before the service has set up its schema, the table does not exist yet: none.
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM streamex.operator_checkpoints")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0),
     )
-    .fetch_one(pool)
-    .await?)
 }
 
 fn log_contains(path: &Path, needle: &str) -> bool {
@@ -385,5 +386,124 @@ async fn a_failing_row_of_a_backfill_is_a_dead_letter_and_the_others_are_read() 
     );
     stop.cancel();
     task.await??;
+    Ok(())
+}
+
+/// `streamex rebuild` and `streamex backfill` through the binary, beside a running service
+/// and writers: a corrupted tally table is rebuilt exactly, corrupted counts are recomputed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_and_backfill_repair_derived_tables_while_the_service_runs() -> anyhow::Result<()> {
+    let seed = common::seed_from_env("STREAMEX_BACKFILL_SEED");
+    let url = streamex::testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    existing_rows(&pool, 500, 8).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("streamex.toml");
+    std::fs::write(&config, common::blog_config(&url, &common::slot_for(&url)))?;
+    let log = dir.path().join("run.log");
+    let mut run = common::spawn_service(&config, &log, "info")?;
+    let with_log = |e: anyhow::Error| {
+        anyhow::anyhow!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+    };
+    // The rows are there before the slot: the backfill takes them (process status covers
+    // what the slot streams, which starts after them).
+    let deadline = Instant::now() + PATIENCE;
+    while checkpoints(&pool).await? < 2 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{}",
+            with_log(anyhow::anyhow!("no backfill"))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    settle(&pool).await.map_err(with_log)?;
+    assert_eq!(
+        derived_mismatches(&pool).await?,
+        (0, 0),
+        "before any damage"
+    );
+
+    // Damage both derived tables by hand.
+    sqlx::raw_sql(
+        "UPDATE post_comment_tallies SET comments = comments + 5 WHERE post_id % 3 = 0;
+         DELETE FROM post_comment_tallies WHERE post_id % 7 = 0;
+         INSERT INTO post_comment_tallies VALUES (-1, 42);
+         UPDATE post_with_comments_counts SET comments_count = -1 WHERE id % 2 = 0;",
+    )
+    .execute(&pool)
+    .await?;
+    let damaged = derived_mismatches(&pool).await?;
+    assert!(damaged.0 > 0 && damaged.1 > 0, "{damaged:?}");
+    // The repairs run beside writers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writers(&pool, seed, &stop);
+
+    for (command, operator) in [
+        ("rebuild", "post_comment_tallies"),
+        ("backfill", "post_with_comments_counts"),
+    ] {
+        let out = common::streamex_command("warn")
+            .args([command, operator, "--config"])
+            .arg(&config)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "streamex {command} {operator} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log)?
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains(&format!("{command} of \"{operator}\" done")),
+            "{said}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writing {
+        w.await?;
+    }
+    settle(&pool).await?;
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own running child.
+    unsafe { libc::kill(libc::pid_t::try_from(run.id())?, libc::SIGTERM) };
+    run.wait()?;
+    let text = std::fs::read_to_string(&log)?;
+    let wrong: Vec<(i64, Option<i32>, i64)> = sqlx::query_as(
+        "SELECT p.id, d.comments_count, (SELECT count(*) FROM comments c WHERE c.post_id = p.id)
+           FROM posts p LEFT JOIN post_with_comments_counts d ON d.id = p.id
+          WHERE d.comments_count IS DISTINCT FROM (SELECT count(*) FROM comments c WHERE c.post_id = p.id)::int
+          ORDER BY 1 LIMIT 10",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        derived_mismatches(&pool).await?,
+        (0, 0),
+        "after the repair: (post, count, truth) {wrong:?}\n{text}"
+    );
+    // A rebuild needs a reset: refused up front for a declarative operator without one.
+    let bare = dir.path().join("bare.toml");
+    std::fs::write(
+        &bare,
+        std::fs::read_to_string(&config)?.replace(
+            "reset_query = \"DELETE FROM post_with_comments_counts\"\n",
+            "",
+        ),
+    )?;
+    let out = common::streamex_command("warn")
+        .args([
+            "rebuild",
+            "post_with_comments_counts",
+            "--no-wait",
+            "--config",
+        ])
+        .arg(&bare)
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has no reset_query"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
