@@ -403,7 +403,7 @@ impl Backfills<'_> {
             Ok(()) => return savepoint_step(tx, savepoint("RELEASE SAVEPOINT")).await,
             Err(error) => error,
         };
-        if is_outage(&error) {
+        if super::runner::is_database_outage(&error) {
             return Err(error);
         }
         savepoint_step(tx, savepoint("ROLLBACK TO SAVEPOINT")).await?;
@@ -426,7 +426,7 @@ impl Backfills<'_> {
                     }
                     Err(error) => error,
                 };
-                if is_outage(&error) {
+                if super::runner::is_database_outage(&error) {
                     return Err(error);
                 }
                 savepoint_step(tx, savepoint("ROLLBACK TO SAVEPOINT")).await?;
@@ -446,29 +446,24 @@ impl Backfills<'_> {
                     }
                     crate::config::FailurePolicy::DeadLetter => {
                         let json = serde_json::to_value(&**event)?;
-                        if exactly_once {
-                            status::insert_dead_letter(
-                                &mut **tx,
-                                self.slot,
-                                name,
-                                event.position(),
-                                &json,
-                                &message,
-                                attempt,
-                            )
-                            .await?;
+                        // In the backfill's transaction when the operator's writes are in it.
+                        let mut own;
+                        let conn: &mut sqlx::PgConnection = if exactly_once {
+                            tx
                         } else {
-                            status::insert_dead_letter(
-                                self.pool,
-                                self.slot,
-                                name,
-                                event.position(),
-                                &json,
-                                &message,
-                                attempt,
-                            )
-                            .await?;
-                        }
+                            own = self.pool.acquire().await?;
+                            &mut own
+                        };
+                        status::insert_dead_letter(
+                            conn,
+                            self.slot,
+                            name,
+                            event.position(),
+                            &json,
+                            &message,
+                            attempt,
+                        )
+                        .await?;
                         tracing::error!(
                             operator = name, entity = %event.entity, attempts = attempt, error = %message,
                             "backfill row stored in streamex.dead_letters; going on"
@@ -552,18 +547,6 @@ async fn savepoint_step(
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub(crate) struct Halt(pub String);
-
-/// Whether `error` comes from the database being unreachable or restarting.
-pub(crate) fn is_outage(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<sqlx::Error>()
-            .is_some_and(crate::error::is_transient_sqlx)
-            || cause
-                .downcast_ref::<status::StatusError>()
-                .is_some_and(status::StatusError::is_transient)
-    })
-}
 
 /// A table a backfill reads.
 struct Table {

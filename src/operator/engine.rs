@@ -356,7 +356,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 continue;
             };
             let message = crate::error::chain(&failure);
-            let outage = backfill::is_outage(&failure);
+            let outage = super::runner::is_database_outage(&failure);
             let halt = failure.is::<backfill::Halt>();
             let failures = {
                 let mut all = self
