@@ -119,7 +119,10 @@ pub async fn settle(pool: &PgPool) -> anyhow::Result<()> {
     let mut attempts = 0;
     let ts: String = loop {
         sqlx::query(
-            "SELECT setval(pg_get_serial_sequence('posts', 'id'), coalesce(max(id), 0) + 1, false) FROM posts",
+            // Never backwards (nextval): a writer's uncommitted id may be above max(id).
+            "SELECT setval(pg_get_serial_sequence('posts', 'id'), \
+                    greatest(coalesce(max(id), 0) + 1, nextval(pg_get_serial_sequence('posts', 'id'))), false) \
+               FROM posts",
         )
         .execute(pool)
         .await?;
