@@ -117,6 +117,10 @@ pub struct ReplicationConfig {
     pub channel_capacity: usize,
     /// Most events an operator handles in one database transaction.
     pub batch_size: usize,
+    /// How many connections read a Rust operator's tables at once during its backfill (each
+    /// takes the next table, or the next range of pages of a large one). Default: the
+    /// machine's cores, at most 4.
+    pub backfill_readers: usize,
     /// When the slot was invalidated (its WAL removed, past `max_slot_wal_keep_size`), drop
     /// and recreate it at start-up instead of stopping. The changes in between are lost to
     /// streamex: only for derived data that can be rebuilt.
@@ -131,6 +135,9 @@ impl Default for ReplicationConfig {
             reconnect_max: Duration::from_secs(30),
             channel_capacity: 4096,
             batch_size: 500,
+            backfill_readers: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .clamp(1, 4),
             recreate_invalidated_slot: false,
         }
     }
@@ -685,6 +692,7 @@ impl Config {
             1_000_000,
         )?;
         within("replication.batch_size", r.batch_size, 1, 1_000_000)?;
+        within("replication.backfill_readers", r.backfill_readers, 1, 64)?;
         within_time(
             "replication.status_interval",
             r.status_interval,

@@ -30,6 +30,12 @@ pub struct TailArgs {
     /// Stop after this many events.
     #[arg(long)]
     limit: Option<u64>,
+    /// First print every existing row of the publication's tables as a `read` event, then
+    /// the changes committed after them: a full copy, with nothing missed or doubled between
+    /// the two (the rows are read under the snapshot the slot starts at). With `--slot`, the
+    /// slot must not exist yet: it is created at that snapshot.
+    #[arg(long)]
+    snapshot: bool,
 }
 
 pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -47,7 +53,15 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
         .slot
         .clone()
         .unwrap_or_else(|| format!("streamex_tail_{}", std::process::id()));
-    if !temporary {
+    if !temporary && args.snapshot {
+        if setup::slot_info(&catalog, &slot).await?.is_some() {
+            bail!(
+                "replication slot {slot:?} exists already, but --snapshot creates the slot at the \
+                 snapshot it reads (an existing slot is past the rows' snapshot); name a new slot, \
+                 or leave out --snapshot to go on from this one"
+            );
+        }
+    } else if !temporary {
         let info = setup::slot_info(&catalog, &slot).await?.with_context(|| {
             format!("replication slot {slot:?} does not exist; create it with `streamex setup` or leave out --slot")
         })?;
@@ -163,16 +177,35 @@ async fn stream(
     temporary: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config = StreamConfig::new(params, &slot, publication);
+    let mut config = StreamConfig::new(params.clone(), &slot, publication);
     config.temporary_slot = temporary;
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 16, tokio::io::stdout());
+    let limit = args.limit.unwrap_or(u64::MAX);
+    let mut printed: u64 = 0;
+    if args.snapshot {
+        let snapshot = replication::ExportedSnapshot::with_slot(&params, &slot, temporary)
+            .await
+            .with_context(|| format!("creating slot {slot:?} with an exported snapshot"))?;
+        let read = tokio::select! {
+            read = print_snapshot(&catalog, publication, &snapshot, limit, &mut out) => read?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        printed = read;
+        out.flush().await?;
+        if printed >= limit {
+            return Ok(());
+        }
+        if temporary {
+            // The temporary slot lives on the connection that made it: stream on that one.
+            *config.prepared.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(snapshot.into_connection());
+        }
+    }
     let stop = shutdown.child_token();
     let stream = replication::spawn(config, catalog, Acknowledger::default(), stop.clone());
     let (mut items, ack, task) = (stream.items, stream.ack, stream.task);
 
-    let mut out = tokio::io::BufWriter::with_capacity(1 << 16, tokio::io::stdout());
     let mut line = Vec::with_capacity(4096);
-    let mut printed: u64 = 0;
-    let limit = args.limit.unwrap_or(u64::MAX);
     let result: anyhow::Result<()> = async {
         loop {
             let item = tokio::select! {
@@ -215,4 +248,83 @@ async fn stream(
     result?;
     streamed?;
     Ok(())
+}
+
+/// How many rows each reader hands over at a time.
+const SNAPSHOT_CHUNK: usize = 5_000;
+
+/// Prints every row of `publication`'s tables, read under `snapshot`, as `read` events (at
+/// most `limit`); returns how many it printed.
+async fn print_snapshot(
+    catalog: &sqlx::PgPool,
+    publication: &str,
+    snapshot: &replication::ExportedSnapshot,
+    limit: u64,
+    out: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> anyhow::Result<u64> {
+    // Each published table once: a partitioned table published through its root is listed
+    // as the root (read with its partitions), otherwise as its partitions.
+    let names: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT schemaname::text, tablename::text FROM pg_publication_tables
+          WHERE pubname = $1 ORDER BY 1, 2",
+    )
+    .bind(publication)
+    .fetch_all(catalog)
+    .await
+    .with_context(|| format!("listing the tables of publication {publication:?}"))?;
+    let readers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4);
+    let conns = replication::open_readers(&catalog.connect_options(), &snapshot.name, readers)
+        .await
+        .context("opening the snapshot's readers")?;
+    let mut types = crate::decode::TypeCache::new();
+    let mut tables = Vec::with_capacity(names.len());
+    {
+        let mut conn = catalog.acquire().await?;
+        for (schema, table) in &names {
+            let found = replication::describe_table(
+                &mut conn,
+                catalog,
+                &mut types,
+                (schema, table),
+                crate::event::DEFAULT_SCHEMA,
+            )
+            .await
+            .with_context(|| format!("looking up table {schema}.{table}"))?;
+            // A table dropped since the snapshot: it has no rows to show.
+            tables.extend(found);
+        }
+    }
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
+        .fetch_one(catalog)
+        .await?;
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let tables: std::sync::Arc<[replication::SnapshotTable]> = tables.into();
+    let mut chunks = replication::read_tables(
+        conns,
+        tables.clone(),
+        u32::try_from(version).unwrap_or(0),
+        SNAPSHOT_CHUNK,
+    );
+    let mut printed = 0;
+    let mut line = Vec::with_capacity(4096);
+    while let Some(chunk) = chunks.recv().await {
+        let chunk = chunk?;
+        let table = &tables[chunk.table];
+        for row in chunk.rows {
+            if printed >= limit {
+                return Ok(printed);
+            }
+            let event = table.read_event(row, snapshot.point, printed, timestamp);
+            line.clear();
+            serde_json::to_writer(&mut line, &event)?;
+            line.push(b'\n');
+            out.write_all(&line).await?;
+            printed += 1;
+        }
+    }
+    Ok(printed)
 }

@@ -26,9 +26,11 @@
 //! - `value` (`to_jsonb` of a value's text) → `json`, `numeric`, `types`, `value_error`
 //! - `json` (`json`/`jsonb` documents) → `numeric`, `value_error`
 //! - `numeric` (numbers as `numeric` writes them) → `value_error`
+//! - `copy` (rows of `COPY ... TO STDOUT`, for backfills) → `value`, `types`
 //! - leaves: `pgoutput` (the messages), `types` (type descriptions), `value_error`
 //!   ([`ValueError`], [`MAX_VALUE_DEPTH`])
 
+mod copy;
 mod decoder;
 mod json;
 mod numeric;
@@ -37,6 +39,7 @@ mod types;
 mod value;
 mod value_error;
 
+pub use copy::{CopyColumn, CopyError, CopyReader, CopyRow};
 pub use decoder::{Decoded, Decoder, DecoderError, Table, TableColumn};
 pub use pgoutput::{
     Begin, Column, Commit, DecodeError, Delete, Insert, LogicalMessage, MAX_MESSAGE_SIZE, OldTuple,

@@ -100,6 +100,8 @@ pub struct Engine<S: ProcessStatusStorage> {
     pub params: Option<ConnectParams>,
     /// The schema whose tables' entities are unqualified (for a backfill's events).
     pub default_schema: String,
+    /// How many connections read a Rust operator's tables at once during its backfill.
+    pub backfill_readers: usize,
     /// Per operator, how many backfills in a row have failed (the retry policy counts them).
     backfill_failures: Mutex<HashMap<String, u32>>,
 }
@@ -127,6 +129,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             unfolded: Mutex::default(),
             params: None,
             default_schema: crate::event::DEFAULT_SCHEMA.to_owned(),
+            backfill_readers: 2,
             backfill_failures: Mutex::default(),
         }
     }
@@ -331,6 +334,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             default_schema: &self.default_schema,
             board,
             shutdown,
+            readers: self.backfill_readers,
         };
         let names = jobs.iter().map(|j| j.operator.name().to_owned()).collect();
         let outcomes = match backfills.run(jobs).await {

@@ -60,7 +60,10 @@ pub use frame::MAX_BACKEND_MESSAGE;
 pub use params::{ConnectParams, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PORT, Host, SslMode};
 pub use protocol::{ProtocolError, ServerMessage, StatusUpdate, now_unix_micros};
 pub use setup::{PublicationTables, SetupError, SlotInfo};
-pub use snapshot::ExportedSnapshot;
+pub use snapshot::{
+    ExportedSnapshot, SnapshotChunk, SnapshotTable, describe_table, open_readers, read_lsn,
+    read_tables,
+};
 pub use stats::StreamStats;
 pub use stream::{ReplicationStream, SESSION_SETTINGS, StreamConfig, StreamError, spawn};
 pub use tls::Transport;

@@ -85,6 +85,10 @@ pub struct StreamConfig {
     /// The schema whose tables' events carry an unqualified entity name (see
     /// [`crate::event::EntityName`]).
     pub default_schema: String,
+    /// With `temporary_slot`: a replication connection on which the slot was made already
+    /// (by [`ExportedSnapshot::with_slot`](super::ExportedSnapshot::with_slot), whose
+    /// snapshot was read first), taken by the first session.
+    pub prepared: Arc<std::sync::Mutex<Option<Connection>>>,
 }
 
 impl StreamConfig {
@@ -100,6 +104,7 @@ impl StreamConfig {
             drain_timeout: Duration::from_secs(30),
             stats: Arc::default(),
             default_schema: crate::event::DEFAULT_SCHEMA.to_owned(),
+            prepared: Arc::default(),
         }
     }
 }
@@ -275,16 +280,26 @@ impl Session<'_> {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let mut conn = Connection::connect(
-            &config.params,
-            &ConnectOptions {
-                replication: true,
-                settings,
-            },
-        )
-        .await?;
+        let prepared = match config.temporary_slot {
+            true => config.prepared.lock().map_or(None, |mut p| p.take()),
+            false => None,
+        };
+        let made = prepared.is_some();
+        let mut conn = match prepared {
+            Some(conn) => conn,
+            None => {
+                Connection::connect(
+                    &config.params,
+                    &ConnectOptions {
+                        replication: true,
+                        settings,
+                    },
+                )
+                .await?
+            }
+        };
         let version = server_version(&mut conn).await?;
-        if config.temporary_slot {
+        if config.temporary_slot && !made {
             conn.simple_query(&format!(
                 "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
                 quote_ident(&config.slot)

@@ -5,6 +5,8 @@
 //! both from the snapshot and as a change, or by neither, shows).
 
 use std::path::Path;
+
+use anyhow::Context as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -504,6 +506,128 @@ async fn rebuild_and_backfill_repair_derived_tables_while_the_service_runs() -> 
         String::from_utf8_lossy(&out.stderr).contains("has no reset_query"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Keeps the record of every read event it gets, per entity.
+#[derive(Clone, Default)]
+struct Reads {
+    entities: Vec<&'static str>,
+    records: Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+impl Operator for Reads {
+    fn name(&self) -> &str {
+        "reads"
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        self.entities.iter().map(|e| Subscription::all(e)).collect()
+    }
+
+    fn delivery(&self) -> streamex::operator::Delivery {
+        streamex::operator::Delivery::AtLeastOnce
+    }
+
+    async fn handle(&self, event: &Event, _ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        if event.kind == EventType::Read {
+            let record = serde_json::Value::Object(event.new_record.clone().unwrap_or_default());
+            let mut records = self.records.lock().unwrap();
+            records.push((event.entity.to_string(), record));
+        }
+        Ok(())
+    }
+}
+
+/// A backfill's read records are what `to_jsonb(row)` gives (with the stream's session
+/// settings), for every kind of type, generated columns included; a table large enough to be
+/// read in page ranges by several readers gives each row exactly once; a partitioned table is
+/// read with its partitions.
+#[tokio::test]
+async fn read_records_are_to_jsonb_of_each_row_once() -> anyhow::Result<()> {
+    let schema = format!(
+        "{}
+         CREATE SCHEMA arr; SET search_path = arr, public;
+         {}
+         RESET search_path;
+         CREATE TABLE generated (id int PRIMARY KEY, a int,
+             doubled int GENERATED ALWAYS AS (a * 2) STORED);
+         INSERT INTO generated (id, a) VALUES (1, 1), (2, NULL), (3, 21);
+         CREATE TABLE wide (id int PRIMARY KEY, pad text);
+         INSERT INTO wide SELECT i, repeat('x', 200) FROM generate_series(1, 30000) i;
+         DELETE FROM wide WHERE id % 7 = 0;
+         CREATE TABLE parts (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE parts_a PARTITION OF parts FOR VALUES FROM (0) TO (100);
+         CREATE TABLE parts_b PARTITION OF parts FOR VALUES FROM (100) TO (200);
+         INSERT INTO parts SELECT i, 'v' || i FROM generate_series(1, 199) i;",
+        crate::types::SCALARS,
+        crate::types::ARRAYS
+    );
+    let kit = streamex::testing::OperatorTest::start(&schema)
+        .await?
+        .backfill(true);
+    let pages: i64 = sqlx::query_scalar("SELECT pg_relation_size('public.wide') / 8192")
+        .fetch_one(kit.pool())
+        .await
+        .context("the size of wide")?;
+    assert!(
+        pages >= 512,
+        "wide has {pages} pages: too few to be read in ranges"
+    );
+    let operator = Reads {
+        entities: vec!["scalars", "arr.arrays", "generated", "wide", "parts"],
+        ..Reads::default()
+    };
+    kit.run(operator.clone(), &[]).await?;
+    let got = std::mem::take(&mut *operator.records.lock().unwrap());
+
+    let mut failures = Vec::new();
+    for table in ["scalars", "arr.arrays", "generated", "wide", "parts"] {
+        let mut tx = kit.pool().begin().await?;
+        sqlx::raw_sql(
+            "SET LOCAL DateStyle = ISO; SET LOCAL TimeZone = 'UTC'; \
+             SET LOCAL IntervalStyle = postgres; SET LOCAL extra_float_digits = 3",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let texts: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT to_jsonb(whole_row)::text FROM {table} whole_row ORDER BY id"
+        ))
+        .fetch_all(&mut *tx)
+        .await
+        .with_context(|| format!("to_jsonb of {table}"))?;
+        let mut expected: Vec<serde_json::Value> = texts
+            .iter()
+            .map(|t| serde_json::from_str(t))
+            .collect::<Result<_, _>>()?;
+        let mut read: Vec<serde_json::Value> = got
+            .iter()
+            .filter(|(entity, _)| entity == table)
+            .map(|(_, record)| record.clone())
+            .collect();
+        let id = |v: &serde_json::Value| v["id"].as_i64().unwrap_or(-1);
+        read.sort_by_key(id);
+        expected.sort_by_key(id);
+        if read.len() != expected.len() {
+            failures.push(format!(
+                "{table}: {} rows read, {} in the table",
+                read.len(),
+                expected.len()
+            ));
+            continue;
+        }
+        for (got, want) in read.iter().zip(&expected) {
+            if got != want {
+                failures.push(format!("{table}: read {got}\n  to_jsonb gives {want}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
     );
     Ok(())
 }

@@ -275,3 +275,102 @@ async fn without_publication_tail_uses_its_own_and_drops_those_earlier_tails_lef
     drop(live);
     Ok(())
 }
+
+/// Runs `tail --snapshot --limit` on a table with existing rows while one writer keeps
+/// inserting, and returns the printed events' (type, id).
+async fn snapshot_then_changes(extra: &[&str]) -> anyhow::Result<Vec<(String, i64)>> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE items (id bigserial PRIMARY KEY, body text);
+         INSERT INTO items (body) SELECT repeat('x', 100) FROM generate_series(1, 20000);",
+    )
+    .execute(&pool)
+    .await?;
+    setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One writer, one row per transaction: ids increase in commit order.
+    let writer = tokio::spawn({
+        let (pool, stop) = (pool.clone(), stop.clone());
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sqlx::query("INSERT INTO items (body) VALUES ('new')")
+                    .execute(&pool)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut args = vec![
+        "--database-url",
+        &url,
+        "--publication",
+        "streamex",
+        "--snapshot",
+        "--limit",
+        "21000",
+    ];
+    args.extend_from_slice(extra);
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        tail(&args.iter().map(String::as_str).collect::<Vec<_>>()).output()
+    });
+    let output = output.await??;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await??;
+    assert!(output.status.success(), "tail failed: {output:?}");
+    // Slots are the cluster's: leave none holding WAL for the other tests.
+    sqlx::query(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+         WHERE database = current_database()",
+    )
+    .execute(&pool)
+    .await?;
+    Ok(output
+        .stdout
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(&l.unwrap()).unwrap();
+            (
+                v["type"].as_str().unwrap().to_owned(),
+                v["new_record"]["id"].as_i64().unwrap(),
+            )
+        })
+        .collect())
+}
+
+/// The reads are every row committed before the snapshot, the changes every one after it,
+/// in commit order: with one writer the printed ids are 1, 2, 3, ... with no gap and no
+/// repeat, whichever instant the snapshot fell at.
+fn check_snapshot_then_changes(events: &[(String, i64)]) {
+    assert_eq!(events.len(), 21000);
+    let reads = events.iter().take_while(|(kind, _)| kind == "read").count();
+    assert!(reads >= 20000, "only {reads} reads");
+    assert!(
+        events[reads..].iter().all(|(kind, _)| kind == "insert"),
+        "after the reads only the writer's inserts"
+    );
+    let mut read_ids: Vec<i64> = events[..reads].iter().map(|(_, id)| *id).collect();
+    read_ids.sort_unstable();
+    let expected: Vec<i64> = (1..=i64::try_from(reads).unwrap()).collect();
+    assert_eq!(
+        read_ids, expected,
+        "the reads are ids 1..={reads}, each once"
+    );
+    let inserts: Vec<i64> = events[reads..].iter().map(|(_, id)| *id).collect();
+    let next: Vec<i64> = (i64::try_from(reads).unwrap() + 1..=21000).collect();
+    assert_eq!(inserts, next, "the changes go on right after the reads");
+}
+
+#[tokio::test]
+async fn snapshot_prints_the_rows_then_the_changes_after_them() -> anyhow::Result<()> {
+    check_snapshot_then_changes(&snapshot_then_changes(&[]).await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn snapshot_with_a_new_slot_creates_it_at_the_snapshot() -> anyhow::Result<()> {
+    check_snapshot_then_changes(&snapshot_then_changes(&["--slot", "copy"]).await?);
+    Ok(())
+}

@@ -137,7 +137,7 @@ async fn check_table(
     Ok(compared)
 }
 
-const SCALARS: &str = r#"
+pub(crate) const SCALARS: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy', 'with space', 'quo"te,');
 CREATE DOMAIN posint AS int CHECK (VALUE > 0);
 CREATE DOMAIN label AS text;
@@ -219,7 +219,7 @@ async fn scalars_match_to_jsonb() -> anyhow::Result<()> {
     Ok(())
 }
 
-const ARRAYS: &str = r#"
+pub(crate) const ARRAYS: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy', 'with space', 'quo"te,', 'NULL');
 CREATE DOMAIN posint AS int CHECK (VALUE > 0);
 CREATE DOMAIN label AS text;
