@@ -302,25 +302,22 @@ async fn print_snapshot(
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-    let tables: std::sync::Arc<[replication::SnapshotTable]> = tables.into();
     let mut chunks = replication::read_tables(
         conns,
-        tables.clone(),
+        tables.into(),
         u32::try_from(version).unwrap_or(0),
         SNAPSHOT_CHUNK,
+        (snapshot.point, timestamp),
     );
     let mut printed = 0;
     let mut line = Vec::with_capacity(4096);
     while let Some(chunk) = chunks.recv().await {
-        let chunk = chunk?;
-        let table = &tables[chunk.table];
-        for row in chunk.rows {
+        for event in chunk?.events {
             if printed >= limit {
                 return Ok(printed);
             }
-            let event = table.read_event(row, snapshot.point, printed, timestamp);
             line.clear();
-            serde_json::to_writer(&mut line, &event)?;
+            serde_json::to_writer(&mut line, &*event)?;
             line.push(b'\n');
             out.write_all(&line).await?;
             printed += 1;

@@ -109,7 +109,7 @@ impl CopyReader {
 
     fn row(&self, line: &[u8]) -> Result<CopyRow, CopyError> {
         let expected = self.columns.len();
-        let mut record = Record::new();
+        let mut record = Record::with_capacity(expected);
         let mut problems: Vec<String> = Vec::new();
         let mut fields = line.split(|&b| b == b'\t');
         // A table without columns has one empty line per row.

@@ -273,7 +273,7 @@ impl Backfills<'_> {
             Ok(Some(rows)) => {
                 let secs = began.elapsed().as_secs_f64();
                 info!(
-                    operator = %name, rows, seconds = format!("{secs:.1}"),
+                    operator = %name, rows, seconds = format!("{secs:.2}"),
                     rows_per_second = format!("{:.0}", rows as f64 / secs.max(1e-6)),
                     checkpoint = %checkpoint_for(point),
                     "backfill done"
@@ -331,18 +331,14 @@ impl Backfills<'_> {
             tables.clone(),
             u32::try_from(version).unwrap_or(0),
             CHUNK,
+            (point, timestamp),
         );
         let mut rows: u64 = 0;
         let mut logged = Instant::now();
         let mut stored = Instant::now();
         while let Some(chunk) = chunks.recv().await {
-            let chunk = chunk?;
-            let table = &tables[chunk.table];
-            let mut events = Vec::with_capacity(chunk.rows.len());
-            for row in chunk.rows {
-                events.push(Arc::new(table.read_event(row, point, rows, timestamp)));
-                rows += 1;
-            }
+            let events = chunk?.events;
+            rows += events.len() as u64;
             self.handle_chunk(job, tx, &events).await?;
             self.board.backfill_rows(job.index, rows);
             if stored.elapsed() >= STORE_PROGRESS_EVERY {

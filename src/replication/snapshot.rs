@@ -213,12 +213,11 @@ pub async fn describe_table(
     }))
 }
 
-/// Rows of one table, read under the snapshot: `table` indexes the slice given to
-/// [`read_tables`].
+/// Read events of rows of one table: `table` indexes the slice given to [`read_tables`].
 #[derive(Debug)]
 pub struct SnapshotChunk {
     pub table: usize,
-    pub rows: Vec<CopyRow>,
+    pub events: Vec<Arc<Event>>,
 }
 
 /// Tables at least this many pages (8 KiB each) long are split into page ranges that several
@@ -260,15 +259,17 @@ pub async fn open_readers(
 /// Reads every row of `tables` on `readers` (from [`open_readers`]) at once: each reader takes
 /// the next table, or range of pages of a large table (server 14 and later: a TID range scan),
 /// and streams it with `COPY (SELECT ...) TO STDOUT`, converting the rows on its own task.
-/// Chunks of at most `chunk` rows come out of the returned channel, which holds at most two
-/// per reader (memory stays bounded whatever the tables' sizes); it closes when everything is
-/// read, after an error (the last item), or never fills again once dropped (the readers end,
-/// and their connections close).
+/// Chunks of at most `chunk` rows, as read events of a snapshot whose consistent point is
+/// `point` ([`SnapshotTable::read_event`]; ordinals from 0, unique, in no particular order),
+/// come out of the returned channel, which holds at most two per reader (memory stays bounded
+/// whatever the tables' sizes); it closes when everything is read, after an error (the last
+/// item), or never fills again once dropped (the readers end, and their connections close).
 pub fn read_tables(
     readers: Vec<sqlx::PgConnection>,
     tables: Arc<[SnapshotTable]>,
     server_version: u32,
     chunk: usize,
+    (point, timestamp): (Lsn, i64),
 ) -> tokio::sync::mpsc::Receiver<Result<SnapshotChunk, anyhow::Error>> {
     let count = readers.len().max(1);
     let mut work = std::collections::VecDeque::new();
@@ -288,20 +289,34 @@ pub fn read_tables(
         }
     }
     let work = Arc::new(std::sync::Mutex::new(work));
+    let ordinals = Arc::new(AtomicU64::new(0));
     let (tx, rx) = tokio::sync::mpsc::channel(count * 2);
     for mut conn in readers {
         let (work, tables, tx) = (work.clone(), tables.clone(), tx.clone());
+        let ordinals = ordinals.clone();
         tokio::spawn(async move {
             loop {
                 let next = work.lock().map(|mut w| w.pop_front()).unwrap_or(None);
                 let Some((index, range)) = next else { break };
                 let table = &tables[index];
                 let read = copy_rows(&mut conn, table, range, chunk, |rows| {
+                    // The events are made here, on the reader's task, not by the one consumer.
+                    let first = ordinals.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    let events = rows
+                        .into_iter()
+                        .zip(first..)
+                        .map(|(row, ordinal)| {
+                            Arc::new(table.read_event(row, point, ordinal, timestamp))
+                        })
+                        .collect();
                     let tx = tx.clone();
                     async move {
-                        tx.send(Ok(SnapshotChunk { table: index, rows }))
-                            .await
-                            .is_ok()
+                        tx.send(Ok(SnapshotChunk {
+                            table: index,
+                            events,
+                        }))
+                        .await
+                        .is_ok()
                     }
                 })
                 .await;
