@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::{self, BLOG, PATIENCE, Rng, blog_activity, derived_mismatches, settle};
+use crate::common::{
+    self, BLOG, PATIENCE, Rng, blog_activity, derived_mismatches, eventually, settle,
+};
 use sqlx::PgPool;
 use streamex::config::Config;
 use streamex::event::{Event, EventType};
 use streamex::operator::{Context, Operator, Subscription};
-use streamex::status::MemoryStatus;
 
 /// `posts` and `comments` filled with `posts` posts of `per_post` comments each, in one
 /// statement each (the comments spread over the posts, as time would spread them).
@@ -211,45 +212,6 @@ fn config(url: &str) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-async fn start(
-    config: &Config,
-    operators: Vec<streamex::operator::AnyOperator>,
-) -> anyhow::Result<(
-    tokio_util::sync::CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-)> {
-    let service = streamex::Service::builder()
-        .config(config.clone())
-        .configured_operators(false)
-        .operators(operators)
-        .status(MemoryStatus::new())
-        .build()
-        .await?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            service
-                .run(stop.cancelled_owned())
-                .await
-                .map_err(anyhow::Error::from)
-        }
-    });
-    Ok((stop, task))
-}
-
-async fn eventually(
-    what: &str,
-    mut check: impl AsyncFnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + PATIENCE;
-    while !check().await? {
-        anyhow::ensure!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_added_later_reads_the_rows_then_the_changes_while_the_first_goes_on()
 -> anyhow::Result<()> {
@@ -273,7 +235,7 @@ async fn an_operator_added_later_reads_the_rows_then_the_changes_while_the_first
     };
 
     // The first operator's first run: the 100 posts as read events.
-    let (stop, task) = start(&config, vec![first.clone().into()]).await?;
+    let service = common::Service::start_backfilling(&config, vec![first.clone().into()]).await?;
     let count = |operator: &'static str, kind: &'static str| {
         let pool = pool.clone();
         async move {
@@ -297,8 +259,7 @@ async fn an_operator_added_later_reads_the_rows_then_the_changes_while_the_first
         Ok(count("first", "insert").await? == 50)
     })
     .await?;
-    stop.cancel();
-    task.await??;
+    service.stop().await?;
 
     // Written while no instance runs: in the slot, for the first operator.
     sqlx::query("INSERT INTO posts (id, title) SELECT i, 'p' FROM generate_series(151, 170) i")
@@ -306,7 +267,8 @@ async fn an_operator_added_later_reads_the_rows_then_the_changes_while_the_first
         .await?;
     // The second operator joins: it reads every post there is, while the first gets the 20
     // inserts from the slot and what follows.
-    let (stop, task) = start(&config, vec![first.into(), second.into()]).await?;
+    let service =
+        common::Service::start_backfilling(&config, vec![first.into(), second.into()]).await?;
     eventually("the second operator's backfill", async || {
         Ok(count("second", "read").await? == 170)
     })
@@ -318,8 +280,7 @@ async fn an_operator_added_later_reads_the_rows_then_the_changes_while_the_first
         Ok(count("first", "insert").await? == 80 && count("second", "insert").await? == 10)
     })
     .await?;
-    stop.cancel();
-    task.await??;
+    service.stop().await?;
     // Nothing twice, nothing of another kind: every post once per operator.
     let per_id: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT operator, count(DISTINCT id), count(*) FROM seen GROUP BY 1 ORDER BY 1",
@@ -357,7 +318,7 @@ async fn a_failing_row_of_a_backfill_is_a_dead_letter_and_the_others_are_read() 
         entity: "posts",
         poison: Some(7777),
     };
-    let (stop, task) = start(&config, vec![fragile.into()]).await?;
+    let service = common::Service::start_backfilling(&config, vec![fragile.into()]).await?;
     let letters = || {
         let pool = pool.clone();
         async move {
@@ -386,8 +347,7 @@ async fn a_failing_row_of_a_backfill_is_a_dead_letter_and_the_others_are_read() 
         "{}",
         letters[0].1
     );
-    stop.cancel();
-    task.await??;
+    service.stop().await?;
     Ok(())
 }
 

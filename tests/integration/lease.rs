@@ -16,9 +16,9 @@ use anyhow::Context as _;
 use sqlx::PgPool;
 use streamex::testing::Cluster;
 
-use crate::common;
+use crate::common::{self, eventually};
 
-use common::{BLOG, PATIENCE, Rng, blog_activity, derived_mismatches, settle, slot_for};
+use common::{BLOG, Rng, blog_activity, derived_mismatches, settle, slot_for};
 
 /// Records who writes the derived tables and the checkpoints: the writing session's
 /// `application_name`, in its transaction (the row's `xmin`), whose commit time
@@ -52,19 +52,6 @@ async fn lock_holder(pool: &PgPool, slot: &str) -> anyhow::Result<Option<i32>> {
 
 fn log_of(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// Waits until `found` is true, at most [`PATIENCE`]; `Err(what)` when it never is.
-async fn eventually(
-    what: &str,
-    mut found: impl AsyncFnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + PATIENCE;
-    while !found().await? {
-        anyhow::ensure!(Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }
 
 fn signal(child: &std::process::Child, signal: libc::c_int) -> anyhow::Result<()> {

@@ -17,7 +17,7 @@ use streamex::status::{
 };
 use streamex::testing;
 
-use crate::common;
+use crate::common::{self, eventually};
 
 use common::{BLOG, PATIENCE, Service, derived_mismatches, settle, slot_for};
 
@@ -166,22 +166,6 @@ fn minimal_config(url: &str, extra: &str) -> anyhow::Result<Config> {
         "test.toml",
         std::iter::empty(),
     )?)
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check().await? {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{what} never happened"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }
 
 #[tokio::test]

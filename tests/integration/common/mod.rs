@@ -386,18 +386,43 @@ pub async fn prepare(config: &streamex::config::Config) -> anyhow::Result<()> {
 }
 
 impl Service {
+    /// Runs `operators` on `config` without backfills: these tests are of what operators make
+    /// of changes, so the rows written before an operator's first run come as changes too
+    /// (backfill.rs tests the backfill, with [`Service::start_backfilling`]).
     pub async fn start<S: streamex::status::ProcessStatusStorage + Clone>(
         config: &streamex::config::Config,
         status: S,
         pubsub: streamex::pubsub::PubSub,
         operators: Vec<streamex::operator::AnyOperator>,
     ) -> anyhow::Result<Service> {
-        // These tests are of what operators make of changes: the rows written before an
-        // operator's first run come as changes too (backfill.rs tests the backfill).
-        let service = streamex::Service::builder()
+        Self::run(config, status, pubsub, operators, Some(false)).await
+    }
+
+    /// As [`Service::start`], with each operator's first run starting with a backfill as the
+    /// operator says (`Operator::backfill`).
+    pub async fn start_backfilling(
+        config: &streamex::config::Config,
+        operators: Vec<streamex::operator::AnyOperator>,
+    ) -> anyhow::Result<Service> {
+        let status = streamex::status::MemoryStatus::new();
+        let pubsub = streamex::pubsub::PubSub::new();
+        Self::run(config, status, pubsub, operators, None).await
+    }
+
+    async fn run<S: streamex::status::ProcessStatusStorage + Clone>(
+        config: &streamex::config::Config,
+        status: S,
+        pubsub: streamex::pubsub::PubSub,
+        operators: Vec<streamex::operator::AnyOperator>,
+        backfill: Option<bool>,
+    ) -> anyhow::Result<Service> {
+        let mut builder = streamex::Service::builder()
             .config(config.clone())
-            .configured_operators(false)
-            .backfill(false)
+            .configured_operators(false);
+        if let Some(backfill) = backfill {
+            builder = builder.backfill(backfill);
+        }
+        let service = builder
             .operators(operators)
             .pubsub(pubsub)
             .status(status)
@@ -424,6 +449,23 @@ impl Service {
             .context("the service did not stop in time")???;
         Ok(())
     }
+}
+
+/// Waits until `check` says yes, at most [`PATIENCE`]; an error naming `what` when it never
+/// does.
+pub async fn eventually(
+    what: &str,
+    mut check: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await? {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// A certificate authority made for one test.
