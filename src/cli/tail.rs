@@ -250,9 +250,6 @@ async fn stream(
     Ok(())
 }
 
-/// How many rows each reader hands over at a time.
-const SNAPSHOT_CHUNK: usize = 5_000;
-
 /// Prints every row of `publication`'s tables, read under `snapshot`, as `read` events (at
 /// most `limit`); returns how many it printed.
 async fn print_snapshot(
@@ -272,9 +269,8 @@ async fn print_snapshot(
     .fetch_all(catalog)
     .await
     .with_context(|| format!("listing the tables of publication {publication:?}"))?;
-    let readers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 4);
+    // As many as a backfill's by default.
+    let readers = crate::config::ReplicationConfig::default().backfill_readers;
     let conns = replication::open_readers(&catalog.connect_options(), &snapshot.name, readers)
         .await
         .context("opening the snapshot's readers")?;
@@ -296,19 +292,10 @@ async fn print_snapshot(
             tables.extend(found);
         }
     }
-    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
-        .fetch_one(catalog)
-        .await?;
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-    let mut chunks = replication::read_tables(
-        conns,
-        tables.into(),
-        u32::try_from(version).unwrap_or(0),
-        SNAPSHOT_CHUNK,
-        (snapshot.point, timestamp),
-    );
+    let mut chunks = replication::read_tables(conns, tables.into(), (snapshot.point, timestamp));
     let mut printed = 0;
     let mut line = Vec::with_capacity(4096);
     while let Some(chunk) = chunks.recv().await {

@@ -60,7 +60,8 @@
 //! transaction that imported the same snapshot (so they see exactly what the operator's
 //! transaction sees), with `COPY (SELECT ...) TO STDOUT`: each takes the next table, or range
 //! of pages of a large one ([`crate::replication::read_tables`]), and converts the rows on its
-//! own task with the stream's value conversion. They hand over [`CHUNK`] rows at a time
+//! own task with the stream's value conversion. They hand over
+//! [`CHUNK_ROWS`](crate::replication::CHUNK_ROWS) rows at a time
 //! through a channel of two chunks per reader (memory stays bounded whatever the tables'
 //! sizes), and the operator handles the chunks one at a time, in its transaction, in the order
 //! they arrive: read events come in no particular order, which is sound because they all
@@ -87,9 +88,6 @@ use crate::event::{EntityName, Event, EventType};
 use crate::lsn::{Lsn, Position};
 use crate::replication::{ConnectParams, ExportedSnapshot, SnapshotTable, read_lsn};
 use crate::status;
-
-/// How many rows are fetched, and handed to the operator, at a time.
-pub(crate) const CHUNK: usize = 5_000;
 
 /// How often a running backfill logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
@@ -319,20 +317,12 @@ impl Backfills<'_> {
         let estimate: u64 = tables.iter().map(|t| t.estimate).sum();
         self.board.backfill_started(job.index, estimate);
         self.progress(job, 0, estimate, true).await;
-        let (timestamp, version): (i64, i32) = sqlx::query_as(
-            "SELECT (extract(epoch FROM now()) * 1000000)::int8, \
-                    current_setting('server_version_num')::int4",
-        )
-        .fetch_one(&mut **tx)
-        .await?;
-        let tables: Arc<[SnapshotTable]> = tables.into();
-        let mut chunks = crate::replication::read_tables(
-            readers,
-            tables.clone(),
-            u32::try_from(version).unwrap_or(0),
-            CHUNK,
-            (point, timestamp),
-        );
+        let timestamp: i64 =
+            sqlx::query_scalar("SELECT (extract(epoch FROM now()) * 1000000)::int8")
+                .fetch_one(&mut **tx)
+                .await?;
+        let mut chunks =
+            crate::replication::read_tables(readers, tables.into(), (point, timestamp));
         let mut rows: u64 = 0;
         let mut logged = Instant::now();
         let mut stored = Instant::now();

@@ -61,8 +61,8 @@ pub use params::{ConnectParams, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PORT, Host, Ssl
 pub use protocol::{ProtocolError, ServerMessage, StatusUpdate, now_unix_micros};
 pub use setup::{PublicationTables, SetupError, SlotInfo};
 pub use snapshot::{
-    ExportedSnapshot, SnapshotChunk, SnapshotTable, describe_table, open_readers, read_lsn,
-    read_tables,
+    CHUNK_ROWS, ExportedSnapshot, SnapshotChunk, SnapshotTable, describe_table, open_readers,
+    read_lsn, read_tables,
 };
 pub use stats::StreamStats;
 pub use stream::{ReplicationStream, SESSION_SETTINGS, StreamConfig, StreamError, spawn};

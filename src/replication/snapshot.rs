@@ -118,6 +118,9 @@ pub struct SnapshotTable {
     pub partitioned: bool,
     /// Its size in pages when described: the reads split it into ranges of pages.
     pub pages: u64,
+    /// Whether the server scans a range of pages by itself (a TID range scan, 14 and later;
+    /// before, every range would read the whole table).
+    pub tid_ranges: bool,
     /// The rows the statistics expect (`reltuples`, partitions included).
     pub estimate: u64,
 }
@@ -164,9 +167,9 @@ pub async fn describe_table(
     default_schema: &str,
 ) -> Result<Option<SnapshotTable>, anyhow::Error> {
     let sql_name = format!("{}.{}", quote_ident(schema), quote_ident(table));
-    type Found = (bool, i64, i64, Vec<String>, Vec<i64>, Vec<String>);
+    type Found = (bool, bool, i64, i64, Vec<String>, Vec<i64>, Vec<String>);
     let found: Option<Found> = sqlx::query_as(
-        "SELECT c.relkind = 'p',
+        "SELECT c.relkind = 'p', current_setting('server_version_num')::int4 >= 140000,
                 CASE WHEN c.relkind = 'p' THEN 0
                      ELSE pg_relation_size(c.oid) / current_setting('block_size')::int8 END,
                 (SELECT coalesce(sum(greatest(p.reltuples, 0)), 0)::int8
@@ -191,7 +194,7 @@ pub async fn describe_table(
     .bind(&sql_name)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((partitioned, pages, estimate, names, oids, key_columns)) = found else {
+    let Some((partitioned, tid_ranges, pages, estimate, names, oids, key_columns)) = found else {
         return Ok(None);
     };
     let mut columns = Vec::with_capacity(names.len());
@@ -209,6 +212,7 @@ pub async fn describe_table(
         key_columns: key_columns.into(),
         partitioned,
         pages: u64::try_from(pages).unwrap_or(0),
+        tid_ranges,
         estimate: u64::try_from(estimate).unwrap_or(0),
     }))
 }
@@ -219,6 +223,9 @@ pub struct SnapshotChunk {
     pub table: usize,
     pub events: Vec<Arc<Event>>,
 }
+
+/// How many rows a reader hands over at a time.
+pub const CHUNK_ROWS: usize = 5_000;
 
 /// Tables at least this many pages (8 KiB each) long are split into page ranges that several
 /// readers read at once; smaller ones are read whole by one.
@@ -257,9 +264,9 @@ pub async fn open_readers(
 }
 
 /// Reads every row of `tables` on `readers` (from [`open_readers`]) at once: each reader takes
-/// the next table, or range of pages of a large table (server 14 and later: a TID range scan),
-/// and streams it with `COPY (SELECT ...) TO STDOUT`, converting the rows on its own task.
-/// Chunks of at most `chunk` rows, as read events of a snapshot whose consistent point is
+/// the next table, or range of pages of a large table ([`SnapshotTable::tid_ranges`]), and
+/// streams it with `COPY (SELECT ...) TO STDOUT`, converting the rows on its own task.
+/// Chunks of at most [`CHUNK_ROWS`] rows, as read events of a snapshot whose consistent point is
 /// `point` ([`SnapshotTable::read_event`]; ordinals from 0, unique, in no particular order),
 /// come out of the returned channel, which holds at most two per reader (memory stays bounded
 /// whatever the tables' sizes); it closes when everything is read, after an error (the last
@@ -267,14 +274,12 @@ pub async fn open_readers(
 pub fn read_tables(
     readers: Vec<sqlx::PgConnection>,
     tables: Arc<[SnapshotTable]>,
-    server_version: u32,
-    chunk: usize,
     (point, timestamp): (Lsn, i64),
 ) -> tokio::sync::mpsc::Receiver<Result<SnapshotChunk, anyhow::Error>> {
     let count = readers.len().max(1);
     let mut work = std::collections::VecDeque::new();
     for (index, table) in tables.iter().enumerate() {
-        let split = !table.partitioned && server_version >= 140_000 && table.pages >= SPLIT_PAGES;
+        let split = !table.partitioned && table.tid_ranges && table.pages >= SPLIT_PAGES;
         if !split || count == 1 {
             work.push_back((index, None));
             continue;
@@ -299,7 +304,7 @@ pub fn read_tables(
                 let next = work.lock().map(|mut w| w.pop_front()).unwrap_or(None);
                 let Some((index, range)) = next else { break };
                 let table = &tables[index];
-                let read = copy_rows(&mut conn, table, range, chunk, |rows| {
+                let read = copy_rows(&mut conn, table, range, |rows| {
                     // The events are made here, on the reader's task, not by the one consumer.
                     let first = ordinals.fetch_add(rows.len() as u64, Ordering::Relaxed);
                     let events = rows
@@ -336,13 +341,12 @@ pub fn read_tables(
     rx
 }
 
-/// Streams `table` (or the pages `range` of it) through COPY into chunks of `chunk` rows, each
-/// given to `send`; `Ok(false)` when `send` said the receiver is gone.
+/// Streams `table` (or the pages `range` of it) through COPY into chunks of [`CHUNK_ROWS`]
+/// rows, each given to `send`; `Ok(false)` when `send` said the receiver is gone.
 async fn copy_rows<F, Fut>(
     conn: &mut sqlx::PgConnection,
     table: &SnapshotTable,
     range: Option<(u64, Option<u64>)>,
-    chunk: usize,
     send: F,
 ) -> Result<bool, anyhow::Error>
 where
@@ -370,12 +374,12 @@ where
         table.sql_name
     );
     let mut reader = CopyReader::new(table.columns.clone());
-    let mut rows = Vec::with_capacity(chunk);
+    let mut rows = Vec::with_capacity(CHUNK_ROWS);
     let mut out = conn.copy_out_raw(&statement).await?;
     while let Some(data) = out.next().await {
         reader.push(&data?, &mut rows)?;
-        if rows.len() >= chunk {
-            let full = std::mem::replace(&mut rows, Vec::with_capacity(chunk));
+        if rows.len() >= CHUNK_ROWS {
+            let full = std::mem::replace(&mut rows, Vec::with_capacity(CHUNK_ROWS));
             if !send(full).await {
                 return Ok(false);
             }
