@@ -2,8 +2,9 @@
 //! database, role and TLS settings, for set-up, catalog look-ups, process status, operators
 //! and the instance lock.
 //!
-//! When the server's certificate is verified, sqlx connects through a [`Relay`] and the TLS
-//! is ours (relay.rs); otherwise sqlx connects to the server itself.
+//! When the server's certificate is verified, or the URL names several servers (or a
+//! `target_session_attrs`), sqlx connects through a [`Relay`] and the TLS and the choice of
+//! server are ours (relay.rs); otherwise sqlx connects to the server itself.
 
 use std::time::Duration;
 
@@ -57,7 +58,7 @@ fn connect_options(
     if let Some(password) = params.password() {
         options = options.password(password);
     }
-    if verifies_certificate(params) {
+    if verifies_certificate(params) || params.chooses_server() {
         let relay = Relay::start(params).map_err(|e| sqlx::Error::Configuration(e.into()))?;
         // Plain to the relay, which opens the TLS to the server.
         let options = options

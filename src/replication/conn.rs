@@ -45,7 +45,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 
 use super::error::{DbError, ReplicationError};
 use super::frame::{Frame, frame_size, try_frame};
-use super::params::ConnectParams;
+use super::params::{ConnectParams, ServerState, TargetSessionAttrs};
 use super::tls::Transport;
 use super::version::ServerVersion;
 
@@ -208,8 +208,114 @@ impl SimpleRow {
 
 impl Connection {
     /// Connects, negotiates TLS, sends the startup packet and authenticates, all within the
-    /// URL's `connect_timeout`.
+    /// URL's `connect_timeout`. When the URL names several servers or a
+    /// `target_session_attrs`, to the first server that answers and is what it asks for
+    /// ([`Connection::choose`]).
     pub async fn connect(
+        params: &ConnectParams,
+        options: &ConnectOptions,
+    ) -> Result<Connection, ReplicationError> {
+        match params.chooses_server() {
+            true => Ok(Self::choose(params, options).await?.0),
+            false => Self::connect_one(params, options).await,
+        }
+    }
+
+    /// Tries the servers of `params` in order, as libpq does: the first that answers and
+    /// whose state `target_session_attrs` accepts wins (for `prefer-standby`, the first
+    /// standby, else the first that answered). Returns the connection and the parameters
+    /// naming that server alone. A definite failure (a wrong password) on any server is
+    /// returned as such when no server would do; otherwise the error says what each was.
+    pub async fn choose(
+        params: &ConnectParams,
+        options: &ConnectOptions,
+    ) -> Result<(Connection, ConnectParams), ReplicationError> {
+        let attrs = params.target_session_attrs;
+        let mut tried = Vec::new();
+        let mut definite = None;
+        let mut fallback = None;
+        for server in params.servers() {
+            let outcome = match Self::connect_one(&server, options).await {
+                Ok(mut conn) if attrs.needs_state() => match conn.server_state().await {
+                    Ok(state) => Ok((conn, state)),
+                    Err(e) => Err(e),
+                },
+                Ok(conn) => return Ok((conn, server)),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok((conn, state)) if attrs.accepts(state) => {
+                    if let Some((other, _)) = fallback.take() {
+                        Connection::close(other).await;
+                    }
+                    return Ok((conn, server));
+                }
+                Ok((conn, state)) => {
+                    let what = match (state.in_recovery, state.read_only) {
+                        (true, _) => "a standby (in recovery)",
+                        (false, true) => "a primary whose sessions are read-only",
+                        (false, false) => "a primary",
+                    };
+                    tried.push(format!("{} is {what}", server.target()));
+                    if attrs == TargetSessionAttrs::PreferStandby && fallback.is_none() {
+                        fallback = Some((conn, server));
+                    } else {
+                        conn.close().await;
+                    }
+                }
+                Err(e) => {
+                    tried.push(format!("{}: {e}", server.target()));
+                    if !e.is_transient() && definite.is_none() {
+                        definite = Some(e);
+                    }
+                }
+            }
+        }
+        if let Some(found) = fallback {
+            return Ok(found);
+        }
+        if let Some(e) = definite {
+            return Err(e);
+        }
+        Err(ReplicationError::NoServer {
+            targets: params.targets(),
+            attrs: attrs.to_string(),
+            tried: tried.join("; "),
+        })
+    }
+
+    /// Whether the server is in recovery and its sessions read-only: from what it reported
+    /// at startup (`in_hot_standby`, `default_transaction_read_only`, from PostgreSQL 14),
+    /// else by asking.
+    async fn server_state(&mut self) -> Result<ServerState, ReplicationError> {
+        let reported = (
+            self.server_parameter("in_hot_standby"),
+            self.server_parameter("default_transaction_read_only"),
+        );
+        if let (Some(hot_standby), Some(read_only)) = reported {
+            let in_recovery = hot_standby == "on";
+            return Ok(ServerState {
+                in_recovery,
+                read_only: in_recovery || read_only == "on",
+            });
+        }
+        let rows = self
+            .simple_query(
+                "SELECT pg_catalog.pg_is_in_recovery()::text AS in_recovery, \
+                 pg_catalog.current_setting('transaction_read_only') AS read_only",
+            )
+            .await?;
+        let row = rows.first().ok_or_else(|| {
+            ReplicationError::Protocol("no row for pg_is_in_recovery()".to_owned())
+        })?;
+        Ok(ServerState {
+            in_recovery: row.get("in_recovery") == Some("true"),
+            read_only: row.get("read_only") == Some("on"),
+        })
+    }
+
+    /// [`Connection::connect`] to the one server `params.host:port` names.
+    async fn connect_one(
         params: &ConnectParams,
         options: &ConnectOptions,
     ) -> Result<Connection, ReplicationError> {

@@ -161,6 +161,19 @@ pub enum ReplicationError {
     /// Another TLS failure: a bad sslrootcert file, a failed handshake.
     #[error("tls: {0}")]
     Tls(String),
+    /// None of the servers the URL names would do: each was unreachable or not what
+    /// `target_session_attrs` asks for (during a failover, until a standby is promoted).
+    #[error(
+        "no server of {targets} is {attrs} (target_session_attrs in the database url): {tried}"
+    )]
+    NoServer {
+        /// The servers tried, `host:port` each.
+        targets: String,
+        /// What was asked for.
+        attrs: String,
+        /// What each server was, or why it could not be asked.
+        tried: String,
+    },
     /// The server reported an error.
     #[error("{context}: {error}")]
     Server {
@@ -188,7 +201,7 @@ impl ReplicationError {
             ReplicationError::Connect { source, .. } | ReplicationError::Io { source, .. } => {
                 crate::error::is_transient_io(source)
             }
-            ReplicationError::Timeout { .. } => true,
+            ReplicationError::Timeout { .. } | ReplicationError::NoServer { .. } => true,
             ReplicationError::Server { error, .. } => error.is_transient(),
             ReplicationError::InvalidUrl { .. }
             | ReplicationError::TlsUnavailable { .. }

@@ -9,11 +9,16 @@
 //!   (`postgres://u@%2Fvar%2Frun%2Fpostgresql/db`) or given as `?host=/var/run/postgresql`.
 //!   Without a host, `localhost` over TCP.
 //! - `port` defaults to 5432 (for a socket it picks the socket file `.s.PGSQL.<port>`).
+//! - Several servers, as libpq: `postgres://u@a:5432,b:5433/db`, or `?host=a,b&port=5432,5433`
+//!   (one port for every host, or one per host). A connection tries them in order and takes
+//!   the first that answers and is what `target_session_attrs` asks for: `any` (the default),
+//!   `read-write`, `read-only`, `primary`, `standby` or `prefer-standby` (a standby, else any).
 //! - `dbname` defaults to the user name.
 //! - user, password, host and dbname are percent-decoded.
 //! - Query parameters: `sslmode` (disable, allow, prefer (default), require, verify-ca,
 //!   verify-full; `allow` is treated as `prefer`), `sslrootcert` (a PEM file),
-//!   `application_name`, `connect_timeout` (whole seconds, default 10, 0 waits forever), and,
+//!   `application_name`, `connect_timeout` (whole seconds, default 10, 0 waits forever, for
+//!   each server tried), `target_session_attrs`, and,
 //!   as libpq allows, `host`, `port`, `user`, `password` and `dbname`, which override the
 //!   parts of the URL. Anything else is an error.
 //! - Without a user in the URL, `$PGUSER`, then `$USER`. Without a password in the URL,
@@ -38,7 +43,7 @@ pub const DEFAULT_PORT: u16 = 5432;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 const QUERY_PARAMETERS: &str = "host, port, user, password, dbname, sslmode, sslrootcert, \
-                                application_name, connect_timeout";
+                                application_name, connect_timeout, target_session_attrs";
 
 /// Where the server is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,6 +132,91 @@ impl FromStr for SslMode {
     }
 }
 
+/// Which of the servers a URL names a connection accepts, as libpq's `target_session_attrs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TargetSessionAttrs {
+    /// The first server that answers.
+    #[default]
+    Any,
+    /// One whose sessions may write (`transaction_read_only` off): a primary.
+    ReadWrite,
+    /// One whose sessions are read-only (a standby, or a primary that defaults to read-only).
+    ReadOnly,
+    /// One that is not in recovery.
+    Primary,
+    /// One that is in recovery: a standby.
+    Standby,
+    /// A standby when one answers, else any server.
+    PreferStandby,
+}
+
+impl TargetSessionAttrs {
+    /// The name as written in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::ReadOnly => "read-only",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::Standby => "standby",
+            TargetSessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
+
+    /// Whether a server in this state is accepted, in the pass that accepts only the
+    /// preferred kind (`prefer-standby` accepts any server in a second pass).
+    pub fn accepts(self, state: ServerState) -> bool {
+        match self {
+            TargetSessionAttrs::Any => true,
+            TargetSessionAttrs::ReadWrite => !state.read_only,
+            TargetSessionAttrs::ReadOnly => state.read_only,
+            TargetSessionAttrs::Primary => !state.in_recovery,
+            TargetSessionAttrs::Standby | TargetSessionAttrs::PreferStandby => state.in_recovery,
+        }
+    }
+
+    /// Whether a server's state must be asked for before a connection is accepted.
+    pub fn needs_state(self) -> bool {
+        self != TargetSessionAttrs::Any
+    }
+}
+
+impl fmt::Display for TargetSessionAttrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TargetSessionAttrs {
+    type Err = ReplicationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "any" => TargetSessionAttrs::Any,
+            "read-write" => TargetSessionAttrs::ReadWrite,
+            "read-only" => TargetSessionAttrs::ReadOnly,
+            "primary" => TargetSessionAttrs::Primary,
+            "standby" => TargetSessionAttrs::Standby,
+            "prefer-standby" => TargetSessionAttrs::PreferStandby,
+            other => {
+                return Err(invalid(format!(
+                    "invalid target_session_attrs \"{other}\": accepted values are any, \
+                     read-write, read-only, primary, standby, prefer-standby"
+                )));
+            }
+        })
+    }
+}
+
+/// What a server said about itself, for [`TargetSessionAttrs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerState {
+    /// `pg_is_in_recovery()`: a standby (or a server still recovering).
+    pub in_recovery: bool,
+    /// `transaction_read_only` of a new session.
+    pub read_only: bool,
+}
+
 /// Everything needed to open a connection, parsed from a database URL.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ConnectParams {
@@ -137,6 +227,10 @@ pub struct ConnectParams {
     pub host: Host,
     /// The TCP port, or the number in the socket file's name.
     pub port: u16,
+    /// The servers to try after `host:port`, in order, when the URL names several.
+    pub other_hosts: Vec<(Host, u16)>,
+    /// Which of the servers a connection accepts.
+    pub target_session_attrs: TargetSessionAttrs,
     /// The database.
     pub dbname: String,
     /// Whether and how to use TLS.
@@ -196,15 +290,15 @@ impl ConnectParams {
             }
         }
 
-        let (host_part, port_part) = split_host_port(hostport)?;
-        let mut host = match host_part {
-            Some(h) => Some(parse_host(h)?),
-            None => None,
-        };
-        let mut port = match port_part {
-            Some(p) => parse_port(p)?,
-            None => DEFAULT_PORT,
-        };
+        let mut hosts = Vec::new();
+        let mut ports = Vec::new();
+        if !hostport.is_empty() {
+            for entry in hostport.split(',') {
+                let (host_part, port_part) = split_host_port(entry)?;
+                hosts.push(host_part.map(parse_host).transpose()?);
+                ports.push(port_part.map(parse_port).transpose()?);
+            }
+        }
         let mut dbname = match path {
             Some(p) if !p.is_empty() => Some(decode(p, "dbname")?),
             _ => None,
@@ -214,6 +308,7 @@ impl ConnectParams {
         let mut sslrootcert = None;
         let mut application_name = None;
         let mut connect_timeout = Some(DEFAULT_CONNECT_TIMEOUT);
+        let mut target_session_attrs = TargetSessionAttrs::default();
         for pair in query.unwrap_or_default().split('&') {
             if pair.is_empty() {
                 continue;
@@ -226,8 +321,21 @@ impl ConnectParams {
             })?;
             let name = decode(name, "a query parameter name")?;
             match name.as_str() {
-                "host" => host = Some(parse_host_value(&decode(value, "host")?)?),
-                "port" => port = parse_port(&decode(value, "port")?)?,
+                "host" => {
+                    hosts = decode(value, "host")?
+                        .split(',')
+                        .map(|h| parse_host_value(h).map(Some))
+                        .collect::<Result<_, _>>()?;
+                }
+                "port" => {
+                    ports = decode(value, "port")?
+                        .split(',')
+                        .map(|p| parse_port(p).map(Some))
+                        .collect::<Result<_, _>>()?;
+                }
+                "target_session_attrs" => {
+                    target_session_attrs = decode(value, "target_session_attrs")?.parse()?;
+                }
                 "user" => user = Some(decode(value, "user")?),
                 "password" => password = Some(decode(value, "password")?),
                 "dbname" => dbname = Some(decode(value, "dbname")?),
@@ -266,11 +374,36 @@ impl ConnectParams {
         };
         let password = password.or_else(|| env("PGPASSWORD").filter(|p| !p.is_empty()));
         let dbname = dbname.unwrap_or_else(|| user.clone());
+        if hosts.is_empty() {
+            hosts.push(None);
+        }
+        let ports = match ports.len() {
+            0 => vec![None; hosts.len()],
+            1 => vec![ports[0]; hosts.len()],
+            n if n == hosts.len() => ports,
+            n => {
+                return Err(invalid(format!(
+                    "{n} ports for {} hosts: give one port for every host, or one per host",
+                    hosts.len()
+                )));
+            }
+        };
+        let mut servers = hosts.into_iter().zip(ports).map(|(host, port)| {
+            (
+                host.unwrap_or_else(|| Host::Name("localhost".to_owned())),
+                port.unwrap_or(DEFAULT_PORT),
+            )
+        });
+        let (host, port) = servers
+            .next()
+            .unwrap_or((Host::Name("localhost".to_owned()), DEFAULT_PORT));
         Ok(ConnectParams {
             user,
             password,
-            host: host.unwrap_or_else(|| Host::Name("localhost".to_owned())),
+            host,
             port,
+            other_hosts: servers.collect(),
+            target_session_attrs,
             dbname,
             sslmode,
             sslrootcert,
@@ -289,15 +422,39 @@ impl ConnectParams {
         self.password = password;
     }
 
-    /// `host:port` for TCP, the socket file's path for a Unix socket: for messages.
+    /// `host:port` for TCP, the socket file's path for a Unix socket: for messages. With
+    /// several servers, the first ([`targets`](Self::targets) names them all).
     pub fn target(&self) -> String {
-        match &self.host {
-            Host::Unix(dir) => dir
-                .join(format!(".s.PGSQL.{}", self.port))
-                .display()
-                .to_string(),
-            host => format!("{host}:{}", self.port),
-        }
+        target(&self.host, self.port)
+    }
+
+    /// Every server the URL names, comma-separated: for messages.
+    pub fn targets(&self) -> String {
+        std::iter::once((&self.host, self.port))
+            .chain(self.other_hosts.iter().map(|(h, p)| (h, *p)))
+            .map(|(h, p)| target(h, p))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether a connection must choose among servers: several hosts, or a
+    /// `target_session_attrs` other than `any`.
+    pub fn chooses_server(&self) -> bool {
+        !self.other_hosts.is_empty() || self.target_session_attrs.needs_state()
+    }
+
+    /// One set of parameters per server, in the order they are tried, each naming that
+    /// server alone (with `target_session_attrs` kept).
+    pub fn servers(&self) -> Vec<ConnectParams> {
+        std::iter::once((self.host.clone(), self.port))
+            .chain(self.other_hosts.iter().cloned())
+            .map(|(host, port)| ConnectParams {
+                host,
+                port,
+                other_hosts: Vec::new(),
+                ..self.clone()
+            })
+            .collect()
     }
 
     /// The URL with the password replaced by `***`, safe for logs; parsing it gives the same
@@ -309,14 +466,26 @@ impl ConnectParams {
         }
         url.push('@');
         let mut query = Vec::new();
-        match &self.host {
-            Host::Unix(dir) => {
-                query.push(format!("host={}", encode(&dir.display().to_string())));
+        let servers: Vec<(&Host, u16)> = std::iter::once((&self.host, self.port))
+            .chain(self.other_hosts.iter().map(|(h, p)| (h, *p)))
+            .collect();
+        if servers.iter().any(|(h, _)| matches!(h, Host::Unix(_))) {
+            // A socket directory goes in the query, and with it every host and port.
+            let hosts: Vec<String> = servers.iter().map(|(h, _)| h.to_string()).collect();
+            let ports: Vec<String> = servers.iter().map(|(_, p)| p.to_string()).collect();
+            query.push(format!("host={}", encode(&hosts.join(","))));
+            if servers.iter().any(|(_, p)| *p != DEFAULT_PORT) {
+                query.push(format!("port={}", ports.join(",")));
             }
-            host => url.push_str(&host.to_string()),
-        }
-        if self.port != DEFAULT_PORT {
-            url.push_str(&format!(":{}", self.port));
+        } else {
+            let hosts: Vec<String> = servers
+                .iter()
+                .map(|(h, p)| match *p {
+                    DEFAULT_PORT => h.to_string(),
+                    p => format!("{h}:{p}"),
+                })
+                .collect();
+            url.push_str(&hosts.join(","));
         }
         url.push('/');
         url.push_str(&encode(&self.dbname));
@@ -335,6 +504,12 @@ impl ConnectParams {
         if self.connect_timeout != Some(DEFAULT_CONNECT_TIMEOUT) {
             let secs = self.connect_timeout.map_or(0, |t| t.as_secs());
             query.push(format!("connect_timeout={secs}"));
+        }
+        if self.target_session_attrs != TargetSessionAttrs::default() {
+            query.push(format!(
+                "target_session_attrs={}",
+                self.target_session_attrs
+            ));
         }
         if !query.is_empty() {
             url.push('?');
@@ -359,6 +534,8 @@ impl fmt::Debug for ConnectParams {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("other_hosts", &self.other_hosts)
+            .field("target_session_attrs", &self.target_session_attrs)
             .field("dbname", &self.dbname)
             .field("sslmode", &self.sslmode)
             .field("sslrootcert", &self.sslrootcert)
@@ -372,6 +549,13 @@ impl fmt::Display for ConnectParams {
     /// The redacted URL.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted_url())
+    }
+}
+
+fn target(host: &Host, port: u16) -> String {
+    match host {
+        Host::Unix(dir) => dir.join(format!(".s.PGSQL.{port}")).display().to_string(),
+        host => format!("{host}:{port}"),
     }
 }
 
@@ -414,13 +598,8 @@ fn encode(s: &str) -> String {
     utf8_percent_encode(s, ESCAPE).to_string()
 }
 
-/// Splits `host[:port]` or `[v6][:port]` (both parts optional).
+/// Splits `host[:port]` or `[v6][:port]` (both parts optional): one entry of the host list.
 fn split_host_port(hostport: &str) -> Result<(Option<&str>, Option<&str>), ReplicationError> {
-    if hostport.contains(',') {
-        return Err(invalid(
-            "several hosts are not supported: give one host in the url",
-        ));
-    }
     if let Some(rest) = hostport.strip_prefix('[') {
         let (v6, after) = rest
             .split_once(']')
@@ -648,9 +827,89 @@ mod tests {
         assert!(error("postgres://u@h:0/d").contains("port"));
         assert!(error("postgres://u@h:99999/d").contains("port"));
         assert!(error("postgres://u@h:x/d").contains("port"));
-        assert!(error("postgres://u@h1,h2/d").contains("several hosts"));
+        assert!(error("postgres://u@h1,h2/d?port=1,2,3").contains("3 ports for 2 hosts"));
+        let e = error("postgres://u@h/d?target_session_attrs=master");
+        assert!(
+            e.contains("target_session_attrs") && e.contains("read-write"),
+            "{e}"
+        );
         assert!(error("postgres://u@h/d?sslmode").contains("no value"));
         assert!(error("postgres://h/d").contains("no user"));
+    }
+
+    #[test]
+    fn several_hosts() {
+        let p =
+            parse("postgres://u@a:5433,[::1],%2Ftmp%2Fs:6000/d?target_session_attrs=read-write");
+        assert_eq!(p.host, Host::Name("a".to_owned()));
+        assert_eq!(p.port, 5433);
+        assert_eq!(
+            p.other_hosts,
+            vec![
+                (Host::Ip("::1".parse().unwrap()), 5432),
+                (Host::Unix(PathBuf::from("/tmp/s")), 6000),
+            ]
+        );
+        assert_eq!(p.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        assert!(p.chooses_server());
+        assert_eq!(p.targets(), "a:5433, [::1]:5432, /tmp/s/.s.PGSQL.6000");
+        let servers = p.servers();
+        assert_eq!(servers.len(), 3);
+        assert_eq!(
+            (&servers[1].host, servers[1].port),
+            (&p.other_hosts[0].0, 5432)
+        );
+        assert!(servers.iter().all(|s| s.other_hosts.is_empty()));
+        assert!(servers.iter().all(|s| s.dbname == "d" && s.user == "u"));
+        // One port for every host, or one per host, as libpq.
+        let p = parse("postgres://u@/d?host=a,b&port=7000");
+        assert_eq!((p.port, p.other_hosts[0].1), (7000, 7000));
+        let p = parse("postgres://u@/d?host=a,b&port=7000,7001");
+        assert_eq!((p.port, p.other_hosts[0].1), (7000, 7001));
+        // One host, any server: nothing to choose.
+        assert!(!parse("postgres://u@a/d").chooses_server());
+        assert!(parse("postgres://u@a/d?target_session_attrs=primary").chooses_server());
+    }
+
+    #[test]
+    fn several_hosts_round_trip_through_the_redacted_url() {
+        for url in [
+            "postgres://u@a:5433,b/d?target_session_attrs=read-write",
+            "postgres://u@a,b:6000,[::1]:7000/d?target_session_attrs=prefer-standby",
+            "postgres://u@/d?host=%2Ftmp,b&port=5432,6000",
+        ] {
+            let p = parse(url);
+            assert_eq!(parse(&p.redacted_url()), p, "{url} -> {}", p.redacted_url());
+        }
+    }
+
+    #[test]
+    fn target_session_attrs_accept_the_right_servers() {
+        let primary = ServerState {
+            in_recovery: false,
+            read_only: false,
+        };
+        let standby = ServerState {
+            in_recovery: true,
+            read_only: true,
+        };
+        let read_only_primary = ServerState {
+            in_recovery: false,
+            read_only: true,
+        };
+        use TargetSessionAttrs::*;
+        for (attrs, accepted) in [
+            (Any, [true, true, true]),
+            (ReadWrite, [true, false, false]),
+            (ReadOnly, [false, true, true]),
+            (Primary, [true, false, true]),
+            (Standby, [false, true, false]),
+            (PreferStandby, [false, true, false]),
+        ] {
+            assert_eq!(attrs.as_str().parse::<TargetSessionAttrs>().unwrap(), attrs);
+            let got = [primary, standby, read_only_primary].map(|s| attrs.accepts(s));
+            assert_eq!(got, accepted, "{attrs}");
+        }
     }
 
     #[test]

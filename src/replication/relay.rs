@@ -1,4 +1,5 @@
-//! TLS for the SQL pool, done by tls.rs: a relay between sqlx and the server.
+//! TLS and the choice among several servers for the SQL pool: a relay between sqlx and the
+//! server.
 //!
 //! sqlx 0.8 cannot verify the server as libpq does. Its rustls verifier for verify-ca
 //! forgives only `CertificateError::NotValidForName`, while rustls 0.23 reports a wrong name
@@ -30,6 +31,14 @@
 //!   password. (sqlx never does SCRAM channel binding, with TLS of its own or not.)
 //! - Only our own user (and root) can open the socket; whoever does must still authenticate
 //!   to the server, as over TCP.
+//!
+//! sqlx cannot follow several servers either: it connects to one host. So when the URL names
+//! several, or a `target_session_attrs` ([`ConnectParams::chooses_server`]), the pool goes
+//! through the relay too, and for each new pool connection the relay first finds the server
+//! as the replication connection does ([`Connection::choose`]: a connection of its own,
+//! authenticated, asking each server in turn whether it is in recovery), then relays to
+//! that one. After a failover the pool's connections to the old primary fail, and those it
+//! opens next reach the new one. For this the relay holds the password (only then).
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -41,6 +50,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::conn::{ConnectOptions, Connection};
 use super::error::ReplicationError;
 use super::params::ConnectParams;
 use super::tls::Transport;
@@ -85,7 +95,9 @@ impl Relay {
             )
         })?;
         let mut upstream = params.clone();
-        upstream.set_password(None);
+        if !params.chooses_server() {
+            upstream.set_password(None);
+        }
         let stop = CancellationToken::new();
         tokio::spawn(listen(listener, Arc::new(upstream), stop.clone()));
         tracing::debug!(socket = %socket.display(), server = %params.target(), "tls relay listening");
@@ -133,7 +145,7 @@ async fn relay(mut client: UnixStream, params: Arc<ConnectParams>) {
     let mut server = match open(&params).await {
         Ok(server) => server,
         Err(error) => {
-            tracing::debug!(server = %params.target(), error = %error, "tls relay: cannot reach the server");
+            tracing::debug!(server = %params.targets(), error = %error, "relay: cannot reach the server");
             let _ = client.write_all(&error_response(&error)).await;
             let _ = client.shutdown().await;
             return;
@@ -150,7 +162,18 @@ async fn relay(mut client: UnixStream, params: Arc<ConnectParams>) {
 }
 
 /// The transport to the server, within `connect_timeout` as the replication connection.
+/// Among several servers, to the one a connection of ours chose (see the module's notes).
 async fn open(params: &ConnectParams) -> Result<Transport, ReplicationError> {
+    let chosen;
+    let params = match params.chooses_server() {
+        true => {
+            let (probe, server) = Connection::choose(params, &ConnectOptions::default()).await?;
+            probe.close().await;
+            chosen = server;
+            &chosen
+        }
+        false => params,
+    };
     let connect = Transport::connect(params);
     match params.connect_timeout {
         None => connect.await,

@@ -217,6 +217,16 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
         }
         let params = ConnectParams::parse(&config.database_url)
             .map_err(|e| ServiceError::Config(format!("database_url: {e}")))?;
+        if !params.other_hosts.is_empty()
+            && params.target_session_attrs == crate::replication::TargetSessionAttrs::Any
+        {
+            tracing::warn!(
+                servers = %params.targets(),
+                "database_url names several servers without target_session_attrs: streamex \
+                 takes the first that answers, a standby as well; add \
+                 ?target_session_attrs=read-write so that it always finds the primary"
+            );
+        }
         let pool = connect(&params, &shutdown).await?;
         prepare(&config, &pool).await.map_err(ServiceError::Setup)?;
         prepare::check_published(&config, &pool, &operators)

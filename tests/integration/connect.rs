@@ -770,3 +770,79 @@ async fn prefer_connects_without_tls_after_a_failed_handshake() -> anyhow::Resul
     conn.close().await;
     Ok(())
 }
+
+/// A port on 127.0.0.1 where nothing listens.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").port()
+}
+
+/// Several hosts, as libpq: the replication connection and the SQL pool skip a server that
+/// does not answer and one that is not what `target_session_attrs` asks for, and when none
+/// would do the error names each server and what it is.
+#[tokio::test]
+async fn several_hosts_take_the_first_server_that_would_do() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let dbname = url.rsplit('/').next().unwrap().to_owned();
+    let port = url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("a port in the test url");
+    let dead = closed_port();
+    let both = |attrs: &str| {
+        params(&format!(
+            "postgres://postgres@127.0.0.1:{dead},127.0.0.1:{port}/{dbname}?target_session_attrs={attrs}"
+        ))
+    };
+
+    // The first host refuses: the second, a primary, is taken for read-write and primary.
+    for attrs in ["any", "read-write", "primary", "prefer-standby"] {
+        let p = both(attrs);
+        let mut conn = Connection::connect(&p, &replication()).await?;
+        let rows = conn
+            .simple_query("SELECT pg_is_in_recovery()::text AS r")
+            .await?;
+        assert_eq!(rows[0].get("r"), Some("false"), "{attrs}");
+        conn.close().await;
+        // The pool reaches the same server through the relay.
+        let pool = replication::catalog_pool(&p, 2).await?;
+        let db: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&pool)
+            .await?;
+        assert_eq!(db, dbname, "{attrs}");
+        pool.close().await;
+    }
+
+    // No standby among them: a definite answer for each, and a transient error (a standby
+    // may be on its way).
+    let p = both("standby");
+    let error = Connection::connect(&p, &replication()).await.unwrap_err();
+    let text = error.to_string();
+    assert!(error.is_transient(), "{text}");
+    assert!(
+        text.contains("target_session_attrs")
+            && text.contains(&format!("127.0.0.1:{dead}: could not connect"))
+            && text.contains(&format!("127.0.0.1:{port} is a primary")),
+        "{text}"
+    );
+    let pool_error = replication::catalog_pool(&p, 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        pool_error.contains(&format!("127.0.0.1:{port} is a primary")),
+        "{pool_error}"
+    );
+
+    // A wrong password on the only server that answers is said as such, not as "no server".
+    let wrong = params(&format!(
+        "postgres://nosuchrole@127.0.0.1:{dead},127.0.0.1:{port}/{dbname}?target_session_attrs=read-write"
+    ));
+    let error = Connection::connect(&wrong, &replication())
+        .await
+        .unwrap_err();
+    assert!(!error.is_transient(), "{error}");
+    assert!(error.to_string().contains("nosuchrole"), "{error}");
+    Ok(())
+}
