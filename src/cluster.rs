@@ -294,6 +294,89 @@ impl Cluster {
         self.pg_ctl_start()
     }
 
+    /// A physical standby of this cluster, streaming from it through the physical slot
+    /// `slot`, which the caller creates on this cluster
+    /// (`pg_create_physical_replication_slot`). The standby is a copy of this cluster's data
+    /// directory taken while the server is cleanly stopped (so this server stops for a
+    /// moment), with `standby.signal`, `primary_conninfo` (with `dbname`, for slot
+    /// synchronization), `primary_slot_name`, `hot_standby_feedback = on` and its own port
+    /// and socket; `settings` are added after those (for example `sync_replication_slots`).
+    /// Returns once the standby accepts connections.
+    pub fn standby(&self, slot: &str, settings: &[(&str, &str)]) -> Result<Cluster, ClusterError> {
+        let dir = tempfile::Builder::new()
+            .prefix("streamex-pg-")
+            .tempdir()
+            .map_err(io("creating the standby's directory"))?
+            .keep();
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .map_err(io("giving the standby's directory to the postgres user"))?;
+        }
+        let guard = spawn_guard(&self.bindir, &dir, self.owner)?;
+        let standby = Cluster {
+            bindir: self.bindir.clone(),
+            dir,
+            port: free_port()?,
+            owner: self.owner,
+            guard,
+        };
+        self.stop(StopMode::Fast)?;
+        let copied = self.run(
+            "copying the data directory",
+            Command::new("cp")
+                .arg("-a")
+                .arg(self.data_dir())
+                .arg(standby.data_dir()),
+        );
+        self.pg_ctl_start()?;
+        copied?;
+        // What the copy must not keep: the primary's slots and its pid file.
+        let data = standby.data_dir();
+        for entry in std::fs::read_dir(data.join("pg_replslot"))
+            .map_err(io("reading the standby's pg_replslot"))?
+            .flatten()
+        {
+            std::fs::remove_dir_all(entry.path()).map_err(io("removing a copied slot"))?;
+        }
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        let mut conf = String::new();
+        let base = [
+            ("port", standby.port.to_string()),
+            ("unix_socket_directories", standby.dir.display().to_string()),
+            (
+                "primary_conninfo",
+                format!(
+                    "host=127.0.0.1 port={} user=postgres dbname=postgres application_name=standby",
+                    self.port
+                ),
+            ),
+            ("primary_slot_name", slot.to_owned()),
+            ("hot_standby_feedback", "on".to_owned()),
+        ];
+        for (name, value) in base
+            .iter()
+            .map(|(n, v)| (*n, v.as_str()))
+            .chain(settings.iter().copied())
+        {
+            let _ = writeln!(conf, "{name} = '{}'", value.replace('\'', "''"));
+        }
+        append(&data.join("postgresql.conf"), conf.as_bytes())?;
+        standby.write_file("standby.signal", b"")?;
+        standby.pg_ctl_start()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby ([`Cluster::standby`]) to a primary; returns once it is one.
+    pub fn promote(&self) -> Result<(), ClusterError> {
+        self.run(
+            "pg_ctl promote",
+            Command::new(self.bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(self.data_dir())
+                .args(["-w", "-t", "60", "promote"]),
+        )
+    }
+
     fn pg_ctl_start(&self) -> Result<(), ClusterError> {
         self.run(
             "pg_ctl start",

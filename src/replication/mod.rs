@@ -57,7 +57,10 @@ pub use catalog::{catalog_connection, catalog_pool};
 pub use conn::{ConnectOptions, Connection, CopyMessage, CopyReader, CopyWriter, SimpleRow};
 pub use error::{DbError, ReplicationError};
 pub use frame::MAX_BACKEND_MESSAGE;
-pub use params::{ConnectParams, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PORT, Host, SslMode};
+pub use params::{
+    ConnectParams, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PORT, Host, ServerState, SslMode,
+    TargetSessionAttrs,
+};
 pub use protocol::{ProtocolError, ServerMessage, StatusUpdate, now_unix_micros};
 pub use setup::{PublicationTables, SetupError, SlotInfo};
 pub use snapshot::{
@@ -65,6 +68,8 @@ pub use snapshot::{
     read_lsn, read_tables,
 };
 pub use stats::StreamStats;
-pub use stream::{ReplicationStream, SESSION_SETTINGS, StreamConfig, StreamError, spawn};
+pub use stream::{
+    ReplicationStream, SESSION_SETTINGS, ServerIdentity, StreamConfig, StreamError, spawn,
+};
 pub use tls::Transport;
 pub use version::{OLDEST_SUPPORTED_MAJOR, ServerVersion};

@@ -95,8 +95,13 @@ pub enum SetupError {
         database: String,
     },
     #[error(
-        "replication slot {slot:?} does not exist in database {database:?} (was it dropped?): \
-         run `streamex setup` to create a new one; changes made before then cannot be read"
+        "replication slot {slot:?} does not exist in database {database:?}: it was dropped, or \
+         lost in a failover to a standby that had no copy of it (before PostgreSQL 17, or a \
+         slot that is not a failover slot synchronized to that standby). The changes after its \
+         last acknowledged position cannot be read again. A new slot would start from now: \
+         `streamex setup` makes one only where no operator has a checkpoint on the old one; \
+         to accept the loss set replication.recreate_invalidated_slot = true, then rebuild \
+         each derived table (`streamex rebuild OPERATOR`)"
     )]
     SlotMissing { slot: String, database: String },
     #[error("{context}: {source}")]
@@ -180,7 +185,7 @@ pub fn supported(version: ServerVersion) -> Result<ServerVersion, SetupError> {
     }
 }
 
-async fn database(pool: &PgPool) -> Result<String, SetupError> {
+pub(crate) async fn database(pool: &PgPool) -> Result<String, SetupError> {
     sqlx::query_scalar("SELECT current_database()::text")
         .fetch_one(pool)
         .await

@@ -122,6 +122,35 @@ pub enum StreamError {
     Protocol(#[from] ProtocolError),
     #[error("the server ended the replication stream")]
     ServerEnded,
+    /// A new session reached a server with another history than the first session of this
+    /// stream (another timeline or system: a standby was promoted, a backup restored). What
+    /// downstream did on the old one may be missing there, so the stream ends before telling
+    /// the new server anything: start again from its slot and its stored checkpoints.
+    #[error(
+        "the server changed under the stream (system {from}, now {to}): a failover, most \
+         likely; starting again from the new primary's slot"
+    )]
+    ServerChanged {
+        /// The first session's system identifier and timeline.
+        from: ServerIdentity,
+        /// The new session's.
+        to: ServerIdentity,
+    },
+}
+
+/// Which server history a replication session is on (`IDENTIFY_SYSTEM`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerIdentity {
+    /// The cluster's system identifier (kept by physical standbys).
+    pub system: String,
+    /// The timeline: a promoted standby starts a new one.
+    pub timeline: u32,
+}
+
+impl std::fmt::Display for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} timeline {}", self.system, self.timeline)
+    }
 }
 
 impl StreamError {
@@ -131,7 +160,7 @@ impl StreamError {
             StreamError::Connection(e) => e.is_transient(),
             StreamError::Setup(e) => e.is_transient(),
             StreamError::Decode(e) => e.is_transient(),
-            StreamError::Protocol(_) => false,
+            StreamError::Protocol(_) | StreamError::ServerChanged { .. } => false,
             StreamError::ServerEnded => true,
         }
     }
@@ -171,6 +200,10 @@ async fn run(
 ) -> Result<(), StreamError> {
     let mut decoder = Decoder::new(catalog.clone()).default_schema(&config.default_schema);
     let mut delivered = Lsn::ZERO;
+    let mut identity = None;
+    // What the standby gate released: kept across sessions, since an acknowledgement not yet
+    // released by one session's gate must not go out unchecked in the next one.
+    let released = Arc::new(AtomicU64::new(ack.acknowledged().0));
     let mut backoff = config.reconnect.clone();
     let mut reconnects: u64 = 0;
     loop {
@@ -183,6 +216,8 @@ async fn run(
             tx: &tx,
             decoder: &mut decoder,
             delivered: &mut delivered,
+            identity: &mut identity,
+            released: &released,
         };
         let result = session.run().await;
         config.stats.ended();
@@ -245,6 +280,10 @@ struct Session<'a> {
     decoder: &'a mut Decoder,
     /// The end of the last commit handed downstream.
     delivered: &'a mut Lsn,
+    /// The server history of the stream's first session.
+    identity: &'a mut Option<ServerIdentity>,
+    /// What the standby gate released ([`StandbyGate`]).
+    released: &'a Arc<AtomicU64>,
 }
 
 /// How a session's read loop ended without an error.
@@ -256,10 +295,14 @@ enum Ended {
 impl Session<'_> {
     async fn run(&mut self) -> Result<(), StreamError> {
         let config = self.config;
+        let mut gate = None;
         if !config.temporary_slot {
             match setup::slot_info(self.catalog, &config.slot).await? {
                 Some(slot) => {
                     setup::check_slot(self.catalog, &slot).await?;
+                    if slot.failover == Some(true) && standby_slots(self.catalog).await {
+                        gate = Some(self.catalog.clone());
+                    }
                     if let Some(confirmed) = slot.confirmed_flush_lsn {
                         // Never report less than the slot already has.
                         self.ack.ack(confirmed);
@@ -299,6 +342,18 @@ impl Session<'_> {
             }
         };
         let version = server_version(&mut conn).await?;
+        let now = identify(&mut conn).await?;
+        match self.identity {
+            Some(first) if *first != now => {
+                conn.close().await;
+                return Err(StreamError::ServerChanged {
+                    from: first.clone(),
+                    to: now,
+                });
+            }
+            Some(_) => {}
+            None => *self.identity = Some(now),
+        }
         if config.temporary_slot && !made {
             conn.simple_query(&format!(
                 "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
@@ -328,6 +383,11 @@ impl Session<'_> {
             interval,
             reply_rx,
             finish.clone(),
+            gate.map(|catalog| StandbyGate {
+                catalog,
+                released: self.released.clone(),
+                pending: None,
+            }),
         ));
 
         let result = self.read(&mut reader, &received, &reply_tx).await;
@@ -420,6 +480,26 @@ impl Session<'_> {
 
 /// The server's version, from what it reported at startup (else `SHOW server_version_num`);
 /// an unsupported one is a definite [`SetupError::UnsupportedVersion`].
+/// The session's system identifier and timeline.
+async fn identify(conn: &mut Connection) -> Result<ServerIdentity, StreamError> {
+    let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
+    let row = rows.first();
+    let system = row.and_then(|r| r.get("systemid")).unwrap_or_default();
+    let timeline = row
+        .and_then(|r| r.get("timeline"))
+        .and_then(|t| t.parse().ok());
+    match timeline {
+        Some(timeline) if !system.is_empty() => Ok(ServerIdentity {
+            system: system.to_owned(),
+            timeline,
+        }),
+        _ => Err(ReplicationError::Protocol(
+            "IDENTIFY_SYSTEM returned no system identifier and timeline".to_owned(),
+        )
+        .into()),
+    }
+}
+
 async fn server_version(conn: &mut Connection) -> Result<ServerVersion, StreamError> {
     let version = match conn.server_version() {
         Some(version) => version,
@@ -477,9 +557,81 @@ async fn status_interval(
     })
 }
 
+/// Whether `synchronized_standby_slots` names standbys on this server (PostgreSQL 17+): then
+/// the server sends streamex no WAL that those standbys have not flushed, which is what the
+/// acknowledgement's [`StandbyGate`] relies on.
+async fn standby_slots(catalog: &sqlx::PgPool) -> bool {
+    let setting: Result<Option<String>, _> =
+        sqlx::query_scalar("SELECT current_setting('synchronized_standby_slots', true)")
+            .fetch_one(catalog)
+            .await;
+    setting.is_ok_and(|s| s.is_some_and(|s| !s.trim().is_empty()))
+}
+
+/// Holds the confirmed position back until what made it durable is on the standbys.
+///
+/// Acknowledging position X says that every change before X is durably processed: the
+/// operators' writes and checkpoints are committed on the primary. After a failover the
+/// promoted standby's copy of the slot may be at X while those commits, later in the WAL
+/// than X, never reached it: the new primary would then have neither the derived rows nor
+/// the checkpoints, and the slot would never send those changes again. So with a failover
+/// slot and `synchronized_standby_slots` set, X is sent only once the stream itself has
+/// passed a WAL position taken after X was acknowledged (`pg_current_wal_insert_lsn()`,
+/// which is past every commit that made X durable): the server sends nothing the listed
+/// standbys have not flushed, so by then they hold those commits. Until then the last
+/// released position is sent, with a request for the server's reply (a keepalive carrying
+/// how far it has sent, even when nothing is published).
+struct StandbyGate {
+    catalog: sqlx::PgPool,
+    /// What may be sent (shared by the stream's sessions).
+    released: Arc<AtomicU64>,
+    /// An acknowledged position and the WAL position the stream must pass to release it.
+    pending: Option<(Lsn, Lsn)>,
+}
+
+impl StandbyGate {
+    /// The position to report now, and whether to ask the server for a reply.
+    async fn flushed(&mut self, acknowledged: Lsn, received: Lsn) -> (Lsn, bool) {
+        if let Some((position, passed)) = self.pending {
+            if received >= passed {
+                self.release(position);
+                self.pending = None;
+            }
+        }
+        if self.pending.is_none() && acknowledged > self.released() {
+            let insert = tokio::time::timeout(
+                Duration::from_secs(5),
+                sqlx::query_scalar::<_, String>("SELECT pg_current_wal_insert_lsn()::text")
+                    .fetch_one(&self.catalog),
+            )
+            .await;
+            match insert {
+                Ok(Ok(text)) => match text.parse::<Lsn>() {
+                    Ok(passed) if received >= passed => self.release(acknowledged),
+                    Ok(passed) => self.pending = Some((acknowledged, passed)),
+                    Err(_) => {}
+                },
+                // The primary does not answer: release nothing, try again next time.
+                Ok(Err(error)) => debug!(error = %error, "reading the WAL insert position failed"),
+                Err(_) => debug!("reading the WAL insert position timed out"),
+            }
+        }
+        (self.released(), self.pending.is_some())
+    }
+
+    fn released(&self) -> Lsn {
+        Lsn(self.released.load(Ordering::Acquire))
+    }
+
+    fn release(&self, position: Lsn) {
+        self.released.fetch_max(position.0, Ordering::AcqRel);
+    }
+}
+
 /// Sends standby status updates: at once when the server asks, when the acknowledged
 /// position moved (at most once a second), and at least every `interval`. On `finish`, sends
-/// a last one and ends the copy.
+/// a last one and ends the copy. With `gate` (a failover slot whose standbys are listed in
+/// `synchronized_standby_slots`), the position sent waits for the standbys ([`StandbyGate`]).
 async fn status_task(
     mut writer: CopyWriter,
     ack: Acknowledger,
@@ -487,17 +639,26 @@ async fn status_task(
     interval: Duration,
     mut replies: mpsc::Receiver<()>,
     finish: CancellationToken,
+    gate: Option<StandbyGate>,
 ) {
-    let update = |flushed: Lsn| {
+    let update = |flushed: Lsn, reply_requested: bool| {
         let written = Lsn(received.load(Ordering::Relaxed)).max(flushed);
         StatusUpdate {
             written,
             flushed,
             applied: flushed,
             now_unix_micros: now_unix_micros(),
-            reply_requested: false,
+            reply_requested,
         }
         .encode()
+    };
+    let mut gate = gate;
+    let flushed = async |gate: &mut Option<StandbyGate>| match gate {
+        Some(gate) => {
+            let received = Lsn(received.load(Ordering::Relaxed));
+            gate.flushed(ack.acknowledged(), received).await
+        }
+        None => (ack.acknowledged(), false),
     };
     let mut sent_flush = Lsn::ZERO;
     let mut sent_at = Instant::now();
@@ -506,9 +667,9 @@ async fn status_task(
     loop {
         let due = tokio::select! {
             _ = finish.cancelled() => {
-                let flushed = ack.acknowledged();
+                let (position, _) = flushed(&mut gate).await;
                 let result = async {
-                    writer.send(&update(flushed)).await?;
+                    writer.send(&update(position, false)).await?;
                     writer.done().await
                 }.await;
                 if let Err(error) = result {
@@ -521,16 +682,18 @@ async fn status_task(
                 None => return,
             },
             _ = tick.tick() => {
-                ack.acknowledged() != sent_flush || sent_at.elapsed() >= interval
+                ack.acknowledged() != sent_flush
+                    || sent_at.elapsed() >= interval
+                    || gate.as_ref().is_some_and(|g| g.pending.is_some())
             }
         };
         if due {
-            let flushed = ack.acknowledged();
-            if let Err(error) = writer.send(&update(flushed)).await {
+            let (position, ask) = flushed(&mut gate).await;
+            if let Err(error) = writer.send(&update(position, ask)).await {
                 debug!(error = %error, "status update failed; the reader will see the connection end");
                 return;
             }
-            sent_flush = flushed;
+            sent_flush = ack.acknowledged();
             sent_at = Instant::now();
         }
     }

@@ -116,8 +116,14 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
                 Err(e) => return Err(e.into()),
             }
         };
-        let slot =
-            slot.with_context(|| format!("replication slot {:?} disappeared", config.slot))?;
+        let Some(slot) = slot else {
+            let database = setup::database(pool).await.unwrap_or_default();
+            return Err(setup::SetupError::SlotMissing {
+                slot: config.slot.clone(),
+                database,
+            }
+            .into());
+        };
         let start = slot.confirmed_flush_lsn.unwrap_or_default();
         let ack = Acknowledger::starting_at(start);
         let mut stream_config =
@@ -134,6 +140,13 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
             .await;
         stop.cancel();
         let streamed = stream.task.await.context("the replication task panicked")?;
+        if let Err(changed @ replication::StreamError::ServerChanged { .. }) = &streamed {
+            // The operators' last commits may be missing on the new server: start again from
+            // its slot and the checkpoints it has (the engine loads them), whatever the
+            // engine was doing.
+            warn!(error = %changed, "restarting the pipeline on the new server");
+            continue;
+        }
         let exit = exit?;
         match exit {
             EngineExit::Shutdown => {

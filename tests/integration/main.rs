@@ -14,6 +14,7 @@ mod commands;
 mod connect;
 mod crash;
 mod demo;
+mod failover;
 mod folding;
 mod harness;
 mod http;
