@@ -38,6 +38,10 @@ struct Report {
     standby_instance_pids: Vec<i32>,
     slot_name: String,
     slot: Option<SlotInfo>,
+    /// The physical slots `synchronized_standby_slots` names (PostgreSQL 17+): the standbys
+    /// the server waits for before it sends streamex a change, and whose flush streamex's
+    /// acknowledgement waits for.
+    standby_slots: Vec<StandbySlotLine>,
     /// Every operator of the configuration, then every other one with rows for this slot.
     operators: Vec<OperatorLine>,
     /// Rows from before operator state was kept per slot that no slot has adopted yet.
@@ -75,6 +79,17 @@ struct OperatorLine {
 }
 
 #[derive(Debug, Serialize)]
+struct StandbySlotLine {
+    name: String,
+    /// Whether the slot exists on the server.
+    exists: bool,
+    /// Whether a standby streams from it now.
+    active: bool,
+    /// Bytes of WAL the server has written after what the standby confirmed.
+    behind_bytes: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
 struct EntityLine {
     entity: String,
     timestamp: String,
@@ -91,6 +106,7 @@ struct DeadLetterLine {
 pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (config, params, pool) = connect(&args.config, &shutdown).await?;
     let slot = setup::slot_info(&pool, &config.slot).await?;
+    let standby_slots = standby_slots(&pool).await?;
     // The migration creates every table in one transaction: one of them stands for all.
     let (has_schema, per_slot): (bool, bool) = sqlx::query_as(
         "SELECT to_regclass('streamex.process_status') IS NOT NULL,
@@ -186,6 +202,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             .await?,
         slot_name: config.slot.clone(),
         slot,
+        standby_slots,
         operators,
         unadopted_rows,
         schema_outdated: has_schema && !per_slot,
@@ -317,6 +334,36 @@ fn render(report: &Report, has_schema: bool) -> String {
                     None => "not available before PostgreSQL 17: a failover loses the slot",
                 }
             );
+            if slot.failover == Some(true) {
+                if report.standby_slots.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "          standbys  none in synchronized_standby_slots: a promoted \
+                         standby's copy of the slot may be behind what was processed (see the \
+                         README's failover notes)"
+                    );
+                }
+                for standby in &report.standby_slots {
+                    let state = match (standby.exists, standby.active) {
+                        (false, _) => "MISSING: the server sends streamex nothing until it \
+                                       exists; create it or remove it from \
+                                       synchronized_standby_slots"
+                            .to_owned(),
+                        (true, false) => "NOT STREAMING: the server sends streamex nothing \
+                                          the standby has not confirmed; start the standby or \
+                                          remove it from synchronized_standby_slots"
+                            .to_owned(),
+                        (true, true) => format!(
+                            "streaming, behind by {}",
+                            standby
+                                .behind_bytes
+                                .map(bytes)
+                                .unwrap_or_else(|| "-".into())
+                        ),
+                    };
+                    let _ = writeln!(out, "          standby slot {:?}: {state}", standby.name);
+                }
+            }
             if slot.wal_status.as_deref() == Some("lost") {
                 let _ = writeln!(
                     out,
@@ -465,4 +512,31 @@ fn render(report: &Report, has_schema: bool) -> String {
         let _ = writeln!(out, "  {:20} {}", d.operator, d.count);
     }
     out
+}
+
+/// The physical slots of `synchronized_standby_slots` and their state (none before 17).
+async fn standby_slots(pool: &sqlx::PgPool) -> anyhow::Result<Vec<StandbySlotLine>> {
+    let rows: Vec<(String, bool, bool, Option<i64>)> = sqlx::query_as(
+        "SELECT s.name, r.slot_name IS NOT NULL, coalesce(r.active, false),
+                CASE WHEN r.restart_lsn IS NOT NULL AND NOT pg_is_in_recovery()
+                     THEN pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint END
+           FROM unnest(string_to_array(
+                  nullif(current_setting('synchronized_standby_slots', true), ''), ','))
+                  WITH ORDINALITY AS u(raw, n)
+          CROSS JOIN LATERAL (SELECT trim(u.raw) AS name) s
+           LEFT JOIN pg_replication_slots r ON r.slot_name = s.name
+          ORDER BY u.n",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading synchronized_standby_slots")?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, exists, active, behind_bytes)| StandbySlotLine {
+            name,
+            exists,
+            active,
+            behind_bytes,
+        })
+        .collect())
 }

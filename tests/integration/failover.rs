@@ -121,6 +121,17 @@ async fn a_promoted_standby_goes_on_from_the_synced_slot_with_exact_derived_tabl
             Ok(synced == Some(true))
         })
         .await?;
+        // `status` names the standby the acknowledgement waits for, and its state.
+        let status = common::streamex_command("warn")
+            .args(["status", "--config"])
+            .arg(&config)
+            .output()?;
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(
+            text.contains("failover yes")
+                && text.contains(&format!("standby slot \"{STANDBY_SLOT}\": streaming")),
+            "{text}"
+        );
     }
     let mut rng = Rng(seed.rotate_left(29));
     tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
