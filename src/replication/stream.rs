@@ -122,6 +122,20 @@ pub enum StreamError {
     Protocol(#[from] ProtocolError),
     #[error("the server ended the replication stream")]
     ServerEnded,
+    /// The session of a temporary slot ended: the slot went with it, and a new one would
+    /// start from the server's current position, past changes never delivered.
+    #[error(
+        "the replication connection was lost ({reason}) and its temporary slot with it: changes \
+         committed after {delivered} could be missed, so streaming stops here. Use a permanent \
+         slot (tail --slot NAME, made by `streamex setup` or pg_create_logical_replication_slot) \
+         to resume across lost connections"
+    )]
+    TemporarySlotLost {
+        /// Why the session ended.
+        reason: String,
+        /// The end of the last commit delivered.
+        delivered: Lsn,
+    },
     /// A new session reached a server with another history than the first session of this
     /// stream (another timeline or system: a standby was promoted, a backup restored). What
     /// downstream did on the old one may be missing there, so the stream ends before telling
@@ -160,7 +174,9 @@ impl StreamError {
             StreamError::Connection(e) => e.is_transient(),
             StreamError::Setup(e) => e.is_transient(),
             StreamError::Decode(e) => e.is_transient(),
-            StreamError::Protocol(_) | StreamError::ServerChanged { .. } => false,
+            StreamError::Protocol(_)
+            | StreamError::ServerChanged { .. }
+            | StreamError::TemporarySlotLost { .. } => false,
             StreamError::ServerEnded => true,
         }
     }
@@ -201,6 +217,7 @@ async fn run(
     let mut decoder = Decoder::new(catalog.clone()).default_schema(&config.default_schema);
     let mut delivered = Lsn::ZERO;
     let mut identity = None;
+    let mut slot_made = false;
     // What the standby gate released: kept across sessions, since an acknowledgement not yet
     // released by one session's gate must not go out unchecked in the next one.
     let released = Arc::new(AtomicU64::new(ack.acknowledged().0));
@@ -218,6 +235,7 @@ async fn run(
             delivered: &mut delivered,
             identity: &mut identity,
             released: &released,
+            slot_made: &mut slot_made,
         };
         let result = session.run().await;
         config.stats.ended();
@@ -233,6 +251,12 @@ async fn run(
         }
         if shutdown.is_cancelled() {
             return Ok(());
+        }
+        if slot_made {
+            return Err(StreamError::TemporarySlotLost {
+                reason: error.to_string(),
+                delivered,
+            });
         }
         if started.elapsed() > Duration::from_secs(60) {
             backoff.reset();
@@ -284,6 +308,8 @@ struct Session<'a> {
     identity: &'a mut Option<ServerIdentity>,
     /// What the standby gate released ([`StandbyGate`]).
     released: &'a Arc<AtomicU64>,
+    /// Whether a temporary slot was made (it goes when its session ends).
+    slot_made: &'a mut bool,
 }
 
 /// How a session's read loop ended without an error.
@@ -361,6 +387,7 @@ impl Session<'_> {
             ))
             .await?;
         }
+        *self.slot_made |= config.temporary_slot;
         let interval = status_interval(&mut conn, config.status_interval).await?;
         let start = (*self.delivered).max(self.ack.acknowledged());
         let command = start_replication_command(&config.slot, &config.publication, start, version);

@@ -402,3 +402,74 @@ async fn snapshot_with_a_new_slot_creates_it_at_the_snapshot() -> anyhow::Result
     check_snapshot_then_changes(&snapshot_then_changes(&["--slot", "copy"]).await?);
     Ok(())
 }
+
+/// A temporary slot goes with its session: when tail's connection is lost, a new slot would
+/// start past changes never printed. tail stops instead, saying what may be missing and
+/// naming the fix (a permanent slot).
+#[tokio::test]
+async fn a_lost_temporary_slot_stops_tail_instead_of_skipping_changes() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql("CREATE TABLE notes (id serial PRIMARY KEY, body text)")
+        .execute(&pool)
+        .await?;
+    setup::ensure_publication(&pool, "streamex", &PublicationTables::All).await?;
+    let mut child = tail(&["--database-url", &url, "--publication", "streamex"])
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // This database's temporary slot, once tail streams from it (other tests' tails are on
+    // the same server: only this one's walsender is ended).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let walsender = loop {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT active_pid FROM pg_replication_slots
+              WHERE temporary AND database = current_database() AND active_pid IS NOT NULL",
+        )
+        .fetch_optional(&pool)
+        .await?;
+        if let Some(pid) = pid {
+            break pid;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "tail never streamed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // Streaming for sure once a change is printed (the slot exists before START_REPLICATION).
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        // The reader is kept: tail must not see its output closed.
+        stdout.read_line(&mut line).map(|_| (line, stdout))
+    });
+    while !first.is_finished() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "tail printed nothing");
+        sqlx::query("INSERT INTO notes (body) VALUES ('x')")
+            .execute(&pool)
+            .await?;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (line, _stdout) = first.await??;
+    let line: Value = serde_json::from_str(&line)?;
+    assert_eq!(line["entity"], "notes", "{line}");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(walsender)
+        .execute(&pool)
+        .await?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill()?;
+            anyhow::bail!("tail went on after its temporary slot was lost");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err)?;
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("temporary slot") && err.contains("--slot"),
+        "the error must say the slot is gone and name the fix: {err}"
+    );
+    Ok(())
+}
