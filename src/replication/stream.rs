@@ -142,7 +142,8 @@ pub enum StreamError {
     /// the new server anything: start again from its slot and its stored checkpoints.
     #[error(
         "the server changed under the stream (system {from}, now {to}): a failover, most \
-         likely; starting again from the new primary's slot"
+         likely; the stream ends here (`streamex run` starts again from the new primary's slot \
+         and checkpoints; start `tail` again)"
     )]
     ServerChanged {
         /// The first session's system identifier and timeline.
