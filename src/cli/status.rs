@@ -30,6 +30,9 @@ pub struct StatusArgs {
 #[derive(Debug, Serialize)]
 struct Report {
     database: String,
+    /// The server the connection reached (of several, the one `target_session_attrs` chose):
+    /// its version, whether it is a primary, its address.
+    server: String,
     /// Whether a `streamex run` holds the slot's instance lock: only then do operators run.
     instance_active: bool,
     /// The backend pid of the active `streamex run` (the holder of the slot's instance lock).
@@ -107,6 +110,15 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
     let (config, params, pool) = connect(&args.config, &shutdown).await?;
     let slot = setup::slot_info(&pool, &config.slot).await?;
     let standby_slots = standby_slots(&pool).await?;
+    let server: String = sqlx::query_scalar(
+        "SELECT 'PostgreSQL ' || current_setting('server_version')
+                || CASE WHEN pg_is_in_recovery() THEN ', a standby (in recovery)' ELSE ', primary' END
+                || coalesce(', ' || host(inet_server_addr()) || ':' || inet_server_port(),
+                            ', over a Unix socket')",
+    )
+    .fetch_one(&pool)
+    .await
+    .context("asking the server what it is")?;
     // The migration creates every table in one transaction: one of them stands for all.
     let (has_schema, per_slot): (bool, bool) = sqlx::query_as(
         "SELECT to_regclass('streamex.process_status') IS NOT NULL,
@@ -196,6 +208,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
         .collect();
     let report = Report {
         database: params.redacted_url(),
+        server,
         instance_active,
         active_instance_pid,
         standby_instance_pids: InstanceLock::standbys(&pool, &config.slot, active_instance_pid)
@@ -267,6 +280,7 @@ fn render(report: &Report, has_schema: bool) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "database  {}", report.database);
+    let _ = writeln!(out, "server    {}", report.server);
     match report.active_instance_pid {
         Some(pid) => {
             let _ = writeln!(

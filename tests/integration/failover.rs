@@ -110,7 +110,8 @@ async fn a_promoted_standby_goes_on_from_the_synced_slot_with_exact_derived_tabl
 
     let standby_pool = PgPool::connect(&standby.url(&database)).await?;
     if failover_slots {
-        // The standby's copy of the slot, once the slot-sync worker has made it a real one.
+        // The standby's copy of the slot, once the slot-sync worker has made it a real one
+        // (its first look may come after up to 30 s of sleep).
         eventually("the slot synced to the standby", async || {
             let synced: Option<bool> = sqlx::query_scalar(
                 "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = $1",
@@ -129,7 +130,8 @@ async fn a_promoted_standby_goes_on_from_the_synced_slot_with_exact_derived_tabl
         let text = String::from_utf8_lossy(&status.stdout);
         assert!(
             text.contains("failover yes")
-                && text.contains(&format!("standby slot \"{STANDBY_SLOT}\": streaming")),
+                && text.contains(&format!("standby slot \"{STANDBY_SLOT}\": streaming"))
+                && text.contains(&format!("primary, 127.0.0.1:{}", primary.port())),
             "{text}"
         );
     }
@@ -221,6 +223,16 @@ async fn a_promoted_standby_goes_on_from_the_synced_slot_with_exact_derived_tabl
     .await;
     child.kill()?;
     child.wait()?;
+    // The same URL now reaches the promoted standby.
+    let status = common::streamex_command("warn")
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()?;
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains(&format!("primary, 127.0.0.1:{}", standby.port())),
+        "{status}"
+    );
     let text = log_text();
     let mismatches = match outcome {
         Ok(mismatches) => mismatches,
