@@ -236,10 +236,9 @@ impl Connection {
         let mut fallback = None;
         for server in params.servers() {
             let outcome = match Self::connect_one(&server, options).await {
-                Ok(mut conn) if attrs.needs_state() => match conn.server_state().await {
-                    Ok(state) => Ok((conn, state)),
-                    Err(e) => Err(e),
-                },
+                Ok(mut conn) if attrs.needs_state() => {
+                    conn.server_state().await.map(|state| (conn, state))
+                }
                 Ok(conn) => return Ok((conn, server)),
                 Err(e) => Err(e),
             };

@@ -185,7 +185,7 @@ pub fn supported(version: ServerVersion) -> Result<ServerVersion, SetupError> {
     }
 }
 
-pub(crate) async fn database(pool: &PgPool) -> Result<String, SetupError> {
+async fn database(pool: &PgPool) -> Result<String, SetupError> {
     sqlx::query_scalar("SELECT current_database()::text")
         .fetch_one(pool)
         .await

@@ -506,8 +506,6 @@ impl Session<'_> {
     }
 }
 
-/// The server's version, from what it reported at startup (else `SHOW server_version_num`);
-/// an unsupported one is a definite [`SetupError::UnsupportedVersion`].
 /// The session's system identifier and timeline.
 async fn identify(conn: &mut Connection) -> Result<ServerIdentity, StreamError> {
     let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
@@ -528,6 +526,8 @@ async fn identify(conn: &mut Connection) -> Result<ServerIdentity, StreamError> 
     }
 }
 
+/// The server's version, from what it reported at startup (else `SHOW server_version_num`);
+/// an unsupported one is a definite [`SetupError::UnsupportedVersion`].
 async fn server_version(conn: &mut Connection) -> Result<ServerVersion, StreamError> {
     let version = match conn.server_version() {
         Some(version) => version,

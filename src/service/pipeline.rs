@@ -117,12 +117,13 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
             }
         };
         let Some(slot) = slot else {
-            let database = setup::database(pool).await.unwrap_or_default();
-            return Err(setup::SetupError::SlotMissing {
-                slot: config.slot.clone(),
-                database,
-            }
-            .into());
+            let missing = setup::explain_missing(pool, &config.slot, &config.publication)
+                .await
+                .unwrap_or_else(|| setup::SetupError::SlotMissing {
+                    slot: config.slot.clone(),
+                    database: String::new(),
+                });
+            return Err(missing.into());
         };
         let start = slot.confirmed_flush_lsn.unwrap_or_default();
         let ack = Acknowledger::starting_at(start);
