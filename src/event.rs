@@ -42,10 +42,17 @@ pub enum EventType {
     /// A row that existed when the operator's backfill read its table (see
     /// [`crate::operator::Operator::backfill`]): the record is the row as `to_jsonb` gives it.
     Read,
+    /// A message the application wrote into the WAL inside its transaction with
+    /// `pg_logical_emit_message(true, prefix, content)` (the transactional outbox, without an
+    /// outbox table): the event has no records, its [`Event::message`] holds the prefix and
+    /// the content, and it comes in WAL order with the transaction's changes, only if the
+    /// transaction commits. See [`crate::operator::Subscription::messages`].
+    Message,
 }
 
 impl EventType {
-    /// `insert`, `update`, `delete`, `truncate` or `read`, as the JSON form writes it.
+    /// `insert`, `update`, `delete`, `truncate`, `read` or `message`, as the JSON form writes
+    /// it.
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::Insert => "insert",
@@ -53,6 +60,7 @@ impl EventType {
             EventType::Delete => "delete",
             EventType::Truncate => "truncate",
             EventType::Read => "read",
+            EventType::Message => "message",
         }
     }
 }
@@ -199,6 +207,10 @@ pub struct Event {
     /// never stops the others. Absent from the JSON when the change decoded fully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_error: Option<String>,
+    /// For an event of type [`EventType::Message`]: the message. Absent from the JSON
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<LogicalMessage>,
     /// The table's key columns (its replica identity), which name the `<entity>/<id>`
     /// channel. Not serialised.
     #[serde(skip)]
@@ -303,11 +315,59 @@ impl Event {
         Position::new(self.commit_lsn, self.ordinal)
     }
 
+    /// The content of a [`EventType::Message`] event as `T`:
+    /// `let order: OrderPlaced = event.message_as()?`.
+    pub fn message_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, RecordError> {
+        let message = self
+            .message
+            .as_ref()
+            .ok_or_else(|| self.no_record("message"))?;
+        serde_path_to_error::deserialize(&message.content).map_err(|error| RecordError::Shape {
+            entity: self.entity.to_string(),
+            expected: std::any::type_name::<T>(),
+            message: error.into_inner().to_string(),
+        })
+    }
+
     /// The record that identifies the row: the new one, or the old one for a delete.
     pub fn record(&self) -> Option<&Record> {
         match self.kind {
             EventType::Delete => self.old_record.as_ref(),
             _ => self.new_record.as_ref().or(self.old_record.as_ref()),
+        }
+    }
+}
+
+/// A message written with `pg_logical_emit_message(true, prefix, content)`: what an event of
+/// type [`EventType::Message`] carries. Serialised as `{"prefix": .., "content": ..}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LogicalMessage {
+    /// The prefix the application gave (what operators subscribe to).
+    pub prefix: String,
+    /// The content: its JSON when it parses as JSON, else its text when it is UTF-8, else
+    /// the bytes as PostgreSQL writes a `bytea` (`"\\x0102ff"`).
+    pub content: Value,
+}
+
+impl LogicalMessage {
+    /// The message of `prefix` with the raw `content` as `pg_logical_emit_message` got it.
+    pub fn new(prefix: &str, content: &[u8]) -> Self {
+        let content = match std::str::from_utf8(content) {
+            Ok(text) => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned())),
+            Err(_) => {
+                let mut hex = String::with_capacity(2 + 2 * content.len());
+                hex.push_str("\\x");
+                for byte in content {
+                    use std::fmt::Write as _;
+                    let _ = write!(hex, "{byte:02x}");
+                }
+                Value::String(hex)
+            }
+        };
+        LogicalMessage {
+            prefix: prefix.to_owned(),
+            content,
         }
     }
 }
@@ -549,6 +609,7 @@ mod tests {
             xid: 750,
             ordinal: 3,
             decode_error: None,
+            message: None,
             key_columns: Arc::from(["id".to_owned()]),
         }
     }

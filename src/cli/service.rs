@@ -188,6 +188,7 @@ pub async fn backfill_command(
     let entities: Vec<String> = operator
         .subscriptions()
         .into_iter()
+        .filter(|s| !s.is_messages())
         .map(|s| s.entity)
         .collect();
     if let Some(unknown) = args.tables.iter().find(|t| !entities.contains(t)) {

@@ -51,9 +51,11 @@ pub enum Decoded {
         /// Commit time, microseconds since the Unix epoch.
         timestamp: i64,
     },
-    /// One change.
+    /// One change, or a transactional message (an event of type `message`).
     Event(Event),
-    /// A logical decoding message (`pg_logical_emit_message`).
+    /// A logical decoding message sent outside any transaction
+    /// (`pg_logical_emit_message(false, ..)`): not an event, since nothing orders it among the
+    /// changes or makes it durable with them.
     Message {
         lsn: Lsn,
         transactional: bool,
@@ -428,6 +430,21 @@ impl Decoder {
                     out.push(Decoded::Event(event));
                 }
             }
+            // A transactional message is one of its transaction's events, in WAL order with
+            // its changes (the server sends it at commit, and never for a rollback).
+            PgOutputMessage::Message(m) if m.transactional && self.tx.is_some() => {
+                let message = crate::event::LogicalMessage::new(&m.prefix, &m.content);
+                let prefix: Arc<str> = m.prefix.into();
+                let mut event = self.new_event(
+                    EventType::Message,
+                    (Arc::from(""), prefix.clone(), prefix),
+                    Arc::from([]),
+                    m.lsn,
+                    "Message",
+                )?;
+                event.message = Some(message);
+                out.push(Decoded::Event(event));
+            }
             PgOutputMessage::Message(m) => out.push(Decoded::Message {
                 lsn: m.lsn,
                 transactional: m.transactional,
@@ -500,6 +517,24 @@ impl Decoder {
         lsn: Lsn,
         what: &'static str,
     ) -> Result<Event, DecoderError> {
+        self.new_event(
+            kind,
+            (table.schema.clone(), table.entity.clone(), table.name.clone()),
+            table.key_columns.clone(),
+            lsn,
+            what,
+        )
+    }
+
+    /// A new event of the current transaction: `(schema, entity, table)` name it.
+    fn new_event(
+        &mut self,
+        kind: EventType,
+        (schema, entity, table): (Arc<str>, Arc<str>, Arc<str>),
+        key_columns: Arc<[String]>,
+        lsn: Lsn,
+        what: &'static str,
+    ) -> Result<Event, DecoderError> {
         let tx = self
             .tx
             .as_mut()
@@ -508,9 +543,9 @@ impl Decoder {
         tx.next_ordinal += 1;
         Ok(Event {
             kind,
-            schema: table.schema.clone(),
-            entity: table.entity.clone(),
-            table: table.name.clone(),
+            schema,
+            entity,
+            table,
             new_record: None,
             old_record: None,
             changes: None,
@@ -521,7 +556,8 @@ impl Decoder {
             xid: tx.xid,
             ordinal,
             decode_error: None,
-            key_columns: table.key_columns.clone(),
+            message: None,
+            key_columns,
         })
     }
 }
@@ -764,6 +800,83 @@ mod tests {
 
     fn commit() -> Bytes {
         Msg::new(b'C').u8(0).i64(0x900).i64(0x928).i64(0).done()
+    }
+
+    #[tokio::test]
+    async fn a_transactional_message_is_an_event_in_order_and_one_outside_is_not() {
+        let insert = Msg::new(b'I')
+            .i32(16384)
+            .u8(b'N')
+            .i16(3)
+            .text(b"1")
+            .text(b"2")
+            .text(b"x")
+            .done();
+        let message = |content: &[u8]| {
+            Msg::new(b'M')
+                .u8(1)
+                .u64(0x950)
+                .str("orders")
+                .len_bytes(content)
+                .done()
+        };
+        let outside = Msg::new(b'M')
+            .u8(0)
+            .u64(0x960)
+            .str("ping")
+            .len_bytes(b"{}")
+            .done();
+        let out = run(vec![
+            relation(),
+            begin(),
+            message(br#"{"order": 7, "total": "12.50"}"#),
+            insert,
+            message(b"plain text"),
+            message(&[0xff, 0x00, 0x7f]),
+            commit(),
+            outside,
+        ])
+        .await
+        .unwrap();
+        let events = events(&out);
+        let seen: Vec<_> = events.iter().map(|e| (e.kind, e.ordinal)).collect();
+        assert_eq!(
+            seen,
+            [
+                (EventType::Message, 0),
+                (EventType::Insert, 1),
+                (EventType::Message, 2),
+                (EventType::Message, 3)
+            ]
+        );
+        let first = events[0];
+        assert_eq!((&*first.entity, &*first.schema), ("orders", ""));
+        assert_eq!((first.commit_lsn, first.xid, first.lsn), (Lsn(0x900), 77, Lsn(0x950)));
+        assert_eq!(first.new_record, None);
+        let contents: Vec<_> = [0, 2, 3]
+            .iter()
+            .map(|&i| events[i].message.clone().unwrap().content)
+            .collect();
+        assert_eq!(
+            contents,
+            [
+                json!({"order": 7, "total": "12.50"}),
+                json!("plain text"),
+                json!("\\xff007f")
+            ]
+        );
+        assert_eq!(
+            serde_json::to_value(first).unwrap()["message"],
+            json!({"prefix": "orders", "content": {"order": 7, "total": "12.50"}})
+        );
+        assert!(matches!(
+            out.last(),
+            Some(Decoded::Message { transactional: false, prefix, .. }) if prefix == "ping"
+        ));
+        let Some(Decoded::Commit { events: n, .. }) = out.iter().find(|d| matches!(d, Decoded::Commit { .. })) else {
+            panic!("a commit: {out:?}");
+        };
+        assert_eq!(*n, 4);
     }
 
     #[tokio::test]

@@ -50,8 +50,13 @@ pub(super) async fn channel<S>(State(endpoint): State<Arc<Endpoint<S>>>, uri: Ur
             .into_response();
     };
     // The channel's first part names a table (`comments`, `posts/42/comments`).
+    // A `message:<prefix>` channel names none.
     let first = channel.split('/').next().unwrap_or_default();
-    if let Err(mut response) = super::published_entity(&endpoint, first).await {
+    let checked = match channel.starts_with(crate::pubsub::MESSAGE_CHANNEL) {
+        true => Ok(()),
+        false => super::published_entity(&endpoint, first).await.map(drop),
+    };
+    if let Err(mut response) = checked {
         super::allow_origin(&endpoint, &mut response);
         return response;
     }

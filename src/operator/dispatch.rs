@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use super::Subscription;
 use super::board::Board;
@@ -48,6 +49,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         // sends it again from its start: operators and channels already have the events up
         // to here, so only process status (which starts the transaction over) sees them again.
         let mut handed_out: Option<crate::lsn::Position> = None;
+        let mut warned_untransactional = false;
         loop {
             let item = tokio::select! {
                 biased;
@@ -62,22 +64,37 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     current.items.clear();
                     tally.discard();
                 }
-                Decoded::Message { .. } => {}
+                Decoded::Message { prefix, lsn, .. } => {
+                    if !warned_untransactional {
+                        warned_untransactional = true;
+                        warn!(
+                            %prefix, %lsn,
+                            "a message written outside a transaction \
+                             (pg_logical_emit_message(false, ..)) is not delivered: nothing \
+                             orders it among the changes or makes it durable with them; write \
+                             it with pg_logical_emit_message(true, ..) in the transaction it \
+                             belongs to (this warning is given once per run)"
+                        );
+                    }
+                }
                 Decoded::Event(event) if *event.schema == *status::SCHEMA => {}
                 Decoded::Event(event) => {
                     let event = Arc::new(event);
                     tally.event(&event.entity);
-                    let item = Item {
-                        timestamp: self.status_timestamp(&event),
-                        position: event.position(),
-                    };
-                    match current.items.get_mut(&event.entity) {
-                        Some((entry, _)) => entry.merge(item),
-                        None => {
-                            let listeners = routes.listeners(&subscriptions, &event);
-                            current
-                                .items
-                                .insert(event.entity.clone(), (item, listeners));
+                    // A message is no table's change: it has no process status.
+                    if event.kind != EventType::Message {
+                        let item = Item {
+                            timestamp: self.status_timestamp(&event),
+                            position: event.position(),
+                        };
+                        match current.items.get_mut(&event.entity) {
+                            Some((entry, _)) => entry.merge(item),
+                            None => {
+                                let listeners = routes.listeners(&subscriptions, &event);
+                                current
+                                    .items
+                                    .insert(event.entity.clone(), (item, listeners));
+                            }
                         }
                     }
                     if handed_out.is_some_and(|done| event.position() <= done) {
@@ -176,7 +193,7 @@ impl Routes {
             .entry(event.entity.clone())
             .or_insert_with(|| {
                 (0..subscriptions.len())
-                    .filter(|&i| subscriptions[i].iter().any(|s| event.is_entity(&s.entity)))
+                    .filter(|&i| subscriptions[i].iter().any(|s| !s.is_messages() && event.is_entity(&s.entity)))
                     .collect()
             })
             .clone()

@@ -76,8 +76,31 @@ impl Subscription {
         }
     }
 
+    /// The messages of `prefix` that applications write into the WAL inside their
+    /// transactions with `pg_logical_emit_message(true, prefix, content)` (the
+    /// transactional outbox): events of type [`EventType::Message`], in WAL order with the
+    /// transaction's changes, and never for a transaction that rolls back. `entity` is the
+    /// prefix; `types` is `[Message]`, which a subscription to a table never has.
+    pub fn messages(prefix: &str) -> Self {
+        Subscription {
+            entity: prefix.to_owned(),
+            types: vec![EventType::Message],
+        }
+    }
+
+    /// Whether this is a subscription to messages ([`Subscription::messages`]), not to a
+    /// table.
+    pub fn is_messages(&self) -> bool {
+        self.types.contains(&EventType::Message)
+    }
+
     /// Whether `event` is one of these.
     pub fn matches(&self, event: &Event) -> bool {
+        if event.kind == EventType::Message || self.is_messages() {
+            return event.kind == EventType::Message
+                && self.is_messages()
+                && *event.entity == *self.entity;
+        }
         event.is_entity(&self.entity) && self.takes(event.kind)
     }
 

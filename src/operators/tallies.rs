@@ -78,7 +78,7 @@ fn deltas(event: &Event) -> anyhow::Result<[(Option<i64>, i32); 2]> {
                 [(old, -1), (new, 1)]
             }
         }
-        EventType::Truncate => [(None, 0), (None, 0)],
+        EventType::Truncate | EventType::Message => [(None, 0), (None, 0)],
     })
 }
 

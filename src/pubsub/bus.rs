@@ -571,6 +571,7 @@ mod tests {
             xid: 7,
             ordinal,
             decode_error: None,
+            message: None,
             key_columns: Arc::from([]),
         })
     }

@@ -109,6 +109,9 @@ fn scope_prefix(record: &Record, scope: &[(String, String)]) -> Option<String> {
 /// `<entity>/<id>`, then for each scope in order the scoped entity channel and its `/<id>`.
 /// A truncate (or an event without a record) goes to `<entity>` only. No name appears twice.
 pub fn channels(event: &Event, spec: &ChannelSpec) -> Vec<String> {
+    if event.kind == EventType::Message {
+        return vec![message_channel(&event.entity)];
+    }
     let entity: &str = &event.entity;
     let mut names = vec![entity.to_owned()];
     let record = match (event.kind, event.record()) {
@@ -133,6 +136,15 @@ pub fn channels(event: &Event, spec: &ChannelSpec) -> Vec<String> {
         }
     }
     names
+}
+
+/// What the channel of the messages of `prefix` starts with: `message:`.
+pub const MESSAGE_CHANNEL: &str = "message:";
+
+/// The channel of the messages of `prefix` (`pg_logical_emit_message(true, prefix, ..)`):
+/// `message:<prefix>`, a name no table's channel has (a table's starts with its name).
+pub fn message_channel(prefix: &str) -> String {
+    format!("{MESSAGE_CHANNEL}{prefix}")
 }
 
 fn push_unique(names: &mut Vec<String>, name: String) {

@@ -29,6 +29,7 @@
 //! | `posts/<post_id>/comments/<id>`            | one comment, through its post             |
 //! | `orgs/<org_id>/posts/<post_id>/comments`   | the comments of one post of one org       |
 //! | `orgs/<org_id>/posts/<post_id>/comments/<id>` | one comment, through its org and post  |
+//! | `message:<prefix>`                         | messages of `pg_logical_emit_message(true, prefix, ..)` |
 //! | `EntityProcessed` ([`PubSub::subscribe_processed`]) | [`EntityProcessed`] notices      |
 //!
 //! A value in a name is the column's JSON value as text: a string without its quotes, a
@@ -67,4 +68,4 @@ pub use bus::{
     EntityProcessed, PROCESSED_CHANNEL, ProcessedSubscription, PubSub, Published, RecvError,
     Subscription,
 };
-pub use channels::{ChannelSpec, channels, value_text};
+pub use channels::{ChannelSpec, MESSAGE_CHANNEL, channels, message_channel, value_text};

@@ -146,6 +146,7 @@ impl SnapshotTable {
             xid: 0,
             ordinal,
             decode_error: row.problems,
+            message: None,
             key_columns: self.key_columns.clone(),
         }
     }

@@ -125,9 +125,27 @@ pub(super) async fn check_published(
     pool: &PgPool,
     operators: &[AnyOperator],
 ) -> anyhow::Result<()> {
+    let on_messages = operators
+        .iter()
+        .find(|o| o.subscriptions().iter().any(|s| s.is_messages()));
+    if let Some(operator) = on_messages {
+        let version: String = sqlx::query_scalar("SHOW server_version_num")
+            .fetch_one(pool)
+            .await
+            .context("reading the server's version")?;
+        if version.parse::<u32>().is_ok_and(|v| v < 140000) {
+            bail!(
+                "operator {} subscribes to messages (Subscription::messages), which pgoutput \
+                 sends from PostgreSQL 14 on; this server is older ({version}): upgrade it, or \
+                 write the events to a table the operator subscribes to",
+                operator.name()
+            );
+        }
+    }
     let mut wanted: Vec<(String, String, &str)> = Vec::new();
     for operator in operators {
-        for subscription in operator.subscriptions() {
+        // A subscription to messages names a prefix, not a table.
+        for subscription in operator.subscriptions().into_iter().filter(|s| !s.is_messages()) {
             let name = crate::event::EntityName::parse(&subscription.entity)
                 .with_context(|| format!("operator {}", operator.name()))?;
             let schema = name.schema_or(&config.default_schema).to_owned();

@@ -57,6 +57,7 @@ pub fn event(
         xid: 3,
         ordinal,
         decode_error: None,
+        message: None,
         key_columns: std::sync::Arc::from([]),
     }
 }

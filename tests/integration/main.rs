@@ -21,6 +21,7 @@ mod http;
 mod http_routes;
 mod lease;
 mod names;
+mod outbox;
 mod reconnect;
 mod replication;
 mod service;
