@@ -15,6 +15,9 @@ use serde::{Deserialize, Deserializer};
 
 use crate::backoff::Backoff;
 
+mod nats;
+pub use nats::{NatsConfig, NatsStorage};
+
 /// A configuration that could not be read, with the key and the fix.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -88,6 +91,8 @@ pub struct Config {
     /// `listen` is set.
     #[serde(default)]
     pub http: HttpConfig,
+    /// `[nats]`: every event also published to a NATS JetStream stream; off without it.
+    pub nats: Option<NatsConfig>,
 }
 
 fn default_name() -> String {
@@ -619,6 +624,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if let Some(nats) = &self.nats {
+            nats.validate()?;
+        }
         if self.slot.is_empty() || self.slot.len() > 63 {
             return Err(format!(
                 "slot: {:?} must be 1 to 63 characters (PostgreSQL's limit for a slot name)",

@@ -354,7 +354,9 @@ impl LogicalMessage {
     /// The message of `prefix` with the raw `content` as `pg_logical_emit_message` got it.
     pub fn new(prefix: &str, content: &[u8]) -> Self {
         let content = match std::str::from_utf8(content) {
-            Ok(text) => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned())),
+            Ok(text) => {
+                serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+            }
             Err(_) => {
                 let mut hex = String::with_capacity(2 + 2 * content.len());
                 hex.push_str("\\x");

@@ -45,6 +45,8 @@ pub mod error;
 pub mod event;
 #[doc(hidden)]
 pub mod http;
+#[doc(hidden)]
+pub mod jetstream;
 pub mod lsn;
 #[doc(hidden)]
 pub mod metrics;

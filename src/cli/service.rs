@@ -53,12 +53,19 @@ pub async fn setup_command(
 ) -> anyhow::Result<()> {
     let config = load(&args, registry)?;
     let (publication, slot) = (config.publication.clone(), config.slot.clone());
+    let stream = config
+        .nats
+        .as_ref()
+        .map(|n| format!(", JetStream stream {:?} ({}.>)", n.stream, n.subject_prefix))
+        .unwrap_or_default();
     Service::builder()
         .config(config)
         .registry(registry.clone())
         .build_until(shutdown)
         .await?;
-    println!("ready: schema streamex, publication {publication:?} and slot {slot:?} in place");
+    println!(
+        "ready: schema streamex, publication {publication:?} and slot {slot:?}{stream} in place"
+    );
     Ok(())
 }
 

@@ -519,7 +519,11 @@ impl Decoder {
     ) -> Result<Event, DecoderError> {
         self.new_event(
             kind,
-            (table.schema.clone(), table.entity.clone(), table.name.clone()),
+            (
+                table.schema.clone(),
+                table.entity.clone(),
+                table.name.clone(),
+            ),
             table.key_columns.clone(),
             lsn,
             what,
@@ -851,7 +855,10 @@ mod tests {
         );
         let first = events[0];
         assert_eq!((&*first.entity, &*first.schema), ("orders", ""));
-        assert_eq!((first.commit_lsn, first.xid, first.lsn), (Lsn(0x900), 77, Lsn(0x950)));
+        assert_eq!(
+            (first.commit_lsn, first.xid, first.lsn),
+            (Lsn(0x900), 77, Lsn(0x950))
+        );
         assert_eq!(first.new_record, None);
         let contents: Vec<_> = [0, 2, 3]
             .iter()
@@ -873,7 +880,9 @@ mod tests {
             out.last(),
             Some(Decoded::Message { transactional: false, prefix, .. }) if prefix == "ping"
         ));
-        let Some(Decoded::Commit { events: n, .. }) = out.iter().find(|d| matches!(d, Decoded::Commit { .. })) else {
+        let Some(Decoded::Commit { events: n, .. }) =
+            out.iter().find(|d| matches!(d, Decoded::Commit { .. }))
+        else {
             panic!("a commit: {out:?}");
         };
         assert_eq!(*n, 4);

@@ -118,7 +118,14 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                         channels.extend(pubsub::channels(&event, spec));
                         self.pubsub.publish(&channels, &event);
                     }
-                    for &index in routes.operators(&subscriptions, &event).iter() {
+                    // The JetStream publisher, after the operators, gets every event.
+                    let publisher =
+                        (inboxes.len() > subscriptions.len()).then_some(subscriptions.len());
+                    for &index in routes
+                        .operators(&subscriptions, &event)
+                        .iter()
+                        .chain(publisher.as_ref())
+                    {
                         if !send(&mut inboxes[index], Input::Event(event.clone()), shutdown).await {
                             if shutdown.is_cancelled() {
                                 return EngineExit::Shutdown;
@@ -193,7 +200,11 @@ impl Routes {
             .entry(event.entity.clone())
             .or_insert_with(|| {
                 (0..subscriptions.len())
-                    .filter(|&i| subscriptions[i].iter().any(|s| !s.is_messages() && event.is_entity(&s.entity)))
+                    .filter(|&i| {
+                        subscriptions[i]
+                            .iter()
+                            .any(|s| !s.is_messages() && event.is_entity(&s.entity))
+                    })
                     .collect()
             })
             .clone()

@@ -104,6 +104,9 @@ pub struct Engine<S: ProcessStatusStorage> {
     pub backfill_readers: usize,
     /// Per operator, how many backfills in a row have failed (the retry policy counts them).
     backfill_failures: Mutex<HashMap<String, u32>>,
+    /// With `[nats]`: every event also goes to JetStream, and a commit is done only once
+    /// JetStream has it (the publisher is the participant after the operators).
+    pub publisher: Option<Arc<crate::jetstream::Publisher>>,
 }
 
 impl<S: ProcessStatusStorage + Clone> Engine<S> {
@@ -131,6 +134,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             default_schema: crate::event::DEFAULT_SCHEMA.to_owned(),
             backfill_readers: 2,
             backfill_failures: Mutex::default(),
+            publisher: None,
         }
     }
 
@@ -158,11 +162,14 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
     ) -> Result<EngineExit, EngineError> {
         let checkpoints = status::load_checkpoints(&self.pool, &self.slot).await?;
         let states = status::load_operator_states(&self.pool, &self.slot).await?;
-        let names: Vec<String> = self
+        let mut names: Vec<String> = self
             .operators
             .iter()
             .map(|o| o.operator.name().to_owned())
             .collect();
+        if let Some(publisher) = &self.publisher {
+            names.push(publisher.report_name());
+        }
         let board = Arc::new(Board::new(names.clone(), start));
         *self.reports.lock().unwrap_or_else(|p| p.into_inner()) = Some(board.clone());
 
@@ -235,6 +242,16 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             };
             // A halted runner returns and drops its inbox; the dispatcher then skips it.
             tracker.spawn(runner.run(rx));
+            inboxes.push(Some(tx));
+        }
+        if let Some(publisher) = &self.publisher {
+            let (tx, rx) = mpsc::channel(self.inbox_capacity.max(1));
+            tracker.spawn(publisher.clone().run(
+                self.operators.len(),
+                board.clone(),
+                rx,
+                shutdown.clone(),
+            ));
             inboxes.push(Some(tx));
         }
         tracker.close();

@@ -38,8 +38,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use crate::metrics::{OperatorReport, OperatorStateKind};
+pub(crate) use board::Board;
 pub(crate) use engine::{Engine, EngineExit, OperatorSpec};
 pub use registry::{Registry, RegistryError};
+pub(crate) use runner::Input;
 pub use sql::{SqlOperator, SqlOperatorBuilder};
 
 use crate::event::{Event, EventType};

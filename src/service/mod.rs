@@ -235,13 +235,17 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
         prepare::check_operators(&pool, &operators)
             .await
             .map_err(ServiceError::Setup)?;
+        let publisher = match &config.nats {
+            Some(nats) => Some(Arc::new(prepare::jetstream(nats, &shutdown).await?)),
+            None => None,
+        };
         let status = (self.status)(&config, &pool);
         Ok(Service::assemble(
             config,
             params,
             pool,
             status,
-            self.pubsub,
+            (self.pubsub, publisher),
             operators,
             self.backfill,
         ))
@@ -283,7 +287,7 @@ impl<S: ProcessStatusStorage + Clone> Service<S> {
         params: ConnectParams,
         pool: PgPool,
         status: S,
-        pubsub: PubSub,
+        (pubsub, publisher): (PubSub, Option<Arc<crate::jetstream::Publisher>>),
         operators: Vec<AnyOperator>,
         backfill: Option<bool>,
     ) -> Self {
@@ -307,6 +311,7 @@ impl<S: ProcessStatusStorage + Clone> Service<S> {
         engine.params = Some(params.clone());
         engine.default_schema = config.default_schema.clone();
         engine.timestamp_field = config.process_status.timestamp_field.clone();
+        engine.publisher = publisher;
         for (entity, e) in &config.entities {
             // Checked when the configuration was read.
             engine

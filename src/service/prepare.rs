@@ -145,7 +145,11 @@ pub(super) async fn check_published(
     let mut wanted: Vec<(String, String, &str)> = Vec::new();
     for operator in operators {
         // A subscription to messages names a prefix, not a table.
-        for subscription in operator.subscriptions().into_iter().filter(|s| !s.is_messages()) {
+        for subscription in operator
+            .subscriptions()
+            .into_iter()
+            .filter(|s| !s.is_messages())
+        {
             let name = crate::event::EntityName::parse(&subscription.entity)
                 .with_context(|| format!("operator {}", operator.name()))?;
             let schema = name.schema_or(&config.default_schema).to_owned();
@@ -191,4 +195,41 @@ pub(super) async fn check_operators(
             .with_context(|| format!("operator {}", operator.name()))?;
     }
     Ok(())
+}
+
+/// Connects to `[nats]` and creates its stream when missing (refusing one whose settings
+/// differ), retrying while the server does not answer, until `shutdown`.
+pub(super) async fn jetstream(
+    nats: &crate::config::NatsConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<crate::jetstream::Publisher, super::ServiceError> {
+    use crate::jetstream;
+    let client = jetstream::connect(nats)
+        .await
+        .map_err(|e| super::ServiceError::Setup(e.into()))?;
+    let context = jetstream::context(client, nats);
+    let mut backoff = jetstream::RETRY;
+    loop {
+        match jetstream::ensure_stream(&context, nats).await {
+            Ok(created) => {
+                if created {
+                    info!(stream = %nats.stream, subjects = %format!("{}.>", nats.subject_prefix), "created the JetStream stream");
+                }
+                return Ok(jetstream::Publisher::new(context, nats.clone()));
+            }
+            Err(e) if e.is_transient() => {
+                let wait = backoff.next().unwrap_or(backoff.max);
+                warn!(
+                    error = %e,
+                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "JetStream does not answer (nats.url); retrying"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return Err(super::ServiceError::Shutdown),
+                }
+            }
+            Err(e) => return Err(super::ServiceError::Setup(e.into())),
+        }
+    }
 }

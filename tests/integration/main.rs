@@ -19,6 +19,7 @@ mod folding;
 mod harness;
 mod http;
 mod http_routes;
+mod jetstream;
 mod lease;
 mod names;
 mod outbox;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod jsonb_text;
+pub mod nats;
 
 use std::time::Duration;
 

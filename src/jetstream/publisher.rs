@@ -1,0 +1,345 @@
+//! The publisher: the engine's participant that puts every event on the JetStream stream, in
+//! WAL order, and reports a commit done once JetStream has acknowledged every event up to it
+//! (see the module documentation of `jetstream` for how nothing is doubled or lost).
+//!
+//! ```text
+//!  inbox ─► Event: skip if the stream has it; else JSON ─► publish (expects sequence n) ─┐
+//!        └► Commit ──────────────────────────────────────────────────────────────────────┤
+//!   window (WAL order; ≤ max_in_flight publications awaiting PubAck) ◄───────────────────┘
+//!   front PubAck ok ─► pop; commits now at the front ─► Board::advance
+//!   a failure ─► read the stream's tip (retrying) ─► drop what it has ─► publish the rest again
+//! ```
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishError, publish::PublishAck};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{COMMIT_HEADER, ENTITY_HEADER, RETRY, TYPE_HEADER};
+use crate::config::NatsConfig;
+use crate::event::Event;
+use crate::lsn::{Lsn, Position};
+use crate::operator::{Board, Input};
+
+/// What the publisher has done, for `/metrics` and the logs; shared with the service.
+#[derive(Debug, Default)]
+pub struct PublisherStats {
+    /// Events JetStream has acknowledged (duplicates included).
+    pub published: AtomicU64,
+    /// Events skipped because the stream already had them (after a restart).
+    pub skipped: AtomicU64,
+    /// 1 while JetStream is unavailable and the publisher waits (nothing is acknowledged).
+    pub paused: AtomicU64,
+    /// Publications awaiting JetStream's acknowledgement.
+    pub in_flight: AtomicU64,
+}
+
+/// The connected publisher, ready to run in each pipeline run.
+pub(crate) struct Publisher {
+    context: jetstream::Context,
+    config: NatsConfig,
+    pub stats: Arc<PublisherStats>,
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+
+/// One event to publish, ready to be sent (again).
+struct Publication {
+    position: Position,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+enum Entry {
+    /// Sent, with its acknowledgement to come (`None`: to be sent again).
+    Publication(Publication, Option<AckFuture>),
+    /// Every publication before it belongs to commits up to here.
+    Commit(Lsn),
+}
+
+impl Publisher {
+    pub(crate) fn new(context: jetstream::Context, config: NatsConfig) -> Self {
+        Publisher {
+            context,
+            config,
+            stats: Arc::default(),
+        }
+    }
+
+    /// The stream's name, as reports show the publisher (`jetstream:<stream>`).
+    pub(crate) fn report_name(&self) -> String {
+        format!("jetstream:{}", self.config.stream)
+    }
+
+    /// Publishes what comes through `inbox`, reporting progress as participant `index` of
+    /// `board`, until the inbox closes (after every publication in flight is acknowledged)
+    /// or `shutdown`.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        index: usize,
+        board: Arc<Board>,
+        mut inbox: mpsc::Receiver<Input>,
+        shutdown: CancellationToken,
+    ) {
+        let mut run = Run {
+            publisher: &self,
+            window: VecDeque::new(),
+            in_flight: 0,
+            next_sequence: 0,
+            skip_through: None,
+        };
+        if !run.resync(&shutdown).await {
+            return;
+        }
+        let max = self.config.max_in_flight;
+        let mut open = true;
+        let mut broken = false;
+        loop {
+            while let Some(Entry::Commit(end)) = run.window.front() {
+                board.advance(index, *end);
+                run.window.pop_front();
+            }
+            self.stats
+                .in_flight
+                .store(run.in_flight as u64, Ordering::Relaxed);
+            if broken {
+                if !run.resync(&shutdown).await {
+                    return;
+                }
+                broken = false;
+                continue;
+            }
+            if !open && run.window.is_empty() {
+                return;
+            }
+            let waiting_ack = matches!(run.window.front(), Some(Entry::Publication(_, Some(_))));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                acked = front_ack(&mut run.window), if waiting_ack => match acked {
+                    Ok(ack) => {
+                        run.window.pop_front();
+                        run.in_flight -= 1;
+                        self.stats.published.fetch_add(1, Ordering::Relaxed);
+                        if ack.duplicate {
+                            // The stream had it (its Nats-Msg-Id, within the duplicate
+                            // window): it did not grow, so what follows expected wrong.
+                            broken = true;
+                        }
+                    }
+                    Err(error) => {
+                        warn!(
+                            stream = %self.config.stream, error = %error,
+                            "JetStream did not acknowledge a publication; reading where the \
+                             stream ends, then publishing again from there (nothing is \
+                             acknowledged to PostgreSQL meanwhile)"
+                        );
+                        broken = true;
+                    }
+                },
+                input = inbox.recv(), if open && run.in_flight < max => match input {
+                    None => open = false,
+                    Some(Input::Commit { end_lsn }) => match run.window.back_mut() {
+                        // A newer commit covers an older one behind the same publications.
+                        Some(Entry::Commit(end)) => *end = end_lsn,
+                        _ => run.window.push_back(Entry::Commit(end_lsn)),
+                    },
+                    Some(Input::Event(event)) => {
+                        if run.skip_through.is_some_and(|last| event.position() <= last) {
+                            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        let publication = self.publication(&event);
+                        if !run.send(publication).await {
+                            broken = true;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// `event` as a publication: its JSON (as `streamex tail` prints it) on its subject.
+    fn publication(&self, event: &Event) -> Publication {
+        let position = event.position();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            position.to_string().as_str(),
+        );
+        headers.insert("Content-Type", "application/json");
+        headers.insert(TYPE_HEADER, event.kind.as_str());
+        headers.insert(ENTITY_HEADER, &*event.entity);
+        headers.insert(COMMIT_HEADER, event.commit_lsn.to_string().as_str());
+        // Serialising an event (a map of JSON values) cannot fail.
+        let payload = serde_json::to_vec(event).unwrap_or_default();
+        Publication {
+            position,
+            subject: super::subject(&self.config.subject_prefix, event),
+            headers,
+            payload: payload.into(),
+        }
+    }
+}
+
+/// The state of one publisher run.
+struct Run<'a> {
+    publisher: &'a Publisher,
+    window: VecDeque<Entry>,
+    /// Publications in the window.
+    in_flight: usize,
+    /// The stream sequence the next publication expects to follow.
+    next_sequence: u64,
+    /// The position of the last event the stream had when its tip was last read: events up
+    /// to it that come (again, after a restart) are skipped.
+    skip_through: Option<Position>,
+}
+
+impl Run<'_> {
+    /// Sends `publication`, expecting the stream to end at `next_sequence`, and queues it.
+    /// False when it could not be sent (it is queued to be sent again).
+    async fn send(&mut self, publication: Publication) -> bool {
+        self.in_flight += 1;
+        match send(&self.publisher.context, &publication, self.next_sequence).await {
+            Ok(ack) => {
+                self.next_sequence += 1;
+                self.window
+                    .push_back(Entry::Publication(publication, Some(ack)));
+                true
+            }
+            Err(error) => {
+                warn!(
+                    stream = %self.publisher.config.stream, error = %error,
+                    "publishing to JetStream failed; trying again"
+                );
+                self.window.push_back(Entry::Publication(publication, None));
+                false
+            }
+        }
+    }
+
+    /// At start and after a failure: reads where the stream ends (retrying, paused, until
+    /// it can), drops the publications it has, and sends the rest again, in order. False on
+    /// shutdown.
+    async fn resync(&mut self, shutdown: &CancellationToken) -> bool {
+        let stats = &self.publisher.stats;
+        let stream = &self.publisher.config.stream;
+        let mut backoff = RETRY;
+        let mut failures = 0u32;
+        loop {
+            // Acknowledgements still to come no longer matter: the tip says what is stored.
+            for entry in &mut self.window {
+                if let Entry::Publication(_, ack) = entry {
+                    *ack = None;
+                }
+            }
+            let publisher = self.publisher;
+            let tip = match super::tip(&publisher.context, &publisher.config.stream).await {
+                Ok(tip) => tip,
+                Err(error) => {
+                    failures += 1;
+                    stats.paused.store(1, Ordering::Relaxed);
+                    let wait = backoff.next().unwrap_or(backoff.max);
+                    let next = if error.is_transient() {
+                        "it resumes by itself once JetStream answers"
+                    } else {
+                        "it resumes once the error is fixed"
+                    };
+                    warn!(
+                        %stream, error = %error, attempt = failures,
+                        retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "JetStream is unavailable: the pipeline waits and nothing is \
+                         acknowledged to PostgreSQL; {next}"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => return false,
+                    }
+                    continue;
+                }
+            };
+            if failures > 0 {
+                info!(%stream, sequence = tip.sequence, "JetStream answers again; publishing");
+            }
+            stats.paused.store(0, Ordering::Relaxed);
+            self.next_sequence = tip.sequence;
+            self.skip_through = tip.position;
+            // The stream holds a prefix of the publications: drop that prefix.
+            let before = self.window.len();
+            self.window.retain(|entry| match entry {
+                Entry::Publication(p, _) => tip.position.is_none_or(|last| p.position > last),
+                Entry::Commit(_) => true,
+            });
+            stats
+                .published
+                .fetch_add((before - self.window.len()) as u64, Ordering::Relaxed);
+            // Send the rest again, in order.
+            self.in_flight = 0;
+            let mut sent_all = true;
+            for entry in &mut self.window {
+                let Entry::Publication(p, ack) = entry else {
+                    continue;
+                };
+                self.in_flight += 1;
+                if !sent_all {
+                    continue;
+                }
+                match send(&self.publisher.context, p, self.next_sequence).await {
+                    Ok(future) => {
+                        self.next_sequence += 1;
+                        *ack = Some(future);
+                    }
+                    Err(error) => {
+                        warn!(%stream, error = %error, "publishing to JetStream failed; trying again");
+                        sent_all = false;
+                    }
+                }
+            }
+            if sent_all {
+                return true;
+            }
+            let wait = backoff.next().unwrap_or(backoff.max);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return false,
+            }
+        }
+    }
+}
+
+/// Sends `publication`, to follow stream sequence `after`.
+async fn send(
+    context: &jetstream::Context,
+    publication: &Publication,
+    after: u64,
+) -> Result<AckFuture, PublishError> {
+    let mut headers = publication.headers.clone();
+    headers.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
+        after.to_string().as_str(),
+    );
+    let message = jetstream::message::PublishMessage::build()
+        .payload(publication.payload.clone())
+        .headers(headers);
+    let ack = context
+        .send_publish(publication.subject.clone(), message)
+        .await?;
+    Ok(Box::pin(std::future::IntoFuture::into_future(ack)))
+}
+
+/// The acknowledgement of the window's front publication (which has one coming).
+async fn front_ack(window: &mut VecDeque<Entry>) -> Result<PublishAck, PublishError> {
+    match window.front_mut() {
+        Some(Entry::Publication(_, Some(ack))) => ack.await,
+        _ => std::future::pending().await,
+    }
+}

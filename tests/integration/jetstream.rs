@@ -1,0 +1,276 @@
+//! Events on NATS JetStream (`[nats]`), against a real `nats-server -js` of the test's own:
+//! every change of the blog workload (and its outbox messages) exactly once, in WAL order,
+//! across SIGKILLs of streamex and of nats-server; the stream's settings checked by setup.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use streamex::Position;
+use streamex::testing;
+
+use crate::common::nats::NatsServer;
+use crate::common::{
+    self, BLOG, Rng, blog_activity, blog_config, derived_mismatches, eventually, settle, slot_for,
+    spawn_service,
+};
+
+/// Per transaction (xid), its changes of `posts` and `comments` and its messages, in order:
+/// `(entity, type)`.
+type Story = BTreeMap<u32, Vec<(String, String)>>;
+
+/// The blog configuration with a `[nats]` section for `nats`.
+fn config_with_nats(url: &str, nats: &NatsServer, extra: &str) -> String {
+    format!(
+        "{}\n[nats]\nurl = {:?}\nstream = \"blog\"\nsubject_prefix = \"blog\"\n{extra}",
+        blog_config(url, &slot_for(url)),
+        nats.url()
+    )
+}
+
+/// What the audit slot (test_decoding) saw: the committed story of the published tables.
+async fn audited(pool: &PgPool, slot: &str) -> anyhow::Result<Story> {
+    let lines: Vec<String> = sqlx::query_scalar(
+        "SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL, 'include-xids', '1')",
+    )
+    .bind(slot)
+    .fetch_all(pool)
+    .await?;
+    let mut story = Story::new();
+    let mut current: Option<(u32, Vec<(String, String)>)> = None;
+    for line in lines {
+        if let Some(xid) = line.strip_prefix("BEGIN ") {
+            current = Some((xid.parse()?, Vec::new()));
+        } else if line.starts_with("COMMIT") {
+            if let Some((xid, changes)) = current.take()
+                && !changes.is_empty()
+            {
+                story.insert(xid, changes);
+            }
+        } else if let Some(rest) = line.strip_prefix("table public.") {
+            let (table, rest) = rest.split_once(": ").unwrap_or_default();
+            if table == "posts" || table == "comments" {
+                let kind = rest.split(':').next().unwrap_or_default().to_lowercase();
+                if let Some((_, changes)) = current.as_mut() {
+                    changes.push((table.to_owned(), kind));
+                }
+            }
+        } else if line.starts_with("message: transactional: 1 prefix: blog,")
+            && let Some((_, changes)) = current.as_mut()
+        {
+            changes.push(("blog".to_owned(), "message".to_owned()));
+        }
+    }
+    Ok(story)
+}
+
+/// Every message of stream `blog`, checked for order (stream order is position order, each
+/// position once) and subject; returns the story it tells.
+async fn published(nats: &NatsServer) -> anyhow::Result<(Story, u64)> {
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("blog").await?;
+    let last = stream.info().await?.state.last_sequence;
+    let mut story = Story::new();
+    let mut previous: Option<Position> = None;
+    for sequence in 1..=last {
+        let message = stream.get_raw_message(sequence).await?;
+        let id: Position = message
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str().parse())
+            .transpose()?
+            .ok_or_else(|| anyhow::anyhow!("message {sequence} has no Nats-Msg-Id"))?;
+        anyhow::ensure!(
+            previous.is_none_or(|p| p < id),
+            "message {sequence} ({id}) does not come after the one before ({previous:?})"
+        );
+        previous = Some(id);
+        let event: serde_json::Value = serde_json::from_slice(&message.payload)?;
+        let kind = event["type"].as_str().unwrap_or_default().to_owned();
+        let entity = event["entity"].as_str().unwrap_or_default().to_owned();
+        let expected_subject = if kind == "message" {
+            "blog.messages.blog".to_owned()
+        } else {
+            format!("blog.public.{entity}")
+        };
+        assert_eq!(message.subject.as_str(), expected_subject);
+        assert_eq!(
+            Position::new(
+                event["commit_lsn"].as_str().unwrap_or_default().parse()?,
+                event["ordinal"].as_u64().unwrap_or(u64::MAX)
+            ),
+            id
+        );
+        let xid = u32::try_from(event["xid"].as_u64().unwrap_or_default())?;
+        let changes = story.entry(xid).or_default();
+        assert_eq!(
+            event["ordinal"].as_u64(),
+            Some(changes.len() as u64),
+            "message {sequence}: ordinals of transaction {xid} are not 0, 1, 2, ..."
+        );
+        changes.push((entity, kind));
+    }
+    Ok((story, last))
+}
+
+/// Writes outbox messages: each transaction a post and a message about it.
+async fn outbox_writer(pool: PgPool, stop: Arc<AtomicBool>) -> u64 {
+    let mut written = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let step = async {
+            let mut tx = pool.begin().await?;
+            let id: i64 = sqlx::query_scalar("INSERT INTO posts (title) VALUES ('o') RETURNING id")
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::query("SELECT pg_logical_emit_message(true, 'blog', $1)")
+                .bind(format!("{{\"post\": {id}}}"))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            anyhow::Ok(())
+        };
+        if step.await.is_ok() {
+            written += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    written
+}
+
+#[tokio::test]
+async fn every_change_reaches_jetstream_once_in_order_across_kills_of_streamex_and_nats()
+-> anyhow::Result<()> {
+    let mut nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("streamex.toml");
+    std::fs::write(&config, config_with_nats(&url, &nats, "max_in_flight = 64"))?;
+    common::setup_service(&config)?;
+    let audit = format!("{}_audit", slot_for(&url));
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'test_decoding')")
+        .bind(&audit)
+        .execute(&pool)
+        .await?;
+
+    let seed = common::seed_from_env("STREAMEX_JETSTREAM_SEED");
+    let mut rng = Rng(seed | 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (pool, stop) = (pool.clone(), stop.clone());
+        let mut rng = Rng(seed.rotate_left(17) | 1);
+        async move {
+            let mut changes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                changes += blog_activity(&pool, &mut rng).await.unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(rng.below(4))).await;
+            }
+            changes
+        }
+    });
+    let outbox = tokio::spawn(outbox_writer(pool.clone(), stop.clone()));
+
+    let log = dir.path().join("streamex.log");
+    let mut service = spawn_service(&config, &log, "info")?;
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(600 + rng.below(900))).await;
+        if round == 1 {
+            // JetStream goes away under a running streamex, and comes back.
+            nats.kill()?;
+            tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
+            nats.restart()?;
+        } else {
+            service.kill()?;
+            service.wait()?;
+            service = spawn_service(&config, &log, "info")?;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let changes = writer.await?;
+    let messages = outbox.await?;
+    settle(&pool).await?;
+    let story = audited(&pool, &audit).await;
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&audit)
+        .execute(&pool)
+        .await?;
+    let story = story?;
+    let expected: usize = story.values().map(Vec::len).sum();
+    eventually("JetStream has as many events as the WAL", async || {
+        Ok(published(&nats).await?.1 >= expected as u64)
+    })
+    .await?;
+    let (seen, count) = published(&nats).await?;
+    service.kill()?;
+    service.wait()?;
+    assert_eq!(count, expected as u64, "events in JetStream vs in the WAL");
+    let differing: Vec<_> = story
+        .iter()
+        .filter(|(xid, changes)| seen.get(xid) != Some(changes))
+        .map(|(xid, changes)| (xid, changes, seen.get(xid)))
+        .take(3)
+        .collect();
+    assert!(differing.is_empty(), "transactions differ: {differing:?}");
+    assert_eq!(seen.len(), story.len());
+    assert!(
+        changes > 100 && messages > 20,
+        "{changes} changes, {messages} messages"
+    );
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn setup_creates_the_stream_and_refuses_one_with_other_settings() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("streamex.toml");
+    std::fs::write(&config, config_with_nats(&url, &nats, ""))?;
+    let setup = common::streamex_command("warn")
+        .args(["setup", "--config"])
+        .arg(&config)
+        .output()?;
+    assert!(setup.status.success(), "{setup:?}");
+    let stdout = String::from_utf8_lossy(&setup.stdout);
+    assert!(
+        stdout.contains("JetStream stream \"blog\" (blog.>)"),
+        "{stdout}"
+    );
+
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let info = js.get_stream("blog").await?.info().await?.config.clone();
+    assert_eq!(info.subjects, ["blog.>"]);
+    assert_eq!(info.duplicate_window, Duration::from_secs(120));
+
+    // The same stream asked for with another window and storage: refused, naming both.
+    std::fs::write(
+        &config,
+        config_with_nats(
+            &url,
+            &nats,
+            "duplicate_window = \"30s\"\nstorage = \"memory\"",
+        ),
+    )?;
+    let refused = common::streamex_command("warn")
+        .args(["setup", "--config"])
+        .arg(&config)
+        .output()?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("nats.duplicate_window asks for 30s, the stream has 120s")
+            && stderr.contains("nats.storage asks for memory, the stream has file")
+            && stderr.contains("nats stream edit blog"),
+        "{stderr}"
+    );
+    Ok(())
+}
