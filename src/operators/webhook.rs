@@ -86,7 +86,20 @@ pub enum WebhookError {
         #[source]
         source: reqwest::Error,
     },
-    /// The request could not be sent (no connection, TLS refused, the connection lost).
+    /// The server's certificate was not trusted.
+    #[error(
+        "webhook {origin}: the server's certificate was refused; a certificate of a private \
+         authority needs that authority's PEM certificate as the webhook's ca_file (the webpki \
+         roots, Mozilla's list, are trusted otherwise)"
+    )]
+    Certificate {
+        /// `scheme://host[:port]` of the URL.
+        origin: String,
+        /// What the HTTP client says (without the URL).
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The request could not be sent (no connection, the connection lost).
     #[error("webhook {origin}: the request could not be sent")]
     Request {
         /// `scheme://host[:port]` of the URL.
@@ -290,6 +303,8 @@ impl Webhook {
                 timeout: self.timeout,
                 source,
             }
+        } else if certificate_refused(&source) {
+            WebhookError::Certificate { origin, source }
         } else {
             WebhookError::Request { origin, source }
         }
@@ -500,6 +515,28 @@ fn hex(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
+}
+
+/// Whether `error` comes from rustls refusing the server's certificate: found by the error's
+/// type down its chain of causes (an I/O error may carry it), never by its text.
+fn certificate_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if matches!(
+            error.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+        ) {
+            return true;
+        }
+        // An I/O error's `source` is its inner error's source: step into the inner one.
+        cause = match error.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
+    }
+    false
 }
 
 /// Reads what is left of an answer's body (at most 64 KiB), so that the connection can
@@ -719,6 +756,22 @@ mod tests {
         std::fs::write(&empty, "not a certificate\n").unwrap();
         let message = refused(base().ca_file(&empty));
         assert!(message.contains("holds no PEM certificate"), "{message}");
+    }
+
+    /// As hyper-rustls wraps it: an I/O error in an I/O error around rustls's.
+    #[test]
+    fn a_refused_certificate_is_found_by_type_inside_io_errors() {
+        let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let inner = std::io::Error::new(std::io::ErrorKind::InvalidData, refused);
+        let outer = std::io::Error::other(inner);
+        assert!(certificate_refused(&outer));
+        let other = std::io::Error::other(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::DecryptError,
+        ));
+        assert!(!certificate_refused(&other));
+        let plain = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!certificate_refused(&plain));
     }
 
     #[test]
