@@ -486,6 +486,188 @@ pub struct OperatorConfig {
     /// (as `read` events); unset, the operator says (a Rust operator's
     /// `Operator::backfill`, true unless it says otherwise; true for a declarative one).
     pub backfill: Option<bool>,
+    /// The built-in webhook operator: posts the events of `entities` to `url`.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// `[[operators]] webhook = { url = "...", entities = [...] }`: an operator that posts each
+/// event (or a batch) as JSON to a URL, at least once (see [`crate::operators::Webhook`]).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where the events are posted: an `http://` or `https://` URL.
+    pub url: String,
+    /// The tables whose events are posted, named as in `tables`.
+    #[serde(default)]
+    pub entities: Vec<String>,
+    /// The event types posted (`insert`, `update`, `delete`); empty means all of them. A
+    /// table's truncates are always posted.
+    #[serde(default)]
+    pub types: Vec<crate::event::EventType>,
+    /// The key of the `X-Streamex-Signature` header (HMAC-SHA256); unsigned without it.
+    pub secret: Option<Secret>,
+    /// A file holding the key (its trailing newline removed), instead of `secret`.
+    pub secret_file: Option<PathBuf>,
+    /// How long a request may take, connecting and reading the answer included (default
+    /// 10 s); one that takes longer has failed.
+    #[serde(default = "default_webhook_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// At most how many events one request carries (default 1). With more than 1, every
+    /// body is a JSON array, of 1 to `batch_size` events.
+    #[serde(default = "default_webhook_batch_size")]
+    pub batch_size: usize,
+    /// More headers sent with every request (`{ Authorization = "Bearer ..." }`); their
+    /// values are kept as secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// PEM certificates of the authorities trusted for an `https://` URL, beside the webpki
+    /// roots (Mozilla's list).
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_webhook_batch_size() -> usize {
+    1
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    // The URL's path and query may be a credential (many services put the token there):
+    // only its origin is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &url_origin(&self.url))
+            .field("entities", &self.entities)
+            .field("types", &self.types)
+            .field("secret", &self.secret)
+            .field("secret_file", &self.secret_file)
+            .field("timeout", &self.timeout)
+            .field("batch_size", &self.batch_size)
+            .field("headers", &self.headers)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl WebhookConfig {
+    /// The signing key, read from `secret_file` if that is where it is; `None` when neither
+    /// is set. `key` (`operators.NAME.webhook`) names the setting in errors, which never
+    /// quote the secret.
+    pub fn signing_secret(&self, key: &str) -> Result<Option<Secret>, String> {
+        let secret = match (&self.secret, &self.secret_file) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "{key}.secret and {key}.secret_file are both set: keep one of them"
+                ));
+            }
+            (Some(secret), None) => secret.clone(),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{key}.secret_file: reading {}: {e}", path.display()))?;
+                Secret(text.trim_end_matches(['\n', '\r']).to_owned())
+            }
+        };
+        if secret.0.is_empty() {
+            return Err(format!(
+                "{key}.secret is empty: give a long random key (e.g. from `openssl rand -hex \
+                 32`), or leave it out for unsigned requests"
+            ));
+        }
+        Ok(Some(secret))
+    }
+
+    /// Checks what can be checked without the network; `key` is `operators.NAME.webhook`.
+    fn check(&self, key: &str) -> Result<(), String> {
+        webhook_url(&self.url).map_err(|e| format!("{key}.url: {e}"))?;
+        if self.entities.is_empty() {
+            return Err(format!(
+                "{key}.entities: a webhook needs the tables whose events it posts, such as \
+                 entities = [\"comments\"]"
+            ));
+        }
+        within(&format!("{key}.batch_size"), self.batch_size, 1, 10_000)?;
+        within_time(
+            &format!("{key}.timeout"),
+            self.timeout,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+        )?;
+        self.signing_secret(key)?;
+        for (name, value) in &self.headers {
+            webhook_header(name, value.expose()).map_err(|e| format!("{key}.headers: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// `text` as a webhook URL: `http://` or `https://`, with a host. The error says what is
+/// wrong without quoting the URL, whose path may be a credential.
+pub(crate) fn webhook_url(text: &str) -> Result<url::Url, String> {
+    let example = "write an http:// or https:// URL, such as \"https://example.com/hooks\"";
+    let url = url::Url::parse(text.trim()).map_err(|e| format!("not a URL ({e}): {example}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "the scheme {:?} is not http or https: {example}",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("the URL has no host: {example}"));
+    }
+    Ok(url)
+}
+
+/// The headers a webhook sets itself, which extra headers may not replace.
+pub(crate) const WEBHOOK_OWN_HEADERS: [&str; 10] = [
+    "content-type",
+    "content-length",
+    "host",
+    "idempotency-key",
+    "x-streamex-operator",
+    "x-streamex-first-position",
+    "x-streamex-last-position",
+    "x-streamex-events",
+    "x-streamex-timestamp",
+    "x-streamex-signature",
+];
+
+/// Checks an extra webhook header: a valid name that is not one of the webhook's own, and a
+/// value of visible ASCII and spaces. The error never quotes the value.
+pub(crate) fn webhook_header(name: &str, value: &str) -> Result<(), String> {
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token) {
+        return Err(format!(
+            "{name:?} is not a header name: write letters, digits and dashes, such as \
+             \"Authorization\""
+        ));
+    }
+    if WEBHOOK_OWN_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+        return Err(format!(
+            "{name:?} is set by the webhook itself (see the README's Webhooks section): leave \
+             it out"
+        ));
+    }
+    if !value
+        .chars()
+        .all(|c| c == ' ' || c == '\t' || c.is_ascii_graphic())
+    {
+        return Err(format!(
+            "the value of {name:?} may hold only visible ASCII characters and spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// `scheme://host[:port]` of `text`, for logs and `Debug`: never the path, query or
+/// credentials.
+pub(crate) fn url_origin(text: &str) -> String {
+    match url::Url::parse(text.trim()) {
+        Ok(url) if url.has_host() => url.origin().ascii_serialization(),
+        _ => "(not a URL)".to_owned(),
+    }
 }
 
 impl Config {
@@ -618,6 +800,11 @@ impl Config {
             op.id = ids;
             for entity in &mut op.delete_with {
                 *entity = canonical(&format!("{key}.delete_with"), entity)?;
+            }
+            if let Some(webhook) = &mut op.webhook {
+                for entity in &mut webhook.entities {
+                    *entity = canonical(&format!("{key}.webhook.entities"), entity)?;
+                }
             }
         }
         Ok(())
@@ -760,6 +947,23 @@ impl Config {
         for op in &self.operators {
             if !names.insert(op.name.as_str()) {
                 return Err(format!("operators: the name {:?} is used twice", op.name));
+            }
+            if let Some(webhook) = &op.webhook {
+                let key = format!("operators.{}", op.name);
+                if op.query.is_some() {
+                    return Err(format!(
+                        "{key}: `webhook` and `query` are two kinds of operator (one posts \
+                         events, the other runs SQL): keep one, or give each an [[operators]] \
+                         entry of its own"
+                    ));
+                }
+                if !op.settings.is_empty() {
+                    return Err(format!(
+                        "{key}: `settings` are for a Rust operator's constructor; a webhook \
+                         takes everything in its `webhook` table"
+                    ));
+                }
+                webhook.check(&format!("{key}.webhook"))?;
             }
             if op.query.is_none()
                 && (!op.id.is_empty()
@@ -904,13 +1108,33 @@ fn within_time(key: &str, value: Duration, min: Duration, max: Duration) -> Resu
 fn override_key(table: &mut toml::Table, path: &[String], value: &str) -> Result<(), String> {
     let (last, parents) = path.split_last().ok_or("empty key")?;
     let mut current = table;
-    for part in parents {
+    let mut parts = parents.iter();
+    while let Some(part) = parts.next() {
         let entry = current
             .entry(part.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        current = entry
-            .as_table_mut()
-            .ok_or_else(|| format!("key {part:?} is not a table"))?;
+        current = match entry {
+            toml::Value::Table(table) => table,
+            // An entry of a list of tables (`[[operators]]`) is named by its `name`:
+            // STREAMEX_OPERATORS__NOTIFY__WEBHOOK__SECRET is that entry's webhook.secret.
+            toml::Value::Array(entries) => {
+                let upper = part.to_ascii_uppercase();
+                let name = parts.next().ok_or_else(|| {
+                    format!("{part} is a list: name its entry, as in STREAMEX_{upper}__NAME__KEY")
+                })?;
+                entries
+                    .iter_mut()
+                    .filter_map(toml::Value::as_table_mut)
+                    .find(|entry| {
+                        entry
+                            .get("name")
+                            .and_then(toml::Value::as_str)
+                            .is_some_and(|n| n.eq_ignore_ascii_case(name))
+                    })
+                    .ok_or_else(|| format!("no [[{part}]] entry is named {name:?}"))?
+            }
+            _ => return Err(format!("key {part:?} is not a table")),
+        };
     }
     // A value that parses as TOML (a number, a boolean, an array) is taken as such; anything
     // else is a string.
@@ -1253,6 +1477,185 @@ mod tests {
         let waits: Vec<Duration> = reconnect.take(8).collect();
         assert_eq!(waits[0], Duration::from_millis(500));
         assert_eq!(waits[7], Duration::from_secs(30));
+    }
+
+    const WEBHOOK: &str = "[[operators]]\nname = \"notify\"\n";
+
+    fn webhook(table: &str) -> Result<Config, ConfigError> {
+        parse(&format!("{MINIMAL}\n{WEBHOOK}webhook = {table}"), &[])
+    }
+
+    #[test]
+    fn a_webhook_is_read_with_its_defaults() {
+        let config = webhook(
+            r#"{ url = "https://example.com/hooks", entities = ["comments", "archive.posts"], types = ["insert"] }"#,
+        )
+        .unwrap();
+        let hook = config.operators[0].webhook.as_ref().unwrap();
+        assert_eq!(hook.entities, ["comments", "archive.posts"]);
+        assert_eq!(hook.types, [crate::event::EventType::Insert]);
+        assert_eq!(hook.timeout, Duration::from_secs(10));
+        assert_eq!(hook.batch_size, 1);
+        assert!(hook.signing_secret("k").unwrap().is_none());
+        // Entities are named as everywhere else: public.comments is comments.
+        let config =
+            webhook(r#"{ url = "http://127.0.0.1:8080/", entities = ["public.comments"], timeout = "2s", batch_size = 50 }"#)
+                .unwrap();
+        let hook = config.operators[0].webhook.as_ref().unwrap();
+        assert_eq!(hook.entities, ["comments"]);
+        assert_eq!(hook.timeout, Duration::from_secs(2));
+        assert_eq!(hook.batch_size, 50);
+    }
+
+    #[test]
+    fn webhook_settings_are_checked_by_name() {
+        for (table, key, fix) in [
+            (
+                r#"{ url = "example.com/hooks", entities = ["c"] }"#,
+                "operators.notify.webhook.url",
+                "https://example.com/hooks",
+            ),
+            (
+                r#"{ url = "ftp://example.com/", entities = ["c"] }"#,
+                "operators.notify.webhook.url",
+                "not http or https",
+            ),
+            (
+                r#"{ url = "https://example.com/" }"#,
+                "operators.notify.webhook.entities",
+                "entities = [\"comments\"]",
+            ),
+            (
+                r#"{ url = "https://example.com/", entities = [] }"#,
+                "operators.notify.webhook.entities",
+                "entities = [\"comments\"]",
+            ),
+            (
+                r#"{ url = "https://example.com/", entities = ["c"], batch_size = 0 }"#,
+                "operators.notify.webhook.batch_size",
+                "from 1 to 10000",
+            ),
+            (
+                r#"{ url = "https://example.com/", entities = ["c"], timeout = "0s" }"#,
+                "operators.notify.webhook.timeout",
+                "out of range",
+            ),
+            (
+                r#"{ url = "https://example.com/", entities = ["c"], timeout = "soon" }"#,
+                "operators.notify.webhook.timeout",
+                "duration",
+            ),
+            (
+                r#"{ url = "https://example.com/", entities = ["c"], types = ["upsert"] }"#,
+                "operators.notify.webhook.types",
+                "insert",
+            ),
+            (
+                r#"{ url = "https://example.com/", entities = ["c"], secret = "" }"#,
+                "operators.notify.webhook.secret",
+                "openssl rand",
+            ),
+            (
+                r#"{ url = "https://example.com/", entities = ["c"], secret = "k", secret_file = "/k" }"#,
+                "operators.notify.webhook.secret and",
+                "keep one",
+            ),
+            (
+                r#"{ url = "https://example.com/", entities = ["c"], secret_file = "/nonexistent/key" }"#,
+                "operators.notify.webhook.secret_file",
+                "/nonexistent/key",
+            ),
+            (
+                r#"{ url = "https://example.com/", entities = ["c"], headers = { Idempotency-Key = "x" } }"#,
+                "operators.notify.webhook.headers",
+                "leave it out",
+            ),
+            (
+                r#"{ url = "https://example.com/", entities = ["c"], verify = false }"#,
+                "operators.notify.webhook",
+                "verify",
+            ),
+        ] {
+            let err = webhook(table).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(fix), "{table}: {err}");
+        }
+        let text = format!(
+            "{MINIMAL}\n{WEBHOOK}query = \"SELECT $1\"\nid = {{ c = \"id\" }}\n\
+             webhook = {{ url = \"https://example.com/\", entities = [\"c\"] }}"
+        );
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("operators.notify: `webhook` and `query`"),
+            "{err}"
+        );
+        let text = format!(
+            "{MINIMAL}\n{WEBHOOK}settings = {{ a = 1 }}\n\
+             webhook = {{ url = \"https://example.com/\", entities = [\"c\"] }}"
+        );
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("operators.notify: `settings`"), "{err}");
+    }
+
+    #[test]
+    fn a_webhook_secret_comes_from_the_environment_or_a_file_and_never_shows() {
+        let text = format!(
+            "{MINIMAL}\n{WEBHOOK}webhook = {{ url = \"https://hooks.example.com/T0/token\", entities = [\"c\"] }}"
+        );
+        let config = parse(
+            &text,
+            &[("STREAMEX_OPERATORS__NOTIFY__WEBHOOK__SECRET", "from-env")],
+        )
+        .unwrap();
+        let hook = config.operators[0].webhook.as_ref().unwrap();
+        let secret = hook.signing_secret("k").unwrap().unwrap();
+        assert_eq!(secret.expose(), "from-env");
+        let debug = format!("{config:?}");
+        assert!(debug.contains("https://hooks.example.com"), "{debug}");
+        assert!(
+            !debug.contains("from-env") && !debug.contains("T0/token"),
+            "{debug}"
+        );
+        // An entry no operator has, and a list without an entry's name, are refused.
+        let err = parse(
+            &text,
+            &[("STREAMEX_OPERATORS__OTHER__WEBHOOK__SECRET", "x")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("STREAMEX_OPERATORS__OTHER__WEBHOOK__SECRET")
+                && err.contains("no [[operators]] entry is named \"other\""),
+            "{err}"
+        );
+        let err = parse(&text, &[("STREAMEX_OPERATORS__WEBHOOK", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("STREAMEX_OPERATORS__NAME__KEY"), "{err}");
+        // A value that reads as a number must be quoted, and the message does not quote it.
+        let err = parse(
+            &text,
+            &[("STREAMEX_OPERATORS__NOTIFY__WEBHOOK__SECRET", "12345")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("operators.notify.webhook.secret") && !err.contains("12345"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let text = format!(
+            "{MINIMAL}\n{WEBHOOK}webhook = {{ url = \"https://example.com/\", entities = [\"c\"], secret_file = {:?} }}",
+            path.display().to_string()
+        );
+        let config = parse(&text, &[]).unwrap();
+        let hook = config.operators[0].webhook.as_ref().unwrap();
+        assert_eq!(
+            hook.signing_secret("k").unwrap().unwrap().expose(),
+            "from-file"
+        );
     }
 
     #[test]

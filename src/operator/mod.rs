@@ -254,6 +254,21 @@ pub trait Operator: Send + Sync + 'static {
         Delivery::ExactlyOnce
     }
 
+    /// For an operator that delivers [`Delivery::AtLeastOnce`]: at most how many of the events
+    /// waiting for it go to [`handle_batch`](Operator::handle_batch) together (and never more
+    /// than `[replication] batch_size`). Default 1: each event goes to
+    /// [`handle`](Operator::handle) alone.
+    ///
+    /// When a batch fails, its events are handled again one by one with `handle`, each with
+    /// the retry policy, as for an operator that delivers exactly once; so the events of the
+    /// batch before the failing one are handled twice. Give more than 1 only when a batch is
+    /// worth it (one request for many events) and the receiving end recognises an event it
+    /// has seen by its [`Event::position`]. Ignored for an operator that delivers exactly
+    /// once, which always gets batches.
+    fn at_least_once_batch(&self) -> usize {
+        1
+    }
+
     /// Whether, on its first run on a slot (no checkpoint yet), it first gets every row that
     /// exists in the tables it subscribes to, as [`EventType::Read`] events, before the
     /// changes after them (see the `backfill` module of the engine for how the two meet
@@ -284,7 +299,9 @@ pub trait Operator: Send + Sync + 'static {
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
     /// Handles several events, in WAL order, in one transaction: called when more than one
-    /// event is waiting (for an operator that delivers exactly once). The default calls
+    /// event is waiting (for an operator that delivers exactly once; for one that delivers at
+    /// least once, when its [`at_least_once_batch`](Operator::at_least_once_batch) is more
+    /// than 1, without a transaction). The default calls
     /// [`handle`](Operator::handle) for each; override it to write a whole batch with fewer
     /// statements (sum per key, one statement with arrays, skip repeated recomputations).
     ///
@@ -344,6 +361,10 @@ impl<T: Operator> Operator for Arc<T> {
         (**self).delivery()
     }
 
+    fn at_least_once_batch(&self) -> usize {
+        (**self).at_least_once_batch()
+    }
+
     fn backfill(&self) -> bool {
         (**self).backfill()
     }
@@ -388,6 +409,7 @@ pub(crate) trait DynOperator: Send + Sync + 'static {
     fn name(&self) -> &str;
     fn subscriptions(&self) -> Vec<Subscription>;
     fn delivery(&self) -> Delivery;
+    fn at_least_once_batch(&self) -> usize;
     fn backfill(&self) -> bool;
     fn check<'a>(&'a self, db: &'a mut sqlx::PgConnection) -> HandlerFuture<'a>;
     fn handle<'a>(&'a self, event: &'a Event, ctx: &'a mut Context<'_>) -> HandlerFuture<'a>;
@@ -411,6 +433,10 @@ impl<T: Operator> DynOperator for T {
 
     fn delivery(&self) -> Delivery {
         Operator::delivery(self)
+    }
+
+    fn at_least_once_batch(&self) -> usize {
+        Operator::at_least_once_batch(self)
     }
 
     fn backfill(&self) -> bool {

@@ -3,6 +3,7 @@
 //! ```text
 //! [[operators]] name = "x", settings = {..} ──► Registry: "x" ─► constructor(settings as S) ─► operator
 //! [[operators]] name = "y", query = "..."   ──► SqlOperator::from_config (no registration)
+//! [[operators]] name = "z", webhook = {..}  ──► operators::Webhook::from_config (no registration)
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,7 +24,8 @@ pub enum RegistryError {
     /// No Rust operator is registered under the name.
     #[error(
         "operators.{name}: no operator is registered under this name: registered Rust operators \
-         are {known}; a declarative operator needs `query` and `id`"
+         are {known}; a declarative operator needs `query` and `id`, a webhook `webhook = \
+         {{ url = \"...\", entities = [...] }}`"
     )]
     Unknown {
         /// The name in the configuration.
@@ -231,8 +233,8 @@ impl Registry {
         self.constructors.keys().map(String::as_str)
     }
 
-    /// The operators `configs` name: declarative ones (with `query`) from their entry, Rust
-    /// ones from this registry with their settings.
+    /// The operators `configs` name: declarative ones (with `query`) and webhooks (with
+    /// `webhook`) from their entry, Rust ones from this registry with their settings.
     ///
     /// Fails on the first entry that cannot be built, naming it, and on a registry with a name
     /// registered twice ([`RegistryError::Duplicate`]) whatever `configs` name.
@@ -243,6 +245,14 @@ impl Registry {
         configs
             .iter()
             .map(|config| {
+                if let Some(webhook) = &config.webhook {
+                    return crate::operators::Webhook::from_config(&config.name, webhook)
+                        .map(AnyOperator::new)
+                        .map_err(|e| RegistryError::Build {
+                            name: config.name.clone(),
+                            message: crate::error::Chain(&e).to_string(),
+                        });
+                }
                 if config.query.is_some() {
                     return SqlOperator::from_config(config)
                         .map(AnyOperator::new)
@@ -358,6 +368,43 @@ mod tests {
         assert_eq!(
             registry.names().collect::<Vec<_>>(),
             ["count_events", "post_comment_tallies"]
+        );
+    }
+
+    #[test]
+    fn a_webhook_entry_is_built_without_registration() {
+        let built = Registry::new()
+            .build(&configs(
+                "[[operators]]\nname = \"notify\"\nwebhook = { url = \"https://example.com/hooks\", \
+                 entities = [\"comments\", \"posts\"], types = [\"insert\", \"delete\"] }",
+            ))
+            .unwrap();
+        assert_eq!(built[0].name(), "notify");
+        let types = [
+            crate::event::EventType::Insert,
+            crate::event::EventType::Delete,
+        ];
+        assert_eq!(
+            built[0].subscriptions(),
+            [
+                Subscription::only("comments", &types),
+                Subscription::only("posts", &types)
+            ]
+        );
+        assert_eq!(
+            built[0].0.delivery(),
+            crate::operator::Delivery::AtLeastOnce
+        );
+        let error = Registry::new()
+            .build(&configs(
+                "[[operators]]\nname = \"notify\"\nwebhook = { url = \"https://example.com/\", \
+                 entities = [\"comments\"], ca_file = \"/nonexistent/ca.pem\" }",
+            ))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("operators.notify: webhook ca_file \"/nonexistent/ca.pem\": "),
+            "{error}"
         );
     }
 

@@ -9,6 +9,11 @@
 //! each in its own transaction with its own checkpoint, so the failing event is isolated, the
 //! events before it are applied exactly once, and WAL order holds.
 //!
+//! An operator that delivers at least once gets its events one at a time, unless it asks for
+//! batches ([`super::Operator::at_least_once_batch`]): then a batch runs without a
+//! transaction, and a failed one is run again one by one in the same way, so the events
+//! before the failing one are handled twice (which at least once allows).
+//!
 //! A failing event is retried with exponential backoff; after the last retry the policy
 //! applies: `halt` stores the failure, stops this task and leaves its position (and so the
 //! slot) where it is; `dead_letter` stores the event in `streamex.dead_letters` together with
@@ -155,7 +160,8 @@ impl Runner {
             };
             batch.push(first);
             let mut events = usize::from(matches!(batch[0], Input::Event(_)));
-            while events < self.batch_size {
+            let limit = self.batch_limit();
+            while events < limit {
                 match inbox.try_recv() {
                     Ok(input) => {
                         let Some(input) = self.fresh(input) else {
@@ -356,7 +362,7 @@ impl Runner {
         if events.is_empty() {
             return Handled::Done;
         }
-        if self.exactly_once()
+        if self.batch_limit() > 1
             && !self.one_per_transaction
             && events.len() > 1
             && events.iter().all(|e| e.decode_error.is_none())
@@ -390,8 +396,16 @@ impl Runner {
         Handled::Done
     }
 
-    /// All of `events` and the checkpoint in one transaction.
+    /// All of `events` and the checkpoint in one transaction (for an operator that delivers
+    /// at least once, `events` without a transaction).
     async fn try_batch(&mut self, events: &[Arc<Event>]) -> anyhow::Result<()> {
+        if !self.exactly_once() {
+            let mut ctx = Context::new(None, 1, self.operator.name());
+            guarded(self.operator.handle_batch(events, &mut ctx)).await?;
+            // Kept in memory only, as for one event (see `attempt`).
+            self.checkpoint = events.last().map(|e| e.position()).max(self.checkpoint);
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         wait_visible(&mut tx, events.iter().map(|e| e.xid)).await?;
         let mut ctx = Context::new(Some(&mut *tx), 1, self.operator.name());
@@ -415,6 +429,19 @@ impl Runner {
                 events = %applied.join(","),
                 "applied"
             );
+        }
+    }
+
+    /// At most how many events go to the handler together: `batch_size` for an operator
+    /// that delivers exactly once; for one that delivers at least once, what it asks for
+    /// ([`super::Operator::at_least_once_batch`], 1 unless it says more) within `batch_size`.
+    fn batch_limit(&self) -> usize {
+        if self.exactly_once() {
+            self.batch_size
+        } else {
+            self.operator
+                .at_least_once_batch()
+                .clamp(1, self.batch_size.max(1))
         }
     }
 
@@ -1007,6 +1034,124 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// Records the ordinals of each call, `handle_batch` or `handle`, outside the database;
+    /// fails the first try of the event with ordinal `fail_once`.
+    struct Batches {
+        limit: usize,
+        fail_once: u64,
+        failed: std::sync::atomic::AtomicBool,
+        calls: std::sync::Mutex<Vec<(&'static str, Vec<u64>)>>,
+    }
+
+    impl Batches {
+        fn call(&self, how: &'static str, events: &[&Event]) -> anyhow::Result<()> {
+            let ordinals = events.iter().map(|e| e.ordinal).collect();
+            self.calls.lock().unwrap().push((how, ordinals));
+            let fails = events.iter().any(|e| e.ordinal == self.fail_once);
+            if fails && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                anyhow::bail!("refused once");
+            }
+            Ok(())
+        }
+    }
+
+    impl super::super::Operator for Batches {
+        fn name(&self) -> &str {
+            "batches"
+        }
+
+        fn subscriptions(&self) -> Vec<super::super::Subscription> {
+            Vec::new()
+        }
+
+        fn delivery(&self) -> Delivery {
+            Delivery::AtLeastOnce
+        }
+
+        fn at_least_once_batch(&self) -> usize {
+            self.limit
+        }
+
+        async fn handle(&self, event: &Event, _: &mut Context<'_>) -> anyhow::Result<()> {
+            self.call("one", &[event])
+        }
+
+        async fn handle_batch(
+            &self,
+            events: &[Arc<Event>],
+            _: &mut Context<'_>,
+        ) -> anyhow::Result<()> {
+            let events: Vec<&Event> = events.iter().map(|e| &**e).collect();
+            self.call("batch", &events)
+        }
+    }
+
+    /// An operator that delivers at least once gets batches of at most what it asks for;
+    /// a failed batch is handled again one by one, from its first event; one that asks for
+    /// none gets every event alone.
+    #[tokio::test]
+    async fn at_least_once_batches_are_as_large_as_asked_and_fall_back_one_by_one() {
+        for (limit, expected) in [
+            (
+                3,
+                vec![
+                    ("batch", vec![0, 1, 2]),
+                    ("batch", vec![3, 4, 5]),
+                    ("one", vec![3]),
+                    ("one", vec![4]),
+                    ("one", vec![5]),
+                    ("one", vec![6]),
+                ],
+            ),
+            (
+                1,
+                vec![
+                    ("one", vec![0]),
+                    ("one", vec![1]),
+                    ("one", vec![2]),
+                    ("one", vec![3]),
+                    ("one", vec![4]),
+                    ("one", vec![4]),
+                    ("one", vec![5]),
+                    ("one", vec![6]),
+                ],
+            ),
+        ] {
+            let operator = Arc::new(Batches {
+                limit,
+                fail_once: 4,
+                failed: Default::default(),
+                calls: Default::default(),
+            });
+            // Nothing here touches the database: the events succeed by their second try.
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://127.0.0.1:1/unused")
+                .unwrap();
+            let runner = Runner {
+                operator: operator.clone(),
+                retry: RetryConfig {
+                    initial: std::time::Duration::from_millis(1),
+                    max: std::time::Duration::from_millis(1),
+                    ..RetryConfig::default()
+                },
+                ..apply_runner(&pool, 500)
+            };
+            let (tx, rx) = mpsc::channel(16);
+            for ordinal in 0..7 {
+                tx.send(Input::Event(event(ordinal))).await.unwrap();
+            }
+            tx.send(Input::Commit {
+                end_lsn: Lsn(0x200),
+            })
+            .await
+            .unwrap();
+            drop(tx);
+            assert_eq!(runner.run(rx).await, RunnerExit::Drained);
+            let calls = operator.calls.lock().unwrap().clone();
+            assert_eq!(calls, expected, "at_least_once_batch {limit}");
+        }
     }
 
     #[test]

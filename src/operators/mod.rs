@@ -1,12 +1,15 @@
-//! Operators that ship with streamex: the blog example's tallies (which `streamex demo` runs)
-//! and a counting operator (which the benchmarks run). Your own operators live in your own
-//! crate: see `examples/blog-app` and [`crate::operator::Registry`].
+//! Operators that ship with streamex: the blog example's tallies (which `streamex demo` runs),
+//! a counting operator (which the benchmarks run), and [`Webhook`], which posts events to a
+//! URL (`[[operators]] webhook = { .. }`). Your own operators live in your own crate: see
+//! `examples/blog-app` and [`crate::operator::Registry`].
 
 mod count;
 mod tallies;
+mod webhook;
 
 pub use count::{CountEvents, CountSettings};
 pub use tallies::PostCommentTallies;
+pub use webhook::{Webhook, WebhookBuilder, WebhookError};
 
 use crate::config::OperatorConfig;
 use crate::operator::{AnyOperator, Registry};

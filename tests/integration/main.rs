@@ -31,3 +31,4 @@ mod sql_operator;
 mod status;
 mod tail;
 mod types;
+mod webhook;
