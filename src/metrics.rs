@@ -112,6 +112,8 @@ pub struct Metrics {
     phase: AtomicU8,
     /// Shared with the replication stream ([`crate::replication::StreamConfig::stats`]).
     pub stream: Arc<StreamStats>,
+    /// With `[nats]`: the JetStream publisher's figures.
+    pub jetstream: std::sync::OnceLock<Arc<crate::jetstream::PublisherStats>>,
 }
 
 impl Default for Metrics {
@@ -142,6 +144,7 @@ impl Metrics {
             probe: LagProbe::default(),
             phase: AtomicU8::new(Phase::Starting as u8),
             stream: Arc::default(),
+            jetstream: std::sync::OnceLock::new(),
         }
     }
 
@@ -200,6 +203,7 @@ impl Metrics {
             phase: self.phase(),
             streaming: self.stream.is_streaming(),
             reconnects: self.stream.reconnects(),
+            jetstream: self.jetstream.get().map(|j| j.read()),
         }));
         let mut text = String::with_capacity(4096);
         // Writing to a String cannot fail.
@@ -282,6 +286,8 @@ struct Snapshot {
     phase: Phase,
     streaming: bool,
     reconnects: u64,
+    /// `(published, skipped, paused, in flight)`.
+    jetstream: Option<(u64, u64, u64, u64)>,
 }
 
 fn counter(
@@ -412,6 +418,35 @@ impl Collector for Snapshot {
                     u64::try_from(lag).unwrap_or(0),
                 )?;
             }
+        }
+        if let Some((published, skipped, paused, in_flight)) = self.jetstream {
+            for (name, help, value) in [
+                (
+                    "jetstream_published",
+                    "Events JetStream has acknowledged since the pipeline started",
+                    published,
+                ),
+                (
+                    "jetstream_skipped",
+                    "Events not published again because the stream already had them (after a restart)",
+                    skipped,
+                ),
+            ] {
+                let c = ConstCounter::new(value);
+                c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+            }
+            gauge(
+                &mut encoder,
+                "jetstream_paused",
+                "1 while JetStream is unavailable and the pipeline waits for it (nothing is acknowledged)",
+                paused,
+            )?;
+            gauge(
+                &mut encoder,
+                "jetstream_in_flight",
+                "Publications awaiting JetStream's acknowledgement",
+                in_flight,
+            )?;
         }
         let c = ConstCounter::new(self.reconnects);
         c.encode(encoder.encode_descriptor(

@@ -54,6 +54,22 @@ struct Report {
     process_status_backend: &'static str,
     process_status: Vec<EntityLine>,
     dead_letters: Vec<DeadLetterLine>,
+    /// With `[nats]`: the JetStream stream the events go to.
+    jetstream: Option<JetStreamLine>,
+}
+
+#[derive(Debug, Serialize)]
+struct JetStreamLine {
+    stream: String,
+    url: String,
+    /// Why it could not be read, when it could not.
+    error: Option<String>,
+    messages: Option<u64>,
+    bytes: Option<u64>,
+    last_sequence: Option<u64>,
+    /// The position of the event its last message holds.
+    last_position: Option<String>,
+    consumers: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -206,6 +222,10 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             }
         })
         .collect();
+    let jetstream = match &config.nats {
+        Some(nats) => Some(jetstream_line(nats).await),
+        None => None,
+    };
     let report = Report {
         database: params.redacted_url(),
         server,
@@ -236,6 +256,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             .into_iter()
             .map(|(operator, count)| DeadLetterLine { operator, count })
             .collect(),
+        jetstream,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -243,6 +264,47 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
         print!("{}", render(&report, has_schema));
     }
     Ok(())
+}
+
+/// The stream `[nats]` names, as JetStream has it; an error line (not a failure) when it
+/// cannot be read within a few seconds: the rest of the status matters as much.
+async fn jetstream_line(nats: &crate::config::NatsConfig) -> JetStreamLine {
+    use crate::jetstream;
+    let mut line = JetStreamLine {
+        stream: nats.stream.clone(),
+        url: nats.url.clone(),
+        error: None,
+        messages: None,
+        bytes: None,
+        last_sequence: None,
+        last_position: None,
+        consumers: None,
+    };
+    let read = async {
+        let client = jetstream::connect(nats).await?;
+        let context = jetstream::context(client, nats);
+        let info = jetstream::info(&context, &nats.stream).await?;
+        let tip = jetstream::tip(&context, &nats.stream).await?;
+        Ok::<_, jetstream::JetStreamError>((info, tip))
+    };
+    match tokio::time::timeout(nats.timeout.max(std::time::Duration::from_secs(3)), read).await {
+        Ok(Ok((state, tip))) => {
+            line.messages = Some(state.messages);
+            line.bytes = Some(state.bytes);
+            line.last_sequence = Some(state.last_sequence);
+            line.consumers = Some(state.consumer_count);
+            line.last_position = tip.position.map(|p| p.to_string());
+        }
+        Ok(Err(e)) => line.error = Some(e.to_string()),
+        Err(_) => {
+            line.error = Some(format!(
+                "no answer from NATS at {} within {:?} (nats.url)",
+                nats.url,
+                nats.timeout.max(std::time::Duration::from_secs(3))
+            ))
+        }
+    }
+    line
 }
 
 /// Dead letters per operator of `slot`, by name.
@@ -405,6 +467,31 @@ fn render(report: &Report, has_schema: bool) -> String {
              the next `streamex setup` or `run` adopts them for its slot",
             report.unadopted_rows
         );
+    }
+    if let Some(js) = &report.jetstream {
+        match &js.error {
+            Some(error) => {
+                let _ = writeln!(
+                    out,
+                    "jetstream stream {:?} at {}: UNREADABLE: {error}",
+                    js.stream, js.url
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "jetstream stream {:?} at {}: {} messages ({}), last sequence {}, last event \
+                     {}, {} consumers",
+                    js.stream,
+                    js.url,
+                    js.messages.unwrap_or(0),
+                    bytes(i64::try_from(js.bytes.unwrap_or(0)).unwrap_or(i64::MAX)),
+                    js.last_sequence.unwrap_or(0),
+                    js.last_position.as_deref().unwrap_or("none"),
+                    js.consumers.unwrap_or(0)
+                );
+            }
+        }
     }
     let _ = writeln!(out, "operators");
     let label = |o: &OperatorLine| {

@@ -32,6 +32,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 
 pub(crate) use publisher::Publisher;
+pub use publisher::PublisherStats;
 
 use crate::config::{NatsConfig, NatsStorage};
 use crate::event::{Event, EventType};
@@ -291,6 +292,28 @@ fn differences(want: &stream::Config, have: &stream::Config) -> Vec<String> {
 pub(crate) struct Tip {
     pub sequence: u64,
     pub position: Option<Position>,
+}
+
+/// The stream's state (messages, bytes, sequences, consumers).
+pub(crate) async fn info(
+    context: &jetstream::Context,
+    name: &str,
+) -> Result<stream::State, JetStreamError> {
+    let mut stream = match context.get_stream(name).await {
+        Ok(stream) => stream,
+        Err(e) if is_stream_missing(&e) => {
+            return Err(JetStreamError::StreamMissing {
+                stream: name.to_owned(),
+            });
+        }
+        Err(e) => return Err(unavailable(name, e)),
+    };
+    Ok(stream
+        .info()
+        .await
+        .map_err(|e| unavailable(name, e))?
+        .state
+        .clone())
 }
 
 /// Reads the stream's [`Tip`].

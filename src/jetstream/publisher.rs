@@ -42,6 +42,18 @@ pub struct PublisherStats {
     pub in_flight: AtomicU64,
 }
 
+impl PublisherStats {
+    /// `(published, skipped, paused, in flight)` as of now.
+    pub fn read(&self) -> (u64, u64, u64, u64) {
+        (
+            self.published.load(Ordering::Relaxed),
+            self.skipped.load(Ordering::Relaxed),
+            self.paused.load(Ordering::Relaxed),
+            self.in_flight.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// The connected publisher, ready to run in each pipeline run.
 pub(crate) struct Publisher {
     context: jetstream::Context,
@@ -130,6 +142,7 @@ impl Publisher {
                         run.window.pop_front();
                         run.in_flight -= 1;
                         self.stats.published.fetch_add(1, Ordering::Relaxed);
+                        board.count(index, 1);
                         if ack.duplicate {
                             // The stream had it (its Nats-Msg-Id, within the duplicate
                             // window): it did not grow, so what follows expected wrong.

@@ -311,6 +311,9 @@ impl<S: ProcessStatusStorage + Clone> Service<S> {
         engine.params = Some(params.clone());
         engine.default_schema = config.default_schema.clone();
         engine.timestamp_field = config.process_status.timestamp_field.clone();
+        if let Some(publisher) = &publisher {
+            let _ = engine.metrics.jetstream.set(publisher.stats.clone());
+        }
         engine.publisher = publisher;
         for (entity, e) in &config.entities {
             // Checked when the configuration was read.

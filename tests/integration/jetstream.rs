@@ -227,7 +227,7 @@ async fn every_change_reaches_jetstream_once_in_order_across_kills_of_streamex_a
 
 #[tokio::test]
 async fn setup_creates_the_stream_and_refuses_one_with_other_settings() -> anyhow::Result<()> {
-    let nats = NatsServer::start()?;
+    let mut nats = NatsServer::start()?;
     let url = testing::server().create_database().await?;
     let pool = PgPool::connect(&url).await?;
     sqlx::raw_sql(BLOG).execute(&pool).await?;
@@ -251,6 +251,23 @@ async fn setup_creates_the_stream_and_refuses_one_with_other_settings() -> anyho
     assert_eq!(info.subjects, ["blog.>"]);
     assert_eq!(info.duplicate_window, Duration::from_secs(120));
 
+    let status = |config: &std::path::Path| -> anyhow::Result<String> {
+        let out = common::streamex_command("warn")
+            .args(["status", "--config"])
+            .arg(config)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "{out:?}");
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let shown = status(&config)?;
+    assert!(
+        shown.contains(&format!(
+            "jetstream stream \"blog\" at {}: 0 messages (0 B), last sequence 0, last event none",
+            nats.url()
+        )),
+        "{shown}"
+    );
+
     // The same stream asked for with another window and storage: refused, naming both.
     std::fs::write(
         &config,
@@ -272,5 +289,14 @@ async fn setup_creates_the_stream_and_refuses_one_with_other_settings() -> anyho
             && stderr.contains("nats stream edit blog"),
         "{stderr}"
     );
+
+    // With the server gone, status still answers, and says so.
+    nats.kill()?;
+    let shown = status(&config)?;
+    assert!(
+        shown.contains("jetstream stream \"blog\"") && shown.contains("UNREADABLE"),
+        "{shown}"
+    );
+    assert!(shown.contains("operators"), "{shown}");
     Ok(())
 }
