@@ -13,8 +13,11 @@
 //!    (a) `pg_recvlogical` to /dev/null, the walsender's own limit; (b) `streamex tail`;
 //!    (c) `streamex run` with only `count_events` and in-memory process status; (d) `streamex
 //!    run` with `config/streamex.toml` (the two blog operators, process status in PostgreSQL);
-//!    (e) (d) with `one_event_per_transaction = true`. After (d) and (e) the derived tables are
-//!    compared with what posts and comments say they should be.
+//!    (e) (d) with `one_event_per_transaction = true`; (f) `streamex run` with no operator and
+//!    `[nats]`: every event published to JetStream (a private `nats-server -js`, file store,
+//!    left out without a nats-server), the slot acknowledged through what JetStream has
+//!    acknowledged. After (d) and (e) the derived tables are compared with what posts and
+//!    comments say they should be, after (f) the stream's message count with the backlog's.
 //! 2. **Latency.** Writer tasks insert single-row comments at `--rate` transactions/s for
 //!    `--latency-seconds`, while the service runs in-process (`streamex::Service`).
 //!    For each commit: *delivered* = wall clock when an extra non-transactional recording
@@ -239,11 +242,24 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     let machine = machine(&pool).await?;
     eprintln!("{machine}");
 
-    let all = ["a", "b", "c", "d", "e"];
+    // (f) needs a nats-server: without one it is left out (and said so).
+    let nats_binary = nats_server_binary();
+    let all: Vec<&str> = ["a", "b", "c", "d", "e", "f"]
+        .into_iter()
+        .filter(|c| *c != "f" || nats_binary.is_some())
+        .collect();
+    if nats_binary.is_none() {
+        eprintln!("no nats-server on this machine: (f), the JetStream publisher, is left out");
+    }
     let only: Vec<&str> = match &args.only {
         Some(list) if list == "none" => Vec::new(),
         Some(list) => list.split(',').collect(),
-        None => all.to_vec(),
+        None => all.clone(),
+    };
+    let nats = match (only.contains(&"f"), &nats_binary) {
+        (true, Some(binary)) => Some(NatsServer::start(binary)?),
+        (true, None) => bail!("--only f: no nats-server (install Debian's nats-server)"),
+        _ => None,
     };
     for c in &only {
         create_slot(&pool, &format!("bench_{c}")).await?;
@@ -268,7 +284,7 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     };
 
     let dir = tempfile::tempdir()?;
-    let configs = write_configs(dir.path(), &url)?;
+    let configs = write_configs(dir.path(), &url, nats.as_ref().map(|n| n.port))?;
     let mut drains = Vec::new();
     let mut checks = Vec::new();
     for c in only.iter().copied() {
@@ -284,11 +300,15 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
                     .args(["--publication", "streamex"]);
                 ("(b) streamex tail -> /dev/null", cmd)
             }
-            "c" | "d" | "e" => {
+            "c" | "d" | "e" | "f" => {
                 reset_derived(&pool).await?;
                 let (config, label) = match c {
                     "c" => (&configs.count, "(c) run: count_events, memory status"),
                     "d" => (&configs.blog, "(d) run: blog operators, pg status"),
+                    "f" => (
+                        &configs.jetstream,
+                        "(f) run: JetStream publisher only, memory status",
+                    ),
                     _ => (&configs.blog_one, "(e) (d), one event per transaction"),
                 };
                 let mut cmd = streamex_command(&args.wrap);
@@ -299,7 +319,7 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
                     .env("STREAMEX_SLOT", &slot);
                 (label, cmd)
             }
-            other => bail!("--only: unknown consumer {other:?} (a, b, c, d or e)"),
+            other => bail!("--only: unknown consumer {other:?} (a, b, c, d, e or f)"),
         };
         command.stdout(Stdio::null());
         command.stderr(std::fs::File::create(dir.path().join(format!("{c}.log")))?);
@@ -310,6 +330,9 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         drains.push(d);
         if c == "d" || c == "e" {
             checks.push(check_derived(&pool, label).await?);
+        }
+        if let (Some(nats), "f") = (&nats, c) {
+            checks.push(nats.check(label, changes).await?);
         }
         let log = std::fs::read_to_string(dir.path().join(format!("{c}.log")))?;
         if log.contains("ERROR") || log.contains("panicked") {
@@ -717,10 +740,74 @@ struct Configs {
     count: PathBuf,
     blog: PathBuf,
     blog_one: PathBuf,
+    /// No operator, memory status, `[nats]` (when a server runs).
+    jetstream: PathBuf,
     count_text: String,
 }
 
-fn write_configs(dir: &Path, url: &str) -> anyhow::Result<Configs> {
+/// `nats-server` on the PATH, else Debian's `/usr/sbin/nats-server`.
+fn nats_server_binary() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("nats-server"))
+        .chain([PathBuf::from("/usr/sbin/nats-server")])
+        .find(|p| p.is_file())
+}
+
+/// A private `nats-server -js` on a free port with a temporary file store, for (f).
+struct NatsServer {
+    port: u16,
+    child: std::process::Child,
+    _store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    fn start(binary: &Path) -> anyhow::Result<NatsServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let store = tempfile::tempdir()?;
+        let child = Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nats-server")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(NatsServer {
+            port,
+            child,
+            _store: store,
+        })
+    }
+
+    /// Whether the stream holds the backlog's events, once each.
+    async fn check(&self, label: &str, changes: u64) -> anyhow::Result<String> {
+        let client = async_nats::connect(format!("nats://127.0.0.1:{}", self.port)).await?;
+        let js = async_nats::jetstream::new(client);
+        let messages = js.get_stream("bench").await?.info().await?.state.messages;
+        Ok(if messages == changes {
+            format!("{label}: JetStream holds the {messages} events, once each")
+        } else {
+            format!("**WARNING** {label}: JetStream holds {messages} events for {changes} changes")
+        })
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_configs(dir: &Path, url: &str, nats_port: Option<u16>) -> anyhow::Result<Configs> {
     let count_text = format!(
         "database_url = {url:?}\nslot = \"bench\"\npublication = \"streamex\"\n\
          tables = [\"posts\", \"comments\"]\n\n[process_status]\nbackend = \"memory\"\n\n\
@@ -743,12 +830,20 @@ fn write_configs(dir: &Path, url: &str) -> anyhow::Result<Configs> {
     if blog_one.matches("one_event_per_transaction = true").count() != 2 {
         bail!("config/streamex.toml changed: could not set one_event_per_transaction");
     }
+    let jetstream_text = format!(
+        "database_url = {url:?}\nslot = \"bench\"\npublication = \"streamex\"\n\
+         tables = [\"posts\", \"comments\"]\n\n[process_status]\nbackend = \"memory\"\n\n\
+         [nats]\nurl = \"nats://127.0.0.1:{}\"\nstream = \"bench\"\nsubject_prefix = \"bench\"\n",
+        nats_port.unwrap_or(4222)
+    );
     let configs = Configs {
         count: dir.join("count.toml"),
         blog: dir.join("blog.toml"),
         blog_one: dir.join("blog_one.toml"),
+        jetstream: dir.join("jetstream.toml"),
         count_text,
     };
+    std::fs::write(&configs.jetstream, jetstream_text)?;
     std::fs::write(&configs.count, &configs.count_text)?;
     std::fs::write(&configs.blog, blog)?;
     std::fs::write(&configs.blog_one, blog_one)?;

@@ -46,6 +46,10 @@ pub const ENTITY_HEADER: &str = "Streamex-Entity";
 /// position).
 pub const COMMIT_HEADER: &str = "Streamex-Commit-Lsn";
 
+/// The header that names where the event comes from: `<database>/<slot>`. The stream's
+/// last message must come from the same place, or its position means nothing here.
+pub const SOURCE_HEADER: &str = "Streamex-Source";
+
 /// What went wrong between streamex and JetStream. Each message names the server or the
 /// stream, and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,19 @@ pub enum JetStreamError {
     Conflict {
         stream: String,
         differences: Vec<String>,
+    },
+    /// The stream's last message was published from another database or slot.
+    #[error(
+        "JetStream stream {stream:?}: its last message (sequence {sequence}) holds events of \
+         {theirs}, not of {ours} (database/slot): its positions mean nothing for this slot, so \
+         streamex does not go on after them; give nats.stream a stream of its own for each \
+         database and slot"
+    )]
+    OtherSource {
+        stream: String,
+        sequence: u64,
+        theirs: String,
+        ours: String,
     },
     /// The stream's last message is not one streamex published.
     #[error(
@@ -316,8 +333,13 @@ pub(crate) async fn info(
         .clone())
 }
 
-/// Reads the stream's [`Tip`].
-pub(crate) async fn tip(context: &jetstream::Context, name: &str) -> Result<Tip, JetStreamError> {
+/// Reads the stream's [`Tip`]; `source` is this publisher's `<database>/<slot>`, which the
+/// last message must hold (when it says).
+pub(crate) async fn tip(
+    context: &jetstream::Context,
+    name: &str,
+    source: Option<&str>,
+) -> Result<Tip, JetStreamError> {
     let mut stream = match context.get_stream(name).await {
         Ok(stream) => stream,
         Err(e) if is_stream_missing(&e) => {
@@ -349,6 +371,17 @@ pub(crate) async fn tip(context: &jetstream::Context, name: &str) -> Result<Tip,
         }
         Err(e) => return Err(unavailable(name, e)),
     };
+    let theirs = message.headers.get(SOURCE_HEADER).map(|v| v.as_str());
+    if let (Some(ours), Some(theirs)) = (source, theirs)
+        && ours != theirs
+    {
+        return Err(JetStreamError::OtherSource {
+            stream: name.to_owned(),
+            sequence,
+            theirs: theirs.to_owned(),
+            ours: ours.to_owned(),
+        });
+    }
     let position = message
         .headers
         .get(async_nats::header::NATS_MESSAGE_ID)

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{COMMIT_HEADER, ENTITY_HEADER, RETRY, TYPE_HEADER};
+use super::{COMMIT_HEADER, ENTITY_HEADER, RETRY, SOURCE_HEADER, TYPE_HEADER};
 use crate::config::NatsConfig;
 use crate::event::Event;
 use crate::lsn::{Lsn, Position};
@@ -58,6 +58,8 @@ impl PublisherStats {
 pub(crate) struct Publisher {
     context: jetstream::Context,
     config: NatsConfig,
+    /// `<database>/<slot>`, in every message's `Streamex-Source`.
+    source: String,
     pub stats: Arc<PublisherStats>,
 }
 
@@ -79,10 +81,11 @@ enum Entry {
 }
 
 impl Publisher {
-    pub(crate) fn new(context: jetstream::Context, config: NatsConfig) -> Self {
+    pub(crate) fn new(context: jetstream::Context, config: NatsConfig, source: String) -> Self {
         Publisher {
             context,
             config,
+            source,
             stats: Arc::default(),
         }
     }
@@ -193,6 +196,7 @@ impl Publisher {
         headers.insert(TYPE_HEADER, event.kind.as_str());
         headers.insert(ENTITY_HEADER, &*event.entity);
         headers.insert(COMMIT_HEADER, event.commit_lsn.to_string().as_str());
+        headers.insert(SOURCE_HEADER, self.source.as_str());
         // Serialising an event (a map of JSON values) cannot fail.
         let payload = serde_json::to_vec(event).unwrap_or_default();
         Publication {
@@ -256,7 +260,12 @@ impl Run<'_> {
                 }
             }
             let publisher = self.publisher;
-            let tip = match super::tip(&publisher.context, &publisher.config.stream).await {
+            let tip = super::tip(
+                &publisher.context,
+                &publisher.config.stream,
+                Some(&publisher.source),
+            );
+            let tip = match tip.await {
                 Ok(tip) => tip,
                 Err(error) => {
                     failures += 1;

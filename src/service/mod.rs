@@ -236,7 +236,10 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
             .await
             .map_err(ServiceError::Setup)?;
         let publisher = match &config.nats {
-            Some(nats) => Some(Arc::new(prepare::jetstream(nats, &shutdown).await?)),
+            Some(nats) => {
+                let source = format!("{}/{}", params.dbname, config.slot);
+                Some(Arc::new(prepare::jetstream(nats, source, &shutdown).await?))
+            }
             None => None,
         };
         let status = (self.status)(&config, &pool);

@@ -201,6 +201,7 @@ pub(super) async fn check_operators(
 /// differ), retrying while the server does not answer, until `shutdown`.
 pub(super) async fn jetstream(
     nats: &crate::config::NatsConfig,
+    source: String,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<crate::jetstream::Publisher, super::ServiceError> {
     use crate::jetstream;
@@ -215,7 +216,7 @@ pub(super) async fn jetstream(
                 if created {
                     info!(stream = %nats.stream, subjects = %format!("{}.>", nats.subject_prefix), "created the JetStream stream");
                 }
-                return Ok(jetstream::Publisher::new(context, nats.clone()));
+                return Ok(jetstream::Publisher::new(context, nats.clone(), source));
             }
             Err(e) if e.is_transient() => {
                 let wait = backoff.next().unwrap_or(backoff.max);

@@ -300,3 +300,69 @@ async fn setup_creates_the_stream_and_refuses_one_with_other_settings() -> anyho
     assert!(shown.contains("operators"), "{shown}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stream_that_holds_another_slots_events_pauses_the_pipeline_and_says_why()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let dir = tempfile::tempdir()?;
+    let mut databases = Vec::new();
+    for name in ["first", "second"] {
+        let url = testing::server().create_database().await?;
+        let pool = PgPool::connect(&url).await?;
+        sqlx::raw_sql(BLOG).execute(&pool).await?;
+        let config = dir.path().join(format!("{name}.toml"));
+        // Only the publisher: the same stream for both.
+        let text = format!(
+            "database_url = {url:?}\nslot = {:?}\ntables = [\"posts\", \"comments\"]\n\
+             [nats]\nurl = {:?}\nstream = \"blog\"\nsubject_prefix = \"blog\"\n",
+            slot_for(&url),
+            nats.url()
+        );
+        std::fs::write(&config, text)?;
+        common::setup_service(&config)?;
+        databases.push((url, pool, config, dir.path().join(format!("{name}.log"))));
+    }
+    let (_, first_pool, first_config, first_log) = &databases[0];
+    let mut first = spawn_service(first_config, first_log, "info")?;
+    sqlx::query("INSERT INTO posts (title) VALUES ('from the first')")
+        .execute(first_pool)
+        .await?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    eventually("the first database's post is in the stream", async || {
+        Ok(js.get_stream("blog").await?.info().await?.state.messages >= 1)
+    })
+    .await?;
+    first.kill()?;
+    first.wait()?;
+
+    let (second_url, second_pool, second_config, second_log) = &databases[1];
+    let mut second = spawn_service(second_config, second_log, "info")?;
+    sqlx::query("INSERT INTO posts (title) VALUES ('from the second')")
+        .execute(second_pool)
+        .await?;
+    let wanted = "holds events of";
+    eventually("the second instance says why it waits", async || {
+        Ok(std::fs::read_to_string(second_log)?.contains(wanted))
+    })
+    .await?;
+    second.kill()?;
+    second.wait()?;
+    let log = std::fs::read_to_string(second_log)?;
+    let first_db = slot_for(&databases[0].0);
+    assert!(
+        log.contains(&format!("{first_db}/{first_db}")) && log.contains("a stream of its own"),
+        "{log}"
+    );
+    // Nothing of the second database was published or acknowledged past its post.
+    assert_eq!(js.get_stream("blog").await?.info().await?.state.messages, 1);
+    let (unconfirmed,): (bool,) = sqlx::query_as(
+        "SELECT confirmed_flush_lsn < pg_current_wal_lsn() FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot_for(second_url))
+    .fetch_one(second_pool)
+    .await?;
+    assert!(unconfirmed);
+    Ok(())
+}
