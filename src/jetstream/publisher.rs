@@ -194,7 +194,9 @@ impl Publisher {
         );
         headers.insert("Content-Type", "application/json");
         headers.insert(TYPE_HEADER, event.kind.as_str());
-        headers.insert(ENTITY_HEADER, &*event.entity);
+        // A header value must not hold a line break (a quoted table name may).
+        let entity = event.entity.replace('\r', "%0D").replace('\n', "%0A");
+        headers.insert(ENTITY_HEADER, entity.as_str());
         headers.insert(COMMIT_HEADER, event.commit_lsn.to_string().as_str());
         headers.insert(SOURCE_HEADER, self.source.as_str());
         // Serialising an event (a map of JSON values) cannot fail.
@@ -234,10 +236,7 @@ impl Run<'_> {
                 true
             }
             Err(error) => {
-                warn!(
-                    stream = %self.publisher.config.stream, error = %error,
-                    "publishing to JetStream failed; trying again"
-                );
+                refused(&self.publisher.config.stream, &publication, &error);
                 self.window.push_back(Entry::Publication(publication, None));
                 false
             }
@@ -321,7 +320,7 @@ impl Run<'_> {
                         *ack = Some(future);
                     }
                     Err(error) => {
-                        warn!(%stream, error = %error, "publishing to JetStream failed; trying again");
+                        refused(stream, p, &error);
                         sent_all = false;
                     }
                 }
@@ -335,6 +334,20 @@ impl Run<'_> {
                 _ = shutdown.cancelled() => return false,
             }
         }
+    }
+}
+
+/// Logs why `publication` could not be sent, with the fix when someone must act.
+fn refused(stream: &str, publication: &Publication, error: &PublishError) {
+    use async_nats::jetstream::context::PublishErrorKind;
+    if error.kind() == PublishErrorKind::MaxPayloadExceeded {
+        warn!(
+            %stream, position = %publication.position, bytes = publication.payload.len(),
+            "an event is larger than the NATS server's max_payload: the pipeline waits on it; \
+             raise max_payload in nats-server's configuration (up to 64 MB) and it goes on"
+        );
+    } else {
+        warn!(%stream, error = %error, "publishing to JetStream failed; trying again");
     }
 }
 

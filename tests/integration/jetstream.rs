@@ -366,3 +366,81 @@ async fn a_stream_that_holds_another_slots_events_pauses_the_pipeline_and_says_w
     assert!(unconfirmed);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_event_over_max_payload_waits_with_the_fix_and_goes_on_once_it_fits()
+-> anyhow::Result<()> {
+    let mut nats = NatsServer::start_with(Some(8192))?;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("streamex.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = {url:?}\nslot = {:?}\ntables = [\"posts\", \"comments\"]\n\
+             [nats]\nurl = {:?}\nstream = \"blog\"\nsubject_prefix = \"blog\"\n",
+            slot_for(&url),
+            nats.url()
+        ),
+    )?;
+    common::setup_service(&config)?;
+    let log = dir.path().join("streamex.log");
+    let mut service = spawn_service(&config, &log, "info")?;
+    sqlx::query("INSERT INTO posts (title) VALUES ('small')")
+        .execute(&pool)
+        .await?;
+    sqlx::query("INSERT INTO posts (title, body) VALUES ('large', repeat('x', 20000))")
+        .execute(&pool)
+        .await?;
+    sqlx::query("INSERT INTO posts (title) VALUES ('after')")
+        .execute(&pool)
+        .await?;
+    let named = eventually("the log names max_payload", async || {
+        Ok(std::fs::read_to_string(&log)?.contains("raise max_payload"))
+    })
+    .await;
+    if let Err(e) = named {
+        anyhow::bail!("{e}:\n{}", std::fs::read_to_string(&log)?);
+    }
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    assert_eq!(js.get_stream("blog").await?.info().await?.state.messages, 1);
+    // The slot waits before the large post.
+    let (waiting,): (bool,) = sqlx::query_as(
+        "SELECT confirmed_flush_lsn < pg_current_wal_lsn() FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot_for(&url))
+    .fetch_one(&pool)
+    .await?;
+    assert!(waiting);
+
+    nats.restart_with(None)?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    eventually(
+        "the large post and the one after it are in the stream",
+        async || Ok(js.get_stream("blog").await?.info().await?.state.messages >= 3),
+    )
+    .await?;
+    let titles: Vec<String> = {
+        let stream = js.get_stream("blog").await?;
+        let mut titles = Vec::new();
+        for sequence in 1..=3 {
+            let message = stream.get_raw_message(sequence).await?;
+            let event: serde_json::Value = serde_json::from_slice(&message.payload)?;
+            titles.push(
+                event["new_record"]["title"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        titles
+    };
+    assert_eq!(titles, ["small", "large", "after"]);
+    service.kill()?;
+    service.wait()?;
+    Ok(())
+}

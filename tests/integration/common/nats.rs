@@ -26,15 +26,23 @@ pub struct NatsServer {
     pub port: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
+    /// The server's `max_payload`, when not its default (1 MB).
+    max_payload: Option<u32>,
 }
 
 impl NatsServer {
     pub fn start() -> anyhow::Result<NatsServer> {
+        Self::start_with(None)
+    }
+
+    /// With `max_payload` bytes at most per message.
+    pub fn start_with(max_payload: Option<u32>) -> anyhow::Result<NatsServer> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut server = NatsServer {
             port,
             store: tempfile::tempdir()?,
             child: None,
+            max_payload,
         };
         server.spawn()?;
         Ok(server)
@@ -49,6 +57,12 @@ impl NatsServer {
             .create(true)
             .append(true)
             .open(self.store.path().join("server.log"))?;
+        let config = self.store.path().join("server.conf");
+        let limit = self
+            .max_payload
+            .map(|n| format!("max_payload: {n}\n"))
+            .unwrap_or_default();
+        std::fs::write(&config, limit)?;
         let child = Command::new(binary())
             .args([
                 "-js",
@@ -59,6 +73,8 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(self.store.path())
+            .arg("-c")
+            .arg(&config)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -94,6 +110,12 @@ impl NatsServer {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill()?;
         self.spawn()
+    }
+
+    /// Starts it again with another `max_payload`.
+    pub fn restart_with(&mut self, max_payload: Option<u32>) -> anyhow::Result<()> {
+        self.max_payload = max_payload;
+        self.restart()
     }
 }
 
