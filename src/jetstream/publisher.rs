@@ -65,11 +65,14 @@ pub(crate) struct Publisher {
 
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
-/// One event to publish, ready to be sent (again).
+/// One event to publish, ready to be sent (again). Its headers are made at each send
+/// (sending consumes them), from what is kept here.
 struct Publication {
     position: Position,
     subject: String,
-    headers: HeaderMap,
+    kind: &'static str,
+    /// The entity, with any line break escaped (a header value cannot hold one).
+    entity: Arc<str>,
     payload: Bytes,
 }
 
@@ -186,25 +189,23 @@ impl Publisher {
 
     /// `event` as a publication: its JSON (as `streamex tail` prints it) on its subject.
     fn publication(&self, event: &Event) -> Publication {
-        let position = event.position();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            position.to_string().as_str(),
-        );
-        headers.insert("Content-Type", "application/json");
-        headers.insert(TYPE_HEADER, event.kind.as_str());
-        // A header value must not hold a line break (a quoted table name may).
-        let entity = event.entity.replace('\r', "%0D").replace('\n', "%0A");
-        headers.insert(ENTITY_HEADER, entity.as_str());
-        headers.insert(COMMIT_HEADER, event.commit_lsn.to_string().as_str());
-        headers.insert(SOURCE_HEADER, self.source.as_str());
+        // A quoted table name may hold a line break, which would end the header.
+        let entity = if event.entity.contains(['\r', '\n']) {
+            event
+                .entity
+                .replace('\r', "%0D")
+                .replace('\n', "%0A")
+                .into()
+        } else {
+            event.entity.clone()
+        };
         // Serialising an event (a map of JSON values) cannot fail.
         let payload = serde_json::to_vec(event).unwrap_or_default();
         Publication {
-            position,
+            position: event.position(),
             subject: super::subject(&self.config.subject_prefix, event),
-            headers,
+            kind: event.kind.as_str(),
+            entity,
             payload: payload.into(),
         }
     }
@@ -228,7 +229,14 @@ impl Run<'_> {
     /// False when it could not be sent (it is queued to be sent again).
     async fn send(&mut self, publication: Publication) -> bool {
         self.in_flight += 1;
-        match send(&self.publisher.context, &publication, self.next_sequence).await {
+        match send(
+            &self.publisher.context,
+            &self.publisher.source,
+            &publication,
+            self.next_sequence,
+        )
+        .await
+        {
             Ok(ack) => {
                 self.next_sequence += 1;
                 self.window
@@ -314,7 +322,14 @@ impl Run<'_> {
                 if !sent_all {
                     continue;
                 }
-                match send(&self.publisher.context, p, self.next_sequence).await {
+                match send(
+                    &self.publisher.context,
+                    &self.publisher.source,
+                    p,
+                    self.next_sequence,
+                )
+                .await
+                {
                     Ok(future) => {
                         self.next_sequence += 1;
                         *ack = Some(future);
@@ -354,14 +369,25 @@ fn refused(stream: &str, publication: &Publication, error: &PublishError) {
 /// Sends `publication`, to follow stream sequence `after`.
 async fn send(
     context: &jetstream::Context,
+    source: &str,
     publication: &Publication,
     after: u64,
 ) -> Result<AckFuture, PublishError> {
-    let mut headers = publication.headers.clone();
+    let p = publication;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        p.position.to_string().as_str(),
+    );
     headers.insert(
         async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
         after.to_string().as_str(),
     );
+    headers.insert("Content-Type", "application/json");
+    headers.insert(TYPE_HEADER, p.kind);
+    headers.insert(ENTITY_HEADER, &*p.entity);
+    headers.insert(COMMIT_HEADER, p.position.commit_lsn.to_string().as_str());
+    headers.insert(SOURCE_HEADER, source);
     let message = jetstream::message::PublishMessage::build()
         .payload(publication.payload.clone())
         .headers(headers);
