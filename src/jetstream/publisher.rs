@@ -9,17 +9,22 @@
 //!   front PubAck ok ─► pop; commits now at the front ─► Board::advance
 //!   a failure ─► read the stream's tip (retrying) ─► drop what it has ─► publish the rest again
 //! ```
+//!
+//! Publications are plain NATS publishes whose reply subject is `<inbox>.<id>`, one wildcard
+//! subscription taking every PubAck: no request, oneshot or timer per publication (the
+//! client's request path cost more than the rest of the publisher together). A publication
+//! whose PubAck does not come within `nats.timeout` is a failure like a refused one.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishError, publish::PublishAck};
+use async_nats::jetstream;
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -56,14 +61,13 @@ impl PublisherStats {
 
 /// The connected publisher, ready to run in each pipeline run.
 pub(crate) struct Publisher {
+    client: async_nats::Client,
     context: jetstream::Context,
     config: NatsConfig,
     /// `<database>/<slot>`, in every message's `Streamex-Source`.
     source: String,
     pub stats: Arc<PublisherStats>,
 }
-
-type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
 /// One event to publish, ready to be sent (again). Its headers are made at each send
 /// (sending consumes them), from what is kept here.
@@ -77,16 +81,17 @@ struct Publication {
 }
 
 enum Entry {
-    /// Sent, with its acknowledgement to come (`None`: to be sent again).
-    Publication(Publication, Option<AckFuture>),
+    /// Sent as reply id `Some(id)`, its acknowledgement to come (`None`: to be sent again).
+    Publication(Publication, Option<u64>),
     /// Every publication before it belongs to commits up to here.
     Commit(Lsn),
 }
 
 impl Publisher {
-    pub(crate) fn new(context: jetstream::Context, config: NatsConfig, source: String) -> Self {
+    pub(crate) fn new(client: async_nats::Client, config: NatsConfig, source: String) -> Self {
         Publisher {
-            context,
+            context: super::context(client.clone(), &config),
+            client,
             config,
             source,
             stats: Arc::default(),
@@ -108,12 +113,29 @@ impl Publisher {
         mut inbox: mpsc::Receiver<Input>,
         shutdown: CancellationToken,
     ) {
+        let replies = self.client.new_inbox();
+        // The client subscribes again by itself after a reconnection.
+        let mut acks = loop {
+            match self.client.subscribe(format!("{replies}.*")).await {
+                Ok(acks) => break acks,
+                Err(error) => {
+                    warn!(stream = %self.config.stream, error = %error, "subscribing to JetStream's acknowledgements failed; trying again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY.max) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        };
         let mut run = Run {
             publisher: &self,
             window: VecDeque::new(),
             in_flight: 0,
             next_sequence: 0,
             skip_through: None,
+            replies: replies.clone(),
+            next_id: 0,
+            deadline: None,
         };
         if !run.resync(&shutdown).await {
             return;
@@ -139,32 +161,44 @@ impl Publisher {
             if !open && run.window.is_empty() {
                 return;
             }
-            let waiting_ack = matches!(run.window.front(), Some(Entry::Publication(_, Some(_))));
+            let deadline = run.deadline;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                acked = front_ack(&mut run.window), if waiting_ack => match acked {
-                    Ok(ack) => {
-                        run.window.pop_front();
-                        run.in_flight -= 1;
-                        self.stats.published.fetch_add(1, Ordering::Relaxed);
-                        board.count(index, 1);
-                        if ack.duplicate {
-                            // The stream had it (its Nats-Msg-Id, within the duplicate
-                            // window): it did not grow, so what follows expected wrong.
+                ack = acks.next() => {
+                    let Some(ack) = ack else {
+                        warn!(stream = %self.config.stream, "the subscription to JetStream's acknowledgements ended; subscribing again");
+                        if let Ok(again) = self.client.subscribe(format!("{replies}.*")).await {
+                            acks = again;
+                        }
+                        broken = true;
+                        continue;
+                    };
+                    match run.acknowledged(&ack) {
+                        Ok(true) => {
+                            self.stats.published.fetch_add(1, Ordering::Relaxed);
+                            board.count(index, 1);
+                        }
+                        Ok(false) => {}
+                        Err(why) => {
+                            warn!(
+                                stream = %self.config.stream, error = %why,
+                                "JetStream did not take a publication; reading where the stream \
+                                 ends, then publishing again from there (nothing is acknowledged \
+                                 to PostgreSQL meanwhile)"
+                            );
                             broken = true;
                         }
                     }
-                    Err(error) => {
-                        warn!(
-                            stream = %self.config.stream, error = %error,
-                            "JetStream did not acknowledge a publication; reading where the \
-                             stream ends, then publishing again from there (nothing is \
-                             acknowledged to PostgreSQL meanwhile)"
-                        );
-                        broken = true;
-                    }
-                },
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    warn!(
+                        stream = %self.config.stream, timeout = ?self.config.timeout,
+                        "no acknowledgement from JetStream within nats.timeout; reading where \
+                         the stream ends, then publishing again from there"
+                    );
+                    broken = true;
+                }
                 input = inbox.recv(), if open && run.in_flight < max => match input {
                     None => open = false,
                     Some(Input::Commit { end_lsn }) => match run.window.back_mut() {
@@ -222,6 +256,31 @@ struct Run<'a> {
     /// The position of the last event the stream had when its tip was last read: events up
     /// to it that come (again, after a restart) are skipped.
     skip_through: Option<Position>,
+    /// The prefix of the reply subjects: `<replies>.<id>`.
+    replies: String,
+    /// The id of the next publication sent (ids only grow, so a late PubAck of a
+    /// publication sent before a resync is told apart).
+    next_id: u64,
+    /// When the front publication's PubAck is due.
+    deadline: Option<Instant>,
+}
+
+/// A PubAck, or JetStream's refusal.
+#[derive(serde::Deserialize)]
+struct PubAck {
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    duplicate: bool,
+    error: Option<PubAckError>,
+}
+
+#[derive(serde::Deserialize)]
+struct PubAckError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
 }
 
 impl Run<'_> {
@@ -229,26 +288,94 @@ impl Run<'_> {
     /// False when it could not be sent (it is queued to be sent again).
     async fn send(&mut self, publication: Publication) -> bool {
         self.in_flight += 1;
+        let id = self.next_id;
+        self.next_id += 1;
+        let reply = format!("{}.{id}", self.replies);
+        let publisher = self.publisher;
         match send(
-            &self.publisher.context,
-            &self.publisher.source,
+            &publisher.client,
+            &publisher.source,
             &publication,
+            reply,
             self.next_sequence,
         )
         .await
         {
-            Ok(ack) => {
+            Ok(()) => {
                 self.next_sequence += 1;
                 self.window
-                    .push_back(Entry::Publication(publication, Some(ack)));
+                    .push_back(Entry::Publication(publication, Some(id)));
+                if self.deadline.is_none() {
+                    self.deadline = Some(Instant::now() + publisher.config.timeout);
+                }
                 true
             }
             Err(error) => {
-                refused(&self.publisher.config.stream, &publication, &error);
+                refused(&publisher.config.stream, &publication, &error);
                 self.window.push_back(Entry::Publication(publication, None));
                 false
             }
         }
+    }
+
+    /// Takes in a reply: true when it acknowledges the front publication (popped), false
+    /// when it is a late one (of a publication sent before a resync), an error when
+    /// JetStream refused the front publication (or answered out of order).
+    fn acknowledged(&mut self, reply: &async_nats::Message) -> Result<bool, String> {
+        let Some(id) = reply
+            .subject
+            .rsplit_once('.')
+            .and_then(|(_, id)| id.parse::<u64>().ok())
+        else {
+            return Ok(false);
+        };
+        let front = self.window.iter().find_map(|e| match e {
+            Entry::Publication(_, Some(id)) => Some(*id),
+            _ => None,
+        });
+        let Some(front) = front else {
+            return Ok(false);
+        };
+        if id < front {
+            return Ok(false);
+        }
+        if id > front {
+            return Err(format!(
+                "JetStream answered publication {id} before {front}"
+            ));
+        }
+        if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            return Err("no stream takes the subject (no responders)".to_owned());
+        }
+        let ack: PubAck = serde_json::from_slice(&reply.payload)
+            .map_err(|e| format!("an acknowledgement that does not parse: {e}"))?;
+        if let Some(error) = ack.error {
+            return Err(format!(
+                "{} (JetStream error {})",
+                error.description, error.err_code
+            ));
+        }
+        // Only publications are waiting before the front one's commit markers.
+        let position = match self.window.front() {
+            Some(Entry::Publication(p, Some(_))) => p.position,
+            _ => return Err("the acknowledged publication is not at the front".to_owned()),
+        };
+        self.window.pop_front();
+        self.in_flight -= 1;
+        self.deadline = self
+            .window
+            .iter()
+            .any(|e| matches!(e, Entry::Publication(_, Some(_))))
+            .then(|| Instant::now() + self.publisher.config.timeout);
+        if ack.duplicate {
+            // The stream had it (its Nats-Msg-Id, within the duplicate window): it did not
+            // grow, so what was sent after it expected the wrong sequence.
+            return Err(format!(
+                "JetStream had {position} already (a duplicate of sequence {})",
+                ack.seq
+            ));
+        }
+        Ok(true)
     }
 
     /// At start and after a failure: reads where the stream ends (retrying, paused, until
@@ -262,10 +389,11 @@ impl Run<'_> {
         loop {
             // Acknowledgements still to come no longer matter: the tip says what is stored.
             for entry in &mut self.window {
-                if let Entry::Publication(_, ack) = entry {
-                    *ack = None;
+                if let Entry::Publication(_, id) = entry {
+                    *id = None;
                 }
             }
+            self.deadline = None;
             let publisher = self.publisher;
             let tip = super::tip(
                 &publisher.context,
@@ -315,24 +443,31 @@ impl Run<'_> {
             self.in_flight = 0;
             let mut sent_all = true;
             for entry in &mut self.window {
-                let Entry::Publication(p, ack) = entry else {
+                let Entry::Publication(p, sent) = entry else {
                     continue;
                 };
                 self.in_flight += 1;
                 if !sent_all {
                     continue;
                 }
+                let id = self.next_id;
+                self.next_id += 1;
+                let reply = format!("{}.{id}", self.replies);
                 match send(
-                    &self.publisher.context,
-                    &self.publisher.source,
+                    &publisher.client,
+                    &publisher.source,
                     p,
+                    reply,
                     self.next_sequence,
                 )
                 .await
                 {
-                    Ok(future) => {
+                    Ok(()) => {
                         self.next_sequence += 1;
-                        *ack = Some(future);
+                        *sent = Some(id);
+                        if self.deadline.is_none() {
+                            self.deadline = Some(Instant::now() + publisher.config.timeout);
+                        }
                     }
                     Err(error) => {
                         refused(stream, p, &error);
@@ -353,8 +488,8 @@ impl Run<'_> {
 }
 
 /// Logs why `publication` could not be sent, with the fix when someone must act.
-fn refused(stream: &str, publication: &Publication, error: &PublishError) {
-    use async_nats::jetstream::context::PublishErrorKind;
+fn refused(stream: &str, publication: &Publication, error: &async_nats::PublishError) {
+    use async_nats::client::PublishErrorKind;
     if error.kind() == PublishErrorKind::MaxPayloadExceeded {
         warn!(
             %stream, position = %publication.position, bytes = publication.payload.len(),
@@ -366,13 +501,14 @@ fn refused(stream: &str, publication: &Publication, error: &PublishError) {
     }
 }
 
-/// Sends `publication`, to follow stream sequence `after`.
+/// Sends `publication` with `reply` as its reply subject, to follow stream sequence `after`.
 async fn send(
-    context: &jetstream::Context,
+    client: &async_nats::Client,
     source: &str,
     publication: &Publication,
+    reply: String,
     after: u64,
-) -> Result<AckFuture, PublishError> {
+) -> Result<(), async_nats::PublishError> {
     let p = publication;
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -388,19 +524,7 @@ async fn send(
     headers.insert(ENTITY_HEADER, &*p.entity);
     headers.insert(COMMIT_HEADER, p.position.commit_lsn.to_string().as_str());
     headers.insert(SOURCE_HEADER, source);
-    let message = jetstream::message::PublishMessage::build()
-        .payload(publication.payload.clone())
-        .headers(headers);
-    let ack = context
-        .send_publish(publication.subject.clone(), message)
-        .await?;
-    Ok(Box::pin(std::future::IntoFuture::into_future(ack)))
-}
-
-/// The acknowledgement of the window's front publication (which has one coming).
-async fn front_ack(window: &mut VecDeque<Entry>) -> Result<PublishAck, PublishError> {
-    match window.front_mut() {
-        Some(Entry::Publication(_, Some(ack))) => ack.await,
-        _ => std::future::pending().await,
-    }
+    client
+        .publish_with_reply_and_headers(p.subject.clone(), reply, headers, p.payload.clone())
+        .await
 }

@@ -208,7 +208,7 @@ pub(super) async fn jetstream(
     let client = jetstream::connect(nats)
         .await
         .map_err(|e| super::ServiceError::Setup(e.into()))?;
-    let context = jetstream::context(client, nats);
+    let context = jetstream::context(client.clone(), nats);
     let mut backoff = jetstream::RETRY;
     loop {
         match jetstream::ensure_stream(&context, nats).await {
@@ -216,7 +216,7 @@ pub(super) async fn jetstream(
                 if created {
                     info!(stream = %nats.stream, subjects = %format!("{}.>", nats.subject_prefix), "created the JetStream stream");
                 }
-                return Ok(jetstream::Publisher::new(context, nats.clone(), source));
+                return Ok(jetstream::Publisher::new(client, nats.clone(), source));
             }
             Err(e) if e.is_transient() => {
                 let wait = backoff.next().unwrap_or(backoff.max);
