@@ -215,7 +215,7 @@ impl Service {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+    crate::common::http_client()
         .timeout(PATIENCE)
         .build()
         .expect("an HTTP client")

@@ -32,7 +32,7 @@ async fn the_routes_merge_into_an_app_and_answer_404_for_what_does_not_exist() -
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let running = tokio::spawn(service.run(std::future::pending()));
 
-    let client = reqwest::Client::new();
+    let client = crate::common::http_client().build()?;
     let get = |path: &str| {
         let request = client.get(format!("{base}{path}"));
         async move {

@@ -18,6 +18,14 @@ use tokio_util::sync::CancellationToken;
 /// The blog example's schema.
 pub const BLOG: &str = include_str!("../../../examples/blog/schema.sql");
 
+/// An HTTP client builder for the tests' plain-HTTP requests. reqwest is built without a
+/// crypto provider of its own (streamex gives its webhook client a rustls configuration with
+/// ring): the process-wide default is set to ring here, once.
+pub fn http_client() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 /// How long a test waits for something that should come before it gives up; a guard against
 /// hanging, not a measure of speed.
 pub const PATIENCE: Duration = Duration::from_secs(60);
