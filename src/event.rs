@@ -27,9 +27,12 @@ use crate::lsn::{Lsn, Position};
 /// `to_jsonb(row)` gives it (the README's "What an event looks like" gives the mapping).
 pub type Record = serde_json::Map<String, Value>;
 
-/// The kind of change an [`Event`] reports.
+/// The kind of change an [`Event`] reports. Kinds may be added (as `message` was): a
+/// `match` outside streamex needs an arm for the others, which an operator does not get
+/// unless it subscribes to them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum EventType {
     /// A new row.
     Insert,

@@ -133,6 +133,9 @@ impl Operator for PostTitles {
                     .await
                     .context("clearing post_titles after a truncate of posts")?;
             }
+            // Outbox messages, and kinds a later streamex may add: this operator subscribes
+            // to none of them.
+            _ => {}
         }
         Ok(())
     }
