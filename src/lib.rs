@@ -59,10 +59,12 @@ mod service;
 pub mod status;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod worker;
 
 pub use event::{Event, EventType};
 pub use lsn::{Lsn, Position};
 pub use service::{Service, ServiceBuilder, ServiceError, ServiceHandle};
+pub use worker::{Worker, WorkerBuilder, WorkerError};
 
 /// The sqlx streamex is built with: an operator's `Context::db()` is a connection of this
 /// version, so a crate that names sqlx types in its operators uses this one (or the same
