@@ -51,6 +51,9 @@ use crate::status::{self, OperatorRunState};
 /// The waits between attempts while JetStream or the database does not answer.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(200), 2.0, Duration::from_secs(5));
 
+/// How often a worker says again that NATS is unreachable.
+const OUTAGE_REMINDER: Duration = Duration::from_secs(30);
+
 /// How often what the operator is done with goes to `streamex.worker_progress`.
 const FLUSH: Duration = Duration::from_millis(100);
 
@@ -429,6 +432,8 @@ impl OperatorTask {
         let mut ending: Option<Ending> = None;
         let mut lock_check = tokio::time::interval(lock::POLL);
         lock_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Since when the NATS connection is down, and when that was last said.
+        let mut disconnected: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
         let mut flush = tokio::time::interval(FLUSH);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let subscriptions = self.spec.operator.subscriptions();
@@ -561,6 +566,11 @@ impl OperatorTask {
                     pause = None;
                 }
                 _ = lock_check.tick(), if ending.is_none() => {
+                    if self.watch_connection(&mut disconnected) {
+                        // The server may have lost the pull request while the connection was
+                        // down: ask again rather than wait for the client to give it up.
+                        batch = None;
+                    }
                     if !lock.held().await {
                         warn!(
                             operator = name, slot = %self.slot,
@@ -575,6 +585,47 @@ impl OperatorTask {
                 _ = flush.tick() => self.progress.flush().await,
             }
         }
+    }
+
+    /// Says when the NATS connection is lost (a pull then waits without a word until the
+    /// client gives it up), every 30 s while it stays lost, and when it is back: then true.
+    fn watch_connection(
+        &self,
+        disconnected: &mut Option<(tokio::time::Instant, tokio::time::Instant)>,
+    ) -> bool {
+        use async_nats::connection::State;
+        let now = tokio::time::Instant::now();
+        let connected = self.context.client().connection_state() == State::Connected;
+        match (connected, disconnected.as_mut()) {
+            (false, None) => {
+                warn!(
+                    operator = self.name(), url = %self.nats.url, stream = %self.nats.stream,
+                    consumer = %self.consumer,
+                    "lost the connection to NATS (nats.url): the operator finishes what it has \
+                     and waits; the client reconnects by itself"
+                );
+                *disconnected = Some((now, now));
+            }
+            (false, Some((since, said))) if now.duration_since(*said) >= OUTAGE_REMINDER => {
+                warn!(
+                    operator = self.name(), url = %self.nats.url, stream = %self.nats.stream,
+                    consumer = %self.consumer, down_for_s = now.duration_since(*since).as_secs(),
+                    "NATS is still unreachable (nats.url); the operator waits"
+                );
+                *said = now;
+            }
+            (true, Some((since, _))) => {
+                info!(
+                    operator = self.name(), url = %self.nats.url,
+                    down_for_ms = u64::try_from(now.duration_since(*since).as_millis()).unwrap_or(u64::MAX),
+                    "connected to NATS again; going on"
+                );
+                *disconnected = None;
+                return true;
+            }
+            _ => {}
+        }
+        false
     }
 
     /// Takes in one delivery; `Some` when the session must end on it.
