@@ -133,6 +133,8 @@ impl Operator for PostTitles {
                     .await
                     .context("clearing post_titles after a truncate of posts")?;
             }
+            // Outbox messages go to subscriptions to messages, never to one to a table.
+            EventType::Message => {}
         }
         Ok(())
     }
