@@ -90,7 +90,10 @@ mod tests {
         assert_eq!(config.worker.ack_wait, Duration::from_secs(120));
         assert_eq!(config.worker.max_ack_pending, 64);
         let short = parse("[worker]\nack_wait = \"10ms\"", &[]).unwrap_err();
-        assert!(short.contains("worker.ack_wait") && short.contains("1s"), "{short}");
+        assert!(
+            short.contains("worker.ack_wait") && short.contains("1s"),
+            "{short}"
+        );
         let none = parse("[worker]\nmax_ack_pending = 0", &[]).unwrap_err();
         assert!(none.contains("worker.max_ack_pending"), "{none}");
         let typo = parse("[worker]\nack_wiat = \"1s\"", &[]).unwrap_err();
