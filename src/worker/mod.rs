@@ -211,7 +211,8 @@ impl WorkerBuilder {
         crate::service::check_operators(&pool, &operators)
             .await
             .map_err(WorkerError::Setup)?;
-        let context = connect_stream(&nats, &shutdown).await?;
+        let source = format!("{}/{}", params.dbname, config.slot);
+        let context = connect_stream(&nats, &source, &shutdown).await?;
         let slot: Arc<str> = config.slot.as_str().into();
         let specs = operators
             .into_iter()
@@ -238,10 +239,13 @@ impl WorkerBuilder {
     }
 }
 
-/// Connects to NATS and checks that the stream exists, waiting while JetStream does not
-/// answer; a missing stream is an error naming it and the fix.
+/// Connects to NATS and checks that the stream exists and holds the events of `source`
+/// (`<database>/<slot>` of the configuration: the key of the operators' checkpoints),
+/// waiting while JetStream does not answer; a missing stream, or one of another database or
+/// slot, is an error naming it and the fix.
 async fn connect_stream(
     nats: &crate::config::NatsConfig,
+    source: &str,
     shutdown: &CancellationToken,
 ) -> Result<async_nats::jetstream::Context, WorkerError> {
     use crate::jetstream;
@@ -249,8 +253,23 @@ async fn connect_stream(
     let context = jetstream::context(client, nats);
     let mut backoff = jetstream::RETRY;
     loop {
-        match consumer::open_stream(&context, &nats.stream).await {
-            Ok(_) => return Ok(context),
+        let checked = match jetstream::tip(&context, &nats.stream, Some(source)).await {
+            // Its last message's position is the publisher's business, not the worker's.
+            Ok(_) | Err(JetStreamError::Foreign { .. }) => Ok(()),
+            Err(JetStreamError::OtherSource { theirs, ours, .. }) => {
+                return Err(WorkerError::Config(format!(
+                    "JetStream stream {:?} holds the events of {theirs} (database/slot), and \
+                     this worker's configuration is for {ours}: its operators' checkpoints are \
+                     keyed by the slot, and would not be the ones of the events they get. Give \
+                     the worker the database_url and slot of the `streamex run` that publishes \
+                     to nats.stream",
+                    nats.stream
+                )));
+            }
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(()) => return Ok(context),
             Err(e) if e.is_transient() => {
                 let wait = backoff.next().unwrap_or(backoff.max);
                 tracing::warn!(
