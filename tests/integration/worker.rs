@@ -75,15 +75,30 @@ fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
     }
 }
 
-#[tokio::test]
-async fn a_worker_keeps_the_blog_tables_exact_across_sigkills_and_a_jetstream_outage()
--> anyhow::Result<()> {
+/// What happens to the pipeline between two moments of the blog workload.
+#[derive(Clone, Copy, Debug)]
+enum Disruption {
+    /// The worker is SIGKILLed and started again.
+    KillWorker,
+    /// nats-server is SIGKILLed and started again, under streamex and the worker.
+    JetStreamOutage,
+    /// PostgreSQL crashes (immediate stop) and starts again.
+    DatabaseCrash,
+}
+
+/// The blog workload through a publisher-only `streamex run` and a `streamex worker` with the
+/// blog operators, the `disruptions` one after the other at random moments; then the
+/// derived tables must be exact as soon as `streamex.processed` says the last write is.
+async fn blog_through_a_worker(
+    url: &str,
+    cluster: Option<&testing::Cluster>,
+    disruptions: &[Disruption],
+) -> anyhow::Result<()> {
     let mut nats = NatsServer::start()?;
-    let url = testing::server().create_database().await?;
-    let pool = PgPool::connect(&url).await?;
+    let pool = PgPool::connect(url).await?;
     sqlx::raw_sql(BLOG).execute(&pool).await?;
     let dir = tempfile::tempdir()?;
-    let (publisher, worker) = configs(&url, &nats, "\n[worker]\nack_wait = \"5s\"\n");
+    let (publisher, worker) = configs(url, &nats, "\n[worker]\nack_wait = \"5s\"\n");
     let run_config = dir.path().join("run.toml");
     let worker_config = dir.path().join("worker.toml");
     std::fs::write(&run_config, publisher)?;
@@ -100,7 +115,11 @@ async fn a_worker_keeps_the_blog_tables_exact_across_sigkills_and_a_jetstream_ou
         async move {
             let mut changes = 0;
             while !stop.load(Ordering::Relaxed) {
-                changes += blog_activity(&pool, &mut rng).await.unwrap_or(0);
+                match blog_activity(&pool, &mut rng).await {
+                    Ok(n) => changes += n,
+                    // The database is down: wait for it.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
                 tokio::time::sleep(Duration::from_millis(rng.below(4))).await;
             }
             changes
@@ -111,18 +130,26 @@ async fn a_worker_keeps_the_blog_tables_exact_across_sigkills_and_a_jetstream_ou
     let worker_log = dir.path().join("worker.log");
     let mut service = spawn_service(&run_config, &run_log, "info")?;
     let mut worker = spawn_worker(&worker_config, &worker_log)?;
-    for round in 0..5 {
+    for disruption in disruptions {
         tokio::time::sleep(Duration::from_millis(700 + rng.below(1300))).await;
-        if round == 2 {
-            // JetStream goes away under both, and comes back.
-            nats.kill()?;
-            tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
-            nats.restart()?;
-        } else {
-            worker.kill()?;
-            worker.wait()?;
-            tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
-            worker = spawn_worker(&worker_config, &worker_log)?;
+        match disruption {
+            Disruption::KillWorker => {
+                worker.kill()?;
+                worker.wait()?;
+                tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+                worker = spawn_worker(&worker_config, &worker_log)?;
+            }
+            Disruption::JetStreamOutage => {
+                nats.kill()?;
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
+                nats.restart()?;
+            }
+            Disruption::DatabaseCrash => {
+                let cluster = cluster.expect("a cluster of the test's own to crash");
+                tokio::task::block_in_place(|| cluster.stop(testing::StopMode::Immediate))?;
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
+                tokio::task::block_in_place(|| cluster.start_again())?;
+            }
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -153,7 +180,7 @@ async fn a_worker_keeps_the_blog_tables_exact_across_sigkills_and_a_jetstream_ou
     let checkpoints: Vec<String> = sqlx::query_scalar(
         "SELECT operator FROM streamex.operator_checkpoints WHERE slot = $1 ORDER BY 1",
     )
-    .bind(slot_for(&url))
+    .bind(slot_for(url))
     .fetch_all(&pool)
     .await?;
     assert_eq!(
@@ -169,6 +196,38 @@ async fn a_worker_keeps_the_blog_tables_exact_across_sigkills_and_a_jetstream_ou
     service.kill()?;
     service.wait()?;
     Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_keeps_the_blog_tables_exact_across_sigkills_and_a_jetstream_outage()
+-> anyhow::Result<()> {
+    use Disruption::*;
+    let url = testing::server().create_database().await?;
+    blog_through_a_worker(
+        &url,
+        None,
+        &[
+            KillWorker,
+            KillWorker,
+            JetStreamOutage,
+            KillWorker,
+            KillWorker,
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_waits_out_a_database_crash_and_stays_exact() -> anyhow::Result<()> {
+    use Disruption::*;
+    let cluster = testing::Cluster::start()?;
+    let url = cluster.create_database().await?;
+    blog_through_a_worker(
+        &url,
+        Some(&cluster),
+        &[KillWorker, DatabaseCrash, KillWorker],
+    )
+    .await
 }
 
 /// The configuration's operators replaced by two declarative ones on `posts`: one that fails
@@ -331,7 +390,8 @@ async fn failures_through_a_worker_go_to_dead_letters_halt_and_resume() -> anyho
 }
 
 #[tokio::test]
-async fn a_worker_without_its_stream_or_without_nats_says_what_to_fix() -> anyhow::Result<()> {
+async fn a_worker_without_its_stream_or_nats_or_on_another_slot_s_stream_says_what_to_fix()
+-> anyhow::Result<()> {
     let nats = NatsServer::start()?;
     let url = testing::server().create_database().await?;
     let pool = PgPool::connect(&url).await?;
@@ -352,6 +412,32 @@ async fn a_worker_without_its_stream_or_without_nats_says_what_to_fix() -> anyho
             && stderr.contains("streamex setup"),
         "{stderr}"
     );
+    // A stream whose events come from another database and slot: the checkpoints would
+    // not be theirs.
+    let (publisher, _) = configs(&url, &nats, "");
+    let run_config = dir.path().join("run.toml");
+    std::fs::write(&run_config, publisher)?;
+    common::setup_service(&run_config)?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, "0/10#0");
+    headers.insert("Streamex-Source", "elsewhere/other_slot");
+    js.publish_with_headers("blog.public.posts", headers, "{}".into())
+        .await?
+        .await?;
+    let other = common::streamex_command("warn")
+        .args(["worker", "--config"])
+        .arg(&config)
+        .output()?;
+    assert!(!other.status.success());
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        stderr.contains("holds the events of elsewhere/other_slot")
+            && stderr.contains(&format!("is for {}/{}", slot_for(&url), slot_for(&url))),
+        "{stderr}"
+    );
+
     let cut = worker.find("\n[nats]").unwrap_or(worker.len());
     std::fs::write(&config, &worker[..cut])?;
     let without = common::streamex_command("warn")
