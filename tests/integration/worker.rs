@@ -203,18 +203,14 @@ async fn a_worker_keeps_the_blog_tables_exact_across_sigkills_and_a_jetstream_ou
 -> anyhow::Result<()> {
     use Disruption::*;
     let url = testing::server().create_database().await?;
-    blog_through_a_worker(
-        &url,
-        None,
-        &[
-            KillWorker,
-            KillWorker,
-            JetStreamOutage,
-            KillWorker,
-            KillWorker,
-        ],
-    )
-    .await
+    // STREAMEX_WORKER_KILLS: how many SIGKILLs (4 by default), the outage after the second.
+    let kills: usize = std::env::var("STREAMEX_WORKER_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(4);
+    let mut disruptions = vec![KillWorker; kills];
+    disruptions.insert(kills.min(2), JetStreamOutage);
+    blog_through_a_worker(&url, None, &disruptions).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
