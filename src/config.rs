@@ -16,7 +16,9 @@ use serde::{Deserialize, Deserializer};
 use crate::backoff::Backoff;
 
 mod nats;
+mod worker;
 pub use nats::{NatsConfig, NatsStorage};
+pub use worker::WorkerConfig;
 
 /// A configuration that could not be read, with the key and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +95,9 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[nats]`: every event also published to a NATS JetStream stream; off without it.
     pub nats: Option<NatsConfig>,
+    /// `[worker]`: how `streamex worker` consumes that stream.
+    #[serde(default)]
+    pub worker: WorkerConfig,
 }
 
 fn default_name() -> String {
@@ -814,6 +819,7 @@ impl Config {
         if let Some(nats) = &self.nats {
             nats.validate()?;
         }
+        self.worker.validate()?;
         if self.slot.is_empty() || self.slot.len() > 63 {
             return Err(format!(
                 "slot: {:?} must be 1 to 63 characters (PostgreSQL's limit for a slot name)",

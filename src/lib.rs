@@ -13,6 +13,9 @@
 //! - Run them: [`Service::builder`] in your own program, or [`cli::main`] with a
 //!   [`operator::Registry`] of your operators, which gives your binary every `streamex`
 //!   command.
+//! - Run them on other machines: [`Worker::builder`] (or `streamex worker`) runs operators
+//!   from the NATS JetStream stream that a service with `[nats]` publishes every event to,
+//!   with the same checkpoints, retries, halts and dead letters.
 //! - Test them: `streamex::testing::OperatorTest` (the `testing` feature) runs an operator
 //!   through the real pipeline against a private PostgreSQL.
 //!
@@ -25,11 +28,12 @@
 //!      ▲                        └────► pubsub (channels, EntityProcessed)                  │
 //!      └────────────────────── acknowledgement of what is durably done ◄─────────────────┘
 //! service: wires them (connect, set up, instance lock, pipeline); cli: the command line
+//! jetstream (every event to a stream) ──► worker: operators on other machines ──► status
 //! ```
 //!
 //! Leaf modules every stage uses: [`lsn`] (`Lsn`, `Position`), [`backoff`] (the waits of every
 //! retry loop), [`error`] (error chains, and the one transient/definite classification of
-//! server and I/O errors), [`config`]. The façade is [`Service`], [`operator`], [`event`],
+//! server and I/O errors), [`config`]. The façade is [`Service`], [`Worker`], [`operator`], [`event`],
 //! [`config`], [`status`], [`pubsub`], [`cli`] and `testing`; `replication`, `decode`,
 //! `metrics` and `http` are internals, public only for streamex's own integration tests.
 
@@ -59,10 +63,12 @@ mod service;
 pub mod status;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+mod worker;
 
 pub use event::{Event, EventType};
 pub use lsn::{Lsn, Position};
 pub use service::{Service, ServiceBuilder, ServiceError, ServiceHandle};
+pub use worker::{Worker, WorkerBuilder, WorkerError};
 
 /// The sqlx streamex is built with: an operator's `Context::db()` is a connection of this
 /// version, so a crate that names sqlx types in its operators uses this one (or the same

@@ -4,7 +4,7 @@
 //! SIGINT/SIGTERM, runs the command with the operators of the [`Registry`] it is given, and
 //! returns the exit code. The stock `streamex` is `cli::main(streamex::operators::registry())`;
 //! a binary of your own passes a registry with your operators, and gets every command with
-//! them: `run`, `setup`, `status`, `resume`, `backfill`, `rebuild`, `tail`, `demo`.
+//! them: `run`, `worker`, `setup`, `status`, `resume`, `backfill`, `rebuild`, `tail`, `demo`.
 //!
 //! ```no_run
 //! use streamex::operator::Registry;
@@ -73,6 +73,9 @@ enum Command {
     Setup(service::ConfigArgs),
     /// Run the service until SIGINT or SIGTERM.
     Run(service::ConfigArgs),
+    /// Run the configuration's operators from the JetStream stream of `[nats]` (that a
+    /// `streamex run` publishes to) instead of the slot, until SIGINT or SIGTERM.
+    Worker(service::ConfigArgs),
     /// Show the slot, the WAL it retains, each operator's position and state, process status
     /// and dead letters.
     Status(status::StatusArgs),
@@ -195,6 +198,7 @@ async fn run(
         Command::Tail(args) => tail::run(args, shutdown).await,
         Command::Setup(args) => service::setup_command(args, registry, shutdown).await,
         Command::Run(args) => service::run_command(args, registry, shutdown).await,
+        Command::Worker(args) => service::worker_command(args, registry, shutdown).await,
         Command::Status(args) => status::status_command(args, shutdown).await,
         Command::Resume(args) => service::resume_command(args, shutdown).await,
         Command::Backfill(args) => service::backfill_command(args, registry, false, shutdown).await,

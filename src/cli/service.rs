@@ -1,5 +1,5 @@
-//! `streamex setup`, `streamex run` and `streamex resume`: the service, through the library's
-//! own [`Service`].
+//! `streamex setup`, `streamex run`, `streamex worker` and `streamex resume`: the service and
+//! the worker, through the library's own [`Service`] and [`Worker`].
 
 use std::path::PathBuf;
 
@@ -7,11 +7,11 @@ use anyhow::{Context, bail};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::Service;
 use crate::config::Config;
 use crate::operator::Registry;
 use crate::replication::ConnectParams;
 use crate::status;
+use crate::{Service, Worker};
 
 #[derive(Debug, clap::Args)]
 pub struct ConfigArgs {
@@ -81,6 +81,21 @@ pub async fn run_command(
         .build_until(shutdown.clone())
         .await?;
     service.run_until(shutdown).await?;
+    Ok(())
+}
+
+pub async fn worker_command(
+    args: ConfigArgs,
+    registry: &Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let config = load(&args, registry)?;
+    let worker = Worker::builder()
+        .config(config)
+        .registry(registry.clone())
+        .build_until(shutdown.clone())
+        .await?;
+    worker.run_until(shutdown).await?;
     Ok(())
 }
 

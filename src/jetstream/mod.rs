@@ -238,7 +238,7 @@ pub(crate) async fn ensure_stream(
     }
 }
 
-fn is_stream_missing(error: &jetstream::context::GetStreamError) -> bool {
+pub(crate) fn is_stream_missing(error: &jetstream::context::GetStreamError) -> bool {
     matches!(
         error.kind(),
         jetstream::context::GetStreamErrorKind::JetStream(e)
@@ -246,7 +246,7 @@ fn is_stream_missing(error: &jetstream::context::GetStreamError) -> bool {
     )
 }
 
-fn unavailable(stream: &str, error: impl std::fmt::Display) -> JetStreamError {
+pub(crate) fn unavailable(stream: &str, error: impl std::fmt::Display) -> JetStreamError {
     JetStreamError::Unavailable {
         stream: stream.to_owned(),
         message: error.to_string(),
@@ -399,16 +399,30 @@ pub(crate) async fn tip(
 
 /// The subject of `event` under `prefix` (see the module documentation).
 pub fn subject(prefix: &str, event: &Event) -> String {
-    let mut subject = String::with_capacity(prefix.len() + event.entity.len() + 16);
+    if event.kind == EventType::Message {
+        messages_subject(prefix, &event.table)
+    } else {
+        table_subject(prefix, &event.schema, &event.table)
+    }
+}
+
+/// The subject of the events of table `schema.table`: `<prefix>.<schema>.<table>`.
+pub(crate) fn table_subject(prefix: &str, schema: &str, table: &str) -> String {
+    let mut subject = String::with_capacity(prefix.len() + schema.len() + table.len() + 2);
     subject.push_str(prefix);
     subject.push('.');
-    if event.kind == EventType::Message {
-        subject.push_str("messages");
-    } else {
-        push_token(&mut subject, &event.schema);
-    }
+    push_token(&mut subject, schema);
     subject.push('.');
-    push_token(&mut subject, &event.table);
+    push_token(&mut subject, table);
+    subject
+}
+
+/// The subject of the outbox messages of `message_prefix`: `<prefix>.messages.<message_prefix>`.
+pub(crate) fn messages_subject(prefix: &str, message_prefix: &str) -> String {
+    let mut subject = String::with_capacity(prefix.len() + message_prefix.len() + 10);
+    subject.push_str(prefix);
+    subject.push_str(".messages.");
+    push_token(&mut subject, message_prefix);
     subject
 }
 

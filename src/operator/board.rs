@@ -37,7 +37,7 @@ pub(crate) struct Board {
 }
 
 impl Board {
-    pub(super) fn new(names: Vec<String>, start: Lsn) -> Self {
+    pub(crate) fn new(names: Vec<String>, start: Lsn) -> Self {
         let n = names.len();
         let atomics = |v: u64| (0..n).map(|_| AtomicU64::new(v)).collect::<Vec<_>>();
         Board {
@@ -55,8 +55,14 @@ impl Board {
     }
 
     /// How far operator `index` is done: the end of the last commit it has finished.
-    pub(super) fn done(&self, index: usize) -> Lsn {
+    pub(crate) fn done(&self, index: usize) -> Lsn {
         Lsn(self.done[index].load(Ordering::Acquire))
+    }
+
+    /// Waits until a participant has moved (or halted) since the last wait ended: for a
+    /// single reader of the board (the coordinator, or a worker's operator task).
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     pub(crate) fn advance(&self, index: usize, end: Lsn) {

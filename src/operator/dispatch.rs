@@ -164,12 +164,19 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
     /// field lies in the future (`updated_at = '2099-01-01'`) would otherwise make every later
     /// write look processed: what has been processed is bounded by the commits processed.
     fn status_timestamp(&self, event: &Event) -> i64 {
-        event
-            .record()
-            .and_then(|r| r.get(&self.timestamp_field))
-            .and_then(parse_timestamp)
-            .map_or(event.timestamp, |ts| ts.min(event.timestamp))
+        status_timestamp(event, &self.timestamp_field)
     }
+}
+
+/// The process-status timestamp of `event`: its record's `field` (µs since the Unix epoch),
+/// else the commit time; never later than the commit time (see
+/// `Engine::status_timestamp`). A worker's process status uses it too.
+pub(crate) fn status_timestamp(event: &Event, field: &str) -> i64 {
+    event
+        .record()
+        .and_then(|r| r.get(field))
+        .and_then(parse_timestamp)
+        .map_or(event.timestamp, |ts| ts.min(event.timestamp))
 }
 
 /// Which operators get an event, cached per entity and event type (the dispatcher asks for

@@ -39,9 +39,10 @@ use std::sync::Arc;
 
 pub use crate::metrics::{OperatorReport, OperatorStateKind};
 pub(crate) use board::Board;
+pub(crate) use dispatch::status_timestamp;
 pub(crate) use engine::{Engine, EngineExit, OperatorSpec};
 pub use registry::{Registry, RegistryError};
-pub(crate) use runner::Input;
+pub(crate) use runner::{Input, Runner, RunnerExit};
 pub use sql::{SqlOperator, SqlOperatorBuilder};
 
 use crate::event::{Event, EventType};

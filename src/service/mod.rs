@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) use connect::{connect, connect_once, explain as explain_connect};
 pub(crate) use lock::InstanceLock;
-pub(crate) use prepare::prepare;
+pub(crate) use prepare::{check_operators, prepare};
 
 use crate::config::{Config, StatusBackendKind};
 use crate::metrics::Metrics;

@@ -180,7 +180,7 @@ pub(super) async fn check_published(
 
 /// Runs each operator's own check ([`crate::operator::Operator::check`]) against the
 /// database; the error names the operator.
-pub(super) async fn check_operators(
+pub(crate) async fn check_operators(
     pool: &PgPool,
     operators: &[AnyOperator],
 ) -> anyhow::Result<()> {

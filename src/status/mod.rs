@@ -59,7 +59,17 @@
 //!                               ordinal bigint, event jsonb, error text, attempts int,
 //!                               created_at timestamptz,
 //!                               UNIQUE (slot, operator, commit_lsn, ordinal)
+//! streamex.worker_progress      slot text, operator text, entity text,
+//!                               PK (slot, operator, entity), timestamp bigint, lsn pg_lsn,
+//!                               updated_at timestamptz: how far an operator run by
+//!                               `streamex worker` is done with an entity (processed reads it)
+//! streamex.worker_consumers     slot text, operator text, PK (slot, operator), stream text,
+//!                               stream_created text, acked_through bigint, updated_at
 //! ```
+//!
+//! An operator run by `streamex worker` is not among the operators of the `run` that stores
+//! `process_status`: `streamex.processed` is true only when, besides, no
+//! `worker_progress` row of the entity is behind the timestamp asked about.
 //!
 //! Checkpoints, operator state and dead letters are kept per replication slot (the
 //! configuration's `slot`): two configurations with different slots on one database may run

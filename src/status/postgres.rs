@@ -227,7 +227,8 @@ pub async fn reset_items<'c, E: PgExecutor<'c>>(executor: E) -> Result<(), Statu
 }
 
 /// Whether `entity` has been processed up to `timestamp` (µs): the rule of
-/// `streamex.processed`, stored timestamp `>= timestamp`, false for an unknown entity.
+/// `streamex.processed`, stored timestamp `>= timestamp`, false for an unknown entity, and
+/// no operator of a worker listening to it behind `timestamp` (`streamex.worker_progress`).
 pub async fn is_processed<'c, E: PgExecutor<'c>>(
     executor: E,
     entity: &str,
@@ -235,7 +236,9 @@ pub async fn is_processed<'c, E: PgExecutor<'c>>(
 ) -> Result<bool, StatusError> {
     sqlx::query_scalar(
         "SELECT COALESCE((SELECT s.timestamp >= $2 FROM streamex.process_status AS s \
-                           WHERE s.entity = $1), false)",
+                           WHERE s.entity = $1), false) \
+            AND NOT EXISTS (SELECT 1 FROM streamex.worker_progress AS w \
+                             WHERE w.entity = $1 AND w.timestamp < $2)",
     )
     .bind(entity)
     .bind(timestamp)

@@ -32,3 +32,4 @@ mod status;
 mod tail;
 mod types;
 mod webhook;
+mod worker;

@@ -254,6 +254,8 @@ pub fn streamex_command(log: &str) -> std::process::Command {
         if var.starts_with("STREAMEX_CRASH_")
             || var.starts_with("STREAMEX_CHAOS_")
             || var.starts_with("STREAMEX_LEASE_")
+            || var == "STREAMEX_WORKER_SEED"
+            || var == "STREAMEX_WORKER_KILLS"
         {
             command.env_remove(var);
         }

@@ -1,0 +1,321 @@
+//! Each operator's durable JetStream consumer: its name, what it filters, its settings, and
+//! where it starts delivering.
+//!
+//! # Where a consumer starts
+//!
+//! JetStream sends a message again only once its `ack_wait` has passed, and meanwhile goes on
+//! delivering the messages after it: a worker that restarts with messages delivered and not
+//! acknowledged would get later messages before those, out of WAL order. So each session of
+//! an operator (at start, after a resume, after a lost delivery) makes its consumer anew,
+//! delivering from the message after the last one acknowledged: the consumer's ack floor,
+//! which only moves over what the operator has durably handled. The first consumer of an
+//! operator delivers the whole stream; what its checkpoint already covers is skipped.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+
+use crate::config::WorkerConfig;
+use crate::event::EntityName;
+use crate::jetstream::{JetStreamError, messages_subject, table_subject, unavailable};
+use crate::operator::Subscription;
+
+/// The longest consumer name a worker makes (the server stores a consumer under a directory
+/// of its name; 255 bytes is the usual limit of a file name).
+const MAX_NAME: usize = 200;
+
+/// The durable consumer of `operator` on `slot`: `<slot>-<operator>`, every character of
+/// the operator's name other than an ASCII letter, a digit or `_` written `-XX` (its UTF-8
+/// bytes in hexadecimal). A slot name has no `-` (only lower-case letters, digits and `_`),
+/// so two different (slot, operator) pairs never share a consumer; a name past 200
+/// characters is cut and ends with a hash of the whole.
+pub(crate) fn consumer_name(slot: &str, operator: &str) -> String {
+    use std::fmt::Write as _;
+    let mut name = String::with_capacity(slot.len() + operator.len() + 1);
+    name.push_str(slot);
+    name.push('-');
+    for &b in operator.as_bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' {
+            name.push(b as char);
+        } else {
+            let _ = write!(name, "-{b:02X}");
+        }
+    }
+    if name.len() > MAX_NAME {
+        let hash = fnv1a(name.as_bytes());
+        name.truncate(MAX_NAME - 17);
+        let _ = write!(name, "-{hash:016x}");
+    }
+    name
+}
+
+/// FNV-1a, 64 bits: a hash that stays the same across builds and releases (a consumer's
+/// name must not change when streamex is rebuilt).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The subject the consumer of an operator with `subscriptions` filters on: the one subject
+/// of its events when they all go to one (a table, or one prefix of messages), else every
+/// subject of the stream (`<prefix>.>`); the worker then skips what the operator does not
+/// subscribe to. JetStream 2.9 takes one filter per consumer.
+pub(crate) fn filter_subject(
+    prefix: &str,
+    default_schema: &str,
+    subscriptions: &[Subscription],
+) -> Result<String, crate::event::EntityNameError> {
+    let mut subjects = std::collections::BTreeSet::new();
+    for subscription in subscriptions {
+        if subscription.is_messages() {
+            subjects.insert(messages_subject(prefix, &subscription.entity));
+        } else {
+            let name = EntityName::parse(&subscription.entity)?;
+            subjects.insert(table_subject(
+                prefix,
+                name.schema_or(default_schema),
+                &name.table,
+            ));
+        }
+    }
+    Ok(match (subjects.len(), subjects.into_iter().next()) {
+        (1, Some(subject)) => subject,
+        _ => format!("{prefix}.>"),
+    })
+}
+
+/// The settings of an operator's consumer, delivering from stream sequence `start` (the
+/// whole stream for 1 or less).
+pub(crate) fn consumer_config(
+    name: &str,
+    description: String,
+    filter: &str,
+    start: u64,
+    worker: &WorkerConfig,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name.to_owned()),
+        description: Some(description),
+        deliver_policy: if start <= 1 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            }
+        },
+        // Acknowledging a message acknowledges every one before it: the worker acknowledges
+        // the last message its operator is durably done through.
+        ack_policy: consumer::AckPolicy::All,
+        ack_wait: worker.ack_wait,
+        max_deliver: -1,
+        filter_subject: filter.to_owned(),
+        replay_policy: consumer::ReplayPolicy::Instant,
+        max_ack_pending: i64::try_from(worker.max_ack_pending).unwrap_or(i64::MAX),
+        ..Default::default()
+    }
+}
+
+/// The stream sequence through which the consumer `name` has every message acknowledged
+/// (its ack floor), `None` when there is no such consumer.
+pub(crate) async fn ack_floor(
+    stream: &stream::Stream,
+    stream_name: &str,
+    name: &str,
+) -> Result<Option<u64>, JetStreamError> {
+    use jetstream::context::ConsumerInfoErrorKind;
+    match stream.consumer_info(name).await {
+        // A consumer made to start at sequence S reports an ack floor of 0 until its first
+        // acknowledgement: everything before S was acknowledged when it was made.
+        Ok(info) => Ok(Some(match info.config.deliver_policy {
+            consumer::DeliverPolicy::ByStartSequence { start_sequence } => info
+                .ack_floor
+                .stream_sequence
+                .max(start_sequence.saturating_sub(1)),
+            _ => info.ack_floor.stream_sequence,
+        })),
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == ConsumerInfoErrorKind::StreamNotFound => {
+            Err(JetStreamError::StreamMissing {
+                stream: stream_name.to_owned(),
+            })
+        }
+        Err(e) => Err(unavailable(
+            stream_name,
+            format!("reading consumer {name}: {e}"),
+        )),
+    }
+}
+
+/// Makes the consumer `config` names anew (deleting the one of that name, whatever it
+/// delivered), so that it delivers from the sequence `config` starts at, in stream order.
+pub(crate) async fn recreate(
+    stream: &stream::Stream,
+    stream_name: &str,
+    config: consumer::pull::Config,
+) -> Result<consumer::PullConsumer, JetStreamError> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    match stream.delete_consumer(&name).await {
+        Ok(_) => {}
+        Err(e) if is_consumer_missing(&e) => {}
+        Err(e) => {
+            return Err(unavailable(
+                stream_name,
+                format!("deleting consumer {name} to start it again: {e}"),
+            ));
+        }
+    }
+    stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| unavailable(stream_name, format!("creating consumer {name}: {e}")))
+}
+
+fn is_consumer_missing(error: &jetstream::stream::ConsumerError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::stream::ConsumerErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+    )
+}
+
+/// A stream as a session starts: the stream, its first sequence (after messages removed by
+/// `max_age` or `max_bytes`, past 1), and when it was made (which tells a stream made again
+/// under the same name, whose sequences are another story).
+pub(crate) struct Opened {
+    pub stream: stream::Stream,
+    pub first: u64,
+    pub created: String,
+}
+
+/// Opens the stream `stream_name`; a missing one is [`JetStreamError::StreamMissing`].
+pub(crate) async fn open_stream(
+    context: &jetstream::Context,
+    stream_name: &str,
+) -> Result<Opened, JetStreamError> {
+    let mut stream = match context.get_stream(stream_name).await {
+        Ok(stream) => stream,
+        Err(e) if crate::jetstream::is_stream_missing(&e) => {
+            return Err(JetStreamError::StreamMissing {
+                stream: stream_name.to_owned(),
+            });
+        }
+        Err(e) => return Err(unavailable(stream_name, e)),
+    };
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| unavailable(stream_name, e))?;
+    let (first, created) = (info.state.first_sequence, info.created.to_string());
+    Ok(Opened {
+        stream,
+        first,
+        created,
+    })
+}
+
+/// The position (`Nats-Msg-Id`) of the message at `sequence`, `None` when the stream does not
+/// hold it or it has none.
+pub(crate) async fn position_at(
+    stream: &stream::Stream,
+    stream_name: &str,
+    sequence: u64,
+) -> Result<Option<crate::lsn::Position>, JetStreamError> {
+    match stream.get_raw_message(sequence).await {
+        Ok(message) => Ok(message
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .and_then(|id| id.as_str().parse().ok())),
+        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(unavailable(stream_name, e)),
+    }
+}
+
+/// How long a worker waits for JetStream to answer a request of its own (a pull, an
+/// acknowledgement) before taking it as unavailable: `nats.timeout`, at least a second.
+pub(crate) fn answer_timeout(nats: &crate::config::NatsConfig) -> Duration {
+    nats.timeout.max(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventType;
+
+    #[test]
+    fn consumer_names_keep_safe_characters_and_escape_the_others_without_collisions() {
+        assert_eq!(
+            consumer_name("streamex", "post_comment_tallies"),
+            "streamex-post_comment_tallies"
+        );
+        // A dot, a space, a '*' or '>' would break a JetStream name; '-' is the escape.
+        assert_eq!(consumer_name("s", "a.b c*>"), "s-a-2Eb-20c-2A-3E");
+        assert_eq!(consumer_name("s", "a-b"), "s-a-2Db");
+        assert_eq!(consumer_name("s", "café"), "s-caf-C3-A9");
+        // The slot has no '-': the first one ends it, so these differ.
+        assert_ne!(consumer_name("a_b", "c"), consumer_name("a", "b_c"));
+        assert_ne!(consumer_name("s", "a-2Eb"), consumer_name("s", "a.b"));
+        for name in [
+            consumer_name("s", "a.b c*>"),
+            consumer_name("s", &"x".repeat(500)),
+        ] {
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_names_are_cut_and_keep_apart_by_their_hash() {
+        let a = consumer_name("streamex", &"x".repeat(300));
+        let b = consumer_name("streamex", &format!("{}y", "x".repeat(299)));
+        assert_eq!(a.len(), MAX_NAME);
+        assert_eq!(b.len(), MAX_NAME);
+        assert_ne!(a, b);
+        assert_eq!(a, consumer_name("streamex", &"x".repeat(300)), "stable");
+    }
+
+    #[test]
+    fn one_subject_is_filtered_on_several_take_the_whole_stream() {
+        let one = [
+            Subscription::only("comments", &[EventType::Insert]),
+            Subscription::all("public.comments"),
+        ];
+        assert_eq!(
+            filter_subject("blog", "public", &one).unwrap(),
+            "blog.public.comments"
+        );
+        let archive = [Subscription::all("archive.odd table")];
+        assert_eq!(
+            filter_subject("cdc", "public", &archive).unwrap(),
+            "cdc.archive.odd%20table"
+        );
+        let messages = [Subscription::messages("orders.v1")];
+        assert_eq!(
+            filter_subject("cdc", "public", &messages).unwrap(),
+            "cdc.messages.orders%2Ev1"
+        );
+        let two = [Subscription::all("posts"), Subscription::all("comments")];
+        assert_eq!(filter_subject("blog", "public", &two).unwrap(), "blog.>");
+        assert_eq!(filter_subject("blog", "public", &[]).unwrap(), "blog.>");
+        assert!(filter_subject("blog", "public", &[Subscription::all("a..b")]).is_err());
+    }
+
+    #[test]
+    fn a_consumer_starts_at_the_whole_stream_or_after_what_is_acknowledged() {
+        let worker = WorkerConfig::default();
+        let first = consumer_config("s-op", "d".into(), "blog.>", 1, &worker);
+        assert_eq!(first.deliver_policy, consumer::DeliverPolicy::All);
+        assert_eq!(first.ack_policy, consumer::AckPolicy::All);
+        assert_eq!(first.max_ack_pending, 1024);
+        assert_eq!(first.ack_wait, Duration::from_secs(30));
+        let later = consumer_config("s-op", "d".into(), "blog.>", 42, &worker);
+        assert_eq!(
+            later.deliver_policy,
+            consumer::DeliverPolicy::ByStartSequence { start_sequence: 42 }
+        );
+        assert_eq!(later.durable_name.as_deref(), Some("s-op"));
+    }
+}

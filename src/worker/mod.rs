@@ -1,0 +1,411 @@
+//! Workers: operators run on other machines, fed from the JetStream stream that `streamex
+//! run` publishes to (`[nats]`) instead of from the replication slot.
+//!
+//! ```text
+//!  streamex run ([nats]) ──► JetStream stream (every event, once, in WAL order)
+//!                                 │ a durable pull consumer per operator (consumer.rs)
+//!  Worker::builder()              ▼
+//!    .config(..).build().await ─► per operator (task.rs): lock ─► consumer ─► runner (the
+//!                                 engine's own: batches, checkpoint, retries, halt, dead
+//!                                 letters) ─► acknowledgement of what is durably done
+//!                                 └─► streamex.worker_progress (progress.rs) ─► streamex.processed
+//! ```
+//!
+//! # Guarantees
+//!
+//! - Each operator gets its events in WAL order (stream order), one batch in flight.
+//! - [`Delivery::ExactlyOnce`](crate::operator::Delivery::ExactlyOnce): the operator's
+//!   writes commit with its checkpoint, the event's position, keyed by (`slot`, operator) as
+//!   under `streamex run`; a message delivered again (after a crash, an outage, a lost
+//!   acknowledgement) whose position the checkpoint covers is skipped. So an operator moved
+//!   from `run` to a worker keeps its checkpoint and goes on after it.
+//! - [`Delivery::AtLeastOnce`](crate::operator::Delivery::AtLeastOnce): the events after
+//!   the last acknowledged message come again after a crash.
+//! - A message is acknowledged to JetStream only once the operator is durably done with it
+//!   and every message before it (handled, set aside as a dead letter, or not its own).
+//! - A JetStream or PostgreSQL outage pauses the operator; it goes on by itself.
+//! - One worker per operator is active (`lock.rs`); another one with the same operator
+//!   stands by.
+//!
+//! A worker needs `[nats]` and `database_url`: it migrates the `streamex` schema (where
+//! checkpoints, operator state and dead letters are) but creates no slot or publication,
+//! and does not backfill.
+
+mod consumer;
+mod held;
+mod lock;
+mod message;
+mod progress;
+mod task;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::jetstream::JetStreamError;
+use crate::operator::{AnyOperator, OperatorSpec, Registry};
+use crate::replication::ConnectParams;
+
+/// Why a worker could not be built, or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The configuration does not hold together for a worker (no `[nats]`, no operator, an
+    /// operator's entry).
+    #[error("{0}")]
+    Config(String),
+    /// The database could not be reached, or refused the connection for good.
+    #[error(transparent)]
+    Connect(anyhow::Error),
+    /// Migrating the `streamex` schema or an operator's check failed.
+    #[error(transparent)]
+    Setup(anyhow::Error),
+    /// JetStream refused the worker for good (the stream is missing, its last message is not
+    /// streamex's).
+    #[error(transparent)]
+    JetStream(#[from] JetStreamError),
+    /// Shutdown came before the worker was ready.
+    #[error("shut down before the worker was ready")]
+    Shutdown,
+    /// The running worker stopped on a definite failure.
+    #[error(transparent)]
+    Failed(anyhow::Error),
+}
+
+impl From<crate::ServiceError> for WorkerError {
+    fn from(error: crate::ServiceError) -> Self {
+        match error {
+            crate::ServiceError::Config(message) => WorkerError::Config(message),
+            crate::ServiceError::Connect(e) => WorkerError::Connect(e),
+            crate::ServiceError::Setup(e) => WorkerError::Setup(e),
+            crate::ServiceError::Shutdown => WorkerError::Shutdown,
+            other => WorkerError::Failed(other.into()),
+        }
+    }
+}
+
+/// Builds a [`Worker`]; start with [`Worker::builder`]. As [`crate::ServiceBuilder`], with
+/// the configuration's `[[operators]]` built from the registry.
+pub struct WorkerBuilder {
+    config: Option<Config>,
+    registry: Registry,
+    operators: Vec<AnyOperator>,
+    configured_operators: bool,
+}
+
+impl Default for WorkerBuilder {
+    fn default() -> Self {
+        WorkerBuilder {
+            config: None,
+            registry: Registry::new(),
+            operators: Vec::new(),
+            configured_operators: true,
+        }
+    }
+}
+
+impl WorkerBuilder {
+    /// The configuration: it needs `[nats]` (the stream `streamex run` publishes to) and
+    /// `database_url` (where the operators write, and their checkpoints are). The operators
+    /// its `[[operators]]` name are built with the [`registry`](Self::registry); each entry's
+    /// `retry` and `one_event_per_transaction` also apply to an operator of that name given
+    /// with [`operator`](Self::operator). `slot` keys the operators' checkpoints, state and
+    /// dead letters: give the slot of the `run` whose stream this is.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// The Rust operators a configuration may name.
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Runs `operator` too (besides those the configuration names).
+    pub fn operator(mut self, operator: impl Into<AnyOperator>) -> Self {
+        self.operators.push(operator.into());
+        self
+    }
+
+    /// Runs each of `operators` too.
+    pub fn operators(mut self, operators: impl IntoIterator<Item = AnyOperator>) -> Self {
+        self.operators.extend(operators);
+        self
+    }
+
+    /// Whether the configuration's `[[operators]]` are built and run (the default). With
+    /// `false`, only the operators given with [`operator`](Self::operator) run.
+    pub fn configured_operators(mut self, build: bool) -> Self {
+        self.configured_operators = build;
+        self
+    }
+
+    /// Connects to the database (retrying while it is unreachable), migrates the `streamex`
+    /// schema, checks every operator ([`Operator::check`](crate::operator::Operator::check)),
+    /// connects to NATS and checks that the stream exists (waiting while JetStream does not
+    /// answer). Creates no slot, publication or stream.
+    pub async fn build(self) -> Result<Worker, WorkerError> {
+        self.build_until(CancellationToken::new()).await
+    }
+
+    /// [`build`](Self::build), giving up when `shutdown` is cancelled.
+    pub(crate) async fn build_until(
+        self,
+        shutdown: CancellationToken,
+    ) -> Result<Worker, WorkerError> {
+        let config = self.config.ok_or_else(|| {
+            WorkerError::Config("no configuration: give one with .config(..)".into())
+        })?;
+        let nats = config.nats.clone().ok_or_else(|| {
+            WorkerError::Config(
+                "a worker reads its events from JetStream, and this configuration has no [nats] \
+                 section: give it the [nats] section of the `streamex run` that publishes them \
+                 (at least nats.url, and nats.stream and nats.subject_prefix when they are not \
+                 the defaults)"
+                    .into(),
+            )
+        })?;
+        let mut operators = if self.configured_operators {
+            self.registry
+                .build(&config.operators)
+                .map_err(|e| WorkerError::Config(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        operators.extend(self.operators);
+        if operators.is_empty() {
+            return Err(WorkerError::Config(
+                "a worker with no operator has nothing to do: name them with [[operators]] \
+                 entries (or give them with .operator(..))"
+                    .into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut filters = Vec::new();
+        for operator in &operators {
+            if !names.insert(operator.name().to_owned()) {
+                return Err(WorkerError::Config(format!(
+                    "two operators are named {:?}: the name is the key of an operator's \
+                     checkpoint, so it must be unique",
+                    operator.name()
+                )));
+            }
+            let filter = consumer::filter_subject(
+                &nats.subject_prefix,
+                &config.default_schema,
+                &operator.subscriptions(),
+            )
+            .map_err(|e| WorkerError::Config(format!("operator {}: {e}", operator.name())))?;
+            filters.push(filter);
+        }
+        let params = ConnectParams::parse(&config.database_url)
+            .map_err(|e| WorkerError::Config(format!("database_url: {e}")))?;
+        let pool = crate::service::connect(&params, &shutdown).await?;
+        crate::status::migrate(&pool)
+            .await
+            .map_err(|e| WorkerError::Setup(e.into()))?;
+        crate::service::check_operators(&pool, &operators)
+            .await
+            .map_err(WorkerError::Setup)?;
+        let source = format!("{}/{}", params.dbname, config.slot);
+        let context = connect_stream(&nats, &source, &shutdown).await?;
+        let slot: Arc<str> = config.slot.as_str().into();
+        let specs = operators
+            .into_iter()
+            .zip(filters)
+            .map(|(operator, filter)| {
+                let entry = config.operators.iter().find(|c| c.name == operator.name());
+                let spec = OperatorSpec {
+                    retry: entry.and_then(|c| c.retry).unwrap_or(config.retry),
+                    one_per_transaction: entry.is_some_and(|c| c.one_event_per_transaction),
+                    backfill: false,
+                    operator,
+                };
+                (spec, filter)
+            })
+            .collect();
+        Ok(Worker {
+            config,
+            nats,
+            pool,
+            context,
+            slot,
+            specs,
+        })
+    }
+}
+
+/// Connects to NATS and checks that the stream exists and holds the events of `source`
+/// (`<database>/<slot>` of the configuration: the key of the operators' checkpoints),
+/// waiting while JetStream does not answer; a missing stream, or one of another database or
+/// slot, is an error naming it and the fix.
+async fn connect_stream(
+    nats: &crate::config::NatsConfig,
+    source: &str,
+    shutdown: &CancellationToken,
+) -> Result<async_nats::jetstream::Context, WorkerError> {
+    use crate::jetstream;
+    let client = jetstream::connect(nats).await?;
+    let context = jetstream::context(client, nats);
+    let mut backoff = jetstream::RETRY;
+    loop {
+        let checked = match jetstream::tip(&context, &nats.stream, Some(source)).await {
+            // Its last message's position is the publisher's business, not the worker's.
+            Ok(_) | Err(JetStreamError::Foreign { .. }) => Ok(()),
+            Err(JetStreamError::OtherSource { theirs, ours, .. }) => {
+                return Err(WorkerError::Config(format!(
+                    "JetStream stream {:?} holds the events of {theirs} (database/slot), and \
+                     this worker's configuration is for {ours}: its operators' checkpoints are \
+                     keyed by the slot, and would not be the ones of the events they get. Give \
+                     the worker the database_url and slot of the `streamex run` that publishes \
+                     to nats.stream",
+                    nats.stream
+                )));
+            }
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(()) => return Ok(context),
+            Err(e) if e.is_transient() => {
+                let wait = backoff.next().unwrap_or(backoff.max);
+                tracing::warn!(
+                    url = %nats.url, stream = %nats.stream, error = %e,
+                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "JetStream does not answer (nats.url); retrying"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return Err(WorkerError::Shutdown),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A built worker, ready to [`run`](Worker::run).
+///
+/// ```no_run
+/// use streamex::Worker;
+/// use streamex::config::Config;
+///
+/// # async fn example() -> anyhow::Result<()> {
+/// let worker = Worker::builder()
+///     .config(Config::load("worker.toml".as_ref())?) // [nats], database_url, [[operators]]
+///     .registry(streamex::operators::registry())
+///     .build()
+///     .await?;
+/// worker.run(async { tokio::signal::ctrl_c().await.ok(); }).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct Worker {
+    config: Config,
+    nats: crate::config::NatsConfig,
+    pool: sqlx::PgPool,
+    context: async_nats::jetstream::Context,
+    slot: Arc<str>,
+    specs: Vec<(OperatorSpec, String)>,
+}
+
+impl Worker {
+    /// A builder.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Its operators' names, each with the JetStream consumer it reads from.
+    pub fn consumers(&self) -> Vec<(String, String)> {
+        self.specs
+            .iter()
+            .map(|(spec, _)| {
+                let name = spec.operator.name();
+                (name.to_owned(), consumer::consumer_name(&self.slot, name))
+            })
+            .collect()
+    }
+
+    /// Runs every operator until `shutdown` completes: then each finishes what it was given,
+    /// acknowledges what it has durably done, and `run` returns `Ok`. An outage of JetStream
+    /// or of the database pauses the operators; an error only for what waiting cannot mend
+    /// (the stream is gone).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), WorkerError> {
+        let token = CancellationToken::new();
+        let cancel = token.clone();
+        let watcher = async move {
+            shutdown.await;
+            cancel.cancel();
+        };
+        let run = self.run_until(token.clone());
+        tokio::pin!(run);
+        tokio::select! {
+            result = &mut run => result,
+            () = watcher => run.await,
+        }
+    }
+
+    /// [`run`](Self::run) until `shutdown` is cancelled.
+    pub(crate) async fn run_until(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        // One operator failing for good stops the others.
+        let stop = shutdown.child_token();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (spec, filter) in self.specs {
+            let name = spec.operator.name().to_owned();
+            let consumer = consumer::consumer_name(&self.slot, &name);
+            let progress = progress::Progress::new(
+                self.pool.clone(),
+                self.slot.clone(),
+                &name,
+                &self.nats.stream,
+                &spec.operator.subscriptions(),
+                &self.config.default_schema,
+                &self.config.process_status.timestamp_field,
+            );
+            info!(
+                operator = %name, stream = %self.nats.stream, consumer = %consumer,
+                filter = %filter, "running the operator from JetStream"
+            );
+            let task = task::OperatorTask {
+                spec,
+                pool: self.pool.clone(),
+                slot: self.slot.clone(),
+                nats: self.nats.clone(),
+                worker: self.config.worker.clone(),
+                context: self.context.clone(),
+                consumer,
+                filter,
+                batch_size: self.config.replication.batch_size,
+                default_schema: self.config.default_schema.clone(),
+                progress,
+                shutdown: stop.clone(),
+            };
+            tasks.spawn(task.run());
+        }
+        let mut failure = None;
+        while let Some(ended) = tasks.join_next().await {
+            let result = ended
+                .map_err(|e| WorkerError::Failed(anyhow::anyhow!("an operator's task failed: {e}")))
+                .and_then(|r| r);
+            if let Err(e) = result {
+                stop.cancel();
+                failure.get_or_insert(e);
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => {
+                info!("worker stopped cleanly");
+                Ok(())
+            }
+        }
+    }
+}

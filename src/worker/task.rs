@@ -1,0 +1,825 @@
+//! One operator of a worker: sessions of its consumer feeding the engine's own runner.
+//!
+//! ```text
+//!  lock (slot, operator) ─► state: halted? wait for `streamex resume` ─► checkpoint, skip
+//!   ─► consumer made anew after what is acknowledged (consumer.rs) ─► session:
+//!        pull (≤ max_ack_pending held) ─► arrive: new / again / missed (held.rs)
+//!          new ─► event (message.rs) ─► Event if subscribed, then Commit { Lsn(stream seq) } ─► runner inbox (bounded)
+//!        runner: batches, checkpoint in the operator's transaction, retries, halt, dead letters
+//!          ─► Board::advance(stream seq) ─► acknowledge the newest message done through it
+//!   ─► the session ends on shutdown, halt, a missed delivery, a lost lock or a pull error:
+//!      the runner finishes what it was given, what it finished is acknowledged, the rest is
+//!      delivered again by the next session's consumer
+//! ```
+//!
+//! # Progress
+//!
+//! The runner reports progress at its `Commit` markers (`Board::advance`), as in the
+//! service; here a marker follows every message, and carries the message's stream sequence
+//! (in the board's `Lsn`: the board only compares them). So "done through marker S" means
+//! every message up to stream sequence S is handled, set aside, or not the operator's, and
+//! its effects are committed with the checkpoint: only then is message S acknowledged
+//! (acknowledging all before it). A message the operator does not subscribe to, or one its
+//! checkpoint covers (the runner skips it), is acknowledged the same way, in order.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull::Batch};
+use futures_util::StreamExt as _;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::WorkerError;
+use super::consumer;
+use super::held::{Arrival, Held};
+use super::lock::{self, OperatorLock};
+use super::message::{self, Unreadable};
+use super::progress::Progress;
+use crate::backoff::Backoff;
+use crate::config::{NatsConfig, WorkerConfig};
+use crate::jetstream::JetStreamError;
+use crate::lsn::{Lsn, Position};
+use crate::operator::{Board, Input, OperatorSpec, Runner, RunnerExit, Subscription};
+use crate::status::{self, OperatorRunState};
+
+/// The waits between attempts while JetStream or the database does not answer.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(200), 2.0, Duration::from_secs(5));
+
+/// How often a worker says again that NATS is unreachable.
+const OUTAGE_REMINDER: Duration = Duration::from_secs(30);
+
+/// How often what the operator is done with goes to `streamex.worker_progress`.
+const FLUSH: Duration = Duration::from_millis(100);
+
+/// One operator of a worker, and what it needs.
+pub(super) struct OperatorTask {
+    pub spec: OperatorSpec,
+    pub pool: PgPool,
+    pub slot: Arc<str>,
+    pub nats: NatsConfig,
+    pub worker: WorkerConfig,
+    pub context: jetstream::Context,
+    /// The operator's durable consumer.
+    pub consumer: String,
+    /// The subject it filters on.
+    pub filter: String,
+    pub batch_size: usize,
+    pub default_schema: String,
+    pub progress: Progress,
+    pub shutdown: CancellationToken,
+}
+
+/// How a session ended.
+enum Outcome {
+    Shutdown,
+    /// The operator halted: wait for `streamex resume`, then start again after
+    /// `acked_through`.
+    Halted {
+        acked_through: u64,
+    },
+    /// Start again with a new consumer after `acked_through`.
+    Again {
+        acked_through: u64,
+        lock_lost: bool,
+    },
+    /// A folded window failed: start again after `acked_through`, handling events through
+    /// `through` without folding.
+    Replay {
+        through: Position,
+        acked_through: u64,
+    },
+}
+
+/// Why a session stops taking messages.
+enum Ending {
+    Shutdown,
+    /// A delivery went missing, or a pull failed in a way that a new consumer mends.
+    Again,
+    LockLost,
+    Unreadable(Unreadable),
+}
+
+type Pull<'a> = Pin<Box<dyn Future<Output = Result<Batch, String>> + Send + 'a>>;
+
+impl OperatorTask {
+    fn name(&self) -> &str {
+        self.spec.operator.name()
+    }
+
+    /// Runs the operator until shutdown; an error only for what waiting cannot mend (the
+    /// stream is gone, the database refuses the worker for good).
+    pub(super) async fn run(self) -> Result<(), WorkerError> {
+        let mut lock: Option<OperatorLock> = None;
+        // Where the consumer is acknowledged through; unknown until its ack floor is read.
+        let mut acked: Option<u64> = None;
+        let mut unfolded: Option<Position> = None;
+        // The operator halted because the stream no longer holds messages it had not
+        // handled; a resume of that halt accepts their loss.
+        let mut halted_on_removed = false;
+        let mut accept_removed = false;
+        let result = loop {
+            if self.shutdown.is_cancelled() {
+                break Ok(());
+            }
+            if lock.is_none() {
+                match OperatorLock::acquire(&self.pool, &self.slot, self.name(), &self.shutdown)
+                    .await
+                {
+                    Ok(Some(taken)) => lock = Some(taken),
+                    Ok(None) => break Ok(()),
+                    Err(e) => {
+                        break Err(WorkerError::Failed(
+                            anyhow::Error::new(e).context("taking the operator's worker lock"),
+                        ));
+                    }
+                }
+                // Another worker may have moved the consumer meanwhile.
+                acked = None;
+                let registered = self
+                    .database("registering the operator's process status", || async {
+                        self.progress
+                            .register()
+                            .await
+                            .map_err(status::StatusError::sql("registering process status"))
+                    })
+                    .await?;
+                if registered.is_none() {
+                    break Ok(());
+                }
+            }
+            let Some(state) = self.state().await? else {
+                break Ok(());
+            };
+            if state.halted {
+                match self.until_resumed().await? {
+                    true => {
+                        accept_removed = std::mem::take(&mut halted_on_removed);
+                        continue;
+                    }
+                    false => break Ok(()),
+                }
+            }
+            let Some(start) = self
+                .position(acked, state.checkpoint, &mut accept_removed)
+                .await?
+            else {
+                break Ok(());
+            };
+            let (consumer, acked_through) = match start {
+                Start::Consumer(consumer, acked_through) => (consumer, acked_through),
+                // Halted on messages the stream no longer holds.
+                Start::Halted => {
+                    halted_on_removed = true;
+                    continue;
+                }
+            };
+            let Some(held_lock) = lock.as_mut() else {
+                continue;
+            };
+            let outcome = self
+                .session(*consumer, acked_through, &state, unfolded, held_lock)
+                .await;
+            match outcome {
+                Outcome::Shutdown => break Ok(()),
+                Outcome::Halted { acked_through } => acked = Some(acked_through),
+                Outcome::Again {
+                    acked_through,
+                    lock_lost,
+                } => {
+                    acked = Some(acked_through);
+                    if lock_lost {
+                        if let Some(lost) = lock.take() {
+                            lost.release().await;
+                        }
+                    }
+                }
+                Outcome::Replay {
+                    through,
+                    acked_through,
+                } => {
+                    acked = Some(acked_through);
+                    unfolded = Some(through);
+                }
+            }
+        };
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
+        result
+    }
+
+    /// The operator's stored state, retrying while the database does not answer. `None` on
+    /// shutdown.
+    async fn state(&self) -> Result<Option<State>, WorkerError> {
+        let name = self.name().to_owned();
+        self.database("reading the operator's checkpoint and state", || async {
+            let states = status::load_operator_states(&self.pool, &self.slot).await?;
+            let checkpoint = status::load_checkpoint(&self.pool, &self.slot, &name).await?;
+            let state = states.get(&name);
+            Ok(State {
+                halted: state.is_some_and(|s| s.state == OperatorRunState::Halted),
+                skip: state.and_then(|s| s.skip),
+                checkpoint,
+            })
+        })
+        .await
+    }
+
+    /// Waits while the operator is halted: true once `streamex resume` set it running,
+    /// false on shutdown.
+    async fn until_resumed(&self) -> Result<bool, WorkerError> {
+        warn!(
+            operator = self.name(),
+            slot = %self.slot,
+            "operator is halted; run `streamex resume {}` to restart it (`streamex status` \
+             shows its last error)",
+            self.name()
+        );
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(lock::POLL) => {}
+                _ = self.shutdown.cancelled() => return Ok(false),
+            }
+            let Some(state) = self.state().await? else {
+                return Ok(false);
+            };
+            if !state.halted {
+                info!(
+                    operator = self.name(),
+                    "operator resumed; starting it again"
+                );
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Makes the consumer anew after what it has acknowledged (`acked`, or its ack floor when
+    /// unknown). Halts the operator, instead, when the stream no longer holds messages
+    /// after that which the operator has not handled (removed by `max_age`, `max_bytes` or
+    /// by hand), unless a resume accepted that. `None` on shutdown.
+    async fn position(
+        &self,
+        acked: Option<u64>,
+        checkpoint: Option<Position>,
+        accept_removed: &mut bool,
+    ) -> Result<Option<Start>, WorkerError> {
+        let stream_name = self.nats.stream.as_str();
+        let accept = *accept_removed;
+        let acked_through = match acked {
+            Some(acked) => acked,
+            None => {
+                let read = || async move {
+                    let opened = consumer::open_stream(&self.context, stream_name).await?;
+                    let floor =
+                        consumer::ack_floor(&opened.stream, stream_name, &self.consumer).await?;
+                    Ok((floor, opened.created))
+                };
+                let Some((floor, created)) = self
+                    .jetstream("reading the operator's consumer", read)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                // The consumer may be gone (the worker was killed while it made it anew, the
+                // server lost it): the copy in the database says where it was.
+                let stored = self
+                    .database("reading where the operator's consumer was", || async {
+                        self.progress.stored_acked(&created).await.map_err(
+                            status::StatusError::sql("reading streamex.worker_consumers"),
+                        )
+                    })
+                    .await?;
+                let Some(stored) = stored else {
+                    return Ok(None);
+                };
+                floor.unwrap_or(0).max(stored.unwrap_or(0))
+            }
+        };
+        let attempt = || async move {
+            let consumer::Opened {
+                stream,
+                first,
+                created,
+            } = consumer::open_stream(&self.context, stream_name).await?;
+            self.progress.stream_created(&created);
+            let start = acked_through + 1;
+            if first > start && !accept {
+                let new = acked.is_none() && acked_through == 0 && checkpoint.is_none();
+                let first_position = consumer::position_at(&stream, stream_name, first).await?;
+                let covered = checkpoint
+                    .zip(first_position)
+                    .is_some_and(|(done, first)| first <= done);
+                if new {
+                    info!(
+                        operator = self.name(), stream = %stream_name, first,
+                        "the operator has no checkpoint: it starts from the first message the \
+                         stream holds"
+                    );
+                } else if !covered {
+                    return Ok(Err((start, first)));
+                }
+            }
+            let config = consumer::consumer_config(
+                &self.consumer,
+                format!(
+                    "streamex worker: operator {} of slot {}",
+                    self.name(),
+                    self.slot
+                ),
+                &self.filter,
+                start,
+                &self.worker,
+            );
+            let created = consumer::recreate(&stream, stream_name, config).await?;
+            Ok(Ok((created, acked_through)))
+        };
+        let Some(outcome) = self
+            .jetstream("making the operator's consumer", attempt)
+            .await?
+        else {
+            return Ok(None);
+        };
+        match outcome {
+            Ok((created, acked_through)) => {
+                *accept_removed = false;
+                debug!(
+                    operator = self.name(), consumer = %self.consumer, from = acked_through + 1,
+                    "consumer made; delivering"
+                );
+                Ok(Some(Start::Consumer(Box::new(created), acked_through)))
+            }
+            Err((start, first)) => {
+                let message = format!(
+                    "JetStream stream {:?} no longer holds its messages {start} to {} \
+                     (removed by nats.max_age or nats.max_bytes, or by hand), which this \
+                     operator had not handled: their events are lost to it. Rebuild what it \
+                     derives, then `streamex resume {}` to go on from sequence {first}",
+                    self.nats.stream,
+                    first - 1,
+                    self.name()
+                );
+                error!(operator = self.name(), error = %message, "operator halted");
+                self.store_halt(&message).await?;
+                Ok(Some(Start::Halted))
+            }
+        }
+    }
+
+    /// Stores the operator's halt (so that `streamex status` shows it and `streamex resume`
+    /// ends it), retrying while the database does not answer.
+    async fn store_halt(&self, message: &str) -> Result<(), WorkerError> {
+        let name = self.name().to_owned();
+        self.database("storing the operator's halt", || async {
+            status::set_operator_halted(&self.pool, &self.slot, &name, message, Lsn::ZERO, 0, 1)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// One session: a runner fed from `consumer`, until it ends (see the module
+    /// documentation).
+    async fn session(
+        &self,
+        consumer: PullConsumer,
+        acked_through: u64,
+        state: &State,
+        unfolded: Option<Position>,
+        lock: &mut OperatorLock,
+    ) -> Outcome {
+        let name = self.name();
+        let board = Arc::new(Board::new(vec![name.to_owned()], Lsn(acked_through)));
+        // Room for a whole batch of events with their markers.
+        let capacity = self.batch_size.saturating_mul(2).saturating_add(2);
+        let (tx, rx) = mpsc::channel::<Input>(capacity);
+        let runner = Runner {
+            index: 0,
+            operator: self.spec.operator.0.clone(),
+            pool: self.pool.clone(),
+            slot: self.slot.clone(),
+            retry: self.spec.retry,
+            batch_size: if self.spec.one_per_transaction {
+                1
+            } else {
+                self.batch_size
+            },
+            one_per_transaction: self.spec.one_per_transaction,
+            checkpoint: state.checkpoint,
+            skip: state.skip,
+            board: board.clone(),
+            shutdown: self.shutdown.clone(),
+            // No replication stream here: commit times are compared with this machine's clock.
+            clock: Arc::default(),
+            unfolded_through: unfolded,
+            received: None,
+            reported: None,
+        };
+        let mut runner = tokio::spawn(runner.run(rx));
+        let mut inbox = Some(tx);
+        let mut held: Held<jetstream::Message> = Held::new(acked_through);
+        let mut outbox: VecDeque<Input> = VecDeque::new();
+        let mut batch: Option<Batch> = None;
+        let mut pull: Option<Pull<'_>> = None;
+        let mut pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut pull_failures = 0u32;
+        let mut backoff = RETRY;
+        let mut ending: Option<Ending> = None;
+        let mut lock_check = tokio::time::interval(lock::POLL);
+        lock_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Since when the NATS connection is down, and when that was last said.
+        let mut disconnected: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
+        let mut flush = tokio::time::interval(FLUSH);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let subscriptions = self.spec.operator.subscriptions();
+        loop {
+            if let Some(message) = held.done_through(board.done(0).0) {
+                self.acknowledge(&message).await;
+                self.progress.acked(held.acked_through());
+            }
+            if ending.is_some() && outbox.is_empty() {
+                // The runner finishes what it holds, then ends (Drained).
+                inbox = None;
+            }
+            // A pull asks for no more than the outbox has room for (an event and a marker
+            // each), so that its messages are always read as they come: a pull request's
+            // messages left unread past its expiry would be dropped by the client (and come
+            // again only after `ack_wait`, out of order).
+            let want = self
+                .worker
+                .max_ack_pending
+                .saturating_sub(held.len())
+                .min(self.batch_size.max(1))
+                .min(capacity.saturating_sub(outbox.len()) / 2);
+            if ending.is_none() && batch.is_none() && pull.is_none() && pause.is_none() && want > 0
+            {
+                pull = Some(Box::pin(self.pull(&consumer, want)));
+            }
+            tokio::select! {
+                biased;
+                exit = &mut runner => {
+                    if let Some(message) = held.done_through(board.done(0).0) {
+                        self.acknowledge(&message).await;
+                    }
+                    let acked_through = held.acked_through();
+                    self.progress.acked(acked_through);
+                    self.progress.forget_unacked();
+                    self.progress.flush().await;
+                    debug!(
+                        operator = name, acked_through, left_unacknowledged = held.len(),
+                        "session ended"
+                    );
+                    let exit = match exit {
+                        Ok(exit) => exit,
+                        Err(e) => {
+                            error!(operator = name, error = %e, "the operator's task failed; starting it again");
+                            return Outcome::Again { acked_through, lock_lost: false };
+                        }
+                    };
+                    return match exit {
+                        RunnerExit::Drained => match ending {
+                            None | Some(Ending::Shutdown) => Outcome::Shutdown,
+                            Some(Ending::Again) => Outcome::Again { acked_through, lock_lost: false },
+                            Some(Ending::LockLost) => Outcome::Again { acked_through, lock_lost: true },
+                            Some(Ending::Unreadable(unreadable)) => {
+                                let message = unreadable.to_string();
+                                error!(operator = name, error = %message, "operator halted");
+                                match self.store_halt(&message).await {
+                                    Ok(()) => Outcome::Halted { acked_through },
+                                    Err(_) => Outcome::Shutdown,
+                                }
+                            }
+                        },
+                        RunnerExit::Interrupted => Outcome::Shutdown,
+                        RunnerExit::Halted => Outcome::Halted { acked_through },
+                        RunnerExit::Replay(through) => Outcome::Replay { through, acked_through },
+                    };
+                }
+                _ = self.shutdown.cancelled(), if ending.is_none() => {
+                    ending = Some(Ending::Shutdown);
+                    // Not yet given to the runner: delivered again after a restart.
+                    outbox.clear();
+                    batch = None;
+                    pull = None;
+                }
+                _ = board.changed() => {}
+                permit = reserve(inbox.as_ref()), if inbox.is_some() && !outbox.is_empty() => {
+                    if let (Ok(permit), Some(input)) = (permit, outbox.pop_front()) {
+                        permit.send(input);
+                    }
+                }
+                next = next_message(batch.as_mut()), if batch.is_some() && ending.is_none() => {
+                    match next {
+                        None => batch = None,
+                        Some(Err(e)) => {
+                            warn!(
+                                operator = name, stream = %self.nats.stream, consumer = %self.consumer,
+                                error = %e,
+                                "pulling from JetStream failed; starting the consumer again after \
+                                 what the operator is done with"
+                            );
+                            batch = None;
+                            ending = Some(Ending::Again);
+                        }
+                        Some(Ok(message)) => {
+                            if let Some(end) = self
+                                .arrive(message, &mut held, &mut outbox, &subscriptions)
+                                .await
+                            {
+                                batch = None;
+                                ending = Some(end);
+                            }
+                        }
+                    }
+                }
+                opened = async { pull.as_mut().expect("guarded").await }, if pull.is_some() => {
+                    pull = None;
+                    match opened {
+                        Ok(opened) => {
+                            if pull_failures > 0 {
+                                info!(operator = name, stream = %self.nats.stream, "JetStream answers again; going on");
+                            }
+                            pull_failures = 0;
+                            backoff.reset();
+                            batch = Some(opened);
+                        }
+                        Err(e) => {
+                            pull_failures += 1;
+                            let wait = backoff.next().unwrap_or(backoff.max);
+                            warn!(
+                                operator = name, url = %self.nats.url, stream = %self.nats.stream,
+                                consumer = %self.consumer, error = %e, attempt = pull_failures,
+                                retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                                "JetStream does not answer (nats.url): the operator waits, and \
+                                 goes on by itself once it does"
+                            );
+                            pause = Some(Box::pin(tokio::time::sleep(wait)));
+                        }
+                    }
+                }
+                _ = async { pause.as_mut().expect("guarded").await }, if pause.is_some() => {
+                    pause = None;
+                }
+                _ = lock_check.tick(), if ending.is_none() => {
+                    if self.watch_connection(&mut disconnected) {
+                        // The server may have lost the pull request while the connection was
+                        // down: ask again rather than wait for the client to give it up.
+                        batch = None;
+                    }
+                    if !lock.held().await {
+                        warn!(
+                            operator = name, slot = %self.slot,
+                            "lost the operator's worker lock (its database session ended): \
+                             stopping after what is in flight, then taking it again"
+                        );
+                        batch = None;
+                        pull = None;
+                        ending = Some(Ending::LockLost);
+                    }
+                }
+                _ = flush.tick() => self.progress.flush().await,
+            }
+        }
+    }
+
+    /// Says when the NATS connection is lost (a pull then waits without a word until the
+    /// client gives it up), every 30 s while it stays lost, and when it is back: then true.
+    fn watch_connection(
+        &self,
+        disconnected: &mut Option<(tokio::time::Instant, tokio::time::Instant)>,
+    ) -> bool {
+        use async_nats::connection::State;
+        let now = tokio::time::Instant::now();
+        let connected = self.context.client().connection_state() == State::Connected;
+        match (connected, disconnected.as_mut()) {
+            (false, None) => {
+                warn!(
+                    operator = self.name(), url = %self.nats.url, stream = %self.nats.stream,
+                    consumer = %self.consumer,
+                    "lost the connection to NATS (nats.url): the operator finishes what it has \
+                     and waits; the client reconnects by itself"
+                );
+                *disconnected = Some((now, now));
+            }
+            (false, Some((since, said))) if now.duration_since(*said) >= OUTAGE_REMINDER => {
+                warn!(
+                    operator = self.name(), url = %self.nats.url, stream = %self.nats.stream,
+                    consumer = %self.consumer, down_for_s = now.duration_since(*since).as_secs(),
+                    "NATS is still unreachable (nats.url); the operator waits"
+                );
+                *said = now;
+            }
+            (true, Some((since, _))) => {
+                info!(
+                    operator = self.name(), url = %self.nats.url,
+                    down_for_ms = u64::try_from(now.duration_since(*since).as_millis()).unwrap_or(u64::MAX),
+                    "connected to NATS again; going on"
+                );
+                *disconnected = None;
+                return true;
+            }
+            _ => {}
+        }
+        false
+    }
+
+    /// Takes in one delivery; `Some` when the session must end on it.
+    async fn arrive(
+        &self,
+        message: jetstream::Message,
+        held: &mut Held<jetstream::Message>,
+        outbox: &mut VecDeque<Input>,
+        subscriptions: &[Subscription],
+    ) -> Option<Ending> {
+        let (sequence, delivery) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.consumer_sequence),
+            Err(e) => {
+                // Not a JetStream delivery (no acknowledgement subject): nothing to do with it.
+                warn!(operator = self.name(), error = %e, "a pulled message is no JetStream delivery; ignored");
+                return None;
+            }
+        };
+        match held.arrive(sequence, delivery) {
+            Arrival::Again { done: true } => {
+                self.acknowledge(&message).await;
+                None
+            }
+            Arrival::Again { done: false } => None,
+            Arrival::Missed { expected, got } => {
+                warn!(
+                    operator = self.name(), consumer = %self.consumer, expected, got,
+                    "a JetStream delivery went missing (JetStream would send it again only \
+                     after the ones that follow it): starting the consumer again after what \
+                     the operator is done with, to keep WAL order"
+                );
+                Some(Ending::Again)
+            }
+            Arrival::New => {
+                let event = message::event_of(
+                    message.headers.as_ref(),
+                    &message.payload,
+                    message.subject.as_str(),
+                    sequence,
+                    &self.default_schema,
+                );
+                let Some(event) = event else {
+                    return Some(Ending::Unreadable(Unreadable {
+                        stream: self.nats.stream.clone(),
+                        sequence,
+                        subject: message.subject.to_string(),
+                        operator: self.name().to_owned(),
+                    }));
+                };
+                self.progress.passed(sequence, &event);
+                if message::concerns(&event, subscriptions) {
+                    outbox.push_back(Input::Event(Arc::new(event)));
+                }
+                outbox.push_back(Input::Commit {
+                    end_lsn: Lsn(sequence),
+                });
+                held.hold(sequence, message);
+                None
+            }
+        }
+    }
+
+    /// A pull request for up to `want` messages, waiting at most `worker.pull_wait` for them.
+    async fn pull(&self, consumer: &PullConsumer, want: usize) -> Result<Batch, String> {
+        let request = consumer
+            .batch()
+            .max_messages(want)
+            .expires(self.worker.pull_wait)
+            .messages();
+        match tokio::time::timeout(consumer::answer_timeout(&self.nats), request).await {
+            Ok(Ok(batch)) => Ok(batch),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer in time (nats.timeout)".to_owned()),
+        }
+    }
+
+    /// Acknowledges `message` and every one before it. A lost acknowledgement costs a
+    /// message sent again, which its position tells apart.
+    async fn acknowledge(&self, message: &jetstream::Message) {
+        match tokio::time::timeout(consumer::answer_timeout(&self.nats), message.ack()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(operator = self.name(), error = %e, "acknowledgement not sent"),
+            Err(_) => debug!(operator = self.name(), "acknowledgement not sent in time"),
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, waiting while the database does not answer. `None`
+    /// on shutdown; an error when it fails for good.
+    async fn database<T, F, Fut>(
+        &self,
+        what: &str,
+        mut attempt: F,
+    ) -> Result<Option<T>, WorkerError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, status::StatusError>>,
+    {
+        let mut backoff = RETRY;
+        loop {
+            match attempt().await {
+                Ok(value) => return Ok(Some(value)),
+                Err(e) if e.is_transient() => {
+                    let wait = backoff.next().unwrap_or(backoff.max);
+                    warn!(
+                        operator = self.name(), error = %e,
+                        retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "{what} failed: the database does not answer (database_url); the \
+                         operator waits, and goes on by itself once it does"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.cancelled() => return Ok(None),
+                    }
+                }
+                Err(e) => {
+                    return Err(WorkerError::Failed(
+                        anyhow::Error::new(e).context(format!("operator {}: {what}", self.name())),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, waiting while JetStream does not answer. `None` on
+    /// shutdown; an error when it fails for good (the stream is gone).
+    async fn jetstream<T, F, Fut>(
+        &self,
+        what: &str,
+        mut attempt: F,
+    ) -> Result<Option<T>, WorkerError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, JetStreamError>>,
+    {
+        let mut backoff = RETRY;
+        let mut failures = 0u32;
+        loop {
+            match attempt().await {
+                Ok(value) => {
+                    if failures > 0 {
+                        info!(operator = self.name(), stream = %self.nats.stream, "JetStream answers again; going on");
+                    }
+                    return Ok(Some(value));
+                }
+                Err(e) if e.is_transient() => {
+                    failures += 1;
+                    let wait = backoff.next().unwrap_or(backoff.max);
+                    warn!(
+                        operator = self.name(), url = %self.nats.url, stream = %self.nats.stream,
+                        consumer = %self.consumer, error = %e, attempt = failures,
+                        retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "{what} failed: JetStream does not answer (nats.url); the operator \
+                         waits, and goes on by itself once it does"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.cancelled() => return Ok(None),
+                    }
+                }
+                Err(e) => return Err(WorkerError::JetStream(e)),
+            }
+        }
+    }
+}
+
+/// What a session starts from.
+enum Start {
+    Consumer(Box<PullConsumer>, u64),
+    Halted,
+}
+
+/// The operator's stored state at the start of a session.
+struct State {
+    halted: bool,
+    skip: Option<Position>,
+    checkpoint: Option<Position>,
+}
+
+/// A place in the runner's inbox (`sender` is there: the caller checks).
+async fn reserve(
+    sender: Option<&mpsc::Sender<Input>>,
+) -> Result<mpsc::Permit<'_, Input>, mpsc::error::SendError<()>> {
+    match sender {
+        Some(sender) => sender.reserve().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next message of the open pull request (`batch` is there: the caller checks).
+async fn next_message(
+    batch: Option<&mut Batch>,
+) -> Option<Result<jetstream::Message, async_nats::Error>> {
+    match batch {
+        Some(batch) => batch.next().await,
+        None => std::future::pending().await,
+    }
+}

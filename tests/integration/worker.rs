@@ -1,0 +1,604 @@
+//! `streamex worker`: operators run from the JetStream stream that a `streamex run` with
+//! `[nats]` and no operators publishes to, against a real `nats-server -js` of the test's
+//! own. The blog operators stay exact across SIGKILLs of the worker and an outage of
+//! JetStream, and `streamex.processed` waits for them; failures go to the operators' policy
+//! (dead letters, halt and `resume --skip-current`), an unreadable message too; a worker
+//! without its stream or without `[nats]` says what to fix.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use streamex::testing;
+
+use crate::common::nats::NatsServer;
+use crate::common::{
+    self, BLOG, Rng, blog_activity, blog_config, derived_mismatches, eventually, settle, slot_for,
+    spawn_service,
+};
+
+/// `[nats]` for the test's server, stream and subjects `blog`.
+fn nats_section(nats: &NatsServer) -> String {
+    format!(
+        "\n[nats]\nurl = {:?}\nstream = \"blog\"\nsubject_prefix = \"blog\"\n",
+        nats.url()
+    )
+}
+
+/// The blog configuration for database `url`: without its `[[operators]]` and with `[nats]`
+/// for `streamex run` (it only publishes), and with both plus `extra` for the worker.
+fn configs(url: &str, nats: &NatsServer, extra: &str) -> (String, String) {
+    let blog = blog_config(url, &slot_for(url));
+    let cut = blog
+        .find("\n[[operators]]")
+        .expect("the example configuration has operators");
+    let publisher = format!("{}{}", &blog[..cut], nats_section(nats));
+    let worker = format!("{blog}{}{extra}", nats_section(nats));
+    (publisher, worker)
+}
+
+/// `streamex worker --config config`, its stderr appended to `log`.
+fn spawn_worker(config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Ok(common::streamex_command("info,streamex::worker=debug")
+        .args(["worker", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?)
+}
+
+/// Sends SIGTERM to `child` and waits for it, at most [`common::PATIENCE`].
+fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
+    let pid = libc::pid_t::try_from(child.id())?;
+    // SAFETY: kill(2) on our own child's pid, with a valid signal number.
+    anyhow::ensure!(
+        unsafe { libc::kill(pid, libc::SIGTERM) } == 0,
+        "kill failed"
+    );
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What happens to the pipeline between two moments of the blog workload.
+#[derive(Clone, Copy, Debug)]
+enum Disruption {
+    /// The worker is SIGKILLed and started again.
+    KillWorker,
+    /// nats-server is SIGKILLed and started again, under streamex and the worker.
+    JetStreamOutage,
+    /// PostgreSQL crashes (immediate stop) and starts again.
+    DatabaseCrash,
+}
+
+/// The blog workload through a publisher-only `streamex run` and a `streamex worker` with the
+/// blog operators, the `disruptions` one after the other at random moments; then the
+/// derived tables must be exact as soon as `streamex.processed` says the last write is.
+async fn blog_through_a_worker(
+    url: &str,
+    cluster: Option<&testing::Cluster>,
+    disruptions: &[Disruption],
+) -> anyhow::Result<()> {
+    let mut nats = NatsServer::start()?;
+    let pool = PgPool::connect(url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let (publisher, worker) = configs(url, &nats, "\n[worker]\nack_wait = \"5s\"\n");
+    let run_config = dir.path().join("run.toml");
+    let worker_config = dir.path().join("worker.toml");
+    std::fs::write(&run_config, publisher)?;
+    std::fs::write(&worker_config, worker)?;
+    common::setup_service(&run_config)?;
+
+    let seed = common::seed_from_env("STREAMEX_WORKER_SEED");
+    println!("STREAMEX_WORKER_SEED={seed}");
+    let mut rng = Rng(seed | 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (pool, stop) = (pool.clone(), stop.clone());
+        let mut rng = Rng(seed.rotate_left(23) | 1);
+        async move {
+            let mut changes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match blog_activity(&pool, &mut rng).await {
+                    Ok(n) => changes += n,
+                    // The database is down: wait for it.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+                tokio::time::sleep(Duration::from_millis(rng.below(4))).await;
+            }
+            changes
+        }
+    });
+
+    let run_log = dir.path().join("run.log");
+    let worker_log = dir.path().join("worker.log");
+    let mut service = spawn_service(&run_config, &run_log, "info")?;
+    let mut worker = spawn_worker(&worker_config, &worker_log)?;
+    for disruption in disruptions {
+        tokio::time::sleep(Duration::from_millis(700 + rng.below(1300))).await;
+        match disruption {
+            Disruption::KillWorker => {
+                worker.kill()?;
+                worker.wait()?;
+                tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+                worker = spawn_worker(&worker_config, &worker_log)?;
+            }
+            Disruption::JetStreamOutage => {
+                nats.kill()?;
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
+                nats.restart()?;
+            }
+            Disruption::DatabaseCrash => {
+                let cluster = cluster.expect("a cluster of the test's own to crash");
+                tokio::task::block_in_place(|| cluster.stop(testing::StopMode::Immediate))?;
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
+                tokio::task::block_in_place(|| cluster.start_again())?;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let changes = writer.await?;
+
+    // streamex.processed counts the worker's operators: once the marker is processed, the
+    // derived tables are exact at once.
+    settle(&pool).await?;
+    let settled = derived_mismatches(&pool).await?;
+    eventually("the derived tables match", async || {
+        Ok(derived_mismatches(&pool).await? == (0, 0))
+    })
+    .await
+    .map_err(|e| {
+        let log = std::fs::read_to_string(&worker_log).unwrap_or_default();
+        let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+        anyhow::anyhow!("{e}; last lines of the worker's log, newest first:\n{tail}")
+    })?;
+    assert_eq!(
+        settled,
+        (0, 0),
+        "streamex.processed said the marker was processed before the worker was done with it"
+    );
+    assert!(changes > 100, "only {changes} changes were written");
+
+    // The checkpoints are the ones `run` would use: keyed by the slot.
+    let checkpoints: Vec<String> = sqlx::query_scalar(
+        "SELECT operator FROM streamex.operator_checkpoints WHERE slot = $1 ORDER BY 1",
+    )
+    .bind(slot_for(url))
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        checkpoints,
+        ["post_comment_tallies", "post_with_comments_counts"]
+    );
+    let log = std::fs::read_to_string(&worker_log)?;
+    assert!(!log.contains("panicked"), "{log}");
+
+    // SIGTERM stops it cleanly.
+    let status = terminate(&mut worker)?;
+    assert!(status.success(), "the worker exited with {status}");
+    service.kill()?;
+    service.wait()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_keeps_the_blog_tables_exact_across_sigkills_and_a_jetstream_outage()
+-> anyhow::Result<()> {
+    use Disruption::*;
+    let url = testing::server().create_database().await?;
+    // STREAMEX_WORKER_KILLS: how many SIGKILLs (4 by default), the outage after the second.
+    let kills: usize = std::env::var("STREAMEX_WORKER_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(4);
+    let mut disruptions = vec![KillWorker; kills];
+    disruptions.insert(kills.min(2), JetStreamOutage);
+    blog_through_a_worker(&url, None, &disruptions).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_waits_out_a_database_crash_and_stays_exact() -> anyhow::Result<()> {
+    use Disruption::*;
+    let cluster = testing::Cluster::start()?;
+    let url = cluster.create_database().await?;
+    blog_through_a_worker(
+        &url,
+        Some(&cluster),
+        &[KillWorker, DatabaseCrash, KillWorker],
+    )
+    .await
+}
+
+/// The configuration's operators replaced by two declarative ones on `posts`: one that fails
+/// on every post whose id is a multiple of 7 and sets them aside, one that halts on post 5.
+fn failing_operators(url: &str, nats: &NatsServer) -> (String, String) {
+    let (publisher, worker) = configs(url, nats, "");
+    let cut = worker.find("\n[[operators]]").unwrap_or(worker.len());
+    let operators = r#"
+[[operators]]
+name = "every_post"
+query = "INSERT INTO seen (id) SELECT $1::bigint WHERE 1 / (CASE WHEN $1::bigint % 7 = 0 THEN 0 ELSE 1 END) = 1 ON CONFLICT DO NOTHING"
+id = { posts = "id" }
+retry = { retries = 1, initial = "10ms", max = "10ms", on_failure = "dead_letter" }
+
+[[operators]]
+name = "halting"
+query = "INSERT INTO seen_by_halting (id) SELECT $1::bigint WHERE 1 / (CASE WHEN $1::bigint = 5 THEN 0 ELSE 1 END) = 1 ON CONFLICT DO NOTHING"
+id = { posts = "id" }
+retry = { retries = 1, initial = "10ms", max = "10ms", on_failure = "halt" }
+"#;
+    let worker = format!("{}{operators}{}", &worker[..cut], nats_section(nats));
+    (publisher, worker)
+}
+
+async fn dead_letters(pool: &PgPool, operator: &str) -> anyhow::Result<Vec<(Option<i64>, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT (event->'new_record'->>'id')::bigint, error FROM streamex.dead_letters \
+          WHERE operator = $1 ORDER BY commit_lsn, ordinal",
+    )
+    .bind(operator)
+    .fetch_all(pool)
+    .await?)
+}
+
+async fn state_of(pool: &PgPool, operator: &str) -> anyhow::Result<Option<(String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT state, coalesce(last_error, '') FROM streamex.operator_state WHERE operator = $1",
+    )
+    .bind(operator)
+    .fetch_optional(pool)
+    .await?)
+}
+
+#[tokio::test]
+async fn failures_through_a_worker_go_to_dead_letters_halt_and_resume() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE seen (id bigint PRIMARY KEY); CREATE TABLE seen_by_halting (id bigint PRIMARY KEY);",
+    )
+    .execute(&pool)
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let (publisher, worker) = failing_operators(&url, &nats);
+    let run_config = dir.path().join("run.toml");
+    let worker_config = dir.path().join("worker.toml");
+    std::fs::write(&run_config, publisher)?;
+    std::fs::write(&worker_config, worker)?;
+    common::setup_service(&run_config)?;
+    let run_log = dir.path().join("run.log");
+    let worker_log = dir.path().join("worker.log");
+    let mut service = spawn_service(&run_config, &run_log, "info")?;
+    let mut worker = spawn_worker(&worker_config, &worker_log)?;
+    for id in 1..=20i64 {
+        sqlx::query("INSERT INTO posts (id, title) VALUES ($1, 'p')")
+            .bind(id)
+            .execute(&pool)
+            .await?;
+    }
+
+    // Every post but 7 and 14 is seen; those two are dead letters, with the error.
+    eventually("every_post handled every post", async || {
+        let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM seen")
+            .fetch_one(&pool)
+            .await?;
+        Ok(seen == 18 || dead_letters(&pool, "every_post").await?.len() > 2)
+    })
+    .await?;
+    eventually("every_post set two posts aside", async || {
+        Ok(dead_letters(&pool, "every_post").await?.len() >= 2)
+    })
+    .await?;
+    let seen: Vec<i64> = sqlx::query_scalar("SELECT id FROM seen ORDER BY id")
+        .fetch_all(&pool)
+        .await?;
+    let expected: Vec<i64> = (1..=20).filter(|id| id % 7 != 0).collect();
+    assert_eq!(seen, expected);
+    let dead = dead_letters(&pool, "every_post").await?;
+    assert_eq!(
+        dead.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [Some(7), Some(14)]
+    );
+    assert!(dead[0].1.contains("division by zero"), "{dead:?}");
+
+    // `halting` stopped on post 5: the four before it are applied, its state says why.
+    eventually("halting halted", async || {
+        Ok(state_of(&pool, "halting")
+            .await?
+            .is_some_and(|(state, _)| state == "halted"))
+    })
+    .await?;
+    let (_, error) = state_of(&pool, "halting").await?.unwrap_or_default();
+    assert!(error.contains("division by zero"), "{error}");
+    let halted: Vec<i64> = sqlx::query_scalar("SELECT id FROM seen_by_halting ORDER BY id")
+        .fetch_all(&pool)
+        .await?;
+    assert_eq!(halted, [1, 2, 3, 4]);
+
+    // resume --skip-current sets post 5 aside; the worker goes on with the others.
+    let resumed = common::streamex_command("warn")
+        .args(["resume", "halting", "--skip-current", "--config"])
+        .arg(&worker_config)
+        .output()?;
+    assert!(resumed.status.success(), "{resumed:?}");
+    eventually("halting handled every post after 5", async || {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM seen_by_halting")
+            .fetch_one(&pool)
+            .await?;
+        Ok(n == 19)
+    })
+    .await?;
+    let set_aside = dead_letters(&pool, "halting").await?;
+    assert_eq!(
+        set_aside.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [Some(5)]
+    );
+
+    // A message whose payload is no event (published by hand, after every event): the
+    // dead-letter operator stores it, the other halts on it; neither handler sees it.
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, "FFFFFFFF/0#0");
+    headers.insert("Streamex-Entity", "posts");
+    headers.insert("Streamex-Type", "insert");
+    js.publish_with_headers("blog.public.posts", headers, "not an event".into())
+        .await?
+        .await?;
+    eventually("the unreadable message is a dead letter", async || {
+        Ok(dead_letters(&pool, "every_post").await?.len() == 3)
+    })
+    .await?;
+    let dead = dead_letters(&pool, "every_post").await?;
+    assert!(
+        dead[2].0.is_none() && dead[2].1.contains("is not JSON"),
+        "{dead:?}"
+    );
+    eventually("halting halted on the unreadable message", async || {
+        Ok(state_of(&pool, "halting")
+            .await?
+            .is_some_and(|(state, error)| state == "halted" && error.contains("is not JSON")))
+    })
+    .await?;
+    assert!(terminate(&mut worker)?.success());
+    service.kill()?;
+    service.wait()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_without_its_stream_or_nats_or_on_another_slot_s_stream_says_what_to_fix()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let (_, worker) = configs(&url, &nats, "");
+    let config = dir.path().join("worker.toml");
+    // No `streamex setup` ran: the stream is missing.
+    std::fs::write(&config, &worker)?;
+    let missing = common::streamex_command("warn")
+        .args(["worker", "--config"])
+        .arg(&config)
+        .output()?;
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("JetStream stream \"blog\" does not exist")
+            && stderr.contains("streamex setup"),
+        "{stderr}"
+    );
+    // A stream whose events come from another database and slot: the checkpoints would
+    // not be theirs.
+    let (publisher, _) = configs(&url, &nats, "");
+    let run_config = dir.path().join("run.toml");
+    std::fs::write(&run_config, publisher)?;
+    common::setup_service(&run_config)?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, "0/10#0");
+    headers.insert("Streamex-Source", "elsewhere/other_slot");
+    js.publish_with_headers("blog.public.posts", headers, "{}".into())
+        .await?
+        .await?;
+    let other = common::streamex_command("warn")
+        .args(["worker", "--config"])
+        .arg(&config)
+        .output()?;
+    assert!(!other.status.success());
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        stderr.contains("holds the events of elsewhere/other_slot")
+            && stderr.contains(&format!("is for {}/{}", slot_for(&url), slot_for(&url))),
+        "{stderr}"
+    );
+
+    let cut = worker.find("\n[nats]").unwrap_or(worker.len());
+    std::fs::write(&config, &worker[..cut])?;
+    let without = common::streamex_command("warn")
+        .args(["worker", "--config"])
+        .arg(&config)
+        .output()?;
+    assert!(!without.status.success());
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(stderr.contains("no [nats] section"), "{stderr}");
+    Ok(())
+}
+
+/// What a webhook receiver got: each event's position and title, in the order of arrival.
+type Arrivals = Arc<std::sync::Mutex<Vec<(streamex::Position, String)>>>;
+
+async fn hook(
+    axum::extract::State(arrivals): axum::extract::State<Arrivals>,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    let Ok(event) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return axum::http::StatusCode::BAD_REQUEST;
+    };
+    let position = format!(
+        "{}#{}",
+        event["commit_lsn"].as_str().unwrap_or_default(),
+        event["ordinal"]
+    );
+    let title = event["new_record"]["title"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    match position.parse() {
+        Ok(position) => {
+            arrivals.lock().unwrap().push((position, title));
+            axum::http::StatusCode::OK
+        }
+        Err(_) => axum::http::StatusCode::BAD_REQUEST,
+    }
+}
+
+#[tokio::test]
+async fn a_webhook_on_a_worker_gets_every_event_at_least_once_in_wal_order() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook_url = format!("http://{}/hook", listener.local_addr()?);
+    let arrivals = Arrivals::default();
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(arrivals.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir()?;
+    let (publisher, worker) = configs(&url, &nats, "");
+    let cut = worker.find("\n[[operators]]").unwrap_or(worker.len());
+    let worker = format!(
+        "{}\n[[operators]]\nname = \"notify_posts\"\nwebhook = {{ url = {hook_url:?}, entities = [\"posts\"], types = [\"insert\"] }}\n{}",
+        &worker[..cut],
+        nats_section(&nats)
+    );
+    let run_config = dir.path().join("run.toml");
+    let worker_config = dir.path().join("worker.toml");
+    std::fs::write(&run_config, publisher)?;
+    std::fs::write(&worker_config, worker)?;
+    common::setup_service(&run_config)?;
+    let log = dir.path().join("worker.log");
+    let mut service = spawn_service(&run_config, &dir.path().join("run.log"), "info")?;
+    let mut worker = spawn_worker(&worker_config, &log)?;
+    let titles: Vec<String> = (0..60).map(|i| format!("post {i}")).collect();
+    for (i, title) in titles.iter().enumerate() {
+        sqlx::query("INSERT INTO posts (title) VALUES ($1)")
+            .bind(title)
+            .execute(&pool)
+            .await?;
+        // Updates and comments are not its events: skipped, and acknowledged.
+        sqlx::query("UPDATE posts SET body = 'b' WHERE title = $1")
+            .bind(title)
+            .execute(&pool)
+            .await?;
+        if i == 20 || i == 40 {
+            // After some have arrived, not all: killed with deliveries in flight.
+            eventually("some posts arrived", async || {
+                Ok(arrivals.lock().unwrap().len() > i / 2)
+            })
+            .await?;
+            worker.kill()?;
+            worker.wait()?;
+            worker = spawn_worker(&worker_config, &log)?;
+        }
+    }
+    eventually("every post arrived", async || {
+        let got: std::collections::BTreeSet<String> = arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| t.clone())
+            .collect();
+        Ok(got.len() == titles.len())
+    })
+    .await?;
+    let arrived = arrivals.lock().unwrap().clone();
+    // In WAL order: each event's first arrival comes after every event before it.
+    let mut first = std::collections::BTreeMap::new();
+    let mut order = Vec::new();
+    for (position, title) in &arrived {
+        if first.insert(*position, title.clone()).is_none() {
+            order.push(*position);
+        }
+    }
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "first arrivals out of WAL order: {order:?}"
+    );
+    let in_order: Vec<String> = first.into_values().collect();
+    assert_eq!(
+        in_order, titles,
+        "one arrival per insert, none of the updates"
+    );
+    assert!(terminate(&mut worker)?.success());
+    service.kill()?;
+    service.wait()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn processed_waits_for_every_worker_operator_listening_to_the_entity() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    streamex::status::migrate(&pool).await?;
+    streamex::status::store_item(&pool, "posts", 2_000, streamex::Lsn(0x20)).await?;
+    let processed = async |entity: &str, micros: i64| -> anyhow::Result<(bool, bool)> {
+        let sql: bool = sqlx::query_scalar(
+            "SELECT streamex.processed($1, to_timestamp($2::double precision / 1e6))",
+        )
+        .bind(entity)
+        .bind(micros)
+        .fetch_one(&pool)
+        .await?;
+        let rust = streamex::status::is_processed(&pool, entity, micros).await?;
+        Ok((sql, rust))
+    };
+    assert_eq!(processed("posts", 1_500).await?, (true, true));
+    // A worker's operator on posts that has done nothing yet, one on comments far ahead.
+    sqlx::query(
+        "INSERT INTO streamex.worker_progress (slot, operator, entity, timestamp, lsn) VALUES
+            ('s', 'a', 'posts', -9223372036854775808, '0/0'),
+            ('s', 'b', 'comments', 9000, '0/90')",
+    )
+    .execute(&pool)
+    .await?;
+    assert_eq!(processed("posts", 1_500).await?, (false, false));
+    sqlx::query("UPDATE streamex.worker_progress SET timestamp = 1000 WHERE operator = 'a'")
+        .execute(&pool)
+        .await?;
+    assert_eq!(processed("posts", 1_500).await?, (false, false));
+    assert_eq!(processed("posts", 1_000).await?, (true, true));
+    sqlx::query("UPDATE streamex.worker_progress SET timestamp = 1500 WHERE operator = 'a'")
+        .execute(&pool)
+        .await?;
+    assert_eq!(processed("posts", 1_500).await?, (true, true));
+    // The worker is ahead of run: run's process status still decides.
+    assert_eq!(processed("posts", 2_500).await?, (false, false));
+    // An entity run has never processed is not processed, whatever the workers say.
+    assert_eq!(processed("comments", 10).await?, (false, false));
+    Ok(())
+}
