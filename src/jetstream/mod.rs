@@ -311,20 +311,23 @@ pub(crate) struct Tip {
     pub position: Option<Position>,
 }
 
+/// The stream `name`; [`JetStreamError::StreamMissing`] when it does not exist.
+async fn open(context: &jetstream::Context, name: &str) -> Result<stream::Stream, JetStreamError> {
+    match context.get_stream(name).await {
+        Ok(stream) => Ok(stream),
+        Err(e) if is_stream_missing(&e) => Err(JetStreamError::StreamMissing {
+            stream: name.to_owned(),
+        }),
+        Err(e) => Err(unavailable(name, e)),
+    }
+}
+
 /// The stream's state (messages, bytes, sequences, consumers).
 pub(crate) async fn info(
     context: &jetstream::Context,
     name: &str,
 ) -> Result<stream::State, JetStreamError> {
-    let mut stream = match context.get_stream(name).await {
-        Ok(stream) => stream,
-        Err(e) if is_stream_missing(&e) => {
-            return Err(JetStreamError::StreamMissing {
-                stream: name.to_owned(),
-            });
-        }
-        Err(e) => return Err(unavailable(name, e)),
-    };
+    let mut stream = open(context, name).await?;
     Ok(stream
         .info()
         .await
@@ -340,15 +343,7 @@ pub(crate) async fn tip(
     name: &str,
     source: Option<&str>,
 ) -> Result<Tip, JetStreamError> {
-    let mut stream = match context.get_stream(name).await {
-        Ok(stream) => stream,
-        Err(e) if is_stream_missing(&e) => {
-            return Err(JetStreamError::StreamMissing {
-                stream: name.to_owned(),
-            });
-        }
-        Err(e) => return Err(unavailable(name, e)),
-    };
+    let mut stream = open(context, name).await?;
     let sequence = stream
         .info()
         .await
