@@ -30,10 +30,21 @@ pub(crate) struct Board {
     backfill: Vec<Mutex<Option<(u64, u64)>>>,
     names: Vec<String>,
     pub(super) changed: Notify,
-    /// An operator whose folded window failed, and the position through which its events
-    /// must come again unfolded (see `RunnerExit::Replay`).
-    replay: Mutex<Option<(usize, Position)>>,
+    /// The first operator that needs the pipeline started again from the slot, and why.
+    replay: Mutex<Option<(usize, Restart)>>,
     replay_wanted: Notify,
+}
+
+/// Why an operator needs the pipeline started again from the slot's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Restart {
+    /// A folded window failed: its events through this position must come again, unfolded
+    /// (see `RunnerExit::Replay`).
+    Unfolded(Position),
+    /// The database holds an earlier checkpoint than the operator committed: it lost
+    /// commits (see `RunnerExit::Rewound`), and the events after the stored checkpoint must
+    /// come again.
+    Rewound,
 }
 
 impl Board {
@@ -112,21 +123,21 @@ impl Board {
             .is_some()
     }
 
-    /// Operator `index` needs its events through `through` again, unfolded.
-    pub(crate) fn replay(&self, index: usize, through: Position) {
+    /// Operator `index` needs the pipeline started again from the slot (see [`Restart`]).
+    pub(crate) fn replay(&self, index: usize, why: Restart) {
         let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
         if replay.is_none() {
-            *replay = Some((index, through));
+            *replay = Some((index, why));
         }
         drop(replay);
         self.replay_wanted.notify_one();
     }
 
-    /// Waits until an operator needs a replay: its name and the position.
-    pub(super) async fn replay_wanted(&self) -> (String, Position) {
+    /// Waits until an operator needs the pipeline started again: its name and why.
+    pub(super) async fn replay_wanted(&self) -> (String, Restart) {
         loop {
-            if let Some((index, through)) = *self.replay.lock().unwrap_or_else(|p| p.into_inner()) {
-                return (self.names[index].clone(), through);
+            if let Some((index, why)) = *self.replay.lock().unwrap_or_else(|p| p.into_inner()) {
+                return (self.names[index].clone(), why);
             }
             self.replay_wanted.notified().await;
         }

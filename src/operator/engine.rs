@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::backfill::{self, Backfills, Outcome};
-use super::board::Board;
+use super::board::{Board, Restart};
 use super::progress::Pending;
 use super::runner::{Input, Runner};
 use crate::config::RetryConfig;
@@ -61,6 +61,10 @@ pub enum EngineExit {
     /// A folded window of this operator failed: run again from the slot's position, this
     /// operator handling its events through the position without folding.
     Replay(String, Position),
+    /// The database holds an earlier checkpoint of this operator than it committed (it lost
+    /// commits): run again from the slot's position and the stored checkpoints, so that the
+    /// lost changes are applied again.
+    Rewound(String),
     /// Operators backfilled (or their backfill failed and is to be tried again): run again
     /// from the slot's position, so that they get the changes after their snapshot.
     Backfilled(Vec<String>),
@@ -277,13 +281,16 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                         info!(operator = %name, "a backfill was asked for (`streamex backfill` or `rebuild`); restarting the pipeline to run it");
                         EngineExit::Backfilled(vec![name])
                     }
-                    (name, through) = board.replay_wanted() => {
-                        self.unfolded
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(name.clone(), through);
-                        EngineExit::Replay(name, through)
-                    }
+                    (name, why) = board.replay_wanted() => match why {
+                        Restart::Unfolded(through) => {
+                            self.unfolded
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(name.clone(), through);
+                            EngineExit::Replay(name, through)
+                        }
+                        Restart::Rewound => EngineExit::Rewound(name),
+                    },
                 };
                 // Closing the inboxes lets every runner finish what it holds and stop.
                 inboxes.clear();

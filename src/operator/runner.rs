@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, trace, warn};
 
-use super::board::Board;
+use super::board::{Board, Restart};
 use super::{Context, Delivery, DynOperator, HandlerFuture};
 use crate::backoff::Backoff;
 use crate::config::{FailurePolicy, RetryConfig};
@@ -57,6 +57,15 @@ pub(crate) enum Input {
 #[error("the operator's stored checkpoint moved; rolled back")]
 pub(crate) struct CheckpointMoved;
 
+/// A transaction was rolled back because the database holds an earlier checkpoint than this
+/// task committed: the database lost committed transactions (a failover to a standby that
+/// had not received them, a restore from a backup). The events after the stored checkpoint
+/// are handled but their effects are gone; only the slot can send them again, so the task
+/// stops and the pipeline starts again from the slot's position ([`RunnerExit::Rewound`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the database went back to an earlier checkpoint of the operator; rolled back")]
+pub(crate) struct CheckpointRewound;
+
 /// How an operator's task ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum RunnerExit {
@@ -69,6 +78,9 @@ pub(crate) enum RunnerExit {
     /// A folded window failed: the events up to this position must come again (from the
     /// slot) and be handled without folding, so that the failing one is found.
     Replay(Position),
+    /// The database lost commits of this operator ([`CheckpointRewound`]): the events after
+    /// its stored checkpoint must come again.
+    Rewound,
 }
 
 pub(crate) struct Runner {
@@ -150,12 +162,7 @@ impl Runner {
                     held = next;
                     continue;
                 }
-                Window::Stop(exit) => {
-                    if let RunnerExit::Replay(through) = exit {
-                        self.board.replay(self.index, through);
-                    }
-                    return exit;
-                }
+                Window::Stop(exit) => return self.stopped(exit),
                 Window::NotFolded(first) => first,
             };
             batch.push(first);
@@ -198,12 +205,25 @@ impl Runner {
                 },
             };
             if let Handled::Stop(exit) = handled {
-                return exit;
+                return self.stopped(exit);
             }
             if let Some(end) = done_through {
                 self.board.advance(self.index, end);
             }
         }
+    }
+
+    /// `exit`, after asking the engine to start the pipeline again from the slot when the
+    /// exit needs events to come again.
+    fn stopped(&self, exit: RunnerExit) -> RunnerExit {
+        match exit {
+            RunnerExit::Replay(through) => {
+                self.board.replay(self.index, Restart::Unfolded(through))
+            }
+            RunnerExit::Rewound => self.board.replay(self.index, Restart::Rewound),
+            RunnerExit::Drained | RunnerExit::Interrupted | RunnerExit::Halted => {}
+        }
+        exit
     }
 
     /// `input`, unless it is the second copy of an event already taken (see `received`).
@@ -333,6 +353,9 @@ impl Runner {
                     _ = self.shutdown.cancelled() => return Window::Stop(RunnerExit::Interrupted),
                 }
             }
+            if error.is::<CheckpointRewound>() {
+                return Window::Stop(RunnerExit::Rewound);
+            }
             if !error.is::<CheckpointMoved>() {
                 warn!(
                     operator = self.operator.name(), events, through = %last,
@@ -371,6 +394,9 @@ impl Runner {
                 Ok(()) => {
                     self.board.count(self.index, events.len());
                     return Handled::Done;
+                }
+                Err(error) if error.is::<CheckpointRewound>() => {
+                    return Handled::Stop(RunnerExit::Rewound);
                 }
                 Err(error) => {
                     let message = crate::error::chain(&error);
@@ -473,6 +499,17 @@ impl Runner {
             drop(tx);
             let stored =
                 status::load_checkpoint(&self.pool, &self.slot, self.operator.name()).await?;
+            if stored < self.checkpoint {
+                warn!(
+                    operator = self.operator.name(),
+                    committed = %display_position(self.checkpoint), stored = %display_position(stored),
+                    "the database holds an earlier checkpoint of this operator than it committed: \
+                     it lost committed transactions (a failover to a standby that had not \
+                     received them, or a restore from a backup); starting again from the slot's \
+                     position, so that the changes after the stored checkpoint are applied again"
+                );
+                return Err(CheckpointRewound.into());
+            }
             warn!(
                 operator = self.operator.name(),
                 expected = %display_position(self.checkpoint), stored = %display_position(stored),
@@ -524,6 +561,9 @@ impl Runner {
                 }
                 // Run it again now if it is not among the events already applied.
                 Err(error) if error.is::<CheckpointMoved>() => continue,
+                Err(error) if error.is::<CheckpointRewound>() => {
+                    return Handled::Stop(RunnerExit::Rewound);
+                }
                 Err(error) => error,
             };
             let message = crate::error::chain(&error);
@@ -622,6 +662,7 @@ impl Runner {
                     self.board.dead_lettered(self.index);
                     Some(Handled::Done)
                 }
+                Err(e) if e.is::<CheckpointRewound>() => Some(Handled::Stop(RunnerExit::Rewound)),
                 Err(e) => {
                     // The dead letter could not be stored: keep trying, never skip.
                     let wait = outage.next().unwrap_or(outage.max);
@@ -691,6 +732,9 @@ impl Runner {
                     if !self.is_new(event) {
                         return Handled::Done;
                     }
+                }
+                Err(error) if error.is::<CheckpointRewound>() => {
+                    return Handled::Stop(RunnerExit::Rewound);
                 }
                 Err(error) => {
                     let wait = outage.next().unwrap_or(outage.max);
@@ -965,6 +1009,57 @@ mod tests {
             assert_eq!(applied, [4, 5], "batch size {batch_size}");
             let stored = status::load_checkpoint(&pool, "s", "apply").await?;
             assert_eq!(stored, Some(Position::new(Lsn(0x100), 5)));
+        }
+        Ok(())
+    }
+
+    /// A task whose checkpoint is ahead of the stored one (the database lost its last
+    /// commits: a failover to a standby that had not received them) applies nothing more and
+    /// stops, asking for the pipeline to start again from the slot, in a batch and one by one
+    /// alike: the events after the stored checkpoint must come again, and applying the later
+    /// ones first would leave them out for good.
+    #[tokio::test]
+    async fn a_database_that_lost_the_task_s_commits_sends_it_back_to_the_slot()
+    -> anyhow::Result<()> {
+        let url = crate::testing::server().create_database().await?;
+        let pool = PgPool::connect(&url).await?;
+        status::migrate(&pool).await?;
+        sqlx::query("CREATE TABLE applied (ordinal bigint)")
+            .execute(&pool)
+            .await?;
+        for batch_size in [500, 1] {
+            sqlx::query("TRUNCATE applied").execute(&pool).await?;
+            sqlx::query("DELETE FROM streamex.operator_checkpoints")
+                .execute(&pool)
+                .await?;
+            // This task committed events 0 to 3; the database has only 0 and 1.
+            status::store_checkpoint(&pool, "s", "apply", Lsn(0x100), 1).await?;
+            let runner = Runner {
+                checkpoint: Some(Position::new(Lsn(0x100), 3)),
+                ..apply_runner(&pool, batch_size)
+            };
+            let board = runner.board.clone();
+            let (tx, rx) = mpsc::channel(16);
+            for ordinal in 4..6 {
+                tx.send(Input::Event(event(ordinal))).await?;
+            }
+            tx.send(Input::Commit {
+                end_lsn: Lsn(0x200),
+            })
+            .await?;
+            drop(tx);
+            let exit = tokio::time::timeout(std::time::Duration::from_secs(30), runner.run(rx))
+                .await
+                .map_err(|_| anyhow::anyhow!("batch size {batch_size}: the task did not stop"))?;
+            assert_eq!(exit, RunnerExit::Rewound, "batch size {batch_size}");
+            let (name, why) = board.replay_wanted().await;
+            assert_eq!((name.as_str(), why), ("apply", Restart::Rewound));
+            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM applied")
+                .fetch_one(&pool)
+                .await?;
+            assert_eq!(applied, 0, "batch size {batch_size}");
+            let stored = status::load_checkpoint(&pool, "s", "apply").await?;
+            assert_eq!(stored, Some(Position::new(Lsn(0x100), 1)));
         }
         Ok(())
     }

@@ -172,6 +172,13 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
                      get the changes after their snapshot"
                 );
             }
+            EngineExit::Rewound(name) => {
+                warn!(
+                    operator = %name,
+                    "restarting the pipeline from the slot's position: the database lost \
+                     commits of the operator, whose changes come again from the slot"
+                );
+            }
             EngineExit::Replay(name, through) => {
                 info!(
                     operator = %name, %through,

@@ -231,6 +231,32 @@ pub(crate) async fn position_at(
     }
 }
 
+/// The greatest sequence in `first..=last` whose message is at or before `checkpoint`
+/// (`first - 1` when there is none): where a consumer that must deliver everything after
+/// `checkpoint` again starts after. The stream holds the events in WAL order, so the search
+/// halves the range; a sequence whose message is gone (deleted by hand) counts as after.
+pub(crate) async fn last_at_or_before(
+    stream: &stream::Stream,
+    stream_name: &str,
+    (first, last): (u64, u64),
+    checkpoint: Option<crate::lsn::Position>,
+) -> Result<u64, JetStreamError> {
+    let Some(checkpoint) = checkpoint else {
+        return Ok(first.saturating_sub(1));
+    };
+    // Invariant: every sequence below `low` is at or before the checkpoint, every one from
+    // `high` on is after it.
+    let (mut low, mut high) = (first, last.saturating_add(1));
+    while low < high {
+        let middle = low + (high - low) / 2;
+        match position_at(stream, stream_name, middle).await? {
+            Some(position) if position <= checkpoint => low = middle + 1,
+            _ => high = middle,
+        }
+    }
+    Ok(low.saturating_sub(1))
+}
+
 /// How long a worker waits for JetStream to answer a request of its own (a pull, an
 /// acknowledgement) before taking it as unavailable: `nats.timeout`, at least a second.
 pub(crate) fn answer_timeout(nats: &crate::config::NatsConfig) -> Duration {

@@ -94,6 +94,11 @@ enum Outcome {
         through: Position,
         acked_through: u64,
     },
+    /// The database lost commits of the operator (see `RunnerExit::Rewound`): start again
+    /// after the last message at or before its stored checkpoint, at most `acked_through`.
+    Rewound {
+        acked_through: u64,
+    },
 }
 
 /// Why a session stops taking messages.
@@ -206,12 +211,53 @@ impl OperatorTask {
                     acked = Some(acked_through);
                     unfolded = Some(through);
                 }
+                Outcome::Rewound { acked_through } => {
+                    acked = self.rewind(acked_through).await?;
+                    if acked.is_none() {
+                        break Ok(());
+                    }
+                }
             }
         };
         if let Some(lock) = lock {
             lock.release().await;
         }
         result
+    }
+
+    /// Where to start again after the database lost commits of the operator: after the last
+    /// message at or before its stored checkpoint (JetStream acknowledged the ones after it,
+    /// but their effects are gone), at most `acked_through`. `None` on shutdown.
+    async fn rewind(&self, acked_through: u64) -> Result<Option<u64>, WorkerError> {
+        let Some(state) = self.state().await? else {
+            return Ok(None);
+        };
+        let stream_name = self.nats.stream.as_str();
+        let search = || async move {
+            let opened = consumer::open_stream(&self.context, stream_name).await?;
+            consumer::last_at_or_before(
+                &opened.stream,
+                stream_name,
+                (opened.first, acked_through),
+                state.checkpoint,
+            )
+            .await
+        };
+        let Some(after) = self
+            .jetstream(
+                "finding the operator's stored checkpoint in the stream",
+                search,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        warn!(
+            operator = self.name(), stream = %stream_name, from = after + 1, acked_through,
+            "the database lost commits of the operator: its messages after the stored checkpoint \
+             come again"
+        );
+        Ok(Some(after))
     }
 
     /// The operator's stored state, retrying while the database does not answer. `None` on
@@ -498,6 +544,7 @@ impl OperatorTask {
                         RunnerExit::Interrupted => Outcome::Shutdown,
                         RunnerExit::Halted => Outcome::Halted { acked_through },
                         RunnerExit::Replay(through) => Outcome::Replay { through, acked_through },
+                        RunnerExit::Rewound => Outcome::Rewound { acked_through },
                     };
                 }
                 _ = self.shutdown.cancelled(), if ending.is_none() => {

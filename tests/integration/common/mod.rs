@@ -246,21 +246,66 @@ pub fn blog_config(database_url: &str, slot: &str) -> String {
 }
 
 /// A `streamex` command with the tests' own `STREAMEX_*` variables removed (the service
-/// refuses variables that are not configuration keys) and `RUST_LOG` set to `log`.
+/// refuses variables that are not configuration keys, see [`is_test_variable`]) and
+/// `RUST_LOG` set to `log`.
 pub fn streamex_command(log: &str) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_streamex"));
     command.env("RUST_LOG", log);
     for (var, _) in std::env::vars() {
-        if var.starts_with("STREAMEX_CRASH_")
-            || var.starts_with("STREAMEX_CHAOS_")
-            || var.starts_with("STREAMEX_LEASE_")
-            || var == "STREAMEX_WORKER_SEED"
-            || var == "STREAMEX_WORKER_KILLS"
-        {
+        if is_test_variable(&var) {
             command.env_remove(var);
         }
     }
     command
+}
+
+/// Whether `var` is one of the tests' own variables (a seed to repeat a run, a count, a
+/// binary's path) rather than a configuration key: `STREAMEX_<TEST>_...` for each test that
+/// reads some. A variable left in a service's environment by mistake fails its start with
+/// "unknown field", so every test variable must match here.
+fn is_test_variable(var: &str) -> bool {
+    const TESTS: &[&str] = &[
+        "BACKFILL",
+        "CHAOS",
+        "CRASH",
+        "FAILOVER",
+        "JETSTREAM",
+        "LEASE",
+        "WORKER",
+    ];
+    let Some(rest) = var.strip_prefix("STREAMEX_") else {
+        return false;
+    };
+    rest == "NATS_SERVER"
+        || TESTS.iter().any(|test| {
+            rest.strip_prefix(test)
+                .is_some_and(|after| after.starts_with('_') && !after.starts_with("__"))
+        })
+}
+
+#[test]
+fn every_test_variable_is_kept_from_the_service() {
+    for var in [
+        "STREAMEX_BACKFILL_SEED",
+        "STREAMEX_CHAOS_SEED",
+        "STREAMEX_CHAOS_NO_AUDIT",
+        "STREAMEX_CRASH_KILLS",
+        "STREAMEX_FAILOVER_SEED",
+        "STREAMEX_JETSTREAM_SEED",
+        "STREAMEX_LEASE_LENGTH",
+        "STREAMEX_WORKER_SEED",
+        "STREAMEX_NATS_SERVER",
+    ] {
+        assert!(is_test_variable(var), "{var}");
+    }
+    // Configuration keys reach the service: `[worker] ack_wait` is STREAMEX_WORKER__ACK_WAIT.
+    for var in [
+        "STREAMEX_WORKER__ACK_WAIT",
+        "STREAMEX_DATABASE_URL",
+        "STREAMEX_SLOT",
+    ] {
+        assert!(!is_test_variable(var), "{var}");
+    }
 }
 
 /// `streamex run --config config`, its stderr appended to `log`.
