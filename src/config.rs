@@ -127,6 +127,11 @@ pub struct ReplicationConfig {
     pub channel_capacity: usize,
     /// Most events an operator handles in one database transaction.
     pub batch_size: usize,
+    /// How many bytes of decoded events may wait for one operator (or the JetStream
+    /// publisher) before the reader waits for it: how far a slow operator may fall behind
+    /// the others before it holds them back. Operators that listen to the same changes share
+    /// them, so this bounds memory for all of them together, about.
+    pub operator_backlog_bytes: usize,
     /// How many connections read a Rust operator's tables at once during its backfill (each
     /// takes the next table, or the next range of pages of a large one). Default: the
     /// machine's cores, at most 4.
@@ -145,6 +150,7 @@ impl Default for ReplicationConfig {
             reconnect_max: Duration::from_secs(30),
             channel_capacity: 4096,
             batch_size: 500,
+            operator_backlog_bytes: crate::operator::DEFAULT_BACKLOG_BYTES,
             backfill_readers: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .clamp(1, 4),
@@ -893,6 +899,12 @@ impl Config {
             1_000_000,
         )?;
         within("replication.batch_size", r.batch_size, 1, 1_000_000)?;
+        within(
+            "replication.operator_backlog_bytes",
+            r.operator_backlog_bytes,
+            1 << 16,
+            1 << 31,
+        )?;
         within("replication.backfill_readers", r.backfill_readers, 1, 64)?;
         within_time(
             "replication.status_interval",
@@ -1436,6 +1448,10 @@ mod tests {
             (
                 "[replication]\nbatch_size = 100000000",
                 "replication.batch_size",
+            ),
+            (
+                "[replication]\noperator_backlog_bytes = 1000",
+                "replication.operator_backlog_bytes",
             ),
             (
                 "[replication]\nstatus_interval = \"0s\"",

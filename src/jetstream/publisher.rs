@@ -23,7 +23,6 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -32,7 +31,8 @@ use super::{COMMIT_HEADER, ENTITY_HEADER, RETRY, SOURCE_HEADER, TYPE_HEADER};
 use crate::config::NatsConfig;
 use crate::event::Event;
 use crate::lsn::{Lsn, Position};
-use crate::operator::{Board, Input};
+use crate::operator::InputSource as _;
+use crate::operator::{Board, Inbox, Input};
 
 /// What the publisher has done, for `/metrics` and the logs; shared with the service.
 #[derive(Debug, Default)]
@@ -110,7 +110,7 @@ impl Publisher {
         self: Arc<Self>,
         index: usize,
         board: Arc<Board>,
-        mut inbox: mpsc::Receiver<Input>,
+        mut inbox: Inbox,
         shutdown: CancellationToken,
     ) {
         let replies = self.client.new_inbox();

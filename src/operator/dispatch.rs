@@ -3,7 +3,7 @@
 //! pub/sub (never waiting), and each commit's process-status items to the coordinator.
 //!
 //! ```text
-//!  Decoded ──► dispatch ──► inbox per operator (bounded: a full one makes the dispatcher wait)
+//!  Decoded ──► dispatch ──► inbox per operator (bounded in bytes: a full one makes the dispatcher wait)
 //!                 │  └───► pubsub channels (transient listeners; cut off, never waited for)
 //!                 └─ per commit: Commit marker to every inbox, then Pending ──► coordinator
 //! ```
@@ -18,6 +18,7 @@ use tracing::warn;
 use super::Subscription;
 use super::board::Board;
 use super::engine::{Engine, EngineExit};
+use super::inbox::{self, InboxSender};
 use super::progress::{Item, Listeners, Pending};
 use super::runner::Input;
 use crate::decode::Decoded;
@@ -30,7 +31,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
     pub(super) async fn dispatch(
         &self,
         items: &mut mpsc::Receiver<Decoded>,
-        inboxes: &mut [Option<mpsc::Sender<Input>>],
+        inboxes: &mut [Option<InboxSender>],
         board: &Board,
         pending: mpsc::Sender<Pending>,
         shutdown: &CancellationToken,
@@ -121,12 +122,15 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     // The JetStream publisher, after the operators, gets every event.
                     let publisher =
                         (inboxes.len() > subscriptions.len()).then_some(subscriptions.len());
+                    let mut bytes = None;
                     for &index in routes
                         .operators(&subscriptions, &event)
                         .iter()
                         .chain(publisher.as_ref())
                     {
-                        if !send(&mut inboxes[index], Input::Event(event.clone()), shutdown).await {
+                        let bytes = *bytes.get_or_insert_with(|| inbox::event_bytes(&event));
+                        let input = Input::Event(event.clone());
+                        if !send(&mut inboxes[index], input, bytes, shutdown).await {
                             if shutdown.is_cancelled() {
                                 return EngineExit::Shutdown;
                             }
@@ -139,7 +143,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 } => {
                     tally.commit(end_lsn, timestamp);
                     for inbox in inboxes.iter_mut() {
-                        if !send(inbox, Input::Commit { end_lsn }, shutdown).await
+                        if !send(inbox, Input::Commit { end_lsn }, 0, shutdown).await
                             && shutdown.is_cancelled()
                         {
                             return EngineExit::Shutdown;
@@ -221,8 +225,9 @@ impl Routes {
 /// Sends to an inbox, waiting while it is full. Returns false when the operator's task has
 /// stopped (it halted; its inbox is then dropped) or on shutdown.
 async fn send(
-    inbox: &mut Option<mpsc::Sender<Input>>,
+    inbox: &mut Option<InboxSender>,
     input: Input,
+    bytes: usize,
     shutdown: &CancellationToken,
 ) -> bool {
     let Some(sender) = inbox else {
@@ -230,7 +235,7 @@ async fn send(
     };
     let sent = tokio::select! {
         biased;
-        sent = sender.send(input) => sent.is_ok(),
+        sent = sender.send(input, bytes) => sent.is_ok(),
         _ = shutdown.cancelled() => return false,
     };
     if !sent {

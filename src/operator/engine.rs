@@ -28,8 +28,9 @@ use tracing::{error, info, warn};
 
 use super::backfill::{self, Backfills, Outcome};
 use super::board::{Board, Restart};
+use super::inbox::{self, InboxSender};
 use super::progress::Pending;
-use super::runner::{Input, Runner};
+use super::runner::Runner;
 use crate::config::RetryConfig;
 use crate::decode::Decoded;
 use crate::lsn::{Lsn, Position};
@@ -91,8 +92,8 @@ pub struct Engine<S: ProcessStatusStorage> {
     /// The record field giving the process-status timestamp.
     pub timestamp_field: String,
     pub batch_size: usize,
-    /// Capacity of each operator's inbox.
-    pub inbox_capacity: usize,
+    /// How many bytes of events may wait in each operator's inbox (see `inbox.rs`).
+    pub backlog_bytes: usize,
     /// What `/metrics` reports; counted (cheaply) whether or not `[http]` is on.
     pub metrics: Arc<Metrics>,
     reports: Arc<Mutex<Option<Arc<Board>>>>,
@@ -113,7 +114,21 @@ pub struct Engine<S: ProcessStatusStorage> {
     pub publisher: Option<Arc<crate::jetstream::Publisher>>,
 }
 
+/// `replication.operator_backlog_bytes` unless configured: 32 MiB.
+pub(crate) const DEFAULT_BACKLOG_BYTES: usize = 32 << 20;
+
 impl<S: ProcessStatusStorage + Clone> Engine<S> {
+    /// An operator's inbox: `backlog_bytes` of events, and room for at least a whole batch
+    /// of inputs, so that `batch_size` is what a batch can reach.
+    fn inbox(&self) -> (InboxSender, super::Inbox) {
+        // The count only guards against events far smaller than estimated (none is under
+        // the size of the struct).
+        let count = (self.backlog_bytes / std::mem::size_of::<crate::event::Event>())
+            .max(self.batch_size.saturating_mul(2).saturating_add(2))
+            .max(1024);
+        inbox::channel(self.backlog_bytes, count)
+    }
+
     pub fn new(
         pool: PgPool,
         slot: &str,
@@ -130,7 +145,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             scopes: HashMap::new(),
             timestamp_field: "updated_at".to_owned(),
             batch_size: 500,
-            inbox_capacity: 1024,
+            backlog_bytes: DEFAULT_BACKLOG_BYTES,
             metrics: Arc::default(),
             reports: Arc::default(),
             unfolded: Mutex::default(),
@@ -178,7 +193,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         *self.reports.lock().unwrap_or_else(|p| p.into_inner()) = Some(board.clone());
 
         let tracker = TaskTracker::new();
-        let mut inboxes: Vec<Option<mpsc::Sender<Input>>> = Vec::new();
+        let mut inboxes: Vec<Option<InboxSender>> = Vec::new();
         let mut jobs: Vec<backfill::Job> = Vec::new();
         for (index, spec) in self.operators.iter().enumerate() {
             let name = spec.operator.name();
@@ -212,12 +227,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 inboxes.push(None);
                 continue;
             }
-            // Room for a whole batch, so that `batch_size` is what a batch can reach.
-            let (tx, rx) = mpsc::channel(
-                self.inbox_capacity
-                    .max(self.batch_size.saturating_add(1))
-                    .max(1),
-            );
+            let (tx, rx) = self.inbox();
             let runner = Runner {
                 index,
                 operator: spec.operator.0.clone(),
@@ -249,7 +259,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             inboxes.push(Some(tx));
         }
         if let Some(publisher) = &self.publisher {
-            let (tx, rx) = mpsc::channel(self.inbox_capacity.max(1));
+            let (tx, rx) = self.inbox();
             tracker.spawn(publisher.clone().run(
                 self.operators.len(),
                 board.clone(),

@@ -1,7 +1,7 @@
 //! Operators: user code that reacts to change events.
 //!
 //! ```text
-//! decoder ──► dispatcher ──┬─► operator A inbox (bounded) ──► A's task: batch ─► handler per event ─► checkpoint ─► commit
+//! decoder ──► dispatcher ──┬─► operator A inbox (bytes bounded) ──► A's task: batch ─► handler per event ─► checkpoint ─► commit
 //!                          ├─► operator B inbox (bounded) ──► B's task: ...
 //!                          └─► pubsub (transient listeners)
 //!   each task reports "done through commit end E" ──► coordinator: min over operators ─► process status ─► ack(E)
@@ -11,8 +11,9 @@
 //!
 //! - Each operator sees the events it listens to in WAL order, one at a time (or as a batch,
 //!   in order, through [`Operator::handle_batch`]). Different
-//!   operators run concurrently; a slow one slows the WAL reader once its bounded inbox is
-//!   full, and never loses or reorders an event.
+//!   operators run concurrently, each at its own pace: a slow one falls behind the others
+//!   by up to `replication.operator_backlog_bytes` of events waiting in its inbox, then slows
+//!   the WAL reader, and never loses or reorders an event.
 //! - An operator that delivers exactly once (the default) gets a database transaction in its
 //!   [`Context`];
 //!   streamex writes the operator's checkpoint `(commit_lsn, ordinal)` in that same
@@ -28,6 +29,7 @@ mod board;
 mod coordinator;
 mod dispatch;
 mod engine;
+mod inbox;
 mod progress;
 mod registry;
 mod runner;
@@ -40,7 +42,8 @@ use std::sync::Arc;
 pub use crate::metrics::{OperatorReport, OperatorStateKind};
 pub(crate) use board::Board;
 pub(crate) use dispatch::status_timestamp;
-pub(crate) use engine::{Engine, EngineExit, OperatorSpec};
+pub(crate) use engine::{DEFAULT_BACKLOG_BYTES, Engine, EngineExit, OperatorSpec};
+pub(crate) use inbox::{Inbox, InputSource};
 pub use registry::{Registry, RegistryError};
 pub(crate) use runner::{Input, Runner, RunnerExit};
 pub use sql::{SqlOperator, SqlOperatorBuilder};

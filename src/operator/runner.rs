@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, trace, warn};
 
 use super::board::{Board, Restart};
+use super::inbox::InputSource;
 use super::{Context, Delivery, DynOperator, HandlerFuture};
 use crate::backoff::Backoff;
 use crate::config::{FailurePolicy, RetryConfig};
@@ -142,7 +143,7 @@ enum Handled {
 }
 
 impl Runner {
-    pub async fn run(mut self, mut inbox: mpsc::Receiver<Input>) -> RunnerExit {
+    pub async fn run(mut self, mut inbox: impl InputSource) -> RunnerExit {
         let mut batch: Vec<Input> = Vec::with_capacity(self.batch_size + 1);
         // An input taken from the inbox that ended a folded window, handled next.
         let mut held: Option<Input> = None;
@@ -261,7 +262,7 @@ impl Runner {
     /// the last one of an id in a row counts (see `Folded`). On failure, the events come
     /// again from the slot and are handled without folding ([`RunnerExit::Replay`]), so that
     /// the failing one meets the retry and failure policy alone.
-    async fn fold_window(&mut self, first: Input, inbox: &mut mpsc::Receiver<Input>) -> Window {
+    async fn fold_window(&mut self, first: Input, inbox: &mut impl InputSource) -> Window {
         let operator = self.operator.clone();
         let Some(sql) = operator.as_sql() else {
             return Window::NotFolded(first);

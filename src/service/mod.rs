@@ -310,6 +310,7 @@ impl<S: ProcessStatusStorage + Clone> Service<S> {
             .collect();
         let mut engine = Engine::new(pool.clone(), &config.slot, status, pubsub, specs);
         engine.batch_size = config.replication.batch_size;
+        engine.backlog_bytes = config.replication.operator_backlog_bytes;
         engine.backfill_readers = config.replication.backfill_readers;
         engine.params = Some(params.clone());
         engine.default_schema = config.default_schema.clone();

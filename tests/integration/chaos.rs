@@ -412,7 +412,25 @@ async fn chaos_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
     // running until the marker is through.
     fleet.ensure_one()?;
     let settled = {
-        let marker = settle(&pool);
+        // The posts marker, then the newest comment: an entity's process status is stored
+        // once its own listeners are done, so the marker does not wait for an operator that
+        // listens only to comments (the tallies).
+        let marker = async {
+            settle(&pool).await?;
+            let deadline = tokio::time::Instant::now() + common::PATIENCE;
+            loop {
+                let last: Option<bool> = sqlx::query_scalar(
+                    "SELECT streamex.processed('comments', max(updated_at)) FROM comments \
+                     HAVING count(*) > 0",
+                )
+                .fetch_optional(&pool)
+                .await?;
+                if last != Some(false) || tokio::time::Instant::now() > deadline {
+                    return anyhow::Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
         tokio::pin!(marker);
         loop {
             tokio::select! {

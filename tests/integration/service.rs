@@ -602,3 +602,117 @@ async fn a_backlog_of_small_commits_is_stored_in_groups() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// Waits at its first event until the test opens its gate, then records each event as
+/// [`Recorder`] does.
+struct Gated {
+    recorder: Arc<Recorder>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl Operator for Gated {
+    fn name(&self) -> &str {
+        &self.recorder.name
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        self.recorder.subscriptions.clone()
+    }
+
+    async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        drop(self.gate.acquire().await?);
+        self.recorder.handle(event, ctx).await
+    }
+}
+
+/// A stuck operator does not hold back one that keeps up (within
+/// `replication.operator_backlog_bytes`): the fast one handles the whole backlog while the
+/// stuck one has not finished its first event; the slot is not acknowledged past what the
+/// stuck one has done, nor the process status stored; once it goes on, both have every
+/// event, in order.
+#[tokio::test]
+async fn a_stuck_operator_does_not_hold_a_fast_one_back_nor_the_slot_past_itself()
+-> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql(HANDLED).execute(&pool).await?;
+    let config = minimal_config(&url, "tables = [\"posts\"]")?;
+    let fast = Recorder::new("fast", vec![Subscription::all("posts")]);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let stuck = Arc::new(Gated {
+        recorder: Recorder::new("stuck", vec![Subscription::all("posts")]),
+        gate: gate.clone(),
+    });
+    let status = MemoryStatus::new();
+    let service = Service::start(
+        &config,
+        status.clone(),
+        PubSub::new(),
+        vec![
+            AnyOperator::new(fast.clone()),
+            AnyOperator::new(stuck.clone()),
+        ],
+    )
+    .await?;
+    // 5,000 posts in 50 commits: several times what a count-bounded inbox of 1,024 held.
+    let first_micros: i64 = sqlx::query_scalar(
+        "INSERT INTO posts (id, title) SELECT i, 'p' || i FROM generate_series(1, 100) i
+         RETURNING (extract(epoch FROM updated_at) * 1000000)::bigint",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let after_first: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&pool)
+        .await?;
+    for batch in 1..50 {
+        sqlx::query(
+            "INSERT INTO posts (id, title) SELECT i, 'p' || i FROM generate_series($1, $1 + 99) i",
+        )
+        .bind(batch * 100 + 1)
+        .execute(&pool)
+        .await?;
+    }
+    let expected: Vec<_> = (1..=5000).map(|id| seen("insert", "posts", id)).collect();
+    eventually("the fast operator through the whole backlog", async || {
+        Ok(fast.seen(&pool).await?.len() == expected.len())
+    })
+    .await?;
+    assert_eq!(fast.seen(&pool).await?, expected);
+    assert!(stuck.recorder.seen(&pool).await?.is_empty());
+    let slot = slot_for(&url);
+    let held: bool = sqlx::query_scalar(
+        "SELECT confirmed_flush_lsn < $2::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(&slot)
+    .bind(&after_first)
+    .fetch_one(&pool)
+    .await?;
+    assert!(
+        held,
+        "the slot was acknowledged past the first commit, which the stuck operator has not done"
+    );
+    assert!(!status.processed("posts", first_micros).await?);
+
+    gate.add_permits(1);
+    eventually(
+        "the stuck operator through the backlog once let go",
+        async || Ok(stuck.recorder.seen(&pool).await?.len() == expected.len()),
+    )
+    .await?;
+    assert_eq!(stuck.recorder.seen(&pool).await?, expected);
+    let after_last: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&pool)
+        .await?;
+    eventually("the slot acknowledged through the backlog", async || {
+        Ok(sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn >= $2::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&slot)
+        .bind(&after_last)
+        .fetch_one(&pool)
+        .await?)
+    })
+    .await?;
+    service.stop().await
+}
