@@ -227,6 +227,48 @@ impl InstanceLock {
         .context("looking for standby instances")
     }
 
+    /// Takes, on the lock's session, the lock of each of `operators` that a worker takes to
+    /// run it (`worker::lock`), so that an operator runs in one place: a worker started with
+    /// one of them stands by while this instance is active, and this instance refuses to
+    /// start while a worker runs one. Held with the instance lock, and let go with it.
+    pub(super) async fn claim_operators(
+        &mut self,
+        slot: &str,
+        operators: &[&str],
+    ) -> anyhow::Result<()> {
+        for operator in operators {
+            let key = crate::status::operator_lock_key(slot, operator);
+            let taken: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(&key)
+                    .fetch_one(&mut self.conn)
+                    .await
+                    .context("taking the operators' locks")?;
+            if !taken {
+                let holder: Option<(i32, Option<String>)> = sqlx::query_as(
+                    "SELECT pid, client_addr::text FROM pg_stat_activity \
+                      WHERE application_name = $1 AND datname = current_database() LIMIT 1",
+                )
+                .bind(&key)
+                .fetch_optional(&mut self.conn)
+                .await
+                .unwrap_or_default();
+                let holder = match holder {
+                    Some((pid, Some(addr))) => format!("backend pid {pid}, from {addr}"),
+                    Some((pid, None)) => format!("backend pid {pid}"),
+                    None => "its lock session".to_owned(),
+                };
+                anyhow::bail!(
+                    "operator {operator:?} of slot {slot:?} is run by a `streamex worker` \
+                     ({holder}, application_name {key:?} in pg_stat_activity): an operator runs \
+                     in one place, here or on workers; take it out of the [[operators]] of one \
+                     of the two configurations"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The backend pid of the connection holding the lock of `slot`: the active instance.
     pub(crate) async fn holder(pool: &PgPool, slot: &str) -> anyhow::Result<Option<i32>> {
         sqlx::query_scalar(

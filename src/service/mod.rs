@@ -235,6 +235,9 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
         prepare::check_operators(&pool, &operators)
             .await
             .map_err(ServiceError::Setup)?;
+        prepare::check_not_on_workers(&config, &pool, &operators)
+            .await
+            .map_err(ServiceError::Setup)?;
         let publisher = match &config.nats {
             Some(nats) => {
                 let source = format!("{}/{}", params.dbname, config.slot);

@@ -31,9 +31,12 @@ pub(super) async fn run_pipeline<S: ProcessStatusStorage + Clone>(
     loop {
         // One active instance per slot: the others wait here as standbys.
         engine.metrics.set_phase(Phase::Standby);
-        let Some(lock) = InstanceLock::acquire(&pool, &config.slot, lease, &shutdown).await? else {
+        let Some(mut lock) = InstanceLock::acquire(&pool, &config.slot, lease, &shutdown).await?
+        else {
             return Ok(()); // shut down while standing by
         };
+        let names: Vec<&str> = engine.operators.iter().map(|o| o.operator.name()).collect();
+        lock.claim_operators(&config.slot, &names).await?;
         engine.metrics.set_phase(Phase::Active);
         // Losing the lock's connection, or its lease running out, means another instance may
         // take over: stop processing at once, then stand by for the lock again.

@@ -178,6 +178,60 @@ pub(super) async fn check_published(
     Ok(())
 }
 
+/// Refuses an operator that a `streamex worker` runs, or ran and nothing has rebuilt since:
+/// its checkpoint is where the worker left it in the JetStream stream, not a position of
+/// this slot, whose acknowledgement never waited for it, so `run` would miss the changes in
+/// between. A backfill or rebuild asked for it (`streamex backfill`/`rebuild`) mends that,
+/// and removes its worker rows once done.
+pub(super) async fn check_not_on_workers(
+    config: &Config,
+    pool: &PgPool,
+    operators: &[AnyOperator],
+) -> anyhow::Result<()> {
+    let names: Vec<String> = operators.iter().map(|o| o.name().to_owned()).collect();
+    let moved: Vec<(String, bool, Option<i32>)> = sqlx::query_as(
+        "SELECT w.operator, s.backfill_request IS NOT NULL,
+                (SELECT a.pid FROM pg_stat_activity a
+                  WHERE a.application_name = 'streamex worker ' || $1 || ' ' || w.operator
+                    AND a.datname = current_database() LIMIT 1)
+           FROM (SELECT DISTINCT operator FROM streamex.worker_progress
+                  WHERE slot = $1 AND operator = ANY($2)) w
+           LEFT JOIN streamex.operator_state s ON s.slot = $1 AND s.operator = w.operator
+          ORDER BY w.operator",
+    )
+    .bind(&config.slot)
+    .bind(&names)
+    .fetch_all(pool)
+    .await
+    .context("looking for operators run by workers (streamex.worker_progress)")?;
+    for (operator, requested, live) in moved {
+        if let Some(pid) = live {
+            bail!(
+                "operator {operator:?} of slot {:?} is run by a `streamex worker` (backend pid \
+                 {pid}, application_name \"streamex worker {} {operator}\" in pg_stat_activity): \
+                 an operator runs in one place, here or on workers; take it out of the \
+                 [[operators]] of one of the two configurations",
+                config.slot,
+                config.slot
+            );
+        }
+        if !requested {
+            bail!(
+                "operator {operator:?} was run by a `streamex worker` (its rows in \
+                 streamex.worker_progress): its checkpoint is where the worker left it in the \
+                 JetStream stream, not a position of slot {:?}, so `streamex run` would miss \
+                 the changes in between. To run it here, ask for its backfill first \
+                 (`streamex rebuild {operator} --no-wait`, or `streamex backfill {operator} \
+                 --no-wait` for a declarative operator): `run` then reads its tables under a \
+                 snapshot, goes on from the slot after it, and removes its worker rows; or \
+                 run it on a worker again",
+                config.slot
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs each operator's own check ([`crate::operator::Operator::check`]) against the
 /// database; the error names the operator.
 pub(crate) async fn check_operators(

@@ -104,9 +104,10 @@ pub use postgres::{
 pub use postgres::{
     adopt_unkeyed_rows, advance_checkpoint, clear_backfill_progress, clear_operator_skip,
     count_unkeyed_rows, finish_backfill, insert_dead_letter, is_processed, list_dead_letters,
-    load_checkpoint, load_checkpoints, load_items, load_operator_states, migrate, request_backfill,
-    reset_items, set_operator_halted, set_operator_running, set_operator_running_skipping,
-    store_backfill_progress, store_checkpoint, store_item, store_items,
+    load_checkpoint, load_checkpoints, load_items, load_operator_states, migrate,
+    operator_lock_key, request_backfill, reset_items, set_operator_halted, set_operator_running,
+    set_operator_running_skipping, store_backfill_progress, store_checkpoint, store_item,
+    store_items,
 };
 
 /// One entity's process status.

@@ -396,6 +396,13 @@ pub async fn advance_checkpoint<'c, E: PgExecutor<'c>>(
     Ok(result.rows_affected() > 0)
 }
 
+/// The key (and `application_name`) of the advisory lock held by whatever runs `operator` of
+/// `slot`: a `streamex worker`, or the active `streamex run`, which holds its operators'
+/// keys on its instance lock's session. So an operator runs in one place at a time.
+pub fn operator_lock_key(slot: &str, operator: &str) -> String {
+    format!("streamex worker {slot} {operator}")
+}
+
 /// `operator`'s stored checkpoint on `slot`, if it has one.
 pub async fn load_checkpoint<'c, E: PgExecutor<'c>>(
     executor: E,
@@ -502,14 +509,17 @@ pub async fn request_backfill<'c, E: PgExecutor<'c>>(
     Ok(())
 }
 
-/// Clears `operator`'s backfill request: in the backfill's own transaction.
+/// Clears `operator`'s backfill request, and the rows of a worker that ran it before (its
+/// tables now follow this slot): in the backfill's own transaction.
 pub async fn finish_backfill<'c, E: PgExecutor<'c>>(
     executor: E,
     slot: &str,
     operator: &str,
 ) -> Result<(), StatusError> {
     sqlx::query(
-        "UPDATE streamex.operator_state SET backfill_request = NULL, backfill_tables = NULL \
+        "WITH progress AS (DELETE FROM streamex.worker_progress WHERE slot = $1 AND operator = $2), \
+              consumers AS (DELETE FROM streamex.worker_consumers WHERE slot = $1 AND operator = $2) \
+         UPDATE streamex.operator_state SET backfill_request = NULL, backfill_tables = NULL \
           WHERE slot = $1 AND operator = $2 AND backfill_request IS NOT NULL",
     )
     .bind(slot)

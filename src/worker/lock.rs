@@ -1,7 +1,9 @@
-//! One worker per operator: a session-level advisory lock keyed on (slot, operator), held by
-//! the worker that runs the operator. A second worker started with the same operator (a
-//! rolling deploy, a spare machine) stands by and takes over within about a second of the
-//! first one's lock session ending (its exit, its SIGKILL, or its connection lost).
+//! One worker per operator: a session-level advisory lock keyed on (slot, operator)
+//! ([`crate::status::operator_lock_key`]), held by the worker that runs the operator. A
+//! second worker started with the same operator (a rolling deploy, a spare machine) stands
+//! by and takes over within about a second of the first one's lock session ending (its
+//! exit, its SIGKILL, or its connection lost). The active `streamex run` of the slot holds
+//! the same keys for its own operators, so a worker never runs one of them meanwhile.
 //!
 //! Each session of an operator makes its consumer anew (see `consumer.rs`); two workers
 //! doing so in turn would keep cutting each other's deliveries. Nothing would be applied
@@ -37,7 +39,7 @@ impl OperatorLock {
         operator: &str,
         shutdown: &CancellationToken,
     ) -> Result<Option<OperatorLock>, sqlx::Error> {
-        let key = format!("streamex worker {slot} {operator}");
+        let key = crate::status::operator_lock_key(slot, operator);
         let options = pool
             .connect_options()
             .as_ref()
@@ -73,8 +75,9 @@ impl OperatorLock {
                         info!(
                             operator,
                             slot,
-                            "standby: another worker runs this operator (its lock session is \
-                             named {key:?} in pg_stat_activity); waiting to take over"
+                            "standby: another worker, or the active `streamex run` of this slot, \
+                             runs this operator (a worker's lock session is named {key:?} in \
+                             pg_stat_activity); waiting to take over"
                         );
                         announced = true;
                     }

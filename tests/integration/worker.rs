@@ -602,3 +602,137 @@ async fn processed_waits_for_every_worker_operator_listening_to_the_entity() -> 
     assert_eq!(processed("comments", 10).await?, (false, false));
     Ok(())
 }
+
+/// An operator runs in one place: `streamex run` refuses to start while a worker runs one of
+/// its operators, naming it and the worker's backend, and after, until it is rebuilt (its
+/// checkpoint is a position in the stream, not of the slot); while `run` is active, a worker
+/// started with its operators stands by instead of running them beside it.
+#[tokio::test]
+async fn an_operator_runs_on_a_worker_or_under_run_never_both() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let slot = slot_for(&url);
+    let dir = tempfile::tempdir()?;
+    let (publisher, both) = configs(&url, &nats, "");
+    let publisher_config = dir.path().join("run.toml");
+    std::fs::write(&publisher_config, publisher)?;
+    common::setup_service(&publisher_config)?;
+    // `both` has the blog operators and [nats]: what a worker runs, and what `run` would too.
+    let config = dir.path().join("both.toml");
+    std::fs::write(&config, both)?;
+    let holds = |operator: &'static str| {
+        let pool = pool.clone();
+        let key = format!("streamex worker {slot} {operator}");
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            )
+            .bind(key)
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok(n > 0)
+        }
+    };
+
+    let worker_log = dir.path().join("worker.log");
+    let mut worker = spawn_worker(&config, &worker_log)?;
+    eventually("the worker holding the tallies' lock", async || {
+        holds("post_comment_tallies").await
+    })
+    .await?;
+    let run_log = dir.path().join("run.log");
+    let mut run = spawn_service(&config, &run_log, "info")?;
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let status = loop {
+        if let Some(status) = run.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            run.kill()?;
+            anyhow::bail!(
+                "run went on beside the worker:\n{}",
+                std::fs::read_to_string(&run_log)?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let text = std::fs::read_to_string(&run_log)?;
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("is run by a `streamex worker`")
+            && text.contains("\"post_comment_tallies\"")
+            && text.contains("backend pid"),
+        "the error must name the operator and the worker's backend:\n{text}"
+    );
+    assert!(terminate(&mut worker)?.success());
+    sqlx::query("INSERT INTO posts (title) VALUES ('while nothing runs the operators')")
+        .execute(&pool)
+        .await?;
+
+    // The worker is gone, but the operators' checkpoints are where it left them in the
+    // stream: `run` refuses them until they are rebuilt.
+    let refused = common::streamex_command("warn")
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("was run by a `streamex worker`")
+            && stderr.contains("streamex rebuild post_comment_tallies --no-wait"),
+        "{stderr}"
+    );
+    for (command, operator) in [
+        ("backfill", "post_with_comments_counts"),
+        ("rebuild", "post_comment_tallies"),
+    ] {
+        let asked = common::streamex_command("warn")
+            .args([command, operator, "--no-wait", "--config"])
+            .arg(&config)
+            .output()?;
+        assert!(asked.status.success(), "{asked:?}");
+    }
+
+    // Now `run` is active first: it rebuilds the operators, and a worker with the same
+    // operators stands by.
+    let mut run = spawn_service(&config, &run_log, "info")?;
+    eventually("run holding the operators' locks", async || {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+              WHERE l.locktype = 'advisory' AND l.granted
+                AND a.application_name = $1
+                AND ((l.classid::bigint << 32) | l.objid::bigint)
+                    = hashtextextended($2, 0)",
+        )
+        .bind(format!("streamex instance {slot}"))
+        .bind(format!("streamex worker {slot} post_comment_tallies"))
+        .fetch_one(&pool)
+        .await?;
+        Ok(n == 1)
+    })
+    .await?;
+    let standby_log = dir.path().join("standby.log");
+    let mut standby = spawn_worker(&config, &standby_log)?;
+    eventually("the worker standing by for both operators", async || {
+        let text = std::fs::read_to_string(&standby_log).unwrap_or_default();
+        Ok(text
+            .matches("standby: another worker, or the active `streamex run`")
+            .count()
+            >= 2)
+    })
+    .await?;
+    sqlx::query("INSERT INTO posts (title) VALUES ('one place')")
+        .execute(&pool)
+        .await?;
+    settle(&pool).await?;
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM streamex.worker_progress")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(rows, 0, "the rebuilds remove the worker's rows");
+    assert!(terminate(&mut standby)?.success());
+    assert!(terminate(&mut run)?.success());
+    Ok(())
+}
