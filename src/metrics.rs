@@ -72,6 +72,10 @@ pub struct OperatorReport {
     pub backfill_rows: Option<u64>,
     /// While it backfills: the rows its tables hold, as the statistics estimate.
     pub backfill_estimate: Option<u64>,
+    /// The bytes of events waiting in its inbox, about (see `replication.operator_backlog_bytes`):
+    /// near that bound, it is what holds the WAL reader back. `None` without an inbox (halted,
+    /// backfilling, or on a worker).
+    pub backlog_bytes: Option<u64>,
 }
 
 type EntityLabel = [(&'static str, String); 1];
@@ -370,6 +374,12 @@ impl Collector for Snapshot {
                 "Rows the tables of a backfilling operator hold, as the statistics estimate",
                 |o: &OperatorReport| o.backfill_estimate,
             ),
+            (
+                "operator_backlog_bytes",
+                "Bytes of decoded events waiting in an operator's inbox, about: near \
+                 replication.operator_backlog_bytes, the operator holds the WAL reader back",
+                |o: &OperatorReport| o.backlog_bytes,
+            ),
         ] {
             let g = ConstGauge::new(0u64);
             let mut metric = encoder.encode_descriptor(name, help, None, g.metric_type())?;
@@ -544,6 +554,7 @@ mod tests {
             last_error: Some("boom".into()),
             backfill_rows: None,
             backfill_estimate: None,
+            backlog_bytes: Some(4096),
         };
         let text = metrics.render(vec![report], None);
         for line in [
@@ -553,6 +564,7 @@ mod tests {
             "streamex_operator_state{operator=\"tallies\",state=\"halted\"} 1",
             "streamex_operator_state{operator=\"tallies\",state=\"running\"} 0",
             "streamex_operator_done_through_lsn{operator=\"tallies\"} 256",
+            "streamex_operator_backlog_bytes{operator=\"tallies\"} 4096",
             "streamex_replication_reconnects_total 1",
             "streamex_replication_streaming 1",
             "streamex_instance_active 0",

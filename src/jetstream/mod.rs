@@ -312,7 +312,10 @@ pub(crate) struct Tip {
 }
 
 /// The stream `name`; [`JetStreamError::StreamMissing`] when it does not exist.
-async fn open(context: &jetstream::Context, name: &str) -> Result<stream::Stream, JetStreamError> {
+pub(crate) async fn open(
+    context: &jetstream::Context,
+    name: &str,
+) -> Result<stream::Stream, JetStreamError> {
     match context.get_stream(name).await {
         Ok(stream) => Ok(stream),
         Err(e) if is_stream_missing(&e) => Err(JetStreamError::StreamMissing {

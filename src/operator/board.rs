@@ -10,7 +10,7 @@
 //! Every figure only moves forward (done positions with `fetch_max`), so a reader never sees
 //! an operator go back.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
@@ -30,6 +30,8 @@ pub(crate) struct Board {
     backfill: Vec<Mutex<Option<(u64, u64)>>>,
     names: Vec<String>,
     pub(super) changed: Notify,
+    /// Per participant with an inbox in this run, its backlog (for reports).
+    backlogs: Vec<Mutex<Option<Arc<super::inbox::Backlog>>>>,
     /// The first operator that needs the pipeline started again from the slot, and why.
     replay: Mutex<Option<(usize, Restart)>>,
     replay_wanted: Notify,
@@ -60,6 +62,7 @@ impl Board {
             backfill: (0..n).map(|_| Mutex::new(None)).collect(),
             names,
             changed: Notify::new(),
+            backlogs: (0..n).map(|_| Mutex::new(None)).collect(),
             replay: Mutex::new(None),
             replay_wanted: Notify::new(),
         }
@@ -123,6 +126,13 @@ impl Board {
             .is_some()
     }
 
+    /// Participant `index` has an inbox with this backlog in this run.
+    pub(super) fn set_backlog(&self, index: usize, backlog: Arc<super::inbox::Backlog>) {
+        *self.backlogs[index]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(backlog);
+    }
+
     /// Operator `index` needs the pipeline started again from the slot (see [`Restart`]).
     pub(crate) fn replay(&self, index: usize, why: Restart) {
         let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
@@ -183,6 +193,11 @@ impl Board {
                     events: self.events[i].load(Ordering::Relaxed),
                     retries: self.retries[i].load(Ordering::Relaxed),
                     dead_letters: self.dead[i].load(Ordering::Relaxed),
+                    backlog_bytes: self.backlogs[i]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map(|b| u64::try_from(b.waiting_bytes()).unwrap_or(u64::MAX)),
                     last_error: error,
                 }
             })

@@ -114,8 +114,8 @@ pub struct Engine<S: ProcessStatusStorage> {
     pub publisher: Option<Arc<crate::jetstream::Publisher>>,
 }
 
-/// `replication.operator_backlog_bytes` unless configured: 32 MiB.
-pub(crate) const DEFAULT_BACKLOG_BYTES: usize = 32 << 20;
+/// `replication.operator_backlog_bytes` unless configured: 16 MiB.
+pub(crate) const DEFAULT_BACKLOG_BYTES: usize = 16 << 20;
 
 impl<S: ProcessStatusStorage + Clone> Engine<S> {
     /// An operator's inbox: `backlog_bytes` of events, and room for at least a whole batch
@@ -228,6 +228,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                 continue;
             }
             let (tx, rx) = self.inbox();
+            board.set_backlog(index, tx.backlog());
             let runner = Runner {
                 index,
                 operator: spec.operator.0.clone(),
@@ -260,6 +261,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         }
         if let Some(publisher) = &self.publisher {
             let (tx, rx) = self.inbox();
+            board.set_backlog(self.operators.len(), tx.backlog());
             tracker.spawn(publisher.clone().run(
                 self.operators.len(),
                 board.clone(),

@@ -46,10 +46,24 @@ type Slot = (Input, Option<OwnedSemaphorePermit>);
 #[derive(Debug)]
 pub(crate) struct InboxSender {
     tx: mpsc::Sender<Slot>,
-    backlog: Arc<Semaphore>,
+    backlog: Arc<Backlog>,
+}
+
+/// The bytes an inbox may hold, as permits: taken by each event sent, given back as the task
+/// takes it.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    permits: Arc<Semaphore>,
     /// The most permits one event takes: the whole backlog, so that an event larger than it
     /// waits for an empty inbox and then goes alone, instead of never.
     most: u32,
+}
+
+impl Backlog {
+    /// The bytes of events waiting in the inbox.
+    pub fn waiting_bytes(&self) -> usize {
+        (self.most as usize).saturating_sub(self.permits.available_permits())
+    }
 }
 
 /// The task's end of an operator's inbox.
@@ -65,8 +79,10 @@ pub(crate) fn channel(bytes: usize, count: usize) -> (InboxSender, Inbox) {
     let (tx, rx) = mpsc::channel(count.max(1));
     let sender = InboxSender {
         tx,
-        backlog: Arc::new(Semaphore::new(most as usize)),
-        most,
+        backlog: Arc::new(Backlog {
+            permits: Arc::new(Semaphore::new(most as usize)),
+            most,
+        }),
     };
     (sender, Inbox { rx })
 }
@@ -77,9 +93,12 @@ impl InboxSender {
     pub async fn send(&self, input: Input, bytes: usize) -> Result<(), Gone> {
         let permit = match &input {
             Input::Event(_) => {
-                let n = u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.most);
+                let n = u32::try_from(bytes)
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, self.backlog.most);
                 Some(
                     self.backlog
+                        .permits
                         .clone()
                         .acquire_many_owned(n)
                         .await
@@ -91,10 +110,14 @@ impl InboxSender {
         self.tx.send((input, permit)).await.map_err(|_| Gone)
     }
 
-    /// The bytes of events waiting in the inbox.
+    /// The inbox's backlog, for reports.
+    pub fn backlog(&self) -> Arc<Backlog> {
+        self.backlog.clone()
+    }
+
     #[cfg(test)]
-    pub fn waiting_bytes(&self) -> usize {
-        (self.most as usize).saturating_sub(self.backlog.available_permits())
+    fn waiting_bytes(&self) -> usize {
+        self.backlog.waiting_bytes()
     }
 }
 
@@ -137,7 +160,8 @@ pub(crate) fn event_bytes(event: &Event) -> usize {
         .message
         .as_ref()
         .map_or(0, |m| m.prefix.len() + value_bytes(&m.content));
-    std::mem::size_of::<Event>()
+    // The event behind its `Arc`, with the two counts.
+    allocation(std::mem::size_of::<Event>() + 16)
         + records
         + changes
         + message
@@ -149,14 +173,20 @@ pub(crate) fn event_bytes(event: &Event) -> usize {
         + event.decode_error.as_ref().map_or(0, String::len)
 }
 
-/// A map entry: its key, its value, and the map's own bookkeeping (about a pointer's worth
-/// per entry in a B-tree node).
-const ENTRY_BYTES: usize = std::mem::size_of::<(String, serde_json::Value)>() + 16;
+/// A map entry: its key and value in a B-tree node, whose slots are about two thirds full,
+/// and the node's own bookkeeping.
+const ENTRY_BYTES: usize = std::mem::size_of::<(String, serde_json::Value)>() * 3 / 2 + 16;
+
+/// What the allocator takes for `len` bytes of a string: its size class (a multiple of 16
+/// here) and its bookkeeping.
+fn allocation(len: usize) -> usize {
+    if len == 0 { 0 } else { len.next_multiple_of(16) + 16 }
+}
 
 fn record_bytes(record: &crate::event::Record) -> usize {
     record
         .iter()
-        .map(|(key, value)| ENTRY_BYTES + key.len() + value_bytes(value))
+        .map(|(key, value)| ENTRY_BYTES + allocation(key.len()) + value_bytes(value))
         .sum()
 }
 
@@ -165,7 +195,7 @@ fn value_bytes(value: &serde_json::Value) -> usize {
     use serde_json::Value;
     match value {
         Value::Null | Value::Bool(_) | Value::Number(_) => 0,
-        Value::String(s) => s.len(),
+        Value::String(s) => allocation(s.len()),
         Value::Array(items) => items
             .iter()
             .map(|v| std::mem::size_of::<Value>() + value_bytes(v))
@@ -194,7 +224,8 @@ mod tests {
         let small = event_bytes(&event("x"));
         let large = event_bytes(&event(&"x".repeat(10_000)));
         assert!(small >= std::mem::size_of::<Event>());
-        assert_eq!(large - small, 9_999);
+        // The text's allocation, rounded to its size class.
+        assert_eq!(large - small, 10_000 - 16);
     }
 
     /// The dispatcher waits while the inbox holds its bytes' worth, and goes on as soon as

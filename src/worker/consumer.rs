@@ -193,15 +193,7 @@ pub(crate) async fn open_stream(
     context: &jetstream::Context,
     stream_name: &str,
 ) -> Result<Opened, JetStreamError> {
-    let mut stream = match context.get_stream(stream_name).await {
-        Ok(stream) => stream,
-        Err(e) if crate::jetstream::is_stream_missing(&e) => {
-            return Err(JetStreamError::StreamMissing {
-                stream: stream_name.to_owned(),
-            });
-        }
-        Err(e) => return Err(unavailable(stream_name, e)),
-    };
+    let mut stream = crate::jetstream::open(context, stream_name).await?;
     let info = stream
         .info()
         .await
