@@ -10,8 +10,8 @@
 //! Every figure only moves forward (done positions with `fetch_max`), so a reader never sees
 //! an operator go back.
 
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 

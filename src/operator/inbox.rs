@@ -180,7 +180,11 @@ const ENTRY_BYTES: usize = std::mem::size_of::<(String, serde_json::Value)>() * 
 /// What the allocator takes for `len` bytes of a string: its size class (a multiple of 16
 /// here) and its bookkeeping.
 fn allocation(len: usize) -> usize {
-    if len == 0 { 0 } else { len.next_multiple_of(16) + 16 }
+    if len == 0 {
+        0
+    } else {
+        len.next_multiple_of(16) + 16
+    }
 }
 
 fn record_bytes(record: &crate::event::Record) -> usize {

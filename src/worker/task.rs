@@ -260,6 +260,58 @@ impl OperatorTask {
         Ok(Some(after))
     }
 
+    /// `acked_through`, or the last message at or before `checkpoint` when that is earlier:
+    /// for an operator that delivers exactly once, the stored checkpoint says what is done,
+    /// and the consumer's acknowledgements may be ahead of it when the database lost commits
+    /// while the worker was away (a failover, a restore from a backup). Starting after the
+    /// acknowledgements would leave the changes in between out for good; starting after the
+    /// checkpoint hands them to the operator again (and messages it does not handle pass
+    /// again, doing nothing). `None` on shutdown.
+    async fn not_ahead_of(
+        &self,
+        checkpoint: Option<Position>,
+        acked_through: u64,
+    ) -> Result<Option<u64>, WorkerError> {
+        // Without a checkpoint nothing says what was done (an operator that has passed
+        // messages but handled none yet): the acknowledgements stand.
+        if self.spec.operator.0.delivery() != crate::operator::Delivery::ExactlyOnce
+            || acked_through == 0
+            || checkpoint.is_none()
+        {
+            return Ok(Some(acked_through));
+        }
+        let stream_name = self.nats.stream.as_str();
+        let search = || async move {
+            let opened = consumer::open_stream(&self.context, stream_name).await?;
+            consumer::last_at_or_before(
+                &opened.stream,
+                stream_name,
+                (opened.first, acked_through),
+                checkpoint,
+            )
+            .await
+        };
+        let Some(after) = self
+            .jetstream(
+                "finding the operator's stored checkpoint in the stream",
+                search,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        if after < acked_through {
+            warn!(
+                operator = self.name(), stream = %stream_name, from = after + 1, acked_through,
+                checkpoint = %checkpoint.map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
+                "the operator's stored checkpoint is behind its consumer's acknowledgements (the \
+                 database lost commits while the worker was away: a failover, or a restore from \
+                 a backup): the messages after the checkpoint come again"
+            );
+        }
+        Ok(Some(after.min(acked_through)))
+    }
+
     /// The operator's stored state, retrying while the database does not answer. `None` on
     /// shutdown.
     async fn state(&self) -> Result<Option<State>, WorkerError> {
@@ -344,7 +396,11 @@ impl OperatorTask {
                 let Some(stored) = stored else {
                     return Ok(None);
                 };
-                floor.unwrap_or(0).max(stored.unwrap_or(0))
+                let acked_through = floor.unwrap_or(0).max(stored.unwrap_or(0));
+                match self.not_ahead_of(checkpoint, acked_through).await? {
+                    Some(acked_through) => acked_through,
+                    None => return Ok(None),
+                }
             }
         };
         let attempt = || async move {

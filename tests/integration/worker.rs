@@ -736,3 +736,94 @@ async fn an_operator_runs_on_a_worker_or_under_run_never_both() -> anyhow::Resul
     assert!(terminate(&mut run)?.success());
     Ok(())
 }
+
+/// The database goes back in time while the worker is away (a restore of a backup, or a
+/// failover to a standby without the last commits): the derived tables and the operators'
+/// checkpoints are earlier than what JetStream has acknowledged. The worker starts again
+/// after the stored checkpoints, not after the acknowledgements, and the derived tables come
+/// out exact.
+#[tokio::test]
+async fn a_worker_goes_on_from_the_checkpoints_of_a_database_that_went_back() -> anyhow::Result<()>
+{
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let (publisher, worker) = configs(&url, &nats, "");
+    let run_config = dir.path().join("run.toml");
+    let worker_config = dir.path().join("worker.toml");
+    std::fs::write(&run_config, publisher)?;
+    std::fs::write(&worker_config, worker)?;
+    common::setup_service(&run_config)?;
+    let run_log = dir.path().join("run.log");
+    let worker_log = dir.path().join("worker.log");
+    let mut service = spawn_service(&run_config, &run_log, "info")?;
+    let mut worker = spawn_worker(&worker_config, &worker_log)?;
+
+    sqlx::raw_sql(
+        "INSERT INTO posts (id, title) SELECT i, 'p' || i FROM generate_series(1, 20) i;
+         INSERT INTO comments (post_id, body) SELECT 1 + i % 20, 'c' || i FROM generate_series(1, 200) i;",
+    )
+    .execute(&pool)
+    .await?;
+    settle(&pool).await?;
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    // The backup: what the operators derived, their checkpoints, and the worker's rows.
+    const SAVED: [&str; 5] = [
+        "post_with_comments_counts",
+        "post_comment_tallies",
+        "streamex.operator_checkpoints",
+        "streamex.worker_progress",
+        "streamex.worker_consumers",
+    ];
+    for (i, table) in SAVED.iter().enumerate() {
+        sqlx::raw_sql(&format!("CREATE TABLE saved_{i} AS SELECT * FROM {table}"))
+            .execute(&pool)
+            .await?;
+    }
+    sqlx::raw_sql(
+        "INSERT INTO comments (post_id, body) SELECT 1 + i % 20, 'later' || i FROM generate_series(1, 300) i;
+         UPDATE posts SET title = title || '+' WHERE id <= 10;",
+    )
+    .execute(&pool)
+    .await?;
+    settle(&pool).await?;
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    assert!(terminate(&mut worker)?.success());
+
+    // The restore, while the worker is away (the source tables keep their rows: they are
+    // what the slot and the stream had already sent).
+    for (i, table) in SAVED.iter().enumerate() {
+        sqlx::raw_sql(&format!(
+            "DELETE FROM {table}; INSERT INTO {table} SELECT * FROM saved_{i}"
+        ))
+        .execute(&pool)
+        .await?;
+    }
+    assert_ne!(
+        derived_mismatches(&pool).await?,
+        (0, 0),
+        "the restore must take the derived tables back"
+    );
+
+    let mut worker = spawn_worker(&worker_config, &worker_log)?;
+    settle(&pool).await?;
+    eventually("the derived tables exact after the restore", async || {
+        Ok(derived_mismatches(&pool).await? == (0, 0))
+    })
+    .await
+    .map_err(|e| {
+        let log = std::fs::read_to_string(&worker_log).unwrap_or_default();
+        anyhow::anyhow!("{e}\nworker log:\n{log}")
+    })?;
+    let log = std::fs::read_to_string(&worker_log)?;
+    assert!(
+        log.contains("stored checkpoint is behind its consumer's acknowledgements"),
+        "{log}"
+    );
+    assert!(terminate(&mut worker)?.success());
+    service.kill()?;
+    service.wait()?;
+    Ok(())
+}
