@@ -39,7 +39,7 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -231,42 +231,93 @@ impl InstanceLock {
     /// run it (`worker::lock`), so that an operator runs in one place: a worker started with
     /// one of them stands by while this instance is active, and this instance refuses to
     /// start while a worker runs one. Held with the instance lock, and let go with it.
+    ///
+    /// An operator's lock can still be held for a moment by this slot's previous instance
+    /// session: a backend that was ended releases its locks one lock partition at a time,
+    /// after its client already saw the connection fail, so the instance lock may be free
+    /// while an operator's is not yet. Only a worker's session is a reason to refuse; any
+    /// other holder is waited for (it is going away: this instance holds the instance lock).
+    ///
+    /// `Ok(false)` when the lock's connection failed meanwhile (the server restarted, or the
+    /// session was ended): the instance lock is lost with it, and is to be taken again.
     pub(super) async fn claim_operators(
         &mut self,
         slot: &str,
         operators: &[&str],
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
+        const RETRY: Duration = Duration::from_millis(100);
+        let deadline = Instant::now() + self.lease.max(Duration::from_secs(5));
         for operator in operators {
             let key = crate::status::operator_lock_key(slot, operator);
-            let taken: bool =
-                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                    .bind(&key)
-                    .fetch_one(&mut self.conn)
-                    .await
-                    .context("taking the operators' locks")?;
-            if !taken {
-                let holder: Option<(i32, Option<String>)> = sqlx::query_as(
-                    "SELECT pid, client_addr::text FROM pg_stat_activity \
-                      WHERE application_name = $1 AND datname = current_database() LIMIT 1",
+            loop {
+                let taken = sqlx::query_scalar::<_, bool>(
+                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                )
+                .bind(&key)
+                .fetch_one(&mut self.conn)
+                .await;
+                let taken = match taken {
+                    Ok(taken) => taken,
+                    Err(error) if crate::error::is_transient_sqlx(&error) => {
+                        warn!(slot, error = %error, "the instance lock's connection failed while taking the operators' locks");
+                        return Ok(false);
+                    }
+                    Err(error) => return Err(error).context("taking the operators' locks"),
+                };
+                if taken {
+                    break;
+                }
+                let holder = sqlx::query_as::<_, (i32, Option<String>, Option<String>)>(
+                    "SELECT a.pid, a.client_addr::text, a.application_name
+                       FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                        AND l.database = (SELECT oid FROM pg_database
+                                           WHERE datname = current_database())
+                        AND ((l.classid::bigint << 32) | l.objid::bigint)
+                            = hashtextextended($1, 0)
+                      LIMIT 1",
                 )
                 .bind(&key)
                 .fetch_optional(&mut self.conn)
-                .await
-                .unwrap_or_default();
+                .await;
                 let holder = match holder {
-                    Some((pid, Some(addr))) => format!("backend pid {pid}, from {addr}"),
-                    Some((pid, None)) => format!("backend pid {pid}"),
-                    None => "its lock session".to_owned(),
+                    Ok(holder) => holder,
+                    Err(error) if crate::error::is_transient_sqlx(&error) => {
+                        warn!(slot, error = %error, "the instance lock's connection failed while taking the operators' locks");
+                        return Ok(false);
+                    }
+                    Err(error) => {
+                        return Err(error).context("looking for the holder of an operator's lock");
+                    }
                 };
-                anyhow::bail!(
-                    "operator {operator:?} of slot {slot:?} is run by a `streamex worker` \
-                     ({holder}, application_name {key:?} in pg_stat_activity): an operator runs \
-                     in one place, here or on workers; take it out of the [[operators]] of one \
-                     of the two configurations"
+                let worker = holder
+                    .as_ref()
+                    .is_some_and(|(_, _, name)| name.as_deref() == Some(key.as_str()));
+                if !worker && Instant::now() < deadline {
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+                let holder = match holder {
+                    Some((pid, Some(addr), _)) => format!("backend pid {pid}, from {addr}"),
+                    Some((pid, None, _)) => format!("backend pid {pid}"),
+                    None => "a session that is gone".to_owned(),
+                };
+                if worker {
+                    bail!(
+                        "operator {operator:?} of slot {slot:?} is run by a `streamex worker` \
+                         ({holder}, application_name {key:?} in pg_stat_activity): an operator \
+                         runs in one place, here or on workers; take it out of the \
+                         [[operators]] of one of the two configurations"
+                    );
+                }
+                bail!(
+                    "the lock of operator {operator:?} of slot {slot:?} is still held by \
+                     {holder}, which is not a `streamex worker`, after this instance took the \
+                     instance lock; end that session (pg_terminate_backend) and start again"
                 );
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The backend pid of the connection holding the lock of `slot`: the active instance.

@@ -36,7 +36,9 @@ pub(super) async fn run_pipeline<S: ProcessStatusStorage + Clone>(
             return Ok(()); // shut down while standing by
         };
         let names: Vec<&str> = engine.operators.iter().map(|o| o.operator.name()).collect();
-        lock.claim_operators(&config.slot, &names).await?;
+        if !lock.claim_operators(&config.slot, &names).await? {
+            continue; // the lock's connection failed: take the lock again
+        }
         engine.metrics.set_phase(Phase::Active);
         // Losing the lock's connection, or its lease running out, means another instance may
         // take over: stop processing at once, then stand by for the lock again.

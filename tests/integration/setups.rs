@@ -599,6 +599,87 @@ async fn ids_of_every_integer_width_and_numeric_are_bound_as_their_type() -> any
 
 /// A server restart, or the end of the instance lock's connection alone, does not stop a
 /// single instance: it stops processing, takes the lock again and goes on.
+/// The instance lock's session ended again and again, each time as soon as the lock is
+/// granted (before the instance has taken its operators' locks and started streaming): the
+/// instance takes it again every time instead of exiting, and loses nothing.
+#[tokio::test]
+async fn an_instance_lock_ended_as_soon_as_it_is_taken_is_taken_again() -> anyhow::Result<()> {
+    let cluster = testing::Cluster::start()?;
+    let url = cluster.create_database().await?;
+    let slot = slot_for(&url);
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("streamex.toml");
+    let text = common::blog_config(&url, &slot);
+    anyhow::ensure!(
+        text.contains("lease = \"30s\""),
+        "the example's [lock] lease line moved"
+    );
+    // A short lease: the instance notices a lost session within a second.
+    std::fs::write(&config, text.replace("lease = \"30s\"", "lease = \"3s\""))?;
+    let log = dir.path().join("streamex.log");
+    common::setup_service(&config)?;
+    let mut child = common::spawn_service(&config, &log, "info")?;
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    sqlx::raw_sql("INSERT INTO posts (id, title) VALUES (1, 'one');")
+        .execute(&pool)
+        .await?;
+    settle(&pool).await.with_context(logged)?;
+
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for round in 0..8 {
+        sqlx::query(&format!(
+            "INSERT INTO comments (post_id) SELECT 1 FROM generate_series(1, {})",
+            round + 1
+        ))
+        .execute(&pool)
+        .await?;
+        // Poll tightly, so that the session is ended moments after the lock is granted.
+        loop {
+            let ended: Option<bool> = sqlx::query_scalar(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks
+                  WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)",
+            )
+            .bind(format!("streamex slot {slot}"))
+            .fetch_optional(&pool)
+            .await?;
+            if ended == Some(true) {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "streamex run exited in round {round} ({status}):\n{}",
+                    logged()
+                );
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the instance never took its lock again (round {round}):\n{}",
+                logged()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    settle(&pool).await.with_context(logged)?;
+    if let Some(status) = child.try_wait()? {
+        anyhow::bail!("streamex run exited ({status}):\n{}", logged());
+    }
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    let tally: i32 =
+        sqlx::query_scalar("SELECT comments FROM post_comment_tallies WHERE post_id = 1")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(tally, (1..=8).sum::<i32>(), "one tally per comment");
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own running child.
+    unsafe { libc::kill(libc::pid_t::try_from(child.id())?, libc::SIGTERM) };
+    let status = child.wait()?;
+    assert!(status.success(), "{status}\n{}", logged());
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_lost_instance_lock_is_taken_again_instead_of_exiting() -> anyhow::Result<()> {
     let cluster = testing::Cluster::start()?;
@@ -662,7 +743,9 @@ async fn a_lost_instance_lock_is_taken_again_instead_of_exiting() -> anyhow::Res
     sqlx::raw_sql("INSERT INTO comments (post_id) VALUES (1);")
         .execute(&pool)
         .await?;
-    settle(&pool).await?;
+    settle(&pool)
+        .await
+        .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
     alive(&mut child)?;
     assert_eq!(derived_mismatches(&pool).await?, (0, 0));
     let tally: i32 =
