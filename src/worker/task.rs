@@ -232,28 +232,14 @@ impl OperatorTask {
         let Some(state) = self.state().await? else {
             return Ok(None);
         };
-        let stream_name = self.nats.stream.as_str();
-        let search = || async move {
-            let opened = consumer::open_stream(&self.context, stream_name).await?;
-            consumer::last_at_or_before(
-                &opened.stream,
-                stream_name,
-                (opened.first, acked_through),
-                state.checkpoint,
-            )
-            .await
-        };
         let Some(after) = self
-            .jetstream(
-                "finding the operator's stored checkpoint in the stream",
-                search,
-            )
+            .find_checkpoint(state.checkpoint, acked_through)
             .await?
         else {
             return Ok(None);
         };
         warn!(
-            operator = self.name(), stream = %stream_name, from = after + 1, acked_through,
+            operator = self.name(), stream = %self.nats.stream, from = after + 1, acked_through,
             "the database lost commits of the operator: its messages after the stored checkpoint \
              come again"
         );
@@ -280,6 +266,29 @@ impl OperatorTask {
         {
             return Ok(Some(acked_through));
         }
+        let Some(after) = self.find_checkpoint(checkpoint, acked_through).await? else {
+            return Ok(None);
+        };
+        if after < acked_through {
+            warn!(
+                operator = self.name(), stream = %self.nats.stream, from = after + 1, acked_through,
+                checkpoint = %checkpoint.map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
+                "the operator's stored checkpoint is behind its consumer's acknowledgements (the \
+                 database lost commits while the worker was away: a failover, or a restore from \
+                 a backup): the messages after the checkpoint come again"
+            );
+        }
+        Ok(Some(after.min(acked_through)))
+    }
+
+    /// The stream sequence of the last message at or before `checkpoint`, searched among
+    /// the stream's messages up to `acked_through`, retrying while JetStream does not answer.
+    /// `None` on shutdown.
+    async fn find_checkpoint(
+        &self,
+        checkpoint: Option<Position>,
+        acked_through: u64,
+    ) -> Result<Option<u64>, WorkerError> {
         let stream_name = self.nats.stream.as_str();
         let search = || async move {
             let opened = consumer::open_stream(&self.context, stream_name).await?;
@@ -291,25 +300,11 @@ impl OperatorTask {
             )
             .await
         };
-        let Some(after) = self
-            .jetstream(
-                "finding the operator's stored checkpoint in the stream",
-                search,
-            )
-            .await?
-        else {
-            return Ok(None);
-        };
-        if after < acked_through {
-            warn!(
-                operator = self.name(), stream = %stream_name, from = after + 1, acked_through,
-                checkpoint = %checkpoint.map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
-                "the operator's stored checkpoint is behind its consumer's acknowledgements (the \
-                 database lost commits while the worker was away: a failover, or a restore from \
-                 a backup): the messages after the checkpoint come again"
-            );
-        }
-        Ok(Some(after.min(acked_through)))
+        self.jetstream(
+            "finding the operator's stored checkpoint in the stream",
+            search,
+        )
+        .await
     }
 
     /// The operator's stored state, retrying while the database does not answer. `None` on
