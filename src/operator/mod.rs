@@ -38,6 +38,7 @@ mod sql;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use crate::metrics::{OperatorReport, OperatorStateKind};
 pub(crate) use board::Board;
@@ -182,6 +183,42 @@ impl<'a> Context<'a> {
 )]
 pub struct NoTransaction {
     operator: String,
+}
+
+/// Context for an operator's error that asks for the next try to wait at least this long:
+/// a receiver that answered `429 Too Many Requests` or `503 Service Unavailable` with a
+/// `Retry-After` header, say. The runner waits the longer of this and its own backoff
+/// (capped at [`RetryAfter::MAX`]); the try still counts against the retry policy.
+///
+/// ```
+/// use std::time::Duration;
+/// use anyhow::Context as _;
+/// use streamex::operator::RetryAfter;
+///
+/// let error: anyhow::Result<()> = Err(anyhow::anyhow!("the receiver answered 429"));
+/// let error = error.context(RetryAfter(Duration::from_secs(30))).unwrap_err();
+/// assert_eq!(RetryAfter::of(&error), Some(Duration::from_secs(30)));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryAfter(pub Duration);
+
+impl RetryAfter {
+    /// The longest wait an error can ask for: a receiver's `Retry-After: 86400` does not
+    /// stall an operator for a day.
+    pub const MAX: Duration = Duration::from_secs(600);
+
+    /// The wait `error` asks for, if it (or any context on it) is a `RetryAfter`.
+    pub fn of(error: &anyhow::Error) -> Option<Duration> {
+        error
+            .downcast_ref::<RetryAfter>()
+            .map(|asked| asked.0.min(RetryAfter::MAX))
+    }
+}
+
+impl std::fmt::Display for RetryAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "asked to retry after {} ms", self.0.as_millis())
+    }
 }
 
 /// A user-written reaction to change events.

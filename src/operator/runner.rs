@@ -585,7 +585,10 @@ impl Runner {
             }
             outage.reset();
             if attempt <= self.retry.retries {
-                let wait = retries.next().unwrap_or(retries.max);
+                let backoff = retries.next().unwrap_or(retries.max);
+                // A receiver's Retry-After (see RetryAfter) is a floor under the backoff.
+                let wait =
+                    super::RetryAfter::of(&error).map_or(backoff, |asked| asked.max(backoff));
                 let retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
                 if self.reported.as_ref() == Some(&message) {
                     debug!(

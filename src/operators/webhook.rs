@@ -38,8 +38,10 @@
 //!
 //! At least once ([`Delivery::AtLeastOnce`]): a 2xx answer is the only success; anything
 //! else is an error, and the operator's retry policy (`[retry]` or `[operators.retry]`)
-//! applies: backoff, then `halt` or `dead_letter`. Every failure is retried alike, a 400 as
-//! a 503: a receiver that can never take an event should answer 2xx and keep it aside
+//! applies: backoff, then `halt` or `dead_letter`. A `Retry-After` header on a failed answer
+//! (seconds, or an HTTP date; a `429` or `503` usually) makes the next try wait at least that
+//! long, up to ten minutes ([`RetryAfter`]); it still counts as a try. Every failure is
+//! retried alike, a 400 as a 503: a receiver that can never take an event should answer 2xx and keep it aside
 //! itself, or let the policy put it in `streamex.dead_letters`. The same event can arrive
 //! more than once: again after a failed try whose request the receiver did handle, after a
 //! crash (the slot's confirmed position may be behind what was posted), and, with batches, when a
@@ -63,7 +65,7 @@ use tracing::debug;
 use crate::config::{Secret, WebhookConfig};
 use crate::event::Event;
 use crate::lsn::Position;
-use crate::operator::{Context, Delivery, Operator, Subscription};
+use crate::operator::{Context, Delivery, Operator, RetryAfter, Subscription};
 
 /// A webhook that could not be built, or a delivery that failed.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,8 @@ pub enum WebhookError {
         origin: String,
         /// The status it answered.
         status: reqwest::StatusCode,
+        /// How long its `Retry-After` header asked the next try to wait, if it sent one.
+        retry_after: Option<Duration>,
     },
     /// The event could not be written as JSON.
     #[error("webhook: writing the event as JSON")]
@@ -280,6 +284,10 @@ impl Webhook {
             .await
             .map_err(|e| self.request_error(e))?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| retry_after(value, SystemTime::now()));
         drain(response).await;
         debug!(
             operator = %self.name, origin = %self.origin, first = %first, last = %last,
@@ -289,6 +297,7 @@ impl Webhook {
             return Err(WebhookError::Status {
                 origin: self.origin.clone(),
                 status,
+                retry_after,
             });
         }
         Ok(())
@@ -471,7 +480,7 @@ impl Operator for Webhook {
     }
 
     async fn handle(&self, event: &Event, _ctx: &mut Context<'_>) -> anyhow::Result<()> {
-        Ok(self.post(&[event]).await?)
+        self.post(&[event]).await.map_err(operator_error)
     }
 
     /// `batch_size` events per request, in order; the first failure fails the whole batch
@@ -483,10 +492,34 @@ impl Operator for Webhook {
     ) -> anyhow::Result<()> {
         for chunk in events.chunks(self.batch_size) {
             let chunk: Vec<&Event> = chunk.iter().map(|e| &**e).collect();
-            self.post(&chunk).await?;
+            self.post(&chunk).await.map_err(operator_error)?;
         }
         Ok(())
     }
+}
+
+/// `error` for the runner: with the receiver's `Retry-After`, as a [`RetryAfter`], so that
+/// the next try waits at least that long.
+fn operator_error(error: WebhookError) -> anyhow::Error {
+    match error {
+        WebhookError::Status {
+            retry_after: Some(wait),
+            ..
+        } => anyhow::Error::new(error).context(RetryAfter(wait)),
+        error => error.into(),
+    }
+}
+
+/// The wait a `Retry-After` value asks for at `now`: delay-seconds (`120`) or an HTTP date
+/// (`Wed, 21 Oct 2015 07:28:00 GMT`; a date already past asks for none). `None` when it is
+/// neither.
+fn retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let value = value.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// `sha256=` and the hex HMAC-SHA256 under `key` of `timestamp`, `.` and `body`.
@@ -612,6 +645,47 @@ mod tests {
         .batch_size(batch_size)
         .build()
         .expect("a valid webhook")
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date_and_a_status_error_carries_it() {
+        let value = |text: &str| HeaderValue::from_str(text).expect("a header value");
+        // Wed, 21 Oct 2015 07:28:00 GMT is 1445412480 s after the epoch.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480 - 90);
+        assert_eq!(
+            retry_after(&value("120"), now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(retry_after(&value(" 0 "), now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after(&value("Wed, 21 Oct 2015 07:28:00 GMT"), now),
+            Some(Duration::from_secs(90))
+        );
+        let later = now + Duration::from_secs(3600);
+        assert_eq!(
+            retry_after(&value("Wed, 21 Oct 2015 07:28:00 GMT"), later),
+            Some(Duration::ZERO),
+            "a date already past"
+        );
+        for bad in ["-5", "soon", "1.5", ""] {
+            assert_eq!(retry_after(&value(bad), now), None, "{bad:?}");
+        }
+
+        let status = |retry_after| WebhookError::Status {
+            origin: "https://hooks.example.com".to_owned(),
+            status: reqwest::StatusCode::TOO_MANY_REQUESTS,
+            retry_after,
+        };
+        let asked = operator_error(status(Some(Duration::from_secs(30))));
+        assert_eq!(RetryAfter::of(&asked), Some(Duration::from_secs(30)));
+        assert!(
+            crate::error::chain(&asked).contains("answered 429"),
+            "{}",
+            crate::error::chain(&asked)
+        );
+        assert_eq!(RetryAfter::of(&operator_error(status(None))), None);
+        let huge = operator_error(status(Some(Duration::from_secs(86_400))));
+        assert_eq!(RetryAfter::of(&huge), Some(RetryAfter::MAX), "capped");
     }
 
     /// RFC 4231's test cases 1, 2 and 6 for HMAC-SHA256.

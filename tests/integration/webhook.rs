@@ -27,6 +27,8 @@ struct Received {
     headers: BTreeMap<String, String>,
     body: Bytes,
     answered: StatusCode,
+    /// When it arrived.
+    at: std::time::Instant,
 }
 
 impl Received {
@@ -70,6 +72,8 @@ struct Behaviour {
     refuse: Option<&'static str>,
     /// Keep the first request waiting until this is notified.
     hold_first: Option<Arc<tokio::sync::Semaphore>>,
+    /// Answer the failing requests 429 with this `Retry-After` instead of 500.
+    retry_after: Option<&'static str>,
 }
 
 struct Receiver {
@@ -122,7 +126,8 @@ async fn hook(
     State(receiver): State<Arc<Receiver>>,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> (StatusCode, HeaderMap) {
+    let at = std::time::Instant::now();
     let first = receiver.received.lock().unwrap().is_empty();
     if let (true, Some(gate)) = (first, &receiver.behaviour.hold_first) {
         let _ = gate.acquire().await;
@@ -135,8 +140,12 @@ async fn hook(
         .failing
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
+    let mut answer = HeaderMap::new();
     let answered = if refused {
         StatusCode::UNPROCESSABLE_ENTITY
+    } else if let (true, Some(after)) = (failing, behaviour.retry_after) {
+        answer.insert("retry-after", after.parse().expect("a header value"));
+        StatusCode::TOO_MANY_REQUESTS
     } else if failing {
         StatusCode::INTERNAL_SERVER_ERROR
     } else {
@@ -155,8 +164,9 @@ async fn hook(
         headers,
         body,
         answered,
+        at,
     });
-    answered
+    (answered, answer)
 }
 
 /// Checks the signature as a receiver would, with ring and nothing of streamex: HMAC-SHA256
@@ -383,6 +393,53 @@ async fn failed_posts_are_retried_and_hold_the_slot_until_delivered() -> anyhow:
         .map(|e| title(e).to_owned())
         .collect();
     assert_eq!(titles, ["first", "second"]);
+    Ok(())
+}
+
+/// A 429 with `Retry-After: 2` makes the next try wait two seconds, though the retry
+/// policy's own backoff is 10 to 20 ms.
+#[tokio::test]
+async fn a_retry_after_header_is_waited_for() -> anyhow::Result<()> {
+    let (url, pool) = database().await?;
+    let limited = Behaviour {
+        failing: AtomicUsize::new(2),
+        retry_after: Some("2"),
+        ..Behaviour::default()
+    };
+    let (receiver, hook_url) = Receiver::start(limited).await?;
+    let config = config(
+        &url,
+        "retries = 5",
+        &format!(
+            "[[operators]]\nname = \"notify\"\nwebhook = {{ url = {hook_url:?}, entities = [\"posts\"] }}"
+        ),
+    )?;
+    let service = start(&config).await?;
+    sqlx::query("INSERT INTO posts (id, title) VALUES (1, 'first')")
+        .execute(&pool)
+        .await?;
+    eventually("the event delivered", || async {
+        Ok(receiver.delivered().len() == 1)
+    })
+    .await?;
+    service.stop().await?;
+    let received = receiver.received();
+    let answered: Vec<StatusCode> = received.iter().map(|r| r.answered).collect();
+    assert_eq!(
+        answered,
+        [
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::NO_CONTENT
+        ]
+    );
+    for pair in received.windows(2) {
+        let waited = pair[1].at.duration_since(pair[0].at);
+        assert!(
+            waited >= std::time::Duration::from_secs(2),
+            "the next try came {waited:?} after a Retry-After of 2 s"
+        );
+    }
     Ok(())
 }
 
