@@ -283,9 +283,7 @@ async fn jetstream_line(nats: &crate::config::NatsConfig) -> JetStreamLine {
     let read = async {
         let client = jetstream::connect(nats).await?;
         let context = jetstream::context(client, nats);
-        let info = jetstream::info(&context, &nats.stream).await?;
-        let tip = jetstream::tip(&context, &nats.stream, None).await?;
-        Ok::<_, jetstream::JetStreamError>((info, tip))
+        jetstream::state_and_tip(&context, &nats.stream, None).await
     };
     match tokio::time::timeout(nats.timeout.max(std::time::Duration::from_secs(3)), read).await {
         Ok(Ok((state, tip))) => {

@@ -325,20 +325,6 @@ pub(crate) async fn open(
     }
 }
 
-/// The stream's state (messages, bytes, sequences, consumers).
-pub(crate) async fn info(
-    context: &jetstream::Context,
-    name: &str,
-) -> Result<stream::State, JetStreamError> {
-    let mut stream = open(context, name).await?;
-    Ok(stream
-        .info()
-        .await
-        .map_err(|e| unavailable(name, e))?
-        .state
-        .clone())
-}
-
 /// Reads the stream's [`Tip`]; `source` is this publisher's `<database>/<slot>`, which the
 /// last message must hold (when it says).
 pub(crate) async fn tip(
@@ -346,13 +332,34 @@ pub(crate) async fn tip(
     name: &str,
     source: Option<&str>,
 ) -> Result<Tip, JetStreamError> {
+    Ok(state_and_tip(context, name, source).await?.1)
+}
+
+/// The stream's state (messages, bytes, sequences, consumers) and its [`Tip`], from one read
+/// of the stream's info; `source` as for [`tip`].
+pub(crate) async fn state_and_tip(
+    context: &jetstream::Context,
+    name: &str,
+    source: Option<&str>,
+) -> Result<(stream::State, Tip), JetStreamError> {
     let mut stream = open(context, name).await?;
-    let sequence = stream
+    let state = stream
         .info()
         .await
         .map_err(|e| unavailable(name, e))?
         .state
-        .last_sequence;
+        .clone();
+    let tip = last_message(&stream, name, state.last_sequence, source).await?;
+    Ok((state, tip))
+}
+
+/// The [`Tip`] of `stream`, whose last sequence is `sequence`.
+async fn last_message(
+    stream: &stream::Stream,
+    name: &str,
+    sequence: u64,
+    source: Option<&str>,
+) -> Result<Tip, JetStreamError> {
     if sequence == 0 {
         return Ok(Tip {
             sequence,
