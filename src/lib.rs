@@ -51,6 +51,7 @@ pub mod event;
 pub mod http;
 #[doc(hidden)]
 pub mod jetstream;
+mod lease;
 pub mod lsn;
 #[doc(hidden)]
 pub mod metrics;

@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
+use crate::lease::{LeaseKind, renew, start_lease};
 
 /// The session-level advisory lock, keyed on the slot's name, that makes one instance per
 /// slot the active one, held as a lease of `lease`: see the module's documentation.
@@ -56,46 +57,6 @@ pub(crate) struct InstanceLock {
     kind: LeaseKind,
     /// When the last successful renewal (or the start of the lease) was sent.
     renewed: Instant,
-}
-
-/// How the server ends the lock's session once the holder stops renewing it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum LeaseKind {
-    /// `idle_session_timeout` (PostgreSQL 14 and later): the session is idle between renewals.
-    IdleSession,
-    /// `idle_in_transaction_session_timeout` (PostgreSQL 13): the session sits in an open
-    /// transaction between renewals.
-    IdleTransaction,
-}
-
-impl LeaseKind {
-    /// For the server whose `server_version_num` is `version`.
-    fn for_server(version: i32) -> LeaseKind {
-        if version >= 140_000 {
-            LeaseKind::IdleSession
-        } else {
-            LeaseKind::IdleTransaction
-        }
-    }
-
-    /// The statements that start the lease on the lock's session.
-    fn start(self, lease: Duration) -> String {
-        let ms = lease.as_millis();
-        match self {
-            LeaseKind::IdleSession => format!("SET idle_session_timeout = {ms}"),
-            LeaseKind::IdleTransaction => {
-                format!("SET idle_in_transaction_session_timeout = {ms}; BEGIN")
-            }
-        }
-    }
-
-    /// The statement that renews it.
-    fn renew(self) -> &'static str {
-        match self {
-            LeaseKind::IdleSession => "SELECT 1",
-            LeaseKind::IdleTransaction => "COMMIT; BEGIN",
-        }
-    }
 }
 
 impl InstanceLock {
@@ -407,36 +368,6 @@ impl InstanceLock {
     }
 }
 
-/// Starts the lease of `lease` on the lock's session. Only the holder's session has the
-/// timeout: a standby's would be ended while it waits (it is idle between polls).
-async fn start_lease(
-    conn: &mut sqlx::PgConnection,
-    lease: Duration,
-) -> Result<LeaseKind, sqlx::Error> {
-    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
-        .fetch_one(&mut *conn)
-        .await?;
-    let kind = LeaseKind::for_server(version);
-    begin_lease(conn, lease, kind).await?;
-    Ok(kind)
-}
-
-/// Starts the lease as `kind` says, as a simple query (`kind.start` may be two statements).
-async fn begin_lease(
-    conn: &mut sqlx::PgConnection,
-    lease: Duration,
-    kind: LeaseKind,
-) -> Result<(), sqlx::Error> {
-    sqlx::Executor::execute(conn, kind.start(lease).as_str()).await?;
-    Ok(())
-}
-
-/// One renewal of the lease, `kind`'s statement(s) as a simple query.
-async fn renew(conn: &mut sqlx::PgConnection, kind: LeaseKind) -> Result<(), sqlx::Error> {
-    sqlx::Executor::execute(conn, kind.renew()).await?;
-    Ok(())
-}
-
 /// Ends the walsender still streaming from `slot`, if any. Only the lock's holder streams,
 /// so whoever streams when the lock is taken is left over from an instance that lost it (one
 /// frozen or cut off, whose walsender would hold the slot until `wal_sender_timeout`).
@@ -475,6 +406,7 @@ mod tests {
     use sqlx::Connection as _;
 
     use super::*;
+    use crate::lease::begin_lease;
 
     /// A session of its own that takes `slot`'s lock, if it is free, and starts a lease of
     /// `lease` as `kind`.

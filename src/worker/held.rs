@@ -43,8 +43,8 @@ pub(crate) struct Held<M> {
     /// The greatest stream sequence delivered in this session.
     highest: Option<u64>,
     /// The consumer sequence of the last delivery (each delivery, a repeated one too, takes
-    /// the next one).
-    last_delivery: Option<u64>,
+    /// the next one); 0 before the first, since each session makes its consumer anew.
+    last_delivery: u64,
 }
 
 impl<M> Held<M> {
@@ -54,23 +54,29 @@ impl<M> Held<M> {
             queue: VecDeque::new(),
             acked_through,
             highest: None,
-            last_delivery: None,
+            last_delivery: 0,
         }
     }
 
     /// Tells what the delivery of stream sequence `stream` as consumer sequence `delivery`
-    /// is. A delivery whose consumer sequence goes back (the server restarted from an older
-    /// state of the consumer) is taken as it is: its messages are either new, or sent again.
+    /// is.
+    ///
+    /// Only the consumer sequence after the last one is taken, from 1 on (the session made
+    /// the consumer). Any other is [`Arrival::Missed`]: one skipped went to someone else or
+    /// was lost; one that goes back comes from another state of the consumer (the server
+    /// restarted from an older one, or another worker of the operator, holding it after a
+    /// lost lock, made the consumer anew under the same name and its deliveries now reach this
+    /// pull). Taking such a delivery could hand the operator a message whose predecessors it
+    /// never got, and its checkpoint's compare-and-set, which stops doubles, cannot tell a gap.
     pub(crate) fn arrive(&mut self, stream: u64, delivery: u64) -> Arrival {
-        if let Some(last) = self.last_delivery
-            && delivery > last.saturating_add(1)
-        {
+        let expected = self.last_delivery.saturating_add(1);
+        if delivery != expected {
             return Arrival::Missed {
-                expected: last + 1,
+                expected,
                 got: delivery,
             };
         }
-        self.last_delivery = Some(delivery);
+        self.last_delivery = delivery;
         if stream <= self.acked_through {
             return Arrival::Again { done: true };
         }
@@ -149,25 +155,35 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_delivery_is_told_and_a_consumer_that_went_back_is_followed() {
-        let mut held: Held<()> = Held::new(0);
+    fn only_the_next_delivery_of_the_session_s_consumer_is_taken() {
+        let mut held: Held<()> = Held::new(4);
         assert_eq!(
-            held.arrive(5, 1),
-            Arrival::New,
-            "the first delivery sets the pace"
+            held.arrive(6, 2),
+            Arrival::Missed {
+                expected: 1,
+                got: 2
+            },
+            "the first delivery of a consumer this session made is 1: 1 went elsewhere"
         );
-        assert_eq!(held.arrive(6, 2), Arrival::New);
+        let mut held: Held<()> = Held::new(4);
+        assert_eq!(held.arrive(5, 1), Arrival::New);
+        // Stream sequences may jump (a filtered consumer); deliveries may not.
+        assert_eq!(held.arrive(9, 2), Arrival::New);
         assert_eq!(
-            held.arrive(9, 4),
+            held.arrive(12, 4),
             Arrival::Missed {
                 expected: 3,
                 got: 4
             }
         );
-        // Stream sequences may jump (a filtered consumer); deliveries may not.
-        assert_eq!(held.arrive(9, 3), Arrival::New);
-        // The server came back with an older state of the consumer: it delivers again.
-        assert_eq!(held.arrive(6, 2), Arrival::Again { done: false });
+        assert_eq!(
+            held.arrive(6, 1),
+            Arrival::Missed {
+                expected: 3,
+                got: 1
+            },
+            "a consumer sequence going back is another state of the consumer"
+        );
         assert_eq!(held.arrive(10, 3), Arrival::New);
     }
 }

@@ -1,8 +1,11 @@
 //! One worker per operator: a session-level advisory lock keyed on (slot, operator)
-//! ([`crate::status::operator_lock_key`]), held by the worker that runs the operator. A
-//! second worker started with the same operator (a rolling deploy, a spare machine) stands
-//! by and takes over within about a second of the first one's lock session ending (its
-//! exit, its SIGKILL, or its connection lost). The active `streamex run` of the slot holds
+//! ([`crate::status::operator_lock_key`]), held by the worker that runs the operator as a
+//! lease of `[lock] lease` (`crate::lease`). A second worker started with the same operator
+//! (a rolling deploy, a spare machine) stands by and takes over within about a second of the
+//! first one's lock session ending: its exit, its SIGKILL, its connection lost, or, when it
+//! is frozen (SIGSTOP, a paused VM) or cut off, the server ending the session once the lease
+//! has gone unrenewed. The frozen worker, once it runs again, finds its lease over before it
+//! renews it, stops taking messages and stands by. The active `streamex run` of the slot holds
 //! the same keys for its own operators, so a worker never runs one of them meanwhile.
 //!
 //! Each session of an operator makes its consumer anew (see `consumer.rs`); two workers
@@ -13,30 +16,42 @@
 use std::time::Duration;
 
 use sqlx::{Connection as _, PgPool};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
+use crate::lease::{LeaseKind, renew, start_lease};
 
-/// How often a standby tries to take the lock, and the holder checks it still has it.
+/// How often a standby tries to take the lock, and the holder renews it.
 pub(super) const POLL: Duration = Duration::from_secs(1);
 
 /// The waits between attempts while the database cannot be reached.
 const OUTAGE: Backoff = Backoff::new(Duration::from_millis(250), 2.0, Duration::from_secs(10));
 
 /// The lock of one operator, on a connection of its own.
+///
+/// A task of its own renews the lease, whatever the operator's task is doing (a long batch,
+/// a halt waiting for `streamex resume`, a JetStream outage); [`OperatorLock::held`] says
+/// whether it still does.
 pub(super) struct OperatorLock {
-    conn: sqlx::PgConnection,
+    /// Cancelled by the renewal task when the lock is lost.
+    lost: CancellationToken,
+    /// Ends the renewal task (on release, or when the lock is dropped).
+    stop: CancellationToken,
+    /// The renewal task; it gives the lock's session back when it ends.
+    renewal: Option<tokio::task::JoinHandle<sqlx::PgConnection>>,
 }
 
 impl OperatorLock {
-    /// Takes the lock of `operator` on `slot`, standing by while another worker holds it.
-    /// `None` on shutdown. Its session is named `streamex worker <slot> <operator>`
+    /// Takes the lock of `operator` on `slot`, standing by while another worker holds it,
+    /// and starts its lease of `lease`. `None` on shutdown. Its session is named `streamex worker <slot> <operator>`
     /// (`pg_stat_activity.application_name`), so the holder can be found.
     pub(super) async fn acquire(
         pool: &PgPool,
         slot: &str,
         operator: &str,
+        lease: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Option<OperatorLock>, sqlx::Error> {
         let key = crate::status::operator_lock_key(slot, operator);
@@ -56,18 +71,36 @@ impl OperatorLock {
                         .fetch_one(&mut conn)
                         .await?;
                 if taken {
-                    Ok(Some(conn))
+                    let sent = Instant::now();
+                    let kind = start_lease(&mut conn, lease).await?;
+                    Ok(Some((conn, kind, sent)))
                 } else {
                     let _ = conn.close().await;
                     Ok(None)
                 }
             };
             match attempt.await {
-                Ok(Some(conn)) => {
+                Ok(Some((conn, kind, renewed))) => {
                     if announced {
                         info!(operator, slot, "the other worker is gone; taking over");
                     }
-                    return Ok(Some(OperatorLock { conn }));
+                    let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
+                    let renewal = tokio::spawn(keep(
+                        Lease {
+                            conn,
+                            lease,
+                            kind,
+                            renewed,
+                        },
+                        operator.to_owned(),
+                        lost.clone(),
+                        stop.clone(),
+                    ));
+                    return Ok(Some(OperatorLock {
+                        lost,
+                        stop,
+                        renewal: Some(renewal),
+                    }));
                 }
                 Ok(None) => {
                     outage.reset();
@@ -103,17 +136,86 @@ impl OperatorLock {
         }
     }
 
-    /// Whether the lock's session still answers (and so still holds the lock).
-    pub(super) async fn held(&mut self) -> bool {
-        let ping = sqlx::query("SELECT 1").execute(&mut self.conn);
-        matches!(
-            tokio::time::timeout(Duration::from_secs(5), ping).await,
-            Ok(Ok(_))
-        )
+    /// Whether the lock is still held: false once a renewal failed, was not answered in
+    /// time, or came after the lease had run out (this process was paused or starved: the
+    /// server ends, or has ended, the session, and another worker may run the operator).
+    pub(super) fn held(&self) -> bool {
+        !self.lost.is_cancelled()
     }
 
     /// Lets go of the lock (closing its session).
-    pub(super) async fn release(self) {
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.conn.close()).await;
+    pub(super) async fn release(mut self) {
+        self.stop.cancel();
+        if let Some(renewal) = self.renewal.take()
+            && let Ok(conn) = renewal.await
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.close()).await;
+        }
+    }
+}
+
+impl Drop for OperatorLock {
+    /// A lock dropped without [`OperatorLock::release`] ends its renewal task, which drops
+    /// the session (the server then lets go of the lock).
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The lock's session and its lease.
+struct Lease {
+    conn: sqlx::PgConnection,
+    lease: Duration,
+    kind: LeaseKind,
+    /// When the last successful renewal (or the start of the lease) was sent.
+    renewed: Instant,
+}
+
+/// Renews `lease` every third of it (at most every [`POLL`]) until `stop`; cancels `lost` and
+/// ends when a renewal fails, is not answered within 5 s, or comes after the lease ran out.
+/// Gives the session back.
+async fn keep(
+    mut lease: Lease,
+    operator: String,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) -> sqlx::PgConnection {
+    let every = (lease.lease / 3).min(POLL);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return lease.conn,
+        }
+        let now = Instant::now();
+        let expires = lease.renewed + lease.lease;
+        let Some(left) = expires.checked_duration_since(now).filter(|d| !d.is_zero()) else {
+            warn!(
+                operator,
+                late_ms =
+                    u64::try_from(now.duration_since(expires).as_millis()).unwrap_or(u64::MAX),
+                "the operator's worker lock lease ran out before it was renewed (this process \
+                 was paused or starved): another worker may run the operator now"
+            );
+            lost.cancel();
+            return lease.conn;
+        };
+        let wait = left.min(Duration::from_secs(5));
+        match tokio::time::timeout(wait, renew(&mut lease.conn, lease.kind)).await {
+            Ok(Ok(())) => lease.renewed = now,
+            Ok(Err(error)) => {
+                warn!(operator, error = %error, "the operator's worker lock session failed");
+                lost.cancel();
+                return lease.conn;
+            }
+            Err(_) => {
+                warn!(
+                    operator,
+                    waited_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "the operator's worker lock renewal was not answered in time"
+                );
+                lost.cancel();
+                return lease.conn;
+            }
+        }
     }
 }

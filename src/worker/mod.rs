@@ -380,6 +380,7 @@ impl Worker {
                 slot: self.slot.clone(),
                 nats: self.nats.clone(),
                 worker: self.config.worker.clone(),
+                lease: self.config.lock.lease,
                 context: self.context.clone(),
                 consumer,
                 filter,

@@ -64,6 +64,8 @@ pub(super) struct OperatorTask {
     pub slot: Arc<str>,
     pub nats: NatsConfig,
     pub worker: WorkerConfig,
+    /// The lease of the operator's worker lock (`[lock] lease`).
+    pub lease: Duration,
     pub context: jetstream::Context,
     /// The operator's durable consumer.
     pub consumer: String,
@@ -133,8 +135,14 @@ impl OperatorTask {
                 break Ok(());
             }
             if lock.is_none() {
-                match OperatorLock::acquire(&self.pool, &self.slot, self.name(), &self.shutdown)
-                    .await
+                match OperatorLock::acquire(
+                    &self.pool,
+                    &self.slot,
+                    self.name(),
+                    self.lease,
+                    &self.shutdown,
+                )
+                .await
                 {
                     Ok(Some(taken)) => lock = Some(taken),
                     Ok(None) => break Ok(()),
@@ -669,10 +677,10 @@ impl OperatorTask {
                         // down: ask again rather than wait for the client to give it up.
                         batch = None;
                     }
-                    if !lock.held().await {
+                    if !lock.held() {
                         warn!(
                             operator = name, slot = %self.slot,
-                            "lost the operator's worker lock (its database session ended): \
+                            "lost the operator's worker lock (its session ended, or its lease ran out): \
                              stopping after what is in flight, then taking it again"
                         );
                         batch = None;

@@ -827,3 +827,123 @@ async fn a_worker_goes_on_from_the_checkpoints_of_a_database_that_went_back() ->
     service.wait()?;
     Ok(())
 }
+
+/// Holders of the operators' worker locks, by backend pid (one per operator's lock held).
+async fn lock_holders(pool: &PgPool, slot: &str) -> anyhow::Result<Vec<i32>> {
+    Ok(sqlx::query_scalar(
+        "SELECT a.pid FROM pg_stat_activity a
+          WHERE a.application_name LIKE 'streamex worker ' || $1 || ' %'
+            AND EXISTS (SELECT 1 FROM pg_locks l
+                         WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted)
+          ORDER BY 1",
+    )
+    .bind(slot)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A worker frozen by SIGSTOP keeps its lock sessions open, but stops renewing their lease:
+/// the server ends them after `[lock] lease`, a standby worker takes the operators over, and
+/// the frozen one, woken up, finds its lease over and stands by. The derived tables stay
+/// exact throughout.
+#[tokio::test]
+async fn a_frozen_worker_s_operators_are_taken_over_after_its_lease() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let slot = slot_for(&url);
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let (publisher, worker) = configs(&url, &nats, "");
+    anyhow::ensure!(
+        worker.contains("lease = \"30s\""),
+        "the example's [lock] lease line moved"
+    );
+    let worker = worker.replace("lease = \"30s\"", "lease = \"3s\"");
+    let run_config = dir.path().join("run.toml");
+    let worker_config = dir.path().join("worker.toml");
+    std::fs::write(&run_config, publisher)?;
+    std::fs::write(&worker_config, worker)?;
+    common::setup_service(&run_config)?;
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let logs = || {
+        format!(
+            "--- worker A:\n{}\n--- worker B:\n{}",
+            std::fs::read_to_string(&log_a).unwrap_or_default(),
+            std::fs::read_to_string(&log_b).unwrap_or_default()
+        )
+    };
+    let mut service = spawn_service(&run_config, &dir.path().join("run.log"), "info")?;
+    let mut a = spawn_worker(&worker_config, &log_a)?;
+    eventually("worker A holding both operators' locks", async || {
+        Ok(lock_holders(&pool, &slot).await?.len() == 2)
+    })
+    .await?;
+    let held_by_a = lock_holders(&pool, &slot).await?;
+    let mut b = spawn_worker(&worker_config, &log_b)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (pool, stop) = (pool.clone(), stop.clone());
+        let mut rng = Rng(common::seed_from_env("STREAMEX_WORKER_SEED") | 1);
+        async move {
+            let mut changes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                changes += blog_activity(&pool, &mut rng).await?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(changes)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let pid_a = libc::pid_t::try_from(a.id())?;
+    // SAFETY: kill(2) on our own child's pid, with a valid signal number.
+    anyhow::ensure!(
+        unsafe { libc::kill(pid_a, libc::SIGSTOP) } == 0,
+        "SIGSTOP failed"
+    );
+    let taken_over = eventually("worker B taking both operators over", async || {
+        let holders = lock_holders(&pool, &slot).await?;
+        Ok(holders.len() == 2 && holders.iter().all(|pid| !held_by_a.contains(pid)))
+    })
+    .await;
+    // SAFETY: as above.
+    anyhow::ensure!(
+        unsafe { libc::kill(pid_a, libc::SIGCONT) } == 0,
+        "SIGCONT failed"
+    );
+    taken_over.map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let changes = writer.await??;
+    assert!(changes > 50, "only {changes} changes were written");
+
+    settle(&pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0), "{}", logs());
+    let log = std::fs::read_to_string(&log_a)?;
+    assert!(
+        log.contains("lease ran out") || log.contains("worker lock session failed"),
+        "worker A did not notice it lost its lease:\n{}",
+        logs()
+    );
+    // Woken up, A stands by: B still holds both locks.
+    let holders = lock_holders(&pool, &slot).await?;
+    assert!(
+        holders.iter().all(|pid| !held_by_a.contains(pid)),
+        "{}",
+        logs()
+    );
+    for worker in [&mut a, &mut b] {
+        let status = terminate(worker)?;
+        assert!(
+            status.success(),
+            "a worker exited with {status}\n{}",
+            logs()
+        );
+    }
+    service.kill()?;
+    service.wait()?;
+    Ok(())
+}
