@@ -16,15 +16,20 @@
 //! as soon as it is received. The slot is acknowledged to a commit only when every operator
 //! is done through it and every item up to it has been stored: acknowledgement waits for all.
 //!
-//! Memory stays bounded: past [`MAX_PENDING`] entries, the two oldest of a queue are merged
-//! (coarser, never wrong: a merged entry is ready only when its newer half is).
+//! Memory stays bounded: past [`MAX_PENDING`] entries, each two neighbours of a queue are
+//! merged into one (coarser, never wrong: a merged entry is ready only when its newer half
+//! is). Merging neighbours all along the queue, not the two oldest again and again, keeps the
+//! oldest entries near the operators' position: while operators stay more than
+//! `MAX_PENDING` commits behind the reader (an inbox holds megabytes of events), the oldest
+//! entry would otherwise be dragged forward with every new commit, and neither process status
+//! nor acknowledgement would move until the backlog shrank.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::lsn::{Lsn, Position};
 
-/// How many commits (and items per entity) may wait before the oldest are merged.
+/// How many commits (and items per entity) may wait before neighbours are merged.
 pub(super) const MAX_PENDING: usize = 4096;
 
 /// The operators (by index) that listen to an entity.
@@ -87,8 +92,12 @@ impl Waiting {
     pub fn push(&mut self, pending: Pending) {
         self.commits.push_back(pending.end_lsn);
         if self.commits.len() > MAX_PENDING {
-            // The newer end covers the older one.
-            self.commits.pop_front();
+            // Of each two neighbours, the newer end covers the older one.
+            let mut newer_of_each = self.commits.len() % 2 == 1;
+            self.commits.retain(|_| {
+                newer_of_each = !newer_of_each;
+                newer_of_each
+            });
         }
         for (entity, (item, listeners)) in pending.items {
             let queue = self.entities.entry(entity).or_insert_with(|| EntityQueue {
@@ -97,11 +106,7 @@ impl Waiting {
             });
             queue.items.push_back((pending.end_lsn, item));
             if queue.items.len() > MAX_PENDING {
-                let (_, oldest) = queue.items.pop_front().expect("longer than MAX_PENDING");
-                let (_, next) = queue.items.front_mut().expect("longer than MAX_PENDING");
-                let mut merged = oldest;
-                merged.merge(*next);
-                *next = merged;
+                queue.items = merge_neighbours(std::mem::take(&mut queue.items));
             }
         }
     }
@@ -145,6 +150,24 @@ impl Waiting {
     pub fn is_empty(&self) -> bool {
         self.commits.is_empty() && self.entities.values().all(|q| q.items.is_empty())
     }
+}
+
+/// Each two neighbours of `items` as one entry at the newer one's end; with an odd number,
+/// the newest stays alone (it is the one that moves on).
+fn merge_neighbours(items: VecDeque<(Lsn, Item)>) -> VecDeque<(Lsn, Item)> {
+    let mut merged = VecDeque::with_capacity(items.len() / 2 + 1);
+    let mut items = items.into_iter();
+    while let Some((end, item)) = items.next() {
+        match items.next() {
+            Some((newer_end, newer)) => {
+                let mut both = item;
+                both.merge(newer);
+                merged.push_back((newer_end, both));
+            }
+            None => merged.push_back((end, item)),
+        }
+    }
+    merged
 }
 
 #[cfg(test)]
@@ -223,25 +246,53 @@ mod tests {
     }
 
     #[test]
-    fn long_queues_merge_their_oldest_entries() {
+    fn long_queues_merge_neighbours_and_stay_ready_near_the_operators() {
         let mut waiting = Waiting::default();
-        for n in 1..=(MAX_PENDING as u64 + 10) {
+        let pushed = MAX_PENDING as u64 + 10;
+        for n in 1..=pushed {
             waiting.push(pending(
                 n * 10,
                 &[("posts", item(n as i64, n * 10 - 1), &[0])],
             ));
         }
-        assert_eq!(waiting.commits.len(), MAX_PENDING);
+        assert!(waiting.commits.len() <= MAX_PENDING);
+        assert!(waiting.entities[&Arc::from("posts")].items.len() <= MAX_PENDING);
+        // The first commit was merged with the second: nothing before the second's end.
+        let ready = waiting.take_ready(Lsn(15), |_| Lsn(15));
+        assert_eq!(ready, Ready::default());
+        let ready = waiting.take_ready(Lsn(20), |_| Lsn(20));
+        assert_eq!(ready.items, vec![(Arc::from("posts"), item(2, 19))]);
+        assert_eq!(ready.ack, Some(Lsn(20)));
+
+        // Operators stay far behind while commits keep coming: what they are done with is
+        // still stored and acknowledged as they go, a few commits at a time.
+        let mut done = 20;
+        for n in pushed + 1..=pushed + 20_000 {
+            waiting.push(pending(
+                n * 10,
+                &[("posts", item(n as i64, n * 10 - 1), &[0])],
+            ));
+            if n % 100 == 0 {
+                done += 1000; // operators move 100 commits, the reader too
+                let ready = waiting.take_ready(Lsn(done), |_| Lsn(done));
+                let acked = ready.ack.expect("an acknowledgement as the operators move");
+                assert!(
+                    acked.0 <= done && acked.0 + 100 >= done,
+                    "acked {acked:?}, done {done}"
+                );
+                let (_, stored) = ready.items[0];
+                assert!(stored.position.commit_lsn.0 < done);
+            }
+        }
+        // Everything comes out in the end, the newest exactly.
+        let end = (pushed + 20_000) * 10;
+        let ready = waiting.take_ready(Lsn(end), |_| Lsn(end));
+        assert_eq!(ready.ack, Some(Lsn(end)));
         assert_eq!(
-            waiting.entities[&Arc::from("posts")].items.len(),
-            MAX_PENDING
+            ready.items,
+            vec![(Arc::from("posts"), item((pushed + 20_000) as i64, end - 1))]
         );
-        // Nothing of the merged entries is ready before its newest part is.
-        let ready = waiting.take_ready(Lsn(105), |_| Lsn(105));
-        assert_eq!(ready.items, vec![]);
-        let ready = waiting.take_ready(Lsn(110), |_| Lsn(110));
-        assert_eq!(ready.items, vec![(Arc::from("posts"), item(11, 109))]);
-        assert_eq!(ready.ack, Some(Lsn(110)));
+        assert!(waiting.is_empty());
     }
 
     #[test]
