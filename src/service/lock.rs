@@ -219,11 +219,9 @@ impl InstanceLock {
                 .await;
                 let taken = match taken {
                     Ok(taken) => taken,
-                    Err(error) if crate::error::is_transient_sqlx(&error) => {
-                        warn!(slot, error = %error, "the instance lock's connection failed while taking the operators' locks");
-                        return Ok(false);
+                    Err(error) => {
+                        return lost_or_failed(slot, error, "taking the operators' locks");
                     }
-                    Err(error) => return Err(error).context("taking the operators' locks"),
                 };
                 if taken {
                     break;
@@ -243,12 +241,12 @@ impl InstanceLock {
                 .await;
                 let holder = match holder {
                     Ok(holder) => holder,
-                    Err(error) if crate::error::is_transient_sqlx(&error) => {
-                        warn!(slot, error = %error, "the instance lock's connection failed while taking the operators' locks");
-                        return Ok(false);
-                    }
                     Err(error) => {
-                        return Err(error).context("looking for the holder of an operator's lock");
+                        return lost_or_failed(
+                            slot,
+                            error,
+                            "looking for the holder of an operator's lock",
+                        );
                     }
                 };
                 let worker = holder
@@ -366,6 +364,20 @@ impl InstanceLock {
             }
         }
     }
+}
+
+/// What [`InstanceLock::claim_operators`] makes of a failed statement on the lock's session:
+/// `Ok(false)` (the lock is lost, take it again) when the connection failed, else the error
+/// with `doing` as its context.
+fn lost_or_failed(slot: &str, error: sqlx::Error, doing: &'static str) -> anyhow::Result<bool> {
+    if crate::error::is_transient_sqlx(&error) {
+        warn!(
+            slot, error = %error,
+            "the instance lock's connection failed while taking the operators' locks"
+        );
+        return Ok(false);
+    }
+    Err(error).context(doing)
 }
 
 /// Ends the walsender still streaming from `slot`, if any. Only the lock's holder streams,
