@@ -6,10 +6,11 @@
 //! JetStream sends a message again only once its `ack_wait` has passed, and meanwhile goes on
 //! delivering the messages after it: a worker that restarts with messages delivered and not
 //! acknowledged would get later messages before those, out of WAL order. So each session of
-//! an operator (at start, after a resume, after a lost delivery) makes its consumer anew,
-//! delivering from the message after the last one acknowledged: the consumer's ack floor,
-//! which only moves over what the operator has durably handled. The first consumer of an
-//! operator delivers the whole stream; what its checkpoint already covers is skipped.
+//! an operator (at start, after a resume, after a lost delivery) makes a consumer of its own
+//! (deleting the operator's others), delivering from the message after the last one
+//! acknowledged: the greatest ack floor of the operator's consumers, which only moves over
+//! what the operator has durably handled. The first consumer of an operator delivers the
+//! whole stream; what its checkpoint already covers is skipped.
 
 use std::time::Duration;
 
@@ -24,7 +25,8 @@ use crate::operator::Subscription;
 /// of its name; 255 bytes is the usual limit of a file name).
 const MAX_NAME: usize = 200;
 
-/// The durable consumer of `operator` on `slot`: `<slot>-<operator>`, every character of
+/// What the durable consumers of `operator` on `slot` are named from: `<slot>-<operator>`
+/// (each session's is that and a suffix, [`session_name`]), every character of
 /// the operator's name other than an ASCII letter, a digit or `_` written `-XX` (its UTF-8
 /// bytes in hexadecimal). A slot name has no `-` (only lower-case letters, digits and `_`),
 /// so two different (slot, operator) pairs never share a consumer; a name past 200
@@ -116,53 +118,115 @@ pub(crate) fn consumer_config(
     }
 }
 
-/// The stream sequence through which the consumer `name` has every message acknowledged
-/// (its ack floor), `None` when there is no such consumer.
-pub(crate) async fn ack_floor(
+/// The name of a new session's consumer of the operator whose consumers are named from
+/// `base` ([`consumer_name`]): `<base>-s<16 random hexadecimal digits>`. Each session makes a
+/// consumer of its own name, so that a worker still pulling after it lost the operator (a
+/// frozen worker woken up, a lock session cut off) pulls from its own consumer, deleted by
+/// the one that took over, and never gets, nor acknowledges, the deliveries of the new one.
+pub(crate) fn session_name(base: &str) -> String {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 8];
+    // The system's random source failing is as good as impossible; a name from the clock is
+    // then unique enough among the sessions of one operator.
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        // The low 64 bits of the nanoseconds: the ones that change.
+        let low = u64::try_from(nanos & u128::from(u64::MAX)).unwrap_or(0);
+        bytes = (low ^ u64::from(std::process::id()).rotate_left(32)).to_be_bytes();
+    }
+    format!("{base}-s{:016x}", u64::from_be_bytes(bytes))
+}
+
+/// Whether the consumer `name` is one of the operator's whose consumers are named from
+/// `base`: a session's ([`session_name`]), or `base` itself (the one durable consumer of a
+/// worker from before sessions had their own). No other operator's name is of that form: in
+/// a [`consumer_name`], a `-` after the slot's is always followed by two upper-case
+/// hexadecimal digits (or, past the length cut, lower-case ones), never by `s`.
+pub(crate) fn is_session_of(base: &str, name: &str) -> bool {
+    match name.strip_prefix(base) {
+        Some("") => true,
+        Some(rest) => rest.strip_prefix("-s").is_some_and(|hex| {
+            hex.len() == 16 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        }),
+        None => false,
+    }
+}
+
+/// The names of the operator's consumers on `stream` (see [`is_session_of`]), with the
+/// stream sequence through which each has every message acknowledged (its ack floor).
+async fn sessions(
     stream: &stream::Stream,
     stream_name: &str,
-    name: &str,
-) -> Result<Option<u64>, JetStreamError> {
-    use jetstream::context::ConsumerInfoErrorKind;
-    match stream.consumer_info(name).await {
+    base: &str,
+) -> Result<Vec<(String, u64)>, JetStreamError> {
+    use futures_util::TryStreamExt as _;
+    let mut listing = stream.consumers();
+    let mut found = Vec::new();
+    loop {
+        let info = match listing.try_next().await {
+            Ok(Some(info)) => info,
+            Ok(None) => break,
+            Err(e) => {
+                return Err(unavailable(
+                    stream_name,
+                    format!("listing the consumers: {e}"),
+                ));
+            }
+        };
+        if !is_session_of(base, &info.name) {
+            continue;
+        }
         // A consumer made to start at sequence S reports an ack floor of 0 until its first
         // acknowledgement: everything before S was acknowledged when it was made.
-        Ok(info) => Ok(Some(match info.config.deliver_policy {
+        let floor = match info.config.deliver_policy {
             consumer::DeliverPolicy::ByStartSequence { start_sequence } => info
                 .ack_floor
                 .stream_sequence
                 .max(start_sequence.saturating_sub(1)),
             _ => info.ack_floor.stream_sequence,
-        })),
-        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => Ok(None),
-        Err(e) if e.kind() == ConsumerInfoErrorKind::StreamNotFound => {
-            Err(JetStreamError::StreamMissing {
-                stream: stream_name.to_owned(),
-            })
-        }
-        Err(e) => Err(unavailable(
-            stream_name,
-            format!("reading consumer {name}: {e}"),
-        )),
+        };
+        found.push((info.name, floor));
     }
+    Ok(found)
 }
 
-/// Makes the consumer `config` names anew (deleting the one of that name, whatever it
-/// delivered), so that it delivers from the sequence `config` starts at, in stream order.
+/// The stream sequence through which the operator's consumers (named from `base`) have every
+/// message acknowledged: the greatest ack floor among them (each only moved over what a
+/// worker of the operator had durably done), `None` when there is none.
+pub(crate) async fn ack_floor(
+    stream: &stream::Stream,
+    stream_name: &str,
+    base: &str,
+) -> Result<Option<u64>, JetStreamError> {
+    Ok(sessions(stream, stream_name, base)
+        .await?
+        .into_iter()
+        .map(|(_, floor)| floor)
+        .max())
+}
+
+/// Makes the consumer `config` names (a new session's), after deleting every other consumer
+/// of the operator (named from `base`), whatever they delivered, so that it alone delivers,
+/// from the sequence `config` starts at, in stream order.
 pub(crate) async fn recreate(
     stream: &stream::Stream,
     stream_name: &str,
+    base: &str,
     config: consumer::pull::Config,
 ) -> Result<consumer::PullConsumer, JetStreamError> {
     let name = config.durable_name.clone().unwrap_or_default();
-    match stream.delete_consumer(&name).await {
-        Ok(_) => {}
-        Err(e) if is_consumer_missing(&e) => {}
-        Err(e) => {
-            return Err(unavailable(
-                stream_name,
-                format!("deleting consumer {name} to start it again: {e}"),
-            ));
+    for (old, _) in sessions(stream, stream_name, base).await? {
+        match stream.delete_consumer(&old).await {
+            Ok(_) => {}
+            Err(e) if is_consumer_missing(&e) => {}
+            Err(e) => {
+                return Err(unavailable(
+                    stream_name,
+                    format!("deleting consumer {old} to start the operator's again: {e}"),
+                ));
+            }
         }
     }
     stream
@@ -293,6 +357,37 @@ mod tests {
         assert_eq!(b.len(), MAX_NAME);
         assert_ne!(a, b);
         assert_eq!(a, consumer_name("streamex", &"x".repeat(300)), "stable");
+    }
+
+    #[test]
+    fn each_session_has_a_consumer_of_its_own_told_from_other_operators() {
+        let base = consumer_name("streamex", "tallies");
+        let (a, b) = (session_name(&base), session_name(&base));
+        assert_ne!(a, b, "two sessions, two consumers");
+        for name in [&a, &b, &base] {
+            assert!(is_session_of(&base, name), "{name}");
+        }
+        assert!(a.len() <= 255 && session_name(&consumer_name("s", &"x".repeat(500))).len() <= 255);
+        // Other operators whose names start alike.
+        for other in [
+            "tallies_s",
+            "tallies-s0123456789abcdef",
+            "tallies2",
+            "tallie",
+        ] {
+            let theirs = consumer_name("streamex", other);
+            assert!(!is_session_of(&base, &theirs), "{theirs}");
+            assert!(!is_session_of(&base, &session_name(&theirs)), "{theirs}");
+        }
+        assert!(!is_session_of(&base, &format!("{base}-s0123")), "too short");
+        assert!(
+            !is_session_of(&base, &format!("{base}-s0123456789ABCDEF")),
+            "upper case"
+        );
+        assert!(
+            !is_session_of(&base, &format!("{base}-s0123456789abcdef0")),
+            "too long"
+        );
     }
 
     #[test]

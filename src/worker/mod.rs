@@ -323,7 +323,9 @@ impl Worker {
         &self.config
     }
 
-    /// Its operators' names, each with the JetStream consumer it reads from.
+    /// Its operators' names, each with what its JetStream consumers are named from: each
+    /// session of the operator makes a consumer of that name followed by `-s` and 16
+    /// hexadecimal digits, and deletes the operator's others.
     pub fn consumers(&self) -> Vec<(String, String)> {
         self.specs
             .iter()

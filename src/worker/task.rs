@@ -166,6 +166,15 @@ impl OperatorTask {
                     break Ok(());
                 }
             }
+            // A lock lost between sessions (a lease that ran out while the worker was frozen):
+            // making a consumer now would take the operator's deliveries from the worker that
+            // holds it.
+            if lock.as_ref().is_some_and(|held| !held.held()) {
+                if let Some(lost) = lock.take() {
+                    lost.release().await;
+                }
+                continue;
+            }
             let Some(state) = self.state().await? else {
                 break Ok(());
             };
@@ -431,7 +440,7 @@ impl OperatorTask {
                 }
             }
             let config = consumer::consumer_config(
-                &self.consumer,
+                &consumer::session_name(&self.consumer),
                 format!(
                     "streamex worker: operator {} of slot {}",
                     self.name(),
@@ -441,7 +450,7 @@ impl OperatorTask {
                 start,
                 &self.worker,
             );
-            let created = consumer::recreate(&stream, stream_name, config).await?;
+            let created = consumer::recreate(&stream, stream_name, &self.consumer, config).await?;
             Ok(Ok((created, acked_through)))
         };
         let Some(outcome) = self
@@ -454,7 +463,7 @@ impl OperatorTask {
             Ok((created, acked_through)) => {
                 *accept_removed = false;
                 debug!(
-                    operator = self.name(), consumer = %self.consumer, from = acked_through + 1,
+                    operator = self.name(), consumer = %created.cached_info().name, from = acked_through + 1,
                     "consumer made; delivering"
                 );
                 Ok(Some(Start::Consumer(Box::new(created), acked_through)))
@@ -499,6 +508,7 @@ impl OperatorTask {
         lock: &mut OperatorLock,
     ) -> Outcome {
         let name = self.name();
+        let session = consumer.cached_info().name.clone();
         let board = Arc::new(Board::new(vec![name.to_owned()], Lsn(acked_through)));
         // Room for a whole batch of events with their markers.
         let capacity = self.batch_size.saturating_mul(2).saturating_add(2);
@@ -624,7 +634,7 @@ impl OperatorTask {
                         None => batch = None,
                         Some(Err(e)) => {
                             warn!(
-                                operator = name, stream = %self.nats.stream, consumer = %self.consumer,
+                                operator = name, stream = %self.nats.stream, consumer = %session,
                                 error = %e,
                                 "pulling from JetStream failed; starting the consumer again after \
                                  what the operator is done with"
@@ -659,7 +669,7 @@ impl OperatorTask {
                             let wait = backoff.next().unwrap_or(backoff.max);
                             warn!(
                                 operator = name, url = %self.nats.url, stream = %self.nats.stream,
-                                consumer = %self.consumer, error = %e, attempt = pull_failures,
+                                consumer = %session, error = %e, attempt = pull_failures,
                                 retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                                 "JetStream does not answer (nats.url): the operator waits, and \
                                  goes on by itself once it does"

@@ -842,6 +842,16 @@ async fn lock_holders(pool: &PgPool, slot: &str) -> anyhow::Result<Vec<i32>> {
     .await?)
 }
 
+/// The names of the consumers of the stream `stream`.
+async fn consumer_names(nats: &NatsServer, stream: &str) -> anyhow::Result<Vec<String>> {
+    use futures_util::TryStreamExt as _;
+    let client = async_nats::connect(nats.url()).await?;
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(stream)
+        .await?;
+    Ok(stream.consumer_names().try_collect().await?)
+}
+
 /// A worker frozen by SIGSTOP keeps its lock sessions open, but stops renewing their lease:
 /// the server ends them after `[lock] lease`, a standby worker takes the operators over, and
 /// the frozen one, woken up, finds its lease over and stands by. The derived tables stay
@@ -935,6 +945,28 @@ async fn a_frozen_worker_s_operators_are_taken_over_after_its_lease() -> anyhow:
         "{}",
         logs()
     );
+    // Each session made a consumer of its own and deleted the operator's others: one per
+    // operator is left, B's, so that A, woken up, could pull only from its own, deleted.
+    let mut names = consumer_names(&nats, "blog").await?;
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}\n{}", logs());
+    for (name, operator) in names
+        .iter()
+        .zip(["post_comment_tallies", "post_with_comments_counts"])
+    {
+        let session = name
+            .strip_prefix(&format!("{slot}-{operator}-s"))
+            .unwrap_or_else(|| panic!("{name} is not a session's consumer of {operator}"));
+        assert!(
+            session.len() == 16 && session.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{name}"
+        );
+        assert!(
+            std::fs::read_to_string(&log_b)?.contains(name.as_str()),
+            "{name} is not B's\n{}",
+            logs()
+        );
+    }
     for worker in [&mut a, &mut b] {
         let status = terminate(worker)?;
         assert!(
