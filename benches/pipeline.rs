@@ -51,6 +51,7 @@
 //! `--comments-per-post LIST` (6,100,2000,20000; `none`), `--backfill-rows N` (1000000; 0 for
 //! none; runs unless `--only` is given without it). The hot aggregates run unless
 //! `--only` is given; with `--only`, when one of their three options is.
+//! `STREAMEX_BENCH_LOG=<filter>` (as `RUST_LOG`) prints the in-process service's logs.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -176,6 +177,14 @@ fn parse_args() -> anyhow::Result<Args> {
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     eprintln!("pipeline bench: {args:?}; streamex binary {STREAMEX}");
+    // The in-process service of the latency runs logs only when asked, to stderr
+    // (`STREAMEX_BENCH_LOG=streamex::operator=debug`, say): a look at what it did.
+    if let Ok(filter) = std::env::var("STREAMEX_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let cluster = Cluster::builder()
         .setting("max_wal_size", "4GB")
         .setting("wal_sender_timeout", "60s")
