@@ -81,7 +81,8 @@ pub enum Decoded {
 #[derive(Debug)]
 pub struct Table {
     pub oid: u32,
-    /// The key columns' names, shared by every event of the table.
+    /// The key columns' names, shared by every event of the table: the replica identity's,
+    /// or under REPLICA IDENTITY FULL the primary key's (none without one).
     pub key_columns: Arc<[String]>,
     pub schema: Arc<str>,
     pub name: Arc<str>,
@@ -154,6 +155,9 @@ pub enum DecoderError {
     /// The catalog query for a table's generated columns failed.
     #[error("looking up the generated columns of {table} in the catalog: {error}")]
     GeneratedColumns { table: String, error: sqlx::Error },
+    /// The catalog query for the primary key of a table with REPLICA IDENTITY FULL failed.
+    #[error("looking up the primary key of {table} in the catalog: {error}")]
+    PrimaryKey { table: String, error: sqlx::Error },
     #[error(
         "column {table}.{column} of the change at {lsn} came in binary format, which streamex does not ask for"
     )]
@@ -174,9 +178,8 @@ impl DecoderError {
                 error: TypeError::Query { error, .. },
                 ..
             }
-            | DecoderError::GeneratedColumns { error, .. } => {
-                crate::error::is_transient_sqlx(error)
-            }
+            | DecoderError::GeneratedColumns { error, .. }
+            | DecoderError::PrimaryKey { error, .. } => crate::error::is_transient_sqlx(error),
             _ => false,
         }
     }
@@ -200,8 +203,8 @@ pub struct Decoder {
     default_schema: Arc<str>,
     /// `schema.name` of the types the server described in Type messages this session.
     type_names: HashMap<u32, String>,
-    /// Whether Relation messages look generated columns up (only unit tests, whose pool never
-    /// connects, turn it off).
+    /// Whether Relation messages look generated columns (and the primary key of a table with
+    /// REPLICA IDENTITY FULL) up (only unit tests, whose pool never connects, turn it off).
     generated_lookup: bool,
 }
 
@@ -332,7 +335,10 @@ impl Decoder {
                 let generated_columns = if self.generated_lookup {
                     let mut generated = generated_columns(&self.catalog, relation.oid)
                         .await
-                        .map_err(|error| DecoderError::GeneratedColumns { table, error })?;
+                        .map_err(|error| DecoderError::GeneratedColumns {
+                            table: table.clone(),
+                            error,
+                        })?;
                     // The ones the server sends (stored ones, from PostgreSQL 18 under
                     // publish_generated_columns = stored) are ordinary columns of the record.
                     generated.retain(|name| !columns.iter().any(|c| &c.name == name));
@@ -340,11 +346,27 @@ impl Decoder {
                 } else {
                     Vec::new()
                 };
-                let key_columns: Arc<[String]> = columns
-                    .iter()
-                    .filter(|c| c.is_key)
-                    .map(|c| c.name.clone())
-                    .collect();
+                // Under REPLICA IDENTITY FULL the server flags every column as the key: the
+                // row's key (its `<entity>/<id>`, its JetStream partition) is then its primary
+                // key, none without one.
+                let key_columns: Arc<[String]> = if relation.replica_identity
+                    == ReplicaIdentity::Full
+                    && self.generated_lookup
+                {
+                    primary_key(&self.catalog, relation.oid)
+                        .await
+                        .map_err(|error| DecoderError::PrimaryKey {
+                            table: table.clone(),
+                            error,
+                        })?
+                        .into()
+                } else {
+                    columns
+                        .iter()
+                        .filter(|c| c.is_key)
+                        .map(|c| c.name.clone())
+                        .collect()
+                };
                 self.tables.insert(
                     relation.oid,
                     Arc::new(Table {
@@ -716,6 +738,21 @@ async fn generated_columns(catalog: &sqlx::PgPool, oid: u32) -> Result<Vec<Strin
          WHERE attrelid = $1::int8::oid AND attnum > 0 AND NOT attisdropped \
            AND attgenerated <> '' \
          ORDER BY attnum",
+    )
+    .bind(i64::from(oid))
+    .fetch_all(catalog)
+    .await
+}
+
+/// The primary key columns of the table `oid`, in column order (as the server flags a
+/// default replica identity's); none without a primary key.
+async fn primary_key(catalog: &sqlx::PgPool, oid: u32) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+          WHERE a.attrelid = $1::int8::oid AND a.attnum = ANY ( \
+                SELECT unnest(i.indkey::int2[]) FROM pg_catalog.pg_index i \
+                 WHERE i.indrelid = a.attrelid AND i.indisprimary) \
+          ORDER BY a.attnum",
     )
     .bind(i64::from(oid))
     .fetch_all(catalog)

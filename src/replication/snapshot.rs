@@ -111,7 +111,7 @@ pub struct SnapshotTable {
     /// Every column, in `attnum` order, generated ones too (as `to_jsonb(t)` has them).
     pub columns: Arc<[CopyColumn]>,
     /// The key columns as the stream's events carry them: the replica identity's (the
-    /// primary key by default, every column under FULL, none under NOTHING).
+    /// primary key by default and under FULL, none under NOTHING).
     pub key_columns: Arc<[String]>,
     /// A partitioned table is read with its partitions; another without its inheritance
     /// children (tables of their own).
@@ -184,11 +184,11 @@ pub async fn describe_table(
                        ORDER BY a.attnum),
                 array(SELECT a.attname::text FROM pg_attribute a
                        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                         AND (c.relreplident = 'f' OR a.attnum = ANY (
+                         AND a.attnum = ANY (
                               SELECT unnest(i.indkey::int2[]) FROM pg_index i
                                WHERE i.indrelid = c.oid
-                                 AND ((c.relreplident = 'd' AND i.indisprimary)
-                                   OR (c.relreplident = 'i' AND i.indisreplident))))
+                                 AND ((c.relreplident IN ('d', 'f') AND i.indisprimary)
+                                   OR (c.relreplident = 'i' AND i.indisreplident)))
                        ORDER BY a.attnum)
            FROM pg_class c WHERE c.oid = to_regclass($1)",
     )

@@ -671,6 +671,8 @@ async fn channels_stream_events_as_tail_prints_them_until_shutdown() -> anyhow::
     service.wait_for("/readyz", 200).await?;
     let mut post_1 = service.subscribe("posts/1/comments").await?;
     let mut all = service.subscribe("comments").await?;
+    // `comments` has REPLICA IDENTITY FULL: its rows' channels still go by the primary key.
+    let mut comment_1 = service.subscribe("comments/1").await?;
 
     sqlx::raw_sql(
         "INSERT INTO comments (id, post_id, body) VALUES (1, 1, 'a'), (2, 2, 'b'), (3, 1, 'c');
@@ -706,6 +708,21 @@ async fn channels_stream_events_as_tail_prints_them_until_shutdown() -> anyhow::
         bodies,
         ["a", "b", "c", "a2"].map(|b| Some(serde_json::json!(b)))
     );
+    let mut one = Vec::new();
+    for _ in 0..2 {
+        let event = event_of(&comment_1.next_data().await?)?;
+        one.push((
+            event.kind.as_str().to_owned(),
+            field(&event, "body").cloned(),
+        ));
+    }
+    assert_eq!(
+        one,
+        [
+            ("insert".to_owned(), Some(serde_json::json!("a"))),
+            ("update".to_owned(), Some(serde_json::json!("a2"))),
+        ]
+    );
     // Nothing else for post 1: the idle stream gets keep-alive comments.
     let idle = post_1.next().await?.context("the stream ended")?;
     assert_eq!(idle.comments, ["keep-alive"], "{idle:?}");
@@ -714,7 +731,7 @@ async fn channels_stream_events_as_tail_prints_them_until_shutdown() -> anyhow::
     // Shutdown ends the open streams instead of waiting for them, and the server.
     let healthz = service.url("/healthz");
     service.stop().await?;
-    for reader in [&mut post_1, &mut all] {
+    for reader in [&mut post_1, &mut all, &mut comment_1] {
         loop {
             match reader.next().await {
                 Ok(Some(message)) => {
