@@ -24,6 +24,13 @@ pub struct NatsConfig {
     /// `<subject_prefix>.>`.
     #[serde(default = "default_stream")]
     pub subject_prefix: String,
+    /// Partitions of each table's subject: with more than 1, a row's events go to
+    /// `<subject_prefix>.<schema>.<table>.<p>`, `p` from the hash of its key (the
+    /// `Streamex-Key` header): FNV-1a (64 bits) of the header's bytes, modulo `partitions`.
+    /// Events without a key (a truncate, a table without a replica identity key) and
+    /// outbox messages go to partition 0. 1 (the default): no partition token.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
     /// A `.creds` file (JWT and NKey seed) to authenticate with.
     pub credentials: Option<PathBuf>,
     /// A user name, with `password`.
@@ -77,6 +84,13 @@ fn default_stream() -> String {
     "streamex".to_owned()
 }
 
+fn default_partitions() -> u32 {
+    1
+}
+
+/// The most partitions a stream's subjects take.
+pub(crate) const MAX_PARTITIONS: u32 = 1024;
+
 fn default_max_in_flight() -> usize {
     512
 }
@@ -100,6 +114,7 @@ impl NatsConfig {
             url: url.to_owned(),
             stream: default_stream(),
             subject_prefix: default_stream(),
+            partitions: default_partitions(),
             credentials: None,
             user: None,
             password: None,
@@ -142,6 +157,13 @@ impl NatsConfig {
                 "nats.subject_prefix: {:?} must be one or more tokens of letters, digits, '_' \
                  and '-' separated by dots (such as \"cdc.shop\")",
                 self.subject_prefix
+            ));
+        }
+        if !(1..=MAX_PARTITIONS).contains(&self.partitions) {
+            return Err(format!(
+                "nats.partitions: {} is out of range: give 1 (no partition token) to \
+                 {MAX_PARTITIONS}",
+                self.partitions
             ));
         }
         if self.max_in_flight == 0 || self.replicas == 0 || self.timeout.is_zero() {

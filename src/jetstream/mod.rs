@@ -24,6 +24,12 @@
 //! ([`crate::event::EventType::Message`]) to `<subject_prefix>.messages.<message prefix>`.
 //! A name's characters other than ASCII letters, digits, `_` and `-` are written `%XX` (UTF-8
 //! bytes in hex), so that a dot or a space in a name never splits or breaks a subject.
+//!
+//! With `nats.partitions` N above 1, a table's subject ends with one more token, the row's
+//! partition `<p>` in `0..N` ([`partition`] of its `Streamex-Key` header), so that consumers
+//! may share a table by partition and still get each row's events in order: a consumer
+//! filtering on `<subject_prefix>.*.*.<p>` gets partition `p` of every table. An update that
+//! changes a row's key goes to the new key's partition.
 
 mod publisher;
 
@@ -45,6 +51,11 @@ pub const ENTITY_HEADER: &str = "Streamex-Entity";
 /// The header that holds the commit LSN of the event's transaction (the first half of its
 /// position).
 pub const COMMIT_HEADER: &str = "Streamex-Commit-Lsn";
+
+/// The header that holds the row's key: its key columns' values (the replica identity's) as
+/// in the `<entity>/<id>` pub/sub channel, joined by `,` (`%`, `/`, `,`, and line breaks
+/// written `%XX`). Absent for a truncate, an outbox message, and a table without a key.
+pub const KEY_HEADER: &str = "Streamex-Key";
 
 /// The header that names where the event comes from: `<database>/<slot>`. The stream's
 /// last message must come from the same place, or its position means nothing here.
@@ -402,7 +413,59 @@ async fn last_message(
     })
 }
 
-/// The subject of `event` under `prefix` (see the module documentation).
+/// The row key of `event`, as [`KEY_HEADER`] holds it; `None` for a truncate, an outbox
+/// message, or a table without a key (or a key value that is null).
+pub(crate) fn row_key(event: &Event) -> Option<String> {
+    if matches!(event.kind, EventType::Truncate | EventType::Message) {
+        return None;
+    }
+    let key = crate::pubsub::row_id(event.record()?, &event.key_columns)?;
+    // A header value cannot hold a line break.
+    Some(if key.contains(['\r', '\n']) {
+        key.replace('\r', "%0D").replace('\n', "%0A")
+    } else {
+        key
+    })
+}
+
+/// The partition of a row whose key is `key` ([`KEY_HEADER`]) among `partitions`: FNV-1a
+/// (64 bits) of the key's bytes, modulo `partitions`; 0 without a key, or with one partition.
+/// The same in every build and release (and easy to compute in any language), so that a row
+/// keeps its partition.
+pub fn partition(key: Option<&str>, partitions: u32) -> u32 {
+    match key {
+        Some(key) if partitions > 1 => {
+            u32::try_from(fnv1a(key.as_bytes()) % u64::from(partitions)).unwrap_or(0)
+        }
+        _ => 0,
+    }
+}
+
+/// FNV-1a, 64 bits: a hash that stays the same across builds and releases (a partition or a
+/// consumer's name must not change when streamex is rebuilt).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The subject of `event` under `prefix` with the stream's `partitions`, its row key being
+/// `key` ([`row_key`]): [`subject`], and for a table's event `.<p>` when `partitions` is above 1.
+pub(crate) fn partitioned_subject(
+    prefix: &str,
+    event: &Event,
+    key: Option<&str>,
+    partitions: u32,
+) -> String {
+    let mut subject = subject(prefix, event);
+    if partitions > 1 && event.kind != EventType::Message {
+        use std::fmt::Write as _;
+        let _ = write!(subject, ".{}", partition(key, partitions));
+    }
+    subject
+}
+
+/// The subject of `event` under `prefix`, without a partition (see the module documentation).
 pub fn subject(prefix: &str, event: &Event) -> String {
     if event.kind == EventType::Message {
         messages_subject(prefix, &event.table)

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{COMMIT_HEADER, ENTITY_HEADER, RETRY, SOURCE_HEADER, TYPE_HEADER};
+use super::{COMMIT_HEADER, ENTITY_HEADER, KEY_HEADER, RETRY, SOURCE_HEADER, TYPE_HEADER};
 use crate::config::NatsConfig;
 use crate::event::Event;
 use crate::lsn::{Lsn, Position};
@@ -77,6 +77,8 @@ struct Publication {
     kind: &'static str,
     /// The entity, with any line break escaped (a header value cannot hold one).
     entity: Arc<str>,
+    /// The row's key ([`super::KEY_HEADER`]).
+    key: Option<String>,
     payload: Bytes,
 }
 
@@ -235,11 +237,18 @@ impl Publisher {
         };
         // Serialising an event (a map of JSON values) cannot fail.
         let payload = serde_json::to_vec(event).unwrap_or_default();
+        let key = super::row_key(event);
         Publication {
             position: event.position(),
-            subject: super::subject(&self.config.subject_prefix, event),
+            subject: super::partitioned_subject(
+                &self.config.subject_prefix,
+                event,
+                key.as_deref(),
+                self.config.partitions,
+            ),
             kind: event.kind.as_str(),
             entity,
+            key,
             payload: payload.into(),
         }
     }
@@ -522,6 +531,9 @@ async fn send(
     headers.insert("Content-Type", "application/json");
     headers.insert(TYPE_HEADER, p.kind);
     headers.insert(ENTITY_HEADER, &*p.entity);
+    if let Some(key) = &p.key {
+        headers.insert(KEY_HEADER, key.as_str());
+    }
     headers.insert(COMMIT_HEADER, p.position.commit_lsn.to_string().as_str());
     headers.insert(SOURCE_HEADER, source);
     client

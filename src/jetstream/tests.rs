@@ -90,3 +90,80 @@ fn the_section_refuses_what_does_not_hold_together() {
         .contains("keep one of them")
     );
 }
+
+fn keyed(kind: EventType, record: serde_json::Value, key: &[&str]) -> Event {
+    let mut event = crate::testing::event(kind, "t", record, serde_json::Value::Null, 0);
+    event.key_columns = key.iter().map(|c| (*c).to_owned()).collect();
+    event
+}
+
+#[test]
+fn a_row_s_key_is_its_key_columns_as_in_its_channel() {
+    let one = keyed(
+        EventType::Insert,
+        serde_json::json!({"id": 42, "v": 1}),
+        &["id"],
+    );
+    assert_eq!(row_key(&one).as_deref(), Some("42"));
+    let two = keyed(
+        EventType::Update,
+        serde_json::json!({"a": "x/y", "b": 7, "v": 1}),
+        &["a", "b"],
+    );
+    assert_eq!(row_key(&two).as_deref(), Some("x%2Fy,7"));
+    let line = keyed(
+        EventType::Insert,
+        serde_json::json!({"id": "a\r\nb"}),
+        &["id"],
+    );
+    assert_eq!(
+        row_key(&line).as_deref(),
+        Some("a%0D%0Ab"),
+        "a header holds no line break"
+    );
+    // A delete's key is in its old record.
+    let mut delete = keyed(EventType::Delete, serde_json::Value::Null, &["id"]);
+    delete.old_record = serde_json::json!({"id": 5}).as_object().cloned();
+    assert_eq!(row_key(&delete).as_deref(), Some("5"));
+    // No key: none, a null key value, a truncate.
+    for event in [
+        keyed(EventType::Insert, serde_json::json!({"id": 1}), &[]),
+        keyed(EventType::Insert, serde_json::json!({"id": null}), &["id"]),
+        keyed(EventType::Truncate, serde_json::Value::Null, &["id"]),
+    ] {
+        assert_eq!(row_key(&event), None, "{event:?}");
+    }
+}
+
+#[test]
+fn partitions_are_fnv_1a_of_the_key_and_stay_put() {
+    // Expected values from an FNV-1a 64 written apart from this code.
+    for (key, of_4, of_7) in [("1", 0, 1), ("42", 3, 5), ("a,b", 2, 2), ("x%2Fy", 1, 4)] {
+        assert_eq!(partition(Some(key), 4), of_4, "{key}");
+        assert_eq!(partition(Some(key), 7), of_7, "{key}");
+        assert_eq!(partition(Some(key), 1), 0);
+    }
+    assert_eq!(partition(None, 4), 0, "no key: partition 0");
+
+    let row = keyed(EventType::Insert, serde_json::json!({"id": 42}), &["id"]);
+    let key = row_key(&row);
+    assert_eq!(
+        partitioned_subject("cdc", &row, key.as_deref(), 1),
+        "cdc.public.t"
+    );
+    assert_eq!(
+        partitioned_subject("cdc", &row, key.as_deref(), 4),
+        "cdc.public.t.3"
+    );
+    let truncate = keyed(EventType::Truncate, serde_json::Value::Null, &["id"]);
+    assert_eq!(
+        partitioned_subject("cdc", &truncate, None, 4),
+        "cdc.public.t.0"
+    );
+    let message = event(EventType::Message, "", "orders");
+    assert_eq!(
+        partitioned_subject("cdc", &message, None, 4),
+        "cdc.messages.orders",
+        "outbox messages have no partition token"
+    );
+}

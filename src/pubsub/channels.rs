@@ -74,7 +74,7 @@ pub fn value_text(value: &Value) -> Option<String> {
 
 /// The row's id for `<entity>/<id>`: the key values joined with `,`, or `None` when there is
 /// no key or a key value is null or absent.
-fn row_id(record: &Record, key_columns: &[String]) -> Option<String> {
+pub(crate) fn row_id(record: &Record, key_columns: &[String]) -> Option<String> {
     if key_columns.is_empty() {
         return None;
     }

@@ -68,4 +68,5 @@ pub use bus::{
     EntityProcessed, PROCESSED_CHANNEL, ProcessedSubscription, PubSub, Published, RecvError,
     Subscription,
 };
+pub(crate) use channels::row_id;
 pub use channels::{ChannelSpec, MESSAGE_CHANNEL, channels, message_channel, value_text};

@@ -44,31 +44,27 @@ pub(crate) fn consumer_name(slot: &str, operator: &str) -> String {
         }
     }
     if name.len() > MAX_NAME {
-        let hash = fnv1a(name.as_bytes());
+        let hash = crate::jetstream::fnv1a(name.as_bytes());
         name.truncate(MAX_NAME - 17);
         let _ = write!(name, "-{hash:016x}");
     }
     name
 }
 
-/// FNV-1a, 64 bits: a hash that stays the same across builds and releases (a consumer's
-/// name must not change when streamex is rebuilt).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// The subject the consumer of an operator with `subscriptions` filters on: the one subject
 /// of its events when they all go to one (a table, or one prefix of messages), else every
 /// subject of the stream (`<prefix>.>`); the worker then skips what the operator does not
-/// subscribe to. JetStream 2.9 takes one filter per consumer.
+/// subscribe to. JetStream 2.9 takes one filter per consumer, so a table's events spread
+/// over `partitions` (above 1) take the whole stream too: `<table subject>.*` would miss
+/// the events published before the stream had partitions.
 pub(crate) fn filter_subject(
     prefix: &str,
     default_schema: &str,
     subscriptions: &[Subscription],
+    partitions: u32,
 ) -> Result<String, crate::event::EntityNameError> {
     let mut subjects = std::collections::BTreeSet::new();
+    let mut tables = false;
     for subscription in subscriptions {
         if subscription.is_messages() {
             subjects.insert(messages_subject(prefix, &subscription.entity));
@@ -79,12 +75,41 @@ pub(crate) fn filter_subject(
                 name.schema_or(default_schema),
                 &name.table,
             ));
+            tables = true;
         }
     }
     Ok(match (subjects.len(), subjects.into_iter().next()) {
-        (1, Some(subject)) => subject,
-        _ => format!("{prefix}.>"),
+        (1, Some(subject)) if !(tables && partitions > 1) => subject,
+        _ => every_subject(prefix),
     })
+}
+
+/// The filter on every subject of the stream.
+pub(crate) fn every_subject(prefix: &str) -> String {
+    format!("{prefix}.>")
+}
+
+/// Whether the stream holds, at `start` or after, a message on a partition of the table
+/// subject `filter` (`<filter>.<p>`): published while the stream had partitions, which a
+/// consumer filtering on `filter` alone would never get.
+pub(crate) async fn partitions_after(
+    stream: &stream::Stream,
+    stream_name: &str,
+    filter: &str,
+    start: u64,
+) -> Result<bool, JetStreamError> {
+    use jetstream::stream::LastRawMessageErrorKind;
+    match stream
+        .get_last_raw_message_by_subject(&format!("{filter}.*"))
+        .await
+    {
+        Ok(message) => Ok(message.sequence >= start),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+        Err(e) => Err(unavailable(
+            stream_name,
+            format!("looking for partitioned messages of {filter}: {e}"),
+        )),
+    }
 }
 
 /// The settings of an operator's consumer, delivering from stream sequence `start` (the
@@ -397,23 +422,30 @@ mod tests {
             Subscription::all("public.comments"),
         ];
         assert_eq!(
-            filter_subject("blog", "public", &one).unwrap(),
+            filter_subject("blog", "public", &one, 1).unwrap(),
             "blog.public.comments"
         );
         let archive = [Subscription::all("archive.odd table")];
         assert_eq!(
-            filter_subject("cdc", "public", &archive).unwrap(),
+            filter_subject("cdc", "public", &archive, 1).unwrap(),
             "cdc.archive.odd%20table"
         );
         let messages = [Subscription::messages("orders.v1")];
         assert_eq!(
-            filter_subject("cdc", "public", &messages).unwrap(),
+            filter_subject("cdc", "public", &messages, 1).unwrap(),
             "cdc.messages.orders%2Ev1"
         );
         let two = [Subscription::all("posts"), Subscription::all("comments")];
-        assert_eq!(filter_subject("blog", "public", &two).unwrap(), "blog.>");
-        assert_eq!(filter_subject("blog", "public", &[]).unwrap(), "blog.>");
-        assert!(filter_subject("blog", "public", &[Subscription::all("a..b")]).is_err());
+        assert_eq!(filter_subject("blog", "public", &two, 1).unwrap(), "blog.>");
+        assert_eq!(filter_subject("blog", "public", &[], 1).unwrap(), "blog.>");
+        assert!(filter_subject("blog", "public", &[Subscription::all("a..b")], 1).is_err());
+        // A table's events spread over partitions: the whole stream (the events from before
+        // the partitions have no partition token). Messages have none either way.
+        assert_eq!(filter_subject("blog", "public", &one, 4).unwrap(), "blog.>");
+        assert_eq!(
+            filter_subject("cdc", "public", &messages, 4).unwrap(),
+            "cdc.messages.orders%2Ev1"
+        );
     }
 
     #[test]

@@ -198,6 +198,7 @@ impl WorkerBuilder {
                 &nats.subject_prefix,
                 &config.default_schema,
                 &operator.subscriptions(),
+                nats.partitions,
             )
             .map_err(|e| WorkerError::Config(format!("operator {}: {e}", operator.name())))?;
             filters.push(filter);

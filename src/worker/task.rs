@@ -439,6 +439,22 @@ impl OperatorTask {
                     return Ok(Err((start, first)));
                 }
             }
+            // A table's subject alone misses what was published to its partitions (the
+            // stream had partitions before `nats.partitions` went back to 1).
+            let every = consumer::every_subject(&self.nats.subject_prefix);
+            let messages = format!("{}.messages.", self.nats.subject_prefix);
+            let filter = if self.filter != every
+                && !self.filter.starts_with(&messages)
+                && consumer::partitions_after(&stream, stream_name, &self.filter, start).await?
+            {
+                info!(
+                    operator = self.name(), stream = %stream_name, subject = %self.filter,
+                    "the stream holds partitioned messages of the operator's table after where                      it starts: this session's consumer takes every subject"
+                );
+                &every
+            } else {
+                &self.filter
+            };
             let config = consumer::consumer_config(
                 &consumer::session_name(&self.consumer),
                 format!(
@@ -446,7 +462,7 @@ impl OperatorTask {
                     self.name(),
                     self.slot
                 ),
-                &self.filter,
+                filter,
                 start,
                 &self.worker,
             );

@@ -979,3 +979,118 @@ async fn a_frozen_worker_s_operators_are_taken_over_after_its_lease() -> anyhow:
     service.wait()?;
     Ok(())
 }
+
+/// FNV-1a, 64 bits, written here apart from streamex's: the partition rule that the README
+/// gives consumers in other languages.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// With `nats.partitions = 4` each row's events go to `<table subject>.<p>`, `p` from its key
+/// (`Streamex-Key`), and a worker still runs the blog operators exactly. Then the stream goes
+/// back to no partitions while the worker is away: its next consumer must still get the
+/// partitioned messages it had not handled, which its table's subject alone would miss.
+#[tokio::test]
+async fn partitioned_subjects_keep_rows_apart_and_a_worker_gets_them_before_and_after()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let write = |partitions: u32| -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+        let (publisher, worker) = configs(&url, &nats, "");
+        let with = |config: String| format!("{config}partitions = {partitions}\n");
+        let (run, work) = (
+            dir.path().join(format!("run-{partitions}.toml")),
+            dir.path().join(format!("worker-{partitions}.toml")),
+        );
+        std::fs::write(&run, with(publisher))?;
+        std::fs::write(&work, with(worker))?;
+        Ok((run, work))
+    };
+    let (run_4, worker_4) = write(4)?;
+    let (run_1, worker_1) = write(1)?;
+    common::setup_service(&run_4)?;
+    let log = dir.path().join("worker.log");
+    let run_log = dir.path().join("run.log");
+    let mut rng = Rng(common::seed_from_env("STREAMEX_WORKER_SEED") | 1);
+    let activity = async |rng: &mut Rng, rounds: usize| -> anyhow::Result<u64> {
+        let mut changes = 0;
+        for _ in 0..rounds {
+            changes += blog_activity(&pool, rng).await?;
+        }
+        Ok(changes)
+    };
+
+    let mut service = spawn_service(&run_4, &run_log, "info")?;
+    let mut worker = spawn_worker(&worker_4, &log)?;
+    assert!(activity(&mut rng, 40).await? > 40);
+    settle(&pool).await?;
+    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+
+    // Every table message on its row's partition.
+    let client = async_nats::connect(nats.url()).await?;
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("blog")
+        .await?;
+    let last = stream.info().await?.state.last_sequence;
+    let mut used = std::collections::BTreeSet::new();
+    for sequence in 1..=last {
+        let message = stream.get_raw_message(sequence).await?;
+        let event: serde_json::Value = serde_json::from_slice(&message.payload)?;
+        let record = if event["type"] == "delete" {
+            &event["old_record"]
+        } else {
+            &event["new_record"]
+        };
+        let id = record["id"].to_string();
+        let key = message.headers.get("Streamex-Key").map(|k| k.as_str());
+        assert_eq!(key, Some(id.as_str()), "message {sequence}");
+        let partition = fnv1a(id.as_bytes()) % 4;
+        used.insert(partition);
+        assert_eq!(
+            message.subject.as_str(),
+            format!(
+                "blog.public.{}.{partition}",
+                event["table"].as_str().unwrap_or("?")
+            ),
+            "message {sequence}"
+        );
+    }
+    assert_eq!(used.len(), 4, "{last} messages, on partitions {used:?}");
+
+    // The worker away, more partitioned messages; then no partitions.
+    terminate(&mut worker)?;
+    let before = stream.info().await?.state.last_sequence;
+    let written = activity(&mut rng, 20).await?;
+    eventually("the publisher publishing the changes", async || {
+        Ok(stream.info().await?.state.last_sequence >= before + written)
+    })
+    .await?;
+    service.kill()?;
+    service.wait()?;
+    let mut service = spawn_service(&run_1, &run_log, "info")?;
+    activity(&mut rng, 20).await?;
+    let mut worker = spawn_worker(&worker_1, &log)?;
+    settle(&pool).await?;
+    assert_eq!(
+        derived_mismatches(&pool).await?,
+        (0, 0),
+        "{}",
+        std::fs::read_to_string(&log)?
+    );
+    assert!(
+        std::fs::read_to_string(&log)?.contains("partitioned messages of the operator's table"),
+        "the tallies' consumer (comments only) did not take every subject"
+    );
+    terminate(&mut worker)?;
+    service.kill()?;
+    service.wait()?;
+    Ok(())
+}
