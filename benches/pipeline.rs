@@ -18,7 +18,7 @@
 //!    left out without a nats-server), the slot acknowledged through what JetStream has
 //!    acknowledged. After (d) and (e) the derived tables are compared with what posts and
 //!    comments say they should be, after (f) the stream's message count with the backlog's.
-//! 2. **Latency.** Writer tasks insert single-row comments at `--rate` transactions/s for
+//! 2. **Latency.** Writer tasks insert single-row comments at each `--rate` (transactions/s) for
 //!    `--latency-seconds`, while the service runs in-process (`streamex::Service`).
 //!    For each commit: *delivered* = wall clock when an extra non-transactional recording
 //!    operator gets the event, minus the commit time the server wrote in the WAL (pgoutput's
@@ -43,7 +43,7 @@
 //! `bench` profile (the release profile's settings, with `debug = 1`).
 //!
 //! Options: `--rows N` (500000), `--latency-seconds S` (30), `--huge-rows N` (1000000),
-//! `--rate N` (5000), `--skip-latency`, `--max-seconds S` (300, per drain: a consumer still
+//! `--rate LIST` (1000,5000), `--skip-latency`, `--max-seconds S` (300, per drain: a consumer still
 //! running then is stopped and its rate estimated from the WAL it confirmed), `--only a,b,..`
 //! (drain consumers to run; skips latency and the huge transaction), `--wrap "CMD ARGS"`
 //! (prefix for the streamex children, e.g. `valgrind --tool=callgrind`), `--out PATH`,
@@ -81,7 +81,7 @@ struct Args {
     rows: u64,
     latency_seconds: u64,
     huge_rows: u64,
-    rate: u64,
+    rates: Vec<u64>,
     skip_latency: bool,
     max_seconds: u64,
     only: Option<String>,
@@ -108,7 +108,7 @@ fn parse_args() -> anyhow::Result<Args> {
         rows: 500_000,
         latency_seconds: 30,
         huge_rows: 1_000_000,
-        rate: 5_000,
+        rates: vec![1_000, 5_000],
         skip_latency: false,
         max_seconds: 300,
         only: None,
@@ -130,7 +130,12 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rows" => args.rows = value()?.parse()?,
             "--latency-seconds" => args.latency_seconds = value()?.parse()?,
             "--huge-rows" => args.huge_rows = value()?.parse()?,
-            "--rate" => args.rate = value()?.parse()?,
+            "--rate" => {
+                args.rates = value()?
+                    .split(',')
+                    .map(|r| r.trim().parse())
+                    .collect::<Result<_, _>>()?;
+            }
             "--max-seconds" => args.max_seconds = value()?.parse()?,
             "--skip-latency" => args.skip_latency = true,
             "--only" => args.only = Some(value()?),
@@ -398,13 +403,15 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     if !args.skip_latency {
-        for blog in latency_runs {
-            match latency_run(&pool, &url, args, blog).await {
-                Ok((line, note)) => {
-                    latency.push(line);
-                    latency_note.push_str(&note);
+        for &rate in &args.rates {
+            for &blog in &latency_runs {
+                match latency_run(&pool, &url, args, blog, rate).await {
+                    Ok((line, note)) => {
+                        latency.push(line);
+                        latency_note.push_str(&note);
+                    }
+                    Err(e) => checks.push(format!("**WARNING** latency run failed: {e:#}")),
                 }
-                Err(e) => checks.push(format!("**WARNING** latency run failed: {e:#}")),
             }
         }
     }
@@ -1287,6 +1294,7 @@ async fn latency_run(
     url: &str,
     args: &Args,
     blog: bool,
+    rate: u64,
 ) -> anyhow::Result<(String, String)> {
     let slot = if blog { "bench_lat_d" } else { "bench_lat_c" };
     let label = if blog {
@@ -1294,7 +1302,7 @@ async fn latency_run(
     } else {
         "(c) counting operator, memory status"
     };
-    eprintln!("latency {label}...");
+    eprintln!("latency {label}, {rate} commits/s...");
     reset_derived(pool).await?;
     let env = [
         ("STREAMEX_DATABASE_URL".to_owned(), url.to_owned()),
@@ -1340,7 +1348,7 @@ async fn latency_run(
     }));
     tokio::time::sleep(Duration::from_secs(1)).await; // let it connect and start streaming
 
-    let (written, elapsed) = steady_load(pool, url, args.rate, args.latency_seconds).await?;
+    let (written, elapsed) = steady_load(pool, url, rate, args.latency_seconds).await?;
     let achieved = written as f64 / elapsed;
     // Let the service catch up (at most 120 s), then stop it.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -1380,34 +1388,60 @@ async fn latency_run(
             let done = processed.get(i).map_or(-1, |p| p.1);
             let _ = writeln!(csv, "{commit},{at},{done}");
         }
-        std::fs::write(Path::new(&dir).join(format!("latency-{slot}.csv")), csv)?;
+        std::fs::write(
+            Path::new(&dir).join(format!("latency-{slot}-{rate}.csv")),
+            csv,
+        )?;
     }
     let mut delivered: Vec<i64> = seen.iter().map(|s| s.2 - s.1).collect();
     // Each commit is processed at the first notice covering its LSN (notices come in LSN order).
     let mut done: Vec<i64> = Vec::new();
+    let mut done_at: Vec<(i64, i64)> = Vec::new();
     let mut missing = 0;
     for (lsn, commit, _) in &seen {
         let i = processed.partition_point(|p| p.0 < *lsn);
         match processed.get(i) {
-            Some(p) => done.push(p.1 - commit),
+            Some(p) => {
+                done.push(p.1 - commit);
+                done_at.push((*commit, p.1 - commit));
+            }
             None => missing += 1,
         }
     }
+    // Whether latency climbs over the run: processed p99 of the commits of its first and of
+    // its last 20 s (a third of the run, when shorter).
+    let (climb_first, climb_last) = {
+        let first = done_at.iter().map(|d| d.0).min().unwrap_or(0);
+        let last = done_at.iter().map(|d| d.0).max().unwrap_or(0);
+        let window = ((last - first) / 3).min(20_000_000);
+        let p99 = |from: i64, to: i64| {
+            let mut values: Vec<i64> = done_at
+                .iter()
+                .filter(|d| d.0 >= from && d.0 < to)
+                .map(|d| d.1)
+                .collect();
+            percentiles(&mut values)
+                .split(" | ")
+                .nth(1)
+                .unwrap_or("-")
+                .to_owned()
+        };
+        (p99(first, first + window), p99(last - window, last + 1))
+    };
     let unseen = written.saturating_sub(seen.len() as u64) + missing;
     let line = format!(
-        "| {label} | {} | {achieved:.0} | {} | {} | {} |",
-        args.rate,
+        "| {label} | {rate} | {achieved:.0} | {} | {} | {} | {climb_first} | {climb_last} |",
         written,
         percentiles(&mut delivered),
         percentiles(&mut done),
     );
     let mut note = String::new();
-    if achieved < args.rate as f64 * 0.95 {
+    if achieved < rate as f64 * 0.95 {
         let _ = writeln!(
             note,
             "- {label}: the writers reached {achieved:.0} transactions/s, below the {} asked \
              for (the writers, the server and the service share the machine's cores).",
-            args.rate
+            rate
         );
     }
     if unseen > 0 {
@@ -1645,9 +1679,14 @@ fn render(r: &Report, args: &Args) -> String {
     let _ = writeln!(s, "# streamex pipeline benchmark\n");
     let _ = writeln!(
         s,
-        "`cargo bench --bench pipeline -- --rows {} --latency-seconds {} --huge-rows {}{}`\n",
+        "`cargo bench --bench pipeline -- --rows {} --latency-seconds {} --rate {} --huge-rows {}{}`\n",
         args.rows,
         args.latency_seconds,
+        args.rates
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         args.huge_rows,
         if args.skip_latency {
             " --skip-latency"
@@ -1721,9 +1760,11 @@ fn render(r: &Report, args: &Args) -> String {
             "\n## Latency under a steady load\n\nSingle-row comment inserts for {} s; \
              milliseconds from the commit (the server's commit timestamp in the WAL) to \
              *delivered* (an operator has the event) and *processed* (every operator done and \
-             process status stored, the `EntityProcessed` notice).\n\n\
-             | service | target tx/s | achieved tx/s | commits | delivered p50 | p99 | max | processed p50 | p99 | max |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+             process status stored, the `EntityProcessed` notice); *first* and *last*: the \
+             processed p99 of the commits of the run's first and last 20 s (a third of the run \
+             when shorter), which tells whether latency climbs.\n\n\
+             | service | target tx/s | achieved tx/s | commits | delivered p50 | p99 | max | processed p50 | p99 | max | first p99 | last p99 |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             args.latency_seconds
         );
         for line in &r.latency {
