@@ -70,6 +70,8 @@ struct JetStreamLine {
     /// The position of the event its last message holds.
     last_position: Option<String>,
     consumers: Option<usize>,
+    /// Each consumer: a worker's operators have one each (its session's).
+    consumer_states: Vec<crate::jetstream::ConsumerState>,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,8 +84,11 @@ struct OperatorLine {
     /// The stored state, `running` or `halted`. `running` means "runs while an instance is
     /// active"; see `processing`.
     state: String,
-    /// Whether it is processing now: running, in the configuration, and an instance active.
+    /// Whether it is processing now: running, and in the configuration with an instance
+    /// active, or on a worker.
     processing: bool,
+    /// The backend pid of the lock session of the `streamex worker` that runs it, if one does.
+    worker_pid: Option<i32>,
     checkpoint_commit_lsn: Option<Lsn>,
     checkpoint_ordinal: Option<u64>,
     /// Bytes of WAL the server has written after the checkpoint's commit.
@@ -160,6 +165,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
         Default::default()
     };
     let active_instance_pid = InstanceLock::holder(&pool, &config.slot).await?;
+    let workers = worker_lock_holders(&pool, &config.slot).await?;
     let instance_active = active_instance_pid.is_some();
     let current_wal: Option<String> = sqlx::query_scalar(
         "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
@@ -187,11 +193,13 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             let checkpoint = checkpoints.get(name);
             let state = states.get(name);
             let halted = state.is_some_and(|s| s.state == OperatorRunState::Halted);
+            let worker_pid = worker_pid(&workers, &config.slot, name);
             OperatorLine {
                 name: name.to_owned(),
                 in_config,
                 state: if halted { "halted" } else { "running" }.into(),
-                processing: in_config && !halted && instance_active,
+                processing: !halted && ((in_config && instance_active) || worker_pid.is_some()),
+                worker_pid,
                 checkpoint_commit_lsn: checkpoint.map(|c| c.commit_lsn),
                 checkpoint_ordinal: checkpoint.map(|c| c.ordinal),
                 checkpoint_behind_wal_bytes: checkpoint
@@ -279,19 +287,23 @@ async fn jetstream_line(nats: &crate::config::NatsConfig) -> JetStreamLine {
         last_sequence: None,
         last_position: None,
         consumers: None,
+        consumer_states: Vec::new(),
     };
     let read = async {
         let client = jetstream::connect(nats).await?;
         let context = jetstream::context(client, nats);
-        jetstream::state_and_tip(&context, &nats.stream, None).await
+        let (state, tip) = jetstream::state_and_tip(&context, &nats.stream, None).await?;
+        let consumers = jetstream::consumer_states(&context, &nats.stream).await?;
+        Ok::<_, jetstream::JetStreamError>((state, tip, consumers))
     };
     match tokio::time::timeout(nats.timeout.max(std::time::Duration::from_secs(3)), read).await {
-        Ok(Ok((state, tip))) => {
+        Ok(Ok((state, tip, consumers))) => {
             line.messages = Some(state.messages);
             line.bytes = Some(state.bytes);
             line.last_sequence = Some(state.last_sequence);
             line.consumers = Some(state.consumer_count);
             line.last_position = tip.position.map(|p| p.to_string());
+            line.consumer_states = consumers;
         }
         Ok(Err(e)) => line.error = Some(e.to_string()),
         Err(_) => {
@@ -303,6 +315,40 @@ async fn jetstream_line(nats: &crate::config::NatsConfig) -> JetStreamLine {
         }
     }
     line
+}
+
+/// The lock sessions of `streamex worker`s of `slot` that hold a lock (a standby's session
+/// holds none), by application name: `streamex worker <slot> <operator>`, cut to 63 bytes as
+/// the server keeps it.
+async fn worker_lock_holders(
+    pool: &sqlx::PgPool,
+    slot: &str,
+) -> anyhow::Result<BTreeMap<String, i32>> {
+    let prefix = status::operator_lock_key(slot, "");
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT a.application_name, a.pid FROM pg_stat_activity a
+          WHERE left(a.application_name, length($1)) = $1
+            AND a.datname = current_database()
+            AND EXISTS (SELECT 1 FROM pg_locks l
+                         WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted)",
+    )
+    .bind(&prefix)
+    .fetch_all(pool)
+    .await
+    .context("looking for workers' lock sessions (pg_stat_activity)")?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The backend pid of the worker running `operator` of `slot`, among `holders`.
+fn worker_pid(holders: &BTreeMap<String, i32>, slot: &str, operator: &str) -> Option<i32> {
+    let mut key = status::operator_lock_key(slot, operator);
+    // The server keeps at most NAMEDATALEN - 1 bytes of an application name.
+    let mut cut = key.len().min(63);
+    while !key.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    key.truncate(cut);
+    holders.get(&key).copied()
 }
 
 /// Dead letters per operator of `slot`, by name.
@@ -488,6 +534,23 @@ fn render(report: &Report, has_schema: bool) -> String {
                     js.last_position.as_deref().unwrap_or("none"),
                     js.consumers.unwrap_or(0)
                 );
+                // A filtered consumer's floor is its last message's sequence: what is left to
+                // it is what it has not been sent, and what it has not acknowledged.
+                for c in &js.consumer_states {
+                    let _ = writeln!(
+                        out,
+                        "  consumer {}{}: {} messages not yet delivered, {} delivered and not \
+                         acknowledged; acknowledged through sequence {}",
+                        c.name,
+                        c.description
+                            .as_deref()
+                            .map(|d| format!(" ({d})"))
+                            .unwrap_or_default(),
+                        c.pending,
+                        c.ack_pending,
+                        c.ack_floor,
+                    );
+                }
             }
         }
     }
@@ -500,10 +563,14 @@ fn render(report: &Report, has_schema: bool) -> String {
         }
     };
     let state = |o: &OperatorLine| match (o.state.as_str(), o.in_config, report.instance_active) {
-        ("halted", _, _) => "halted",
-        (_, false, _) => "not run",
-        (_, true, true) => "running",
-        (_, true, false) => "will run (no instance active)",
+        ("halted", _, _) => "halted".to_owned(),
+        _ if o.worker_pid.is_some() => format!(
+            "running on a worker (backend pid {})",
+            o.worker_pid.unwrap_or_default()
+        ),
+        (_, false, _) => "not run".to_owned(),
+        (_, true, true) => "running".to_owned(),
+        (_, true, false) => "will run (no instance active)".to_owned(),
     };
     let width = report
         .operators

@@ -364,6 +364,46 @@ pub(crate) async fn state_and_tip(
     Ok((state, tip))
 }
 
+/// A consumer of the stream, as `streamex status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct ConsumerState {
+    pub name: String,
+    /// What made it (a worker's says which operator of which slot).
+    pub description: Option<String>,
+    /// Every message up to this stream sequence is acknowledged.
+    pub ack_floor: u64,
+    /// Messages delivered and not yet acknowledged.
+    pub ack_pending: usize,
+    /// Messages of its filter not yet delivered.
+    pub pending: u64,
+}
+
+/// The consumers of the stream `name`, by name.
+pub(crate) async fn consumer_states(
+    context: &jetstream::Context,
+    name: &str,
+) -> Result<Vec<ConsumerState>, JetStreamError> {
+    use futures_util::TryStreamExt as _;
+    let stream = open(context, name).await?;
+    let mut listing = stream.consumers();
+    let mut found = Vec::new();
+    while let Some(info) = listing
+        .try_next()
+        .await
+        .map_err(|e| unavailable(name, format!("listing the consumers: {e}")))?
+    {
+        found.push(ConsumerState {
+            name: info.name.clone(),
+            description: info.config.description.clone(),
+            ack_floor: info.ack_floor.stream_sequence,
+            ack_pending: info.num_ack_pending,
+            pending: info.num_pending,
+        });
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
 /// The [`Tip`] of `stream`, whose last sequence is `sequence`.
 async fn last_message(
     stream: &stream::Stream,

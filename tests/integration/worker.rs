@@ -190,6 +190,53 @@ async fn blog_through_a_worker(
     let log = std::fs::read_to_string(&worker_log)?;
     assert!(!log.contains("panicked"), "{log}");
 
+    // `streamex status` with the publisher's configuration, which names no operator: both run
+    // on the worker, and each has one consumer, with nothing left to deliver or acknowledge
+    // once the worker is done.
+    eventually("status showing the worker's operators done", async || {
+        let out = common::streamex_command("warn")
+            .args(["status", "--json", "--config"])
+            .arg(&run_config)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let on_worker = report["operators"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|o| o["worker_pid"].is_i64() && o["processing"] == true)
+            .count();
+        let consumers = report["jetstream"]["consumer_states"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let done = consumers.iter().all(|c| {
+            c["pending"] == 0 && c["ack_pending"] == 0 && c["ack_floor"].as_u64() > Some(0)
+        });
+        Ok(on_worker == 2 && consumers.len() == 2 && done)
+    })
+    .await?;
+    let text = common::streamex_command("warn")
+        .args(["status", "--config"])
+        .arg(&run_config)
+        .output()?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(
+        text.matches("running on a worker (backend pid").count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("0 messages not yet delivered, 0 delivered and not acknowledged")
+            .count(),
+        2,
+        "{text}"
+    );
+
     // SIGTERM stops it cleanly.
     let status = terminate(&mut worker)?;
     assert!(status.success(), "the worker exited with {status}");
