@@ -45,7 +45,7 @@ const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 /// The checks of the [module documentation](self), as `[http]` sets them.
 #[derive(Debug)]
-pub(super) struct Guard {
+pub(crate) struct Guard {
     /// The host names accepted (lower case, IPv6 addresses without brackets); `None`: any.
     hosts: Option<Vec<String>>,
     /// Whether `hosts` is the loopback default rather than `allowed_hosts`.
@@ -56,7 +56,7 @@ pub(super) struct Guard {
 
 impl Guard {
     /// The checks `config` asks for; reads the token file. The error names the key.
-    pub(super) fn new(config: &HttpConfig) -> Result<Guard, String> {
+    pub(crate) fn new(config: &HttpConfig) -> Result<Guard, String> {
         let loopback = config.listen.is_some_and(|a| a.ip().is_loopback());
         let (hosts, loopback_default) = match &config.allowed_hosts {
             Some(list) if list.iter().any(|h| h == "*") => (None, false),
@@ -161,6 +161,18 @@ pub(super) async fn check<S>(
             }
             refused
         }
+    }
+}
+
+/// Runs a [`Guard`] of its own before the routes (a worker's endpoint).
+pub(crate) async fn guarded(
+    State(guard): State<Arc<Guard>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match guard.refusal(&request) {
+        None => next.run(request).await,
+        Some(refused) => refused,
     }
 }
 

@@ -33,6 +33,7 @@
 //! counts such connections too, so they cannot pile up without bound.
 
 mod guard;
+pub(crate) use guard::{Guard, guarded};
 mod sse;
 
 use std::net::SocketAddr;

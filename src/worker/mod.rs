@@ -27,14 +27,19 @@
 //! - One worker per operator is active (`lock.rs`); another one with the same operator
 //!   stands by.
 //!
+//! With `[http] listen` it serves `/healthz`, `/readyz` and `/metrics` (`http.rs`,
+//! `metrics.rs`).
+//!
 //! A worker needs `[nats]` and `database_url`: it migrates the `streamex` schema (where
 //! checkpoints, operator state and dead letters are) but creates no slot or publication,
 //! and does not backfill.
 
 mod consumer;
 mod held;
+mod http;
 mod lock;
 mod message;
+mod metrics;
 mod progress;
 mod task;
 
@@ -360,6 +365,19 @@ impl Worker {
     pub(crate) async fn run_until(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         // One operator failing for good stops the others.
         let stop = shutdown.child_token();
+        let metrics = Arc::new(metrics::WorkerMetrics::new());
+        let server = http::serve(
+            &self.config.http,
+            http::WorkerEndpoint {
+                metrics: metrics.clone(),
+                pool: self.pool.clone(),
+                client: self.context.client(),
+                nats_url: self.nats.url.clone(),
+            },
+            stop.clone(),
+        )
+        .await
+        .map_err(WorkerError::Failed)?;
         let mut tasks = tokio::task::JoinSet::new();
         for (spec, filter) in self.specs {
             let name = spec.operator.name().to_owned();
@@ -390,6 +408,7 @@ impl Worker {
                 batch_size: self.config.replication.batch_size,
                 default_schema: self.config.default_schema.clone(),
                 progress,
+                metrics: metrics.operator(&name),
                 shutdown: stop.clone(),
             };
             tasks.spawn(task.run());
@@ -403,6 +422,11 @@ impl Worker {
                 stop.cancel();
                 failure.get_or_insert(e);
             }
+        }
+        stop.cancel();
+        if let Some(server) = server {
+            // A client that keeps its connection open is not waited for long.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
         }
         match failure {
             Some(e) => Err(e),

@@ -40,6 +40,7 @@ use super::consumer;
 use super::held::{Arrival, Held};
 use super::lock::{self, OperatorLock};
 use super::message::{self, Unreadable};
+use super::metrics::OperatorMetrics;
 use super::progress::Progress;
 use crate::backoff::Backoff;
 use crate::config::{NatsConfig, WorkerConfig};
@@ -74,6 +75,8 @@ pub(super) struct OperatorTask {
     pub batch_size: usize,
     pub default_schema: String,
     pub progress: Progress,
+    /// Its figures on the worker's `/metrics`.
+    pub metrics: OperatorMetrics,
     pub shutdown: CancellationToken,
 }
 
@@ -144,7 +147,10 @@ impl OperatorTask {
                 )
                 .await
                 {
-                    Ok(Some(taken)) => lock = Some(taken),
+                    Ok(Some(taken)) => {
+                        self.metrics.lock_held.set(1);
+                        lock = Some(taken);
+                    }
                     Ok(None) => break Ok(()),
                     Err(e) => {
                         break Err(WorkerError::Failed(
@@ -171,6 +177,7 @@ impl OperatorTask {
             // holds it.
             if lock.as_ref().is_some_and(|held| !held.held()) {
                 if let Some(lost) = lock.take() {
+                    self.metrics.lock_held.set(0);
                     lost.release().await;
                 }
                 continue;
@@ -217,6 +224,7 @@ impl OperatorTask {
                     acked = Some(acked_through);
                     if lock_lost {
                         if let Some(lost) = lock.take() {
+                            self.metrics.lock_held.set(0);
                             lost.release().await;
                         }
                     }
@@ -239,6 +247,7 @@ impl OperatorTask {
         if let Some(lock) = lock {
             lock.release().await;
         }
+        self.metrics.lock_held.set(0);
         result
     }
 
@@ -478,6 +487,8 @@ impl OperatorTask {
         match outcome {
             Ok((created, acked_through)) => {
                 *accept_removed = false;
+                self.metrics.sessions.inc();
+                self.metrics.acked.set(acked_through);
                 debug!(
                     operator = self.name(), consumer = %created.cached_info().name, from = acked_through + 1,
                     "consumer made; delivering"
@@ -572,6 +583,7 @@ impl OperatorTask {
             if let Some(message) = held.done_through(board.done(0).0) {
                 self.acknowledge(&message).await;
                 self.progress.acked(held.acked_through());
+                self.metrics.acked.set(held.acked_through());
             }
             if ending.is_some() && outbox.is_empty() {
                 // The runner finishes what it holds, then ends (Drained).
@@ -599,6 +611,7 @@ impl OperatorTask {
                     }
                     let acked_through = held.acked_through();
                     self.progress.acked(acked_through);
+                    self.metrics.acked.set(acked_through);
                     self.progress.forget_unacked();
                     self.progress.flush().await;
                     debug!(
@@ -809,6 +822,7 @@ impl OperatorTask {
                 };
                 self.progress.passed(sequence, &event);
                 if message::concerns(&event, subscriptions) {
+                    self.metrics.delivered.inc();
                     outbox.push_back(Input::Event(Arc::new(event)));
                 }
                 outbox.push_back(Input::Commit {

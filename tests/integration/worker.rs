@@ -98,7 +98,23 @@ async fn blog_through_a_worker(
     let pool = PgPool::connect(url).await?;
     sqlx::raw_sql(BLOG).execute(&pool).await?;
     let dir = tempfile::tempdir()?;
-    let (publisher, worker) = configs(url, &nats, "\n[worker]\nack_wait = \"5s\"\n");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let (publisher, worker) = configs(
+        url,
+        &nats,
+        &format!("\n[worker]\nack_wait = \"5s\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let endpoint = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let client = common::http_client()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let get = async |path: &str| -> anyhow::Result<(u16, String)> {
+        let response = client.get(endpoint(path)).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.text().await?))
+    };
     let run_config = dir.path().join("run.toml");
     let worker_config = dir.path().join("worker.toml");
     std::fs::write(&run_config, publisher)?;
@@ -141,6 +157,12 @@ async fn blog_through_a_worker(
             }
             Disruption::JetStreamOutage => {
                 nats.kill()?;
+                // The worker's /readyz says so, naming the setting.
+                eventually("the worker's /readyz saying NATS is gone", async || {
+                    let (status, body) = get("/readyz").await?;
+                    Ok(status == 503 && body.contains("nats.url"))
+                })
+                .await?;
                 tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
                 nats.restart()?;
             }
@@ -189,6 +211,28 @@ async fn blog_through_a_worker(
     );
     let log = std::fs::read_to_string(&worker_log)?;
     assert!(!log.contains("panicked"), "{log}");
+
+    // The worker's endpoint: ready, both operators' locks held, their consumers acknowledged.
+    eventually("the worker's /readyz and /metrics", async || {
+        let (ready, _) = get("/readyz").await?;
+        let (status, metrics) = get("/metrics").await?;
+        let held = ["post_comment_tallies", "post_with_comments_counts"]
+            .iter()
+            .all(|op| {
+                metrics.contains(&format!("streamex_worker_lock_held{{operator=\"{op}\"}} 1"))
+                    && metrics.lines().any(|l| {
+                        l.starts_with(&format!(
+                            "streamex_worker_acked_sequence{{operator=\"{op}\"}} "
+                        )) && !l.ends_with(" 0")
+                    })
+            });
+        Ok(ready == 200
+            && status == 200
+            && held
+            && metrics.contains("streamex_worker_nats_connected 1"))
+    })
+    .await?;
+    assert_eq!(get("/nothing").await?.0, 404);
 
     // `streamex status` with the publisher's configuration, which names no operator: both run
     // on the worker, and each has one consumer, with nothing left to deliver or acknowledge
