@@ -458,7 +458,8 @@ impl OperatorTask {
             {
                 info!(
                     operator = self.name(), stream = %stream_name, subject = %self.filter,
-                    "the stream holds partitioned messages of the operator's table after where                      it starts: this session's consumer takes every subject"
+                    "the stream holds partitioned messages of the operator's table after where it \
+                     starts: this session's consumer takes every subject"
                 );
                 &every
             } else {
