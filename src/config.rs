@@ -493,6 +493,11 @@ pub struct OperatorConfig {
     /// Run each event in its own transaction instead of batching (slower; for comparison).
     #[serde(default)]
     pub one_event_per_transaction: bool,
+    /// On workers (`streamex worker`): the operator's rows split into this many partitions
+    /// (by the hash of their key), shared by the workers that run it, each partition on one
+    /// of them at a time, in order per row. 1 (the default): the operator runs whole. Not
+    /// for `streamex run`, which runs an operator in one place.
+    pub partitions: Option<u32>,
     /// Whether the operator's first run on the slot starts with the rows that already exist
     /// (as `read` events); unset, the operator says (a Rust operator's
     /// `Operator::backfill`, true unless it says otherwise; true for a declarative one).

@@ -215,6 +215,19 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
                 )));
             }
         }
+        if let Some(entry) = config
+            .operators
+            .iter()
+            .find(|c| c.partitions.is_some_and(|p| p > 1))
+        {
+            return Err(ServiceError::Config(format!(
+                "operator {:?}: partitions = {} is for workers (`streamex worker`, which share an \
+                 operator's partitions); `streamex run` runs an operator whole: leave partitions \
+                 out of this configuration, or run the operator on workers",
+                entry.name,
+                entry.partitions.unwrap_or(1)
+            )));
+        }
         let params = ConnectParams::parse(&config.database_url)
             .map_err(|e| ServiceError::Config(format!("database_url: {e}")))?;
         if !params.other_hosts.is_empty()

@@ -192,10 +192,14 @@ pub(super) async fn check_not_on_workers(
     let moved: Vec<(String, bool, Option<i32>)> = sqlx::query_as(
         "SELECT w.operator, s.backfill_request IS NOT NULL,
                 (SELECT a.pid FROM pg_stat_activity a
-                  WHERE a.application_name = 'streamex worker ' || $1 || ' ' || w.operator
+                  WHERE (a.application_name = 'streamex worker ' || $1 || ' ' || w.operator
+                         OR starts_with(a.application_name,
+                                        'streamex worker ' || $1 || ' ' || w.operator || '#'))
                     AND a.datname = current_database() LIMIT 1)
-           FROM (SELECT DISTINCT operator FROM streamex.worker_progress
-                  WHERE slot = $1 AND operator = ANY($2)) w
+           FROM (SELECT DISTINCT regexp_replace(operator, '#[0-9]+/[0-9]+$', '') AS operator
+                   FROM streamex.worker_progress
+                  WHERE slot = $1
+                    AND regexp_replace(operator, '#[0-9]+/[0-9]+$', '') = ANY($2)) w
            LEFT JOIN streamex.operator_state s ON s.slot = $1 AND s.operator = w.operator
           ORDER BY w.operator",
     )

@@ -509,16 +509,22 @@ pub async fn request_backfill<'c, E: PgExecutor<'c>>(
     Ok(())
 }
 
-/// Clears `operator`'s backfill request, and the rows of a worker that ran it before (its
-/// tables now follow this slot): in the backfill's own transaction.
+/// Clears `operator`'s backfill request, and the rows of workers that ran it before, whole
+/// or by partitions (`<operator>#<p>/<N>`, their checkpoints too: its tables now follow this
+/// slot): in the backfill's own transaction.
 pub async fn finish_backfill<'c, E: PgExecutor<'c>>(
     executor: E,
     slot: &str,
     operator: &str,
 ) -> Result<(), StatusError> {
     sqlx::query(
-        "WITH progress AS (DELETE FROM streamex.worker_progress WHERE slot = $1 AND operator = $2), \
-              consumers AS (DELETE FROM streamex.worker_consumers WHERE slot = $1 AND operator = $2) \
+        "WITH progress AS (DELETE FROM streamex.worker_progress \
+                            WHERE slot = $1 AND regexp_replace(operator, '#[0-9]+/[0-9]+$', '') = $2), \
+              consumers AS (DELETE FROM streamex.worker_consumers \
+                             WHERE slot = $1 AND regexp_replace(operator, '#[0-9]+/[0-9]+$', '') = $2), \
+              partitions AS (DELETE FROM streamex.operator_checkpoints \
+                              WHERE slot = $1 AND operator ~ '#[0-9]+/[0-9]+$' \
+                                AND regexp_replace(operator, '#[0-9]+/[0-9]+$', '') = $2) \
          UPDATE streamex.operator_state SET backfill_request = NULL, backfill_tables = NULL \
           WHERE slot = $1 AND operator = $2 AND backfill_request IS NOT NULL",
     )

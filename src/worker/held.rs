@@ -106,6 +106,11 @@ impl<M> Held<M> {
         Some(message)
     }
 
+    /// The greatest stream sequence delivered in this session.
+    pub(crate) fn highest(&self) -> Option<u64> {
+        self.highest
+    }
+
     /// Every message up to here is acknowledged.
     pub(crate) fn acked_through(&self) -> u64 {
         self.acked_through

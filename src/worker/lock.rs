@@ -45,12 +45,16 @@ pub(super) struct OperatorLock {
 
 impl OperatorLock {
     /// Takes the lock of `operator` on `slot`, standing by while another worker holds it,
-    /// and starts its lease of `lease`. `None` on shutdown. Its session is named `streamex worker <slot> <operator>`
-    /// (`pg_stat_activity.application_name`), so the holder can be found.
+    /// and starts its lease of `lease`. `None` on shutdown. Its session is named `streamex
+    /// worker <slot> <operator>` (`pg_stat_activity.application_name`), so the holder can be
+    /// found. The session also holds the locks `also` names, and tries only while
+    /// `also.may_take` says so (a worker sharing an operator's partitions takes no more than
+    /// its share).
     pub(super) async fn acquire(
         pool: &PgPool,
         slot: &str,
         operator: &str,
+        also: &Also<'_>,
         lease: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Option<OperatorLock>, sqlx::Error> {
@@ -63,13 +67,34 @@ impl OperatorLock {
         let mut announced = false;
         let mut outage = OUTAGE;
         loop {
+            if also.may_take.is_some_and(|may| !may()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => continue,
+                    _ = shutdown.cancelled() => return Ok(None),
+                }
+            }
             let attempt = async {
                 let mut conn = sqlx::PgConnection::connect_with(&options).await?;
-                let taken: bool =
-                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                        .bind(&key)
+                // The shared locks first: a session that cannot take one takes nothing (and
+                // closing it lets go of what it took).
+                let mut taken = true;
+                for shared in &also.shared {
+                    taken = taken
+                        && sqlx::query_scalar::<_, bool>(
+                            "SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))",
+                        )
+                        .bind(shared)
                         .fetch_one(&mut conn)
                         .await?;
+                }
+                let taken = taken
+                    && (also.shared_only
+                        || sqlx::query_scalar::<_, bool>(
+                            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                        )
+                        .bind(&key)
+                        .fetch_one(&mut conn)
+                        .await?);
                 if taken {
                     let sent = Instant::now();
                     let kind = start_lease(&mut conn, lease).await?;
@@ -160,6 +185,45 @@ impl Drop for OperatorLock {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// What else a lock's session holds, and when it may be taken.
+#[derive(Default)]
+pub(super) struct Also<'a> {
+    /// Keys (`hashtextextended` text) held in shared mode beside the lock.
+    pub shared: Vec<String>,
+    /// Asked before each attempt; `None`: always.
+    pub may_take: Option<&'a (dyn Fn() -> bool + Send + Sync)>,
+    /// Only the shared locks, not the operator's own (a worker's presence among those
+    /// sharing an operator's partitions).
+    pub shared_only: bool,
+}
+
+/// The key of the lock every worker running one of `operator`'s partitions holds in shared
+/// mode: the worker lock key of the operator itself, so that it never runs whole (on a worker
+/// or under `streamex run`, which hold that key alone) while its partitions run.
+pub(super) fn whole_key(slot: &str, operator: &str) -> String {
+    crate::status::operator_lock_key(slot, operator)
+}
+
+/// The key of the lock each worker sharing `operator`'s partitions holds in shared mode
+/// while it lives, so that the workers can count each other.
+pub(super) fn members_key(slot: &str, operator: &str) -> String {
+    format!("streamex members {slot} {operator}")
+}
+
+/// How many sessions hold the shared lock `key` (see [`members_key`]).
+pub(super) async fn count_shared(pool: &PgPool, key: &str) -> Result<usize, sqlx::Error> {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks
+          WHERE locktype = 'advisory' AND granted AND mode = 'ShareLock' AND objsubid = 1
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)",
+    )
+    .bind(key)
+    .fetch_one(pool)
+    .await?;
+    Ok(usize::try_from(count).unwrap_or(0))
 }
 
 /// The lock's session and its lease.

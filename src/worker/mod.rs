@@ -41,6 +41,7 @@ mod lock;
 mod message;
 mod metrics;
 mod progress;
+mod share;
 mod task;
 
 use std::future::Future;
@@ -199,6 +200,29 @@ impl WorkerBuilder {
                     operator.name()
                 )));
             }
+            let partitions = config
+                .operators
+                .iter()
+                .find(|c| c.name == operator.name())
+                .and_then(|c| c.partitions)
+                .unwrap_or(1);
+            if !(1..=share::MAX_PARTITIONS).contains(&partitions) {
+                return Err(WorkerError::Config(format!(
+                    "operator {:?}: partitions = {partitions} is out of range: give 1 (the \
+                     operator runs whole) to {}",
+                    operator.name(),
+                    share::MAX_PARTITIONS
+                )));
+            }
+            if partitions > 1 && operator.0.as_sql().is_some() {
+                return Err(WorkerError::Config(format!(
+                    "operator {:?}: partitions = {partitions}, but it is declarative: it \
+                     recomputes an id from the tables, and two partitions recomputing the same \
+                     id at once could leave the older result; it runs whole (leave partitions \
+                     out), or write it as an incremental Rust operator",
+                    operator.name()
+                )));
+            }
             let filter = consumer::filter_subject(
                 &nats.subject_prefix,
                 &config.default_schema,
@@ -220,20 +244,42 @@ impl WorkerBuilder {
         let source = format!("{}/{}", params.dbname, config.slot);
         let context = connect_stream(&nats, &source, &shutdown).await?;
         let slot: Arc<str> = config.slot.as_str().into();
-        let specs = operators
-            .into_iter()
-            .zip(filters)
-            .map(|(operator, filter)| {
-                let entry = config.operators.iter().find(|c| c.name == operator.name());
-                let spec = OperatorSpec {
-                    retry: entry.and_then(|c| c.retry).unwrap_or(config.retry),
-                    one_per_transaction: entry.is_some_and(|c| c.one_event_per_transaction),
-                    backfill: false,
-                    operator,
-                };
-                (spec, filter)
-            })
-            .collect();
+        let mut specs = Vec::new();
+        for (operator, filter) in operators.into_iter().zip(filters) {
+            let entry = config.operators.iter().find(|c| c.name == operator.name());
+            let spec = |operator| OperatorSpec {
+                retry: entry.and_then(|c| c.retry).unwrap_or(config.retry),
+                one_per_transaction: entry.is_some_and(|c| c.one_event_per_transaction),
+                backfill: false,
+                operator,
+            };
+            let partitions = entry.and_then(|c| c.partitions).unwrap_or(1);
+            if partitions == 1 {
+                specs.push((spec(operator), filter, None));
+                continue;
+            }
+            let whole = operator.name().to_owned();
+            let names: Vec<String> = (0..partitions)
+                .map(|p| share::partition_name(&whole, p, partitions))
+                .collect();
+            let shared = Arc::new(share::Share::new(partitions));
+            for (index, name) in (0..partitions).zip(&names) {
+                let part = AnyOperator(Arc::new(share::PartitionOf {
+                    inner: operator.0.clone(),
+                    name: name.clone(),
+                }));
+                specs.push((
+                    spec(part),
+                    filter.clone(),
+                    Some(PartitionSpec {
+                        index,
+                        share: shared.clone(),
+                        whole: whole.clone(),
+                        names: names.clone(),
+                    }),
+                ));
+            }
+        }
         Ok(Worker {
             config,
             nats,
@@ -315,7 +361,18 @@ pub struct Worker {
     pool: sqlx::PgPool,
     context: async_nats::jetstream::Context,
     slot: Arc<str>,
-    specs: Vec<(OperatorSpec, String)>,
+    /// Each operator (each partition of a partitioned one), with the subject its consumer
+    /// filters on and, for a partition, which.
+    specs: Vec<(OperatorSpec, String, Option<PartitionSpec>)>,
+}
+
+/// A partition of an operator whose `[[operators]]` entry sets `partitions` above 1.
+#[derive(Clone)]
+struct PartitionSpec {
+    index: u32,
+    share: Arc<share::Share>,
+    whole: String,
+    names: Vec<String>,
 }
 
 impl Worker {
@@ -335,7 +392,7 @@ impl Worker {
     pub fn consumers(&self) -> Vec<(String, String)> {
         self.specs
             .iter()
-            .map(|(spec, _)| {
+            .map(|(spec, _, _)| {
                 let name = spec.operator.name();
                 (name.to_owned(), consumer::consumer_name(&self.slot, name))
             })
@@ -379,7 +436,23 @@ impl Worker {
         .await
         .map_err(WorkerError::Failed)?;
         let mut tasks = tokio::task::JoinSet::new();
-        for (spec, filter) in self.specs {
+        // Each partitioned operator's presence among the workers sharing it.
+        let mut presences = Vec::new();
+        let mut counted = std::collections::BTreeSet::new();
+        for (_, _, partition) in &self.specs {
+            if let Some(p) = partition
+                && counted.insert(p.whole.clone())
+            {
+                presences.push(tokio::spawn(p.share.clone().presence(
+                    self.pool.clone(),
+                    self.slot.clone(),
+                    p.whole.clone(),
+                    self.config.lock.lease,
+                    stop.clone(),
+                )));
+            }
+        }
+        for (spec, filter, partition) in self.specs {
             let name = spec.operator.name().to_owned();
             let consumer = consumer::consumer_name(&self.slot, &name);
             let progress = progress::Progress::new(
@@ -409,6 +482,12 @@ impl Worker {
                 default_schema: self.config.default_schema.clone(),
                 progress,
                 metrics: metrics.operator(&name),
+                partition: partition.map(|p| task::Partition {
+                    index: p.index,
+                    share: p.share,
+                    whole: p.whole,
+                    names: p.names,
+                }),
                 shutdown: stop.clone(),
             };
             tasks.spawn(task.run());
@@ -424,6 +503,9 @@ impl Worker {
             }
         }
         stop.cancel();
+        for presence in presences {
+            let _ = presence.await;
+        }
         if let Some(server) = server {
             // A client that keeps its connection open is not waited for long.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;

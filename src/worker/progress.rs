@@ -137,6 +137,11 @@ impl Progress {
         self.lock().stream_created = Some(created.to_owned());
     }
 
+    /// When the stream the sessions opened was made, once one has.
+    pub(crate) fn created(&self) -> Option<String> {
+        self.lock().stream_created.clone()
+    }
+
     /// The stream sequence the consumer was last stored as acknowledged through, for the
     /// stream made at `created` (none for another stream of the same name).
     pub(crate) async fn stored_acked(&self, created: &str) -> Result<Option<u64>, sqlx::Error> {

@@ -42,8 +42,10 @@ use super::lock::{self, OperatorLock};
 use super::message::{self, Unreadable};
 use super::metrics::OperatorMetrics;
 use super::progress::Progress;
+use super::share::{self, Share};
 use crate::backoff::Backoff;
 use crate::config::{NatsConfig, WorkerConfig};
+use crate::event::EventType;
 use crate::jetstream::JetStreamError;
 use crate::lsn::{Lsn, Position};
 use crate::operator::{Board, Input, OperatorSpec, Runner, RunnerExit, Subscription};
@@ -77,7 +79,31 @@ pub(super) struct OperatorTask {
     pub progress: Progress,
     /// Its figures on the worker's `/metrics`.
     pub metrics: OperatorMetrics,
+    /// When this task runs one partition of an operator (`share.rs`).
+    pub partition: Option<Partition>,
     pub shutdown: CancellationToken,
+}
+
+/// The partition a task runs.
+pub(super) struct Partition {
+    pub index: u32,
+    pub share: Arc<Share>,
+    /// The operator's own name.
+    pub whole: String,
+    /// The names of every partition of the operator, this one's too.
+    pub names: Vec<String>,
+}
+
+/// A truncate a partition holds back: it may be applied only when every partition is done
+/// with what comes before it, and the rows after it only when it is applied (`share.rs`).
+struct Barrier {
+    /// The truncate's stream sequence.
+    at: u64,
+    /// The stream sequence of the message before it in the operator's subjects.
+    before: u64,
+    /// What goes to the runner once the barrier is passed: the truncate (partition 0 only)
+    /// and its marker, then what came after it meanwhile.
+    inputs: VecDeque<Input>,
 }
 
 /// How a session ended.
@@ -112,6 +138,9 @@ enum Ending {
     /// A delivery went missing, or a pull failed in a way that a new consumer mends.
     Again,
     LockLost,
+    /// This worker holds more than its share of the operator's partitions: this one goes to
+    /// another worker.
+    HandOver,
     Unreadable(Unreadable),
 }
 
@@ -138,10 +167,21 @@ impl OperatorTask {
                 break Ok(());
             }
             if lock.is_none() {
+                let may_take = || self.partition.as_ref().is_none_or(|p| p.share.may_take());
+                let also = lock::Also {
+                    shared: self
+                        .partition
+                        .iter()
+                        .map(|p| lock::whole_key(&self.slot, &p.whole))
+                        .collect(),
+                    may_take: self.partition.as_ref().map(|_| &may_take as _),
+                    shared_only: false,
+                };
                 match OperatorLock::acquire(
                     &self.pool,
                     &self.slot,
                     self.name(),
+                    &also,
                     self.lease,
                     &self.shutdown,
                 )
@@ -149,6 +189,25 @@ impl OperatorTask {
                 {
                     Ok(Some(taken)) => {
                         self.metrics.lock_held.set(1);
+                        if let Some(partition) = &self.partition {
+                            partition.share.taken(partition.index);
+                            let adopted = self
+                                .database("adopting the operator's checkpoint", || async {
+                                    share::adopt(
+                                        &self.pool,
+                                        &self.slot,
+                                        &partition.whole,
+                                        self.name(),
+                                    )
+                                    .await
+                                    .map_err(status::StatusError::sql("adopting a checkpoint"))
+                                })
+                                .await?;
+                            if adopted.is_none() {
+                                taken.release().await;
+                                break Ok(());
+                            }
+                        }
                         lock = Some(taken);
                     }
                     Ok(None) => break Ok(()),
@@ -177,8 +236,7 @@ impl OperatorTask {
             // holds it.
             if lock.as_ref().is_some_and(|held| !held.held()) {
                 if let Some(lost) = lock.take() {
-                    self.metrics.lock_held.set(0);
-                    lost.release().await;
+                    self.let_go(lost).await;
                 }
                 continue;
             }
@@ -224,8 +282,7 @@ impl OperatorTask {
                     acked = Some(acked_through);
                     if lock_lost {
                         if let Some(lost) = lock.take() {
-                            self.metrics.lock_held.set(0);
-                            lost.release().await;
+                            self.let_go(lost).await;
                         }
                     }
                 }
@@ -245,10 +302,18 @@ impl OperatorTask {
             }
         };
         if let Some(lock) = lock {
-            lock.release().await;
+            self.let_go(lock).await;
         }
-        self.metrics.lock_held.set(0);
         result
+    }
+
+    /// Releases the operator's lock (this worker no longer runs it, or this partition).
+    async fn let_go(&self, lock: OperatorLock) {
+        lock.release().await;
+        self.metrics.lock_held.set(0);
+        if let Some(partition) = &self.partition {
+            partition.share.released(partition.index);
+        }
     }
 
     /// Where to start again after the database lost commits of the operator: after the last
@@ -567,6 +632,10 @@ impl OperatorTask {
         let mut inbox = Some(tx);
         let mut held: Held<jetstream::Message> = Held::new(acked_through);
         let mut outbox: VecDeque<Input> = VecDeque::new();
+        // Truncates of a partitioned operator held back, each with what came after it.
+        let mut barriers: VecDeque<Barrier> = VecDeque::new();
+        let mut barrier_check = tokio::time::interval(Duration::from_millis(200));
+        barrier_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Option<Batch> = None;
         let mut pull: Option<Pull<'_>> = None;
         let mut pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -600,7 +669,12 @@ impl OperatorTask {
                 .saturating_sub(held.len())
                 .min(self.batch_size.max(1))
                 .min(capacity.saturating_sub(outbox.len()) / 2);
-            if ending.is_none() && batch.is_none() && pull.is_none() && pause.is_none() && want > 0
+            if ending.is_none()
+                && batch.is_none()
+                && pull.is_none()
+                && pause.is_none()
+                && barriers.is_empty()
+                && want > 0
             {
                 pull = Some(Box::pin(self.pull(&consumer, want)));
             }
@@ -630,7 +704,7 @@ impl OperatorTask {
                         RunnerExit::Drained => match ending {
                             None | Some(Ending::Shutdown) => Outcome::Shutdown,
                             Some(Ending::Again) => Outcome::Again { acked_through, lock_lost: false },
-                            Some(Ending::LockLost) => Outcome::Again { acked_through, lock_lost: true },
+                            Some(Ending::LockLost | Ending::HandOver) => Outcome::Again { acked_through, lock_lost: true },
                             Some(Ending::Unreadable(unreadable)) => {
                                 let message = unreadable.to_string();
                                 error!(operator = name, error = %message, "operator halted");
@@ -674,7 +748,7 @@ impl OperatorTask {
                         }
                         Some(Ok(message)) => {
                             if let Some(end) = self
-                                .arrive(message, &mut held, &mut outbox, &subscriptions)
+                                .arrive(message, &mut held, &mut outbox, &mut barriers, &subscriptions)
                                 .await
                             {
                                 batch = None;
@@ -717,7 +791,16 @@ impl OperatorTask {
                         // down: ask again rather than wait for the client to give it up.
                         batch = None;
                     }
-                    if !lock.held() {
+                    if self.partition.as_ref().is_some_and(|p| p.share.must_give(p.index)) {
+                        info!(
+                            operator = name,
+                            "this worker holds more than its share of the operator's \
+                             partitions: handing this one over after what is in flight"
+                        );
+                        batch = None;
+                        pull = None;
+                        ending = Some(Ending::HandOver);
+                    } else if !lock.held() {
                         warn!(
                             operator = name, slot = %self.slot,
                             "lost the operator's worker lock (its session ended, or its lease ran out): \
@@ -729,6 +812,47 @@ impl OperatorTask {
                     }
                 }
                 _ = flush.tick() => self.progress.flush().await,
+                _ = barrier_check.tick(), if !barriers.is_empty() && ending.is_none() => {
+                    while let Some(front) = barriers.front() {
+                        if !self.passed(front, board.done(0).0).await {
+                            break;
+                        }
+                        if let Some(passed) = barriers.pop_front() {
+                            debug!(operator = name, truncate = passed.at, "every partition is at the truncate; going on");
+                            outbox.extend(passed.inputs);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the partitions may go past `barrier`: for partition 0 (which applies the
+    /// truncate), once it and every other partition are done through the message before it;
+    /// for the others, once partition 0 is done through the truncate. A failed read is a no.
+    async fn passed(&self, barrier: &Barrier, done: u64) -> bool {
+        let (Some(partition), Some(created)) = (&self.partition, self.progress.created()) else {
+            return true;
+        };
+        let (names, through): (Vec<String>, u64) = if partition.index == 0 {
+            if done < barrier.before {
+                return false;
+            }
+            let others = partition
+                .names
+                .iter()
+                .filter(|n| *n != self.name())
+                .cloned()
+                .collect();
+            (others, barrier.before)
+        } else {
+            (vec![partition.names[0].clone()], barrier.at)
+        };
+        match share::acked_of(&self.pool, &self.slot, &names, &self.nats.stream, &created).await {
+            Ok(acked) => acked.len() == names.len() && acked.iter().all(|a| *a >= through),
+            Err(error) => {
+                debug!(operator = self.name(), error = %error, "reading the other partitions' progress failed");
+                false
             }
         }
     }
@@ -780,8 +904,10 @@ impl OperatorTask {
         message: jetstream::Message,
         held: &mut Held<jetstream::Message>,
         outbox: &mut VecDeque<Input>,
+        barriers: &mut VecDeque<Barrier>,
         subscriptions: &[Subscription],
     ) -> Option<Ending> {
+        let before = held.highest().unwrap_or(held.acked_through());
         let (sequence, delivery) = match message.info() {
             Ok(info) => (info.stream_sequence, info.consumer_sequence),
             Err(e) => {
@@ -822,13 +948,46 @@ impl OperatorTask {
                     }));
                 };
                 self.progress.passed(sequence, &event);
-                if message::concerns(&event, subscriptions) {
-                    self.metrics.delivered.inc();
-                    outbox.push_back(Input::Event(Arc::new(event)));
-                }
-                outbox.push_back(Input::Commit {
+                let concerned = message::concerns(&event, subscriptions);
+                let marker = Input::Commit {
                     end_lsn: Lsn(sequence),
-                });
+                };
+                match &self.partition {
+                    // A truncate concerns every partition's rows: held back until each one
+                    // is done with what comes before it, applied by partition 0 alone.
+                    Some(partition) if concerned && event.kind == EventType::Truncate => {
+                        let mut inputs = VecDeque::new();
+                        if partition.index == 0 {
+                            self.metrics.delivered.inc();
+                            inputs.push_back(Input::Event(Arc::new(event)));
+                        }
+                        inputs.push_back(marker);
+                        barriers.push_back(Barrier {
+                            at: sequence,
+                            before,
+                            inputs,
+                        });
+                    }
+                    _ => {
+                        let target = match barriers.back_mut() {
+                            Some(barrier) => &mut barrier.inputs,
+                            None => outbox,
+                        };
+                        let mine = self.partition.as_ref().is_none_or(|p| {
+                            let key = message
+                                .headers
+                                .as_ref()
+                                .and_then(|h| h.get(crate::jetstream::KEY_HEADER))
+                                .map(|k| k.as_str());
+                            share::partition_of(key, p.share.partitions) == p.index
+                        });
+                        if concerned && mine {
+                            self.metrics.delivered.inc();
+                            target.push_back(Input::Event(Arc::new(event)));
+                        }
+                        target.push_back(marker);
+                    }
+                }
                 held.hold(sequence, message);
                 None
             }

@@ -191,9 +191,10 @@ async fn blog_through_a_worker(
         let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
         anyhow::anyhow!("{e}; last lines of the worker's log, newest first:\n{tail}")
     })?;
+    // The marker is a post: `processed('posts')` covers the operators that listen to posts,
+    // the declarative one, not the tallies (comments only), which the wait above covers.
     assert_eq!(
-        settled,
-        (0, 0),
+        settled.0, 0,
         "streamex.processed said the marker was processed before the worker was done with it"
     );
     assert!(changes > 100, "only {changes} changes were written");
@@ -534,6 +535,31 @@ async fn a_worker_without_its_stream_or_nats_or_on_another_slot_s_stream_says_wh
     assert!(!without.status.success());
     let stderr = String::from_utf8_lossy(&without.stderr);
     assert!(stderr.contains("no [nats] section"), "{stderr}");
+
+    // Partitions: not for a declarative operator, nor under `streamex run`.
+    let declarative = worker.replace(
+        "name = \"post_with_comments_counts\"\n",
+        "name = \"post_with_comments_counts\"\npartitions = 2\n",
+    );
+    anyhow::ensure!(declarative != worker, "the example's operator entry moved");
+    std::fs::write(&config, &declarative)?;
+    let refused = common::streamex_command("warn")
+        .args(["worker", "--config"])
+        .arg(&config)
+        .output()?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("post_with_comments_counts") && stderr.contains("declarative"),
+        "{stderr}"
+    );
+    let on_run = common::streamex_command("warn")
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()?;
+    assert!(!on_run.status.success());
+    let stderr = String::from_utf8_lossy(&on_run.stderr);
+    assert!(stderr.contains("partitions = 2 is for workers"), "{stderr}");
     Ok(())
 }
 
@@ -1121,9 +1147,23 @@ async fn partitioned_subjects_keep_rows_apart_and_a_worker_gets_them_before_and_
 
     let mut service = spawn_service(&run_4, &run_log, "info")?;
     let mut worker = spawn_worker(&worker_4, &log)?;
+    // `processed` counts a worker's operators once it has registered them.
+    let slot = slot_for(&url);
+    let running = async || -> anyhow::Result<()> {
+        eventually("the worker running both operators", async || {
+            Ok(lock_holders(&pool, &slot).await?.len() == 2)
+        })
+        .await
+    };
+    running().await?;
     assert!(activity(&mut rng, 40).await? > 40);
     settle(&pool).await?;
-    assert_eq!(derived_mismatches(&pool).await?, (0, 0));
+    assert_eq!(
+        derived_mismatches(&pool).await?.0,
+        0,
+        "{}",
+        std::fs::read_to_string(&log)?
+    );
 
     // Every table message on its row's partition.
     let client = async_nats::connect(nats.url()).await?;
@@ -1169,18 +1209,167 @@ async fn partitioned_subjects_keep_rows_apart_and_a_worker_gets_them_before_and_
     let mut service = spawn_service(&run_1, &run_log, "info")?;
     activity(&mut rng, 20).await?;
     let mut worker = spawn_worker(&worker_1, &log)?;
+    running().await?;
     settle(&pool).await?;
-    assert_eq!(
-        derived_mismatches(&pool).await?,
-        (0, 0),
-        "{}",
-        std::fs::read_to_string(&log)?
-    );
+    // The marker is a post: the tallies (comments only) are waited for apart.
+    eventually("the derived tables exact", async || {
+        Ok(derived_mismatches(&pool).await? == (0, 0))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()))?;
     assert!(
         std::fs::read_to_string(&log)?.contains("partitioned messages of the operator's table"),
         "the tallies' consumer (comments only) did not take every subject"
     );
     terminate(&mut worker)?;
+    service.kill()?;
+    service.wait()?;
+    Ok(())
+}
+
+/// How many partitions of the tallies the worker whose endpoint is on `port` holds, from its
+/// `/metrics`.
+async fn partitions_held(client: &reqwest::Client, port: u16) -> anyhow::Result<usize> {
+    // Not listening yet (starting), or gone: none.
+    let Ok(response) = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+    else {
+        return Ok(0);
+    };
+    let text = response.text().await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("streamex_worker_lock_held{operator=\"post_comment_tallies#")
+                && l.ends_with(" 1")
+        })
+        .count())
+}
+
+/// Two workers share the tallies' four partitions, two each; a truncate among the writes
+/// passes every partition in order; a SIGKILLed worker's partitions are taken over by the
+/// other; the tallies stay exact throughout.
+#[tokio::test]
+async fn two_workers_share_an_operator_s_partitions_and_take_a_killed_one_s_over()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let slot = slot_for(&url);
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    let dir = tempfile::tempdir()?;
+    let (publisher, worker) = configs(&url, &nats, "");
+    anyhow::ensure!(worker.contains("name = \"post_comment_tallies\"\n"));
+    let worker = worker
+        .replace(
+            "name = \"post_comment_tallies\"\n",
+            "name = \"post_comment_tallies\"\npartitions = 4\n",
+        )
+        .replace("lease = \"30s\"", "lease = \"3s\"");
+    let run_config = dir.path().join("run.toml");
+    std::fs::write(&run_config, publisher)?;
+    let port = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (port_a, port_b) = (port()?, port()?);
+    let (config_a, config_b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+    for (path, port) in [(&config_a, port_a), (&config_b, port_b)] {
+        std::fs::write(
+            path,
+            format!("{worker}\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+        )?;
+    }
+    common::setup_service(&run_config)?;
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let logs = || {
+        format!(
+            "--- worker A:\n{}\n--- worker B:\n{}",
+            std::fs::read_to_string(&log_a).unwrap_or_default(),
+            std::fs::read_to_string(&log_b).unwrap_or_default()
+        )
+    };
+    let client = common::http_client()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let mut service = spawn_service(&run_config, &dir.path().join("run.log"), "info")?;
+    let mut a = spawn_worker(&config_a, &log_a)?;
+    eventually("worker A holding the four partitions", async || {
+        Ok(partitions_held(&client, port_a).await? == 4)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (pool, stop) = (pool.clone(), stop.clone());
+        let mut rng = Rng(common::seed_from_env("STREAMEX_WORKER_SEED") | 1);
+        async move {
+            let mut changes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                changes += blog_activity(&pool, &mut rng).await?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(changes)
+        }
+    });
+    let mut b = spawn_worker(&config_b, &log_b)?;
+    eventually("the two workers holding two partitions each", async || {
+        Ok(partitions_held(&client, port_a).await? == 2
+            && partitions_held(&client, port_b).await? == 2)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query("TRUNCATE comments").execute(&pool).await?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    a.kill()?;
+    a.wait()?;
+    eventually("worker B taking the four partitions over", async || {
+        Ok(partitions_held(&client, port_b).await? == 4)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let changes = writer.await??;
+    assert!(changes > 50, "only {changes} changes were written");
+
+    settle(&pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    // The marker is a post, which the tallies do not listen to: wait for them.
+    eventually("the derived tables exact", async || {
+        Ok(derived_mismatches(&pool).await? == (0, 0))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    let checkpoints: Vec<String> = sqlx::query_scalar(
+        "SELECT operator FROM streamex.operator_checkpoints WHERE slot = $1 ORDER BY 1",
+    )
+    .bind(&slot)
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        checkpoints,
+        [
+            "post_comment_tallies#0/4",
+            "post_comment_tallies#1/4",
+            "post_comment_tallies#2/4",
+            "post_comment_tallies#3/4",
+            "post_with_comments_counts"
+        ],
+        "each partition keeps its own checkpoint"
+    );
+    let status = terminate(&mut b)?;
+    assert!(
+        status.success(),
+        "worker B exited with {status}\n{}",
+        logs()
+    );
     service.kill()?;
     service.wait()?;
     Ok(())
