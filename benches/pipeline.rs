@@ -38,6 +38,9 @@
 //! 5. **Backfill.** `--backfill-rows` comments (a tenth as many posts) that exist before any
 //!    slot, read by `COPY ... TO STDOUT` and backfilled by `streamex run` with `count_events`
 //!    and with the blog operators, each timed until its checkpoints are stored.
+//! 6. **Workers** (`pipeline/workers.rs`). `--worker-rows` comment inserts published to
+//!    JetStream, then `post_comment_tallies` run from the stream by `streamex worker`
+//!    processes: whole on one, then with 4 partitions on each count of `--workers`.
 //!
 //! The `streamex` binary is `CARGO_BIN_EXE_streamex`, which `cargo bench` builds in the
 //! `bench` profile (the release profile's settings, with `debug = 1`).
@@ -49,7 +52,9 @@
 //! (prefix for the streamex children, e.g. `valgrind --tool=callgrind`), `--out PATH`,
 //! `--hot-rows N` (200000; 0 for none), `--sweep-rows N` (100000; 0 for none),
 //! `--comments-per-post LIST` (6,100,2000,20000; `none`), `--backfill-rows N` (1000000; 0 for
-//! none; runs unless `--only` is given without it). The hot aggregates run unless
+//! none; runs unless `--only` is given without it), `--worker-rows N` (200000; 0 for none) and
+//! `--workers LIST` (1,2,4), which run unless `--only` is given without one of them, and need
+//! a nats-server. The hot aggregates run unless
 //! `--only` is given; with `--only`, when one of their three options is.
 //! `STREAMEX_BENCH_LOG=<filter>` (as `RUST_LOG`) prints the in-process service's logs.
 
@@ -68,6 +73,9 @@ use streamex::event::{Event, EventType};
 use streamex::operator::{Context, Delivery, Operator, Subscription};
 use streamex::pubsub::PubSub;
 use streamex::testing::Cluster;
+
+#[path = "pipeline/workers.rs"]
+mod workers;
 
 const SCHEMA: &str = include_str!("../examples/blog/schema.sql");
 const BLOG_CONFIG: &str = include_str!("../config/streamex.toml");
@@ -101,6 +109,12 @@ struct Args {
     backfill_rows: u64,
     /// `--backfill-rows` was given: the backfill runs even with `--only`.
     backfill_asked: bool,
+    /// Comment inserts of the workers' section (0: none).
+    worker_rows: u64,
+    /// The numbers of workers sharing the partitioned operator, one run each.
+    workers: Vec<u64>,
+    /// A workers' option was given: the section runs even with `--only`.
+    workers_asked: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -121,6 +135,9 @@ fn parse_args() -> anyhow::Result<Args> {
         shapes_asked: false,
         backfill_rows: 1_000_000,
         backfill_asked: false,
+        worker_rows: 200_000,
+        workers: vec![1, 2, 4],
+        workers_asked: false,
     };
     let mut out = None;
     let mut it = std::env::args().skip(1);
@@ -164,6 +181,17 @@ fn parse_args() -> anyhow::Result<Args> {
             "--backfill-rows" => {
                 args.backfill_rows = value()?.parse()?;
                 args.backfill_asked = true;
+            }
+            "--worker-rows" => {
+                args.worker_rows = value()?.parse()?;
+                args.workers_asked = true;
+            }
+            "--workers" => {
+                args.workers = value()?
+                    .split(',')
+                    .map(|n| n.trim().parse::<u64>().map(|n| n.max(1)))
+                    .collect::<Result<_, _>>()?;
+                args.workers_asked = true;
             }
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown argument {other:?}"),
@@ -240,6 +268,8 @@ struct Report {
     shape_checks: Vec<String>,
     /// The backfill section's table rows and notes.
     backfill: Vec<String>,
+    /// The workers' section, rendered.
+    workers: String,
 }
 
 async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
@@ -394,6 +424,19 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         }
     }
 
+    let mut workers = String::new();
+    if (args.only.is_none() || args.workers_asked) && args.worker_rows > 0 {
+        match &nats_binary {
+            Some(binary) => match workers::bench(cluster, dir.path(), args, binary).await {
+                Ok(section) => workers = section,
+                Err(e) => checks.push(format!("**WARNING** the workers' bench failed: {e:#}")),
+            },
+            None => checks.push(
+                "The workers' section is left out: no nats-server on this machine.".to_owned(),
+            ),
+        }
+    }
+
     let mut latency = Vec::new();
     let mut latency_note = String::new();
     let mut huge = None;
@@ -433,6 +476,7 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         shapes,
         shape_checks,
         backfill,
+        workers,
     };
     let mut text = render(&report, args);
     println!("{text}");
@@ -1115,32 +1159,7 @@ async fn hot_aggregates(
     }
     eprintln!("writing {total} comment inserts over {posts} posts ({per_post} each)...");
     let started = Instant::now();
-    let mut last = String::new();
-    for start in (0..total).step_by(1000) {
-        let end = (start + 1000).min(total);
-        let mut tx = pool.begin().await?;
-        let n = sqlx::query(
-            "INSERT INTO comments (post_id, body)
-               SELECT $1 + g % $2, 'a comment' FROM generate_series($3, $4) g",
-        )
-        .bind(first)
-        .bind(i64::try_from(posts)?)
-        .bind(i64::try_from(start)?)
-        .bind(i64::try_from(end - 1)?)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n != end - start {
-            bail!(
-                "a backlog transaction inserted {n} comments, not {}",
-                end - start
-            );
-        }
-        last = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-    }
+    let last = write_comments(&pool, first, posts, total).await?;
     eprintln!("  written in {:.1} s", started.elapsed().as_secs_f64());
 
     let max = Duration::from_secs(args.max_seconds);
@@ -1210,6 +1229,43 @@ async fn hot_aggregates(
         recomputes,
     };
     Ok((shape, checks))
+}
+
+/// Inserts `total` comments dealt round-robin over the `posts` posts from id `first`, 1,000 to
+/// a transaction; returns an LSN between the last insert and the last commit record.
+async fn write_comments(
+    pool: &PgPool,
+    first: i64,
+    posts: u64,
+    total: u64,
+) -> anyhow::Result<String> {
+    let mut last = String::new();
+    for start in (0..total).step_by(1000) {
+        let end = (start + 1000).min(total);
+        let mut tx = pool.begin().await?;
+        let n = sqlx::query(
+            "INSERT INTO comments (post_id, body)
+               SELECT $1 + g % $2, 'a comment' FROM generate_series($3, $4) g",
+        )
+        .bind(first)
+        .bind(i64::try_from(posts)?)
+        .bind(i64::try_from(start)?)
+        .bind(i64::try_from(end - 1)?)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n != end - start {
+            bail!(
+                "a backlog transaction inserted {n} comments, not {}",
+                end - start
+            );
+        }
+        last = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(last)
 }
 
 /// Rows written to `post_with_comments_counts` (inserted or updated: one per recompute), once
@@ -1754,6 +1810,7 @@ fn render(r: &Report, args: &Args) -> String {
     if !r.shapes.is_empty() || !r.shape_checks.is_empty() {
         render_shapes(&mut s, r, args);
     }
+    s.push_str(&r.workers);
     if !r.latency.is_empty() {
         let _ = writeln!(
             s,
