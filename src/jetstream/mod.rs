@@ -57,6 +57,11 @@ pub const COMMIT_HEADER: &str = "Streamex-Commit-Lsn";
 /// written `%XX`). Absent for a truncate, an outbox message, and a table without a key.
 pub const KEY_HEADER: &str = "Streamex-Key";
 
+/// On an update that changes the row's key (its key columns' values), the key before it,
+/// written as [`KEY_HEADER`] is; absent otherwise. A row's events before such an update are
+/// under the old key (and partition), the update and those after it under the new one.
+pub const OLD_KEY_HEADER: &str = "Streamex-Old-Key";
+
 /// The header that names where the event comes from: `<database>/<slot>`. The stream's
 /// last message must come from the same place, or its position means nothing here.
 pub const SOURCE_HEADER: &str = "Streamex-Source";
@@ -459,13 +464,28 @@ pub(crate) fn row_key(event: &Event) -> Option<String> {
     if matches!(event.kind, EventType::Truncate | EventType::Message) {
         return None;
     }
-    let key = crate::pubsub::row_id(event.record()?, &event.key_columns)?;
-    // A header value cannot hold a line break.
-    Some(if key.contains(['\r', '\n']) {
+    crate::pubsub::row_id(event.record()?, &event.key_columns).map(header_safe)
+}
+
+/// For an update that changes the row's key, its key before the update, as
+/// [`OLD_KEY_HEADER`] holds it; `None` for any other event (and when `new_key`, the
+/// [`row_key`], is the same).
+pub(crate) fn old_row_key(event: &Event, new_key: Option<&str>) -> Option<String> {
+    if event.kind != EventType::Update {
+        return None;
+    }
+    let old =
+        crate::pubsub::row_id(event.old_record.as_ref()?, &event.key_columns).map(header_safe)?;
+    (Some(old.as_str()) != new_key).then_some(old)
+}
+
+/// A header value cannot hold a line break: written `%0D`, `%0A`.
+fn header_safe(key: String) -> String {
+    if key.contains(['\r', '\n']) {
         key.replace('\r', "%0D").replace('\n', "%0A")
     } else {
         key
-    })
+    }
 }
 
 /// The partition of a row whose key is `key` ([`KEY_HEADER`]) among `partitions`: FNV-1a

@@ -27,7 +27,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{COMMIT_HEADER, ENTITY_HEADER, KEY_HEADER, RETRY, SOURCE_HEADER, TYPE_HEADER};
+use super::{
+    COMMIT_HEADER, ENTITY_HEADER, KEY_HEADER, OLD_KEY_HEADER, RETRY, SOURCE_HEADER, TYPE_HEADER,
+};
 use crate::config::NatsConfig;
 use crate::event::Event;
 use crate::lsn::{Lsn, Position};
@@ -79,6 +81,8 @@ struct Publication {
     entity: Arc<str>,
     /// The row's key ([`super::KEY_HEADER`]).
     key: Option<String>,
+    /// Its key before an update that changed it ([`super::OLD_KEY_HEADER`]).
+    old_key: Option<String>,
     payload: Bytes,
 }
 
@@ -238,6 +242,7 @@ impl Publisher {
         // Serialising an event (a map of JSON values) cannot fail.
         let payload = serde_json::to_vec(event).unwrap_or_default();
         let key = super::row_key(event);
+        let old_key = super::old_row_key(event, key.as_deref());
         Publication {
             position: event.position(),
             subject: super::partitioned_subject(
@@ -249,6 +254,7 @@ impl Publisher {
             kind: event.kind.as_str(),
             entity,
             key,
+            old_key,
             payload: payload.into(),
         }
     }
@@ -533,6 +539,9 @@ async fn send(
     headers.insert(ENTITY_HEADER, &*p.entity);
     if let Some(key) = &p.key {
         headers.insert(KEY_HEADER, key.as_str());
+    }
+    if let Some(old) = &p.old_key {
+        headers.insert(OLD_KEY_HEADER, old.as_str());
     }
     headers.insert(COMMIT_HEADER, p.position.commit_lsn.to_string().as_str());
     headers.insert(SOURCE_HEADER, source);

@@ -136,6 +136,34 @@ fn a_row_s_key_is_its_key_columns_as_in_its_channel() {
 }
 
 #[test]
+fn an_update_that_changes_the_key_carries_the_old_one() {
+    let mut moved = keyed(
+        EventType::Update,
+        serde_json::json!({"id": 8, "v": 1}),
+        &["id"],
+    );
+    moved.old_record = serde_json::json!({"id": 7}).as_object().cloned();
+    let key = row_key(&moved);
+    assert_eq!(key.as_deref(), Some("8"));
+    assert_eq!(old_row_key(&moved, key.as_deref()).as_deref(), Some("7"));
+    // REPLICA IDENTITY FULL: the whole old row, the same key.
+    let mut full = keyed(
+        EventType::Update,
+        serde_json::json!({"id": 7, "v": 2}),
+        &["id"],
+    );
+    full.old_record = serde_json::json!({"id": 7, "v": 1}).as_object().cloned();
+    let key = row_key(&full);
+    assert_eq!(old_row_key(&full, key.as_deref()), None);
+    // No old row (the key did not change), or not an update.
+    let plain = keyed(EventType::Update, serde_json::json!({"id": 7}), &["id"]);
+    assert_eq!(old_row_key(&plain, Some("7")), None);
+    let mut delete = keyed(EventType::Delete, serde_json::Value::Null, &["id"]);
+    delete.old_record = serde_json::json!({"id": 5}).as_object().cloned();
+    assert_eq!(old_row_key(&delete, Some("6")), None);
+}
+
+#[test]
 fn partitions_are_fnv_1a_of_the_key_and_stay_put() {
     // Expected values from an FNV-1a 64 written apart from this code.
     for (key, of_4, of_7) in [("1", 0, 1), ("42", 3, 5), ("a,b", 2, 2), ("x%2Fy", 1, 4)] {

@@ -15,9 +15,13 @@
 //! `streamex.processed` waits for all of them. A row's events stay in one partition, in
 //! order; rows of different partitions are handled at once, on as many workers as share them.
 //!
-//! A truncate concerns every row: each partition holds it back (a barrier in `task.rs`)
-//! until every partition is done through the message before it; partition 0 then applies
-//! it, and the others go past it once partition 0 is done through it. A declarative operator
+//! Some events concern the rows of more than one partition: a truncate and an outbox
+//! message (every partition's), and an update that changes a row's key to one of another
+//! partition (`Streamex-Old-Key`; the row's earlier events are in the old key's partition,
+//! its later ones in the new key's). Each partition concerned holds such an event back (a
+//! barrier in `task.rs`) until the applier (partition 0; the new key's) and the partitions
+//! it waits on are done through the message before it; the applier then applies it, and the
+//! others go past it once the applier is done through it. A declarative operator
 //! is refused partitions: two of them recomputing one id at once could leave the older result.
 
 use std::collections::BTreeSet;

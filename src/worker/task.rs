@@ -94,15 +94,24 @@ pub(super) struct Partition {
     pub names: Vec<String>,
 }
 
-/// A truncate a partition holds back: it may be applied only when every partition is done
-/// with what comes before it, and the rows after it only when it is applied (`share.rs`).
+/// An event that concerns the rows of more than one partition, held back by each of them
+/// (`share.rs`): a truncate and an outbox message (every partition; partition 0 applies
+/// them), an update that moves a row to another partition (the two partitions; the new key's
+/// applies it). The applier goes on once the others are done with what comes before it; the
+/// others, once the applier is done with it.
 struct Barrier {
-    /// The truncate's stream sequence.
+    /// The event's stream sequence.
     at: u64,
-    /// The stream sequence of the message before it in the operator's subjects.
-    before: u64,
-    /// What goes to the runner once the barrier is passed: the truncate (partition 0 only)
-    /// and its marker, then what came after it meanwhile.
+    /// The partitions whose progress this one waits for.
+    waits_on: Vec<String>,
+    /// Through which stream sequence they must be done: for the applier, the message before
+    /// the event in the operator's subjects (which it must be done with too); for the
+    /// others, the event's own.
+    through: u64,
+    /// Whether this partition applies the event.
+    applies: bool,
+    /// What goes to the runner once the barrier is passed: the event (the applier only) and
+    /// its marker, then what came after it meanwhile.
     inputs: VecDeque<Input>,
 }
 
@@ -818,7 +827,7 @@ impl OperatorTask {
                             break;
                         }
                         if let Some(passed) = barriers.pop_front() {
-                            debug!(operator = name, truncate = passed.at, "every partition is at the truncate; going on");
+                            debug!(operator = name, at = passed.at, "the partitions are through the event that concerns several of them; going on");
                             outbox.extend(passed.inputs);
                         }
                     }
@@ -827,28 +836,19 @@ impl OperatorTask {
         }
     }
 
-    /// Whether the partitions may go past `barrier`: for partition 0 (which applies the
-    /// truncate), once it and every other partition are done through the message before it;
-    /// for the others, once partition 0 is done through the truncate. A failed read is a no.
+    /// Whether this partition may go past `barrier`: the applier once it and the partitions
+    /// it waits on are done through the message before the event, the others once the
+    /// applier is done through the event. A failed read is a no.
     async fn passed(&self, barrier: &Barrier, done: u64) -> bool {
-        let (Some(partition), Some(created)) = (&self.partition, self.progress.created()) else {
+        let Some(created) = self.progress.created() else {
             return true;
         };
-        let (names, through): (Vec<String>, u64) = if partition.index == 0 {
-            if done < barrier.before {
-                return false;
-            }
-            let others = partition
-                .names
-                .iter()
-                .filter(|n| *n != self.name())
-                .cloned()
-                .collect();
-            (others, barrier.before)
-        } else {
-            (vec![partition.names[0].clone()], barrier.at)
-        };
-        match share::acked_of(&self.pool, &self.slot, &names, &self.nats.stream, &created).await {
+        if barrier.applies && done < barrier.through {
+            return false;
+        }
+        let names = &barrier.waits_on;
+        let through = barrier.through;
+        match share::acked_of(&self.pool, &self.slot, names, &self.nats.stream, &created).await {
             Ok(acked) => acked.len() == names.len() && acked.iter().all(|a| *a >= through),
             Err(error) => {
                 debug!(operator = self.name(), error = %error, "reading the other partitions' progress failed");
@@ -952,33 +952,36 @@ impl OperatorTask {
                 let marker = Input::Commit {
                     end_lsn: Lsn(sequence),
                 };
-                match &self.partition {
-                    // A truncate concerns every partition's rows: held back until each one
-                    // is done with what comes before it, applied by partition 0 alone.
-                    Some(partition) if concerned && event.kind == EventType::Truncate => {
+                let crossing = match &self.partition {
+                    Some(partition) if concerned => {
+                        crossing(partition, &event, message.headers.as_ref())
+                    }
+                    _ => None,
+                };
+                match crossing {
+                    Some(Crossing { applies, waits_on }) => {
                         let mut inputs = VecDeque::new();
-                        if partition.index == 0 {
+                        if applies {
                             self.metrics.delivered.inc();
                             inputs.push_back(Input::Event(Arc::new(event)));
                         }
                         inputs.push_back(marker);
                         barriers.push_back(Barrier {
                             at: sequence,
-                            before,
+                            through: if applies { before } else { sequence },
+                            waits_on,
+                            applies,
                             inputs,
                         });
                     }
-                    _ => {
+                    None => {
                         let target = match barriers.back_mut() {
                             Some(barrier) => &mut barrier.inputs,
                             None => outbox,
                         };
                         let mine = self.partition.as_ref().is_none_or(|p| {
-                            let key = message
-                                .headers
-                                .as_ref()
-                                .and_then(|h| h.get(crate::jetstream::KEY_HEADER))
-                                .map(|k| k.as_str());
+                            let key =
+                                header(message.headers.as_ref(), crate::jetstream::KEY_HEADER);
                             share::partition_of(key, p.share.partitions) == p.index
                         });
                         if concerned && mine {
@@ -1111,6 +1114,62 @@ struct State {
 }
 
 /// A place in the runner's inbox (`sender` is there: the caller checks).
+/// How a partition takes an event that concerns the rows of more than one partition.
+struct Crossing {
+    /// This partition applies it.
+    applies: bool,
+    /// The partitions it waits on (see [`Barrier`]).
+    waits_on: Vec<String>,
+}
+
+/// `Some` when `event`, which concerns the operator, crosses partitions and `partition` is
+/// one of those it concerns: a truncate or an outbox message (every partition; partition 0
+/// applies it), an update whose old key ([`crate::jetstream::OLD_KEY_HEADER`]) is in
+/// another partition than its new one (the two; the new one's applies it).
+fn crossing(
+    partition: &Partition,
+    event: &crate::event::Event,
+    headers: Option<&async_nats::HeaderMap>,
+) -> Option<Crossing> {
+    let partitions = partition.share.partitions;
+    let (applier, others): (u32, Vec<u32>) = match event.kind {
+        EventType::Truncate | EventType::Message => (0, (1..partitions).collect()),
+        EventType::Update => {
+            let old = header(headers, crate::jetstream::OLD_KEY_HEADER)?;
+            let new =
+                share::partition_of(header(headers, crate::jetstream::KEY_HEADER), partitions);
+            let old = share::partition_of(Some(old), partitions);
+            if old == new {
+                return None;
+            }
+            (new, vec![old])
+        }
+        _ => return None,
+    };
+    let index = partition.index;
+    let named = |i: u32| partition.names.get(i as usize).cloned();
+    if index == applier {
+        let waits_on = others.into_iter().filter_map(named).collect();
+        Some(Crossing {
+            applies: true,
+            waits_on,
+        })
+    } else if others.contains(&index) {
+        Some(Crossing {
+            applies: false,
+            waits_on: named(applier).into_iter().collect(),
+        })
+    } else {
+        // Not one of the partitions it concerns: a message like any other row's.
+        None
+    }
+}
+
+/// The value of header `name`, if there is one.
+fn header<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
+    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
 async fn reserve(
     sender: Option<&mpsc::Sender<Input>>,
 ) -> Result<mpsc::Permit<'_, Input>, mpsc::error::SendError<()>> {

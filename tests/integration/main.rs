@@ -23,6 +23,7 @@ mod jetstream;
 mod lease;
 mod names;
 mod outbox;
+mod partitions;
 mod reconnect;
 mod replication;
 mod service;
