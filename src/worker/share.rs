@@ -35,6 +35,7 @@ use tracing::{info, warn};
 
 use super::lock::{self, Also, OperatorLock};
 use crate::event::Event;
+use crate::lsn::Position;
 use crate::operator::{Context, Delivery, DynOperator, HandlerFuture, SqlOperator, Subscription};
 
 /// The most partitions an operator takes.
@@ -206,30 +207,311 @@ impl DynOperator for PartitionOf {
     }
 }
 
-/// Gives partition `name` of `operator` the operator's checkpoint when it has none of its
-/// own (its first start, the operator having run whole before: what that covers is done for
-/// every row), and removes the whole operator's process-status rows, which nothing advances
-/// any more. Run while holding the partition's lock (and so the operator's key, shared: the
-/// whole operator runs nowhere).
-pub(crate) async fn adopt(
+/// The partitions an operator ran in before the current count (`partitions` changed, or the
+/// operator went from whole to partitions or back): their checkpoints say which events are
+/// done, row by row, until every current partition is past the newest of them.
+#[derive(Debug)]
+pub(crate) struct Inherited {
+    /// The earlier count (1: the operator whole).
+    pub partitions: u32,
+    /// Each earlier partition's checkpoint (none: it never applied an event).
+    checkpoints: Vec<Option<Position>>,
+    /// The newest of them: past it, nothing is inherited.
+    pub through: Position,
+}
+
+impl Inherited {
+    /// Whether the event at `position` of the row whose `Streamex-Key` is `key` was applied
+    /// by its earlier partition (the one that would have applied it: by its key, partition 0
+    /// without one, the new key's for an update that changes it).
+    pub(crate) fn done(&self, key: Option<&str>, position: Position) -> bool {
+        let earlier = partition_of(key, self.partitions) as usize;
+        self.checkpoints
+            .get(earlier)
+            .copied()
+            .flatten()
+            .is_some_and(|c| position <= c)
+    }
+}
+
+/// An operator's checkpoints of more than one earlier count of partitions.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GenerationError {
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    #[error(
+        "operator {operator:?} of slot {slot:?} has checkpoints of partitions = {counts} \
+         besides the {partitions} it now runs in: its partitions were changed again before \
+         those of the last change had caught up (each count's checkpoints say what it did, \
+         and the new count starts from the last one's). Run it with partitions = {newest} \
+         until `streamex status` lists only that count's checkpoints, then change it"
+    )]
+    Generations {
+        operator: String,
+        slot: String,
+        partitions: u32,
+        counts: String,
+        newest: u32,
+    },
+    /// A partition of another count runs (on a worker not yet stopped, or configured
+    /// otherwise): the two would apply the same events.
+    #[error(
+        "operator {operator:?} runs in partitions = {partitions} here, and its partition \
+         {other:?} runs too (backend pid {pid}): the two counts would apply the same events. \
+         Stop the workers of the other count, or give every worker the same partitions; this \
+         one waits meanwhile"
+    )]
+    OtherCount {
+        operator: String,
+        partitions: u32,
+        other: String,
+        pid: i32,
+    },
+}
+
+/// The name of partition `index` of `partitions` of `operator`, the operator's own when
+/// `partitions` is 1.
+fn generation_name(operator: &str, index: u32, partitions: u32) -> String {
+    if partitions == 1 {
+        operator.to_owned()
+    } else {
+        partition_name(operator, index, partitions)
+    }
+}
+
+/// The count and index of `name` among the partitions of `operator` (`(1, 0)`: the operator
+/// itself); `None` for another operator's name.
+fn generation_of(operator: &str, name: &str) -> Option<(u32, u32)> {
+    if name == operator {
+        return Some((1, 0));
+    }
+    let (index, count) = name
+        .strip_prefix(operator)?
+        .strip_prefix('#')?
+        .split_once('/')?;
+    let (index, count) = (index.parse().ok()?, count.parse().ok()?);
+    (index < count && count > 1).then_some((count, index))
+}
+
+/// Prepares `operator`, about to run in `partitions` (1: whole), for its first run at this
+/// count: when it ran at another count before, every current partition without a checkpoint
+/// gets the oldest of the earlier checkpoints (what every earlier partition had done), and
+/// the earlier partitions' process-status rows go (nothing advances them any more). Returns
+/// what is inherited from the earlier count, until every current partition is past its
+/// newest checkpoint ([`retire`]). Under a transaction-scoped advisory lock of the operator,
+/// so that its partitions starting at once agree.
+pub(crate) async fn prepare_generation(
+    pool: &PgPool,
+    slot: &str,
+    operator: &str,
+    partitions: u32,
+) -> Result<Option<Inherited>, GenerationError> {
+    let mut tx = pool.begin().await?;
+    lock_generations(&mut tx, slot, operator).await?;
+    if partitions > 1 {
+        // The whole operator takes its key exclusively, partitions share it: only partitions
+        // of two counts could run at once. Each holds its lock before it gets here, so of two
+        // starting together, the second to get here sees the first.
+        let key = crate::status::operator_lock_key(slot, operator);
+        let running: Vec<(i32, String)> = sqlx::query_as(
+            "SELECT pid, application_name FROM pg_stat_activity
+              WHERE datname = current_database() AND starts_with(application_name, $1)",
+        )
+        .bind(format!("{key}#"))
+        .fetch_all(&mut *tx)
+        .await?;
+        for (pid, name) in running {
+            let Some(name) = name
+                .strip_prefix("streamex worker ")
+                .and_then(|n| n.strip_prefix(slot))
+                .and_then(|n| n.strip_prefix(' '))
+            else {
+                continue;
+            };
+            if let Some((count, _)) = generation_of(operator, name)
+                && count != partitions
+            {
+                return Err(GenerationError::OtherCount {
+                    operator: operator.to_owned(),
+                    partitions,
+                    other: name.to_owned(),
+                    pid,
+                });
+            }
+        }
+    }
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT operator, commit_lsn::text, ordinal FROM streamex.operator_checkpoints
+          WHERE slot = $1 AND (operator = $2 OR starts_with(operator, $2 || '#'))",
+    )
+    .bind(slot)
+    .bind(operator)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut earlier: std::collections::BTreeMap<u32, Vec<Option<Position>>> = Default::default();
+    let mut current: Vec<Option<Position>> = vec![None; partitions as usize];
+    for (name, lsn, ordinal) in rows {
+        let (Some((count, index)), Ok(lsn), Ok(ordinal)) = (
+            generation_of(operator, &name),
+            lsn.parse::<crate::lsn::Lsn>(),
+            u64::try_from(ordinal),
+        ) else {
+            continue;
+        };
+        let position = Some(Position::new(lsn, ordinal));
+        if count == partitions {
+            current[index as usize] = position;
+        } else {
+            earlier
+                .entry(count)
+                .or_insert_with(|| vec![None; count as usize])[index as usize] = position;
+        }
+    }
+    let Some((&count, checkpoints)) = earlier.iter().next() else {
+        return Ok(None);
+    };
+    if earlier.len() > 1 {
+        let newest = earlier
+            .iter()
+            .max_by_key(|(_, c)| c.iter().flatten().max().copied())
+            .map_or(count, |(n, _)| *n);
+        return Err(GenerationError::Generations {
+            operator: operator.to_owned(),
+            slot: slot.to_owned(),
+            partitions,
+            counts: earlier
+                .keys()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" and "),
+            newest,
+        });
+    }
+    let checkpoints = checkpoints.clone();
+    let Some(through) = checkpoints.iter().flatten().max().copied() else {
+        return Ok(None);
+    };
+    // What every earlier partition had done; none when one of them had done nothing.
+    let oldest = checkpoints
+        .iter()
+        .copied()
+        .collect::<Option<Vec<_>>>()
+        .and_then(|all| all.into_iter().min());
+    if let Some(oldest) = oldest {
+        for (index, _) in current.iter().enumerate().filter(|(_, c)| c.is_none()) {
+            let index = u32::try_from(index).unwrap_or(0);
+            sqlx::query(
+                "INSERT INTO streamex.operator_checkpoints (slot, operator, commit_lsn, ordinal)
+                 VALUES ($1, $2, $3::pg_lsn, $4) ON CONFLICT (slot, operator) DO NOTHING",
+            )
+            .bind(slot)
+            .bind(generation_name(operator, index, partitions))
+            .bind(oldest.commit_lsn.to_string())
+            .bind(i64::try_from(oldest.ordinal).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    let names: Vec<String> = (0..count)
+        .map(|i| generation_name(operator, i, count))
+        .collect();
+    sqlx::query("DELETE FROM streamex.worker_progress WHERE slot = $1 AND operator = ANY($2)")
+        .bind(slot)
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(Inherited {
+        partitions: count,
+        checkpoints,
+        through,
+    }))
+}
+
+/// `name` (a partition of `operator` in `partitions`, or the operator whole) has everything
+/// through `inherited.through` done: its checkpoint moves up to that position (true of its
+/// rows: it has passed them all), and once every partition of the count is there, the
+/// earlier count's checkpoints and consumer positions go.
+pub(crate) async fn retire(
     pool: &PgPool,
     slot: &str,
     operator: &str,
     name: &str,
+    partitions: u32,
+    inherited: &Inherited,
 ) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    lock_generations(&mut tx, slot, operator).await?;
+    let (lsn, ordinal) = (
+        inherited.through.commit_lsn.to_string(),
+        i64::try_from(inherited.through.ordinal).unwrap_or(i64::MAX),
+    );
     sqlx::query(
-        "WITH seeded AS (
-            INSERT INTO streamex.operator_checkpoints (slot, operator, commit_lsn, ordinal)
-            SELECT slot, $3, commit_lsn, ordinal FROM streamex.operator_checkpoints
-             WHERE slot = $1 AND operator = $2
-            ON CONFLICT (slot, operator) DO NOTHING)
-         DELETE FROM streamex.worker_progress WHERE slot = $1 AND operator = $2",
+        "INSERT INTO streamex.operator_checkpoints AS c (slot, operator, commit_lsn, ordinal)
+         VALUES ($1, $2, $3::pg_lsn, $4)
+         ON CONFLICT (slot, operator) DO UPDATE
+            SET commit_lsn = EXCLUDED.commit_lsn, ordinal = EXCLUDED.ordinal
+          WHERE (c.commit_lsn, c.ordinal) < (EXCLUDED.commit_lsn, EXCLUDED.ordinal)",
     )
     .bind(slot)
-    .bind(operator)
     .bind(name)
-    .execute(pool)
+    .bind(&lsn)
+    .bind(ordinal)
+    .execute(&mut *tx)
     .await?;
+    let current: Vec<String> = (0..partitions)
+        .map(|i| generation_name(operator, i, partitions))
+        .collect();
+    let there: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM streamex.operator_checkpoints
+          WHERE slot = $1 AND operator = ANY($2)
+            AND (commit_lsn, ordinal) >= ($3::pg_lsn, $4)",
+    )
+    .bind(slot)
+    .bind(&current)
+    .bind(&lsn)
+    .bind(ordinal)
+    .fetch_one(&mut *tx)
+    .await?;
+    if usize::try_from(there).unwrap_or(0) == current.len() {
+        let earlier: Vec<String> = (0..inherited.partitions)
+            .map(|i| generation_name(operator, i, inherited.partitions))
+            .collect();
+        for table in [
+            "operator_checkpoints",
+            "worker_consumers",
+            "worker_progress",
+        ] {
+            sqlx::query(&format!(
+                "DELETE FROM streamex.{table} WHERE slot = $1 AND operator = ANY($2)"
+            ))
+            .bind(slot)
+            .bind(&earlier)
+            .execute(&mut *tx)
+            .await?;
+        }
+        info!(
+            operator,
+            partitions,
+            earlier = inherited.partitions,
+            "every partition of the operator is past what the earlier partitions had done: \
+             their checkpoints are removed"
+        );
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The transaction-scoped lock under which an operator's counts of partitions change hands.
+async fn lock_generations(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    slot: &str,
+    operator: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("streamex partitions {slot} {operator}"))
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -261,6 +543,59 @@ pub(crate) async fn acked_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lsn::Lsn;
+
+    #[test]
+    fn partition_names_tell_their_count_and_index() {
+        assert_eq!(generation_of("tallies", "tallies"), Some((1, 0)));
+        assert_eq!(generation_of("tallies", "tallies#2/4"), Some((4, 2)));
+        for other in [
+            "tallies#4/4",
+            "tallies#0/1",
+            "tallies#x/4",
+            "tallies2#0/4",
+            "talli",
+        ] {
+            assert_eq!(generation_of("tallies", other), None, "{other}");
+        }
+        assert_eq!(generation_name("tallies", 0, 1), "tallies");
+        assert_eq!(generation_name("tallies", 3, 4), "tallies#3/4");
+    }
+
+    #[test]
+    fn an_event_is_inherited_as_done_by_the_earlier_partition_that_had_its_row() {
+        let at = |lsn: u64| Position::new(Lsn(lsn), 0);
+        // Two earlier partitions: 0 done through 100, 1 through 300.
+        let inherited = Inherited {
+            partitions: 2,
+            checkpoints: vec![Some(at(100)), Some(at(300))],
+            through: at(300),
+        };
+        let (zero, one) = (
+            (0..)
+                .map(|k: u32| k.to_string())
+                .find(|k| partition_of(Some(k), 2) == 0),
+            (0..)
+                .map(|k: u32| k.to_string())
+                .find(|k| partition_of(Some(k), 2) == 1),
+        );
+        let (zero, one) = (zero.as_deref(), one.as_deref());
+        assert!(inherited.done(zero, at(100)));
+        assert!(
+            !inherited.done(zero, at(200)),
+            "partition 0 had not got there"
+        );
+        assert!(inherited.done(one, at(200)));
+        assert!(!inherited.done(one, at(301)));
+        assert!(inherited.done(None, at(50)), "no key: partition 0's");
+        assert!(!inherited.done(None, at(150)));
+        let never = Inherited {
+            partitions: 2,
+            checkpoints: vec![None, Some(at(300))],
+            through: at(300),
+        };
+        assert!(!never.done(zero, at(1)), "a partition that applied nothing");
+    }
 
     #[test]
     fn a_worker_takes_its_share_and_hands_the_highest_partitions_over() {

@@ -60,6 +60,10 @@ const OUTAGE_REMINDER: Duration = Duration::from_secs(30);
 /// How often what the operator is done with goes to `streamex.worker_progress`.
 const FLUSH: Duration = Duration::from_millis(100);
 
+/// How long a partition waits before trying again while a partition of another count of the
+/// operator runs.
+const OTHER_COUNT_WAIT: Duration = Duration::from_secs(2);
+
 /// One operator of a worker, and what it needs.
 pub(super) struct OperatorTask {
     pub spec: OperatorSpec,
@@ -171,6 +175,8 @@ impl OperatorTask {
         // handled; a resume of that halt accepts their loss.
         let mut halted_on_removed = false;
         let mut accept_removed = false;
+        // What the operator's earlier count of partitions did (`share::Inherited`).
+        let mut inherited: Option<Arc<share::Inherited>> = None;
         let result = loop {
             if self.shutdown.is_cancelled() {
                 break Ok(());
@@ -200,19 +206,18 @@ impl OperatorTask {
                         self.metrics.lock_held.set(1);
                         if let Some(partition) = &self.partition {
                             partition.share.taken(partition.index);
-                            let adopted = self
-                                .database("adopting the operator's checkpoint", || async {
-                                    share::adopt(
-                                        &self.pool,
-                                        &self.slot,
-                                        &partition.whole,
-                                        self.name(),
-                                    )
-                                    .await
-                                    .map_err(status::StatusError::sql("adopting a checkpoint"))
-                                })
-                                .await?;
-                            if adopted.is_none() {
+                        }
+                        match self.prepare_generation().await? {
+                            Some(Ok(prepared)) => inherited = prepared.map(Arc::new),
+                            Some(Err(other_count)) => {
+                                warn!(operator = self.name(), "{other_count}");
+                                self.let_go(taken).await;
+                                tokio::select! {
+                                    () = tokio::time::sleep(OTHER_COUNT_WAIT) => continue,
+                                    () = self.shutdown.cancelled() => break Ok(()),
+                                }
+                            }
+                            None => {
                                 taken.release().await;
                                 break Ok(());
                             }
@@ -279,7 +284,14 @@ impl OperatorTask {
                 continue;
             };
             let outcome = self
-                .session(*consumer, acked_through, &state, unfolded, held_lock)
+                .session(
+                    *consumer,
+                    acked_through,
+                    &state,
+                    unfolded,
+                    held_lock,
+                    inherited.clone(),
+                )
                 .await;
             match outcome {
                 Outcome::Shutdown => break Ok(()),
@@ -314,6 +326,79 @@ impl OperatorTask {
             self.let_go(lock).await;
         }
         result
+    }
+
+    /// Readies the operator's count of partitions ([`share::prepare_generation`]), retrying
+    /// while the database does not answer: `Some` with what the earlier count did, if it is
+    /// still needed; `None` on shutdown. An error when the operator has checkpoints of
+    /// several earlier counts.
+    /// `Some(Err(..))`: a partition of another count runs; wait and try again.
+    async fn prepare_generation(
+        &self,
+    ) -> Result<Option<Result<Option<share::Inherited>, share::GenerationError>>, WorkerError> {
+        let (whole, partitions) = self.generation();
+        let prepared = self
+            .database("readying the operator's partitions", || async {
+                match share::prepare_generation(&self.pool, &self.slot, whole, partitions).await {
+                    Ok(inherited) => Ok(Ok(inherited)),
+                    Err(share::GenerationError::Sql(e)) => Err(status::StatusError::sql(
+                        "reading the operator's checkpoints",
+                    )(e)),
+                    Err(other) => Ok(Err(other)),
+                }
+            })
+            .await?;
+        match prepared {
+            None => Ok(None),
+            Some(Ok(inherited)) => {
+                if let Some(i) = &inherited {
+                    info!(
+                        operator = self.name(), earlier = i.partitions, through = %i.through,
+                        "the operator ran in another count of partitions before: events that \
+                         count had applied are passed over, until this one is past its last"
+                    );
+                }
+                Ok(Some(Ok(inherited)))
+            }
+            Some(Err(other @ share::GenerationError::OtherCount { .. })) => Ok(Some(Err(other))),
+            Some(Err(definite)) => Err(WorkerError::Failed(anyhow::Error::new(definite))),
+        }
+    }
+
+    /// The operator's own name and the count of partitions it runs in (1: whole).
+    fn generation(&self) -> (&str, u32) {
+        match &self.partition {
+            Some(p) => (p.whole.as_str(), p.share.partitions),
+            None => (self.name(), 1),
+        }
+    }
+
+    /// Once the consumer is acknowledged past the earlier count's last checkpoint, moves this
+    /// one's checkpoint there and removes the earlier count's when every partition is
+    /// ([`share::retire`]). A failure is tried again at the next flush.
+    async fn retire(&self, inheritance: &mut Option<Inheritance>, acked_through: u64) {
+        let Some(i) = inheritance.as_mut() else {
+            return;
+        };
+        if i.retired || i.caught_up_at.is_none_or(|at| acked_through < at) {
+            return;
+        }
+        let (whole, partitions) = self.generation();
+        match share::retire(
+            &self.pool,
+            &self.slot,
+            whole,
+            self.name(),
+            partitions,
+            &i.inherited,
+        )
+        .await
+        {
+            Ok(()) => i.retired = true,
+            Err(e) => {
+                debug!(operator = self.name(), error = %e, "moving the checkpoint past the earlier partitions' failed; trying again")
+            }
+        }
     }
 
     /// Releases the operator's lock (this worker no longer runs it, or this partition).
@@ -608,6 +693,7 @@ impl OperatorTask {
         state: &State,
         unfolded: Option<Position>,
         lock: &mut OperatorLock,
+        inherited: Option<Arc<share::Inherited>>,
     ) -> Outcome {
         let name = self.name();
         let session = consumer.cached_info().name.clone();
@@ -643,6 +729,11 @@ impl OperatorTask {
         let mut outbox: VecDeque<Input> = VecDeque::new();
         // Truncates of a partitioned operator held back, each with what came after it.
         let mut barriers: VecDeque<Barrier> = VecDeque::new();
+        let mut inheritance = inherited.map(|inherited| Inheritance {
+            inherited,
+            caught_up_at: None,
+            retired: false,
+        });
         let mut barrier_check = tokio::time::interval(Duration::from_millis(200));
         barrier_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Option<Batch> = None;
@@ -757,7 +848,7 @@ impl OperatorTask {
                         }
                         Some(Ok(message)) => {
                             if let Some(end) = self
-                                .arrive(message, &mut held, &mut outbox, &mut barriers, &subscriptions)
+                                .arrive(message, &mut held, &mut outbox, &mut barriers, &subscriptions, &mut inheritance)
                                 .await
                             {
                                 batch = None;
@@ -820,7 +911,10 @@ impl OperatorTask {
                         ending = Some(Ending::LockLost);
                     }
                 }
-                _ = flush.tick() => self.progress.flush().await,
+                _ = flush.tick() => {
+                    self.progress.flush().await;
+                    self.retire(&mut inheritance, held.acked_through()).await;
+                }
                 _ = barrier_check.tick(), if !barriers.is_empty() && ending.is_none() => {
                     while let Some(front) = barriers.front() {
                         if !self.passed(front, board.done(0).0).await {
@@ -906,6 +1000,7 @@ impl OperatorTask {
         outbox: &mut VecDeque<Input>,
         barriers: &mut VecDeque<Barrier>,
         subscriptions: &[Subscription],
+        inheritance: &mut Option<Inheritance>,
     ) -> Option<Ending> {
         let before = held.highest().unwrap_or(held.acked_through());
         let (sequence, delivery) = match message.info() {
@@ -948,7 +1043,16 @@ impl OperatorTask {
                     }));
                 };
                 self.progress.passed(sequence, &event);
-                let concerned = message::concerns(&event, subscriptions);
+                let key = header(message.headers.as_ref(), crate::jetstream::KEY_HEADER);
+                // Applied already by the partition of the operator's earlier count that had it.
+                let inherited_done = inheritance.as_mut().is_some_and(|i| {
+                    let position = event.position();
+                    if i.caught_up_at.is_none() && position >= i.inherited.through {
+                        i.caught_up_at = Some(sequence);
+                    }
+                    i.inherited.done(key, position)
+                });
+                let concerned = message::concerns(&event, subscriptions) && !inherited_done;
                 let marker = Input::Commit {
                     end_lsn: Lsn(sequence),
                 };
@@ -980,8 +1084,6 @@ impl OperatorTask {
                             None => outbox,
                         };
                         let mine = self.partition.as_ref().is_none_or(|p| {
-                            let key =
-                                header(message.headers.as_ref(), crate::jetstream::KEY_HEADER);
                             share::partition_of(key, p.share.partitions) == p.index
                         });
                         if concerned && mine {
@@ -1114,6 +1216,16 @@ struct State {
 }
 
 /// A place in the runner's inbox (`sender` is there: the caller checks).
+/// A session's view of what the operator's earlier count of partitions did.
+struct Inheritance {
+    inherited: Arc<share::Inherited>,
+    /// The stream sequence of the first message at or past the earlier count's last
+    /// checkpoint: once it is acknowledged, nothing is inherited any more.
+    caught_up_at: Option<u64>,
+    /// This partition's checkpoint has been moved past the earlier count's.
+    retired: bool,
+}
+
 /// How a partition takes an event that concerns the rows of more than one partition.
 struct Crossing {
     /// This partition applies it.

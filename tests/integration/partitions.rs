@@ -3,6 +3,8 @@
 //! updates move a row from its old key to its new one. An update that changes a row's key
 //! to one of another partition is applied after the row's earlier events (in the old key's
 //! partition) and before its later ones, however far behind the old key's partition is.
+//! Changing the count of partitions (4, then 3, then the operator whole), each time with the
+//! partitions at different places, applies every event once.
 
 use std::time::Duration;
 
@@ -45,6 +47,14 @@ impl Operator for Mirror {
     }
 
     async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        // Every application of an event counted, in the operator's transaction.
+        sqlx::query(
+            "INSERT INTO applied (position, times) VALUES ($1, 1)
+             ON CONFLICT (position) DO UPDATE SET times = applied.times + 1",
+        )
+        .bind(event.position().to_string())
+        .execute(ctx.db()?)
+        .await?;
         match event.kind {
             EventType::Insert => {
                 let id = id_of(event.new_record.as_ref())?;
@@ -101,46 +111,48 @@ async fn differences(pool: &PgPool) -> anyhow::Result<i64> {
     .await?)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_that_moves_a_row_to_another_partition_keeps_the_row_s_order()
--> anyhow::Result<()> {
-    let nats = NatsServer::start()?;
-    let url = testing::server().create_database().await?;
-    let slot = slot_for(&url);
-    let pool = PgPool::connect(&url).await?;
+/// The tables, and `[nats]` with the rest of the configuration both processes share.
+async fn prepare(url: &str, nats: &NatsServer) -> anyhow::Result<(PgPool, String)> {
+    let pool = PgPool::connect(url).await?;
     sqlx::raw_sql(
         "CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL);
-         CREATE TABLE mirror (id bigint PRIMARY KEY, v bigint NOT NULL);",
+         CREATE TABLE mirror (id bigint PRIMARY KEY, v bigint NOT NULL);
+         CREATE TABLE applied (position text PRIMARY KEY, times int NOT NULL);",
     )
     .execute(&pool)
     .await?;
-    // Ids 1..=40 and 1001..=1040 must cross partitions, some of them out of partition 0.
-    let crossing_from_0 = (1..=40)
-        .filter(|id| partition_of(*id) == 0 && partition_of(id + 1000) != 0)
-        .count();
-    anyhow::ensure!(
-        crossing_from_0 >= 3,
-        "only {crossing_from_0} rows move out of partition 0"
-    );
-
     let common = format!(
-        "database_url = {url:?}\nslot = {slot:?}\npublication = \"streamex\"\n\
+        "database_url = {url:?}\nslot = {:?}\npublication = \"streamex\"\n\
          tables = [\"items\"]\n\n[nats]\nurl = {:?}\nstream = \"items\"\n\
          subject_prefix = \"items\"\n",
+        slot_for(url),
         nats.url()
     );
-    let dir = tempfile::tempdir()?;
-    let run_config = dir.path().join("run.toml");
+    Ok((pool, common))
+}
+
+/// The publisher, `streamex run` with `[nats]` and no operator, set up and started.
+fn publish(common: &str, dir: &std::path::Path) -> anyhow::Result<std::process::Child> {
+    let run_config = dir.join("run.toml");
     std::fs::write(
         &run_config,
         format!("{common}\n[process_status]\nbackend = \"memory\"\n"),
     )?;
     common::setup_service(&run_config)?;
-    let mut service = spawn_service(&run_config, &dir.path().join("run.log"), "info")?;
+    spawn_service(&run_config, &dir.join("run.log"), "info")
+}
 
+/// A worker running in this process: its stop, and its task.
+type Running = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), streamex::WorkerError>>,
+);
+
+/// A worker running [`Mirror`] in `partitions`, in this process, until the sender is used.
+async fn worker(common: &str, partitions: u32) -> anyhow::Result<Running> {
     let config = streamex::config::Config::parse(
         &format!(
-            "{common}\n[[operators]]\nname = \"mirror\"\npartitions = {PARTITIONS}\n\n\
+            "{common}\n[[operators]]\nname = \"mirror\"\npartitions = {partitions}\n\n\
              [retry]\ninitial = \"10ms\"\nmax = \"50ms\"\n"
         ),
         "worker.toml",
@@ -156,6 +168,116 @@ async fn an_update_that_moves_a_row_to_another_partition_keeps_the_row_s_order()
     let running = tokio::spawn(worker.run(async {
         let _ = stopped.await;
     }));
+    Ok((stop, running))
+}
+
+/// Events applied (each counted once), and the most times one was.
+async fn applied(pool: &PgPool) -> anyhow::Result<(i64, i32)> {
+    Ok(
+        sqlx::query_as("SELECT count(*), coalesce(max(times), 0) FROM applied")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// One round of changes to `items` with ids from `base`: inserts, key changes (most to
+/// another partition), the old keys taken again, updates and deletes, each statement in a
+/// transaction of its own. Returns the number of row changes.
+async fn round(pool: &PgPool, base: i64) -> anyhow::Result<i64> {
+    let mut changes = 0;
+    for statement in [
+        "INSERT INTO items SELECT $1 + g, 0 FROM generate_series(1, 40) g",
+        "UPDATE items SET id = id + 1000 WHERE id BETWEEN $1 + 1 AND $1 + 40",
+        "INSERT INTO items SELECT $1 + g, 1 FROM generate_series(1, 40) g",
+        "UPDATE items SET v = v + 10 WHERE id BETWEEN $1 + 1001 AND $1 + 1040",
+        "DELETE FROM items WHERE id BETWEEN $1 + 1 AND $1 + 40 AND id % 3 = 0",
+    ] {
+        let done = sqlx::query(statement).bind(base).execute(pool).await?;
+        changes += i64::try_from(done.rows_affected())?;
+    }
+    Ok(changes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_count_of_partitions_applies_every_event_once() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let (pool, common) = prepare(&url, &nats).await?;
+    let dir = tempfile::tempdir()?;
+    let mut service = publish(&common, dir.path())?;
+    let slot = slot_for(&url);
+    let checkpoints = async || -> anyhow::Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT operator FROM streamex.operator_checkpoints WHERE slot = $1 ORDER BY 1",
+        )
+        .bind(&slot)
+        .fetch_all(&pool)
+        .await?)
+    };
+    let mut changes = 0;
+    let mut base = 0;
+    let mut running: Option<Running> = None;
+    // Each count stops when about half of its round is applied, partition 0 (slow) behind
+    // the others; the next count starts from there with another round waiting.
+    for partitions in [4, 3, 1, 3] {
+        changes += round(&pool, base).await?;
+        base += 10_000;
+        if let Some((stop, task)) = running.take() {
+            let _ = stop.send(());
+            task.await??;
+        }
+        running = Some(worker(&common, partitions).await?);
+        let half = changes - 100;
+        eventually("half of the round applied", async || {
+            Ok(applied(&pool).await?.0 >= half)
+        })
+        .await?;
+    }
+    eventually("every change applied", async || {
+        Ok(applied(&pool).await?.0 >= changes)
+    })
+    .await?;
+    eventually("the earlier counts' checkpoints removed", async || {
+        let names = checkpoints().await?;
+        Ok(names.iter().all(|n| n.ends_with("/3")))
+    })
+    .await?;
+    let (count, most) = applied(&pool).await?;
+    let wrong = differences(&pool).await?;
+    if let Some((stop, task)) = running.take() {
+        let _ = stop.send(());
+        task.await??;
+    }
+    service.kill()?;
+    service.wait()?;
+    assert_eq!(most, 1, "an event was applied more than once");
+    assert_eq!(count, changes, "events applied, for the changes written");
+    assert_eq!(wrong, 0, "rows of the mirror differ from the table");
+    assert_eq!(
+        checkpoints().await?.len(),
+        3,
+        "one checkpoint per partition"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_that_moves_a_row_to_another_partition_keeps_the_row_s_order()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let (pool, common) = prepare(&url, &nats).await?;
+    // Ids 1..=40 and 1001..=1040 must cross partitions, some of them out of partition 0.
+    let crossing_from_0 = (1..=40)
+        .filter(|id| partition_of(*id) == 0 && partition_of(id + 1000) != 0)
+        .count();
+    anyhow::ensure!(
+        crossing_from_0 >= 3,
+        "only {crossing_from_0} rows move out of partition 0"
+    );
+    let dir = tempfile::tempdir()?;
+    let mut service = publish(&common, dir.path())?;
+    let (stop, running) = worker(&common, PARTITIONS).await?;
 
     // Rows inserted, moved to new keys (most to another partition), their old keys taken
     // again, the moved rows updated and some deleted: each in a transaction of its own.
