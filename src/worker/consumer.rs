@@ -242,6 +242,19 @@ pub(crate) async fn recreate(
     config: consumer::pull::Config,
 ) -> Result<consumer::PullConsumer, JetStreamError> {
     let name = config.durable_name.clone().unwrap_or_default();
+    remove(stream, stream_name, base).await?;
+    stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| unavailable(stream_name, format!("creating consumer {name}: {e}")))
+}
+
+/// Deletes every consumer of the operator named from `base` (see [`is_session_of`]).
+pub(crate) async fn remove(
+    stream: &stream::Stream,
+    stream_name: &str,
+    base: &str,
+) -> Result<(), JetStreamError> {
     for (old, _) in sessions(stream, stream_name, base).await? {
         match stream.delete_consumer(&old).await {
             Ok(_) => {}
@@ -249,15 +262,12 @@ pub(crate) async fn recreate(
             Err(e) => {
                 return Err(unavailable(
                     stream_name,
-                    format!("deleting consumer {old} to start the operator's again: {e}"),
+                    format!("deleting consumer {old}: {e}"),
                 ));
             }
         }
     }
-    stream
-        .create_consumer(config)
-        .await
-        .map_err(|e| unavailable(stream_name, format!("creating consumer {name}: {e}")))
+    Ok(())
 }
 
 fn is_consumer_missing(error: &jetstream::stream::ConsumerError) -> bool {

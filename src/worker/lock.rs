@@ -208,8 +208,8 @@ pub(super) fn whole_key(slot: &str, operator: &str) -> String {
 
 /// The key of the lock each worker sharing `operator`'s partitions holds in shared mode
 /// while it lives, so that the workers can count each other.
-pub(super) fn members_key(slot: &str, operator: &str) -> String {
-    format!("streamex members {slot} {operator}")
+pub(super) fn members_key(slot: &str, operator: &str, partitions: u32) -> String {
+    format!("streamex members {slot} {operator} {partitions}")
 }
 
 /// How many sessions hold the shared lock `key` (see [`members_key`]).

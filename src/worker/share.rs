@@ -116,7 +116,9 @@ impl Share {
         lease: Duration,
         shutdown: CancellationToken,
     ) {
-        let key = lock::members_key(&slot, &operator);
+        // Per count: a worker given another count of partitions (whose partitions wait while
+        // these run) must not make these hand theirs over to it.
+        let key = lock::members_key(&slot, &operator, self.partitions);
         let name = format!("{operator}#members");
         let mut present: Option<OperatorLock> = None;
         loop {
@@ -431,7 +433,8 @@ pub(crate) async fn prepare_generation(
 /// `name` (a partition of `operator` in `partitions`, or the operator whole) has everything
 /// through `inherited.through` done: its checkpoint moves up to that position (true of its
 /// rows: it has passed them all), and once every partition of the count is there, the
-/// earlier count's checkpoints and consumer positions go.
+/// earlier count's checkpoints and consumer positions go: then the names of the earlier
+/// partitions, whose JetStream consumers are left to remove.
 pub(crate) async fn retire(
     pool: &PgPool,
     slot: &str,
@@ -439,7 +442,7 @@ pub(crate) async fn retire(
     name: &str,
     partitions: u32,
     inherited: &Inherited,
-) -> Result<(), sqlx::Error> {
+) -> Result<Option<Vec<String>>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     lock_generations(&mut tx, slot, operator).await?;
     let (lsn, ordinal) = (
@@ -473,6 +476,7 @@ pub(crate) async fn retire(
     .bind(ordinal)
     .fetch_one(&mut *tx)
     .await?;
+    let mut retired = None;
     if usize::try_from(there).unwrap_or(0) == current.len() {
         let earlier: Vec<String> = (0..inherited.partitions)
             .map(|i| generation_name(operator, i, inherited.partitions))
@@ -497,9 +501,10 @@ pub(crate) async fn retire(
             "every partition of the operator is past what the earlier partitions had done: \
              their checkpoints are removed"
         );
+        retired = Some(earlier);
     }
     tx.commit().await?;
-    Ok(())
+    Ok(retired)
 }
 
 /// The transaction-scoped lock under which an operator's counts of partitions change hands.

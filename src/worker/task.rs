@@ -329,10 +329,10 @@ impl OperatorTask {
     }
 
     /// Readies the operator's count of partitions ([`share::prepare_generation`]), retrying
-    /// while the database does not answer: `Some` with what the earlier count did, if it is
-    /// still needed; `None` on shutdown. An error when the operator has checkpoints of
+    /// while the database does not answer: `Some(Ok(..))` with what the earlier count did,
+    /// if it is still needed; `Some(Err(..))` while a partition of another count runs (wait,
+    /// then try again); `None` on shutdown. An error when the operator has checkpoints of
     /// several earlier counts.
-    /// `Some(Err(..))`: a partition of another count runs; wait and try again.
     async fn prepare_generation(
         &self,
     ) -> Result<Option<Result<Option<share::Inherited>, share::GenerationError>>, WorkerError> {
@@ -394,7 +394,21 @@ impl OperatorTask {
         )
         .await
         {
-            Ok(()) => i.retired = true,
+            Ok(earlier) => {
+                i.retired = true;
+                // Their consumers would keep the messages' state in JetStream for nothing.
+                for name in earlier.unwrap_or_default() {
+                    let base = consumer::consumer_name(&self.slot, &name);
+                    let stream_name = self.nats.stream.as_str();
+                    let removed = async {
+                        let opened = consumer::open_stream(&self.context, stream_name).await?;
+                        consumer::remove(&opened.stream, stream_name, &base).await
+                    };
+                    if let Err(e) = removed.await {
+                        debug!(operator = self.name(), consumer = %base, error = %e, "removing an earlier partition's consumer failed; `nats consumer rm` does it");
+                    }
+                }
+            }
             Err(e) => {
                 debug!(operator = self.name(), error = %e, "moving the checkpoint past the earlier partitions' failed; trying again")
             }

@@ -4,7 +4,8 @@
 //! to one of another partition is applied after the row's earlier events (in the old key's
 //! partition) and before its later ones, however far behind the old key's partition is.
 //! Changing the count of partitions (4, then 3, then the operator whole), each time with the
-//! partitions at different places, applies every event once.
+//! partitions at different places, applies every event once; a new count waits while the
+//! old one still runs.
 
 use std::time::Duration;
 
@@ -242,6 +243,18 @@ async fn changing_the_count_of_partitions_applies_every_event_once() -> anyhow::
         Ok(names.iter().all(|n| n.ends_with("/3")))
     })
     .await?;
+    // And their JetStream consumers: `<slot>-mirror-23<p>-2F3-s<hex>` ('#', '/' escaped).
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let stream = js.get_stream("items").await?;
+    eventually("only the last count's consumers left", async || {
+        use futures_util::TryStreamExt as _;
+        let names: Vec<String> = stream.consumer_names().try_collect().await?;
+        Ok(names.len() == 3
+            && names
+                .iter()
+                .all(|n| n.contains("-mirror-23") && n.contains("-2F3-s")))
+    })
+    .await?;
     let (count, most) = applied(&pool).await?;
     let wrong = differences(&pool).await?;
     if let Some((stop, task)) = running.take() {
@@ -310,5 +323,61 @@ async fn an_update_that_moves_a_row_to_another_partition_keeps_the_row_s_order()
         "rows of the mirror differ from the table ({waited:?}); run log:\n{}",
         std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_count_of_partitions_waits_while_the_old_one_runs() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let (pool, common) = prepare(&url, &nats).await?;
+    let dir = tempfile::tempdir()?;
+    let mut service = publish(&common, dir.path())?;
+    let slot = slot_for(&url);
+    let counts = async || -> anyhow::Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT split_part(operator, '/', 2) FROM streamex.operator_checkpoints
+              WHERE slot = $1 ORDER BY 1",
+        )
+        .bind(&slot)
+        .fetch_all(&pool)
+        .await?)
+    };
+    let mut changes = round(&pool, 0).await?;
+    let (old_stop, old_task) = worker(&common, 4).await?;
+    eventually("the four partitions at work", async || {
+        Ok(applied(&pool).await?.0 > 0)
+    })
+    .await?;
+    // A worker given another count while the first still runs: it must not start.
+    let (new_stop, new_task) = worker(&common, 2).await?;
+    changes += round(&pool, 10_000).await?;
+    eventually("every change applied by the four partitions", async || {
+        Ok(applied(&pool).await?.0 >= changes)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let while_both = counts().await?;
+    let _ = old_stop.send(());
+    old_task.await??;
+    changes += round(&pool, 20_000).await?;
+    eventually("the two partitions taking over", async || {
+        Ok(applied(&pool).await?.0 >= changes && counts().await? == ["2"])
+    })
+    .await?;
+    let (count, most) = applied(&pool).await?;
+    let wrong = differences(&pool).await?;
+    let _ = new_stop.send(());
+    new_task.await??;
+    service.kill()?;
+    service.wait()?;
+    assert_eq!(
+        while_both,
+        ["4"],
+        "the two partitions made checkpoints while the four ran"
+    );
+    assert_eq!(most, 1, "an event was applied more than once");
+    assert_eq!(count, changes);
+    assert_eq!(wrong, 0, "rows of the mirror differ from the table");
     Ok(())
 }
