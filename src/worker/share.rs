@@ -246,7 +246,8 @@ pub(crate) enum GenerationError {
          besides the {partitions} it now runs in: its partitions were changed again before \
          those of the last change had caught up (each count's checkpoints say what it did, \
          and the new count starts from the last one's). Run it with partitions = {newest} \
-         until `streamex status` lists only that count's checkpoints, then change it"
+         until streamex.operator_checkpoints holds only that count's rows \
+         (`<operator>#<p>/<N>`), then change it"
     )]
     Generations {
         operator: String,
@@ -323,20 +324,20 @@ pub(crate) async fn prepare_generation(
         .fetch_all(&mut *tx)
         .await?;
         for (pid, name) in running {
+            // `<key of the operator>#p/N` less `<key of the operator>` is `#p/N`.
             let Some(name) = name
-                .strip_prefix("streamex worker ")
-                .and_then(|n| n.strip_prefix(slot))
-                .and_then(|n| n.strip_prefix(' '))
+                .strip_prefix(key.as_str())
+                .map(|n| format!("{operator}{n}"))
             else {
                 continue;
             };
-            if let Some((count, _)) = generation_of(operator, name)
+            if let Some((count, _)) = generation_of(operator, &name)
                 && count != partitions
             {
                 return Err(GenerationError::OtherCount {
                     operator: operator.to_owned(),
                     partitions,
-                    other: name.to_owned(),
+                    other: name,
                     pid,
                 });
             }
