@@ -23,9 +23,10 @@ use serde_json::Value;
 
 use crate::lsn::{Lsn, Position};
 
-/// A row as a JSON object of column name to value, each value exactly as PostgreSQL's
-/// `to_jsonb(row)` gives it (the README's "What an event looks like" gives the mapping).
-pub type Record = serde_json::Map<String, Value>;
+mod record;
+
+pub(crate) use record::Columns;
+pub use record::Record;
 
 /// The kind of change an [`Event`] reports. Kinds may be added (as `message` was): a
 /// `match` outside streamex needs an arm for the others, which an operator does not get
@@ -283,8 +284,7 @@ impl Event {
     }
 
     fn record_as<T: serde::de::DeserializeOwned>(&self, record: &Record) -> Result<T, RecordError> {
-        let value = Value::Object(record.clone());
-        serde_path_to_error::deserialize(&value).map_err(|error| {
+        record.deserialize_as().map_err(|error| {
             let path = error.path().to_string();
             let column = path.split(['.', '[']).next().unwrap_or_default().to_owned();
             match record.get(&column) {
@@ -571,7 +571,48 @@ pub mod micros_rfc3339 {
 
     /// Serialises µs as [`format()`] writes them.
     pub fn serialize<S: Serializer>(micros: &i64, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&format(*micros))
+        match usual(*micros) {
+            // Only ASCII digits and punctuation were written.
+            Some(text) => serializer.serialize_str(std::str::from_utf8(&text).unwrap_or_default()),
+            None => serializer.serialize_str(&format(*micros)),
+        }
+    }
+
+    /// [`format()`] without chrono or an allocation for a time of years 1970 to 9999 (every
+    /// event has one): `None` for others.
+    fn usual(micros: i64) -> Option<[u8; 27]> {
+        const LAST: i64 = 253_402_300_800_000_000; // 10000-01-01T00:00:00Z
+        if !(0..LAST).contains(&micros) {
+            return None;
+        }
+        let (seconds, fraction) = (micros / 1_000_000, micros % 1_000_000);
+        let (days, second_of_day) = (seconds / 86_400, seconds % 86_400);
+        // H. Hinnant's civil_from_days.
+        let z = days + 719_468;
+        let era = z / 146_097;
+        let day_of_era = z - era * 146_097;
+        let year_of_era =
+            (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+        let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+        let mp = (5 * day_of_year + 2) / 153;
+        let day = day_of_year - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = year_of_era + era * 400 + i64::from(month <= 2);
+        let mut out = *b"0000-00-00T00:00:00.000000Z";
+        let mut put = |at: usize, width: usize, mut n: i64| {
+            for i in (at..at + width).rev() {
+                out[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, month);
+        put(8, 2, day);
+        put(11, 2, second_of_day / 3600);
+        put(14, 2, second_of_day / 60 % 60);
+        put(17, 2, second_of_day % 60);
+        put(20, 6, fraction);
+        Some(out)
     }
 
     /// Reads RFC 3339 back into µs since the Unix epoch.
@@ -587,6 +628,20 @@ pub mod micros_rfc3339 {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    proptest::proptest! {
+        #[test]
+        fn timestamps_serialise_as_chrono_formats_them(micros in proptest::prelude::any::<i64>(), near in -1_000_000_000i64..1_000_000_000) {
+            for micros in [micros, near, 253_402_300_800_000_000 + near] {
+                #[derive(Serialize)]
+                struct T(#[serde(with = "micros_rfc3339")] i64);
+                proptest::prop_assert_eq!(
+                    serde_json::to_string(&T(micros)).unwrap(),
+                    format!("\"{}\"", micros_rfc3339::format(micros))
+                );
+            }
+        }
+    }
 
     fn update() -> Event {
         let mut new = Record::new();

@@ -54,7 +54,31 @@ impl FromStr for Lsn {
 
 impl Serialize for Lsn {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        // As Display writes it, without the formatting machinery: every event has two.
+        fn hex(mut n: u32, out: &mut [u8; 17], at: &mut usize) {
+            let start = *at;
+            loop {
+                out[*at] = b"0123456789ABCDEF"[(n & 0xF) as usize];
+                *at += 1;
+                n >>= 4;
+                if n == 0 {
+                    break;
+                }
+            }
+            out[start..*at].reverse();
+        }
+        let mut out = [0u8; 17];
+        let mut at = 0;
+        hex((self.0 >> 32) as u32, &mut out, &mut at);
+        out[at] = b'/';
+        at += 1;
+        hex(
+            u32::try_from(self.0 & 0xFFFF_FFFF).unwrap_or_default(),
+            &mut out,
+            &mut at,
+        );
+        // Only ASCII hexadecimal digits and '/' were written.
+        serializer.serialize_str(std::str::from_utf8(&out[..at]).unwrap_or_default())
     }
 }
 
@@ -127,6 +151,18 @@ impl FromStr for Position {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn serialises_as_it_displays(n in proptest::prelude::any::<u64>(), small in 0u64..0x100) {
+            for lsn in [Lsn(n), Lsn(small), Lsn(small << 32)] {
+                proptest::prop_assert_eq!(
+                    serde_json::to_string(&lsn).unwrap(),
+                    format!("\"{lsn}\"")
+                );
+            }
+        }
+    }
 
     #[test]
     fn formats_and_parses_both_halves() {

@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use super::text_to_json;
 use super::types::PgType;
-use crate::event::Record;
+use crate::event::{Columns, Record};
 
 /// A table's columns in the order the COPY statement selects them.
 #[derive(Clone, Debug)]
@@ -60,6 +60,8 @@ pub enum CopyError {
 #[derive(Debug)]
 pub struct CopyReader {
     columns: Arc<[CopyColumn]>,
+    /// Their names, shared by every record read.
+    names: Columns,
     /// The start of a row whose end has not arrived yet.
     partial: Vec<u8>,
 }
@@ -68,6 +70,7 @@ impl CopyReader {
     /// A reader for rows of `columns`.
     pub fn new(columns: Arc<[CopyColumn]>) -> Self {
         CopyReader {
+            names: columns.iter().map(|c| c.name.as_str().into()).collect(),
             columns,
             partial: Vec::new(),
         }
@@ -109,7 +112,7 @@ impl CopyReader {
 
     fn row(&self, line: &[u8]) -> Result<CopyRow, CopyError> {
         let expected = self.columns.len();
-        let mut record = Record::with_capacity(expected);
+        let mut record = Record::of(&self.names);
         let mut problems: Vec<String> = Vec::new();
         let mut fields = line.split(|&b| b == b'\t');
         // A table without columns has one empty line per row.
@@ -131,14 +134,12 @@ impl CopyReader {
                 return Err(CopyError::ColumnCount { got: i, expected });
             };
             if field == b"\\N" {
-                record.insert(column.name.clone(), Value::Null);
+                record.set(i, Value::Null);
                 continue;
             }
             let text = unescape(field);
             match text_to_json(&column.ty, &text) {
-                Ok(value) => {
-                    record.insert(column.name.clone(), value);
-                }
+                Ok(value) => record.set(i, value),
                 Err(error) => problems.push(format!(
                     "column {} could not be decoded and is left out of the record: {error}",
                     column.name
@@ -256,7 +257,7 @@ mod tests {
     }
 
     fn record(value: serde_json::Value) -> Record {
-        value.as_object().unwrap().clone()
+        value.as_object().unwrap().clone().into()
     }
 
     #[test]

@@ -36,7 +36,7 @@ use super::pgoutput::{
 };
 use super::types::{PgType, TypeCache, TypeError};
 use super::value::text_to_json;
-use crate::event::{Change, Changes, Event, EventType, Record};
+use crate::event::{Change, Changes, Columns, Event, EventType, Record};
 use crate::lsn::{Lsn, PG_EPOCH_OFFSET_MICROS};
 
 /// What the decoder hands downstream, in WAL order.
@@ -52,7 +52,7 @@ pub enum Decoded {
         timestamp: i64,
     },
     /// One change, or a transactional message (an event of type `message`).
-    Event(Event),
+    Event(Arc<Event>),
     /// A logical decoding message sent outside any transaction
     /// (`pg_logical_emit_message(false, ..)`): not an event, since nothing orders it among the
     /// changes or makes it durable with them.
@@ -91,6 +91,8 @@ pub struct Table {
     pub replica_identity: ReplicaIdentity,
     /// The columns the server sends, in the order of every tuple's values.
     pub columns: Vec<TableColumn>,
+    /// Their names, shared by every record of the table.
+    pub names: Columns,
     /// The generated columns the server leaves out of its messages, in column order, as the
     /// catalog had them when the Relation message was decoded: every one before PostgreSQL
     /// 18; on 18, where streamex publishes stored ones, the virtual ones. They are listed in
@@ -197,7 +199,7 @@ struct Transaction {
 #[derive(Debug)]
 pub struct Decoder {
     catalog: sqlx::PgPool,
-    tables: HashMap<u32, Arc<Table>>,
+    tables: foldhash::HashMap<u32, Arc<Table>>,
     types: TypeCache,
     tx: Option<Transaction>,
     default_schema: Arc<str>,
@@ -213,7 +215,7 @@ impl Decoder {
     pub fn new(catalog: sqlx::PgPool) -> Self {
         Decoder {
             catalog,
-            tables: HashMap::new(),
+            tables: foldhash::HashMap::default(),
             types: TypeCache::new(),
             tx: None,
             default_schema: crate::event::DEFAULT_SCHEMA.into(),
@@ -376,6 +378,7 @@ impl Decoder {
                         name,
                         entity,
                         replica_identity: relation.replica_identity,
+                        names: columns.iter().map(|c| c.name.as_str().into()).collect(),
                         columns,
                         generated_columns,
                     }),
@@ -387,12 +390,12 @@ impl Decoder {
                 let (new, mut unavailable) = row(&table, &insert.new, None, lsn, &mut problems)?;
                 unavailable.extend(table.generated_columns.iter().cloned());
                 let event = self.event(EventType::Insert, &table, lsn, "Insert")?;
-                out.push(Decoded::Event(Event {
+                out.push(Decoded::Event(Arc::new(Event {
                     new_record: Some(new),
                     unavailable_columns: unavailable,
                     decode_error: problems.into_message(),
                     ..event
-                }));
+                })));
             }
             PgOutputMessage::Update(update) => {
                 let table = self.lookup(update.relation, lsn)?;
@@ -422,14 +425,14 @@ impl Decoder {
                     None if !table.key_columns.is_empty() => Some(key_of(&table, &new)),
                     None => None,
                 };
-                out.push(Decoded::Event(Event {
+                out.push(Decoded::Event(Arc::new(Event {
                     new_record: Some(new),
                     old_record: old,
                     changes,
                     unavailable_columns: unavailable,
                     decode_error: problems.into_message(),
                     ..event
-                }));
+                })));
             }
             PgOutputMessage::Delete(delete) => {
                 let table = self.lookup(delete.relation, lsn)?;
@@ -439,17 +442,17 @@ impl Decoder {
                     OldTuple::Full(t) => full_old(&table, t, lsn, &mut problems)?,
                     OldTuple::Key(t) => key_only(&table, t, lsn, &mut problems)?,
                 };
-                out.push(Decoded::Event(Event {
+                out.push(Decoded::Event(Arc::new(Event {
                     old_record: Some(old),
                     decode_error: problems.into_message(),
                     ..event
-                }));
+                })));
             }
             PgOutputMessage::Truncate(truncate) => {
                 for oid in truncate.relations {
                     let table = self.lookup(oid, lsn)?;
                     let event = self.event(EventType::Truncate, &table, lsn, "Truncate")?;
-                    out.push(Decoded::Event(event));
+                    out.push(Decoded::Event(Arc::new(event)));
                 }
             }
             // A transactional message is one of its transaction's events, in WAL order with
@@ -465,7 +468,7 @@ impl Decoder {
                     "Message",
                 )?;
                 event.message = Some(message);
-                out.push(Decoded::Event(event));
+                out.push(Decoded::Event(Arc::new(event)));
             }
             PgOutputMessage::Message(m) => out.push(Decoded::Message {
                 lsn: m.lsn,
@@ -680,18 +683,15 @@ fn row(
     problems: &mut Problems,
 ) -> Result<(Record, Vec<String>), DecoderError> {
     check_width(table, tuple, lsn)?;
-    let mut record = Record::with_capacity(table.columns.len());
+    let mut record = Record::of(&table.names);
     let mut unavailable = Vec::new();
-    for (column, v) in table.columns.iter().zip(&tuple.0) {
+    for (i, (column, v)) in table.columns.iter().zip(&tuple.0).enumerate() {
         match value(table, column, v, lsn, problems)? {
-            Converted::Value(v) => {
-                record.insert(column.name.clone(), v);
-            }
+            Converted::Value(v) => record.set(i, v),
             Converted::Undecodable => {}
-            Converted::Unsent => match fill_from.and_then(|old| old.get(&column.name)) {
-                Some(old) => {
-                    record.insert(column.name.clone(), old.clone());
-                }
+            // The full old row is a record of the same table: its columns are these.
+            Converted::Unsent => match fill_from.and_then(|old| old.at(i)) {
+                Some(old) => record.set(i, old.clone()),
                 None => unavailable.push(column.name.clone()),
             },
         }
@@ -719,11 +719,11 @@ fn key_only(
     problems: &mut Problems,
 ) -> Result<Record, DecoderError> {
     check_width(table, tuple, lsn)?;
-    let mut record = Record::new();
-    for (column, v) in table.columns.iter().zip(&tuple.0) {
+    let mut record = Record::of(&table.names);
+    for (i, (column, v)) in table.columns.iter().zip(&tuple.0).enumerate() {
         if column.is_key {
             if let Converted::Value(v) = value(table, column, v, lsn, problems)? {
-                record.insert(column.name.clone(), v);
+                record.set(i, v);
             }
         }
     }
@@ -759,14 +759,15 @@ async fn primary_key(catalog: &sqlx::PgPool, oid: u32) -> Result<Vec<String>, sq
     .await
 }
 
-/// The key columns of `record`.
+/// The key columns of `record` (a record of `table`).
 fn key_of(table: &Table, record: &Record) -> Record {
-    table
-        .columns
-        .iter()
-        .filter(|c| c.is_key)
-        .filter_map(|c| record.get(&c.name).map(|v| (c.name.clone(), v.clone())))
-        .collect()
+    let mut key = Record::of(&table.names);
+    for (i, column) in table.columns.iter().enumerate() {
+        if let Some(v) = record.at(i).filter(|_| column.is_key) {
+            key.set(i, v.clone());
+        }
+    }
+    key
 }
 
 /// The columns whose value differs between the old and the new row, in column order.
@@ -775,8 +776,9 @@ fn diff(table: &Table, old: &Record, new: &Record) -> Changes {
         table
             .columns
             .iter()
-            .filter_map(|c| {
-                let (o, n) = (old.get(&c.name)?, new.get(&c.name)?);
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let (o, n) = (old.at(i)?, new.at(i)?);
                 (o != n).then(|| Change {
                     column: c.name.clone(),
                     old_value: o.clone(),
@@ -1049,7 +1051,7 @@ mod tests {
     fn events(out: &[Decoded]) -> Vec<&Event> {
         out.iter()
             .filter_map(|d| match d {
-                Decoded::Event(e) => Some(e),
+                Decoded::Event(e) => Some(&**e),
                 _ => None,
             })
             .collect()

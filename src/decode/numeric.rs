@@ -18,6 +18,10 @@ pub(super) fn numeric_value(
     parts: &NumberParts,
     type_name: &'static str,
 ) -> Result<Value, ValueError> {
+    if let Some(n) = parts.small_integer(text) {
+        // The common case (integer columns): no text for serde_json to parse again.
+        return Ok(Value::Number(Number::from(n)));
+    }
     let normal;
     let text = if parts.is_canonical() {
         // Only ASCII digits, '-' and '.' passed the scan.
@@ -109,6 +113,19 @@ impl NumberParts {
             exponent,
             all_zero,
         })
+    }
+
+    /// The number, when it is an integer as `numeric` writes it (no point, no exponent, no
+    /// negative zero) of at most 18 digits, which always fits an `i64`.
+    fn small_integer(&self, text: &[u8]) -> Option<i64> {
+        let digits = &text[self.int.0..self.int.1];
+        if !self.is_canonical() || self.frac.0 != self.frac.1 || digits.len() > 18 {
+            return None;
+        }
+        let magnitude = digits
+            .iter()
+            .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
+        Some(if self.negative { -magnitude } else { magnitude })
     }
 
     /// Whether the text is already as `numeric` would write it.

@@ -138,8 +138,10 @@ fn timestamp(text: &[u8], with_zone: bool) -> Result<Value, ValueError> {
         return Ok(Value::String(utf8(text, type_name)?.to_owned()));
     }
     let s = utf8(text, type_name)?;
-    let space = s
-        .find(' ')
+    // ASCII only (checked above): byte positions are character boundaries.
+    let space = text
+        .iter()
+        .position(|&c| c == b' ')
         .ok_or(ValueError::new(type_name, "missing time part"))?;
     let (date, rest) = (&s[..space], &s[space + 1..]);
     let mut out = String::with_capacity(s.len() + 3);
@@ -147,10 +149,11 @@ fn timestamp(text: &[u8], with_zone: bool) -> Result<Value, ValueError> {
     out.push('T');
     if with_zone {
         let sign = rest
-            .find(['+', '-'])
+            .bytes()
+            .position(|c| c == b'+' || c == b'-')
             .ok_or(ValueError::new(type_name, "missing utc offset"))?;
         let (time, zone) = rest.split_at(sign);
-        let end = zone.find(' ').unwrap_or(zone.len());
+        let end = zone.bytes().position(|c| c == b' ').unwrap_or(zone.len());
         let (offset, tail) = zone.split_at(end);
         out.push_str(time);
         out.push_str(offset);

@@ -123,7 +123,10 @@ fn a_row_s_key_is_its_key_columns_as_in_its_channel() {
     );
     // A delete's key is in its old record.
     let mut delete = keyed(EventType::Delete, serde_json::Value::Null, &["id"]);
-    delete.old_record = serde_json::json!({"id": 5}).as_object().cloned();
+    delete.old_record = serde_json::json!({"id": 5})
+        .as_object()
+        .cloned()
+        .map(Into::into);
     assert_eq!(row_key(&delete).as_deref(), Some("5"));
     // No key: none, a null key value, a truncate.
     for event in [
@@ -142,7 +145,10 @@ fn an_update_that_changes_the_key_carries_the_old_one() {
         serde_json::json!({"id": 8, "v": 1}),
         &["id"],
     );
-    moved.old_record = serde_json::json!({"id": 7}).as_object().cloned();
+    moved.old_record = serde_json::json!({"id": 7})
+        .as_object()
+        .cloned()
+        .map(Into::into);
     let key = row_key(&moved);
     assert_eq!(key.as_deref(), Some("8"));
     assert_eq!(old_row_key(&moved, key.as_deref()).as_deref(), Some("7"));
@@ -152,14 +158,20 @@ fn an_update_that_changes_the_key_carries_the_old_one() {
         serde_json::json!({"id": 7, "v": 2}),
         &["id"],
     );
-    full.old_record = serde_json::json!({"id": 7, "v": 1}).as_object().cloned();
+    full.old_record = serde_json::json!({"id": 7, "v": 1})
+        .as_object()
+        .cloned()
+        .map(Into::into);
     let key = row_key(&full);
     assert_eq!(old_row_key(&full, key.as_deref()), None);
     // No old row (the key did not change), or not an update.
     let plain = keyed(EventType::Update, serde_json::json!({"id": 7}), &["id"]);
     assert_eq!(old_row_key(&plain, Some("7")), None);
     let mut delete = keyed(EventType::Delete, serde_json::Value::Null, &["id"]);
-    delete.old_record = serde_json::json!({"id": 5}).as_object().cloned();
+    delete.old_record = serde_json::json!({"id": 5})
+        .as_object()
+        .cloned()
+        .map(Into::into);
     assert_eq!(old_row_key(&delete, Some("6")), None);
 }
 

@@ -110,6 +110,26 @@ impl InboxSender {
         self.tx.send((input, permit)).await.map_err(|_| Gone)
     }
 
+    /// Sends `input` if the inbox has room for it now; gives it back otherwise (or when the
+    /// task is gone: [`send`](Self::send) then says so).
+    pub fn try_send(&self, input: Input, bytes: usize) -> Result<(), Input> {
+        let permit = match &input {
+            Input::Event(_) => {
+                let n = u32::try_from(bytes)
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, self.backlog.most);
+                match self.backlog.permits.clone().try_acquire_many_owned(n) {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return Err(input),
+                }
+            }
+            Input::Commit { .. } => None,
+        };
+        self.tx
+            .try_send((input, permit))
+            .map_err(|error| error.into_inner().0)
+    }
+
     /// The inbox's backlog, for reports.
     pub fn backlog(&self) -> Arc<Backlog> {
         self.backlog.clone()
@@ -187,9 +207,14 @@ fn allocation(len: usize) -> usize {
     }
 }
 
+/// A record's values (its column names are the table's, shared).
 fn record_bytes(record: &crate::event::Record) -> usize {
-    record
-        .iter()
+    allocation(record.slots() * std::mem::size_of::<Option<serde_json::Value>>())
+        + record.values().map(value_bytes).sum::<usize>()
+}
+
+fn map_bytes(map: &serde_json::Map<String, serde_json::Value>) -> usize {
+    map.iter()
         .map(|(key, value)| ENTRY_BYTES + allocation(key.len()) + value_bytes(value))
         .sum()
 }
@@ -204,7 +229,7 @@ fn value_bytes(value: &serde_json::Value) -> usize {
             .iter()
             .map(|v| std::mem::size_of::<Value>() + value_bytes(v))
             .sum(),
-        Value::Object(map) => record_bytes(map),
+        Value::Object(map) => map_bytes(map),
     }
 }
 

@@ -57,7 +57,7 @@ impl Item {
 pub(super) struct Pending {
     pub end_lsn: Lsn,
     /// Per entity: its item, and the operators that listen to it.
-    pub items: HashMap<Arc<str>, (Item, Listeners)>,
+    pub items: foldhash::HashMap<Arc<str>, (Item, Listeners)>,
 }
 
 #[derive(Debug)]

@@ -361,7 +361,13 @@ mod tests {
     fn truncate_goes_to_the_entity_only() {
         let mut e = event(EventType::Truncate, "comments", Value::Null);
         // Even if a record were somehow present, a truncate names no row.
-        e.new_record = Some(json!({"id": 1, "post_id": 2}).as_object().unwrap().clone());
+        e.new_record = Some(
+            json!({"id": 1, "post_id": 2})
+                .as_object()
+                .unwrap()
+                .clone()
+                .into(),
+        );
         let spec = ChannelSpec::new(["id"]).with_scope([("post_id", "posts")]);
         assert_eq!(channels(&e, &spec), ["comments"]);
     }

@@ -473,12 +473,23 @@ impl Session<'_> {
                             Decoded::Commit { end_lsn, .. } => Some(*end_lsn),
                             _ => None,
                         };
-                        tokio::select! {
-                            biased;
-                            sent = self.tx.send(item) => if sent.is_err() {
+                        if self.shutdown.is_cancelled() {
+                            return Ok(Ended::Shutdown);
+                        }
+                        // Without a wait when there is room (the usual case, and far cheaper);
+                        // the wait, watching shutdown, when the consumer is behind.
+                        match self.tx.try_send(item) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
                                 return Ok(Ended::DownstreamGone);
+                            }
+                            Err(mpsc::error::TrySendError::Full(item)) => tokio::select! {
+                                biased;
+                                sent = self.tx.send(item) => if sent.is_err() {
+                                    return Ok(Ended::DownstreamGone);
+                                },
+                                _ = self.shutdown.cancelled() => return Ok(Ended::Shutdown),
                             },
-                            _ = self.shutdown.cancelled() => return Ok(Ended::Shutdown),
                         }
                         if let Some(end) = end {
                             *self.delivered = end;

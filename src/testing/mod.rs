@@ -36,7 +36,7 @@ pub fn event(
     ordinal: u64,
 ) -> Event {
     let record = |value: serde_json::Value| match value {
-        serde_json::Value::Object(map) => Some(map),
+        serde_json::Value::Object(map) => Some(crate::event::Record::from(map)),
         serde_json::Value::Null => None,
         other => panic!("not a record: {other}"),
     };

@@ -492,7 +492,7 @@ impl Operator for Reads {
 
     async fn handle(&self, event: &Event, _ctx: &mut Context<'_>) -> anyhow::Result<()> {
         if event.kind == EventType::Read {
-            let record = serde_json::Value::Object(event.new_record.clone().unwrap_or_default());
+            let record = serde_json::Value::from(event.new_record.clone().unwrap_or_default());
             let mut records = self.records.lock().unwrap();
             records.push((event.entity.to_string(), record));
         }

@@ -111,6 +111,30 @@ fn numeric_negative_zero_loses_its_sign() {
 }
 
 #[test]
+fn integers_either_side_of_the_fast_path_keep_their_text() {
+    for text in [
+        "0",
+        "-0",
+        "7",
+        "-7",
+        "999999999999999999",
+        "-999999999999999999",
+        "1000000000000000000",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "9223372036854775808",
+        "123456789012345678901234567890",
+    ] {
+        let expected = if text == "-0" { "0" } else { text };
+        assert_eq!(
+            number_text(&conv(&PgType::Number, text)),
+            expected,
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn special_numbers_are_strings() {
     assert_eq!(conv(&PgType::Number, "NaN"), json!("NaN"));
     assert_eq!(conv(&PgType::Number, "Infinity"), json!("Infinity"));

@@ -105,7 +105,7 @@ impl Streaming {
         let mut events = Vec::with_capacity(n);
         while events.len() < n {
             if let Decoded::Event(event) = self.next().await? {
-                events.push(event);
+                events.push(std::sync::Arc::unwrap_or_clone(event));
             }
         }
         Ok(events)
