@@ -41,6 +41,8 @@
 //! 6. **Workers** (`pipeline/workers.rs`). `--worker-rows` comment inserts published to
 //!    JetStream, then `post_comment_tallies` run from the stream by `streamex worker`
 //!    processes: whole on one, then with 4 partitions on each count of `--workers`.
+//! 7. **Instructions per event** (`pipeline/instructions.rs`). `--instruction-rows` changes
+//!    drained by (b) and (c) under `valgrind --tool=callgrind` (left out without valgrind).
 //!
 //! The `streamex` binary is `CARGO_BIN_EXE_streamex`, which `cargo bench` builds in the
 //! `bench` profile (the release profile's settings, with `debug = 1`).
@@ -54,7 +56,8 @@
 //! `--comments-per-post LIST` (6,100,2000,20000; `none`), `--backfill-rows N` (1000000; 0 for
 //! none; runs unless `--only` is given without it), `--worker-rows N` (200000; 0 for none) and
 //! `--workers LIST` (1,2,4), which run unless `--only` is given without one of them, and need
-//! a nats-server. The hot aggregates run unless
+//! a nats-server; `--instruction-rows N` (50000; 0 for none), which runs unless `--only` is
+//! given without it. The hot aggregates run unless
 //! `--only` is given; with `--only`, when one of their three options is.
 //! `STREAMEX_BENCH_LOG=<filter>` (as `RUST_LOG`) prints the in-process service's logs.
 
@@ -74,6 +77,8 @@ use streamex::operator::{Context, Delivery, Operator, Subscription};
 use streamex::pubsub::PubSub;
 use streamex::testing::Cluster;
 
+#[path = "pipeline/instructions.rs"]
+mod instructions;
 #[path = "pipeline/workers.rs"]
 mod workers;
 
@@ -115,6 +120,10 @@ struct Args {
     workers: Vec<u64>,
     /// A workers' option was given: the section runs even with `--only`.
     workers_asked: bool,
+    /// Changes of the backlog drained under callgrind (0: none).
+    instruction_rows: u64,
+    /// `--instruction-rows` was given: the section runs even with `--only`.
+    instructions_asked: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -138,6 +147,8 @@ fn parse_args() -> anyhow::Result<Args> {
         worker_rows: 200_000,
         workers: vec![1, 2, 4],
         workers_asked: false,
+        instruction_rows: 50_000,
+        instructions_asked: false,
     };
     let mut out = None;
     let mut it = std::env::args().skip(1);
@@ -192,6 +203,10 @@ fn parse_args() -> anyhow::Result<Args> {
                     .map(|n| n.trim().parse::<u64>().map(|n| n.max(1)))
                     .collect::<Result<_, _>>()?;
                 args.workers_asked = true;
+            }
+            "--instruction-rows" => {
+                args.instruction_rows = value()?.parse()?;
+                args.instructions_asked = true;
             }
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown argument {other:?}"),
@@ -270,6 +285,8 @@ struct Report {
     backfill: Vec<String>,
     /// The workers' section, rendered.
     workers: String,
+    /// The instructions-per-event section, rendered.
+    instructions: String,
 }
 
 async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
@@ -437,6 +454,14 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         }
     }
 
+    let mut instructions = String::new();
+    if (args.only.is_none() || args.instructions_asked) && args.instruction_rows > 0 {
+        match instructions::bench(cluster, dir.path(), args).await {
+            Ok(section) => instructions = section,
+            Err(e) => checks.push(format!("**WARNING** the instructions bench failed: {e:#}")),
+        }
+    }
+
     let mut latency = Vec::new();
     let mut latency_note = String::new();
     let mut huge = None;
@@ -477,6 +502,7 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
         shape_checks,
         backfill,
         workers,
+        instructions,
     };
     let mut text = render(&report, args);
     println!("{text}");
@@ -1811,6 +1837,7 @@ fn render(r: &Report, args: &Args) -> String {
         render_shapes(&mut s, r, args);
     }
     s.push_str(&r.workers);
+    s.push_str(&r.instructions);
     if !r.latency.is_empty() {
         let _ = writeln!(
             s,

@@ -23,6 +23,7 @@ use serde_json::Value;
 
 use crate::lsn::{Lsn, Position};
 
+mod json;
 mod record;
 
 pub(crate) use record::Columns;
@@ -566,6 +567,14 @@ pub mod micros_rfc3339 {
         match DateTime::from_timestamp_micros(micros) {
             Some(t) => t.to_rfc3339_opts(SecondsFormat::Micros, true),
             None => micros.to_string(),
+        }
+    }
+
+    /// Appends µs as [`format()`] writes them.
+    pub(crate) fn write(out: &mut Vec<u8>, micros: i64) {
+        match usual(micros) {
+            Some(text) => out.extend_from_slice(&text),
+            None => out.extend_from_slice(format(micros).as_bytes()),
         }
     }
 

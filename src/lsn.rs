@@ -52,9 +52,16 @@ impl FromStr for Lsn {
     }
 }
 
-impl Serialize for Lsn {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // As Display writes it, without the formatting machinery: every event has two.
+impl Lsn {
+    /// Appends the LSN as [`Display`](fmt::Display) writes it.
+    pub(crate) fn write_to(self, out: &mut Vec<u8>) {
+        let (text, len) = self.text();
+        out.extend_from_slice(&text[..len]);
+    }
+
+    /// The LSN as Display writes it, and its length, without the formatting machinery: every
+    /// event has two.
+    fn text(self) -> ([u8; 17], usize) {
         fn hex(mut n: u32, out: &mut [u8; 17], at: &mut usize) {
             let start = *at;
             loop {
@@ -77,8 +84,15 @@ impl Serialize for Lsn {
             &mut out,
             &mut at,
         );
+        (out, at)
+    }
+}
+
+impl Serialize for Lsn {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let (text, len) = self.text();
         // Only ASCII hexadecimal digits and '/' were written.
-        serializer.serialize_str(std::str::from_utf8(&out[..at]).unwrap_or_default())
+        serializer.serialize_str(std::str::from_utf8(&text[..len]).unwrap_or_default())
     }
 }
 

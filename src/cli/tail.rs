@@ -222,7 +222,7 @@ async fn stream(
                 Decoded::Event(_) if printed >= limit => break,
                 Decoded::Event(event) => {
                     line.clear();
-                    serde_json::to_writer(&mut line, &event)?;
+                    event.write_json(&mut line);
                     line.push(b'\n');
                     out.write_all(&line).await?;
                     printed += 1;
@@ -304,7 +304,7 @@ async fn print_snapshot(
                 return Ok(printed);
             }
             line.clear();
-            serde_json::to_writer(&mut line, &*event)?;
+            event.write_json(&mut line);
             line.push(b'\n');
             out.write_all(&line).await?;
             printed += 1;

@@ -126,19 +126,10 @@ fn follow(
             }
         };
         match received {
-            Ok(published) => match event_frames(&published) {
-                Ok(frames) => Some((frames.to_vec(), Some((subscription, shutdown)))),
-                // An event always serializes; should one not, say so rather than skip it
-                // silently, and end the stream.
-                Err(error) => {
-                    let position = published.event().position();
-                    let message = lagged_message(json!({
-                        "channel": subscription.channel(),
-                        "error": format!("serializing event {position}: {error}"),
-                    }));
-                    Some((vec![message], None))
-                }
-            },
+            Ok(published) => Some((
+                event_frames(&published).to_vec(),
+                Some((subscription, shutdown)),
+            )),
             Err(RecvError::Lagged {
                 channel,
                 dropped_at,
@@ -159,14 +150,13 @@ fn follow(
 }
 
 /// One event's message: its id and `data: ` line, the shared JSON, the blank line.
-fn event_frames(published: &Published) -> Result<[Bytes; 3], &str> {
-    let json = published.json()?;
+fn event_frames(published: &Published) -> [Bytes; 3] {
     let position = published.event().position();
-    Ok([
+    [
         Bytes::from(format!("id: {position}\ndata: ")),
-        json.clone(),
+        published.json().clone(),
         Bytes::from_static(b"\n\n"),
-    ])
+    ]
 }
 
 fn lagged_message(data: serde_json::Value) -> Bytes {

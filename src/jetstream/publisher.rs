@@ -239,8 +239,7 @@ impl Publisher {
         } else {
             event.entity.clone()
         };
-        // Serialising an event (a map of JSON values) cannot fail.
-        let payload = serde_json::to_vec(event).unwrap_or_default();
+        let payload = event.to_json();
         let key = super::row_key(event);
         let old_key = super::old_row_key(event, key.as_deref());
         Publication {

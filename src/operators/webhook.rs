@@ -120,9 +120,6 @@ pub enum WebhookError {
         /// How long its `Retry-After` header asked the next try to wait, if it sent one.
         retry_after: Option<Duration>,
     },
-    /// The event could not be written as JSON.
-    #[error("webhook: writing the event as JSON")]
-    Json(#[source] serde_json::Error),
 }
 
 /// Posts the events it subscribes to, as JSON, to a URL, at least once and in WAL order;
@@ -219,12 +216,21 @@ impl Webhook {
     }
 
     /// The body of a request carrying `events`: the event itself, or with batches an array.
-    fn body(&self, events: &[&Event]) -> Result<Vec<u8>, WebhookError> {
+    fn body(&self, events: &[&Event]) -> Vec<u8> {
         match events {
-            [event] if self.batch_size == 1 => serde_json::to_vec(event),
-            events => serde_json::to_vec(events),
+            [event] if self.batch_size == 1 => event.to_json(),
+            events => {
+                let mut body = vec![b'['];
+                for (i, event) in events.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    event.write_json(&mut body);
+                }
+                body.push(b']');
+                body
+            }
         }
-        .map_err(WebhookError::Json)
     }
 
     /// The headers of a request with `body`, made at `timestamp`, carrying `events` events
@@ -270,7 +276,7 @@ impl Webhook {
             return Ok(());
         };
         let (first, last) = (first.position(), last.position());
-        let body = self.body(events)?;
+        let body = self.body(events);
         let timestamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |t| t.as_secs());
@@ -737,12 +743,11 @@ mod tests {
     fn one_event_is_its_tail_json_and_with_batches_every_body_is_an_array() {
         let (a, b) = (event(0, 1), event(1, 2));
         let single = webhook(1);
-        assert_eq!(single.body(&[&a]).unwrap(), serde_json::to_vec(&a).unwrap());
+        assert_eq!(single.body(&[&a]), serde_json::to_vec(&a).unwrap());
         let batched = webhook(10);
-        let one: serde_json::Value = serde_json::from_slice(&batched.body(&[&a]).unwrap()).unwrap();
+        let one: serde_json::Value = serde_json::from_slice(&batched.body(&[&a])).unwrap();
         assert_eq!(one, serde_json::json!([serde_json::to_value(&a).unwrap()]));
-        let two: serde_json::Value =
-            serde_json::from_slice(&batched.body(&[&a, &b]).unwrap()).unwrap();
+        let two: serde_json::Value = serde_json::from_slice(&batched.body(&[&a, &b])).unwrap();
         assert_eq!(two[1]["new_record"]["id"], 2);
         assert_eq!(two.as_array().map(Vec::len), Some(2));
     }
@@ -751,7 +756,7 @@ mod tests {
     fn headers_carry_the_positions_the_signature_and_the_extra_headers() {
         let hook = webhook(10);
         let (a, b) = (event(0, 1), event(2, 2));
-        let body = hook.body(&[&a]).unwrap();
+        let body = hook.body(&[&a]);
         let headers = hook.headers(&body, 1_700_000_000, a.position(), a.position(), 1);
         let get = |h: &HeaderMap, name: &str| h.get(name).unwrap().to_str().unwrap().to_owned();
         assert_eq!(get(&headers, "content-type"), "application/json");
@@ -768,7 +773,7 @@ mod tests {
         assert_eq!(get(&headers, "authorization"), "Bearer abc");
         assert!(headers["authorization"].is_sensitive());
 
-        let body = hook.body(&[&a, &b]).unwrap();
+        let body = hook.body(&[&a, &b]);
         let headers = hook.headers(&body, 1_700_000_000, a.position(), b.position(), 2);
         assert_eq!(get(&headers, "idempotency-key"), "0/100#0..0/100#2");
         assert_eq!(get(&headers, "x-streamex-first-position"), "0/100#0");

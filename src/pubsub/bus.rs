@@ -70,7 +70,7 @@ pub struct Published(Arc<PublishedInner>);
 
 struct PublishedInner {
     event: Arc<Event>,
-    json: OnceLock<Result<Bytes, String>>,
+    json: OnceLock<Bytes>,
 }
 
 impl Published {
@@ -87,19 +87,12 @@ impl Published {
         &self.0.event
     }
 
-    /// `serde_json::to_vec(event)`, serialised on the first call and shared by every later
-    /// one, from any clone: every subscriber gets the same allocation. The error (an event
-    /// that does not serialise, which should not happen) is kept as its message.
-    pub fn json(&self) -> Result<&Bytes, &str> {
+    /// The event's JSON ([`Event::to_json`]), written on the first call and shared by every
+    /// later one, from any clone: every subscriber gets the same allocation.
+    pub fn json(&self) -> &Bytes {
         self.0
             .json
-            .get_or_init(|| {
-                serde_json::to_vec(&*self.0.event)
-                    .map(Bytes::from)
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(String::as_str)
+            .get_or_init(|| Bytes::from(self.0.event.to_json()))
     }
 }
 
@@ -109,10 +102,7 @@ impl fmt::Debug for Published {
         let position = self.0.event.position();
         f.debug_struct("Published")
             .field("position", &format_args!("{position}"))
-            .field(
-                "json_bytes",
-                &self.0.json.get().map(|j| j.as_ref().map(Bytes::len)),
-            )
+            .field("json_bytes", &self.0.json.get().map(Bytes::len))
             .finish()
     }
 }
@@ -124,7 +114,7 @@ trait Weigh {
 
 impl Weigh for Published {
     fn weight(&self) -> usize {
-        self.json().map_or(0, Bytes::len)
+        self.json().len()
     }
 }
 
@@ -626,12 +616,12 @@ mod tests {
             c.recv_published().await.unwrap(),
         );
         assert!(Arc::ptr_eq(a.event(), &e));
-        let json = a.json().unwrap();
+        let json = a.json();
         assert_eq!(&json[..], serde_json::to_vec(&*e).unwrap());
         // The same allocation, not equal copies.
         for other in [&b, &c] {
-            assert_eq!(other.json().unwrap().as_ptr(), json.as_ptr());
-            assert_eq!(other.json().unwrap().len(), json.len());
+            assert_eq!(other.json().as_ptr(), json.as_ptr());
+            assert_eq!(other.json().len(), json.len());
         }
         assert!(!format!("{a:?}").contains("\"id\""), "{a:?}");
     }
@@ -639,7 +629,7 @@ mod tests {
     #[tokio::test]
     async fn a_subscriber_over_its_bytes_is_cut_off_with_lagged() {
         let bus = PubSub::new();
-        let weight = Published::new(ev("posts", 1, 1)).json().unwrap().len();
+        let weight = Published::new(ev("posts", 1, 1)).json().len();
         // Room for three events' JSON, and far more events.
         let mut slow = bus.subscribe_with_max_bytes("posts", 100, 3 * weight);
         let mut reader = bus.subscribe_with_max_bytes("posts", 100, 3 * weight);
