@@ -29,7 +29,7 @@ pub(super) async fn bench(
         .is_ok_and(|s| s.success());
     if !found {
         return Ok(
-            "## Instructions per event\n\nLeft out: valgrind is not installed \
+            "\n## Instructions per event\n\nLeft out: valgrind is not installed \
                    (Debian's `valgrind`).\n\n"
                 .to_owned(),
         );
@@ -97,7 +97,7 @@ pub(super) async fn bench(
         drop_slot(&pool, &slot).await?;
     }
     Ok(format!(
-        "## Instructions per event\n\n\
+        "\n## Instructions per event\n\n\
          {changes} changes of the drain's mix, each consumer under `valgrind --tool=callgrind` \
          (every thread of the process, start-up included). Targets: (c) at most 5,000, (b) at \
          most 7,000.\n\n\
