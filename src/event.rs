@@ -26,8 +26,8 @@ use crate::lsn::{Lsn, Position};
 mod json;
 mod record;
 
-pub(crate) use record::Columns;
 pub use record::Record;
+pub(crate) use record::{Columns, Names};
 
 /// The kind of change an [`Event`] reports. Kinds may be added (as `message` was): a
 /// `match` outside streamex needs an arm for the others, which an operator does not get

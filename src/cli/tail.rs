@@ -205,7 +205,10 @@ async fn stream(
     let stream = replication::spawn(config, catalog, Acknowledger::default(), stop.clone());
     let (mut items, ack, task) = (stream.items, stream.ack, stream.task);
 
-    let mut line = Vec::with_capacity(4096);
+    // Lines gather here and go out 64 KiB at a time and at each commit, each write a
+    // single call: a write per line cost more than writing its JSON.
+    const CHUNK: usize = 1 << 16;
+    let mut lines = Vec::with_capacity(CHUNK + 4096);
     let result: anyhow::Result<()> = async {
         loop {
             let item = tokio::select! {
@@ -221,13 +224,17 @@ async fn stream(
                 // still taken, to acknowledge it; anything else ends tail unacknowledged.
                 Decoded::Event(_) if printed >= limit => break,
                 Decoded::Event(event) => {
-                    line.clear();
-                    event.write_json(&mut line);
-                    line.push(b'\n');
-                    out.write_all(&line).await?;
+                    event.write_json(&mut lines);
+                    lines.push(b'\n');
+                    if lines.len() >= CHUNK {
+                        out.write_all(&lines).await?;
+                        lines.clear();
+                    }
                     printed += 1;
                 }
                 Decoded::Commit { end_lsn, .. } => {
+                    out.write_all(&lines).await?;
+                    lines.clear();
                     out.flush().await?;
                     ack.ack(end_lsn);
                     if printed >= limit {
@@ -237,6 +244,7 @@ async fn stream(
                 Decoded::Begin { .. } | Decoded::Message { .. } | Decoded::Interrupted => {}
             }
         }
+        out.write_all(&lines).await?;
         out.flush().await?;
         Ok(())
     }

@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use super::text_to_json;
 use super::types::PgType;
-use crate::event::{Columns, Record};
+use crate::event::{Columns, Names, Record};
 
 /// A table's columns in the order the COPY statement selects them.
 #[derive(Clone, Debug)]
@@ -70,7 +70,7 @@ impl CopyReader {
     /// A reader for rows of `columns`.
     pub fn new(columns: Arc<[CopyColumn]>) -> Self {
         CopyReader {
-            names: columns.iter().map(|c| c.name.as_str().into()).collect(),
+            names: Names::shared(columns.iter().map(|c| c.name.as_str().into()).collect()),
             columns,
             partial: Vec::new(),
         }

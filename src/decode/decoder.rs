@@ -36,7 +36,7 @@ use super::pgoutput::{
 };
 use super::types::{PgType, TypeCache, TypeError};
 use super::value::text_to_json;
-use crate::event::{Change, Changes, Columns, Event, EventType, Record};
+use crate::event::{Change, Changes, Columns, Event, EventType, Names, Record};
 use crate::lsn::{Lsn, PG_EPOCH_OFFSET_MICROS};
 
 /// What the decoder hands downstream, in WAL order.
@@ -92,7 +92,7 @@ pub struct Table {
     /// The columns the server sends, in the order of every tuple's values.
     pub columns: Vec<TableColumn>,
     /// Their names, shared by every record of the table.
-    pub names: Columns,
+    pub(crate) names: Columns,
     /// The generated columns the server leaves out of its messages, in column order, as the
     /// catalog had them when the Relation message was decoded: every one before PostgreSQL
     /// 18; on 18, where streamex publishes stored ones, the virtual ones. They are listed in
@@ -378,7 +378,9 @@ impl Decoder {
                         name,
                         entity,
                         replica_identity: relation.replica_identity,
-                        names: columns.iter().map(|c| c.name.as_str().into()).collect(),
+                        names: Names::shared(
+                            columns.iter().map(|c| c.name.as_str().into()).collect(),
+                        ),
                         columns,
                         generated_columns,
                     }),

@@ -126,6 +126,14 @@ fn number(text: &[u8]) -> Result<Value, ValueError> {
 
 /// `2024-01-02 03:04:05.5[+05[:30]][ BC]` → `2024-01-02T03:04:05.5[+05:00|+05:30][ BC]`.
 fn timestamp(text: &[u8], with_zone: bool) -> Result<Value, ValueError> {
+    match usual_timestamp(text, with_zone) {
+        Some(usual) => Ok(Value::String(usual)),
+        None => any_timestamp(text, with_zone),
+    }
+}
+
+/// [`timestamp`] for any text.
+fn any_timestamp(text: &[u8], with_zone: bool) -> Result<Value, ValueError> {
     let type_name = if with_zone {
         "timestamptz"
     } else {
@@ -166,6 +174,43 @@ fn timestamp(text: &[u8], with_zone: bool) -> Result<Value, ValueError> {
         out.push_str(rest);
     }
     Ok(Value::String(out))
+}
+
+/// [`timestamp`]'s result for the shape PostgreSQL writes for years 1000 to 9999 AD (the
+/// date, a space, digits, colons and a point, then for a timestamptz an offset in whole hours:
+/// `2024-01-02 03:04:05.123456+00`), without searching the text; `None` for anything else.
+fn usual_timestamp(text: &[u8], with_zone: bool) -> Option<String> {
+    let offset = if with_zone { 3 } else { 0 };
+    let time_end = text.len().checked_sub(offset)?;
+    if time_end < 19 || text[10] != b' ' {
+        return None;
+    }
+    let date_ok = text[..10].iter().enumerate().all(|(i, &c)| {
+        if i == 4 || i == 7 {
+            c == b'-'
+        } else {
+            c.is_ascii_digit()
+        }
+    });
+    let time_ok = text[11..time_end]
+        .iter()
+        .all(|&c| c.is_ascii_digit() || c == b':' || c == b'.');
+    let zone = &text[time_end..];
+    let zone_ok = zone.is_empty()
+        || (matches!(zone[0], b'+' | b'-') && zone[1..].iter().all(u8::is_ascii_digit));
+    if !(date_ok && time_ok && zone_ok) {
+        return None;
+    }
+    // Only ASCII digits and punctuation, checked above.
+    let s = std::str::from_utf8(text).ok()?;
+    let mut out = String::with_capacity(text.len() + 3);
+    out.push_str(&s[..10]);
+    out.push('T');
+    out.push_str(&s[11..]);
+    if with_zone {
+        out.push_str(":00");
+    }
+    Some(out)
 }
 
 // ---------------------------------------------------------------------------------------------

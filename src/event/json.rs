@@ -75,12 +75,11 @@ fn optional_record(out: &mut Vec<u8>, record: Option<&Record>) {
         return;
     };
     out.push(b'{');
-    for (i, (name, v)) in record.iter().enumerate() {
+    for (i, (key, v)) in record.json_entries().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        string(out, name);
-        out.push(b':');
+        out.extend_from_slice(key);
         value(out, v);
     }
     out.push(b'}');
@@ -151,7 +150,7 @@ fn needs_escape(word: u64) -> bool {
 }
 
 /// A JSON string, escaped as serde_json escapes it.
-fn string(out: &mut Vec<u8>, s: &str) {
+pub(super) fn string(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);

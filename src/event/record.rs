@@ -17,7 +17,42 @@ use serde_json::Value;
 
 /// The column names of a table's records, in the order of its values; shared by every record
 /// of the table.
-pub(crate) type Columns = Arc<[Box<str>]>;
+pub(crate) type Columns = Arc<Names>;
+
+/// Column names, each also as the JSON of an object key (`"name":`), escaped once for every
+/// event's JSON. Reads as the slice of names.
+#[derive(Debug, Default)]
+pub(crate) struct Names {
+    names: Box<[Box<str>]>,
+    json_keys: Box<[Box<[u8]>]>,
+}
+
+impl Names {
+    /// `names`, shared.
+    pub(crate) fn shared(names: Vec<Box<str>>) -> Columns {
+        let json_keys = names
+            .iter()
+            .map(|name| {
+                let mut key = Vec::with_capacity(name.len() + 3);
+                super::json::string(&mut key, name);
+                key.push(b':');
+                key.into_boxed_slice()
+            })
+            .collect();
+        Arc::new(Names {
+            names: names.into_boxed_slice(),
+            json_keys,
+        })
+    }
+}
+
+impl std::ops::Deref for Names {
+    type Target = [Box<str>];
+
+    fn deref(&self) -> &[Box<str>] {
+        &self.names
+    }
+}
 
 /// A row: each column's value exactly as PostgreSQL's `to_jsonb(row)` gives it (the README's
 /// "What an event looks like" gives the mapping), in column order.
@@ -82,7 +117,7 @@ impl Record {
             None => {
                 let mut columns = self.columns.to_vec();
                 columns.push(column.into_boxed_str());
-                self.columns = columns.into();
+                self.columns = Names::shared(columns);
                 self.values.push(Some(value));
                 None
             }
@@ -101,6 +136,15 @@ impl Record {
             .iter()
             .zip(&self.values)
             .filter_map(|(name, value)| Some((&**name, value.as_ref()?)))
+    }
+
+    /// The columns that have a value, each as the JSON of its key (`"name":`), with it.
+    pub(crate) fn json_entries(&self) -> impl Iterator<Item = (&[u8], &Value)> {
+        self.columns
+            .json_keys
+            .iter()
+            .zip(&self.values)
+            .filter_map(|(key, value)| Some((&**key, value.as_ref()?)))
     }
 
     /// The names of the columns that have a value, in column order.
@@ -236,7 +280,7 @@ impl<'de> Deserialize<'de> for Record {
                     }
                 }
                 Ok(Record {
-                    columns: columns.into(),
+                    columns: Names::shared(columns),
                     values,
                 })
             }
@@ -252,7 +296,7 @@ mod tests {
     use serde_json::json;
 
     fn columns(names: &[&str]) -> Columns {
-        names.iter().map(|n| Box::from(*n)).collect()
+        Names::shared(names.iter().map(|n| Box::from(*n)).collect())
     }
 
     #[test]

@@ -135,6 +135,31 @@ fn integers_either_side_of_the_fast_path_keep_their_text() {
 }
 
 #[test]
+fn the_usual_timestamp_shapes_take_the_short_way() {
+    for (text, with_zone) in [
+        ("2024-01-02 03:04:05.123456+00", true),
+        ("2024-01-02 03:04:05-08", true),
+        ("2024-01-02 03:04:05.5", false),
+    ] {
+        assert!(
+            super::usual_timestamp(text.as_bytes(), with_zone).is_some(),
+            "{text}"
+        );
+    }
+    for (text, with_zone) in [
+        ("2024-01-02 03:04:05+05:30", true),
+        ("0044-03-15 12:00:00+00 BC", true),
+        ("12024-01-02 03:04:05+00", true),
+        ("2024-01-02 03:04:05 BC", false),
+    ] {
+        assert!(
+            super::usual_timestamp(text.as_bytes(), with_zone).is_none(),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn special_numbers_are_strings() {
     assert_eq!(conv(&PgType::Number, "NaN"), json!("NaN"));
     assert_eq!(conv(&PgType::Number, "Infinity"), json!("Infinity"));
@@ -712,6 +737,18 @@ proptest! {
         text.push('}');
         let ty = array_of(composite_of(&[("name", PgType::Text), ("tags", array_of(PgType::Text))]));
         prop_assert_eq!(text_to_json(&ty, text.as_bytes()).unwrap(), Value::Array(expected));
+    }
+
+    #[test]
+    fn the_usual_timestamp_shape_converts_as_any_other(
+        text in "[0-9]{4,5}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,6})?([+-][0-9]{2}(:[0-9]{2}){0,2})?( BC)?",
+        with_zone in any::<bool>(),
+    ) {
+        let usual = super::usual_timestamp(text.as_bytes(), with_zone);
+        let any = super::any_timestamp(text.as_bytes(), with_zone).ok();
+        if let Some(usual) = usual {
+            prop_assert_eq!(Some(Value::String(usual)), any, "{}", text);
+        }
     }
 
     #[test]
