@@ -98,8 +98,29 @@ struct OperatorLine {
     dead_letters: i64,
     /// `backfill` or `rebuild` asked for and not done yet.
     backfill_request: Option<String>,
+    /// Its partitions on workers (`partitions = N`), by count then index: the configured
+    /// count's, and an earlier count's while its rows are still kept.
+    partitions: Vec<PartitionLine>,
     /// The running (or last unfinished) backfill's progress, as a line.
     backfill_progress: Option<String>,
+}
+
+/// One partition of an operator on workers (`<operator>#<index>/<count>`).
+#[derive(Debug, Serialize)]
+struct PartitionLine {
+    name: String,
+    index: u32,
+    count: u32,
+    /// Whether `count` is the operator's configured `partitions`: otherwise an earlier count,
+    /// whose rows go once every partition of the new count is past them.
+    current: bool,
+    halted: bool,
+    last_error: Option<String>,
+    worker_pid: Option<i32>,
+    checkpoint_commit_lsn: Option<Lsn>,
+    checkpoint_ordinal: Option<u64>,
+    checkpoint_behind_wal_bytes: Option<u64>,
+    dead_letters: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -176,13 +197,51 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
     .context("reading the server's WAL position")?;
     let current_wal: Option<Lsn> = current_wal.and_then(|text| text.parse().ok());
 
-    // The configuration's operators in its order, then the others with rows for this slot.
+    // The configuration's operators in its order, then the others with rows for this slot;
+    // a partition's rows go under its operator.
     let configured: Vec<&str> = config.operators.iter().map(|o| o.name.as_str()).collect();
-    let others: BTreeSet<&str> = checkpoints
+    let names: BTreeSet<&str> = checkpoints
         .keys()
         .chain(states.keys())
         .chain(dead.keys())
         .map(String::as_str)
+        .collect();
+    let mut partitions: BTreeMap<&str, Vec<PartitionLine>> = BTreeMap::new();
+    for name in &names {
+        let Some((operator, index, count)) = crate::worker::split_partition(name) else {
+            continue;
+        };
+        let configured_count = config
+            .operators
+            .iter()
+            .find(|o| o.name == operator)
+            .map_or(1, |o| o.partitions.unwrap_or(1));
+        let checkpoint = checkpoints.get(*name);
+        let state = states.get(*name);
+        partitions.entry(operator).or_default().push(PartitionLine {
+            name: (*name).to_owned(),
+            index,
+            count,
+            current: count == configured_count,
+            halted: state.is_some_and(|s| s.state == OperatorRunState::Halted),
+            last_error: state.and_then(|s| s.last_error.clone()),
+            worker_pid: worker_pid(&workers, &config.slot, name),
+            checkpoint_commit_lsn: checkpoint.map(|c| c.commit_lsn),
+            checkpoint_ordinal: checkpoint.map(|c| c.ordinal),
+            checkpoint_behind_wal_bytes: checkpoint
+                .zip(current_wal)
+                .map(|(c, wal)| wal.0.saturating_sub(c.commit_lsn.0)),
+            dead_letters: dead.get(*name).copied().unwrap_or(0),
+        });
+    }
+    for lines in partitions.values_mut() {
+        lines.sort_by_key(|p| (!p.current, p.count, p.index));
+    }
+    let others: BTreeSet<&str> = names
+        .iter()
+        .copied()
+        .filter(|name| crate::worker::split_partition(name).is_none())
+        .chain(partitions.keys().copied())
         .filter(|name| !configured.contains(name))
         .collect();
     let operators = configured
@@ -194,11 +253,20 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             let state = states.get(name);
             let halted = state.is_some_and(|s| s.state == OperatorRunState::Halted);
             let worker_pid = worker_pid(&workers, &config.slot, name);
+            let partitions = partitions.remove(name).unwrap_or_default();
             OperatorLine {
                 name: name.to_owned(),
                 in_config,
                 state: if halted { "halted" } else { "running" }.into(),
-                processing: !halted && ((in_config && instance_active) || worker_pid.is_some()),
+                // A partitioned operator runs on workers only, one session per partition.
+                processing: !halted
+                    && if partitions.iter().any(|p| p.current) {
+                        partitions
+                            .iter()
+                            .any(|p| p.current && p.worker_pid.is_some())
+                    } else {
+                        (in_config && instance_active) || worker_pid.is_some()
+                    },
                 worker_pid,
                 checkpoint_commit_lsn: checkpoint.map(|c| c.commit_lsn),
                 checkpoint_ordinal: checkpoint.map(|c| c.ordinal),
@@ -209,6 +277,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
                 failed_at: state
                     .and_then(|s| Some(format!("{}#{}", s.failed_commit_lsn?, s.failed_ordinal?))),
                 dead_letters: dead.get(name).copied().unwrap_or(0),
+                partitions,
                 backfill_request: state.and_then(|s| {
                     s.backfill_request.as_ref().map(|r| {
                         let what = if r.rebuild { "rebuild" } else { "backfill" };
@@ -272,6 +341,60 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
         print!("{}", render(&report, has_schema));
     }
     Ok(())
+}
+
+/// An operator's partitions under its line: each one's worker, checkpoint and lag, the
+/// current count first, then an earlier one's with what happens to it.
+fn render_partitions(out: &mut String, o: &OperatorLine, width: usize) {
+    use std::fmt::Write;
+    let mut earlier_said = BTreeSet::new();
+    for p in &o.partitions {
+        if !p.current && earlier_said.insert(p.count) {
+            let _ = writeln!(
+                out,
+                "  {:width$}  partitions of an earlier count ({}): kept until every partition of                  the configured count is past them, then removed by the workers",
+                "", p.count
+            );
+        }
+        let state = match (p.halted, p.worker_pid) {
+            (true, _) => "halted".to_owned(),
+            (false, Some(pid)) => format!("on a worker (backend pid {pid})"),
+            (false, None) if p.current => "no worker holds it".to_owned(),
+            (false, None) => "not run".to_owned(),
+        };
+        let checkpoint = match (p.checkpoint_commit_lsn, p.checkpoint_ordinal) {
+            (Some(lsn), Some(ordinal)) => format!("{lsn}#{ordinal}"),
+            _ => "-".into(),
+        };
+        let behind = p
+            .checkpoint_behind_wal_bytes
+            .map(|n| {
+                format!(
+                    ", {} behind the WAL",
+                    bytes(i64::try_from(n).unwrap_or(i64::MAX))
+                )
+            })
+            .unwrap_or_default();
+        let dead = if p.dead_letters > 0 {
+            format!(", {} dead letters", p.dead_letters)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "  {:width$}  partition {}/{}  {state}  checkpoint {checkpoint}{behind}{dead}",
+            "", p.index, p.count
+        );
+        if p.halted {
+            let _ = writeln!(
+                out,
+                "  {:width$}    {}: fix the cause, then `streamex resume '{}'`",
+                "",
+                p.last_error.as_deref().unwrap_or("-"),
+                p.name
+            );
+        }
+    }
 }
 
 /// The stream `[nats]` names, as JetStream has it; an error line (not a failure) when it
@@ -564,6 +687,14 @@ fn render(report: &Report, has_schema: bool) -> String {
     };
     let state = |o: &OperatorLine| match (o.state.as_str(), o.in_config, report.instance_active) {
         ("halted", _, _) => "halted".to_owned(),
+        _ if o.partitions.iter().any(|p| p.current) => {
+            let current: Vec<&PartitionLine> = o.partitions.iter().filter(|p| p.current).collect();
+            let held = current.iter().filter(|p| p.worker_pid.is_some()).count();
+            format!(
+                "in {} partitions on workers ({held} held now)",
+                current[0].count
+            )
+        }
         _ if o.worker_pid.is_some() => format!(
             "running on a worker (backend pid {})",
             o.worker_pid.unwrap_or_default()
@@ -587,6 +718,7 @@ fn render(report: &Report, has_schema: bool) -> String {
     for o in &report.operators {
         let checkpoint = match (o.checkpoint_commit_lsn, o.checkpoint_ordinal) {
             (Some(lsn), Some(ordinal)) => format!("{lsn}#{ordinal}"),
+            _ if !o.partitions.is_empty() => "per partition:".into(),
             _ => "-".into(),
         };
         let behind = o
@@ -604,6 +736,7 @@ fn render(report: &Report, has_schema: bool) -> String {
             label(o),
             state(o)
         );
+        render_partitions(&mut out, o, width);
         if let Some(progress) = &o.backfill_progress {
             let _ = writeln!(out, "  {:width$}  backfilling: {progress}", "");
         } else if let Some(request) = &o.backfill_request {

@@ -42,6 +42,7 @@ mod message;
 mod metrics;
 mod progress;
 mod share;
+pub(crate) use share::split_partition;
 mod task;
 
 use std::future::Future;

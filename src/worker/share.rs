@@ -46,6 +46,15 @@ pub(crate) fn partition_name(operator: &str, index: u32, partitions: u32) -> Str
     format!("{operator}#{index}/{partitions}")
 }
 
+/// The operator, index and count of a partition's name (`tallies#2/4` → `("tallies", 2, 4)`);
+/// `None` for a name that is no partition's.
+pub(crate) fn split_partition(name: &str) -> Option<(&str, u32, u32)> {
+    let (operator, rest) = name.rsplit_once('#')?;
+    let (count, index) = generation_of(operator, name)?;
+    debug_assert!(rest.ends_with(&count.to_string()));
+    (count > 1).then_some((operator, index, count))
+}
+
 /// The partition of `event`'s row among `partitions`, from its `Streamex-Key` header (`key`).
 pub(crate) fn partition_of(key: Option<&str>, partitions: u32) -> u32 {
     crate::jetstream::partition(key, partitions)
@@ -563,6 +572,11 @@ mod tests {
             "talli",
         ] {
             assert_eq!(generation_of("tallies", other), None, "{other}");
+        }
+        assert_eq!(split_partition("tallies#2/4"), Some(("tallies", 2, 4)));
+        assert_eq!(split_partition("odd#name#1/3"), Some(("odd#name", 1, 3)));
+        for other in ["tallies", "tallies#4/4", "tallies#0/1", "tallies#2/x"] {
+            assert_eq!(split_partition(other), None, "{other}");
         }
         assert_eq!(generation_name("tallies", 0, 1), "tallies");
         assert_eq!(generation_name("tallies", 3, 4), "tallies#3/4");

@@ -255,6 +255,37 @@ async fn changing_the_count_of_partitions_applies_every_event_once() -> anyhow::
                 .all(|n| n.contains("-mirror-23") && n.contains("-2F3-s")))
     })
     .await?;
+    // `streamex status` shows the partitions under their operator, each on its worker, and
+    // none of them as an operator the configuration does not run.
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!("{common}\n[[operators]]\nname = \"mirror\"\npartitions = 3\n"),
+    )?;
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_streamex"))
+        .args(["status", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    for index in 0..3 {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("partition {index}/3 ")))
+            .unwrap_or_else(|| panic!("no line for partition {index}/3:\n{text}"));
+        assert!(line.contains("on a worker (backend pid"), "{line}\n{text}");
+        assert!(line.contains("behind the WAL"), "{line}\n{text}");
+    }
+    assert!(!text.contains("not in config"), "{text}");
+    assert!(
+        text.contains("in 3 partitions on workers (3 held now)"),
+        "{text}"
+    );
     let (count, most) = applied(&pool).await?;
     let wrong = differences(&pool).await?;
     if let Some((stop, task)) = running.take() {
