@@ -343,6 +343,18 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
     Ok(())
 }
 
+/// `, N behind the WAL` for a checkpoint that far behind, or nothing.
+fn behind_wal(bytes_behind: Option<u64>) -> String {
+    bytes_behind
+        .map(|n| {
+            format!(
+                ", {} behind the WAL",
+                bytes(i64::try_from(n).unwrap_or(i64::MAX))
+            )
+        })
+        .unwrap_or_default()
+}
+
 /// An operator's partitions under its line: each one's worker, checkpoint and lag, the
 /// current count first, then an earlier one's with what happens to it.
 fn render_partitions(out: &mut String, o: &OperatorLine, width: usize) {
@@ -366,15 +378,7 @@ fn render_partitions(out: &mut String, o: &OperatorLine, width: usize) {
             (Some(lsn), Some(ordinal)) => format!("{lsn}#{ordinal}"),
             _ => "-".into(),
         };
-        let behind = p
-            .checkpoint_behind_wal_bytes
-            .map(|n| {
-                format!(
-                    ", {} behind the WAL",
-                    bytes(i64::try_from(n).unwrap_or(i64::MAX))
-                )
-            })
-            .unwrap_or_default();
+        let behind = behind_wal(p.checkpoint_behind_wal_bytes);
         let dead = if p.dead_letters > 0 {
             format!(", {} dead letters", p.dead_letters)
         } else {
@@ -721,15 +725,7 @@ fn render(report: &Report, has_schema: bool) -> String {
             _ if !o.partitions.is_empty() => "per partition:".into(),
             _ => "-".into(),
         };
-        let behind = o
-            .checkpoint_behind_wal_bytes
-            .map(|n| {
-                format!(
-                    ", {} behind the WAL",
-                    bytes(i64::try_from(n).unwrap_or(i64::MAX))
-                )
-            })
-            .unwrap_or_default();
+        let behind = behind_wal(o.checkpoint_behind_wal_bytes);
         let _ = writeln!(
             out,
             "  {:width$}  {:state_width$}  checkpoint {checkpoint}{behind}",
