@@ -168,6 +168,8 @@ impl<'de> Deserialize<'de> for Changes {
 /// # Ok(())
 /// # }
 /// ```
+// A field added here is written by `json.rs` too: its proptest compares that writer with this
+// derive and fails until both write the field.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Event {
