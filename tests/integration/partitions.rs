@@ -143,6 +143,34 @@ fn publish(common: &str, dir: &std::path::Path) -> anyhow::Result<std::process::
     spawn_service(&run_config, &dir.join("run.log"), "info")
 }
 
+/// What each test starts with: its nats-server, a database with the tables, and the
+/// publisher running on it.
+struct Setup {
+    nats: NatsServer,
+    slot: String,
+    pool: PgPool,
+    /// The configuration both processes share.
+    common: String,
+    dir: tempfile::TempDir,
+    service: std::process::Child,
+}
+
+async fn start() -> anyhow::Result<Setup> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let (pool, common) = prepare(&url, &nats).await?;
+    let dir = tempfile::tempdir()?;
+    let service = publish(&common, dir.path())?;
+    Ok(Setup {
+        nats,
+        slot: slot_for(&url),
+        pool,
+        common,
+        dir,
+        service,
+    })
+}
+
 /// A worker running in this process: its stop, and its task.
 type Running = (
     tokio::sync::oneshot::Sender<()>,
@@ -201,12 +229,14 @@ async fn round(pool: &PgPool, base: i64) -> anyhow::Result<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_the_count_of_partitions_applies_every_event_once() -> anyhow::Result<()> {
-    let nats = NatsServer::start()?;
-    let url = testing::server().create_database().await?;
-    let (pool, common) = prepare(&url, &nats).await?;
-    let dir = tempfile::tempdir()?;
-    let mut service = publish(&common, dir.path())?;
-    let slot = slot_for(&url);
+    let Setup {
+        nats,
+        slot,
+        pool,
+        common,
+        dir,
+        mut service,
+    } = start().await?;
     let checkpoints = async || -> anyhow::Result<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT operator FROM streamex.operator_checkpoints WHERE slot = $1 ORDER BY 1",
@@ -308,9 +338,6 @@ async fn changing_the_count_of_partitions_applies_every_event_once() -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_that_moves_a_row_to_another_partition_keeps_the_row_s_order()
 -> anyhow::Result<()> {
-    let nats = NatsServer::start()?;
-    let url = testing::server().create_database().await?;
-    let (pool, common) = prepare(&url, &nats).await?;
     // Ids 1..=40 and 1001..=1040 must cross partitions, some of them out of partition 0.
     let crossing_from_0 = (1..=40)
         .filter(|id| partition_of(*id) == 0 && partition_of(id + 1000) != 0)
@@ -319,8 +346,15 @@ async fn an_update_that_moves_a_row_to_another_partition_keeps_the_row_s_order()
         crossing_from_0 >= 3,
         "only {crossing_from_0} rows move out of partition 0"
     );
-    let dir = tempfile::tempdir()?;
-    let mut service = publish(&common, dir.path())?;
+    // Bound, not left out with `..`: the servers and the directory live to the end.
+    let Setup {
+        nats: _nats,
+        slot: _,
+        pool,
+        common,
+        dir,
+        mut service,
+    } = start().await?;
     let (stop, running) = worker(&common, PARTITIONS).await?;
 
     // Rows inserted, moved to new keys (most to another partition), their old keys taken
@@ -359,12 +393,14 @@ async fn an_update_that_moves_a_row_to_another_partition_keeps_the_row_s_order()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_count_of_partitions_waits_while_the_old_one_runs() -> anyhow::Result<()> {
-    let nats = NatsServer::start()?;
-    let url = testing::server().create_database().await?;
-    let (pool, common) = prepare(&url, &nats).await?;
-    let dir = tempfile::tempdir()?;
-    let mut service = publish(&common, dir.path())?;
-    let slot = slot_for(&url);
+    let Setup {
+        nats: _nats,
+        slot,
+        pool,
+        common,
+        dir: _dir,
+        mut service,
+    } = start().await?;
     let counts = async || -> anyhow::Result<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT DISTINCT split_part(operator, '/', 2) FROM streamex.operator_checkpoints
