@@ -206,6 +206,11 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
         .chain(dead.keys())
         .map(String::as_str)
         .collect();
+    let behind = |checkpoint: Option<&crate::lsn::Position>| {
+        checkpoint
+            .zip(current_wal)
+            .map(|(c, wal)| wal.0.saturating_sub(c.commit_lsn.0))
+    };
     let mut partitions: BTreeMap<&str, Vec<PartitionLine>> = BTreeMap::new();
     for name in &names {
         let Some((operator, index, count)) = crate::worker::split_partition(name) else {
@@ -228,9 +233,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             worker_pid: worker_pid(&workers, &config.slot, name),
             checkpoint_commit_lsn: checkpoint.map(|c| c.commit_lsn),
             checkpoint_ordinal: checkpoint.map(|c| c.ordinal),
-            checkpoint_behind_wal_bytes: checkpoint
-                .zip(current_wal)
-                .map(|(c, wal)| wal.0.saturating_sub(c.commit_lsn.0)),
+            checkpoint_behind_wal_bytes: behind(checkpoint),
             dead_letters: dead.get(*name).copied().unwrap_or(0),
         });
     }
@@ -270,9 +273,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
                 worker_pid,
                 checkpoint_commit_lsn: checkpoint.map(|c| c.commit_lsn),
                 checkpoint_ordinal: checkpoint.map(|c| c.ordinal),
-                checkpoint_behind_wal_bytes: checkpoint
-                    .zip(current_wal)
-                    .map(|(c, wal)| wal.0.saturating_sub(c.commit_lsn.0)),
+                checkpoint_behind_wal_bytes: behind(checkpoint),
                 last_error: state.and_then(|s| s.last_error.clone()),
                 failed_at: state
                     .and_then(|s| Some(format!("{}#{}", s.failed_commit_lsn?, s.failed_ordinal?))),
@@ -343,6 +344,11 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
     Ok(())
 }
 
+/// A checkpoint as `lsn#ordinal`, when there is one.
+fn checkpoint_text(lsn: Option<Lsn>, ordinal: Option<u64>) -> Option<String> {
+    Some(format!("{}#{}", lsn?, ordinal?))
+}
+
 /// `, N behind the WAL` for a checkpoint that far behind, or nothing.
 fn behind_wal(bytes_behind: Option<u64>) -> String {
     bytes_behind
@@ -374,10 +380,8 @@ fn render_partitions(out: &mut String, o: &OperatorLine, width: usize) {
             (false, None) if p.current => "no worker holds it".to_owned(),
             (false, None) => "not run".to_owned(),
         };
-        let checkpoint = match (p.checkpoint_commit_lsn, p.checkpoint_ordinal) {
-            (Some(lsn), Some(ordinal)) => format!("{lsn}#{ordinal}"),
-            _ => "-".into(),
-        };
+        let checkpoint = checkpoint_text(p.checkpoint_commit_lsn, p.checkpoint_ordinal)
+            .unwrap_or_else(|| "-".into());
         let behind = behind_wal(p.checkpoint_behind_wal_bytes);
         let dead = if p.dead_letters > 0 {
             format!(", {} dead letters", p.dead_letters)
@@ -720,11 +724,15 @@ fn render(report: &Report, has_schema: bool) -> String {
         .max()
         .unwrap_or(0);
     for o in &report.operators {
-        let checkpoint = match (o.checkpoint_commit_lsn, o.checkpoint_ordinal) {
-            (Some(lsn), Some(ordinal)) => format!("{lsn}#{ordinal}"),
-            _ if !o.partitions.is_empty() => "per partition:".into(),
-            _ => "-".into(),
-        };
+        let checkpoint = checkpoint_text(o.checkpoint_commit_lsn, o.checkpoint_ordinal)
+            .unwrap_or_else(|| {
+                if o.partitions.is_empty() {
+                    "-"
+                } else {
+                    "per partition:"
+                }
+                .into()
+            });
         let behind = behind_wal(o.checkpoint_behind_wal_bytes);
         let _ = writeln!(
             out,

@@ -223,11 +223,45 @@ impl From<serde_json::Map<String, Value>> for Record {
 
 impl<K: Into<String>> FromIterator<(K, Value)> for Record {
     fn from_iter<I: IntoIterator<Item = (K, Value)>>(pairs: I) -> Self {
-        let mut record = Record::default();
+        let mut builder = Builder::with_capacity(0);
         for (name, value) in pairs {
-            record.insert(name.into(), value);
+            builder.push(name.into(), value);
         }
-        record
+        builder.finish()
+    }
+}
+
+/// A record's columns and values gathered pair by pair, its names shared once at the end.
+struct Builder {
+    columns: Vec<Box<str>>,
+    values: Vec<Option<Value>>,
+}
+
+impl Builder {
+    fn with_capacity(n: usize) -> Self {
+        Builder {
+            columns: Vec::with_capacity(n),
+            values: Vec::with_capacity(n),
+        }
+    }
+
+    /// Adds `name`; a repeated name keeps its first place and its last value, as a JSON
+    /// object map does.
+    fn push(&mut self, name: String, value: Value) {
+        match self.columns.iter().position(|c| **c == *name) {
+            Some(i) => self.values[i] = Some(value),
+            None => {
+                self.columns.push(name.into_boxed_str());
+                self.values.push(Some(value));
+            }
+        }
+    }
+
+    fn finish(self) -> Record {
+        Record {
+            columns: Names::shared(self.columns),
+            values: self.values,
+        }
     }
 }
 
@@ -266,23 +300,11 @@ impl<'de> Deserialize<'de> for Record {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Record, A::Error> {
-                let mut columns: Vec<Box<str>> =
-                    Vec::with_capacity(access.size_hint().unwrap_or(0));
-                let mut values = Vec::with_capacity(columns.capacity());
+                let mut builder = Builder::with_capacity(access.size_hint().unwrap_or(0));
                 while let Some((name, value)) = access.next_entry::<String, Value>()? {
-                    // A repeated key keeps its last value, as a JSON object map does.
-                    match columns.iter().position(|c| **c == *name) {
-                        Some(i) => values[i] = Some(value),
-                        None => {
-                            columns.push(name.into_boxed_str());
-                            values.push(Some(value));
-                        }
-                    }
+                    builder.push(name, value);
                 }
-                Ok(Record {
-                    columns: Names::shared(columns),
-                    values,
-                })
+                Ok(builder.finish())
             }
         }
 

@@ -60,6 +60,11 @@ pub(crate) struct Backlog {
 }
 
 impl Backlog {
+    /// The permits an event of `bytes` takes: at least one, at most the whole backlog.
+    fn permits_for(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes).unwrap_or(u32::MAX).clamp(1, self.most)
+    }
+
     /// The bytes of events waiting in the inbox.
     pub fn waiting_bytes(&self) -> usize {
         (self.most as usize).saturating_sub(self.permits.available_permits())
@@ -92,19 +97,14 @@ impl InboxSender {
     /// marker takes none). An error when the task is gone.
     pub async fn send(&self, input: Input, bytes: usize) -> Result<(), Gone> {
         let permit = match &input {
-            Input::Event(_) => {
-                let n = u32::try_from(bytes)
-                    .unwrap_or(u32::MAX)
-                    .clamp(1, self.backlog.most);
-                Some(
-                    self.backlog
-                        .permits
-                        .clone()
-                        .acquire_many_owned(n)
-                        .await
-                        .map_err(|_| Gone)?,
-                )
-            }
+            Input::Event(_) => Some(
+                self.backlog
+                    .permits
+                    .clone()
+                    .acquire_many_owned(self.backlog.permits_for(bytes))
+                    .await
+                    .map_err(|_| Gone)?,
+            ),
             Input::Commit { .. } => None,
         };
         self.tx.send((input, permit)).await.map_err(|_| Gone)
@@ -115,9 +115,7 @@ impl InboxSender {
     pub fn try_send(&self, input: Input, bytes: usize) -> Result<(), Input> {
         let permit = match &input {
             Input::Event(_) => {
-                let n = u32::try_from(bytes)
-                    .unwrap_or(u32::MAX)
-                    .clamp(1, self.backlog.most);
+                let n = self.backlog.permits_for(bytes);
                 match self.backlog.permits.clone().try_acquire_many_owned(n) {
                     Ok(permit) => Some(permit),
                     Err(_) => return Err(input),
