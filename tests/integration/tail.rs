@@ -339,7 +339,18 @@ async fn snapshot_then_changes(extra: &[&str]) -> anyhow::Result<Vec<(String, i6
     let events = events.await??;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await??;
-    // Slots are the cluster's: leave none holding WAL for the other tests.
+    // Slots are the cluster's: leave none holding WAL for the other tests. The walsender of
+    // the tail that ended lets its slot go a moment after the process is gone.
+    crate::common::eventually("tail's slots released by their walsenders", async || {
+        let active: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots \
+              WHERE database = current_database() AND active)",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok(!active)
+    })
+    .await?;
     sqlx::query(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
          WHERE database = current_database()",
