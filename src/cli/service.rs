@@ -42,7 +42,7 @@ pub(super) async fn connect(
 ) -> anyhow::Result<(Config, ConnectParams, PgPool)> {
     let config = Config::load(&args.config)?;
     let params = ConnectParams::parse(&config.database_url).context("database_url")?;
-    let pool = crate::service::connect(&params, shutdown).await?;
+    let pool = crate::service::connect(&params, None, shutdown).await?;
     Ok((config, params, pool))
 }
 

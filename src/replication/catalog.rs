@@ -20,7 +20,21 @@ use super::{ConnectParams, Host, SslMode};
 /// Options taken from the pool (`PgPool::connect_options`) open connections of the same
 /// kind for as long as the pool exists.
 pub async fn catalog_pool(params: &ConnectParams, max: u32) -> Result<PgPool, sqlx::Error> {
-    let (options, relay) = connect_options(params)?;
+    catalog_pool_with(params, max, None).await
+}
+
+/// [`catalog_pool`], every session of which has the server end a transaction left idle for
+/// `idle_transactions` (`idle_in_transaction_session_timeout`), from the moment it opens: a
+/// frozen instance's open transaction, and the row locks it holds, cannot outlive its lease.
+pub(crate) async fn catalog_pool_with(
+    params: &ConnectParams,
+    max: u32,
+    idle_transactions: Option<Duration>,
+) -> Result<PgPool, sqlx::Error> {
+    let (mut options, relay) = connect_options(params)?;
+    if let Some(idle) = idle_transactions {
+        options = options.options([("idle_in_transaction_session_timeout", idle.as_millis())]);
+    }
     let mut pool = PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(params.connect_timeout.unwrap_or(Duration::from_secs(30)));

@@ -53,6 +53,7 @@ mod version;
 pub use crate::lsn::PG_EPOCH_OFFSET_MICROS;
 pub use crate::lsn::{Lsn, ParseLsnError};
 pub use ack::Acknowledger;
+pub(crate) use catalog::catalog_pool_with;
 pub use catalog::{catalog_connection, catalog_pool};
 pub use conn::{ConnectOptions, Connection, CopyMessage, CopyReader, CopyWriter, SimpleRow};
 pub use error::{DbError, ReplicationError};

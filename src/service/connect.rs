@@ -17,14 +17,18 @@ use crate::replication::{self, ConnectParams, Host};
 /// The waits between attempts while the database is unreachable.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(500), 2.0, Duration::from_secs(30));
 
-/// A pool on the database `params` names, once it answers.
+/// A pool on the database `params` names, once it answers. With `lease`, every session of
+/// the pool has the server end a transaction left idle that long
+/// (`idle_in_transaction_session_timeout`): an instance or worker frozen in the middle of an
+/// operator's transaction must not hold its rows locked after another has taken over.
 pub(crate) async fn connect(
     params: &ConnectParams,
+    lease: Option<Duration>,
     shutdown: &CancellationToken,
 ) -> Result<PgPool, ServiceError> {
     let mut backoff = RETRY;
     loop {
-        match connect_once(params, 8).await {
+        match try_connect(params, 8, lease).await {
             Ok(pool) => return Ok(pool),
             Err(e) if crate::error::is_transient_sqlx(&e) && !shutdown.is_cancelled() => {
                 let wait = backoff.next().unwrap_or(backoff.max);
@@ -49,12 +53,20 @@ pub(crate) async fn connect(
 /// One plain connection first: it fails at once when nothing listens, where a pool would keep
 /// trying for its whole acquire timeout before saying anything (and then only "timed out").
 pub(crate) async fn connect_once(params: &ConnectParams, max: u32) -> Result<PgPool, sqlx::Error> {
+    try_connect(params, max, None).await
+}
+
+async fn try_connect(
+    params: &ConnectParams,
+    max: u32,
+    lease: Option<Duration>,
+) -> Result<PgPool, sqlx::Error> {
     use sqlx::Connection as _;
     replication::catalog_connection(params)
         .await?
         .close()
         .await?;
-    replication::catalog_pool(params, max).await
+    replication::catalog_pool_with(params, max, lease).await
 }
 
 /// A failed connection as a person reads it: the database tried, the fix when it is known,

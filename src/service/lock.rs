@@ -335,35 +335,6 @@ impl InstanceLock {
             }
         }
     }
-
-    /// Has the server end, after `lease` idle, the transactions of the pool's sessions
-    /// (`idle_in_transaction_session_timeout`), so that a transaction an instance left open
-    /// when it froze cannot block the instance that takes over, nor commit once it wakes.
-    /// The sessions the pool opens from now on get the setting, and those it has now are set
-    /// (one busy for over a second, which only happens when the service is used before it
-    /// runs, keeps the server's default).
-    pub(super) async fn bound_transactions(pool: &PgPool, lease: Duration) {
-        let ms = lease.as_millis();
-        let options = pool
-            .connect_options()
-            .as_ref()
-            .clone()
-            .options([("idle_in_transaction_session_timeout", ms)]);
-        pool.set_connect_options(options);
-        let mut held = Vec::new();
-        for _ in 0..pool.size() {
-            match tokio::time::timeout(Duration::from_secs(1), pool.acquire()).await {
-                Ok(Ok(conn)) => held.push(conn),
-                _ => break,
-            }
-        }
-        let set = format!("SET idle_in_transaction_session_timeout = {ms}");
-        for conn in &mut held {
-            if let Err(error) = sqlx::Executor::execute(&mut **conn, set.as_str()).await {
-                warn!(error = %error, "could not bound the transactions of a pooled connection");
-            }
-        }
-    }
 }
 
 /// What [`InstanceLock::claim_operators`] makes of a failed statement on the lock's session:
@@ -510,22 +481,23 @@ mod tests {
         Ok(())
     }
 
-    /// After `bound_transactions`, every session of the pool, the idle ones opened before it
-    /// included, has its transaction ended by the server once it sits idle for the lease.
+    /// Every session of the service's pool, the first ones included, has its transaction
+    /// ended by the server once it sits idle for the lease.
     #[tokio::test]
     async fn the_pool_s_idle_transactions_end_with_the_lease() -> anyhow::Result<()> {
         let url = crate::testing::server().create_database().await?;
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&url)
-            .await?;
-        let (first, second) = (pool.acquire().await?, pool.acquire().await?);
-        drop((first, second));
-        InstanceLock::bound_transactions(&pool, Duration::from_secs(1)).await;
+        let params = crate::replication::ConnectParams::parse(&url)?;
+        let shutdown = CancellationToken::new();
+        let pool =
+            crate::service::connect(&params, Some(Duration::from_secs(1)), &shutdown).await?;
+        let mut open = Vec::new();
         for _ in 0..2 {
             let mut tx = pool.begin().await?;
             sqlx::query("SELECT 1").execute(&mut *tx).await?;
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            open.push(tx);
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for mut tx in open {
             assert!(
                 sqlx::query("SELECT 1").execute(&mut *tx).await.is_err(),
                 "a transaction left idle longer than the lease goes on"

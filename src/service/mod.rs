@@ -240,7 +240,7 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
                  ?target_session_attrs=read-write so that it always finds the primary"
             );
         }
-        let pool = connect(&params, &shutdown).await?;
+        let pool = connect(&params, Some(config.lock.lease), &shutdown).await?;
         prepare(&config, &pool).await.map_err(ServiceError::Setup)?;
         prepare::check_published(&config, &pool, &operators)
             .await

@@ -27,7 +27,6 @@ pub(super) async fn run_pipeline<S: ProcessStatusStorage + Clone>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let lease = config.lock.lease;
-    InstanceLock::bound_transactions(&pool, lease).await;
     loop {
         // One active instance per slot: the others wait here as standbys.
         engine.metrics.set_phase(Phase::Standby);

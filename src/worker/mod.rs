@@ -235,7 +235,7 @@ impl WorkerBuilder {
         }
         let params = ConnectParams::parse(&config.database_url)
             .map_err(|e| WorkerError::Config(format!("database_url: {e}")))?;
-        let pool = crate::service::connect(&params, &shutdown).await?;
+        let pool = crate::service::connect(&params, Some(config.lock.lease), &shutdown).await?;
         crate::status::migrate(&pool)
             .await
             .map_err(|e| WorkerError::Setup(e.into()))?;
