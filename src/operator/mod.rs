@@ -30,6 +30,7 @@ mod coordinator;
 mod dispatch;
 mod engine;
 mod inbox;
+pub(crate) mod partition;
 mod progress;
 mod registry;
 mod runner;
