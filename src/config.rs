@@ -493,10 +493,11 @@ pub struct OperatorConfig {
     /// Run each event in its own transaction instead of batching (slower; for comparison).
     #[serde(default)]
     pub one_event_per_transaction: bool,
-    /// On workers (`streamex worker`): the operator's rows split into this many partitions
-    /// (by the hash of their key), shared by the workers that run it, each partition on one
-    /// of them at a time, in order per row. 1 (the default): the operator runs whole. Not
-    /// for `streamex run`, which runs an operator in one place.
+    /// The operator's rows split into this many partitions (by the hash of their key; a
+    /// declarative operator's by its id), handled side by side, each in order, with a
+    /// checkpoint of its own (`<operator>#<p>/<N>`). Under `streamex run` they run at once
+    /// on as many connections; on workers (`streamex worker`, Rust operators only) the
+    /// workers that run the operator share them. 1 (the default): the operator runs whole.
     pub partitions: Option<u32>,
     /// Whether the operator's first run on the slot starts with the rows that already exist
     /// (as `read` events); unset, the operator says (a Rust operator's

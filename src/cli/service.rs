@@ -42,7 +42,7 @@ pub(super) async fn connect(
 ) -> anyhow::Result<(Config, ConnectParams, PgPool)> {
     let config = Config::load(&args.config)?;
     let params = ConnectParams::parse(&config.database_url).context("database_url")?;
-    let pool = crate::service::connect(&params, None, shutdown).await?;
+    let pool = crate::service::connect(&params, 8, None, shutdown).await?;
     Ok((config, params, pool))
 }
 
@@ -194,6 +194,15 @@ pub async fn backfill_command(
             names.join(", ")
         );
     };
+    if let Some(partitions) = entry.partitions.filter(|&p| p > 1) {
+        bail!(
+            "operator {:?} runs in partitions = {partitions}, which do not {what} (each has a \
+             checkpoint of its own): take partitions out of its [[operators]] entry, restart, \
+             run the {what}, then give them again (the partitions take over from the whole \
+             operator's checkpoint)",
+            args.operator
+        );
+    }
     if rebuild && entry.query.is_some() && entry.reset_query.is_none() {
         bail!(
             "operator {:?} has no reset_query, which a rebuild runs before its backfill: set \

@@ -261,12 +261,14 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
                 name: name.to_owned(),
                 in_config,
                 state: if halted { "halted" } else { "running" }.into(),
-                // A partitioned operator runs on workers only, one session per partition.
+                // A partitioned operator runs under the active instance, or on workers (one
+                // session per partition).
                 processing: !halted
                     && if partitions.iter().any(|p| p.current) {
-                        partitions
-                            .iter()
-                            .any(|p| p.current && p.worker_pid.is_some())
+                        (in_config && instance_active)
+                            || partitions
+                                .iter()
+                                .any(|p| p.current && p.worker_pid.is_some())
                     } else {
                         (in_config && instance_active) || worker_pid.is_some()
                     },
@@ -698,10 +700,17 @@ fn render(report: &Report, has_schema: bool) -> String {
         _ if o.partitions.iter().any(|p| p.current) => {
             let current: Vec<&PartitionLine> = o.partitions.iter().filter(|p| p.current).collect();
             let held = current.iter().filter(|p| p.worker_pid.is_some()).count();
-            format!(
-                "in {} partitions on workers ({held} held now)",
-                current[0].count
-            )
+            if held == 0 && o.in_config && report.instance_active {
+                format!(
+                    "in {} partitions, run by the active instance",
+                    current[0].count
+                )
+            } else {
+                format!(
+                    "in {} partitions on workers ({held} held now)",
+                    current[0].count
+                )
+            }
         }
         _ if o.worker_pid.is_some() => format!(
             "running on a worker (backend pid {})",

@@ -212,6 +212,8 @@ impl Publisher {
                         Some(Entry::Commit(end)) => *end = end_lsn,
                         _ => run.window.push_back(Entry::Commit(end_lsn)),
                     },
+                    // Only an operator's partitions get gates.
+                    Some(Input::Gate(..)) => {}
                     Some(Input::Event(event)) => {
                         if run.skip_through.is_some_and(|last| event.position() <= last) {
                             self.stats.skipped.fetch_add(1, Ordering::Relaxed);

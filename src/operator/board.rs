@@ -26,6 +26,8 @@ pub(crate) struct Board {
     retries: Vec<AtomicU64>,
     dead: Vec<AtomicU64>,
     halted: Vec<Mutex<Option<String>>>,
+    /// Per partition stopped at a gate behind a halted one (see `RunnerExit::Blocked`).
+    blocked: Vec<std::sync::atomic::AtomicBool>,
     /// Per operator backfilling in this run: `(rows done, rows estimated)`.
     backfill: Vec<Mutex<Option<(u64, u64)>>>,
     names: Vec<String>,
@@ -59,6 +61,7 @@ impl Board {
             retries: atomics(0),
             dead: atomics(0),
             halted: (0..n).map(|_| Mutex::new(None)).collect(),
+            blocked: (0..n).map(|_| Default::default()).collect(),
             backfill: (0..n).map(|_| Mutex::new(None)).collect(),
             names,
             changed: Notify::new(),
@@ -151,6 +154,22 @@ impl Board {
             }
             self.replay_wanted.notified().await;
         }
+    }
+
+    /// Partition `index` stopped at a gate behind a halted partition (it gets no more
+    /// inputs in this run; its done position stays).
+    pub(crate) fn block(&self, index: usize) {
+        self.blocked[index].store(true, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    pub(super) fn is_blocked(&self, index: usize) -> bool {
+        self.blocked[index].load(Ordering::Acquire)
+    }
+
+    /// The name of participant `index` (an operator, or one of its partitions).
+    pub(super) fn name(&self, index: usize) -> &str {
+        &self.names[index]
     }
 
     pub(super) fn is_halted(&self, index: usize) -> bool {

@@ -17,8 +17,10 @@ use tracing::warn;
 
 use super::Subscription;
 use super::board::Board;
+use super::engine::Lane;
 use super::engine::{Engine, EngineExit};
 use super::inbox::{self, InboxSender};
+use super::partition::{self, Gate, Route};
 use super::progress::{Item, Listeners, Pending};
 use super::runner::Input;
 use crate::decode::Decoded;
@@ -32,6 +34,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         &self,
         items: &mut mpsc::Receiver<Decoded>,
         inboxes: &mut [Option<InboxSender>],
+        lanes: &[Lane],
         board: &Board,
         pending: mpsc::Sender<Pending>,
         shutdown: &CancellationToken,
@@ -99,7 +102,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                         match current.items.get_mut(&event.entity) {
                             Some((entry, _)) => entry.merge(item),
                             None => {
-                                let listeners = routes.listeners(&subscriptions, &event);
+                                let listeners = routes.listeners(&subscriptions, lanes, &event);
                                 current
                                     .items
                                     .insert(event.entity.clone(), (item, listeners));
@@ -128,21 +131,72 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                         self.pubsub.publish(&channels, &event);
                     }
                     // The JetStream publisher, after the operators, gets every event.
-                    let publisher =
-                        (inboxes.len() > subscriptions.len()).then_some(subscriptions.len());
+                    let participants = lanes.last().map_or(0, |l| l.participants().end);
+                    let publisher = (inboxes.len() > participants).then_some(participants);
                     let mut bytes = None;
-                    for &index in routes
-                        .operators(&subscriptions, &event)
-                        .iter()
-                        .chain(publisher.as_ref())
-                    {
-                        let bytes = *bytes.get_or_insert_with(|| inbox::event_bytes(&event));
-                        let input = Input::Event(event.clone());
-                        if !send(&mut inboxes[index], input, bytes, shutdown).await {
-                            if shutdown.is_cancelled() {
+                    for &operator in routes.operators(&subscriptions, &event) {
+                        let lane = &lanes[operator];
+                        let whole = &self.operators[operator].operator.0;
+                        let sql = whole.as_sql();
+                        if sql.is_none()
+                            && lane.inherited.as_ref().is_some_and(|i| {
+                                event.position() <= i.through
+                                    && i.done(
+                                        crate::jetstream::row_key(&event).as_deref(),
+                                        event.position(),
+                                    )
+                            })
+                        {
+                            continue; // applied by the operator's earlier count of partitions
+                        }
+                        if lane.partitions == 1 {
+                            let bytes = *bytes.get_or_insert_with(|| inbox::event_bytes(&event));
+                            let input = Input::Event(event.clone());
+                            if !send_to(inboxes, lane.first, input, bytes, board, shutdown).await {
                                 return EngineExit::Shutdown;
                             }
-                            debug_assert!(board.is_halted(index) || board.is_backfilling(index));
+                            continue;
+                        }
+                        let route = match sql {
+                            Some(sql) => sql.route(&event, lane.partitions),
+                            None => partition::route_of_row(&event, lane.partitions),
+                        };
+                        let at = |p: u32| lane.first + p as usize;
+                        let sends: Vec<(usize, Input)> = match route {
+                            Route::One(p) => vec![(at(p), Input::Event(event.clone()))],
+                            Route::Each(ps) => ps
+                                .into_iter()
+                                .map(|p| (at(p), Input::Event(event.clone())))
+                                .collect(),
+                            Route::Crossing { applier, others } => {
+                                let gate = Arc::new(Gate::new(
+                                    at(applier),
+                                    others.iter().map(|&p| at(p)).collect(),
+                                ));
+                                std::iter::once((
+                                    at(applier),
+                                    Input::Gate(gate.clone(), Some(event.clone())),
+                                ))
+                                .chain(
+                                    others
+                                        .into_iter()
+                                        .map(|p| (at(p), Input::Gate(gate.clone(), None))),
+                                )
+                                .collect()
+                            }
+                        };
+                        for (index, input) in sends {
+                            let bytes = *bytes.get_or_insert_with(|| inbox::event_bytes(&event));
+                            if !send_to(inboxes, index, input, bytes, board, shutdown).await {
+                                return EngineExit::Shutdown;
+                            }
+                        }
+                    }
+                    if let Some(index) = publisher {
+                        let bytes = *bytes.get_or_insert_with(|| inbox::event_bytes(&event));
+                        let input = Input::Event(event.clone());
+                        if !send_to(inboxes, index, input, bytes, board, shutdown).await {
+                            return EngineExit::Shutdown;
                         }
                     }
                 }
@@ -224,9 +278,15 @@ impl Routes {
             .unwrap_or_default()
     }
 
-    /// The operators that listen to `event`'s entity, whatever the event type: those whose
-    /// progress decides the entity's process status.
-    fn listeners(&mut self, subscriptions: &[Vec<Subscription>], event: &Event) -> Listeners {
+    /// The participants (operators, or every partition of one) that listen to `event`'s
+    /// entity, whatever the event type: those whose progress decides the entity's process
+    /// status.
+    fn listeners(
+        &mut self,
+        subscriptions: &[Vec<Subscription>],
+        lanes: &[Lane],
+        event: &Event,
+    ) -> Listeners {
         self.listeners
             .entry(event.entity.clone())
             .or_insert_with(|| {
@@ -236,10 +296,31 @@ impl Routes {
                             .iter()
                             .any(|s| !s.is_messages() && event.is_entity(&s.entity))
                     })
+                    .flat_map(|i| lanes[i].participants())
                     .collect()
             })
             .clone()
     }
+}
+
+/// Sends to participant `index`'s inbox ([`send`]); false only on shutdown (a halted,
+/// blocked or backfilling participant has no inbox and gets nothing).
+async fn send_to(
+    inboxes: &mut [Option<InboxSender>],
+    index: usize,
+    input: Input,
+    bytes: usize,
+    board: &Board,
+    shutdown: &CancellationToken,
+) -> bool {
+    if send(&mut inboxes[index], input, bytes, shutdown).await {
+        return true;
+    }
+    if shutdown.is_cancelled() {
+        return false;
+    }
+    debug_assert!(board.is_halted(index) || board.is_blocked(index) || board.is_backfilling(index));
+    true
 }
 
 /// Sends to an inbox, waiting while it is full. Returns false when the operator's task has

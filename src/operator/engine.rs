@@ -29,6 +29,7 @@ use tracing::{error, info, warn};
 use super::backfill::{self, Backfills, Outcome};
 use super::board::{Board, Restart};
 use super::inbox::{self, InboxSender};
+use super::partition::{self, GenerationError, Inherited, PartitionOf};
 use super::progress::Pending;
 use super::runner::Runner;
 use crate::config::RetryConfig;
@@ -47,6 +48,25 @@ pub struct OperatorSpec {
     pub one_per_transaction: bool,
     /// Whether its first run on the slot starts with a backfill (see `backfill.rs`).
     pub backfill: bool,
+    /// How many partitions run its events side by side (1: it runs whole; see `partition.rs`).
+    pub partitions: u32,
+}
+
+/// An operator's place among the engine's participants: one, or one per partition.
+pub(super) struct Lane {
+    /// The board index of its first participant; its partitions follow it.
+    pub first: usize,
+    pub partitions: u32,
+    /// What the operator's earlier count of partitions did, while it matters (for a Rust
+    /// operator: a declarative one's recomputation may run twice, so it takes no notice).
+    pub inherited: Option<Inherited>,
+}
+
+impl Lane {
+    /// Its participants' board indices.
+    pub fn participants(&self) -> std::ops::Range<usize> {
+        self.first..self.first + self.partitions as usize
+    }
 }
 
 /// Why the engine stopped without an error.
@@ -76,6 +96,10 @@ pub enum EngineExit {
 pub enum EngineError {
     #[error(transparent)]
     Status(#[from] status::StatusError),
+    /// An operator's partitions cannot start (checkpoints of two earlier counts, or a worker
+    /// running another count).
+    #[error(transparent)]
+    Partitions(#[from] GenerationError),
 }
 
 /// Runs operators over a stream of decoded items.
@@ -179,13 +203,30 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         start: Lsn,
         shutdown: CancellationToken,
     ) -> Result<EngineExit, EngineError> {
+        // Each operator's participants: itself, or its partitions, which take over from what
+        // an earlier count of them did (checkpoints the slot has passed are gone for good).
+        let mut lanes = Vec::with_capacity(self.operators.len());
+        let mut names: Vec<String> = Vec::new();
+        for spec in &self.operators {
+            let whole = spec.operator.name();
+            let partitions = spec.partitions.max(1);
+            let inherited = partition::prepare_generation(
+                &self.pool,
+                &self.slot,
+                whole,
+                partitions,
+                Some(start),
+            )
+            .await?;
+            lanes.push(Lane {
+                first: names.len(),
+                partitions,
+                inherited,
+            });
+            names.extend((0..partitions).map(|p| partition::generation_name(whole, p, partitions)));
+        }
         let checkpoints = status::load_checkpoints(&self.pool, &self.slot).await?;
         let states = status::load_operator_states(&self.pool, &self.slot).await?;
-        let mut names: Vec<String> = self
-            .operators
-            .iter()
-            .map(|o| o.operator.name().to_owned())
-            .collect();
         if let Some(publisher) = &self.publisher {
             names.push(publisher.report_name());
         }
@@ -195,80 +236,143 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         let tracker = TaskTracker::new();
         let mut inboxes: Vec<Option<InboxSender>> = Vec::new();
         let mut jobs: Vec<backfill::Job> = Vec::new();
-        for (index, spec) in self.operators.iter().enumerate() {
-            let name = spec.operator.name();
-            if let Some(state) = states
-                .get(name)
-                .filter(|s| s.state == OperatorRunState::Halted)
-            {
-                warn!(operator = name, error = %state.last_error.clone().unwrap_or_default(),
-                      "operator is halted; run `streamex resume {}` to restart it", name);
-                board.halt(
-                    index,
-                    state.last_error.clone().unwrap_or_else(|| "halted".into()),
-                );
-                inboxes.push(None);
-                continue;
-            }
-            let request = states.get(name).and_then(|s| s.backfill_request.clone());
+        for (spec, lane) in self.operators.iter().zip(&lanes) {
+            let whole = spec.operator.name();
+            let request = states.get(whole).and_then(|s| s.backfill_request.clone());
+            // Whole or in partitions, of this count or an earlier one.
+            let started = lane.inherited.is_some()
+                || checkpoints.contains_key(whole)
+                || lane
+                    .participants()
+                    .any(|i| checkpoints.contains_key(&names[i]));
+            let halted = lane.participants().any(|i| {
+                states
+                    .get(&names[i])
+                    .is_some_and(|s| s.state == OperatorRunState::Halted)
+            });
             if self.params.is_some()
-                && (request.is_some() || (spec.backfill && !checkpoints.contains_key(name)))
+                && !halted
+                && ((request.is_some() && lane.partitions == 1) || (spec.backfill && !started))
             {
-                // Its first run on the slot: it reads the existing rows first, and gets no
-                // inbox meanwhile (its done position stays at `start`, holding the slot).
-                board.backfill_started(index, 0);
+                // Its first run on the slot: it reads the existing rows first, whole, and gets
+                // no inbox meanwhile (its done positions stay at `start`, holding the slot);
+                // its partitions take over from the backfill's checkpoint.
+                for index in lane.participants() {
+                    board.backfill_started(index, 0);
+                    inboxes.push(None);
+                }
                 jobs.push(backfill::Job {
-                    index,
+                    index: lane.first,
                     operator: spec.operator.0.clone(),
                     retry: spec.retry,
-                    checkpoint: checkpoints.get(name).copied(),
+                    checkpoint: checkpoints.get(whole).copied(),
                     request,
                 });
-                inboxes.push(None);
                 continue;
             }
-            let (tx, rx) = self.inbox();
-            board.set_backlog(index, tx.backlog());
-            let runner = Runner {
-                index,
-                operator: spec.operator.0.clone(),
-                pool: self.pool.clone(),
-                slot: self.slot.clone(),
-                retry: spec.retry,
-                batch_size: if spec.one_per_transaction {
-                    1
-                } else {
-                    self.batch_size
-                },
-                one_per_transaction: spec.one_per_transaction,
-                checkpoint: checkpoints.get(name).copied(),
-                skip: states.get(name).and_then(|s| s.skip),
-                board: board.clone(),
-                shutdown: shutdown.clone(),
-                clock: self.metrics.stream.clone(),
-                unfolded_through: self
-                    .unfolded
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+            if request.is_some() && lane.partitions > 1 {
+                warn!(
+                    operator = whole,
+                    partitions = lane.partitions,
+                    "a backfill was asked for an operator that runs in partitions, which do not \
+                     backfill: run it whole (leave partitions out) for its backfill, then give \
+                     them again"
+                );
+            }
+            for (p, index) in lane.participants().enumerate() {
+                let name = names[index].as_str();
+                if let Some(state) = states
                     .get(name)
-                    .copied(),
-                received: None,
-                reported: None,
-            };
-            // A halted runner returns and drops its inbox; the dispatcher then skips it.
-            tracker.spawn(runner.run(rx));
-            inboxes.push(Some(tx));
+                    .filter(|s| s.state == OperatorRunState::Halted)
+                {
+                    warn!(operator = name, error = %state.last_error.clone().unwrap_or_default(),
+                          "operator is halted; run `streamex resume {}` to restart it", name);
+                    board.halt(
+                        index,
+                        state.last_error.clone().unwrap_or_else(|| "halted".into()),
+                    );
+                    inboxes.push(None);
+                    continue;
+                }
+                let operator: Arc<dyn super::DynOperator> = if lane.partitions == 1 {
+                    spec.operator.0.clone()
+                } else {
+                    let p = u32::try_from(p).unwrap_or(0);
+                    let inner: Arc<dyn super::DynOperator> = match spec.operator.0.as_sql() {
+                        Some(sql) => Arc::new(sql.partition(p, lane.partitions)),
+                        None => spec.operator.0.clone(),
+                    };
+                    Arc::new(PartitionOf {
+                        inner,
+                        name: name.to_owned(),
+                    })
+                };
+                let (tx, rx) = self.inbox();
+                board.set_backlog(index, tx.backlog());
+                let runner = Runner {
+                    index,
+                    operator,
+                    pool: self.pool.clone(),
+                    slot: self.slot.clone(),
+                    retry: spec.retry,
+                    batch_size: if spec.one_per_transaction {
+                        1
+                    } else {
+                        self.batch_size
+                    },
+                    one_per_transaction: spec.one_per_transaction,
+                    checkpoint: checkpoints.get(name).copied(),
+                    skip: states.get(name).and_then(|s| s.skip),
+                    board: board.clone(),
+                    shutdown: shutdown.clone(),
+                    clock: self.metrics.stream.clone(),
+                    unfolded_through: self
+                        .unfolded
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(name)
+                        .copied(),
+                    received: None,
+                    reported: None,
+                };
+                // A halted runner returns and drops its inbox; the dispatcher then skips it.
+                tracker.spawn(runner.run(rx));
+                inboxes.push(Some(tx));
+            }
         }
         if let Some(publisher) = &self.publisher {
             let (tx, rx) = self.inbox();
-            board.set_backlog(self.operators.len(), tx.backlog());
+            board.set_backlog(inboxes.len(), tx.backlog());
             tracker.spawn(publisher.clone().run(
-                self.operators.len(),
+                inboxes.len(),
                 board.clone(),
                 rx,
                 shutdown.clone(),
             ));
             inboxes.push(Some(tx));
+        }
+        let retiring: Vec<(String, u32, crate::lsn::Position)> = self
+            .operators
+            .iter()
+            .zip(&lanes)
+            .flat_map(|(spec, lane)| {
+                let name = spec.operator.name();
+                lane.inherited
+                    .iter()
+                    .flat_map(|i| i.counts())
+                    .map(move |(count, newest)| (name.to_owned(), count, newest))
+            })
+            .collect();
+        // Ends with this run (or on shutdown).
+        let retire = shutdown.child_token();
+        let _retire_ends = retire.clone().drop_guard();
+        if !retiring.is_empty() {
+            tokio::spawn(partition::retire_when_settled(
+                self.pool.clone(),
+                self.slot.clone(),
+                retiring,
+                retire,
+            ));
         }
         tracker.close();
 
@@ -284,7 +388,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         let (exit, coordinated) = tokio::join!(
             async {
                 let exit = tokio::select! {
-                    exit = self.dispatch(&mut items, &mut inboxes, &board, pending_tx, &shutdown) => exit,
+                    exit = self.dispatch(&mut items, &mut inboxes, &lanes, &board, pending_tx, &shutdown) => exit,
                     name = self.watch_resume(&board, &names, &shutdown) => EngineExit::Resumed(name),
                     names = self.backfill(&board, &jobs, &shutdown), if !jobs.is_empty() => {
                         EngineExit::Backfilled(names)

@@ -105,7 +105,7 @@ impl InboxSender {
                     .await
                     .map_err(|_| Gone)?,
             ),
-            Input::Commit { .. } => None,
+            Input::Commit { .. } | Input::Gate(..) => None,
         };
         self.tx.send((input, permit)).await.map_err(|_| Gone)
     }
@@ -121,7 +121,7 @@ impl InboxSender {
                     Err(_) => return Err(input),
                 }
             }
-            Input::Commit { .. } => None,
+            Input::Commit { .. } | Input::Gate(..) => None,
         };
         self.tx
             .try_send((input, permit))

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use sqlx::PgPool;
+use tracing::info;
 
 use super::{Context, Delivery, DynOperator, HandlerFuture, SqlOperator, Subscription};
 use crate::event::Event;
@@ -35,6 +36,104 @@ pub(crate) fn split_partition(name: &str) -> Option<(&str, u32, u32)> {
 /// The partition of `event`'s row among `partitions`, from its `Streamex-Key` header (`key`).
 pub(crate) fn partition_of(key: Option<&str>, partitions: u32) -> u32 {
     crate::jetstream::partition(key, partitions)
+}
+
+/// Where an event goes among an operator's partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// To one partition: the row's (or the id's).
+    One(u32),
+    /// To each of these, which handles its own part of it (a declarative operator's update
+    /// that moves a row from one id to another: each partition recomputes its own id).
+    Each(Vec<u32>),
+    /// It concerns the rows of several partitions and must be applied once, in order with
+    /// all of them: `applier` applies it once `others` are done with what came before it, and
+    /// they go on once it has ([`Gate`]).
+    Crossing { applier: u32, others: Vec<u32> },
+}
+
+/// The route of a Rust operator's event among `partitions`, by its row key (as
+/// `Streamex-Key`, so that a row has the same partition on workers): a truncate and an
+/// outbox message cross every partition (partition 0 applies them), an update that changes
+/// the row's key to one of another partition crosses the two (the new key's applies it: the
+/// row's later events are there).
+pub(crate) fn route_of_row(event: &Event, partitions: u32) -> Route {
+    use crate::event::EventType;
+    if partitions <= 1 {
+        return Route::One(0);
+    }
+    if matches!(event.kind, EventType::Truncate | EventType::Message) {
+        return Route::Crossing {
+            applier: 0,
+            others: (1..partitions).collect(),
+        };
+    }
+    let key = crate::jetstream::row_key(event);
+    let new = partition_of(key.as_deref(), partitions);
+    if let Some(old) = crate::jetstream::old_row_key(event, key.as_deref()) {
+        let old = partition_of(Some(&old), partitions);
+        if old != new {
+            return Route::Crossing {
+                applier: new,
+                others: vec![old],
+            };
+        }
+    }
+    Route::One(new)
+}
+
+/// An event that crosses partitions ([`Route::Crossing`]), as the partitions concerned
+/// share it: each of the others arrives once it has durably handled everything before it,
+/// the applier applies it once all have, and opens the gate; they go on after that. Nothing
+/// passes a gate whose applier or another partition is halted, so that no row's events are
+/// applied out of order; the engine starts again when it is resumed.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    /// The board index of the partition that applies it.
+    pub applier: usize,
+    /// The board indices of the other partitions concerned.
+    pub others: Vec<usize>,
+    /// How many of the others have arrived, and whether the applier has applied it.
+    state: tokio::sync::watch::Sender<(usize, bool)>,
+}
+
+impl Gate {
+    pub(crate) fn new(applier: usize, others: Vec<usize>) -> Self {
+        Gate {
+            applier,
+            others,
+            state: tokio::sync::watch::Sender::new((0, false)),
+        }
+    }
+
+    /// One of the others is done with everything before the event.
+    pub(crate) fn arrive(&self) {
+        self.state.send_modify(|(arrived, _)| *arrived += 1);
+    }
+
+    /// The applier is done with the event.
+    pub(crate) fn open(&self) {
+        self.state.send_modify(|(_, open)| *open = true);
+    }
+
+    /// Whether `applies` (the applier: every other has arrived; another: the gate is open)
+    /// may go on.
+    pub(crate) fn passable(&self, applies: bool) -> bool {
+        let (arrived, open) = *self.state.borrow();
+        if applies {
+            arrived >= self.others.len()
+        } else {
+            open
+        }
+    }
+
+    /// Waits until the gate's state changes.
+    pub(crate) async fn changed(&self) {
+        let mut rx = self.state.subscribe();
+        rx.borrow_and_update();
+        // The sender lives as long as the gate.
+        let _ = rx.changed().await;
+    }
 }
 
 /// An operator seen as one of its partitions: named [`partition_name`], the rest its own.
@@ -85,25 +184,42 @@ impl DynOperator for PartitionOf {
 /// done, row by row, until every current partition is past the newest of them.
 #[derive(Debug)]
 pub(crate) struct Inherited {
-    /// The earlier count (1: the operator whole).
-    pub partitions: u32,
-    /// Each earlier partition's checkpoint (none: it never applied an event).
-    checkpoints: Vec<Option<Position>>,
+    /// Each earlier count (1: the operator whole) with each of its partitions' checkpoint
+    /// (none: it never applied an event). Workers take one; `streamex run` any number (a
+    /// count that took over from another before the slot was past the other's checkpoints).
+    generations: Vec<(u32, Vec<Option<Position>>)>,
     /// The newest of them: past it, nothing is inherited.
     pub through: Position,
 }
 
 impl Inherited {
+    /// The earlier count (the first, for workers, which take only one).
+    pub(crate) fn partitions(&self) -> u32 {
+        self.generations.first().map_or(1, |(count, _)| *count)
+    }
+
+    /// Each earlier count with its newest checkpoint.
+    pub(crate) fn counts(&self) -> impl Iterator<Item = (u32, Position)> + '_ {
+        self.generations.iter().map(|(count, checkpoints)| {
+            let newest = checkpoints.iter().flatten().max().copied();
+            (*count, newest.unwrap_or(self.through))
+        })
+    }
+
     /// Whether the event at `position` of the row whose `Streamex-Key` is `key` was applied
-    /// by its earlier partition (the one that would have applied it: by its key, partition 0
-    /// without one, the new key's for an update that changes it).
+    /// by an earlier partition (the one of its count that would have applied it: by its key,
+    /// partition 0 without one, the new key's for an update that changes it). A count that
+    /// took over from another skipped what the other had done, so an event is done when any
+    /// earlier count did it.
     pub(crate) fn done(&self, key: Option<&str>, position: Position) -> bool {
-        let earlier = partition_of(key, self.partitions) as usize;
-        self.checkpoints
-            .get(earlier)
-            .copied()
-            .flatten()
-            .is_some_and(|c| position <= c)
+        self.generations.iter().any(|(count, checkpoints)| {
+            let earlier = partition_of(key, *count) as usize;
+            checkpoints
+                .get(earlier)
+                .copied()
+                .flatten()
+                .is_some_and(|c| position <= c)
+        })
     }
 }
 
@@ -172,13 +288,18 @@ fn generation_of(operator: &str, name: &str) -> Option<(u32, u32)> {
 /// gets the oldest of the earlier checkpoints (what every earlier partition had done), and
 /// the earlier partitions' process-status rows go (nothing advances them any more). Returns
 /// what is inherited from the earlier count, until every current partition is past its
-/// newest checkpoint ([`retire`]). Under a transaction-scoped advisory lock of the operator,
-/// so that its partitions starting at once agree.
+/// newest checkpoint (workers: `worker::share::retire`). Under a transaction-scoped
+/// advisory lock of the operator, so that its partitions starting at once agree.
+///
+/// With `settled` (the slot's position, for `streamex run`, whose events all come from the
+/// slot): an earlier count whose every checkpoint is of a transaction before it is done
+/// with for good (those events never come again), and its rows go.
 pub(crate) async fn prepare_generation(
     pool: &PgPool,
     slot: &str,
     operator: &str,
     partitions: u32,
+    settled: Option<crate::lsn::Lsn>,
 ) -> Result<Option<Inherited>, GenerationError> {
     let mut tx = pool.begin().await?;
     lock_generations(&mut tx, slot, operator).await?;
@@ -241,14 +362,38 @@ pub(crate) async fn prepare_generation(
                 .or_insert_with(|| vec![None; count as usize])[index as usize] = position;
         }
     }
-    let Some((&count, checkpoints)) = earlier.iter().next() else {
-        return Ok(None);
-    };
-    if earlier.len() > 1 {
+    if let Some(settled) = settled {
+        let done: Vec<u32> = earlier
+            .iter()
+            .filter(|(_, c)| c.iter().flatten().all(|p| p.commit_lsn < settled))
+            .map(|(count, _)| *count)
+            .collect();
+        for count in done {
+            earlier.remove(&count);
+            let names: Vec<String> = (0..count)
+                .map(|i| generation_name(operator, i, count))
+                .collect();
+            sqlx::query(
+                "DELETE FROM streamex.operator_checkpoints WHERE slot = $1 AND operator = ANY($2)",
+            )
+            .bind(slot)
+            .bind(&names)
+            .execute(&mut *tx)
+            .await?;
+            info!(
+                operator,
+                partitions,
+                earlier = count,
+                "the slot is past every checkpoint of the operator's earlier partitions: \
+                 they are removed"
+            );
+        }
+    }
+    if earlier.len() > 1 && settled.is_none() {
         let newest = earlier
             .iter()
             .max_by_key(|(_, c)| c.iter().flatten().max().copied())
-            .map_or(count, |(n, _)| *n);
+            .map_or(1, |(n, _)| *n);
         return Err(GenerationError::Generations {
             operator: operator.to_owned(),
             slot: slot.to_owned(),
@@ -261,14 +406,27 @@ pub(crate) async fn prepare_generation(
             newest,
         });
     }
-    let checkpoints = checkpoints.clone();
-    let Some(through) = checkpoints.iter().flatten().max().copied() else {
+    let generations: Vec<(u32, Vec<Option<Position>>)> = earlier.into_iter().collect();
+    let Some(through) = generations
+        .iter()
+        .flat_map(|(_, c)| c.iter().flatten())
+        .max()
+        .copied()
+    else {
+        tx.commit().await?;
         return Ok(None);
     };
-    // What every earlier partition had done; none when one of them had done nothing.
-    let oldest = checkpoints
+    // What every earlier partition of a count had done (none when one of them had done
+    // nothing): every row's events up to there are done. The least of the counts'.
+    let oldest = generations
         .iter()
-        .copied()
+        .map(|(_, checkpoints)| {
+            checkpoints
+                .iter()
+                .copied()
+                .collect::<Option<Vec<_>>>()
+                .and_then(|all| all.into_iter().min())
+        })
         .collect::<Option<Vec<_>>>()
         .and_then(|all| all.into_iter().min());
     if let Some(oldest) = oldest {
@@ -286,8 +444,9 @@ pub(crate) async fn prepare_generation(
             .await?;
         }
     }
-    let names: Vec<String> = (0..count)
-        .map(|i| generation_name(operator, i, count))
+    let names: Vec<String> = generations
+        .iter()
+        .flat_map(|(count, _)| (0..*count).map(|i| generation_name(operator, i, *count)))
         .collect();
     sqlx::query("DELETE FROM streamex.worker_progress WHERE slot = $1 AND operator = ANY($2)")
         .bind(slot)
@@ -296,10 +455,78 @@ pub(crate) async fn prepare_generation(
         .await?;
     tx.commit().await?;
     Ok(Some(Inherited {
-        partitions: count,
-        checkpoints,
+        generations,
         through,
     }))
+}
+
+/// Under `streamex run`: waits until the slot's confirmed position on the server is past
+/// the newest checkpoint of each operator's earlier count of partitions (`pending`: the
+/// operator and what it inherits), then removes that count's checkpoints (after a crash the
+/// stream starts from the slot, so those events never come again). Ends when none is left,
+/// or on `shutdown` (the next start removes them then).
+pub(crate) async fn retire_when_settled(
+    pool: PgPool,
+    slot: Arc<str>,
+    mut pending: Vec<(String, u32, Position)>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    while !pending.is_empty() {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let confirmed: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&*slot)
+        .fetch_optional(&pool)
+        .await
+        .map(Option::flatten);
+        let Some(confirmed) = confirmed
+            .ok()
+            .flatten()
+            .and_then(|c| c.parse::<crate::lsn::Lsn>().ok())
+        else {
+            continue;
+        };
+        let mut left = Vec::new();
+        for (operator, count, through) in pending {
+            if through.commit_lsn >= confirmed {
+                left.push((operator, count, through));
+                continue;
+            }
+            let names: Vec<String> = (0..count)
+                .map(|i| generation_name(&operator, i, count))
+                .collect();
+            let removed = async {
+                let mut tx = pool.begin().await?;
+                lock_generations(&mut tx, &slot, &operator).await?;
+                sqlx::query(
+                    "DELETE FROM streamex.operator_checkpoints WHERE slot = $1 AND operator = ANY($2)",
+                )
+                .bind(&*slot)
+                .bind(&names)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await
+            }
+            .await;
+            match removed {
+                Ok(()) => info!(
+                    operator,
+                    earlier = count,
+                    "the slot is past every checkpoint of the operator's earlier partitions: \
+                     they are removed"
+                ),
+                Err(error) => {
+                    tracing::debug!(operator, error = %error, "removing the earlier partitions' checkpoints failed; trying again");
+                    left.push((operator, count, through));
+                }
+            }
+        }
+        pending = left;
+    }
 }
 
 /// The transaction-scoped lock under which an operator's counts of partitions change hands.
@@ -347,8 +574,7 @@ mod tests {
         let at = |lsn: u64| Position::new(Lsn(lsn), 0);
         // Two earlier partitions: 0 done through 100, 1 through 300.
         let inherited = Inherited {
-            partitions: 2,
-            checkpoints: vec![Some(at(100)), Some(at(300))],
+            generations: vec![(2, vec![Some(at(100)), Some(at(300))])],
             through: at(300),
         };
         let (zero, one) = (
@@ -370,8 +596,7 @@ mod tests {
         assert!(inherited.done(None, at(50)), "no key: partition 0's");
         assert!(!inherited.done(None, at(150)));
         let never = Inherited {
-            partitions: 2,
-            checkpoints: vec![None, Some(at(300))],
+            generations: vec![(2, vec![None, Some(at(300))])],
             through: at(300),
         };
         assert!(!never.done(zero, at(1)), "a partition that applied nothing");

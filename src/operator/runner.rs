@@ -35,6 +35,7 @@ use tracing::{debug, error, trace, warn};
 
 use super::board::{Board, Restart};
 use super::inbox::InputSource;
+use super::partition::Gate;
 use super::{Context, Delivery, DynOperator, HandlerFuture};
 use crate::backoff::Backoff;
 use crate::config::{FailurePolicy, RetryConfig};
@@ -50,6 +51,9 @@ pub(crate) enum Input {
     Event(Arc<Event>),
     /// A transaction ended; everything before this marker belongs to commits up to `end_lsn`.
     Commit { end_lsn: Lsn },
+    /// An event that concerns the rows of several of the operator's partitions (see
+    /// [`Gate`]): the event itself for the partition that applies it, none for the others.
+    Gate(Arc<Gate>, Option<Arc<Event>>),
 }
 
 /// A transaction was rolled back because the operator's stored checkpoint was not where
@@ -82,6 +86,9 @@ pub(crate) enum RunnerExit {
     /// The database lost commits of this operator ([`CheckpointRewound`]): the events after
     /// its stored checkpoint must come again.
     Rewound,
+    /// A partition that this one waits for at a [`Gate`] is halted (or stopped likewise):
+    /// this one stops too, and goes on when the engine starts again after the resume.
+    Blocked,
 }
 
 pub(crate) struct Runner {
@@ -162,10 +169,17 @@ impl Runner {
             // next input, an event, may start a folded window: in a run of one-event
             // transactions, a batch that ends after an event would otherwise be followed by a
             // marker, then a batch again, and never fold, however far behind.
-            if let Input::Commit { end_lsn } = first {
-                self.board.advance(self.index, end_lsn);
-                continue;
-            }
+            let first = match first {
+                Input::Commit { end_lsn } => {
+                    self.board.advance(self.index, end_lsn);
+                    continue;
+                }
+                Input::Gate(gate, event) => match self.pass(&gate, event).await {
+                    Handled::Done => continue,
+                    Handled::Stop(exit) => return self.stopped(exit),
+                },
+                event @ Input::Event(_) => event,
+            };
             let first = match self.fold_window(first, &mut inbox).await {
                 Window::Folded { next } => {
                     held = next;
@@ -183,6 +197,11 @@ impl Runner {
                         let Some(input) = self.fresh(input) else {
                             continue;
                         };
+                        if matches!(input, Input::Gate(..)) {
+                            // Everything before it is handled first, in this batch.
+                            held = Some(input);
+                            break;
+                        }
                         events += usize::from(matches!(input, Input::Event(_)));
                         batch.push(input);
                     }
@@ -191,7 +210,7 @@ impl Runner {
             }
             let done_through = batch.iter().rev().find_map(|input| match input {
                 Input::Commit { end_lsn } => Some(*end_lsn),
-                Input::Event(_) => None,
+                Input::Event(_) | Input::Gate(..) => None,
             });
             let todo: Vec<Arc<Event>> = batch
                 .drain(..)
@@ -200,26 +219,74 @@ impl Runner {
                     _ => None,
                 })
                 .collect();
-            let skipped = self
-                .skip
-                .and_then(|skip| todo.iter().position(|e| e.position() == skip));
-            let handled = match skipped {
-                None => self.handle_batch(&todo).await,
-                Some(at) => match self.handle_batch(&todo[..at]).await {
-                    Handled::Done => match self.set_aside(&todo[at]).await {
-                        Handled::Done => self.handle_batch(&todo[at + 1..]).await,
-                        stop => stop,
-                    },
-                    stop => stop,
-                },
-            };
-            if let Handled::Stop(exit) = handled {
+            if let Handled::Stop(exit) = self.handle_events(&todo).await {
                 return self.stopped(exit);
             }
             if let Some(end) = done_through {
                 self.board.advance(self.index, end);
             }
         }
+    }
+
+    /// `events` in order, the one `streamex resume --skip-current` named set aside.
+    async fn handle_events(&mut self, events: &[Arc<Event>]) -> Handled {
+        let skipped = self
+            .skip
+            .and_then(|skip| events.iter().position(|e| e.position() == skip));
+        match skipped {
+            None => self.handle_batch(events).await,
+            Some(at) => match self.handle_batch(&events[..at]).await {
+                Handled::Done => match self.set_aside(&events[at]).await {
+                    Handled::Done => self.handle_batch(&events[at + 1..]).await,
+                    stop => stop,
+                },
+                stop => stop,
+            },
+        }
+    }
+
+    /// Takes this partition past `gate` (everything before it is handled): another partition
+    /// arrives and waits for the applier to open it; the applier (`event`) waits for the
+    /// others to arrive, applies the event and opens it. A partition it waits for that is
+    /// halted, or stopped at a gate of its own, stops this one too ([`RunnerExit::Blocked`]).
+    async fn pass(&mut self, gate: &Gate, event: Option<Arc<Event>>) -> Handled {
+        let applies = event.is_some();
+        if !applies {
+            gate.arrive();
+        }
+        let waits_on = if applies {
+            gate.others.clone()
+        } else {
+            vec![gate.applier]
+        };
+        while !gate.passable(applies) {
+            if let Some(&stuck) = waits_on
+                .iter()
+                .find(|&&i| self.board.is_halted(i) || self.board.is_blocked(i))
+            {
+                warn!(
+                    operator = self.operator.name(), waits_for = %self.board.name(stuck),
+                    "an event of several partitions' rows waits for a partition that is halted: \
+                     this partition stops too, and goes on once that one is resumed"
+                );
+                self.board.block(self.index);
+                return Handled::Stop(RunnerExit::Blocked);
+            }
+            tokio::select! {
+                _ = gate.changed() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
+            }
+        }
+        if let Some(event) = event {
+            if self.is_new(&event) {
+                if let Handled::Stop(exit) = self.handle_events(&[event]).await {
+                    return Handled::Stop(exit);
+                }
+            }
+            gate.open();
+        }
+        Handled::Done
     }
 
     /// `exit`, after asking the engine to start the pipeline again from the slot when the
@@ -230,14 +297,17 @@ impl Runner {
                 self.board.replay(self.index, Restart::Unfolded(through))
             }
             RunnerExit::Rewound => self.board.replay(self.index, Restart::Rewound),
-            RunnerExit::Drained | RunnerExit::Interrupted | RunnerExit::Halted => {}
+            RunnerExit::Drained
+            | RunnerExit::Interrupted
+            | RunnerExit::Halted
+            | RunnerExit::Blocked => {}
         }
         exit
     }
 
     /// `input`, unless it is the second copy of an event already taken (see `received`).
     fn fresh(&mut self, input: Input) -> Option<Input> {
-        if let Input::Event(event) = &input {
+        if let Input::Event(event) | Input::Gate(_, Some(event)) = &input {
             let position = event.position();
             if self.received.is_some_and(|received| position <= received) {
                 return None;
@@ -317,6 +387,7 @@ impl Runner {
             };
             match input {
                 Input::Commit { end_lsn } => done_through = Some(end_lsn),
+                gate @ Input::Gate(..) => break Some(gate),
                 Input::Event(event) => {
                     if !self.is_new(&event) {
                         continue;
@@ -546,6 +617,12 @@ impl Runner {
         let mut attempt = 1;
         let mut retries = self.retry.backoff();
         let mut outage = self.outage_backoff();
+        let mut conflicts = 0;
+        let mut conflict_wait = Backoff::new(
+            std::time::Duration::from_millis(5),
+            2.0,
+            std::time::Duration::from_millis(500),
+        );
         loop {
             if !self.is_new(event) {
                 // Applied in the meantime (see CheckpointMoved): nothing left to do.
@@ -592,6 +669,20 @@ impl Runner {
                 continue;
             }
             outage.reset();
+            if is_transaction_conflict(&error) && conflicts < FREE_CONFLICTS {
+                conflicts += 1;
+                let wait = conflict_wait.next().unwrap_or(conflict_wait.max);
+                debug!(
+                    operator = %name, commit_lsn = %event.commit_lsn, ordinal = event.ordinal,
+                    conflicts, error = %message,
+                    "the transaction met another writing the same rows; running it again"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.shutdown.cancelled() => return Handled::Stop(RunnerExit::Interrupted),
+                }
+                continue;
+            }
             if attempt <= self.retry.retries {
                 let backoff = retries.next().unwrap_or(retries.max);
                 // A receiver's Retry-After (see RetryAfter) is a floor under the backoff.
@@ -788,6 +879,23 @@ impl Runner {
 fn display_position(position: Option<Position>) -> String {
     position.map_or_else(|| "none".to_owned(), |p| p.to_string())
 }
+
+/// Whether `error` is a deadlock or a serialization failure (SQLSTATE 40P01, 40001): the
+/// transaction met another one writing the same rows (an operator's partitions updating one
+/// aggregate row, say), which says nothing about the event; it runs again.
+fn is_transaction_conflict(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .and_then(|e| e.as_database_error())
+            .and_then(|e| e.code())
+            .is_some_and(|code| code == "40P01" || code == "40001")
+    })
+}
+
+/// How many transaction conflicts in a row an event may meet before they count as its
+/// failures (and spend its retries).
+const FREE_CONFLICTS: u32 = 20;
 
 /// Whether `error` comes from the database being unreachable or restarting (a lost
 /// connection, a pool timeout, SQLSTATE class 08 or 57P0x, ...), as opposed to the handler or

@@ -233,6 +233,9 @@ pub struct SqlOperator {
     /// A statement the server would not `PREPARE` (a `CALL`, say): batches then run the
     /// statements one by one.
     unpreparable: AtomicBool,
+    /// As one of `(index, count)` partitions: only the ids of that partition are recomputed
+    /// (a truncate's steps are the applier's, see [`SqlOperator::route`]).
+    partition: Option<(u32, u32)>,
 }
 
 /// Builds a [`SqlOperator`].
@@ -305,6 +308,7 @@ impl SqlOperatorBuilder {
             truncate_query: self.truncate_query,
             reset_query: self.reset_query,
             unpreparable: AtomicBool::new(false),
+            partition: None,
         })
     }
 }
@@ -423,8 +427,73 @@ impl SqlOperator {
         })
     }
 
-    /// The steps one event takes, in order.
+    /// The operator as partition `index` of `count`: it recomputes only the ids whose
+    /// partition that is (by the id's text, as a row key); the rest is the same.
+    pub(crate) fn partition(&self, index: u32, count: u32) -> SqlOperator {
+        SqlOperator {
+            name: self.name.clone(),
+            query: Statement::new(self.query.sql.clone()),
+            ids: self.ids.clone(),
+            delete_with: self.delete_with.clone(),
+            delete_query: self
+                .delete_query
+                .as_ref()
+                .map(|q| Statement::new(q.sql.clone())),
+            truncate_query: self.truncate_query.clone(),
+            reset_query: self.reset_query.clone(),
+            unpreparable: AtomicBool::new(self.unpreparable.load(Ordering::Relaxed)),
+            partition: Some((index, count)),
+        }
+    }
+
+    /// Where `event` goes among `count` partitions of the operator: to the partition of each
+    /// id it recomputes (an update that moves a row between ids: both, each recomputing its
+    /// own), across all of them for a truncate (partition 0 runs its statement once the
+    /// others are done with what came before), to partition 0 when it recomputes nothing or
+    /// fails (the failure policy sees it there).
+    pub(crate) fn route(&self, event: &Event, count: u32) -> super::partition::Route {
+        use super::partition::Route;
+        let Ok(steps) = self.all_actions(event) else {
+            return Route::One(0);
+        };
+        let mut partitions: Vec<u32> = Vec::with_capacity(2);
+        for step in &steps {
+            match step {
+                Step::Run(_, id) => {
+                    let p = id_partition(id, count);
+                    if !partitions.contains(&p) {
+                        partitions.push(p);
+                    }
+                }
+                Step::Truncate | Step::RecomputeAll => {
+                    return Route::Crossing {
+                        applier: 0,
+                        others: (1..count).collect(),
+                    };
+                }
+            }
+        }
+        match partitions[..] {
+            [] => Route::One(0),
+            [one] => Route::One(one),
+            _ => Route::Each(partitions),
+        }
+    }
+
+    /// The steps one event takes, in order (only its partition's ids, as a partition).
     fn actions(&self, event: &Event) -> anyhow::Result<Vec<Step>> {
+        let mut steps = self.all_actions(event)?;
+        if let Some((index, count)) = self.partition {
+            steps.retain(|step| match step {
+                Step::Run(_, id) => id_partition(id, count) == index,
+                Step::Truncate | Step::RecomputeAll => true,
+            });
+        }
+        Ok(steps)
+    }
+
+    /// The steps one event takes, in order, whatever the partition.
+    fn all_actions(&self, event: &Event) -> anyhow::Result<Vec<Step>> {
         let Some(field) = self.field(event) else {
             return Ok(Vec::new());
         };
@@ -649,6 +718,12 @@ impl SqlOperator {
 }
 
 /// `name` quoted as an SQL identifier.
+/// The partition of the id `id` among `count`: as a row whose key is the id's text.
+fn id_partition(id: &Value, count: u32) -> u32 {
+    let text = crate::pubsub::value_text(id);
+    super::partition::partition_of(text.as_deref(), count)
+}
+
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }

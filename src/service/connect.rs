@@ -17,18 +17,19 @@ use crate::replication::{self, ConnectParams, Host};
 /// The waits between attempts while the database is unreachable.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(500), 2.0, Duration::from_secs(30));
 
-/// A pool on the database `params` names, once it answers. With `lease`, every session of
+/// A pool of `size` connections on the database `params` names, once it answers. With `lease`, every session of
 /// the pool has the server end a transaction left idle that long
 /// (`idle_in_transaction_session_timeout`): an instance or worker frozen in the middle of an
 /// operator's transaction must not hold its rows locked after another has taken over.
 pub(crate) async fn connect(
     params: &ConnectParams,
+    size: u32,
     lease: Option<Duration>,
     shutdown: &CancellationToken,
 ) -> Result<PgPool, ServiceError> {
     let mut backoff = RETRY;
     loop {
-        match try_connect(params, 8, lease).await {
+        match try_connect(params, size, lease).await {
             Ok(pool) => return Ok(pool),
             Err(e) if crate::error::is_transient_sqlx(&e) && !shutdown.is_cancelled() => {
                 let wait = backoff.next().unwrap_or(backoff.max);

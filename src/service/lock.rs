@@ -489,7 +489,7 @@ mod tests {
         let params = crate::replication::ConnectParams::parse(&url)?;
         let shutdown = CancellationToken::new();
         let pool =
-            crate::service::connect(&params, Some(Duration::from_secs(1)), &shutdown).await?;
+            crate::service::connect(&params, 2, Some(Duration::from_secs(1)), &shutdown).await?;
         let mut open = Vec::new();
         for _ in 0..2 {
             let mut tx = pool.begin().await?;

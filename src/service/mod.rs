@@ -215,19 +215,35 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
                 )));
             }
         }
-        if let Some(entry) = config
-            .operators
-            .iter()
-            .find(|c| c.partitions.is_some_and(|p| p > 1))
-        {
+        if let Some(entry) = config.operators.iter().find(|c| {
+            c.partitions
+                .is_some_and(|p| !(1..=crate::operator::partition::MAX_PARTITIONS).contains(&p))
+        }) {
             return Err(ServiceError::Config(format!(
-                "operator {:?}: partitions = {} is for workers (`streamex worker`, which share an \
-                 operator's partitions); `streamex run` runs an operator whole: leave partitions \
-                 out of this configuration, or run the operator on workers",
+                "operator {:?}: partitions = {} is out of range: give 1 (the operator runs whole) \
+                 to {}",
                 entry.name,
-                entry.partitions.unwrap_or(1)
+                entry.partitions.unwrap_or(1),
+                crate::operator::partition::MAX_PARTITIONS
             )));
         }
+        // Each partition runs its transactions on a connection of its own, beside the
+        // process status, the instance lock's checks and a backfill's readers.
+        let partitions: u32 = operators
+            .iter()
+            .map(|o| {
+                config
+                    .operators
+                    .iter()
+                    .find(|c| c.name == o.name())
+                    .and_then(|c| c.partitions)
+                    .unwrap_or(1)
+            })
+            .sum();
+        let pool_size = partitions
+            .saturating_add(4)
+            .saturating_add(u32::try_from(config.replication.backfill_readers).unwrap_or(0))
+            .max(8);
         let params = ConnectParams::parse(&config.database_url)
             .map_err(|e| ServiceError::Config(format!("database_url: {e}")))?;
         if !params.other_hosts.is_empty()
@@ -240,7 +256,7 @@ impl<S: ProcessStatusStorage + Clone> ServiceBuilder<S> {
                  ?target_session_attrs=read-write so that it always finds the primary"
             );
         }
-        let pool = connect(&params, Some(config.lock.lease), &shutdown).await?;
+        let pool = connect(&params, pool_size, Some(config.lock.lease), &shutdown).await?;
         prepare(&config, &pool).await.map_err(ServiceError::Setup)?;
         prepare::check_published(&config, &pool, &operators)
             .await
@@ -320,6 +336,7 @@ impl<S: ProcessStatusStorage + Clone> Service<S> {
                     backfill: backfill
                         .or_else(|| entry.and_then(|c| c.backfill))
                         .unwrap_or_else(|| operator.0.backfill()),
+                    partitions: entry.and_then(|c| c.partitions).unwrap_or(1),
                     operator,
                 }
             })

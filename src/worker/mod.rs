@@ -235,7 +235,7 @@ impl WorkerBuilder {
         }
         let params = ConnectParams::parse(&config.database_url)
             .map_err(|e| WorkerError::Config(format!("database_url: {e}")))?;
-        let pool = crate::service::connect(&params, Some(config.lock.lease), &shutdown).await?;
+        let pool = crate::service::connect(&params, 8, Some(config.lock.lease), &shutdown).await?;
         crate::status::migrate(&pool)
             .await
             .map_err(|e| WorkerError::Setup(e.into()))?;
@@ -252,6 +252,8 @@ impl WorkerBuilder {
                 retry: entry.and_then(|c| c.retry).unwrap_or(config.retry),
                 one_per_transaction: entry.is_some_and(|c| c.one_event_per_transaction),
                 backfill: false,
+                // A worker shares the operator's partitions itself (`share.rs`).
+                partitions: 1,
                 operator,
             };
             let partitions = entry.and_then(|c| c.partitions).unwrap_or(1);

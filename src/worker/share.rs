@@ -203,8 +203,8 @@ pub(crate) async fn retire(
     .await?;
     let mut retired = None;
     if usize::try_from(there).unwrap_or(0) == current.len() {
-        let earlier: Vec<String> = (0..inherited.partitions)
-            .map(|i| generation_name(operator, i, inherited.partitions))
+        let earlier: Vec<String> = (0..inherited.partitions())
+            .map(|i| generation_name(operator, i, inherited.partitions()))
             .collect();
         for table in [
             "operator_checkpoints",
@@ -222,7 +222,7 @@ pub(crate) async fn retire(
         info!(
             operator,
             partitions,
-            earlier = inherited.partitions,
+            earlier = inherited.partitions(),
             "every partition of the operator is past what the earlier partitions had done: \
              their checkpoints are removed"
         );

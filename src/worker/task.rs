@@ -339,7 +339,9 @@ impl OperatorTask {
         let (whole, partitions) = self.generation();
         let prepared = self
             .database("readying the operator's partitions", || async {
-                match share::prepare_generation(&self.pool, &self.slot, whole, partitions).await {
+                match share::prepare_generation(&self.pool, &self.slot, whole, partitions, None)
+                    .await
+                {
                     Ok(inherited) => Ok(Ok(inherited)),
                     Err(share::GenerationError::Sql(e)) => Err(status::StatusError::sql(
                         "reading the operator's checkpoints",
@@ -353,7 +355,7 @@ impl OperatorTask {
             Some(Ok(inherited)) => {
                 if let Some(i) = &inherited {
                     info!(
-                        operator = self.name(), earlier = i.partitions, through = %i.through,
+                        operator = self.name(), earlier = i.partitions(), through = %i.through,
                         "the operator ran in another count of partitions before: events that \
                          count had applied are passed over, until this one is past its last"
                     );
@@ -828,7 +830,8 @@ impl OperatorTask {
                                 }
                             }
                         },
-                        RunnerExit::Interrupted => Outcome::Shutdown,
+                        // A worker's partitions wait at barriers of their own, never at gates.
+                        RunnerExit::Interrupted | RunnerExit::Blocked => Outcome::Shutdown,
                         RunnerExit::Halted => Outcome::Halted { acked_through },
                         RunnerExit::Replay(through) => Outcome::Replay { through, acked_through },
                         RunnerExit::Rewound => Outcome::Rewound { acked_through },

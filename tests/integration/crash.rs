@@ -8,13 +8,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{BLOG, Rng, blog_activity, derived_mismatches, settle, spawn_service};
+use common::{BLOG, Rng, blog_activity, derived_mismatches, settle_exact, spawn_service};
 use sqlx::PgPool;
 use streamex::testing;
 
 #[tokio::test]
 async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()>
 {
+    sigkills(|config| config).await
+}
+
+/// The same with both blog operators in three partitions each (the declarative one by its
+/// id, the tallies by the comment's key): each partition's checkpoint is its own, and the
+/// slot is acknowledged only where every one of them is done.
+#[tokio::test]
+async fn sigkill_with_partitioned_operators_loses_nothing_and_applies_nothing_twice()
+-> anyhow::Result<()> {
+    sigkills(|config| common::with_partitions(&config, 3)).await
+}
+
+async fn sigkills(configure: impl Fn(String) -> String) -> anyhow::Result<()> {
     let kills: u32 = std::env::var("STREAMEX_CRASH_KILLS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -27,7 +40,10 @@ async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() ->
     sqlx::raw_sql(BLOG).execute(&pool).await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("streamex.toml");
-    std::fs::write(&config, common::blog_config(&url, &common::slot_for(&url)))?;
+    std::fs::write(
+        &config,
+        configure(common::blog_config(&url, &common::slot_for(&url))),
+    )?;
     let log = dir.path().join("streamex.log");
 
     // The slot must exist before the first change the derived tables are checked against.
@@ -61,7 +77,7 @@ async fn sigkill_at_random_instants_loses_nothing_and_applies_nothing_twice() ->
 
     // A last run catches up, then stops cleanly on SIGTERM.
     let mut child = spawn_service(&config, &log, "warn")?;
-    let settled = settle(&pool).await;
+    let settled = settle_exact(&pool).await;
     // SAFETY: kill has no memory-safety preconditions; the pid is our own running child.
     unsafe { libc::kill(libc::pid_t::try_from(child.id())?, libc::SIGTERM) };
     let status = child.wait()?;

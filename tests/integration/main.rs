@@ -26,6 +26,7 @@ mod outbox;
 mod partitions;
 mod reconnect;
 mod replication;
+mod run_partitions;
 mod service;
 mod setups;
 mod sql_operator;

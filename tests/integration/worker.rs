@@ -16,8 +16,8 @@ use streamex::testing;
 
 use crate::common::nats::NatsServer;
 use crate::common::{
-    self, BLOG, Rng, blog_activity, blog_config, derived_mismatches, eventually, settle, slot_for,
-    spawn_service,
+    self, BLOG, Rng, blog_activity, blog_config, derived_mismatches, eventually, settle,
+    settle_exact, slot_for, spawn_service,
 };
 
 /// `[nats]` for the test's server, stream and subjects `blog`.
@@ -38,22 +38,6 @@ fn configs(url: &str, nats: &NatsServer, extra: &str) -> (String, String) {
     let publisher = format!("{}{}", &blog[..cut], nats_section(nats));
     let worker = format!("{blog}{}{extra}", nats_section(nats));
     (publisher, worker)
-}
-
-/// Settles on a marker post, then: the declarative operator (which listens to posts) is exact
-/// at once, since `streamex.processed('posts')` waits for it on the worker; the tallies listen
-/// to comments only, so `processed('posts')` does not wait for them, and they are waited for.
-async fn settle_exact(pool: &PgPool) -> anyhow::Result<()> {
-    settle(pool).await?;
-    let counts = derived_mismatches(pool).await?.0;
-    anyhow::ensure!(
-        counts == 0,
-        "streamex.processed said the marker post was processed with {counts} posts' counts wrong"
-    );
-    eventually("the tallies exact", async || {
-        Ok(derived_mismatches(pool).await? == (0, 0))
-    })
-    .await
 }
 
 /// `streamex worker --config config`, its stderr appended to `log`.

@@ -172,6 +172,22 @@ pub async fn settle(pool: &PgPool) -> anyhow::Result<()> {
     }
 }
 
+/// Settles on a marker post, then: the declarative operator (which listens to posts) is exact
+/// at once, since `streamex.processed('posts')` waits for it (on a worker too); the tallies listen
+/// to comments only, so `processed('posts')` does not wait for them, and they are waited for.
+pub async fn settle_exact(pool: &PgPool) -> anyhow::Result<()> {
+    settle(pool).await?;
+    let counts = derived_mismatches(pool).await?.0;
+    anyhow::ensure!(
+        counts == 0,
+        "streamex.processed said the marker post was processed with {counts} posts' counts wrong"
+    );
+    eventually("the tallies exact", async || {
+        Ok(derived_mismatches(pool).await? == (0, 0))
+    })
+    .await
+}
+
 /// Rows where the derived tables differ from what `posts` and `comments` say they should be.
 pub async fn derived_mismatches(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
     let counts: i64 = sqlx::query_scalar(
@@ -243,6 +259,25 @@ pub fn blog_config(database_url: &str, slot: &str) -> String {
         "the example's database_url line moved"
     );
     config
+}
+
+/// The blog configuration with `partitions` for both of its operators.
+pub fn with_partitions(config: &str, partitions: u32) -> String {
+    let mut out = String::new();
+    for line in config.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.starts_with("name = \"post_") {
+            out.push_str(&format!("partitions = {partitions}\n"));
+        }
+    }
+    let given = format!("\npartitions = {partitions}\n");
+    assert_eq!(
+        out.matches(&given).count(),
+        2,
+        "the blog operators' names moved"
+    );
+    out
 }
 
 /// A `streamex` command with the tests' own `STREAMEX_*` variables removed (the service
