@@ -1,7 +1,8 @@
 //! Chaos on the blog example: the real `streamex run` under a continuous mixed workload while
 //! it is SIGKILLed at random instants, PostgreSQL restarts (fast and immediate shutdown), the
 //! TCP connections between streamex and PostgreSQL are cut (through a proxy inside the test),
-//! and the active instance is killed while a standby waits. Afterwards every derived row must
+//! and the active instance is killed while a standby waits (the tallies run in three
+//! partitions, the declarative operator whole). Afterwards every derived row must
 //! equal what `posts` and `comments` say, tallies included, and process status must cover the
 //! last change.
 //!
@@ -242,10 +243,15 @@ async fn chaos_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
             "reconnect_initial = \"500ms\"",
             "reconnect_initial = \"100ms\"",
         )
-        .replace("reconnect_max = \"30s\"", "reconnect_max = \"1s\"");
+        .replace("reconnect_max = \"30s\"", "reconnect_max = \"1s\"")
+        // The tallies in partitions, the declarative operator whole: both kinds through it all.
+        .replace(
+            "name = \"post_comment_tallies\"\n",
+            "name = \"post_comment_tallies\"\npartitions = 3\n",
+        );
     anyhow::ensure!(
-        text.contains("reconnect_max = \"1s\""),
-        "the example's reconnect lines moved"
+        text.contains("reconnect_max = \"1s\"") && text.contains("partitions = 3\n"),
+        "the example's reconnect or tallies lines moved"
     );
     std::fs::write(&config, text)?;
     // The slot must exist before the first change the derived tables are checked against.

@@ -2,7 +2,8 @@
 //! operators split four ways (the declarative one by its id, the tallies by the comment's
 //! key) keep their derived tables exact through the events that concern more than one
 //! partition (a comment moved to another post, a comment whose key changes, TRUNCATE), and
-//! through changes of the count of partitions across SIGKILLs.
+//! through changes of the count of partitions across SIGKILLs; a halted partition holds the
+//! others at an event that concerns them all.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,15 +11,18 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use streamex::config::Config;
+use streamex::event::{Event, EventType};
+use streamex::operator::{AnyOperator, Context, Operator, Subscription};
 use streamex::pubsub::PubSub;
-use streamex::status::PostgresStatus;
+use streamex::status::{MemoryStatus, PostgresStatus};
 use streamex::testing;
 
 use crate::common;
 
 use anyhow::Context as _;
 use common::{
-    BLOG, Rng, Service, blog_activity, derived_mismatches, settle, settle_exact, slot_for,
+    BLOG, Rng, Service, blog_activity, derived_mismatches, eventually, settle, settle_exact,
+    slot_for,
 };
 
 /// The example configuration on `url`, both blog operators in `partitions`.
@@ -212,4 +216,138 @@ async fn changing_the_count_of_partitions_across_sigkills_applies_every_event_on
     );
     assert_eq!(mismatches, (0, 0), "service log:\n{log_text}");
     Ok(())
+}
+
+/// A test operator that mirrors `posts (id, title)` into `mirror`, TRUNCATE included, and
+/// fails on a post titled `poison` until `cured`.
+struct Mirror {
+    cured: Arc<AtomicBool>,
+}
+
+impl Operator for Mirror {
+    fn name(&self) -> &str {
+        "mirror"
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        vec![Subscription::all("posts")]
+    }
+
+    async fn handle(&self, event: &Event, ctx: &mut Context<'_>) -> anyhow::Result<()> {
+        if event.kind == EventType::Truncate {
+            sqlx::query("DELETE FROM mirror").execute(ctx.db()?).await?;
+            return Ok(());
+        }
+        let record = event.record().context("a record")?;
+        let title = record.get("title").and_then(|t| t.as_str()).unwrap_or("");
+        if title == "poison" && !self.cured.load(Ordering::SeqCst) {
+            anyhow::bail!("poisoned post");
+        }
+        let id = record.get("id").and_then(|v| v.as_i64()).context("an id")?;
+        sqlx::query("INSERT INTO mirror (id, title) VALUES ($1, $2)")
+            .bind(id)
+            .bind(title)
+            .execute(ctx.db()?)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The ids in `mirror`, in order.
+async fn mirrored(pool: &PgPool) -> anyhow::Result<Vec<i64>> {
+    Ok(sqlx::query_scalar("SELECT id FROM mirror ORDER BY id")
+        .fetch_all(pool)
+        .await?)
+}
+
+/// A partition halted on an event holds the TRUNCATE after it, which crosses every
+/// partition: the other partition, which applies it, stops at it too (applying it, or its
+/// rows after it, would put them out of order with the halted partition's). Resumed, both go
+/// on and the mirror ends as the table.
+#[tokio::test]
+async fn a_halted_partition_holds_the_others_at_an_event_of_all_partitions() -> anyhow::Result<()> {
+    let url = testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE posts (id bigint PRIMARY KEY, title text NOT NULL);
+         CREATE TABLE mirror (id bigint PRIMARY KEY, title text NOT NULL);",
+    )
+    .execute(&pool)
+    .await?;
+    let config = Config::parse(
+        &format!(
+            "database_url = {url:?}\nslot = {:?}\ntables = [\"posts\"]\n\
+             [retry]\ninitial = \"10ms\"\nmax = \"20ms\"\nretries = 1\n\
+             [[operators]]\nname = \"mirror\"\npartitions = 2\n",
+            slot_for(&url)
+        ),
+        "test.toml",
+        std::iter::empty(),
+    )?;
+    let cured = Arc::new(AtomicBool::new(false));
+    let service = Service::start(
+        &config,
+        MemoryStatus::new(),
+        PubSub::new(),
+        vec![AnyOperator::new(Mirror {
+            cured: cured.clone(),
+        })],
+    )
+    .await?;
+    sqlx::raw_sql("INSERT INTO posts SELECT i, 'p' FROM generate_series(1, 20) i")
+        .execute(&pool)
+        .await?;
+    eventually("the first rows mirrored", async || {
+        Ok(mirrored(&pool).await?.len() == 20)
+    })
+    .await?;
+    // A poisoned post of partition 1 (partition 0 applies the truncate), then the truncate
+    // and rows of both partitions.
+    let poison = (21..)
+        .find(|id: &i64| streamex::jetstream::partition(Some(&id.to_string()), 2) == 1)
+        .context("an id of partition 1")?;
+    sqlx::query("INSERT INTO posts VALUES ($1, 'poison')")
+        .bind(poison)
+        .execute(&pool)
+        .await?;
+    sqlx::raw_sql(
+        "TRUNCATE posts; INSERT INTO posts SELECT i, 'after' FROM generate_series(100, 110) i;",
+    )
+    .execute(&pool)
+    .await?;
+    eventually("partition 1 halted", async || {
+        Ok(sqlx::query_scalar::<_, String>(
+            "SELECT state FROM streamex.operator_state WHERE operator = 'mirror#1/2'",
+        )
+        .fetch_optional(&pool)
+        .await?
+        .as_deref()
+            == Some("halted"))
+    })
+    .await?;
+    // Partition 0 has had time to go past the truncate, had it not been held.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        mirrored(&pool).await?,
+        (1..=20).collect::<Vec<i64>>(),
+        "partition 0 went past the truncate while partition 1 was halted before it"
+    );
+    let held: Option<String> = sqlx::query_scalar(
+        "SELECT state FROM streamex.operator_state WHERE operator = 'mirror#0/2'",
+    )
+    .fetch_optional(&pool)
+    .await?;
+    assert_ne!(
+        held.as_deref(),
+        Some("halted"),
+        "partition 0 is held, not halted"
+    );
+
+    cured.store(true, Ordering::SeqCst);
+    streamex::status::set_operator_running(&pool, &config.slot, "mirror#1/2").await?;
+    eventually("the mirror as the table after the resume", async || {
+        Ok(mirrored(&pool).await? == (100..=110).collect::<Vec<i64>>())
+    })
+    .await?;
+    service.stop().await
 }
