@@ -57,7 +57,8 @@
 //! none; runs unless `--only` is given without it), `--worker-rows N` (200000; 0 for none) and
 //! `--workers LIST` (1,2,4), which run unless `--only` is given without one of them, and need
 //! a nats-server; `--instruction-rows N` (50000; 0 for none), which runs unless `--only` is
-//! given without it. The hot aggregates run unless
+//! given without it; `--partitions N` (1) runs the blog operators of (d) and of the hot
+//! aggregates in N partitions. The hot aggregates run unless
 //! `--only` is given; with `--only`, when one of their three options is.
 //! `STREAMEX_BENCH_LOG=<filter>` (as `RUST_LOG`) prints the in-process service's logs.
 
@@ -124,6 +125,8 @@ struct Args {
     instruction_rows: u64,
     /// `--instruction-rows` was given: the section runs even with `--only`.
     instructions_asked: bool,
+    /// The blog operators' `partitions` in the drains (d) and the hot aggregates (1: whole).
+    partitions: u32,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -133,6 +136,7 @@ fn parse_args() -> anyhow::Result<Args> {
         huge_rows: 1_000_000,
         rates: vec![1_000, 5_000],
         skip_latency: false,
+        partitions: 1,
         max_seconds: 300,
         only: None,
         latency: None,
@@ -204,6 +208,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     .collect::<Result<_, _>>()?;
                 args.workers_asked = true;
             }
+            "--partitions" => args.partitions = value()?.parse()?,
             "--instruction-rows" => {
                 args.instruction_rows = value()?.parse()?;
                 args.instructions_asked = true;
@@ -345,7 +350,12 @@ async fn bench(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     };
 
     let dir = tempfile::tempdir()?;
-    let configs = write_configs(dir.path(), &url, nats.as_ref().map(|n| n.port))?;
+    let configs = write_configs(
+        dir.path(),
+        &url,
+        nats.as_ref().map(|n| n.port),
+        args.partitions,
+    )?;
     let mut drains = Vec::new();
     let mut checks = Vec::new();
     for c in only.iter().copied() {
@@ -893,17 +903,19 @@ impl Drop for NatsServer {
     }
 }
 
-fn write_configs(dir: &Path, url: &str, nats_port: Option<u16>) -> anyhow::Result<Configs> {
+fn write_configs(
+    dir: &Path,
+    url: &str,
+    nats_port: Option<u16>,
+    partitions: u32,
+) -> anyhow::Result<Configs> {
     let count_text = format!(
         "database_url = {url:?}\nslot = \"bench\"\npublication = \"streamex\"\n\
          tables = [\"posts\", \"comments\"]\n\n[process_status]\nbackend = \"memory\"\n\n\
          [[operators]]\nname = \"count_events\"\nbackfill = false\n"
     );
     // The drains measure streaming a backlog: no operator backfills the rows already there.
-    let blog = BLOG_CONFIG.replace("backfill = true", "backfill = false");
-    if blog.matches("backfill = false").count() != 2 {
-        bail!("config/streamex.toml changed: could not set backfill = false");
-    }
+    let blog = streamed_blog_config(partitions)?;
     let blog_one = blog
         .replace(
             "name = \"post_with_comments_counts\"\n",
@@ -1137,6 +1149,32 @@ const BENCH_APP: &str = "pipeline-bench";
 /// `rows / per_post` posts so that each post ends with `per_post` comments, in a database of
 /// its own whose tables have autovacuum off. Drained by (a) and by (d), each from its own slot
 /// created after the posts; returns the figures and the lines of the derived-table checks.
+/// The blog configuration for streaming a backlog (no operator backfills the rows already
+/// there), the operators in `partitions` (1: whole).
+fn streamed_blog_config(partitions: u32) -> anyhow::Result<String> {
+    let blog = BLOG_CONFIG.replace("backfill = true", "backfill = false");
+    if blog.matches("backfill = false").count() != 2 {
+        bail!("config/streamex.toml changed: could not set backfill = false");
+    }
+    if partitions <= 1 {
+        return Ok(blog);
+    }
+    let given = format!("\npartitions = {partitions}\n");
+    let blog = blog
+        .replace(
+            "name = \"post_with_comments_counts\"\n",
+            &format!("name = \"post_with_comments_counts\"{given}"),
+        )
+        .replace(
+            "name = \"post_comment_tallies\"\n",
+            &format!("name = \"post_comment_tallies\"{given}"),
+        );
+    if blog.matches(&given).count() != 2 {
+        bail!("config/streamex.toml changed: could not set partitions");
+    }
+    Ok(blog)
+}
+
 async fn hot_aggregates(
     cluster: &Cluster,
     admin: &PgPool,
@@ -1208,10 +1246,7 @@ async fn hot_aggregates(
     let mut cmd = streamex_command(&args.wrap);
     // The posts are there before the slots: streamed, not backfilled.
     let config_path = dir.join("hot-blog.toml");
-    std::fs::write(
-        &config_path,
-        BLOG_CONFIG.replace("backfill = true", "backfill = false"),
-    )?;
+    std::fs::write(&config_path, streamed_blog_config(args.partitions)?)?;
     cmd.arg("run")
         .arg("--config")
         .arg(&config_path)

@@ -54,7 +54,7 @@ pub(super) async fn bench(
     let (changes, last_commit) = write_backlog(&pool, args.instruction_rows).await?;
     let dir = dir.join("instructions");
     std::fs::create_dir_all(&dir)?;
-    let configs = write_configs(&dir, &url, None)?;
+    let configs = write_configs(&dir, &url, None, 1)?;
     let mut rows = String::new();
     for (c, label) in consumers {
         let slot = format!("bench_i{c}");

@@ -102,6 +102,17 @@ pub enum EngineError {
     Partitions(#[from] GenerationError),
 }
 
+impl EngineError {
+    /// Whether it comes from the database being unreachable or restarting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EngineError::Status(e) => e.is_transient(),
+            EngineError::Partitions(GenerationError::Sql(e)) => crate::error::is_transient_sqlx(e),
+            EngineError::Partitions(_) => false,
+        }
+    }
+}
+
 /// Runs operators over a stream of decoded items.
 pub struct Engine<S: ProcessStatusStorage> {
     pub pool: PgPool,

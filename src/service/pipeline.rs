@@ -152,7 +152,18 @@ async fn stream_until_shutdown<S: ProcessStatusStorage + Clone>(
             warn!(error = %changed, "restarting the pipeline on the new server");
             continue;
         }
-        let exit = exit?;
+        let exit = match exit {
+            // The database went away while the engine started or stored process status: the
+            // stream has ended too; start again from the slot once the database answers.
+            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                warn!(error = %e, "the database failed under the operators; starting again from the slot");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            }
+            exit => exit?,
+        };
         match exit {
             EngineExit::Shutdown => {
                 streamed?;

@@ -536,7 +536,7 @@ async fn a_worker_without_its_stream_or_nats_or_on_another_slot_s_stream_says_wh
     let stderr = String::from_utf8_lossy(&without.stderr);
     assert!(stderr.contains("no [nats] section"), "{stderr}");
 
-    // Partitions: not for a declarative operator, nor under `streamex run`.
+    // Partitions on workers: not for a declarative operator.
     let declarative = worker.replace(
         "name = \"post_with_comments_counts\"\n",
         "name = \"post_with_comments_counts\"\npartitions = 2\n",
@@ -553,13 +553,21 @@ async fn a_worker_without_its_stream_or_nats_or_on_another_slot_s_stream_says_wh
         stderr.contains("post_with_comments_counts") && stderr.contains("declarative"),
         "{stderr}"
     );
+    // `streamex run` takes partitions of either kind, within range.
+    std::fs::write(
+        &config,
+        declarative.replace("partitions = 2\n", "partitions = 300\n"),
+    )?;
     let on_run = common::streamex_command("warn")
         .args(["run", "--config"])
         .arg(&config)
         .output()?;
     assert!(!on_run.status.success());
     let stderr = String::from_utf8_lossy(&on_run.stderr);
-    assert!(stderr.contains("partitions = 2 is for workers"), "{stderr}");
+    assert!(
+        stderr.contains("partitions = 300 is out of range"),
+        "{stderr}"
+    );
     Ok(())
 }
 
