@@ -4,11 +4,9 @@
 
 use crate::common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{BLOG, Rng, blog_activity, derived_mismatches, settle_exact, spawn_service};
+use common::{BLOG, Rng, derived_mismatches, settle_exact, spawn_service};
 use sqlx::PgPool;
 use streamex::testing;
 
@@ -50,20 +48,7 @@ async fn sigkills(configure: impl Fn(String) -> String) -> anyhow::Result<()> {
     common::setup_service(&config)?;
 
     // The workload runs all along, across the kills.
-    let stop = Arc::new(AtomicBool::new(false));
-    let made = Arc::new(AtomicU64::new(0));
-    let workload = tokio::spawn({
-        let (pool, stop, made) = (pool.clone(), stop.clone(), made.clone());
-        async move {
-            let mut rng = Rng(seed);
-            while !stop.load(Ordering::Relaxed) {
-                let n = blog_activity(&pool, &mut rng).await?;
-                made.fetch_add(n, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(rng.below(5))).await;
-            }
-            anyhow::Ok(())
-        }
-    });
+    let workload = common::Workload::start(&pool, seed);
 
     let mut rng = Rng(seed.rotate_left(17));
     for _ in 0..kills {
@@ -72,8 +57,7 @@ async fn sigkills(configure: impl Fn(String) -> String) -> anyhow::Result<()> {
         child.kill()?; // SIGKILL
         child.wait()?;
     }
-    stop.store(true, Ordering::Relaxed);
-    workload.await??;
+    let made = workload.stop().await?;
 
     // A last run catches up, then stops cleanly on SIGTERM.
     let mut child = spawn_service(&config, &log, "warn")?;
@@ -98,7 +82,7 @@ async fn sigkills(configure: impl Fn(String) -> String) -> anyhow::Result<()> {
     eprintln!(
         "crash test: {} changes made, {kills} kills, {posts} posts and {comments} comments at the end; \
          mismatched rows: {counts} in post_with_comments_counts, {tallies} in post_comment_tallies",
-        made.load(Ordering::Relaxed)
+        made
     );
     assert_eq!((counts, tallies), (0, 0), "service log:\n{log_text}");
     Ok(())

@@ -6,7 +6,7 @@
 //! others at an event that concerns them all.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -20,10 +20,7 @@ use streamex::testing;
 use crate::common;
 
 use anyhow::Context as _;
-use common::{
-    BLOG, Rng, Service, blog_activity, derived_mismatches, eventually, settle, settle_exact,
-    slot_for,
-};
+use common::{BLOG, Rng, Service, derived_mismatches, eventually, settle, settle_exact, slot_for};
 
 /// The example configuration on `url`, both blog operators in `partitions`.
 fn config(url: &str, partitions: u32) -> anyhow::Result<Config> {
@@ -164,19 +161,7 @@ async fn changing_the_count_of_partitions_across_sigkills_applies_every_event_on
     std::fs::write(&path, &base)?;
     common::setup_service(&path)?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let made = Arc::new(AtomicU64::new(0));
-    let workload = tokio::spawn({
-        let (pool, stop, made) = (pool.clone(), stop.clone(), made.clone());
-        async move {
-            let mut rng = Rng(seed);
-            while !stop.load(Ordering::Relaxed) {
-                made.fetch_add(blog_activity(&pool, &mut rng).await?, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(rng.below(4))).await;
-            }
-            anyhow::Ok(())
-        }
-    });
+    let workload = common::Workload::start(&pool, seed);
     let mut rng = Rng(seed.rotate_left(23));
     // Each count runs until killed; a count may start before the slot is past what the
     // earlier ones did, so it may inherit from more than one.
@@ -198,8 +183,7 @@ async fn changing_the_count_of_partitions_across_sigkills_applies_every_event_on
         child.kill()?;
         child.wait()?;
     }
-    stop.store(true, Ordering::Relaxed);
-    workload.await??;
+    let made = workload.stop().await?;
 
     std::fs::write(&path, common::with_partitions(&base, 2))?;
     let mut child = common::spawn_service(&path, &log, "warn")?;
@@ -212,7 +196,7 @@ async fn changing_the_count_of_partitions_across_sigkills_applies_every_event_on
     let mismatches = derived_mismatches(&pool).await?;
     eprintln!(
         "partition count test: {} changes made; mismatched rows: {mismatches:?}",
-        made.load(Ordering::Relaxed)
+        made
     );
     assert_eq!(mismatches, (0, 0), "service log:\n{log_text}");
     Ok(())

@@ -390,6 +390,42 @@ pub async fn blog_activity(pool: &PgPool, rng: &mut Rng) -> anyhow::Result<u64> 
     Ok(changes)
 }
 
+/// The blog workload ([`blog_activity`], up to 5 ms between transactions) running in a task
+/// of its own until stopped.
+pub struct Workload {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    made: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Workload {
+    pub fn start(pool: &PgPool, seed: u64) -> Workload {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let made = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = tokio::spawn({
+            let (pool, stop, made) = (pool.clone(), stop.clone(), made.clone());
+            async move {
+                let mut rng = Rng(seed);
+                while !stop.load(Ordering::Relaxed) {
+                    made.fetch_add(blog_activity(&pool, &mut rng).await?, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(rng.below(5))).await;
+                }
+                anyhow::Ok(())
+            }
+        });
+        Workload { stop, made, task }
+    }
+
+    /// Stops it; how many changes it made.
+    pub async fn stop(self) -> anyhow::Result<u64> {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await??;
+        Ok(self.made.load(Ordering::Relaxed))
+    }
+}
+
 /// The context of an error from COMMIT itself: the connection may have died after the server
 /// committed, so whether the transaction committed is unknown.
 #[derive(Debug)]
