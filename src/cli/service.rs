@@ -117,6 +117,36 @@ pub async fn resume_command(args: ResumeArgs, shutdown: CancellationToken) -> an
     let (config, _, pool) = connect(&args.config, &shutdown).await?;
     status::migrate(&pool).await?;
     let states = status::load_operator_states(&pool, &config.slot).await?;
+    // An operator in partitions: its halted partitions (`<operator>#<p>/<N>`), all of them.
+    let mut halted_partitions: Vec<&String> = states
+        .iter()
+        .filter(|(name, state)| {
+            state.state == status::OperatorRunState::Halted
+                && crate::operator::partition::split_partition(name)
+                    .is_some_and(|(operator, _, _)| operator == args.operator)
+        })
+        .map(|(name, _)| name)
+        .collect();
+    halted_partitions.sort();
+    if !halted_partitions.is_empty() && args.skip_current {
+        let names: Vec<&str> = halted_partitions.iter().map(|n| n.as_str()).collect();
+        bail!(
+            "operator {:?} runs in partitions, and --skip-current sets aside the event one of \
+             them halted on: name the partition (halted: {})",
+            args.operator,
+            names.join(", ")
+        );
+    }
+    if !halted_partitions.is_empty() {
+        for name in halted_partitions {
+            status::set_operator_running(&pool, &config.slot, name).await?;
+            println!(
+                "partition {name:?} set to running; a running service picks it up within seconds \
+                 and replays from the slot's position"
+            );
+        }
+        return Ok(());
+    }
     // An operator left out of the configuration may still have a halt stored for this slot.
     if !config.operators.iter().any(|o| o.name == args.operator)
         && !states.contains_key(&args.operator)

@@ -258,16 +258,13 @@ async fn a_halted_partition_holds_the_others_at_an_event_of_all_partitions() -> 
     )
     .execute(&pool)
     .await?;
-    let config = Config::parse(
-        &format!(
-            "database_url = {url:?}\nslot = {:?}\ntables = [\"posts\"]\n\
-             [retry]\ninitial = \"10ms\"\nmax = \"20ms\"\nretries = 1\n\
-             [[operators]]\nname = \"mirror\"\npartitions = 2\n",
-            slot_for(&url)
-        ),
-        "test.toml",
-        std::iter::empty(),
-    )?;
+    let text = format!(
+        "database_url = {url:?}\nslot = {:?}\ntables = [\"posts\"]\n\
+         [retry]\ninitial = \"10ms\"\nmax = \"20ms\"\nretries = 1\n\
+         [[operators]]\nname = \"mirror\"\npartitions = 2\n",
+        slot_for(&url)
+    );
+    let config = Config::parse(&text, "test.toml", std::iter::empty())?;
     let cured = Arc::new(AtomicBool::new(false));
     let service = Service::start(
         &config,
@@ -327,8 +324,21 @@ async fn a_halted_partition_holds_the_others_at_an_event_of_all_partitions() -> 
         "partition 0 is held, not halted"
     );
 
+    // `streamex resume mirror` resumes its halted partitions.
     cured.store(true, Ordering::SeqCst);
-    streamex::status::set_operator_running(&pool, &config.slot, "mirror#1/2").await?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("streamex.toml");
+    std::fs::write(&path, &text)?;
+    let resumed = common::streamex_command("warn")
+        .args(["resume", "mirror", "--config"])
+        .arg(&path)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        resumed.status.success() && stdout.contains("\"mirror#1/2\" set to running"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
     eventually("the mirror as the table after the resume", async || {
         Ok(mirrored(&pool).await? == (100..=110).collect::<Vec<i64>>())
     })
