@@ -44,15 +44,19 @@ pub enum OperatorStateKind {
     Halted,
     /// Reading the rows that existed before its first run (its backfill).
     Backfilling,
+    /// A partition stopped at an event of several partitions behind one of its operator's
+    /// partitions that is halted; it goes on once that one is resumed.
+    Held,
 }
 
 impl OperatorStateKind {
-    /// `running`, `halted` or `backfilling`.
+    /// `running`, `halted`, `backfilling` or `held`.
     pub fn as_str(&self) -> &'static str {
         match self {
             OperatorStateKind::Running => "running",
             OperatorStateKind::Halted => "halted",
             OperatorStateKind::Backfilling => "backfilling",
+            OperatorStateKind::Held => "held",
         }
     }
 }
@@ -347,7 +351,7 @@ impl Collector for Snapshot {
             let g = ConstGauge::new(0u64);
             let mut metric = encoder.encode_descriptor(
                 "operator_state",
-                "1 for the state an operator is in (running, halted or backfilling), 0 for the others",
+                "1 for the state an operator is in (running, halted, backfilling, or held behind a halted partition), 0 for the others",
                 None,
                 g.metric_type(),
             )?;
@@ -356,6 +360,7 @@ impl Collector for Snapshot {
                     ("running", OperatorStateKind::Running),
                     ("halted", OperatorStateKind::Halted),
                     ("backfilling", OperatorStateKind::Backfilling),
+                    ("held", OperatorStateKind::Held),
                 ] {
                     let labels = [("operator", o.name.as_str()), ("state", state)];
                     ConstGauge::new(u64::from(o.state == kind))

@@ -203,6 +203,8 @@ impl Board {
                         OperatorStateKind::Halted
                     } else if backfill.is_some() {
                         OperatorStateKind::Backfilling
+                    } else if self.blocked[i].load(Ordering::Acquire) {
+                        OperatorStateKind::Held
                     } else {
                         OperatorStateKind::Running
                     },
