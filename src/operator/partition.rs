@@ -370,16 +370,7 @@ pub(crate) async fn prepare_generation(
             .collect();
         for count in done {
             earlier.remove(&count);
-            let names: Vec<String> = (0..count)
-                .map(|i| generation_name(operator, i, count))
-                .collect();
-            sqlx::query(
-                "DELETE FROM streamex.operator_checkpoints WHERE slot = $1 AND operator = ANY($2)",
-            )
-            .bind(slot)
-            .bind(&names)
-            .execute(&mut *tx)
-            .await?;
+            remove_checkpoints_of_count(&mut tx, slot, operator, count).await?;
             info!(
                 operator,
                 partitions,
@@ -496,19 +487,10 @@ pub(crate) async fn retire_when_settled(
                 left.push((operator, count, through));
                 continue;
             }
-            let names: Vec<String> = (0..count)
-                .map(|i| generation_name(&operator, i, count))
-                .collect();
             let removed = async {
                 let mut tx = pool.begin().await?;
                 lock_generations(&mut tx, &slot, &operator).await?;
-                sqlx::query(
-                    "DELETE FROM streamex.operator_checkpoints WHERE slot = $1 AND operator = ANY($2)",
-                )
-                .bind(&*slot)
-                .bind(&names)
-                .execute(&mut *tx)
-                .await?;
+                remove_checkpoints_of_count(&mut tx, &slot, &operator, count).await?;
                 tx.commit().await
             }
             .await;
@@ -527,6 +509,25 @@ pub(crate) async fn retire_when_settled(
         }
         pending = left;
     }
+}
+
+/// Deletes the checkpoints of `operator`'s partitions at `count` (1: the operator whole), in
+/// `tx`, which holds [`lock_generations`].
+async fn remove_checkpoints_of_count(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    slot: &str,
+    operator: &str,
+    count: u32,
+) -> Result<(), sqlx::Error> {
+    let names: Vec<String> = (0..count)
+        .map(|i| generation_name(operator, i, count))
+        .collect();
+    sqlx::query("DELETE FROM streamex.operator_checkpoints WHERE slot = $1 AND operator = ANY($2)")
+        .bind(slot)
+        .bind(&names)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// The transaction-scoped lock under which an operator's counts of partitions change hands.
