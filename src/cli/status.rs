@@ -186,7 +186,6 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
         Default::default()
     };
     let active_instance_pid = InstanceLock::holder(&pool, &config.slot).await?;
-    let workers = worker_lock_holders(&pool, &config.slot).await?;
     let instance_active = active_instance_pid.is_some();
     let current_wal: Option<String> = sqlx::query_scalar(
         "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
@@ -206,6 +205,8 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
         .chain(dead.keys())
         .map(String::as_str)
         .collect();
+    let looked_up: Vec<&str> = names.iter().chain(&configured).copied().collect();
+    let workers = worker_lock_holders(&pool, &config.slot, &looked_up).await?;
     let behind = |checkpoint: Option<&crate::lsn::Position>| {
         checkpoint
             .zip(current_wal)
@@ -230,7 +231,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             current: count == configured_count,
             halted: state.is_some_and(|s| s.state == OperatorRunState::Halted),
             last_error: state.and_then(|s| s.last_error.clone()),
-            worker_pid: worker_pid(&workers, &config.slot, name),
+            worker_pid: workers.get(*name).copied(),
             checkpoint_commit_lsn: checkpoint.map(|c| c.commit_lsn),
             checkpoint_ordinal: checkpoint.map(|c| c.ordinal),
             checkpoint_behind_wal_bytes: behind(checkpoint),
@@ -255,7 +256,7 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
             let checkpoint = checkpoints.get(name);
             let state = states.get(name);
             let halted = state.is_some_and(|s| s.state == OperatorRunState::Halted);
-            let worker_pid = worker_pid(&workers, &config.slot, name);
+            let worker_pid = workers.get(name).copied();
             let partitions = partitions.remove(name).unwrap_or_default();
             OperatorLine {
                 name: name.to_owned(),
@@ -450,38 +451,38 @@ async fn jetstream_line(nats: &crate::config::NatsConfig) -> JetStreamLine {
     line
 }
 
-/// The lock sessions of `streamex worker`s of `slot` that hold a lock (a standby's session
-/// holds none), by application name: `streamex worker <slot> <operator>`, cut to 63 bytes as
-/// the server keeps it.
+/// The backend pid of the `streamex worker` session running each of `names` of `slot` (an
+/// operator or a partition, `<operator>#<p>/<N>`), by name: the holder of the name's lock
+/// ([`status::operator_lock_key`]) other than the active instance, which holds the keys of
+/// what it runs on its instance lock's session.
 async fn worker_lock_holders(
     pool: &sqlx::PgPool,
     slot: &str,
+    names: &[&str],
 ) -> anyhow::Result<BTreeMap<String, i32>> {
-    let prefix = status::operator_lock_key(slot, "");
-    let rows: Vec<(String, i32)> = sqlx::query_as(
-        "SELECT a.application_name, a.pid FROM pg_stat_activity a
-          WHERE left(a.application_name, length($1)) = $1
-            AND a.datname = current_database()
-            AND EXISTS (SELECT 1 FROM pg_locks l
-                         WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.granted)",
-    )
-    .bind(&prefix)
-    .fetch_all(pool)
-    .await
-    .context("looking for workers' lock sessions (pg_stat_activity)")?;
-    Ok(rows.into_iter().collect())
-}
-
-/// The backend pid of the worker running `operator` of `slot`, among `holders`.
-fn worker_pid(holders: &BTreeMap<String, i32>, slot: &str, operator: &str) -> Option<i32> {
-    let mut key = status::operator_lock_key(slot, operator);
-    // The server keeps at most NAMEDATALEN - 1 bytes of an application name.
-    let mut cut = key.len().min(63);
-    while !key.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    key.truncate(cut);
-    holders.get(&key).copied()
+    let instance = InstanceLock::key(slot);
+    let keys: Vec<String> = names
+        .iter()
+        .map(|name| status::operator_lock_key(slot, name))
+        .chain([instance.clone()])
+        .collect();
+    let held = status::advisory_lock_holders(pool, &keys)
+        .await
+        .context("looking for workers' lock sessions (pg_locks)")?;
+    let instances: Vec<i32> = held
+        .iter()
+        .filter(|(key, _)| *key == instance)
+        .map(|(_, pid)| *pid)
+        .collect();
+    Ok(names
+        .iter()
+        .filter_map(|name| {
+            let key = status::operator_lock_key(slot, name);
+            held.iter()
+                .find(|(k, pid)| *k == key && !instances.contains(pid))
+                .map(|(_, pid)| ((*name).to_owned(), *pid))
+        })
+        .collect())
 }
 
 /// Dead letters per operator of `slot`, by name.

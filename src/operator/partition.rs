@@ -20,6 +20,13 @@ use crate::lsn::Position;
 /// The most partitions an operator takes.
 pub(crate) const MAX_PARTITIONS: u32 = 256;
 
+/// The key of the advisory lock every partition of `operator` running at `partitions` holds
+/// shared (on a worker, on its partition lock's session), so that a partition of another
+/// count sees it ([`prepare_generation`]).
+pub(crate) fn count_key(slot: &str, operator: &str, partitions: u32) -> String {
+    format!("streamex count {slot} {operator} {partitions}")
+}
+
 /// The name of partition `index` of `partitions` of `operator`.
 pub(crate) fn partition_name(operator: &str, index: u32, partitions: u32) -> String {
     format!("{operator}#{index}/{partitions}")
@@ -246,15 +253,17 @@ pub(crate) enum GenerationError {
     /// A partition of another count runs (on a worker not yet stopped, or configured
     /// otherwise): the two would apply the same events.
     #[error(
-        "operator {operator:?} runs in partitions = {partitions} here, and its partition \
-         {other:?} runs too (backend pid {pid}): the two counts would apply the same events. \
+        "operator {operator:?} runs in partitions = {partitions} here, and partitions of it \
+         at partitions = {other} run too (backend pid {pid}): the two counts would apply the \
+         same events. \
          Stop the workers of the other count, or give every worker the same partitions; this \
          one waits meanwhile"
     )]
     OtherCount {
         operator: String,
         partitions: u32,
-        other: String,
+        /// The other count.
+        other: u32,
         pid: i32,
     },
 }
@@ -304,35 +313,27 @@ pub(crate) async fn prepare_generation(
     let mut tx = pool.begin().await?;
     lock_generations(&mut tx, slot, operator).await?;
     if partitions > 1 {
-        // The whole operator takes its key exclusively, partitions share it: only partitions
-        // of two counts could run at once. Each holds its lock before it gets here, so of two
-        // starting together, the second to get here sees the first.
-        let key = crate::status::operator_lock_key(slot, operator);
-        let running: Vec<(i32, String)> = sqlx::query_as(
-            "SELECT pid, application_name FROM pg_stat_activity
-              WHERE datname = current_database() AND starts_with(application_name, $1)",
-        )
-        .bind(format!("{key}#"))
-        .fetch_all(&mut *tx)
-        .await?;
-        for (pid, name) in running {
-            // `<key of the operator>#p/N` less `<key of the operator>` is `#p/N`.
-            let Some(name) = name
-                .strip_prefix(key.as_str())
-                .map(|n| format!("{operator}{n}"))
-            else {
-                continue;
-            };
-            if let Some((count, _)) = generation_of(operator, &name)
-                && count != partitions
-            {
-                return Err(GenerationError::OtherCount {
-                    operator: operator.to_owned(),
-                    partitions,
-                    other: name,
-                    pid,
-                });
-            }
+        // The whole operator takes its key exclusively, partitions share it, and each
+        // partition shares its count's key: only partitions of two counts could run at
+        // once. Each holds its locks before it gets here, so of two starting together, the
+        // second to get here sees the first.
+        let others: Vec<(String, u32)> = (2..=MAX_PARTITIONS)
+            .filter(|&count| count != partitions)
+            .map(|count| (count_key(slot, operator, count), count))
+            .collect();
+        let keys: Vec<String> = others.iter().map(|(key, _)| key.clone()).collect();
+        let running = crate::status::advisory_lock_holders(&mut *tx, &keys).await?;
+        if let Some((key, pid)) = running.into_iter().next() {
+            let other = others
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map_or(0, |(_, count)| *count);
+            return Err(GenerationError::OtherCount {
+                operator: operator.to_owned(),
+                partitions,
+                other,
+                pid,
+            });
         }
     }
     let rows: Vec<(String, String, i64)> = sqlx::query_as(

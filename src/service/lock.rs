@@ -90,7 +90,7 @@ impl InstanceLock {
                 let taken = sqlx::query_scalar::<_, bool>(
                     "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
                 )
-                .bind(format!("streamex slot {slot}"))
+                .bind(Self::key(slot))
                 .fetch_one(&mut *c)
                 .await?;
                 if !taken {
@@ -281,16 +281,15 @@ impl InstanceLock {
 
     /// The backend pid of the connection holding the lock of `slot`: the active instance.
     pub(crate) async fn holder(pool: &PgPool, slot: &str) -> anyhow::Result<Option<i32>> {
-        sqlx::query_scalar(
-            "SELECT pid FROM pg_locks
-              WHERE locktype = 'advisory' AND granted AND objsubid = 1
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)",
-        )
-        .bind(format!("streamex slot {slot}"))
-        .fetch_optional(pool)
-        .await
-        .context("looking for the active instance's lock")
+        let holders = crate::status::advisory_lock_holders(pool, &[Self::key(slot)])
+            .await
+            .context("looking for the active instance's lock")?;
+        Ok(holders.first().map(|(_, pid)| *pid))
+    }
+
+    /// The key of the instance lock of `slot`.
+    pub(crate) fn key(slot: &str) -> String {
+        format!("streamex slot {slot}")
     }
 
     /// Renews the lease every third of it until `shutdown`; cancels `lost` when a renewal
@@ -402,7 +401,7 @@ mod tests {
         let mut conn = sqlx::PgConnection::connect(url).await?;
         let taken: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(format!("streamex slot {slot}"))
+                .bind(InstanceLock::key(slot))
                 .fetch_one(&mut conn)
                 .await?;
         if !taken {

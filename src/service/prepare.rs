@@ -189,17 +189,16 @@ pub(super) async fn check_not_on_workers(
     operators: &[AnyOperator],
 ) -> anyhow::Result<()> {
     let names: Vec<String> = operators.iter().map(|o| o.name().to_owned()).collect();
-    let moved: Vec<(String, bool, Option<i32>)> = sqlx::query_as(
-        "SELECT w.operator, s.backfill_request IS NOT NULL,
-                (SELECT a.pid FROM pg_stat_activity a
-                  WHERE (a.application_name = 'streamex worker ' || $1 || ' ' || w.operator
-                         OR starts_with(a.application_name,
-                                        'streamex worker ' || $1 || ' ' || w.operator || '#'))
-                    AND a.datname = current_database() LIMIT 1)
-           FROM (SELECT DISTINCT regexp_replace(operator, '#[0-9]+/[0-9]+$', '') AS operator
+    // Each operator run by workers, with the names its workers ran it under (itself, or
+    // `<operator>#<p>/<N>`), and whether its backfill is asked for.
+    let moved: Vec<(String, Vec<String>, bool)> = sqlx::query_as(
+        "SELECT w.operator, w.names, s.backfill_request IS NOT NULL
+           FROM (SELECT regexp_replace(operator, '#[0-9]+/[0-9]+$', '') AS operator,
+                        array_agg(DISTINCT operator) AS names
                    FROM streamex.worker_progress
                   WHERE slot = $1
-                    AND regexp_replace(operator, '#[0-9]+/[0-9]+$', '') = ANY($2)) w
+                    AND regexp_replace(operator, '#[0-9]+/[0-9]+$', '') = ANY($2)
+                  GROUP BY 1) w
            LEFT JOIN streamex.operator_state s ON s.slot = $1 AND s.operator = w.operator
           ORDER BY w.operator",
     )
@@ -208,6 +207,34 @@ pub(super) async fn check_not_on_workers(
     .fetch_all(pool)
     .await
     .context("looking for operators run by workers (streamex.worker_progress)")?;
+    // A worker running one holds the lock of its name (`streamex worker <slot> <name>`);
+    // so does the active instance, on its instance lock's session, for what it runs.
+    let instance = super::lock::InstanceLock::key(&config.slot);
+    let keys: Vec<String> = moved
+        .iter()
+        .flat_map(|(operator, ran, _)| std::iter::once(operator).chain(ran))
+        .map(|name| crate::status::operator_lock_key(&config.slot, name))
+        .chain([instance.clone()])
+        .collect();
+    let held = crate::status::advisory_lock_holders(pool, &keys)
+        .await
+        .context("looking for workers' lock sessions (pg_locks)")?;
+    let instances: Vec<i32> = held
+        .iter()
+        .filter(|(key, _)| *key == instance)
+        .map(|(_, pid)| *pid)
+        .collect();
+    let holders: std::collections::HashMap<String, i32> = held
+        .into_iter()
+        .filter(|(_, pid)| !instances.contains(pid))
+        .collect();
+    let moved = moved.into_iter().map(|(operator, ran, requested)| {
+        let live = std::iter::once(&operator)
+            .chain(&ran)
+            .find_map(|name| holders.get(&crate::status::operator_lock_key(&config.slot, name)))
+            .copied();
+        (operator, requested, live)
+    });
     for (operator, requested, live) in moved {
         if let Some(pid) = live {
             bail!(

@@ -100,6 +100,7 @@ pub use postgres::{
     PostgresStatus,
 };
 // The queries on the streamex schema, for the engine and streamex's own tests.
+pub(crate) use postgres::advisory_lock_holders;
 #[doc(hidden)]
 pub use postgres::{
     adopt_unkeyed_rows, advance_checkpoint, clear_backfill_progress, clear_operator_skip,

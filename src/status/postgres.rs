@@ -403,6 +403,28 @@ pub fn operator_lock_key(slot: &str, operator: &str) -> String {
     format!("streamex worker {slot} {operator}")
 }
 
+/// The sessions of this database holding an advisory lock keyed on one of `keys` (as
+/// `pg_advisory_lock(hashtextextended(key, 0))` takes it, in any mode): `(key, backend pid)`,
+/// by key. Found in `pg_locks` by the key's hash, not by `application_name`, which the server
+/// cuts to 63 bytes.
+pub(crate) async fn advisory_lock_holders<'c, E: PgExecutor<'c>>(
+    executor: E,
+    keys: &[String],
+) -> Result<Vec<(String, i32)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT k.key, l.pid
+           FROM unnest($1::text[]) AS k(key)
+           JOIN pg_locks l
+             ON ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(k.key, 0)
+          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid IS NOT NULL
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          ORDER BY k.key, l.pid",
+    )
+    .bind(keys)
+    .fetch_all(executor)
+    .await
+}
+
 /// `operator`'s stored checkpoint on `slot`, if it has one.
 pub async fn load_checkpoint<'c, E: PgExecutor<'c>>(
     executor: E,

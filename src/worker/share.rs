@@ -35,8 +35,8 @@ use tracing::{info, warn};
 
 use super::lock::{self, Also, OperatorLock};
 pub(crate) use crate::operator::partition::{
-    GenerationError, Inherited, MAX_PARTITIONS, PartitionOf, partition_name, partition_of,
-    prepare_generation, split_partition,
+    GenerationError, Inherited, MAX_PARTITIONS, PartitionOf, count_key, partition_name,
+    partition_of, prepare_generation, split_partition,
 };
 use crate::operator::partition::{generation_name, lock_generations};
 

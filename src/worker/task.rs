@@ -187,7 +187,12 @@ impl OperatorTask {
                     shared: self
                         .partition
                         .iter()
-                        .map(|p| lock::whole_key(&self.slot, &p.whole))
+                        .flat_map(|p| {
+                            [
+                                lock::whole_key(&self.slot, &p.whole),
+                                share::count_key(&self.slot, &p.whole, p.share.partitions),
+                            ]
+                        })
                         .collect(),
                     may_take: self.partition.as_ref().map(|_| &may_take as _),
                     shared_only: false,

@@ -31,6 +31,10 @@ fn partition_of(id: i64) -> u32 {
 #[derive(Debug)]
 struct Mirror;
 
+/// The operator's name: longer than PostgreSQL keeps of an `application_name` (63 bytes)
+/// once in a lock key, so that nothing may find its partitions by that name.
+const NAME: &str = "mirror_of_items_in_row_order_kept_by_partitions_of_it";
+
 fn id_of(record: Option<&streamex::event::Record>) -> anyhow::Result<i64> {
     record
         .and_then(|r| r.get("id"))
@@ -40,7 +44,7 @@ fn id_of(record: Option<&streamex::event::Record>) -> anyhow::Result<i64> {
 
 impl Operator for Mirror {
     fn name(&self) -> &str {
-        "mirror"
+        NAME
     }
 
     fn subscriptions(&self) -> Vec<Subscription> {
@@ -181,7 +185,7 @@ type Running = (
 async fn worker(common: &str, partitions: u32) -> anyhow::Result<Running> {
     let config = streamex::config::Config::parse(
         &format!(
-            "{common}\n[[operators]]\nname = \"mirror\"\npartitions = {partitions}\n\n\
+            "{common}\n[[operators]]\nname = \"{NAME}\"\npartitions = {partitions}\n\n\
              [retry]\ninitial = \"10ms\"\nmax = \"50ms\"\n"
         ),
         "worker.toml",
@@ -273,7 +277,7 @@ async fn changing_the_count_of_partitions_applies_every_event_once() -> anyhow::
         Ok(names.iter().all(|n| n.ends_with("/3")))
     })
     .await?;
-    // And their JetStream consumers: `<slot>-mirror-23<p>-2F3-s<hex>` ('#', '/' escaped).
+    // And their JetStream consumers: `<slot>-<name>-23<p>-2F3-s<hex>` ('#', '/' escaped).
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
     let stream = js.get_stream("items").await?;
     eventually("only the last count's consumers left", async || {
@@ -282,7 +286,7 @@ async fn changing_the_count_of_partitions_applies_every_event_once() -> anyhow::
         Ok(names.len() == 3
             && names
                 .iter()
-                .all(|n| n.contains("-mirror-23") && n.contains("-2F3-s")))
+                .all(|n| n.contains(&format!("-{NAME}-23")) && n.contains("-2F3-s")))
     })
     .await?;
     // `streamex status` shows the partitions under their operator, each on its worker, and
@@ -290,7 +294,7 @@ async fn changing_the_count_of_partitions_applies_every_event_once() -> anyhow::
     let config = dir.path().join("worker.toml");
     std::fs::write(
         &config,
-        format!("{common}\n[[operators]]\nname = \"mirror\"\npartitions = 3\n"),
+        format!("{common}\n[[operators]]\nname = \"{NAME}\"\npartitions = 3\n"),
     )?;
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_streamex"))
         .args(["status", "--config"])
