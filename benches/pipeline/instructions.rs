@@ -4,7 +4,8 @@
 //! the instructions of the whole process (every thread, start-up included: about 2 M, under
 //! 0.5% of a 50k drain) are read from callgrind's output and divided by the events. Unlike
 //! time, the count does not depend on what else the machine is doing. Left out, and said so,
-//! where valgrind is not installed.
+//! where valgrind is not installed. `STREAMEX_BENCH_PROFILES=<dir>` keeps the two profiles
+//! there (`callgrind.b`, `callgrind.c`) for `callgrind_annotate`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -87,6 +88,12 @@ pub(super) async fn bench(
             bail!("{label} did not drain the backlog under callgrind in {max:?}");
         }
         let instructions = total_instructions(&out)?;
+        if let Some(keep) = std::env::var_os("STREAMEX_BENCH_PROFILES") {
+            let kept = Path::new(&keep).join(format!("callgrind.{c}"));
+            std::fs::copy(&out, &kept)
+                .with_context(|| format!("keeping the profile as {}", kept.display()))?;
+            eprintln!("  profile kept: {} (callgrind_annotate)", kept.display());
+        }
         let per_event = instructions as f64 / d.events;
         eprintln!("  {instructions} instructions, {per_event:.0} per event");
         rows.push_str(&format!(
