@@ -205,8 +205,10 @@ pub async fn status_command(args: StatusArgs, shutdown: CancellationToken) -> an
         .chain(dead.keys())
         .map(String::as_str)
         .collect();
-    let looked_up: Vec<&str> = names.iter().chain(&configured).copied().collect();
-    let workers = worker_lock_holders(&pool, &config.slot, &looked_up).await?;
+    let looked_up = names.iter().chain(&configured).copied();
+    let workers = InstanceLock::worker_holders(&pool, &config.slot, looked_up)
+        .await
+        .context("looking for workers' lock sessions (pg_locks)")?;
     let behind = |checkpoint: Option<&crate::lsn::Position>| {
         checkpoint
             .zip(current_wal)
@@ -449,40 +451,6 @@ async fn jetstream_line(nats: &crate::config::NatsConfig) -> JetStreamLine {
         }
     }
     line
-}
-
-/// The backend pid of the `streamex worker` session running each of `names` of `slot` (an
-/// operator or a partition, `<operator>#<p>/<N>`), by name: the holder of the name's lock
-/// ([`status::operator_lock_key`]) other than the active instance, which holds the keys of
-/// what it runs on its instance lock's session.
-async fn worker_lock_holders(
-    pool: &sqlx::PgPool,
-    slot: &str,
-    names: &[&str],
-) -> anyhow::Result<BTreeMap<String, i32>> {
-    let instance = InstanceLock::key(slot);
-    let keys: Vec<String> = names
-        .iter()
-        .map(|name| status::operator_lock_key(slot, name))
-        .chain([instance.clone()])
-        .collect();
-    let held = status::advisory_lock_holders(pool, &keys)
-        .await
-        .context("looking for workers' lock sessions (pg_locks)")?;
-    let instances: Vec<i32> = held
-        .iter()
-        .filter(|(key, _)| *key == instance)
-        .map(|(_, pid)| *pid)
-        .collect();
-    Ok(names
-        .iter()
-        .filter_map(|name| {
-            let key = status::operator_lock_key(slot, name);
-            held.iter()
-                .find(|(k, pid)| *k == key && !instances.contains(pid))
-                .map(|(_, pid)| ((*name).to_owned(), *pid))
-        })
-        .collect())
 }
 
 /// Dead letters per operator of `slot`, by name.

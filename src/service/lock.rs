@@ -292,6 +292,41 @@ impl InstanceLock {
         format!("streamex slot {slot}")
     }
 
+    /// The backend pid of the `streamex worker` session running each of `names` of `slot`
+    /// (operators or partitions, `<operator>#<p>/<N>`) that one runs, by name: the holder of
+    /// the name's lock ([`crate::status::operator_lock_key`]) other than the active
+    /// instance, which holds the keys of what it runs on its instance lock's session.
+    pub(crate) async fn worker_holders<'n>(
+        pool: &PgPool,
+        slot: &str,
+        names: impl IntoIterator<Item = &'n str>,
+    ) -> Result<std::collections::HashMap<String, i32>, sqlx::Error> {
+        let instance = Self::key(slot);
+        let names: Vec<(String, &str)> = names
+            .into_iter()
+            .map(|name| (crate::status::operator_lock_key(slot, name), name))
+            .collect();
+        let keys: Vec<String> = names
+            .iter()
+            .map(|(key, _)| key.clone())
+            .chain([instance.clone()])
+            .collect();
+        let held = crate::status::advisory_lock_holders(pool, &keys).await?;
+        let instances: Vec<i32> = held
+            .iter()
+            .filter(|(key, _)| *key == instance)
+            .map(|(_, pid)| *pid)
+            .collect();
+        Ok(names
+            .into_iter()
+            .filter_map(|(key, name)| {
+                held.iter()
+                    .find(|(k, pid)| *k == key && !instances.contains(pid))
+                    .map(|(_, pid)| (name.to_owned(), *pid))
+            })
+            .collect())
+    }
+
     /// Renews the lease every third of it until `shutdown`; cancels `lost` when a renewal
     /// fails or the lease has run out before it could be renewed (the process was paused, or
     /// the server did not answer in time): from then on another instance may be active.

@@ -207,31 +207,20 @@ pub(super) async fn check_not_on_workers(
     .fetch_all(pool)
     .await
     .context("looking for operators run by workers (streamex.worker_progress)")?;
-    // A worker running one holds the lock of its name (`streamex worker <slot> <name>`);
-    // so does the active instance, on its instance lock's session, for what it runs.
-    let instance = super::lock::InstanceLock::key(&config.slot);
-    let keys: Vec<String> = moved
+    // Collected first: a borrowing iterator held across the await makes this future not
+    // `Send` for every lifetime, as a spawned set-up needs.
+    let ran: Vec<&str> = moved
         .iter()
         .flat_map(|(operator, ran, _)| std::iter::once(operator).chain(ran))
-        .map(|name| crate::status::operator_lock_key(&config.slot, name))
-        .chain([instance.clone()])
+        .map(String::as_str)
         .collect();
-    let held = crate::status::advisory_lock_holders(pool, &keys)
+    let holders = super::lock::InstanceLock::worker_holders(pool, &config.slot, ran)
         .await
         .context("looking for workers' lock sessions (pg_locks)")?;
-    let instances: Vec<i32> = held
-        .iter()
-        .filter(|(key, _)| *key == instance)
-        .map(|(_, pid)| *pid)
-        .collect();
-    let holders: std::collections::HashMap<String, i32> = held
-        .into_iter()
-        .filter(|(_, pid)| !instances.contains(pid))
-        .collect();
     let moved = moved.into_iter().map(|(operator, ran, requested)| {
         let live = std::iter::once(&operator)
             .chain(&ran)
-            .find_map(|name| holders.get(&crate::status::operator_lock_key(&config.slot, name)))
+            .find_map(|name| holders.get(name))
             .copied();
         (operator, requested, live)
     });

@@ -214,16 +214,12 @@ pub(super) fn members_key(slot: &str, operator: &str, partitions: u32) -> String
 
 /// How many sessions hold the shared lock `key` (see [`members_key`]).
 pub(super) async fn count_shared(pool: &PgPool, key: &str) -> Result<usize, sqlx::Error> {
-    let count: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks
-          WHERE locktype = 'advisory' AND granted AND mode = 'ShareLock' AND objsubid = 1
-            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-            AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)",
+    // Nothing takes the key exclusively: every holder shares it.
+    Ok(
+        crate::status::advisory_lock_holders(pool, &[key.to_owned()])
+            .await?
+            .len(),
     )
-    .bind(key)
-    .fetch_one(pool)
-    .await?;
-    Ok(usize::try_from(count).unwrap_or(0))
 }
 
 /// The lock's session and its lease.
