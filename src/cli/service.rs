@@ -261,6 +261,18 @@ pub async fn backfill_command(
     }
     let (_, _, pool) = connect(&args.config, &shutdown).await?;
     status::migrate(&pool).await?;
+    let workers =
+        crate::service::InstanceLock::worker_holders(&pool, &config.slot, [args.operator.as_str()])
+            .await?;
+    if let Some(pid) = workers.get(&args.operator) {
+        bail!(
+            "operator {:?} runs on a `streamex worker` (its lock's backend pid {pid}), and a \
+             worker carries out only an operator's first backfill, not `streamex {what}`: stop \
+             the operator on the worker, run it under `streamex run` for the {what} (its request \
+             waits for it there), then move it back",
+            args.operator
+        );
+    }
     let tables = (!args.tables.is_empty()).then_some(args.tables.as_slice());
     status::request_backfill(&pool, &config.slot, &args.operator, rebuild, tables).await?;
     println!(

@@ -142,8 +142,9 @@ impl Backfills<'_> {
     /// as is.
     pub async fn run(&self, jobs: &[Job]) -> anyhow::Result<Vec<Outcome>> {
         let snapshot = ExportedSnapshot::create(self.params).await.context(
-            "exporting a snapshot for the backfill (a temporary replication slot: it needs a \
-             free max_replication_slots and max_wal_senders entry)",
+            "exporting a snapshot for the backfill (a temporary replication slot: the database \
+             role needs REPLICATION, and the server a free max_replication_slots and \
+             max_wal_senders entry)",
         )?;
         info!(
             operators = %jobs.iter().map(|j| j.operator.name()).collect::<Vec<_>>().join(", "),

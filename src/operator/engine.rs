@@ -527,7 +527,8 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
             if halt || failures > job.retry.retries {
                 error!(
                     operator = name, attempts = failures, error = %message,
-                    "operator halted: its backfill failed every time (rolled back each time;                      `streamex resume {name}` tries it again)"
+                    "operator halted: its backfill failed every time (rolled back each time; \
+                     `streamex resume {name}` tries it again)"
                 );
                 let stored = status::set_operator_halted(
                     &self.pool,

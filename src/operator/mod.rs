@@ -24,7 +24,7 @@
 //! - The slot is acknowledged up to a commit only when every operator has durably finished
 //!   every event up to it (or dead-lettered it) and the process status covering it is stored.
 
-mod backfill;
+pub(crate) mod backfill;
 mod board;
 mod coordinator;
 mod dispatch;
@@ -47,7 +47,7 @@ pub(crate) use dispatch::status_timestamp;
 pub(crate) use engine::{DEFAULT_BACKLOG_BYTES, Engine, EngineExit, OperatorSpec};
 pub(crate) use inbox::{Inbox, InputSource};
 pub use registry::{Registry, RegistryError};
-pub(crate) use runner::{Input, Runner, RunnerExit};
+pub(crate) use runner::{Input, Runner, RunnerExit, is_database_outage};
 pub use sql::{SqlOperator, SqlOperatorBuilder};
 
 use crate::event::{Event, EventType};

@@ -900,7 +900,7 @@ const FREE_CONFLICTS: u32 = 20;
 /// Whether `error` comes from the database being unreachable or restarting (a lost
 /// connection, a pool timeout, SQLSTATE class 08 or 57P0x, ...), as opposed to the handler or
 /// the event: judged by SQLSTATE and error kind, never by message text.
-pub(super) fn is_database_outage(error: &anyhow::Error) -> bool {
+pub(crate) fn is_database_outage(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
             .downcast_ref::<sqlx::Error>()

@@ -100,7 +100,6 @@ pub use postgres::{
     PostgresStatus,
 };
 // The queries on the streamex schema, for the engine and streamex's own tests.
-pub(crate) use postgres::advisory_lock_holders;
 #[doc(hidden)]
 pub use postgres::{
     adopt_unkeyed_rows, advance_checkpoint, clear_backfill_progress, clear_operator_skip,
@@ -110,6 +109,7 @@ pub use postgres::{
     set_operator_running_skipping, store_backfill_progress, store_checkpoint, store_item,
     store_items,
 };
+pub(crate) use postgres::{advisory_lock_holders, has_any_checkpoint, logical_slot_exists};
 
 /// One entity's process status.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

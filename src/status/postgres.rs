@@ -445,6 +445,40 @@ pub async fn load_checkpoint<'c, E: PgExecutor<'c>>(
         .transpose()
 }
 
+/// Whether `operator` has a checkpoint on `slot`, whole or of any of its partitions (named
+/// `<operator>#<index>/<count>`): whether it has run there, so that its first run's backfill
+/// is behind it.
+pub(crate) async fn has_any_checkpoint(
+    pool: &sqlx::PgPool,
+    slot: &str,
+    operator: &str,
+) -> Result<bool, StatusError> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM streamex.operator_checkpoints \
+          WHERE slot = $1 AND (operator = $2 OR starts_with(operator, $2 || '#')))",
+    )
+    .bind(slot)
+    .bind(operator)
+    .fetch_one(pool)
+    .await
+    .map_err(StatusError::sql("looking for an operator's checkpoints"))
+}
+
+/// Whether the logical replication slot `slot` exists in the current database.
+pub(crate) async fn logical_slot_exists(
+    pool: &sqlx::PgPool,
+    slot: &str,
+) -> Result<bool, StatusError> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_replication_slots \
+          WHERE slot_name = $1 AND slot_type = 'logical' AND database = current_database())",
+    )
+    .bind(slot)
+    .fetch_one(pool)
+    .await
+    .map_err(StatusError::sql("looking for the replication slot"))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Operator state.
 

@@ -31,8 +31,14 @@
 //! `metrics.rs`).
 //!
 //! A worker needs `[nats]` and `database_url`: it migrates the `streamex` schema (where
-//! checkpoints, operator state and dead letters are) but creates no slot or publication,
-//! and does not backfill.
+//! checkpoints, operator state and dead letters are) but creates no slot or publication.
+//!
+//! An operator's first run (no checkpoint) starts with a backfill when it and its
+//! `[[operators]]` entry say so, as under `streamex run` (`crate::operator::backfill`): the
+//! rows that exist, read under a snapshot exported by a temporary replication slot (so the
+//! worker's database role needs `REPLICATION`), then the stream's events after the
+//! snapshot's point. A partitioned operator backfills whole, in the task of its partition 0,
+//! while its other partitions wait; they take over from the backfill's checkpoint.
 
 mod consumer;
 mod held;
@@ -101,6 +107,7 @@ pub struct WorkerBuilder {
     registry: Registry,
     operators: Vec<AnyOperator>,
     configured_operators: bool,
+    backfill: Option<bool>,
 }
 
 impl Default for WorkerBuilder {
@@ -110,6 +117,7 @@ impl Default for WorkerBuilder {
             registry: Registry::new(),
             operators: Vec::new(),
             configured_operators: true,
+            backfill: None,
         }
     }
 }
@@ -148,6 +156,14 @@ impl WorkerBuilder {
     /// `false`, only the operators given with [`operator`](Self::operator) run.
     pub fn configured_operators(mut self, build: bool) -> Self {
         self.configured_operators = build;
+        self
+    }
+
+    /// Whether the operators' first run (no checkpoint yet) starts with a backfill of the
+    /// rows that exist, for every operator, whatever the operators and `[[operators]]
+    /// backfill` say; as [`ServiceBuilder::backfill`](crate::ServiceBuilder::backfill).
+    pub fn backfill(mut self, backfill: bool) -> Self {
+        self.backfill = Some(backfill);
         self
     }
 
@@ -248,10 +264,14 @@ impl WorkerBuilder {
         let mut specs = Vec::new();
         for (operator, filter) in operators.into_iter().zip(filters) {
             let entry = config.operators.iter().find(|c| c.name == operator.name());
+            let backfill = self
+                .backfill
+                .or_else(|| entry.and_then(|c| c.backfill))
+                .unwrap_or_else(|| operator.0.backfill());
             let spec = |operator| OperatorSpec {
                 retry: entry.and_then(|c| c.retry).unwrap_or(config.retry),
                 one_per_transaction: entry.is_some_and(|c| c.one_event_per_transaction),
-                backfill: false,
+                backfill,
                 // A worker shares the operator's partitions itself (`share.rs`).
                 partitions: 1,
                 operator,
@@ -279,6 +299,7 @@ impl WorkerBuilder {
                         share: shared.clone(),
                         whole: whole.clone(),
                         names: names.clone(),
+                        operator: operator.0.clone(),
                     }),
                 ));
             }
@@ -286,6 +307,7 @@ impl WorkerBuilder {
         Ok(Worker {
             config,
             nats,
+            params: Arc::new(params),
             pool,
             context,
             slot,
@@ -361,6 +383,8 @@ async fn connect_stream(
 pub struct Worker {
     config: Config,
     nats: crate::config::NatsConfig,
+    /// For a backfill's temporary replication slot.
+    params: Arc<ConnectParams>,
     pool: sqlx::PgPool,
     context: async_nats::jetstream::Context,
     slot: Arc<str>,
@@ -376,6 +400,8 @@ struct PartitionSpec {
     share: Arc<share::Share>,
     whole: String,
     names: Vec<String>,
+    /// The whole operator, which partition 0 backfills.
+    operator: Arc<dyn crate::operator::DynOperator>,
 }
 
 impl Worker {
@@ -474,6 +500,8 @@ impl Worker {
             let task = task::OperatorTask {
                 spec,
                 pool: self.pool.clone(),
+                params: self.params.clone(),
+                backfill_readers: self.config.replication.backfill_readers,
                 slot: self.slot.clone(),
                 nats: self.nats.clone(),
                 worker: self.config.worker.clone(),
@@ -490,6 +518,7 @@ impl Worker {
                     share: p.share,
                     whole: p.whole,
                     names: p.names,
+                    operator: p.operator,
                 }),
                 shutdown: stop.clone(),
             };

@@ -43,6 +43,9 @@ use super::message::{self, Unreadable};
 use super::metrics::OperatorMetrics;
 use super::progress::Progress;
 use super::share::{self, Share};
+use backfill::FirstRun;
+
+mod backfill;
 use crate::backoff::Backoff;
 use crate::config::{NatsConfig, WorkerConfig};
 use crate::event::EventType;
@@ -68,6 +71,10 @@ const OTHER_COUNT_WAIT: Duration = Duration::from_secs(2);
 pub(super) struct OperatorTask {
     pub spec: OperatorSpec,
     pub pool: PgPool,
+    /// For a backfill's temporary replication slot.
+    pub params: Arc<crate::replication::ConnectParams>,
+    /// How many connections read a Rust operator's tables at once during its backfill.
+    pub backfill_readers: usize,
     pub slot: Arc<str>,
     pub nats: NatsConfig,
     pub worker: WorkerConfig,
@@ -96,6 +103,8 @@ pub(super) struct Partition {
     pub whole: String,
     /// The names of every partition of the operator, this one's too.
     pub names: Vec<String>,
+    /// The whole operator, which partition 0 backfills.
+    pub operator: Arc<dyn crate::operator::DynOperator>,
 }
 
 /// An event that concerns the rows of more than one partition, held back by each of them
@@ -177,6 +186,10 @@ impl OperatorTask {
         let mut accept_removed = false;
         // What the operator's earlier count of partitions did (`share::Inherited`).
         let mut inherited: Option<Arc<share::Inherited>> = None;
+        // Whether this lock's first run was looked at (`backfill.rs`), and how many times its
+        // backfill failed.
+        let mut first_run_seen = false;
+        let mut backfill_failures = 0;
         let result = loop {
             if self.shutdown.is_cancelled() {
                 break Ok(());
@@ -228,6 +241,7 @@ impl OperatorTask {
                             }
                         }
                         lock = Some(taken);
+                        first_run_seen = false;
                     }
                     Ok(None) => break Ok(()),
                     Err(e) => {
@@ -270,6 +284,32 @@ impl OperatorTask {
                     }
                     false => break Ok(()),
                 }
+            }
+            if self.spec.backfill
+                && !first_run_seen
+                && state.checkpoint.is_none()
+                && inherited.is_none()
+            {
+                match self.first_run(&mut backfill_failures).await? {
+                    FirstRun::Started => {
+                        first_run_seen = true;
+                        match self.prepare_generation().await? {
+                            Some(Ok(prepared)) => inherited = prepared.map(Arc::new),
+                            // Another count of partitions started meanwhile: take the lock
+                            // again, which waits for it.
+                            Some(Err(other_count)) => {
+                                warn!(operator = self.name(), "{other_count}");
+                                if let Some(held) = lock.take() {
+                                    self.let_go(held).await;
+                                }
+                            }
+                            None => break Ok(()),
+                        }
+                    }
+                    FirstRun::Again => {}
+                    FirstRun::Shutdown => break Ok(()),
+                }
+                continue;
             }
             let Some(start) = self
                 .position(acked, state.checkpoint, &mut accept_removed)

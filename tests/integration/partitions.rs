@@ -195,6 +195,9 @@ async fn worker(common: &str, partitions: u32) -> anyhow::Result<Running> {
         .config(config)
         .configured_operators(false)
         .operator(Mirror)
+        // Every change comes from the stream, to be counted in `applied`: the rows written
+        // before a worker first runs too (the stream holds them from the slot's start).
+        .backfill(false)
         .build()
         .await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -329,12 +329,16 @@ name = "every_post"
 query = "INSERT INTO seen (id) SELECT $1::bigint WHERE 1 / (CASE WHEN $1::bigint % 7 = 0 THEN 0 ELSE 1 END) = 1 ON CONFLICT DO NOTHING"
 id = { posts = "id" }
 retry = { retries = 1, initial = "10ms", max = "10ms", on_failure = "dead_letter" }
+# The posts may be written before the worker starts: they come from the stream, one event at
+# a time (a declarative backfill recomputes every id in one transaction, all or nothing).
+backfill = false
 
 [[operators]]
 name = "halting"
 query = "INSERT INTO seen_by_halting (id) SELECT $1::bigint WHERE 1 / (CASE WHEN $1::bigint = 5 THEN 0 ELSE 1 END) = 1 ON CONFLICT DO NOTHING"
 id = { posts = "id" }
 retry = { retries = 1, initial = "10ms", max = "10ms", on_failure = "halt" }
+backfill = false
 "#;
     let worker = format!("{}{operators}{}", &worker[..cut], nats_section(nats));
     (publisher, worker)
@@ -395,7 +399,11 @@ async fn failures_through_a_worker_go_to_dead_letters_halt_and_resume() -> anyho
             .await?;
         Ok(seen == 18 || dead_letters(&pool, "every_post").await?.len() > 2)
     })
-    .await?;
+    .await
+    .map_err(|e| {
+        let log = std::fs::read_to_string(&worker_log).unwrap_or_default();
+        anyhow::anyhow!("{e}; the worker's log:\n{log}")
+    })?;
     eventually("every_post set two posts aside", async || {
         Ok(dead_letters(&pool, "every_post").await?.len() >= 2)
     })
@@ -791,6 +799,25 @@ async fn an_operator_runs_on_a_worker_or_under_run_never_both() -> anyhow::Resul
             && text.contains("backend pid"),
         "the error must name the operator and the worker's backend:\n{text}"
     );
+    // `streamex rebuild` of an operator a worker runs is refused: the worker would never
+    // carry it out.
+    let refused = common::streamex_command("warn")
+        .args(["rebuild", "post_comment_tallies", "--no-wait", "--config"])
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("runs on a `streamex worker`")
+            && stderr.contains("streamex rebuild"),
+        "{stderr}"
+    );
+    let requests: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM streamex.operator_state WHERE backfill_request IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(requests, 0, "a refused rebuild asks for nothing");
     assert!(terminate(&mut worker)?.success());
     sqlx::query("INSERT INTO posts (title) VALUES ('while nothing runs the operators')")
         .execute(&pool)
@@ -1377,4 +1404,130 @@ async fn two_workers_share_an_operator_s_partitions_and_take_a_killed_one_s_over
     service.kill()?;
     service.wait()?;
     Ok(())
+}
+
+/// Rows written before the slot exists are in no stream: a worker operator's first run must
+/// read them (its backfill), then go on with the stream's events after its snapshot. The
+/// worker is SIGKILLed while it backfills (and once more later); the tallies run in
+/// `partitions` (1: whole), whose partition 0 backfills for all of them.
+async fn a_worker_backfills_rows_the_stream_never_had(partitions: u32) -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = testing::server().create_database().await?;
+    let slot = slot_for(&url);
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    // Before the slot: 300 posts with 40,000 comments between them, and some of them gone.
+    sqlx::raw_sql(
+        "INSERT INTO posts (title) SELECT 'early ' || i FROM generate_series(1, 300) i;
+         INSERT INTO comments (post_id, body)
+              SELECT 1 + i % 300, 'early' FROM generate_series(1, 40000) i;
+         DELETE FROM comments WHERE id % 7 = 0;
+         DELETE FROM posts WHERE id % 50 = 0;",
+    )
+    .execute(&pool)
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let (publisher, worker) = configs(&url, &nats, "");
+    anyhow::ensure!(worker.contains("name = \"post_comment_tallies\"\n"));
+    let worker = worker.replace(
+        "name = \"post_comment_tallies\"\n",
+        &format!("name = \"post_comment_tallies\"\npartitions = {partitions}\n"),
+    );
+    let (run_config, worker_config) = (dir.path().join("run.toml"), dir.path().join("w.toml"));
+    std::fs::write(&run_config, publisher)?;
+    std::fs::write(&worker_config, worker)?;
+    common::setup_service(&run_config)?;
+    let mut service = spawn_service(&run_config, &dir.path().join("run.log"), "info")?;
+    let worker_log = dir.path().join("worker.log");
+    let log = || std::fs::read_to_string(&worker_log).unwrap_or_default();
+
+    let seed = common::seed_from_env("STREAMEX_WORKER_SEED");
+    println!("STREAMEX_WORKER_SEED={seed}");
+    let mut rng = Rng(seed | 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (pool, stop) = (pool.clone(), stop.clone());
+        let mut rng = Rng(seed.rotate_left(17) | 1);
+        async move {
+            let mut changes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                changes += blog_activity(&pool, &mut rng).await?;
+                tokio::time::sleep(Duration::from_millis(rng.below(4))).await;
+            }
+            anyhow::Ok(changes)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300 + rng.below(500))).await;
+    let mut worker = spawn_worker(&worker_config, &worker_log)?;
+    // Killed as soon as it says it reads the rows: the backfill must roll back whole, and
+    // the next start backfill again.
+    eventually("the worker starting its backfill", async || {
+        Ok(log().contains("backfill: reading the existing rows"))
+    })
+    .await?;
+    worker.kill()?;
+    worker.wait()?;
+    worker = spawn_worker(&worker_config, &worker_log)?;
+    tokio::time::sleep(Duration::from_millis(800 + rng.below(1200))).await;
+    worker.kill()?;
+    worker.wait()?;
+    worker = spawn_worker(&worker_config, &worker_log)?;
+    tokio::time::sleep(Duration::from_millis(500 + rng.below(500))).await;
+    stop.store(true, Ordering::Relaxed);
+    let changes = writer.await??;
+    assert!(changes > 50, "only {changes} changes were written");
+
+    settle(&pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", log()))?;
+    eventually("the derived tables exact", async || {
+        Ok(derived_mismatches(&pool).await? == (0, 0))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", log()))?;
+    // The early rows (the workload moves and deletes a few) are counted, through the
+    // backfill alone: the stream never had them.
+    let (early, tallied): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM comments WHERE body = 'early'),
+                (SELECT coalesce(sum(comments), 0)::int8 FROM post_comment_tallies)",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(early > 20_000, "only {early} early comments are left");
+    assert!(
+        tallied >= early,
+        "{tallied} comments tallied, {early} early ones exist"
+    );
+    let text = log();
+    assert!(text.contains("backfill done"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    if partitions > 1 {
+        assert!(
+            text.contains("this partition waits for its checkpoint"),
+            "the other partitions wait for partition 0's backfill\n{text}"
+        );
+    }
+    let halted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM streamex.operator_state WHERE slot = $1 AND state = 'halted'",
+    )
+    .bind(&slot)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(halted, 0, "{text}");
+    let status = terminate(&mut worker)?;
+    assert!(status.success(), "the worker exited with {status}\n{text}");
+    service.kill()?;
+    service.wait()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_worker_backfills_its_operators_first_run() -> anyhow::Result<()> {
+    a_worker_backfills_rows_the_stream_never_had(1).await
+}
+
+#[tokio::test]
+async fn a_worker_backfills_a_partitioned_operator_whole_then_its_partitions_go_on()
+-> anyhow::Result<()> {
+    a_worker_backfills_rows_the_stream_never_had(3).await
 }
