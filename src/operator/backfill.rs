@@ -70,7 +70,9 @@
 //! 0.33 s against 2.14 s of backend time), which made the server the bottleneck.
 //!
 //! A declarative operator recomputes every id found in its tables (one statement per id, as
-//! after a TRUNCATE) instead of one per row; an operator that delivers at least once reads
+//! after a TRUNCATE) instead of one per row: each id goes to it as a read event holding the
+//! id alone, in chunks like rows, so that an id whose recompute fails goes through the
+//! failure policy on its own; an operator that delivers at least once reads
 //! in a read-only snapshot transaction and gets no transaction of its own, and its
 //! checkpoint is stored once it has handled every row.
 
@@ -226,10 +228,7 @@ impl Backfills<'_> {
                     })?;
             }
             let rows = if let Some(sql) = job.operator.as_sql() {
-                // A declarative operator's reaction to every row is the recomputation of every
-                // id found in its tables: one statement per id instead of one per row.
-                self.progress(job, 0, 0, true).await;
-                sql.recompute_tables(&mut tx, tables).await? as u64
+                self.recompute(job, sql, &mut tx, point, tables).await?
             } else {
                 self.read_tables(job, &mut tx, readers, point, began, tables)
                     .await?
@@ -342,6 +341,55 @@ impl Backfills<'_> {
             }
         }
         Ok(rows)
+    }
+
+    /// A declarative operator's backfill: its reaction to every row is the recomputation of
+    /// every id found in its tables, one statement per id instead of one per row. Each id
+    /// goes to it as a read event of its entity carrying only the id, a chunk at a time
+    /// through [`handle_chunk`](Self::handle_chunk): a chunk in one round trip, and an id
+    /// that fails every retry set aside or halting the operator by its policy, as a row does.
+    /// Returns how many ids.
+    async fn recompute(
+        &self,
+        job: &Job,
+        sql: &super::sql::SqlOperator,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        point: Lsn,
+        only: Option<&[String]>,
+    ) -> anyhow::Result<u64> {
+        self.progress(job, 0, 0, true).await;
+        let ids = sql.table_ids(tx, only).await?;
+        let estimate = ids.len() as u64;
+        self.board.backfill_started(job.index, estimate);
+        self.progress(job, 0, estimate, true).await;
+        let timestamp: i64 =
+            sqlx::query_scalar("SELECT (extract(epoch FROM now()) * 1000000)::int8")
+                .fetch_one(&mut **tx)
+                .await?;
+        let mut done: u64 = 0;
+        for chunk in ids.chunks(super::sql::RECOMPUTE_CHUNK) {
+            let events: Vec<Arc<Event>> = chunk
+                .iter()
+                .map(|(entity, id)| {
+                    let field = sql.id_column(entity).unwrap_or_default();
+                    let event = id_event(
+                        entity,
+                        field,
+                        id,
+                        self.default_schema,
+                        point,
+                        timestamp,
+                        done,
+                    );
+                    done += 1;
+                    event.map(Arc::new)
+                })
+                .collect::<anyhow::Result<_>>()?;
+            self.handle_chunk(job, tx, &events).await?;
+            self.board.backfill_rows(job.index, done);
+            self.progress(job, done, estimate, false).await;
+        }
+        Ok(done)
     }
 
     /// Stores how far `job` is, outside its transaction (for `streamex status`); a failure to
@@ -481,6 +529,41 @@ impl Backfills<'_> {
                 )
             })
     }
+}
+
+/// The read event a declarative operator's backfill gives it for `id` of `entity`: a record
+/// of the id column alone, at the position of the snapshot's reads (`ordinal` among them).
+fn id_event(
+    entity: &str,
+    field: &str,
+    id: &str,
+    default_schema: &str,
+    point: Lsn,
+    timestamp: i64,
+    ordinal: u64,
+) -> anyhow::Result<Event> {
+    let name = EntityName::parse(entity)?;
+    let schema = name.schema.as_deref().unwrap_or(default_schema);
+    let mut record = crate::event::Record::new();
+    record.insert(field.to_owned(), serde_json::Value::String(id.to_owned()));
+    Ok(Event {
+        kind: EventType::Read,
+        schema: schema.into(),
+        entity: entity.into(),
+        table: name.table.as_str().into(),
+        new_record: Some(record),
+        old_record: None,
+        changes: None,
+        unavailable_columns: Vec::new(),
+        timestamp,
+        lsn: point,
+        commit_lsn: read_lsn(point),
+        xid: 0,
+        ordinal,
+        decode_error: None,
+        message: None,
+        key_columns: Arc::from(Vec::<String>::new()),
+    })
 }
 
 /// Runs `<what> streamex_backfill_rows` (a savepoint step) in `tx`, when there is one.

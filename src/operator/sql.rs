@@ -360,7 +360,7 @@ impl Folded {
 }
 
 /// How many ids a recomputation of every id sends in one round trip.
-const RECOMPUTE_CHUNK: usize = 10_000;
+pub(crate) const RECOMPUTE_CHUNK: usize = 10_000;
 
 impl SqlOperator {
     /// A builder for the declarative operator `name`.
@@ -601,7 +601,22 @@ impl SqlOperator {
         conn: &mut sqlx::PgConnection,
         only: Option<&[String]>,
     ) -> anyhow::Result<usize> {
-        let mut all: std::collections::BTreeSet<String> = Default::default();
+        let all = self.table_ids(conn, only).await?;
+        let ids: Vec<&str> = all.iter().map(|(_, id)| id.as_str()).collect();
+        for chunk in ids.chunks(RECOMPUTE_CHUNK) {
+            self.recompute_ids(conn, chunk).await?;
+        }
+        Ok(all.len())
+    }
+
+    /// Every id found in `only` of its tables (every one when `None`), as text, once each,
+    /// with the entity it was first found in.
+    pub(crate) async fn table_ids(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        only: Option<&[String]>,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let mut all: BTreeMap<String, String> = BTreeMap::new();
         for (entity, field) in &self.ids {
             if only.is_some_and(|only| !only.contains(entity)) {
                 continue;
@@ -619,16 +634,29 @@ impl SqlOperator {
             .fetch_all(&mut *conn)
             .await
             .with_context(|| format!("reading every {field} of {entity}"))?;
-            all.extend(ids);
+            for id in ids {
+                all.entry(id).or_insert_with(|| entity.clone());
+            }
         }
-        let all: Vec<(Which, Value)> = all
-            .into_iter()
-            .map(|id| (Which::Query, Value::String(id)))
+        Ok(all.into_iter().map(|(id, entity)| (entity, id)).collect())
+    }
+
+    /// The id column `entity`'s events carry the id in.
+    pub(crate) fn id_column(&self, entity: &str) -> Option<&str> {
+        self.ids.get(entity).map(String::as_str)
+    }
+
+    /// The query for each of `ids` (as text), in one round trip.
+    pub(crate) async fn recompute_ids(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        ids: &[&str],
+    ) -> anyhow::Result<()> {
+        let ids: Vec<(Which, Value)> = ids
+            .iter()
+            .map(|id| (Which::Query, Value::String((*id).to_owned())))
             .collect();
-        for chunk in all.chunks(RECOMPUTE_CHUNK) {
-            self.run_ids(conn, chunk).await?;
-        }
-        Ok(all.len())
+        self.run_ids(conn, &ids).await
     }
 
     /// Each `(statement, id)` in order: bound directly when there are few of them, else (or

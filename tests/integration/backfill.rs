@@ -351,6 +351,76 @@ async fn a_failing_row_of_a_backfill_is_a_dead_letter_and_the_others_are_read() 
     Ok(())
 }
 
+/// A declarative operator recomputes every id in its backfill, in chunks: an id whose
+/// recompute fails every retry is a dead letter (a read event of the id), and every other id
+/// is recomputed once, in the same transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_id_of_a_declarative_backfill_is_a_dead_letter_and_the_others_are_recomputed()
+-> anyhow::Result<()> {
+    let url = streamex::testing::server().create_database().await?;
+    let pool = PgPool::connect(&url).await?;
+    sqlx::raw_sql(BLOG).execute(&pool).await?;
+    sqlx::raw_sql(SEEN).execute(&pool).await?;
+    // More ids than one chunk of recomputes.
+    sqlx::query("INSERT INTO posts (id, title) SELECT i, 'p' FROM generate_series(1, 12000) i")
+        .execute(&pool)
+        .await?;
+    let mut config = config(&url)?;
+    config.retry.on_failure = streamex::config::FailurePolicy::DeadLetter;
+    config.retry.retries = 1;
+    config.retry.initial = Duration::from_millis(10);
+    let declared = streamex::operator::SqlOperator::builder("declared")
+        .query(
+            "INSERT INTO seen (operator, kind, id)
+             SELECT 'declared', 'recompute', $1::bigint
+              WHERE 1 / (CASE WHEN $1::bigint = 7777 THEN 0 ELSE 1 END) = 1",
+        )
+        .id("posts", "id")
+        .build()?;
+    let service = common::Service::start_backfilling(&config, vec![declared.into()]).await?;
+    let letters = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (serde_json::Value, String)>(
+                "SELECT event, error FROM streamex.dead_letters WHERE operator = 'declared'",
+            )
+            .fetch_all(&pool)
+            .await
+        }
+    };
+    eventually("the failing id's dead letter", async || {
+        Ok(!letters().await?.is_empty())
+    })
+    .await?;
+    let seen: (i64, i64) = sqlx::query_as("SELECT count(*), count(DISTINCT id) FROM seen")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(seen, (11_999, 11_999), "every other id recomputed once");
+    let letters = letters().await?;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].0["type"], serde_json::json!("read"));
+    assert_eq!(letters[0].0["entity"], serde_json::json!("posts"));
+    assert_eq!(letters[0].0["new_record"]["id"], serde_json::json!("7777"));
+    assert!(
+        letters[0].1.contains("division by zero"),
+        "{}",
+        letters[0].1
+    );
+    // Then the changes: a post after the backfill is recomputed from its event.
+    sqlx::query("INSERT INTO posts (id, title) VALUES (12001, 'after')")
+        .execute(&pool)
+        .await?;
+    eventually("the later post recomputed", async || {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM seen WHERE id = 12001")
+            .fetch_one(&pool)
+            .await?;
+        Ok(n == 1)
+    })
+    .await?;
+    service.stop().await?;
+    Ok(())
+}
+
 /// `streamex rebuild` and `streamex backfill` through the binary, beside a running service
 /// and writers: a corrupted tally table is rebuilt exactly, corrupted counts are recomputed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -329,8 +329,8 @@ name = "every_post"
 query = "INSERT INTO seen (id) SELECT $1::bigint WHERE 1 / (CASE WHEN $1::bigint % 7 = 0 THEN 0 ELSE 1 END) = 1 ON CONFLICT DO NOTHING"
 id = { posts = "id" }
 retry = { retries = 1, initial = "10ms", max = "10ms", on_failure = "dead_letter" }
-# The posts may be written before the worker starts: they come from the stream, one event at
-# a time (a declarative backfill recomputes every id in one transaction, all or nothing).
+# The posts may be written before the worker starts: they come from the stream, in order
+# (a backfill would read them in the order of their ids' text).
 backfill = false
 
 [[operators]]
