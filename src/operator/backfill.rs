@@ -366,25 +366,24 @@ impl Backfills<'_> {
             sqlx::query_scalar("SELECT (extract(epoch FROM now()) * 1000000)::int8")
                 .fetch_one(&mut **tx)
                 .await?;
+        // What the read events of one entity share: its names and the id column's.
+        let mut shapes: std::collections::BTreeMap<&str, IdShape> = Default::default();
+        for (entity, _) in &ids {
+            if !shapes.contains_key(&**entity) {
+                let field = sql.id_column(entity).unwrap_or_default();
+                shapes.insert(entity, IdShape::new(entity, field, self.default_schema)?);
+            }
+        }
         let mut done: u64 = 0;
-        for chunk in ids.chunks(super::sql::RECOMPUTE_CHUNK) {
+        for chunk in ids.chunks(ID_CHUNK) {
             let events: Vec<Arc<Event>> = chunk
                 .iter()
-                .map(|(entity, id)| {
-                    let field = sql.id_column(entity).unwrap_or_default();
-                    let event = id_event(
-                        entity,
-                        field,
-                        id,
-                        self.default_schema,
-                        point,
-                        timestamp,
-                        done,
-                    );
+                .filter_map(|(entity, id)| {
+                    let event = shapes.get(&**entity)?.event(id, point, timestamp, done);
                     done += 1;
-                    event.map(Arc::new)
+                    Some(Arc::new(event))
                 })
-                .collect::<anyhow::Result<_>>()?;
+                .collect();
             self.handle_chunk(job, tx, &events).await?;
             self.board.backfill_rows(job.index, done);
             self.progress(job, done, estimate, false).await;
@@ -531,39 +530,55 @@ impl Backfills<'_> {
     }
 }
 
-/// The read event a declarative operator's backfill gives it for `id` of `entity`: a record
-/// of the id column alone, at the position of the snapshot's reads (`ordinal` among them).
-fn id_event(
-    entity: &str,
-    field: &str,
-    id: &str,
-    default_schema: &str,
-    point: Lsn,
-    timestamp: i64,
-    ordinal: u64,
-) -> anyhow::Result<Event> {
-    let name = EntityName::parse(entity)?;
-    let schema = name.schema.as_deref().unwrap_or(default_schema);
-    let mut record = crate::event::Record::new();
-    record.insert(field.to_owned(), serde_json::Value::String(id.to_owned()));
-    Ok(Event {
-        kind: EventType::Read,
-        schema: schema.into(),
-        entity: entity.into(),
-        table: name.table.as_str().into(),
-        new_record: Some(record),
-        old_record: None,
-        changes: None,
-        unavailable_columns: Vec::new(),
-        timestamp,
-        lsn: point,
-        commit_lsn: read_lsn(point),
-        xid: 0,
-        ordinal,
-        decode_error: None,
-        message: None,
-        key_columns: Arc::from(Vec::<String>::new()),
-    })
+/// How many ids of a declarative operator's backfill go to it at once (one round trip).
+const ID_CHUNK: usize = 2_000;
+
+/// What the read events a declarative operator's backfill gives it for the ids of one
+/// entity share.
+struct IdShape {
+    schema: Arc<str>,
+    entity: Arc<str>,
+    table: Arc<str>,
+    columns: crate::event::Columns,
+    no_key: Arc<[String]>,
+}
+
+impl IdShape {
+    fn new(entity: &str, field: &str, default_schema: &str) -> anyhow::Result<IdShape> {
+        let name = EntityName::parse(entity)?;
+        Ok(IdShape {
+            schema: name.schema.as_deref().unwrap_or(default_schema).into(),
+            entity: entity.into(),
+            table: name.table.as_str().into(),
+            columns: crate::event::Names::shared(vec![field.into()]),
+            no_key: Arc::from(Vec::<String>::new()),
+        })
+    }
+
+    /// The read event of `id`: a record of the id column alone, at the position of the
+    /// snapshot's reads (`ordinal` among them).
+    fn event(&self, id: &str, point: Lsn, timestamp: i64, ordinal: u64) -> Event {
+        let mut record = crate::event::Record::of(&self.columns);
+        record.set(0, serde_json::Value::String(id.to_owned()));
+        Event {
+            kind: EventType::Read,
+            schema: self.schema.clone(),
+            entity: self.entity.clone(),
+            table: self.table.clone(),
+            new_record: Some(record),
+            old_record: None,
+            changes: None,
+            unavailable_columns: Vec::new(),
+            timestamp,
+            lsn: point,
+            commit_lsn: read_lsn(point),
+            xid: 0,
+            ordinal,
+            decode_error: None,
+            message: None,
+            key_columns: self.no_key.clone(),
+        }
+    }
 }
 
 /// Runs `<what> streamex_backfill_rows` (a savepoint step) in `tx`, when there is one.

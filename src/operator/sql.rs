@@ -360,7 +360,7 @@ impl Folded {
 }
 
 /// How many ids a recomputation of every id sends in one round trip.
-pub(crate) const RECOMPUTE_CHUNK: usize = 10_000;
+const RECOMPUTE_CHUNK: usize = 10_000;
 
 impl SqlOperator {
     /// A builder for the declarative operator `name`.
@@ -615,9 +615,10 @@ impl SqlOperator {
         &self,
         conn: &mut sqlx::PgConnection,
         only: Option<&[String]>,
-    ) -> anyhow::Result<Vec<(String, String)>> {
-        let mut all: BTreeMap<String, String> = BTreeMap::new();
+    ) -> anyhow::Result<Vec<(Arc<str>, String)>> {
+        let mut all: BTreeMap<String, Arc<str>> = BTreeMap::new();
         for (entity, field) in &self.ids {
+            let shared: Arc<str> = entity.as_str().into();
             if only.is_some_and(|only| !only.contains(entity)) {
                 continue;
             }
@@ -635,7 +636,7 @@ impl SqlOperator {
             .await
             .with_context(|| format!("reading every {field} of {entity}"))?;
             for id in ids {
-                all.entry(id).or_insert_with(|| entity.clone());
+                all.entry(id).or_insert_with(|| shared.clone());
             }
         }
         Ok(all.into_iter().map(|(id, entity)| (entity, id)).collect())
