@@ -27,7 +27,7 @@ mod json;
 mod record;
 
 pub use record::Record;
-pub(crate) use record::{Columns, Names};
+pub(crate) use record::{Columns, Names, Peek, Raw};
 
 /// The kind of change an [`Event`] reports. Kinds may be added (as `message` was): a
 /// `match` outside streamex needs an arm for the others, which an operator does not get

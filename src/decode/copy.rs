@@ -25,6 +25,7 @@ use serde_json::Value;
 
 use super::text_to_json;
 use super::types::PgType;
+use super::value::raw_kind;
 use crate::event::{Columns, Names, Record};
 
 /// A table's columns in the order the COPY statement selects them.
@@ -112,7 +113,7 @@ impl CopyReader {
 
     fn row(&self, line: &[u8]) -> Result<CopyRow, CopyError> {
         let expected = self.columns.len();
-        let mut record = Record::of(&self.names);
+        let mut record = Record::with_text_capacity(&self.names, line.len());
         let mut problems: Vec<String> = Vec::new();
         let mut fields = line.split(|&b| b == b'\t');
         // A table without columns has one empty line per row.
@@ -138,6 +139,10 @@ impl CopyReader {
                 continue;
             }
             let text = unescape(field);
+            if let Some(kind) = raw_kind(&column.ty, &text) {
+                record.set_raw(i, kind, &text);
+                continue;
+            }
             match text_to_json(&column.ty, &text) {
                 Ok(value) => record.set(i, value),
                 Err(error) => problems.push(format!(

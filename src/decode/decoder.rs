@@ -35,8 +35,8 @@ use super::pgoutput::{
     self, Begin, Commit, OldTuple, PgOutputMessage, ReplicaIdentity, Tuple, TupleValue,
 };
 use super::types::{PgType, TypeCache, TypeError};
-use super::value::text_to_json;
-use crate::event::{Change, Changes, Columns, Event, EventType, Names, Record};
+use super::value::{raw_kind, text_to_json};
+use crate::event::{Change, Changes, Columns, Event, EventType, Names, Raw, Record};
 use crate::lsn::{Lsn, PG_EPOCH_OFFSET_MICROS};
 
 /// What the decoder hands downstream, in WAL order.
@@ -634,22 +634,24 @@ impl Problems {
 }
 
 /// One column's value in a change.
-enum Converted {
+enum Converted<'a> {
     Value(Value),
+    /// Kept as its text, which is a value of this kind (converted when first read).
+    Raw(Raw, &'a [u8]),
     /// Not sent (an unchanged TOASTed value).
     Unsent,
     /// Sent, but it could not be converted (noted in the [`Problems`]).
     Undecodable,
 }
 
-/// Converts one sent value.
-fn value(
+/// Converts one sent value (or checks that its text can be kept, see [`raw_kind`]).
+fn value<'a>(
     table: &Table,
     column: &TableColumn,
-    value: &TupleValue,
+    value: &'a TupleValue,
     lsn: Lsn,
     problems: &mut Problems,
-) -> Result<Converted, DecoderError> {
+) -> Result<Converted<'a>, DecoderError> {
     match value {
         TupleValue::Null => Ok(Converted::Value(Value::Null)),
         TupleValue::Unchanged => Ok(Converted::Unsent),
@@ -657,6 +659,9 @@ fn value(
             if let Some(reason) = &column.unconvertible {
                 problems.add(table, column, lsn, reason);
                 return Ok(Converted::Undecodable);
+            }
+            if let Some(kind) = raw_kind(&column.ty, text) {
+                return Ok(Converted::Raw(kind, text));
             }
             match text_to_json(&column.ty, text) {
                 Ok(v) => Ok(Converted::Value(v)),
@@ -685,17 +690,19 @@ fn row(
     problems: &mut Problems,
 ) -> Result<(Record, Vec<String>), DecoderError> {
     check_width(table, tuple, lsn)?;
-    let mut record = Record::of(&table.names);
+    let mut record = Record::with_text_capacity(&table.names, text_len(tuple));
     let mut unavailable = Vec::new();
     for (i, (column, v)) in table.columns.iter().zip(&tuple.0).enumerate() {
         match value(table, column, v, lsn, problems)? {
             Converted::Value(v) => record.set(i, v),
+            Converted::Raw(kind, text) => record.set_raw(i, kind, text),
             Converted::Undecodable => {}
             // The full old row is a record of the same table: its columns are these.
-            Converted::Unsent => match fill_from.and_then(|old| old.at(i)) {
-                Some(old) => record.set(i, old.clone()),
-                None => unavailable.push(column.name.clone()),
-            },
+            Converted::Unsent => {
+                if !fill_from.is_some_and(|old| record.copy_from(old, i)) {
+                    unavailable.push(column.name.clone());
+                }
+            }
         }
     }
     Ok((record, unavailable))
@@ -724,8 +731,10 @@ fn key_only(
     let mut record = Record::of(&table.names);
     for (i, (column, v)) in table.columns.iter().zip(&tuple.0).enumerate() {
         if column.is_key {
-            if let Converted::Value(v) = value(table, column, v, lsn, problems)? {
-                record.set(i, v);
+            match value(table, column, v, lsn, problems)? {
+                Converted::Value(v) => record.set(i, v),
+                Converted::Raw(kind, text) => record.set_raw(i, kind, text),
+                Converted::Unsent | Converted::Undecodable => {}
             }
         }
     }
@@ -761,12 +770,24 @@ async fn primary_key(catalog: &sqlx::PgPool, oid: u32) -> Result<Vec<String>, sq
     .await
 }
 
+/// How many bytes of text `tuple` holds (what its record keeps of it at most).
+fn text_len(tuple: &Tuple) -> usize {
+    tuple
+        .0
+        .iter()
+        .map(|v| match v {
+            TupleValue::Text(text) => text.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// The key columns of `record` (a record of `table`).
 fn key_of(table: &Table, record: &Record) -> Record {
     let mut key = Record::of(&table.names);
     for (i, column) in table.columns.iter().enumerate() {
-        if let Some(v) = record.at(i).filter(|_| column.is_key) {
-            key.set(i, v.clone());
+        if column.is_key {
+            key.copy_from(record, i);
         }
     }
     key
@@ -780,11 +801,11 @@ fn diff(table: &Table, old: &Record, new: &Record) -> Changes {
             .iter()
             .enumerate()
             .filter_map(|(i, c)| {
-                let (o, n) = (old.at(i)?, new.at(i)?);
-                (o != n).then(|| Change {
+                let same = old.same_at(new, i)?;
+                (!same).then(|| Change {
                     column: c.name.clone(),
-                    old_value: o.clone(),
-                    new_value: n.clone(),
+                    old_value: old.value_at(i).unwrap_or_default(),
+                    new_value: new.value_at(i).unwrap_or_default(),
                 })
             })
             .collect(),

@@ -129,7 +129,7 @@ impl NumberParts {
     }
 
     /// Whether the text is already as `numeric` would write it.
-    fn is_canonical(&self) -> bool {
+    pub(super) fn is_canonical(&self) -> bool {
         self.exponent.is_none() && !(self.negative && self.all_zero)
     }
 

@@ -62,6 +62,7 @@ use super::json;
 use super::numeric::{NumberParts, numeric_value};
 use super::types::PgType;
 use super::value_error::ValueError;
+use crate::event::Raw;
 
 /// Arrays nest at most this deep (PostgreSQL's `MAXDIM`).
 const MAX_ARRAY_DIMS: usize = 6;
@@ -69,6 +70,33 @@ const MAX_ARRAY_DIMS: usize = 6;
 /// documentation for the mapping).
 pub fn text_to_json(ty: &PgType, text: &[u8]) -> Result<Value, ValueError> {
     convert(ty, text, 0)
+}
+
+/// Whether a value of `ty` may be kept as its `text` and converted when first read, and as
+/// what: when its conversion cannot fail and gives what [`text_to_json`] gives (the common
+/// types: text, numbers as `numeric` writes them, dates, timestamps of the usual shape).
+pub(crate) fn raw_kind(ty: &PgType, text: &[u8]) -> Option<Raw> {
+    match ty {
+        PgType::Text | PgType::Date => std::str::from_utf8(text).is_ok().then_some(Raw::Text),
+        PgType::Number => (is_plain_integer(text)
+            || NumberParts::scan(text).is_some_and(|parts| parts.is_canonical()))
+        .then_some(Raw::Number),
+        PgType::Timestamp => is_usual_timestamp(text, false).then_some(Raw::Timestamp),
+        PgType::TimestampTz => is_usual_timestamp(text, true).then_some(Raw::TimestampTz),
+        _ => None,
+    }
+}
+
+/// Whether `text` is an integer as `numeric` writes it (digits without a leading zero, a
+/// minus before any but zero): the usual number, checked without [`NumberParts::scan`].
+fn is_plain_integer(text: &[u8]) -> bool {
+    let digits = text.strip_prefix(b"-").unwrap_or(text);
+    match digits {
+        [] => false,
+        [b'0'] => digits.len() == text.len(),
+        [b'0', ..] => false,
+        _ => digits.iter().all(u8::is_ascii_digit),
+    }
 }
 
 /// [`text_to_json`] for a value that `outer` arrays and objects already hold.
@@ -126,9 +154,10 @@ fn number(text: &[u8]) -> Result<Value, ValueError> {
 
 /// `2024-01-02 03:04:05.5[+05[:30]][ BC]` → `2024-01-02T03:04:05.5[+05:00|+05:30][ BC]`.
 fn timestamp(text: &[u8], with_zone: bool) -> Result<Value, ValueError> {
-    match usual_timestamp(text, with_zone) {
-        Some(usual) => Ok(Value::String(usual)),
-        None => any_timestamp(text, with_zone),
+    match (is_usual_timestamp(text, with_zone), with_zone) {
+        (true, false) => Ok(Raw::Timestamp.to_value(text)),
+        (true, true) => Ok(Raw::TimestampTz.to_value(text)),
+        (false, _) => any_timestamp(text, with_zone),
     }
 }
 
@@ -176,41 +205,34 @@ fn any_timestamp(text: &[u8], with_zone: bool) -> Result<Value, ValueError> {
     Ok(Value::String(out))
 }
 
-/// [`timestamp`]'s result for the shape PostgreSQL writes for years 1000 to 9999 AD (the
-/// date, a space, digits, colons and a point, then for a timestamptz an offset in whole hours:
-/// `2024-01-02 03:04:05.123456+00`), without searching the text; `None` for anything else.
-fn usual_timestamp(text: &[u8], with_zone: bool) -> Option<String> {
+/// Whether `text` has the shape PostgreSQL writes for years 1000 to 9999 AD (the date, a
+/// space, digits, colons and a point, then for a timestamptz an offset in whole hours:
+/// `2024-01-02 03:04:05.123456+00`), which [`Raw::Timestamp`] and [`Raw::TimestampTz`]
+/// rewrite without searching the text.
+fn is_usual_timestamp(text: &[u8], with_zone: bool) -> bool {
     let offset = if with_zone { 3 } else { 0 };
-    let time_end = text.len().checked_sub(offset)?;
+    let Some(time_end) = text.len().checked_sub(offset) else {
+        return false;
+    };
     if time_end < 19 || text[10] != b' ' {
-        return None;
+        return false;
     }
-    let date_ok = text[..10].iter().enumerate().all(|(i, &c)| {
-        if i == 4 || i == 7 {
+    // Every byte looked at, without branching on each (it runs for every timestamp).
+    let mut ok = true;
+    for (i, &c) in text[..10].iter().enumerate() {
+        ok &= if i == 4 || i == 7 {
             c == b'-'
         } else {
             c.is_ascii_digit()
-        }
-    });
-    let time_ok = text[11..time_end]
-        .iter()
-        .all(|&c| c.is_ascii_digit() || c == b':' || c == b'.');
-    let zone = &text[time_end..];
-    let zone_ok = zone.is_empty()
-        || (matches!(zone[0], b'+' | b'-') && zone[1..].iter().all(u8::is_ascii_digit));
-    if !(date_ok && time_ok && zone_ok) {
-        return None;
+        };
     }
-    // Only ASCII digits and punctuation, checked above.
-    let s = std::str::from_utf8(text).ok()?;
-    let mut out = String::with_capacity(text.len() + 3);
-    out.push_str(&s[..10]);
-    out.push('T');
-    out.push_str(&s[11..]);
-    if with_zone {
-        out.push_str(":00");
+    for &c in &text[11..time_end] {
+        ok &= c.is_ascii_digit() | (c == b':') | (c == b'.');
     }
-    Some(out)
+    if let [sign, hours @ ..] = &text[time_end..] {
+        ok &= matches!(sign, b'+' | b'-') & hours.iter().all(u8::is_ascii_digit);
+    }
+    ok
 }
 
 // ---------------------------------------------------------------------------------------------

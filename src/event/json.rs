@@ -80,7 +80,7 @@ fn optional_record(out: &mut Vec<u8>, record: Option<&Record>) {
             out.push(b',');
         }
         out.extend_from_slice(key);
-        value(out, v);
+        v.write_json(out);
     }
     out.push(b'}');
 }
@@ -102,7 +102,7 @@ fn changes(out: &mut Vec<u8>, changes: &Changes) {
 }
 
 /// A JSON value as serde_json writes it (compact).
-fn value(out: &mut Vec<u8>, v: &Value) {
+pub(super) fn value(out: &mut Vec<u8>, v: &Value) {
     match v {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
@@ -151,8 +151,12 @@ fn needs_escape(word: u64) -> bool {
 
 /// A JSON string, escaped as serde_json escapes it.
 pub(super) fn string(out: &mut Vec<u8>, s: &str) {
+    string_bytes(out, s.as_bytes());
+}
+
+/// [`string`] of text already checked to be UTF-8 (what is not escaped is copied as it is).
+pub(super) fn string_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;

@@ -1,14 +1,22 @@
 //! [`Record`]: one row of a change, its values by column position, its column names shared by
 //! every row of the table.
 //!
-//! The decoder builds one record per row of every change, so a record costs one allocation
-//! (its values) and no name: the names are the table's, from its last Relation message, held
-//! once behind an `Arc` ([`Columns`]) by every record of the table. A column with no value in
-//! the record (unchanged TOAST that was not sent, a value that could not be converted, a
-//! column outside the key of an old key) is absent, as a key missing from a JSON object is.
+//! The decoder builds one record per row of every change, so a record costs two allocations
+//! (its slots and its text) and no name: the names are the table's, from its last Relation
+//! message, held once behind an `Arc` ([`Columns`]) by every record of the table. A column with
+//! no value in the record (unchanged TOAST that was not sent, a value that could not be
+//! converted, a column outside the key of an old key) is absent, as a key missing from a JSON
+//! object is.
+//!
+//! The values of the common types (text, numbers, dates and timestamps of the usual shape)
+//! stay the text the server sent, checked when decoded ([`Raw`]): one is converted to its
+//! JSON value the first time something reads it, and an event's JSON is written from the text
+//! straight. Most operators read a column or two of a row, and tail, SSE and JetStream read
+//! none, so most values are never built. The text is the record's own copy, not a slice of
+//! the message it came in: a record kept for long holds its own bytes, not the stream's.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
@@ -65,8 +73,107 @@ impl std::ops::Deref for Names {
 #[derive(Clone, Default)]
 pub struct Record {
     columns: Columns,
-    /// One slot per column of `columns`: `None` where the record has no value.
-    values: Vec<Option<Value>>,
+    /// One slot per column of `columns`.
+    values: Vec<Slot>,
+    /// The text of the [`Slot::Raw`] values, one after the other.
+    text: Vec<u8>,
+}
+
+/// A value kept as the text the server sent: the decoder checked that its conversion cannot
+/// fail and that the text is what the JSON is written from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Raw {
+    /// Valid UTF-8, the value of a JSON string (text, varchar, date, uuid, ...).
+    Text,
+    /// A number as `numeric` writes it (JSON syntax, no exponent, no negative zero): its text
+    /// is its JSON.
+    Number,
+    /// A timestamp of the shape `2024-01-02 03:04:05[.123456]` (ASCII digits and
+    /// punctuation), `to_jsonb` writing a `T` for the space.
+    Timestamp,
+    /// The same with a whole-hour offset (`+05`), which `to_jsonb` writes `+05:00`.
+    TimestampTz,
+}
+
+impl Raw {
+    /// The JSON value of `text`, exactly what the decoder's conversion gives for it.
+    pub(crate) fn to_value(self, text: &[u8]) -> Value {
+        match self {
+            // Checked UTF-8: never lossy.
+            Raw::Text => Value::String(String::from_utf8_lossy(text).into_owned()),
+            Raw::Number => {
+                let s = String::from_utf8_lossy(text);
+                s.parse::<serde_json::Number>()
+                    .map_or_else(|_| Value::String(s.into_owned()), Value::Number)
+            }
+            Raw::Timestamp | Raw::TimestampTz => {
+                let mut out = Vec::with_capacity(text.len() + 3);
+                self.write_timestamp(&mut out, text);
+                // ASCII (checked): never lossy.
+                Value::String(
+                    String::from_utf8(out)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                )
+            }
+        }
+    }
+
+    /// Appends the JSON of `text`, as [`Raw::to_value`]'s value is written.
+    pub(crate) fn write_json(self, out: &mut Vec<u8>, text: &[u8]) {
+        match self {
+            Raw::Text => super::json::string_bytes(out, text),
+            Raw::Number => out.extend_from_slice(text),
+            Raw::Timestamp | Raw::TimestampTz => {
+                out.push(b'"');
+                self.write_timestamp(out, text);
+                out.push(b'"');
+            }
+        }
+    }
+
+    /// A usual timestamp's text as `to_jsonb` writes it (no quotes): `T` for the space, and
+    /// minutes after a whole-hour offset.
+    fn write_timestamp(self, out: &mut Vec<u8>, text: &[u8]) {
+        let (date, time) = text.split_at(text.len().min(10));
+        out.extend_from_slice(date);
+        out.push(b'T');
+        out.extend_from_slice(time.get(1..).unwrap_or_default());
+        if self == Raw::TimestampTz {
+            out.extend_from_slice(b":00");
+        }
+    }
+}
+
+/// One column's place in a record.
+#[derive(Clone, Default)]
+enum Slot {
+    /// No value.
+    #[default]
+    Absent,
+    Value(Value),
+    /// `text[start..start + len]` of the record, converted to `value` on first read.
+    Raw {
+        kind: Raw,
+        start: u32,
+        len: u32,
+        value: OnceLock<Value>,
+    },
+}
+
+/// A value as the record holds it, without converting it.
+pub(crate) enum Peek<'a> {
+    Value(&'a Value),
+    Raw(Raw, &'a [u8]),
+}
+
+impl Peek<'_> {
+    /// Appends the value's JSON.
+    pub(crate) fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            Peek::Value(v) => super::json::value(out, v),
+            Peek::Raw(kind, text) => kind.write_json(out, text),
+        }
+    }
 }
 
 impl Record {
@@ -79,19 +186,159 @@ impl Record {
     pub(crate) fn of(columns: &Columns) -> Self {
         Record {
             columns: Arc::clone(columns),
-            values: vec![None; columns.len()],
+            values: std::iter::repeat_with(Slot::default)
+                .take(columns.len())
+                .collect(),
+            text: Vec::new(),
         }
+    }
+
+    /// [`Record::of`], with room for `text` bytes of [`set_raw`](Self::set_raw) values.
+    pub(crate) fn with_text_capacity(columns: &Columns, text: usize) -> Self {
+        let mut record = Record::of(columns);
+        record.text.reserve_exact(text);
+        record
     }
 
     /// Sets the value of the column at `index` (a position in the record's columns).
     pub(crate) fn set(&mut self, index: usize, value: Value) {
-        self.values[index] = Some(value);
+        self.values[index] = Slot::Value(value);
+    }
+
+    /// Sets the column at `index` to `text`, which the decoder checked is a value of `kind`
+    /// (see [`Raw`]), converted when first read.
+    pub(crate) fn set_raw(&mut self, index: usize, kind: Raw, text: &[u8]) {
+        let start = self.text.len();
+        match (u32::try_from(start), u32::try_from(text.len())) {
+            (Ok(start32), Ok(len)) if start32.checked_add(len).is_some() => {
+                self.text.extend_from_slice(text);
+                self.values[index] = Slot::Raw {
+                    kind,
+                    start: start32,
+                    len,
+                    value: OnceLock::new(),
+                };
+            }
+            // Past 4 GiB of text in one row: converted now.
+            _ => self.values[index] = Slot::Value(kind.to_value(text)),
+        }
+    }
+
+    /// Sets the column at `index` to what `other` (a record of the same columns) holds there,
+    /// without converting it; absent when `other` has nothing there. Whether it had a value.
+    pub(crate) fn copy_from(&mut self, other: &Record, index: usize) -> bool {
+        match other.values.get(index) {
+            Some(Slot::Value(v)) => self.set(index, v.clone()),
+            Some(Slot::Raw {
+                kind, start, len, ..
+            }) => self.set_raw(index, *kind, other.raw_text(*start, *len)),
+            Some(Slot::Absent) | None => return false,
+        }
+        true
     }
 
     /// The value at column position `index`, if the record has one.
     pub(crate) fn at(&self, index: usize) -> Option<&Value> {
-        self.values.get(index)?.as_ref()
+        self.resolve(self.values.get(index)?)
     }
+
+    /// The value at column position `index`, built anew if raw (not kept in the record: for
+    /// a value read once, such as a change's old and new value).
+    pub(crate) fn value_at(&self, index: usize) -> Option<Value> {
+        match self.values.get(index)? {
+            Slot::Absent => None,
+            Slot::Value(v) => Some(v.clone()),
+            Slot::Raw {
+                kind,
+                start,
+                len,
+                value,
+            } => Some(match value.get() {
+                Some(v) => v.clone(),
+                None => kind.to_value(self.raw_text(*start, *len)),
+            }),
+        }
+    }
+
+    /// The value at column position `index` as the record holds it, without converting it.
+    pub(crate) fn peek_at(&self, index: usize) -> Option<Peek<'_>> {
+        match self.values.get(index)? {
+            Slot::Absent => None,
+            Slot::Value(v) => Some(Peek::Value(v)),
+            Slot::Raw {
+                kind, start, len, ..
+            } => Some(Peek::Raw(*kind, self.raw_text(*start, *len))),
+        }
+    }
+
+    /// [`peek_at`](Self::peek_at) by column name.
+    pub(crate) fn peek(&self, column: &str) -> Option<Peek<'_>> {
+        self.peek_at(self.position(column)?)
+    }
+
+    /// Whether the values at position `index` of the two records (of the same columns) are
+    /// equal; `None` when either has none. Compares text with text where both have it.
+    pub(crate) fn same_at(&self, other: &Record, index: usize) -> Option<bool> {
+        match (self.peek_at(index)?, other.peek_at(index)?) {
+            (Peek::Raw(a, x), Peek::Raw(b, y)) if a == b => Some(x == y),
+            _ => Some(self.at(index)? == other.at(index)?),
+        }
+    }
+
+    /// A slot's value, converting a raw one the first time.
+    fn resolve<'a>(&'a self, slot: &'a Slot) -> Option<&'a Value> {
+        match slot {
+            Slot::Absent => None,
+            Slot::Value(v) => Some(v),
+            Slot::Raw {
+                kind,
+                start,
+                len,
+                value,
+            } => Some(value.get_or_init(|| kind.to_value(self.raw_text(*start, *len)))),
+        }
+    }
+
+    fn raw_text(&self, start: u32, len: u32) -> &[u8] {
+        let (start, len) = (start as usize, len as usize);
+        self.text.get(start..start + len).unwrap_or_default()
+    }
+
+    /// A slot's value taken out (converted if raw).
+    fn take(&mut self, index: usize) -> Option<Value> {
+        match std::mem::take(&mut self.values[index]) {
+            Slot::Absent => None,
+            Slot::Value(v) => Some(v),
+            Slot::Raw {
+                kind,
+                start,
+                len,
+                value,
+            } => Some(
+                value
+                    .into_inner()
+                    .unwrap_or_else(|| kind.to_value(self.raw_text(start, len))),
+            ),
+        }
+    }
+
+    /// What the record's values take on the heap beyond their slots: the raw text, and
+    /// `value_bytes` of each value that has been built.
+    pub(crate) fn heap_bytes(&self, value_bytes: impl Fn(&Value) -> usize) -> (usize, usize) {
+        let built = self
+            .values
+            .iter()
+            .map(|slot| match slot {
+                Slot::Absent => 0,
+                Slot::Value(v) => value_bytes(v),
+                Slot::Raw { value, .. } => value.get().map_or(0, &value_bytes),
+            })
+            .sum();
+        (self.text.capacity(), built)
+    }
+
+    /// The size of one slot (the values vector holds [`slots`](Self::slots) of them).
+    pub(crate) const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
 
     /// How many columns the record has room for (with a value or not).
     pub(crate) fn slots(&self) -> usize {
@@ -101,7 +348,7 @@ impl Record {
     /// The value of `column`, if the record has one.
     pub fn get(&self, column: &str) -> Option<&Value> {
         let index = self.position(column)?;
-        self.values[index].as_ref()
+        self.resolve(&self.values[index])
     }
 
     /// Whether the record has a value for `column`.
@@ -113,12 +360,16 @@ impl Record {
     /// the value it had.
     pub fn insert(&mut self, column: String, value: Value) -> Option<Value> {
         match self.position(&column) {
-            Some(index) => self.values[index].replace(value),
+            Some(index) => {
+                let old = self.take(index);
+                self.values[index] = Slot::Value(value);
+                old
+            }
             None => {
                 let mut columns = self.columns.to_vec();
                 columns.push(column.into_boxed_str());
                 self.columns = Names::shared(columns);
-                self.values.push(Some(value));
+                self.values.push(Slot::Value(value));
                 None
             }
         }
@@ -127,7 +378,7 @@ impl Record {
     /// Takes the value of `column` out of the record.
     pub fn remove(&mut self, column: &str) -> Option<Value> {
         let index = self.position(column)?;
-        self.values[index].take()
+        self.take(index)
     }
 
     /// The columns that have a value, with it, in column order.
@@ -135,16 +386,17 @@ impl Record {
         self.columns
             .iter()
             .zip(&self.values)
-            .filter_map(|(name, value)| Some((&**name, value.as_ref()?)))
+            .filter_map(|(name, slot)| Some((&**name, self.resolve(slot)?)))
     }
 
-    /// The columns that have a value, each as the JSON of its key (`"name":`), with it.
-    pub(crate) fn json_entries(&self) -> impl Iterator<Item = (&[u8], &Value)> {
+    /// The columns that have a value, each as the JSON of its key (`"name":`), with the value
+    /// as the record holds it.
+    pub(crate) fn json_entries(&self) -> impl Iterator<Item = (&[u8], Peek<'_>)> {
         self.columns
             .json_keys
             .iter()
-            .zip(&self.values)
-            .filter_map(|(key, value)| Some((&**key, value.as_ref()?)))
+            .enumerate()
+            .filter_map(|(i, key)| Some((&**key, self.peek_at(i)?)))
     }
 
     /// The names of the columns that have a value, in column order.
@@ -154,17 +406,20 @@ impl Record {
 
     /// The values, in column order.
     pub fn values(&self) -> impl Iterator<Item = &Value> {
-        self.values.iter().flatten()
+        self.values.iter().filter_map(|slot| self.resolve(slot))
     }
 
     /// How many columns have a value.
     pub fn len(&self) -> usize {
-        self.values.iter().filter(|v| v.is_some()).count()
+        self.values
+            .iter()
+            .filter(|v| !matches!(v, Slot::Absent))
+            .count()
     }
 
     /// Whether no column has a value.
     pub fn is_empty(&self) -> bool {
-        self.values.iter().all(Option::is_none)
+        self.values.iter().all(|v| matches!(v, Slot::Absent))
     }
 
     /// The record as a JSON object map.
@@ -234,7 +489,7 @@ impl<K: Into<String>> FromIterator<(K, Value)> for Record {
 /// A record's columns and values gathered pair by pair, its names shared once at the end.
 struct Builder {
     columns: Vec<Box<str>>,
-    values: Vec<Option<Value>>,
+    values: Vec<Slot>,
 }
 
 impl Builder {
@@ -249,10 +504,10 @@ impl Builder {
     /// object map does.
     fn push(&mut self, name: String, value: Value) {
         match self.columns.iter().position(|c| **c == *name) {
-            Some(i) => self.values[i] = Some(value),
+            Some(i) => self.values[i] = Slot::Value(value),
             None => {
                 self.columns.push(name.into_boxed_str());
-                self.values.push(Some(value));
+                self.values.push(Slot::Value(value));
             }
         }
     }
@@ -261,18 +516,19 @@ impl Builder {
         Record {
             columns: Names::shared(self.columns),
             values: self.values,
+            text: Vec::new(),
         }
     }
 }
 
 impl From<Record> for Value {
-    fn from(record: Record) -> Self {
-        let columns = record.columns;
+    fn from(mut record: Record) -> Self {
+        let columns = Arc::clone(&record.columns);
         Value::Object(
             columns
                 .iter()
-                .zip(record.values)
-                .filter_map(|(name, value)| Some((name.to_string(), value?)))
+                .enumerate()
+                .filter_map(|(i, name)| Some((name.to_string(), record.take(i)?)))
                 .collect(),
         )
     }
@@ -338,6 +594,64 @@ mod tests {
             r#"{"id":1,"body":"text"}"#
         );
         assert_eq!(Value::from(record), json!({"id": 1, "body": "text"}));
+    }
+
+    #[test]
+    fn raw_values_are_written_from_their_text_and_built_once_when_read() {
+        let cols = columns(&["id", "body", "at", "day"]);
+        let mut record = Record::with_text_capacity(&cols, 64);
+        record.set_raw(0, Raw::Number, b"12");
+        record.set_raw(1, Raw::Text, "say \"hé\"\n".as_bytes());
+        record.set_raw(2, Raw::TimestampTz, b"2024-01-02 03:04:05.5+00");
+        record.set_raw(3, Raw::Timestamp, b"2024-01-02 03:04:05");
+        let mut out = Vec::new();
+        for (key, value) in record.json_entries() {
+            out.extend_from_slice(key);
+            value.write_json(&mut out);
+            out.push(b',');
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#""id":12,"body":"say \"hé\"\n","at":"2024-01-02T03:04:05.5+00:00","day":"2024-01-02T03:04:05","#
+        );
+        assert_eq!(record.heap_bytes(|_| 1).1, 0, "writing builds nothing");
+        assert_eq!(record.get("id"), Some(&json!(12)));
+        assert_eq!(
+            record.heap_bytes(|_| 1).1,
+            1,
+            "reading builds the value read"
+        );
+        let expected = json!({
+            "id": 12, "body": "say \"hé\"\n", "at": "2024-01-02T03:04:05.5+00:00",
+            "day": "2024-01-02T03:04:05",
+        });
+        let copy = record.clone();
+        assert_eq!(copy, record);
+        assert_eq!(serde_json::to_value(&copy).unwrap(), expected);
+        assert_eq!(Value::from(copy), expected);
+
+        // Copied as text; compared as text with text, as values otherwise.
+        let mut key = Record::of(&cols);
+        assert!(key.copy_from(&record, 2));
+        assert!(matches!(
+            key.peek_at(2),
+            Some(Peek::Raw(Raw::TimestampTz, _))
+        ));
+        assert!(!key.copy_from(&Record::of(&cols), 0));
+        let mut other = Record::of(&cols);
+        other.set(0, json!(12));
+        other.set_raw(1, Raw::Text, b"say");
+        assert_eq!(record.same_at(&other, 0), Some(true));
+        assert_eq!(record.same_at(&other, 1), Some(false));
+        assert_eq!(record.same_at(&key, 2), Some(true));
+        assert_eq!(record.same_at(&other, 2), None);
+
+        assert_eq!(
+            record.insert("body".into(), json!(null)),
+            Some(expected["body"].clone())
+        );
+        assert_eq!(record.remove("at"), Some(expected["at"].clone()));
+        assert_eq!(record.keys().collect::<Vec<_>>(), ["id", "body", "day"]);
     }
 
     #[test]

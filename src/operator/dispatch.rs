@@ -24,7 +24,7 @@ use super::partition::{self, Gate, Route};
 use super::progress::{Item, Listeners, Pending};
 use super::runner::Input;
 use crate::decode::Decoded;
-use crate::event::{Event, EventType};
+use crate::event::{Event, EventType, Peek, Raw};
 use crate::pubsub::{self, ChannelSpec};
 use crate::status::{self, ProcessStatusStorage};
 
@@ -54,6 +54,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
         // to here, so only process status (which starts the transaction over) sees them again.
         let mut handed_out: Option<crate::lsn::Position> = None;
         let mut warned_untransactional = false;
+        let mut last_timestamp = LastTimestamp::default();
         loop {
             if shutdown.is_cancelled() {
                 return EngineExit::Shutdown;
@@ -96,7 +97,7 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
                     // A message is no table's change: it has no process status.
                     if event.kind != EventType::Message {
                         let item = Item {
-                            timestamp: self.status_timestamp(&event),
+                            timestamp: self.status_timestamp(&event, &mut last_timestamp),
                             position: event.position(),
                         };
                         match current.items.get_mut(&event.entity) {
@@ -229,8 +230,29 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
     /// Unix epoch), else the commit time; never later than the commit time. A row whose
     /// field lies in the future (`updated_at = '2099-01-01'`) would otherwise make every later
     /// write look processed: what has been processed is bounded by the commits processed.
-    fn status_timestamp(&self, event: &Event) -> i64 {
-        status_timestamp(event, &self.timestamp_field)
+    fn status_timestamp(&self, event: &Event, last: &mut LastTimestamp) -> i64 {
+        read_status_timestamp(event, &self.timestamp_field, last)
+    }
+}
+
+/// The last timestamp read from a record's text, and its reading: the rows of a transaction
+/// usually share theirs (`now()`), so each of the others compares a few bytes instead.
+#[derive(Default)]
+struct LastTimestamp {
+    kind: Option<Raw>,
+    text: Vec<u8>,
+    micros: Option<i64>,
+}
+
+impl LastTimestamp {
+    fn read(&mut self, kind: Raw, text: &[u8]) -> Option<i64> {
+        if self.kind != Some(kind) || self.text != text {
+            self.micros = raw_timestamp(text, kind == Raw::TimestampTz);
+            self.kind = Some(kind);
+            self.text.clear();
+            self.text.extend_from_slice(text);
+        }
+        self.micros
     }
 }
 
@@ -238,10 +260,20 @@ impl<S: ProcessStatusStorage + Clone> Engine<S> {
 /// else the commit time; never later than the commit time (see
 /// `Engine::status_timestamp`). A worker's process status uses it too.
 pub(crate) fn status_timestamp(event: &Event, field: &str) -> i64 {
+    read_status_timestamp(event, field, &mut LastTimestamp::default())
+}
+
+/// [`status_timestamp`], remembering the last timestamp read from text in `last`.
+fn read_status_timestamp(event: &Event, field: &str, last: &mut LastTimestamp) -> i64 {
     event
         .record()
-        .and_then(|r| r.get(field))
-        .and_then(parse_timestamp)
+        .and_then(|r| r.peek(field))
+        .and_then(|value| match value {
+            Peek::Value(v) => parse_timestamp(v),
+            // A usual timestamp is read from its text, building nothing.
+            Peek::Raw(kind @ (Raw::Timestamp | Raw::TimestampTz), text) => last.read(kind, text),
+            Peek::Raw(kind, text) => parse_timestamp(&kind.to_value(text)),
+        })
         .map_or(event.timestamp, |ts| ts.min(event.timestamp))
 }
 
@@ -392,6 +424,100 @@ fn usual_timestamp(s: &[u8]) -> Option<i64> {
     }
     let (year, month, day) = (digits(s, 0, 4)?, digits(s, 5, 2)?, digits(s, 8, 2)?);
     let (hour, minute, second) = (digits(s, 11, 2)?, digits(s, 14, 2)?, digits(s, 17, 2)?);
+    let mut at = 19;
+    let mut nanos = 0;
+    if s.get(at) == Some(&b'.') {
+        let start = at + 1;
+        let end = start + s[start..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if end == start || end - start > 9 {
+            return None;
+        }
+        nanos = digits(s, start, end - start)? * 10i64.pow(u32::try_from(9 - (end - start)).ok()?);
+        at = end;
+    }
+    let offset = match &s[at..] {
+        [] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (h, m) = (digits(s, at + 1, 2)?, digits(s, at + 4, 2)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let seconds = h * 3600 + m * 60;
+            if *sign == b'-' { -seconds } else { seconds }
+        }
+        _ => return None,
+    };
+    micros_since_epoch([year, month, day, hour, minute, second], nanos, offset)
+}
+
+/// A usual timestamp as the server writes it (`2024-01-02 03:04:05[.123456]`, then for a
+/// timestamptz `+05`: what the decoder keeps as [`Raw::Timestamp`] or [`Raw::TimestampTz`]),
+/// read where it lies; `None` for any other text.
+fn raw_timestamp(s: &[u8], with_zone: bool) -> Option<i64> {
+    let digit = |i: usize| {
+        let d = s.get(i)?.wrapping_sub(b'0');
+        (d < 10).then_some(i64::from(d))
+    };
+    let two = |i: usize| Some(digit(i)? * 10 + digit(i + 1)?);
+    if s.len() < 19
+        || s[4] != b'-'
+        || s[7] != b'-'
+        || s[10] != b' '
+        || s[13] != b':'
+        || s[16] != b':'
+    {
+        return None;
+    }
+    let fields = [
+        two(0)? * 100 + two(2)?,
+        two(5)?,
+        two(8)?,
+        two(11)?,
+        two(14)?,
+        two(17)?,
+    ];
+    let zone = if with_zone {
+        s.len().checked_sub(3)?
+    } else {
+        s.len()
+    };
+    let nanos = match s.get(19..zone)? {
+        [] => 0,
+        [b'.', fraction @ ..] if (1..=9).contains(&fraction.len()) => {
+            let mut n = 0;
+            for &c in fraction {
+                let d = c.wrapping_sub(b'0');
+                if d >= 10 {
+                    return None;
+                }
+                n = n * 10 + i64::from(d);
+            }
+            n * 10i64.pow(u32::try_from(9 - fraction.len()).ok()?)
+        }
+        _ => return None,
+    };
+    let offset = match s.get(zone..)? {
+        [] => 0,
+        [sign @ (b'+' | b'-'), ..] => {
+            let hours = two(zone + 1)?;
+            if hours > 23 {
+                return None;
+            }
+            if *sign == b'-' {
+                -hours * 3600
+            } else {
+                hours * 3600
+            }
+        }
+        _ => return None,
+    };
+    micros_since_epoch(fields, nanos, offset)
+}
+
+/// Microseconds since 1970-01-01 UTC of `[year, month, day, hour, minute, second]` and
+/// `nanos` at `offset` seconds east of UTC; `None` for a field out of its range.
+fn micros_since_epoch(fields: [i64; 6], nanos: i64, offset: i64) -> Option<i64> {
+    let [year, month, day, hour, minute, second] = fields;
     let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
     let month_days = [
         31,
@@ -416,29 +542,6 @@ fn usual_timestamp(s: &[u8]) -> Option<i64> {
     {
         return None;
     }
-    let mut at = 19;
-    let mut nanos = 0;
-    if s.get(at) == Some(&b'.') {
-        let start = at + 1;
-        let end = start + s[start..].iter().take_while(|c| c.is_ascii_digit()).count();
-        if end == start || end - start > 9 {
-            return None;
-        }
-        nanos = digits(s, start, end - start)? * 10i64.pow(u32::try_from(9 - (end - start)).ok()?);
-        at = end;
-    }
-    let offset = match &s[at..] {
-        [] => 0,
-        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
-            let (h, m) = (digits(s, at + 1, 2)?, digits(s, at + 4, 2)?);
-            if h > 23 || m > 59 {
-                return None;
-            }
-            let seconds = h * 3600 + m * 60;
-            if *sign == b'-' { -seconds } else { seconds }
-        }
-        _ => return None,
-    };
     // Days since 1970-01-01 in the proleptic Gregorian calendar (H. Hinnant's days_from_civil).
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
@@ -483,6 +586,30 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// The server's text of a usual timestamp read in place gives what its JSON value
+        /// gives.
+        #[test]
+        fn a_raw_timestamp_reads_as_its_value_reads(
+            year in 1000i64..10_000, month in 1i64..13, day in 1i64..32,
+            hour in 0i64..25, minute in 0i64..60, second in 0i64..60,
+            fraction in "(\\.[0-9]{1,7})?",
+            zone in prop::option::of((any::<bool>(), 0i64..25)),
+        ) {
+            let text = format!(
+                "{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02}{fraction}"
+            );
+            let (kind, text) = match zone {
+                Some((minus, h)) => {
+                    (Raw::TimestampTz, format!("{text}{}{h:02}", if minus { '-' } else { '+' }))
+                }
+                None => (Raw::Timestamp, text),
+            };
+            let value = parse_timestamp(&kind.to_value(text.as_bytes()));
+            prop_assert_eq!(raw_timestamp(text.as_bytes(), kind == Raw::TimestampTz), value, "{}", text);
+        }
+    }
+
     #[test]
     fn parses_record_timestamps_as_to_jsonb_writes_them() {
         assert_eq!(
@@ -512,5 +639,63 @@ mod tests {
         assert_eq!(parse_timestamp(&json!(42)), Some(42));
         assert_eq!(parse_timestamp(&json!("infinity")), None);
         assert_eq!(parse_timestamp(&json!(null)), None);
+    }
+
+    /// The status timestamp of a field kept as the server's text is the one of its value.
+    #[test]
+    fn a_raw_field_gives_the_timestamp_its_value_gives() {
+        let commit = 2_000_000_000_000_000;
+        let columns = crate::event::Names::shared(vec!["updated_at".into()]);
+        for (kind, text, micros) in [
+            (
+                Raw::TimestampTz,
+                "2024-01-02 05:04:05.123456+02",
+                1_704_164_645_123_456,
+            ),
+            (Raw::Timestamp, "2024-01-02 03:04:05", 1_704_164_645_000_000),
+            (Raw::Number, "42", 42),
+            (Raw::Text, "2024-01-02T03:04:05Z", 1_704_164_645_000_000),
+            (Raw::Text, "soon", commit),
+        ] {
+            let mut record = crate::event::Record::of(&columns);
+            record.set_raw(0, kind, text.as_bytes());
+            let mut event = crate::testing::event(
+                EventType::Insert,
+                "posts",
+                json!({}),
+                serde_json::Value::Null,
+                0,
+            );
+            event.timestamp = commit;
+            event.new_record = Some(record);
+            assert_eq!(status_timestamp(&event, "updated_at"), micros, "{text}");
+        }
+        // Remembered, the last reading is the answer only for the same text.
+        let mut last = LastTimestamp::default();
+        for (kind, text, micros) in [
+            (
+                Raw::Timestamp,
+                "2024-01-02 03:04:05",
+                Some(1_704_164_645_000_000),
+            ),
+            (
+                Raw::Timestamp,
+                "2024-01-02 03:04:05",
+                Some(1_704_164_645_000_000),
+            ),
+            (
+                Raw::TimestampTz,
+                "2024-01-02 03:04:05+01",
+                Some(1_704_161_045_000_000),
+            ),
+            (
+                Raw::Timestamp,
+                "2024-01-02 03:04:06",
+                Some(1_704_164_646_000_000),
+            ),
+            (Raw::Timestamp, "2024-13-02 03:04:06", None),
+        ] {
+            assert_eq!(last.read(kind, text.as_bytes()), micros, "{text}");
+        }
     }
 }

@@ -205,10 +205,11 @@ fn allocation(len: usize) -> usize {
     }
 }
 
-/// A record's values (its column names are the table's, shared).
+/// A record's values (its column names are the table's, shared): its slots, the text of
+/// its raw values and what its built values point to.
 fn record_bytes(record: &crate::event::Record) -> usize {
-    allocation(record.slots() * std::mem::size_of::<Option<serde_json::Value>>())
-        + record.values().map(value_bytes).sum::<usize>()
+    let (text, built) = record.heap_bytes(value_bytes);
+    allocation(record.slots() * crate::event::Record::SLOT_SIZE) + allocation(text) + built
 }
 
 fn map_bytes(map: &serde_json::Map<String, serde_json::Value>) -> usize {

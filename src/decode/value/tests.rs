@@ -135,6 +135,42 @@ fn integers_either_side_of_the_fast_path_keep_their_text() {
 }
 
 #[test]
+fn the_common_shapes_are_kept_as_text_and_the_others_converted_at_once() {
+    for (ty, text, kind) in [
+        (PgType::Number, "42", Some(Raw::Number)),
+        (PgType::Number, "-7.250", Some(Raw::Number)),
+        (PgType::Number, "0.000", Some(Raw::Number)),
+        (PgType::Number, "1e+100", None),
+        (PgType::Number, "-0", None),
+        (PgType::Number, "0", Some(Raw::Number)),
+        (PgType::Number, "-120", Some(Raw::Number)),
+        (PgType::Number, "007", None),
+        (PgType::Number, "-", None),
+        (PgType::Number, "12a", None),
+        (PgType::Number, "NaN", None),
+        (PgType::Text, "héllo \"x\"", Some(Raw::Text)),
+        (PgType::Date, "2024-01-02", Some(Raw::Text)),
+        (
+            PgType::Timestamp,
+            "2024-01-02 03:04:05.5",
+            Some(Raw::Timestamp),
+        ),
+        (
+            PgType::TimestampTz,
+            "2024-01-02 03:04:05-08",
+            Some(Raw::TimestampTz),
+        ),
+        (PgType::TimestampTz, "2024-01-02 03:04:05+05:30", None),
+        (PgType::Bool, "t", None),
+        (PgType::Jsonb, "{}", None),
+        (array_of(PgType::Text), "{a}", None),
+    ] {
+        assert_eq!(raw_kind(&ty, text.as_bytes()), kind, "{ty:?} {text}");
+    }
+    assert_eq!(raw_kind(&PgType::Text, b"\xff"), None);
+}
+
+#[test]
 fn the_usual_timestamp_shapes_take_the_short_way() {
     for (text, with_zone) in [
         ("2024-01-02 03:04:05.123456+00", true),
@@ -142,7 +178,7 @@ fn the_usual_timestamp_shapes_take_the_short_way() {
         ("2024-01-02 03:04:05.5", false),
     ] {
         assert!(
-            super::usual_timestamp(text.as_bytes(), with_zone).is_some(),
+            super::is_usual_timestamp(text.as_bytes(), with_zone),
             "{text}"
         );
     }
@@ -153,7 +189,7 @@ fn the_usual_timestamp_shapes_take_the_short_way() {
         ("2024-01-02 03:04:05 BC", false),
     ] {
         assert!(
-            super::usual_timestamp(text.as_bytes(), with_zone).is_none(),
+            !super::is_usual_timestamp(text.as_bytes(), with_zone),
             "{text}"
         );
     }
@@ -744,11 +780,40 @@ proptest! {
         text in "[0-9]{4,5}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,6})?([+-][0-9]{2}(:[0-9]{2}){0,2})?( BC)?",
         with_zone in any::<bool>(),
     ) {
-        let usual = super::usual_timestamp(text.as_bytes(), with_zone);
+        let kind = if with_zone { Raw::TimestampTz } else { Raw::Timestamp };
         let any = super::any_timestamp(text.as_bytes(), with_zone).ok();
-        if let Some(usual) = usual {
-            prop_assert_eq!(Some(Value::String(usual)), any, "{}", text);
+        if super::is_usual_timestamp(text.as_bytes(), with_zone) {
+            prop_assert_eq!(Some(kind.to_value(text.as_bytes())), any, "{}", text);
         }
+    }
+
+    /// A value kept as its text never fails to convert, and reads and is written as JSON
+    /// exactly as its conversion.
+    #[test]
+    fn a_value_kept_as_text_reads_and_writes_as_converted(
+        (ty, text) in prop_oneof![
+            (Just(PgType::Number), "-?(0|[1-9][0-9]{0,24})(\\.[0-9]{1,8})?([eE][+-]?[0-9]{1,4})?"),
+            (Just(PgType::Number), "[-0-9.eE+NaInfity]{1,12}"),
+            (Just(PgType::Timestamp), "[0-9]{4,5}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,6})?( BC)?"),
+            (Just(PgType::TimestampTz), "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,6})?[+-][0-9]{2}(:[0-9]{2}){0,2}( BC)?"),
+            (Just(PgType::Date), "[0-9]{4}-[0-9]{2}-[0-9]{2}( BC)?|infinity"),
+            (Just(PgType::Text), "\\PC{0,20}"),
+            (Just(PgType::Text), "[\"\\\\\n\t\u{1}\u{7f}é€😀a ]{0,12}"),
+        ],
+    ) {
+        let converted = text_to_json(&ty, text.as_bytes());
+        let Some(kind) = raw_kind(&ty, text.as_bytes()) else {
+            return Ok(());
+        };
+        let expected = converted.map_err(|e| TestCaseError::fail(format!("{text:?} kept as {kind:?}: {e}")))?;
+        let columns = crate::event::Names::shared(vec!["c".into()]);
+        let mut record = crate::event::Record::of(&columns);
+        record.set_raw(0, kind, text.as_bytes());
+        let mut json = Vec::new();
+        record.peek_at(0).unwrap().write_json(&mut json);
+        prop_assert_eq!(json, serde_json::to_vec(&expected).unwrap(), "{:?}", text);
+        prop_assert_eq!(record.get("c"), Some(&expected), "{:?}", text);
+        prop_assert_eq!(record.remove("c"), Some(expected));
     }
 
     #[test]
