@@ -572,9 +572,23 @@ pub mod micros_rfc3339 {
         }
     }
 
+    thread_local! {
+        /// The last time [`write`] wrote on this thread, as it wrote it: the events of a
+        /// transaction share their commit time.
+        static LAST: std::cell::Cell<Option<(i64, [u8; 27])>> = const { std::cell::Cell::new(None) };
+    }
+
     /// Appends µs as [`format()`] writes them.
     pub(crate) fn write(out: &mut Vec<u8>, micros: i64) {
-        match usual(micros) {
+        let text = LAST.with(|last| match last.get() {
+            Some((known, text)) if known == micros => Some(text),
+            _ => {
+                let text = usual(micros)?;
+                last.set(Some((micros, text)));
+                Some(text)
+            }
+        });
+        match text {
             Some(text) => out.extend_from_slice(&text),
             None => out.extend_from_slice(format(micros).as_bytes()),
         }
@@ -650,6 +664,20 @@ mod tests {
                     serde_json::to_string(&T(micros)).unwrap(),
                     format!("\"{}\"", micros_rfc3339::format(micros))
                 );
+            }
+        }
+
+        /// Written again and again, in any order: each time what `format` gives.
+        #[test]
+        fn timestamps_write_as_chrono_formats_them_however_often(
+            times in proptest::collection::vec(0i64..4, 1..12),
+            base in 0i64..253_402_300_000_000_000,
+        ) {
+            for step in times {
+                let micros = base + step;
+                let mut out = Vec::new();
+                micros_rfc3339::write(&mut out, micros);
+                proptest::prop_assert_eq!(out, micros_rfc3339::format(micros).into_bytes());
             }
         }
     }

@@ -211,12 +211,21 @@ async fn stream(
     let mut lines = Vec::with_capacity(CHUNK + 4096);
     let result: anyhow::Result<()> = async {
         loop {
-            let item = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                item = items.recv() => match item {
-                    Some(item) => item,
-                    None => break,
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // What is waiting is taken without a wait (far cheaper during a drain); the wait,
+            // with its watch on shutdown, only when nothing is.
+            let item = match items.try_recv() {
+                Ok(item) => item,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    item = items.recv() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
                 },
             };
             match item {
