@@ -728,7 +728,7 @@ fn key_only(
     problems: &mut Problems,
 ) -> Result<Record, DecoderError> {
     check_width(table, tuple, lsn)?;
-    let mut record = Record::of(&table.names);
+    let mut record = Record::with_text_capacity(&table.names, text_len(tuple));
     for (i, (column, v)) in table.columns.iter().zip(&tuple.0).enumerate() {
         if column.is_key {
             match value(table, column, v, lsn, problems)? {

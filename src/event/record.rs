@@ -245,19 +245,10 @@ impl Record {
     /// The value at column position `index`, built anew if raw (not kept in the record: for
     /// a value read once, such as a change's old and new value).
     pub(crate) fn value_at(&self, index: usize) -> Option<Value> {
-        match self.values.get(index)? {
-            Slot::Absent => None,
-            Slot::Value(v) => Some(v.clone()),
-            Slot::Raw {
-                kind,
-                start,
-                len,
-                value,
-            } => Some(match value.get() {
-                Some(v) => v.clone(),
-                None => kind.to_value(self.raw_text(*start, *len)),
-            }),
-        }
+        Some(match self.peek_at(index)? {
+            Peek::Value(v) => v.clone(),
+            Peek::Raw(kind, text) => kind.to_value(text),
+        })
     }
 
     /// The value at column position `index` as the record holds it, without converting it.

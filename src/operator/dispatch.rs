@@ -584,9 +584,7 @@ mod tests {
                 ),
             }
         }
-    }
 
-    proptest! {
         /// The server's text of a usual timestamp read in place gives what its JSON value
         /// gives.
         #[test]
